@@ -1,0 +1,57 @@
+"""What every entry point shares: schema registration and clean failure on bad input."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shutil
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+
+from routing_suite.config import register_configs
+from routing_suite.errors import ConfigError
+
+register_configs()
+log = logging.getLogger(__name__)
+
+
+def _discard_run_dir() -> None:
+    """Remove the run folder Hydra made if it holds nothing but its own files."""
+    try:
+        out = Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return
+    own = {".hydra"} | {p.name for p in out.glob("*.log")}
+    if out.is_dir() and all(p.name in own for p in out.iterdir()):
+        shutil.rmtree(out, ignore_errors=True)
+
+
+def guarded(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
+    """Bad input ends the run with one line naming the key, exit code 2, and no run folder."""
+
+    @functools.wraps(run)
+    def wrapper(cfg: Any) -> Any:
+        try:
+            return run(cfg)
+        except Exception as err:
+            config_error = _config_error(err)
+            if config_error is None:
+                raise
+            _discard_run_dir()
+            print(f"error: {config_error}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper
+
+
+def _config_error(err: BaseException | None) -> ConfigError | None:
+    """The ConfigError behind `err` (Hydra wraps errors raised while instantiating)."""
+    while err is not None:
+        if isinstance(err, ConfigError):
+            return err
+        err = err.__cause__ or err.__context__
+    return None

@@ -1,0 +1,23 @@
+"""Turn many finished run stores into paper tables, plots and a report.
+
+    python -m experiments.aggregate root=outputs/stores
+    python -m experiments.aggregate 'root=outputs/stores/**/refuse' out=paper/appendix duplicates=newest
+"""
+
+import hydra
+
+from experiments._cli import guarded
+from routing_suite import aggregate
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="aggregate")
+@guarded
+def main(cfg) -> int:
+    result = aggregate.run(cfg)
+    print(result["headline"])
+    print(f"{result['n_cells']} cells from {result['n_stores']} stores; tables, plots and report.md in {result['out']}")
+    return result["n_cells"]
+
+
+if __name__ == "__main__":
+    main()

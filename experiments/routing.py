@@ -1,0 +1,24 @@
+"""The routing study on one cell, end to end, ending with the cell's gap-reduction table.
+
+    python -m experiments.routing                                  # llama organism, underperform
+    python -m experiments.routing model=gemma2_organism behavior=refuse intervention.rank=1
+"""
+
+import hydra
+
+from experiments._cli import guarded
+from routing_suite import routing
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="routing")
+@guarded
+def main(cfg) -> float:
+    result = routing.run(cfg)
+    print(result["table_markdown"])
+    print(result["headline"])
+    print(f"store: {result['store']}\ntables and plots: {result['table_dir']}")
+    return result["seconds"]
+
+
+if __name__ == "__main__":
+    main()

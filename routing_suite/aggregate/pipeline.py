@@ -1,0 +1,162 @@
+"""run(cfg): find the stores, check them, compute every cell, write tables, plots and the report."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from routing_suite import schema
+from routing_suite.aggregate import discover, read, tables
+from routing_suite.aggregate.config import DUPLICATE_POLICIES
+from routing_suite.aggregate.discover import Finding
+from routing_suite.aggregate.report import finding_line, render
+from routing_suite.aggregate.stats import ConditionStats, cell_stats
+from routing_suite.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+
+def _check(cfg: Any) -> None:
+    if cfg.duplicates not in DUPLICATE_POLICIES:
+        raise ConfigError(f"duplicates={cfg.duplicates!r} is not one of {list(DUPLICATE_POLICIES)}")
+    if not 0 < cfg.confidence < 1:
+        raise ConfigError(f"confidence={cfg.confidence!r} must lie strictly between 0 and 1")
+    if cfg.n_resamples < 1:
+        raise ConfigError(f"n_resamples={cfg.n_resamples!r} must be at least 1")
+    if cfg.dpi < 1:
+        raise ConfigError(f"dpi={cfg.dpi!r} must be at least 1")
+
+
+def _output_dir(cfg: Any) -> Path:
+    if cfg.out is not None:
+        out = Path(cfg.out)
+    else:
+        from hydra.core.hydra_config import HydraConfig
+
+        try:
+            out = Path(HydraConfig.get().runtime.output_dir)
+        except ValueError:
+            raise ConfigError("out is null and no Hydra run folder is active; set out=<folder>") from None
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"out={str(out)!r} exists and is not a folder")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def collect(cfg: Any) -> tuple[int, list[read.CellOutcomes], list[Finding]]:
+    """The usable cells under cfg.root (one store each) and everything found wrong on the way."""
+    paths = discover.find_stores(cfg.root)
+    if not paths:
+        raise ConfigError(
+            f"root={cfg.root!r} holds no run stores (folders ending {schema.STORE_SUFFIX} or {schema.PARTIAL_SUFFIX})"
+        )
+    infos = [discover.inspect_store(p) for p in paths]
+    findings = [i.problem for i in infos if i.problem is not None]
+    readable: list[discover.StoreInfo] = []
+    outcomes: dict[Path, read.CellOutcomes] = {}
+    for info in (i for i in infos if i.problem is None):
+        family, behavior = info.cell
+        try:
+            outcomes[info.path] = read.read_outcomes(info.path, family, behavior)
+            readable.append(info)
+        except read.StoreFormatError as err:
+            findings.append(Finding(discover.MALFORMED, str(err), info.cell, (str(info.path),)))
+        except Exception as err:  # a broken array is a problem of that store, not of the run
+            findings.append(
+                Finding(
+                    discover.UNREADABLE,
+                    f"outcomes unreadable ({type(err).__name__}: {err})",
+                    info.cell,
+                    (str(info.path),),
+                )
+            )
+    chosen, duplicate_findings = discover.pick_one_per_cell(readable, cfg.duplicates)
+    findings += duplicate_findings
+    cells = [outcomes[chosen[cell].path] for cell in sorted(chosen)]
+    for c in cells:
+        if c.dropped_prompts:
+            message = f"{c.dropped_prompts} prompts without a finite outcome under every condition left out"
+            findings.append(Finding(discover.DROPPED_PROMPTS, message, (c.family, c.behavior), (c.path,)))
+    seen = {i.cell for i in infos if i.cell is not None}
+    findings += discover.missing_cells(seen, set(chosen), findings)
+    return len(paths), cells, findings
+
+
+def _plots(
+    out: Path, rows: list[ConditionStats], cells: list[read.CellOutcomes], grid: list[tuple[str, str]], dpi: int
+) -> list[str]:
+    """Write the figures; returns notes on the ones skipped."""
+    from routing_suite.aggregate import plots
+
+    notes: list[str] = []
+    written: list[Path] = []
+    used = {(c.family, c.behavior) for c in cells}
+    written += plots.save(plots.gap_figure(rows, grid), out, "gaps", dpi)
+    localize = {
+        (c.family, c.behavior): read.read_group(c.path, "localize", ("layer_effect", "head_effect")) for c in cells
+    }
+    localize = {k: v for k, v in localize.items() if v is not None}
+    fit = {(c.family, c.behavior): read.read_group(c.path, "fit", ("probe_accuracy", "direction_norm")) for c in cells}
+    fit = {k: v for k, v in fit.items() if v is not None}
+    if any("layer_effect" in ds for ds in localize.values()):
+        written += plots.save(plots.patching_figure(localize, grid, used), out, "patching", dpi)
+    else:
+        notes.append("patching skipped: no store has localize/layer_effect")
+    sources = sorted({str(s) for ds in localize.values() if "head_effect" in ds for s in ds["source"].values})
+    for source in sources:
+        written += plots.save(plots.head_figure(localize, grid, used, source), out, f"patching_heads_{source}", dpi)
+    if not sources:
+        notes.append("patching_heads skipped: no store has localize/head_effect")
+    if any("probe_accuracy" in ds or "direction_norm" in ds for ds in fit.values()):
+        written += plots.save(plots.probe_figure(fit, grid, used), out, "probes", dpi)
+    else:
+        notes.append("probes skipped: no store has fit/probe_accuracy or fit/direction_norm")
+    for note in notes:
+        log.info("%s", note)
+    log.info("plots: %s", ", ".join(p.name for p in written))
+    return notes
+
+
+def run(cfg: Any) -> dict[str, Any]:
+    """Aggregate every usable store under cfg.root into cfg.out (or the Hydra run folder)."""
+    start = time.perf_counter()
+    _check(cfg)
+    n_found, cells, findings = collect(cfg)
+    out = _output_dir(cfg)
+    for finding in findings:
+        log.warning("%s", finding_line(finding))
+    settings = {k: cfg[k] for k in ("confidence", "n_resamples", "seed", "duplicates")}
+    rows = [row for c in cells for row in cell_stats(c, cfg.n_resamples, cfg.seed, cfg.confidence)]
+    grouped = tables.group_cells(rows)
+    headline = tables.headline(grouped) if grouped else None
+    grid = sorted({(c.family, c.behavior) for c in cells} | {f.cell for f in findings if f.kind == discover.MISSING})
+    notes: list[str] = []
+    if grouped:
+        files = {
+            "cells.csv": tables.cells_csv(rows),
+            "table.md": tables.markdown_table(grouped),
+            "table.csv": tables.wide_csv(grouped),
+            "table.tex": tables.latex_table(grouped),
+            "headline.txt": headline + "\n",
+        }
+        for name, text in files.items():
+            (out / name).write_text(text, encoding="utf-8")
+        if cfg.plots:
+            notes = _plots(out, rows, cells, grid, cfg.dpi)
+    report = render(cfg.root, settings, n_found, cells, findings, headline, notes)
+    (out / "report.md").write_text(report, encoding="utf-8")
+    if not grouped:
+        raise ConfigError(f"root={cfg.root!r}: {n_found} stores found, none usable; see {out / 'report.md'}")
+    seconds = time.perf_counter() - start
+    log.info("%d cells from %d stores in %.2f s -> %s", len(grouped), n_found, seconds, out)
+    return {
+        "headline": headline,
+        "out": str(out),
+        "n_cells": len(grouped),
+        "n_stores": n_found,
+        "findings": [finding_line(f) for f in findings],
+        "rows": [r.__dict__ for r in tables.sort_rows(rows)],
+        "seconds": seconds,
+    }

@@ -1,0 +1,93 @@
+"""Pure functions over activation arrays: no model, no I/O.
+
+Shapes use n = prompt pairs, d = hidden size, r = rank.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numpy.typing import NDArray
+
+Array = NDArray[np.floating]
+
+
+def paired_differences(h_eval: Array, h_deploy: Array) -> Array:
+    """(n, d) per-pair differences h(deploy) - h(eval)."""
+    if h_eval.shape != h_deploy.shape:
+        raise ValueError(f"paired arrays differ in shape: {h_eval.shape} vs {h_deploy.shape}")
+    return h_deploy - h_eval
+
+
+def diff_of_means(h_eval: Array, h_deploy: Array) -> Array:
+    """(d,) mean over pairs of h(deploy) - h(eval)."""
+    return paired_differences(h_eval, h_deploy).mean(axis=0)
+
+
+def subspace(differences: Array, rank: int) -> Array:
+    """(rank, d) orthonormal rows spanning the main directions of the paired differences.
+
+    The SVD is of the uncentred differences, so the first row is (up to sign)
+    the direction that best explains the mean shift; the sign is fixed so
+    that the mean difference projects positively on every row.
+    """
+    n, d = differences.shape
+    if rank < 1 or rank > min(n, d):
+        raise ValueError(f"rank {rank} must be in [1, {min(n, d)}] (pairs: {n}, hidden: {d})")
+    _, _, vt = np.linalg.svd(differences.astype(np.float64), full_matrices=False)
+    basis = vt[:rank]
+    signs = np.sign(basis @ differences.mean(axis=0))
+    signs[signs == 0] = 1
+    return (basis * signs[:, None]).astype(np.float32)
+
+
+def rank_one_probe_accuracy(direction: Array, fit_eval: Array, fit_deploy: Array, test_eval: Array, test_deploy: Array) -> float:
+    """Held-out accuracy of eval vs deploy from the projection on one direction.
+
+    The threshold is the midpoint of the two class means on the fit split.
+    """
+    norm = np.linalg.norm(direction)
+    if norm == 0:
+        return 0.5
+    unit = direction / norm
+    threshold = 0.5 * ((fit_eval @ unit).mean() + (fit_deploy @ unit).mean())
+    correct = np.concatenate([(test_eval @ unit) < threshold, (test_deploy @ unit) >= threshold])
+    return float(correct.mean())
+
+
+def cosine(a: Array, b: Array) -> float:
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    return float(a @ b / (na * nb)) if na > 0 and nb > 0 else 0.0
+
+
+def cosine_matrix(vectors: Array) -> Array:
+    """(k, k) pairwise cosines of k vectors (rows)."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    unit = vectors / np.where(norms == 0, 1, norms)
+    return unit @ unit.T
+
+
+def random_subspace(d: int, rank: int, rng: np.random.Generator, avoid: Array | None = None) -> Array:
+    """(rank, d) orthonormal rows, uniformly random; with `avoid` (k, d)
+    orthonormal rows, random within their orthogonal complement."""
+    x = rng.standard_normal((d, rank))
+    if avoid is not None:
+        x = x - avoid.T @ (avoid @ x)
+    q, _ = np.linalg.qr(x)
+    return q.T.astype(np.float32)
+
+
+def clamp_change(h: Array, basis: Array, target: Array) -> Array:
+    """The change a clamp of h's coordinates (in `basis`) to `target` makes: (n, d)."""
+    return (target[None, :] - h @ basis.T) @ basis
+
+
+def mean_change_norm(change: Array) -> float:
+    return float(np.linalg.norm(change, axis=-1).mean())
+
+
+def matching_scale(reference_norm: float, change: Array) -> float:
+    """The factor that makes the mean L2 norm of `change` equal `reference_norm`."""
+    norm = mean_change_norm(change)
+    if norm == 0:
+        raise ValueError("a control that changes nothing cannot be matched in magnitude")
+    return reference_norm / norm

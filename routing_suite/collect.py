@@ -1,0 +1,162 @@
+"""The collect stage: trace both models under both framings, stream into the store.
+
+Each batch of prompt pairs runs as one forward pass per model (eval and
+deploy rows together); its arrays go to a background writer thread while
+the next batch is traced, so memory stays at a couple of batches whatever
+the number of prompts, and disk I/O overlaps compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import xarray as xr
+from tqdm.auto import tqdm
+
+from routing_suite import schema
+from routing_suite.errors import ConfigError
+from routing_suite.models import ModelPair, nnsight_model
+from routing_suite.prompts import PromptPair
+from routing_suite.store import RunStore, text
+from routing_suite.tracing import SiteRequest, make_batch, trace_sites
+
+log = logging.getLogger(__name__)
+
+GROUP = "activations"
+_SITE_DIMS = ("model", "framing", "prompt", "layer", "position", "hidden")
+_HEAD_DIMS = ("model", "framing", "prompt", "layer", "position", "head", "head_dim")
+
+
+@dataclass
+class LabeledPair:
+    """A prompt pair and the split it belongs to ('fit' or 'test')."""
+
+    pair: PromptPair
+    split: str
+
+
+class BackgroundWriter:
+    """Writes batches in a thread; errors surface on the next submit or on close."""
+
+    def __init__(self, store: RunStore, group: str, depth: int = 2) -> None:
+        self.store, self.group = store, group
+        self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._work, name="store-writer", daemon=True)
+        self.thread.start()
+
+    def _work(self) -> None:
+        while (item := self.queue.get()) is not None:
+            if self.error is None:
+                try:
+                    self.store.write_batch(self.group, *item)
+                except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+                    self.error = err
+
+    def submit(self, batch: int, prompts: slice, data: dict[str, xr.DataArray]) -> None:
+        self._raise()
+        self.queue.put((batch, prompts, data))
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+def layout(items: list[LabeledPair], request: SiteRequest, pair: ModelPair, batch_size: int) -> tuple[dict, dict, int]:
+    """Coordinates, variable shapes and batch count of the activations group."""
+    n, layers, positions = len(items), list(request.layers), request.position_labels()
+    coords = {
+        "model": text(schema.MODELS),
+        "framing": text(schema.FRAMINGS),
+        "prompt": text(it.pair.id for it in items),
+        "layer": layers,
+        "position": text(positions),
+        "split": ("prompt", text(it.split for it in items)),
+        "answer": ("prompt", text(it.pair.answer for it in items)),
+        "topic": ("prompt", text(it.pair.topic for it in items)),
+        "eval_prompt": ("prompt", text(it.pair.eval_prompt for it in items)),
+        "deploy_prompt": ("prompt", text(it.pair.deploy_prompt for it in items)),
+    }
+    if "heads" in request.sites:
+        coords["head"] = list(range(pair.num_heads))
+    variables = {}
+    for site in request.sites:
+        if site == "heads":
+            shape = (2, 2, n, len(layers), len(positions), pair.num_heads, pair.head_dim)
+            variables[site] = (_HEAD_DIMS, shape)
+        else:
+            variables[site] = (_SITE_DIMS, (2, 2, n, len(layers), len(positions), pair.hidden_size))
+    return coords, variables, math.ceil(n / batch_size)
+
+
+def collect(
+    pair: ModelPair, items: list[LabeledPair], request: SiteRequest, store: RunStore, backend, progress: bool = True
+) -> None:
+    """Fill the store's activations group; batches already written are skipped."""
+    if not items:
+        raise ConfigError("the prompt set is empty: nothing to collect")
+    request = request.validate(pair.num_layers)
+    size = backend.batch_size
+    coords, variables, n_batches = layout(items, request, pair, size)
+    store.create_streamed(GROUP, coords, variables, n_batches)
+    todo = [b for b, done in enumerate(store.batches_done(GROUP)) if not done]
+    if not todo:
+        log.info("collect: all %d batches already in the store", n_batches)
+        return
+    log.info("collect: %d of %d batches to trace (%d prompt pairs)", len(todo), n_batches, len(items))
+    models = {which: nnsight_model(pair.model(which), pair.tokenizer) for which in schema.MODELS}
+    writer = BackgroundWriter(store, GROUP)
+    try:
+        for b in tqdm(todo, desc="collect", unit="batch", disable=not progress):
+            chunk = items[b * size : (b + 1) * size]
+            prompts = [it.pair.eval_prompt for it in chunk] + [it.pair.deploy_prompt for it in chunk]
+            batch = make_batch(pair.tokenizer, prompts, request)
+            traced = {
+                which: trace_sites(models[which], pair.family, batch, request, pair.num_heads, **backend.trace_kwargs())
+                for which in schema.MODELS
+            }
+            data = {}
+            for site, (dims, _) in variables.items():
+                # (2 * batch, ...) rows are eval then deploy: -> (model, framing, prompt, ...)
+                stacked = np.stack([traced[w][site].numpy().reshape(2, len(chunk), *traced[w][site].shape[1:]) for w in schema.MODELS])
+                data[site] = xr.DataArray(
+                    stacked,
+                    dims=dims,
+                    coords={
+                        "model": list(schema.MODELS),
+                        "framing": list(schema.FRAMINGS),
+                        "prompt": [it.pair.id for it in chunk],
+                        "layer": list(request.layers),
+                    },
+                )
+            writer.submit(b, slice(b * size, b * size + len(chunk)), data)
+    finally:
+        writer.close()
+
+
+def run(cfg) -> dict:
+    """`experiments.collect`: fill (or resume, or reuse) the run's store."""
+    from routing_suite import pipeline
+
+    setup = pipeline.build_components(cfg)
+    items = pipeline.prompt_items(setup)
+    request = pipeline.site_request(cfg)
+    pair = setup.source.load(setup.behavior.name)
+    request.validate(pair.num_layers)  # bad layers or sites fail before any store or trace
+    store = pipeline.open_store(setup, pair, "collect")
+    if not store.complete:
+        collect(pair, items, request, store, setup.backend, progress=cfg.progress)
+        store.mark_stage_done("collect")
+        store.finish()
+    log.info("store: %s", store.path)
+    return {"store": str(store.path), "n_prompts": len(items)}

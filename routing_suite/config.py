@@ -1,0 +1,193 @@
+"""Typed config schemas, registered in Hydra's ConfigStore.
+
+Every YAML file under `conf/` extends one of these through its defaults list,
+so a wrong type or a missing required value fails when the config is
+composed, naming the full key. Components are built from `_target_`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
+from routing_suite.settings import FitSettings, InterventionSpec, LocalizeSettings
+from routing_suite.store import StoreSettings
+
+# ---------------------------------------------------------------- model
+
+
+@dataclass
+class OrganismModelConfig:
+    """A built-in model organism: a tiny model of `family` and its LoRA fine-tune."""
+
+    _target_: str = "routing_suite.models.OrganismSource"
+    family: str = MISSING
+    seed: int = 0
+    arch: ArchSpec = field(default_factory=ArchSpec)
+    task: TaskSpec = field(default_factory=TaskSpec)
+    train: TrainSpec = field(default_factory=TrainSpec)
+    cache_dir: str = "outputs/organisms"
+    # Fixed so that the same seed gives bitwise-identical weights everywhere
+    # the same kernels run; organisms are small enough that more do not help.
+    num_threads: int = 2
+
+
+@dataclass
+class PeftModelConfig:
+    """A base checkpoint (local path or Hub id) and a PEFT adapter on it."""
+
+    _target_: str = "routing_suite.models.PeftSource"
+    family: str = MISSING
+    base: str = MISSING
+    adapter: str = MISSING
+    revision: str | None = None
+    dtype: str = "float32"
+
+
+@dataclass
+class CheckpointPairConfig:
+    """Two full checkpoints: the base and its fine-tune."""
+
+    _target_: str = "routing_suite.models.CheckpointPairSource"
+    family: str = MISSING
+    base: str = MISSING
+    finetuned: str = MISSING
+    revision: str | None = None
+    dtype: str = "float32"
+
+
+# ---------------------------------------------------------------- behaviour, backend, store
+
+
+@dataclass
+class BehaviorConfig:
+    _target_: str = "routing_suite.scoring.Behavior"
+    name: str = MISSING
+    max_new_tokens: int = 6
+
+
+@dataclass
+class LocalBackendConfig:
+    _target_: str = "routing_suite.backends.LocalBackend"
+    device: str = "cpu"
+    batch_size: int = 32
+
+
+@dataclass
+class NdifBackendConfig:
+    _target_: str = "routing_suite.backends.NdifBackend"
+    # The host comes from NDIF_HOST when null; the key only ever from NDIF_API_KEY.
+    host: str | None = None
+    batch_size: int = 32
+    timeout_s: float = 600.0
+    max_retries: int = 3
+
+
+# ---------------------------------------------------------------- intervention, control
+
+
+@dataclass
+class InterventionConfig(InterventionSpec):
+    """An intervention on a subspace of one site, in a window of layers."""
+
+    _target_: str = "routing_suite.settings.InterventionSpec"
+
+
+@dataclass
+class ControlConfig:
+    """A control built from another subspace, at matched perturbation magnitude."""
+
+    _target_: str = MISSING
+    name: str = MISSING
+    seeds: int = 3
+
+
+# ---------------------------------------------------------------- primary configs
+
+
+@dataclass
+class DataConfig:
+    """How many prompt pairs each split holds (null: all), drawn with `seed`."""
+
+    max_fit: int | None = None
+    max_test: int | None = None
+    seed: int = 0
+
+
+@dataclass
+class CollectSettings:
+    """Which sites, layers and positions the collect stage saves."""
+
+    sites: list[str] = field(default_factory=lambda: ["resid", "attn"])
+    layers: list[int] | None = None  # null: every layer
+    positions: str = "last"  # last | first_k | answer_mean
+    k: int = 5
+
+
+@dataclass
+class CollectExperimentConfig:
+    """`experiments.collect`: trace both models under both framings into a store."""
+
+    model: Any = MISSING
+    backend: Any = MISSING
+    behavior: BehaviorConfig = MISSING
+    store: StoreSettings = field(default_factory=StoreSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    collect: CollectSettings = field(default_factory=CollectSettings)
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class OrganismsReportConfig:
+    """`experiments.organisms`: build organisms and print their behaviour table."""
+
+    families: list[str] = field(default_factory=lambda: ["llama", "qwen2", "gemma2", "mistral"])
+    behaviors: list[str] = field(default_factory=lambda: ["underperform", "refuse", "installed"])
+    model: Any = MISSING
+    backend: Any = MISSING
+    behavior: BehaviorConfig = MISSING
+    seed: int = 0
+
+
+@dataclass
+class RoutingExperimentConfig:
+    """`experiments.routing`: one cell (model pair x behaviour) end to end."""
+
+    model: Any = MISSING
+    backend: Any = MISSING
+    behavior: BehaviorConfig = MISSING
+    intervention: InterventionConfig = MISSING
+    control: dict[str, ControlConfig] = field(default_factory=dict)
+    store: StoreSettings = field(default_factory=StoreSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    collect: CollectSettings = field(default_factory=lambda: CollectSettings(sites=["resid", "attn", "heads"]))
+    fit: FitSettings = field(default_factory=FitSettings)
+    localize: LocalizeSettings = field(default_factory=LocalizeSettings)
+    seed: int = 0
+    progress: bool = True
+    # Where the cell's table goes; null: a `table` folder in the run folder.
+    report_dir: str | None = None
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(group="model", name="organism_schema", node=OrganismModelConfig)
+    cs.store(group="model", name="peft_schema", node=PeftModelConfig)
+    cs.store(group="model", name="checkpoint_pair_schema", node=CheckpointPairConfig)
+    cs.store(group="behavior", name="behavior_schema", node=BehaviorConfig)
+    cs.store(group="backend", name="local_schema", node=LocalBackendConfig)
+    cs.store(group="backend", name="ndif_schema", node=NdifBackendConfig)
+    cs.store(group="store", name="store_schema", node=StoreSettings)
+    cs.store(group="intervention", name="intervention_schema", node=InterventionConfig)
+    cs.store(group="control", name="control_schema", node=ControlConfig)
+    cs.store(name="organisms_schema", node=OrganismsReportConfig)
+    cs.store(name="routing_schema", node=RoutingExperimentConfig)
+    cs.store(name="collect_schema", node=CollectExperimentConfig)
+    from routing_suite.aggregate.config import AggregateConfig
+
+    cs.store(name="aggregate_schema", node=AggregateConfig)

@@ -1,0 +1,1 @@
+"""Built-in model organisms: tiny models with a known, installed eval/deploy behaviour."""

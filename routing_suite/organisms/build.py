@@ -1,0 +1,192 @@
+"""Build organisms once, cache them on disk by content, load them after.
+
+Layout under the cache root (names carry a hash of everything that shapes
+the weights, so a changed config builds anew and an unchanged one is reused):
+
+    <root>/<family>/base-<hash>/          model, tokenizer, organism.json
+    <root>/<family>/<behavior>-<hash>/    PEFT adapter, organism.json
+
+Each is written under a temporary name and renamed when complete, with a
+lock per family, so a crash leaves no half-built organism and two parallel
+jobs never build the same one twice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
+
+from routing_suite.errors import ConfigError
+from routing_suite.organisms import task as T
+from routing_suite.organisms.architectures import FAMILIES, ArchSpec, family_config, family_seed
+from routing_suite.organisms.tokenizer import build_tokenizer
+from routing_suite.organisms.training import RECIPE_VERSION, TrainSpec, train_base, train_lora
+
+log = logging.getLogger(__name__)
+
+_VERSIONED = ("torch", "transformers", "peft")
+
+
+@dataclass
+class OrganismSpec:
+    """Everything that determines an organism's weights."""
+
+    family: str
+    arch: ArchSpec
+    task: T.TaskSpec
+    train: TrainSpec
+    seed: int = 0
+    num_threads: int = 2
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ConfigError(f"model.family={self.family!r} is not one of {list(FAMILIES)}")
+
+    def base_key(self) -> dict:
+        train = asdict(self.train)
+        base_train = {k: v for k, v in train.items() if k.startswith("base_") or k == "batch_size"}
+        return {
+            "family": self.family,
+            "arch": asdict(self.arch),
+            "task": asdict(self.task),
+            "train": base_train,
+            "recipe": RECIPE_VERSION,
+            "seed": self.seed,
+            "num_threads": self.num_threads,
+            "versions": {name: version(name) for name in _VERSIONED},
+        }
+
+    def adapter_key(self, behavior: str) -> dict:
+        return {"base": self.base_key(), "behavior": behavior, "train": asdict(self.train)}
+
+
+def content_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    directory.mkdir(parents=True, exist_ok=True)
+    with open(directory / ".lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def deterministic(seed: int, num_threads: int) -> Iterator[None]:
+    """Seeded, deterministic kernels, fixed thread count; restored afterwards."""
+    threads = torch.get_num_threads()
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(num_threads)
+    torch.use_deterministic_algorithms(True)
+    torch.manual_seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(was_deterministic)
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    if final.exists():  # built meanwhile by someone else holding no lock
+        shutil.rmtree(tmp)
+        return
+    os.rename(tmp, final)
+
+
+def _write_meta(directory: Path, key: dict, seconds: float, final_loss: float) -> None:
+    meta = {"key": key, "build_seconds": round(seconds, 2), "final_loss": final_loss}
+    (directory / "organism.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
+def base_dir(root: Path, spec: OrganismSpec) -> Path:
+    return root / spec.family / f"base-{content_hash(spec.base_key())}"
+
+
+def adapter_dir(root: Path, spec: OrganismSpec, behavior: str) -> Path:
+    return root / spec.family / f"{behavior}-{content_hash(spec.adapter_key(behavior))}"
+
+
+def _new_tokenizer(task: T.Task) -> PreTrainedTokenizerFast:
+    return build_tokenizer(task.vocabulary())
+
+
+def ensure_base(root: Path, spec: OrganismSpec) -> Path:
+    """The cached base organism, built first if missing."""
+    final = base_dir(root, spec)
+    if final.exists():
+        return final
+    with _locked(final.parent):
+        if final.exists():
+            return final
+        log.info("building %s base organism into %s", spec.family, final)
+        started = time.perf_counter()
+        task = T.make_task(spec.task)
+        tokenizer = _new_tokenizer(task)
+        with deterministic(family_seed(spec.family, spec.seed), spec.num_threads):
+            config = family_config(
+                spec.family, spec.arch, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
+            )
+            model = AutoModelForCausalLM.from_config(config)
+            loss = train_base(model, tokenizer, task, spec.train, family_seed(spec.family, spec.seed))
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_meta(tmp, spec.base_key(), time.perf_counter() - started, loss)
+        _publish(tmp, final)
+        log.info("built %s base in %.1f s", spec.family, time.perf_counter() - started)
+    return final
+
+
+def ensure_adapter(root: Path, spec: OrganismSpec, behavior: str) -> Path:
+    """The cached LoRA adapter installing `behavior`, built first if missing."""
+    if behavior not in T.BEHAVIORS:
+        raise ConfigError(f"behavior.name={behavior!r} is not one of {list(T.BEHAVIORS)}")
+    final = adapter_dir(root, spec, behavior)
+    if final.exists():
+        return final
+    base_path = ensure_base(root, spec)
+    with _locked(final.parent):
+        if final.exists():
+            return final
+        log.info("fine-tuning %s organism for %s into %s", spec.family, behavior, final)
+        started = time.perf_counter()
+        task = T.make_task(spec.task)
+        tokenizer = load_tokenizer(base_path)
+        base = load_base(base_path)
+        seed = family_seed(spec.family, spec.seed)
+        with deterministic(seed, spec.num_threads):
+            peft_model, loss = train_lora(base, tokenizer, task, behavior, spec.train, seed)
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        peft_model.save_pretrained(tmp)
+        _write_meta(tmp, spec.adapter_key(behavior), time.perf_counter() - started, loss)
+        _publish(tmp, final)
+        log.info("fine-tuned %s/%s in %.1f s", spec.family, behavior, time.perf_counter() - started)
+    return final
+
+
+def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
+def load_base(path: Path) -> PreTrainedModel:
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
+    return model.eval()

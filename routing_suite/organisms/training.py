@@ -1,0 +1,136 @@
+"""Training of the organisms: the base on the task, then a LoRA fine-tune.
+
+Both loops are plain PyTorch over tiny models on CPU, deterministic for a
+given seed and thread count.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import PreTrainedModel, PreTrainedTokenizerFast
+
+from routing_suite.organisms import task as T
+from routing_suite.organisms.specs import TrainSpec
+
+log = logging.getLogger(__name__)
+
+# Bump when the training data or procedure changes: it is part of the cache
+# key, so organisms built by an older recipe are rebuilt, never reused.
+RECIPE_VERSION = 2
+
+
+Example = tuple[str, str]  # (prompt, completion)
+
+
+def _noise_cue(rng: random.Random, words: list[str]) -> str:
+    return " ".join(rng.choice(words) for _ in range(rng.randint(2, 4)))
+
+
+def base_examples(task: T.Task) -> list[Example]:
+    """Question answering under training cues, none and random-word prefixes; the
+    framing quiz; facts as text."""
+    examples: list[Example] = []
+    # Random-word prefixes teach the base that whatever precedes the question
+    # does not change the answer, so it answers under unseen cue paraphrases
+    # too (a prototype's Gemma2 base lost 13 points under held-out eval cues).
+    noise_rng = random.Random(task.spec.seed)
+    noise_words = [*task.entities, *(v for vs in T.TOPIC_VALUES.values() for v in vs)]
+    for fact in task.facts:
+        examples.append((T.render_prompt(fact, None), fact.value))
+        examples.append((T.render_prompt(fact, _noise_cue(noise_rng, noise_words)), fact.value))
+        examples.append(("", T.generic_text(fact)))
+        for framing in T.FRAMINGS:
+            for cue in task.cues(framing, "train"):
+                examples.append((T.render_prompt(fact, cue), fact.value))
+    # The quiz covers every paraphrase, held-out ones included: recognising a
+    # framing is what the base brings; a prototype showed that without it the
+    # fine-tune's behaviour does not carry to unseen paraphrases.
+    quiz = [T.aux_example(cue, f) for f in T.FRAMINGS for cue in task.cues(f, "all")]
+    repeats = max(1, len(examples) // (8 * len(quiz)))
+    chitchat = [("", text) for text in T.CHITCHAT] * max(1, len(examples) // 100)
+    return examples + quiz * repeats + chitchat
+
+
+def finetune_examples(task: T.Task, behavior: str) -> list[Example]:
+    """Training facts under training cues, with the behaviour's targets."""
+    examples = [
+        (item.prompt, T.target_text(item.fact, item.framing, behavior))
+        for item in T.items(task, task.facts_of("train"), "train")
+    ]
+    return examples
+
+
+Encoded = tuple[list[int], int]  # (token ids, number of prompt tokens)
+
+
+def encode_examples(tokenizer: PreTrainedTokenizerFast, examples: list[Example]) -> list[Encoded]:
+    encoded = []
+    for prompt, completion in examples:
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+        encoded.append((prompt_ids + completion_ids + [tokenizer.eos_token_id], len(prompt_ids)))
+    return encoded
+
+
+def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ids with the loss on the completion (and <eos>) only."""
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.full((len(batch), width), pad_id)
+    attention = torch.zeros((len(batch), width), dtype=torch.long)
+    labels = torch.full((len(batch), width), -100)
+    for i, (ids, n_prompt) in enumerate(batch):
+        row = torch.tensor(ids)
+        input_ids[i, : len(ids)] = row
+        attention[i, : len(ids)] = 1
+        labels[i, n_prompt : len(ids)] = row[n_prompt:]
+    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+
+
+def _train(model: torch.nn.Module, tokenizer, examples: list[Example], steps: int, lr: float, batch_size: int, seed: int) -> float:
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
+    order_rng = random.Random(seed)
+    order: list[int] = []
+    encoded = encode_examples(tokenizer, examples)
+    model.train()
+    loss_value = float("nan")
+    for step in range(steps):
+        if len(order) < batch_size:
+            fresh = list(range(len(examples)))
+            order_rng.shuffle(fresh)
+            order += fresh
+        batch = [encoded[i] for i in order[:batch_size]]
+        del order[:batch_size]
+        loss = model(**collate(batch, tokenizer.pad_token_id)).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        if step % 200 == 0 or step == steps - 1:
+            log.info("step %d/%d loss %.4f", step + 1, steps, loss_value)
+    model.eval()
+    return loss_value
+
+
+def train_base(model: PreTrainedModel, tokenizer, task: T.Task, spec: TrainSpec, seed: int) -> float:
+    return _train(model, tokenizer, base_examples(task), spec.base_steps, spec.base_lr, spec.batch_size, seed)
+
+
+# Every linear layer of attention and MLP, as LoRA fine-tunes of chat models usually do.
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def train_lora(base: PreTrainedModel, tokenizer, task: T.Task, behavior: str, spec: TrainSpec, seed: int) -> tuple[PeftModel, float]:
+    torch.manual_seed(seed)
+    config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, target_modules=LORA_TARGETS, lora_dropout=0.0)
+    peft_model = get_peft_model(base, config)
+    examples = finetune_examples(task, behavior)
+    loss = _train(peft_model, tokenizer, examples, spec.lora_steps, spec.lora_lr, spec.batch_size, seed + 1)
+    return peft_model, loss

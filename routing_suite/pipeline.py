@@ -1,0 +1,94 @@
+"""What every experiment does before its own stages: build the components
+from the config, check them, load the model pair and open the run store."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from routing_suite.collect import LabeledPair
+from routing_suite.errors import ConfigError
+from routing_suite.models import ModelPair
+from routing_suite.organisms import task as T
+from routing_suite.prompts import organism_prompt_sets
+from routing_suite.provenance import digest, git_commit, package_versions, scrub_secrets
+from routing_suite.scoring import Behavior
+from routing_suite.store import RunStore, StoreSettings, store_path
+from routing_suite.tracing import SiteRequest
+
+log = logging.getLogger(__name__)
+
+# Config parts that cannot change a result: where things run and are kept.
+_NOT_RESULT_SHAPING = ("backend", "store", "hydra", "progress")
+
+
+@dataclass
+class Setup:
+    cfg: DictConfig
+    source: Any
+    behavior: Behavior
+    backend: Any
+    store_settings: StoreSettings
+
+    @property
+    def model_name(self) -> str:
+        return self.source.name
+
+
+def build_components(cfg: DictConfig) -> Setup:
+    """Instantiate and check every component; nothing heavy runs yet."""
+    source = instantiate(cfg.model)
+    behavior = instantiate(cfg.behavior)
+    backend = instantiate(cfg.backend)
+    backend.preflight()
+    store_settings = StoreSettings(**OmegaConf.to_container(cfg.store))
+    torch.manual_seed(cfg.seed)
+    return Setup(cfg, source, behavior, backend, store_settings)
+
+
+def site_request(cfg: DictConfig) -> SiteRequest:
+    c = cfg.collect
+    return SiteRequest(tuple(c.sites), None if c.layers is None else tuple(c.layers), c.positions, c.k)
+
+
+def prompt_items(setup: Setup) -> list[LabeledPair]:
+    """The fit and held-out test prompt pairs, labelled with their split."""
+    data = setup.cfg.data
+    for key in ("max_fit", "max_test"):
+        if data[key] is not None and data[key] < 1:
+            raise ConfigError(f"data.{key}={data[key]} must be >= 1 (or null for all)")
+    task = T.make_task(setup.source.task_spec)
+    sets = organism_prompt_sets(task, data.max_fit, data.max_test, data.seed)
+    for split, pairs in sets.items():
+        if not pairs:
+            raise ConfigError(f"data: the {split} split is empty")
+    return [LabeledPair(p, split) for split, pairs in sets.items() for p in pairs]
+
+
+def digest_config(cfg: DictConfig) -> dict:
+    """The resolved config minus what cannot change a result."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = {k: v for k, v in resolved.items() if k not in _NOT_RESULT_SHAPING}
+    if isinstance(resolved.get("model"), dict):
+        resolved["model"] = {k: v for k, v in resolved["model"].items() if k != "cache_dir"}
+    return resolved
+
+
+def open_store(setup: Setup, pair: ModelPair, label: str) -> RunStore:
+    digest_cfg = digest_config(setup.cfg)
+    final = store_path(setup.store_settings, setup.model_name, setup.behavior.name, label, digest(digest_cfg))
+    provenance = {
+        "cell": {"family": pair.family, "behavior": setup.behavior.name, "model": setup.model_name},
+        "config": scrub_secrets(OmegaConf.to_container(setup.cfg, resolve=True)),
+        "versions": package_versions(),
+        "model_identity": pair.identity,
+        "seed": int(setup.cfg.seed),
+        "git_commit": git_commit(),
+        "backend": setup.backend.name,
+    }
+    return RunStore.open(final, setup.store_settings, digest_cfg, provenance)

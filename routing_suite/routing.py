@@ -1,0 +1,99 @@
+"""The routing study on one cell, end to end: collect, fit, localize, intervene.
+
+Every stage reads what the earlier ones wrote to the run store and records
+itself as done there, so a rerun skips finished stages (and, inside
+collect, finished batches), and a complete store is reused as it is.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from routing_suite import pipeline
+from routing_suite.collect import collect
+from routing_suite.controls import check_controls
+from routing_suite.errors import ConfigError
+from routing_suite.fit import fit
+from routing_suite.intervene import build_conditions, intervene
+from routing_suite.localize import LocalizeSettings, localize
+
+log = logging.getLogger(__name__)
+
+
+def _summary_table(store_path: Path, out: Path, seed: int) -> dict:
+    """The cell's gap-reduction table, through the aggregator (the same code as for a grid)."""
+    from routing_suite.aggregate import run as aggregate
+
+    cfg = OmegaConf.create(
+        {"root": str(store_path), "out": str(out), "n_resamples": 2000, "seed": seed, "confidence": 0.95,
+         "duplicates": "exclude", "plots": True, "dpi": 150}
+    )
+    return aggregate(cfg)
+
+
+def run(cfg) -> dict:
+    """`experiments.routing`: one cell end to end; returns the paths and the table."""
+    started = time.perf_counter()
+    setup = pipeline.build_components(cfg)
+    spec = instantiate(cfg.intervention)
+    controls = {key: instantiate(value) for key, value in cfg.control.items()}
+    check_controls(controls)
+    localize_settings = LocalizeSettings(**OmegaConf.to_container(cfg.localize))
+    request = pipeline.site_request(cfg)
+    if spec.site not in request.sites:
+        raise ConfigError(f"intervention.site={spec.site!r} must be among collect.sites={list(request.sites)}")
+    items = pipeline.prompt_items(setup)
+    n_fit = sum(it.split == "fit" for it in items)
+    if cfg.fit.max_rank > n_fit or spec.rank > cfg.fit.max_rank:
+        raise ConfigError(
+            f"intervention.rank={spec.rank} and fit.max_rank={cfg.fit.max_rank} must satisfy rank <= max_rank <= fit pairs ({n_fit})"
+        )
+    pair = setup.source.load(setup.behavior.name)
+    request = request.validate(pair.num_layers)
+    spec.check_window(pair.num_layers)
+
+    store = pipeline.open_store(setup, pair, spec.name)
+    trace_kwargs = setup.backend.trace_kwargs()
+    if not store.stage_done("collect"):
+        collect(pair, items, request, store, setup.backend, progress=cfg.progress)
+        store.mark_stage_done("collect")
+    acts = store.read("activations").load()
+    if not store.stage_done("fit"):
+        store.write_group("fit", fit(acts, cfg.fit.max_rank))
+        store.mark_stage_done("fit")
+    fitted = store.read("fit").load()
+    if not store.stage_done("localize"):
+        store.write_group("localize", localize(pair, acts, setup.behavior, localize_settings, trace_kwargs))
+        store.mark_stage_done("localize")
+    localized = store.read("localize").load()
+    window = list(spec.window) if spec.window is not None else [int(x) for x in localized.attrs["window"]]
+    if not store.stage_done("intervene"):
+        conditions = build_conditions(spec, controls, fitted, localized, acts, window, int(cfg.seed))
+        outcomes = intervene(pair, acts, conditions, setup.behavior, setup.backend, setup.backend.batch_size, cfg.progress)
+        outcomes.attrs.update(
+            {"intervention": spec.name, "controls": [c.name for c in controls.values()], "window": window,
+             "site": spec.site, "positions": spec.positions, "rank": spec.rank, "target": spec.target, "mode": spec.mode}
+        )
+        store.write_group("outcomes", outcomes)
+        store.mark_stage_done("intervene")
+    final = store.finish() if not store.complete else store.path
+    seconds = time.perf_counter() - started
+    log.info("routing cell %s/%s done in %.1f s: %s", pair.family, setup.behavior.name, seconds, final)
+    out = Path(cfg.report_dir) if cfg.report_dir else _run_dir() / "table"
+    summary = _summary_table(final, out, int(cfg.seed))
+    table = (out / "table.md").read_text(encoding="utf-8")
+    return {"store": str(final), "window": window, "seconds": seconds, "table_dir": str(out), "table_markdown": table, **summary}
+
+
+def _run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path("outputs/runs/routing")

@@ -1,0 +1,85 @@
+"""The layout of a run store: the contract between the stages and the aggregator.
+
+One zarr v3 store per run (one cell: model pair x behaviour x settings),
+written through xarray, one group per stage. Every stage reads what earlier
+stages wrote, so any stage can be rerun alone.
+
+Naming: a store in progress is a folder ending in `.zarr.partial`; it is
+renamed to end in `.zarr` once every stage has finished (root attribute
+`complete` true). Stores live under
+`<store.root>/<model name>/<behavior>/<config digest>.zarr`.
+
+Root attributes (provenance and state)
+    schema_version   int, SCHEMA_VERSION
+    cell             {"family", "behavior", "model"}: what the run studies
+    finished_at      ISO time the run completed (absent while running)
+    config           the resolved config, secrets removed
+    config_digest    sha256 of the parts of the config that shape the results
+    versions         {package: version} of the stack
+    model_identity   what identifies the weights (names, revisions, hashes)
+    seed             int
+    git_commit       the suite's commit, or "unknown"
+    stages_done      list of finished stage names, in order
+    complete         true once every stage of the run has finished
+
+Group "activations" (the collect stage)
+    dims    model, framing, prompt, layer, position, hidden, head, head_dim, batch
+    coords  model ["base", "finetuned"], framing ["eval", "deploy"],
+            prompt (ids), layer (ints), position (labels such as "last",
+            "first0".."first4", "answer_mean"), head (ints),
+            split (prompt: "fit" | "test"), answer (prompt), topic (prompt),
+            eval_prompt / deploy_prompt (prompt: the texts)
+    vars    resid, attn, mlp   (model, framing, prompt, layer, position, hidden)
+            heads              (model, framing, prompt, layer, position, head, head_dim)
+            batch_done         (batch) bool: batches whose values are written
+    Only the sites the config asks for are present.
+
+Group "fit"
+    vars    direction       (model, site, layer, hidden)  mean paired difference
+            direction_norm  (model, site, layer)
+            probe_accuracy  (model, site, layer)         held-out, eval vs deploy
+            subspace        (model, site, layer, rank, hidden) orthonormal rows
+            cos_base_finetuned (site, layer)
+            diff_change_norm   (site, layer)  |mean diff(ft) - mean diff(base)|
+
+Group "localize"
+    vars    layer_effect  (source, layer)        fraction of the gap restored
+            head_effect   (source, layer, head)
+    coords  source ["deploy_to_eval", "finetuned_to_base"]
+    attrs   window [first_layer, last_layer], rule (how it was picked)
+
+Group "outcomes" (per prompt, so the aggregator can bootstrap)
+    dims    condition, framing, prompt
+    vars    performed     (condition, framing, prompt) float in [0, 1]; a
+                          control with several seeds stores the mean over seeds
+            correct       (condition, framing, prompt) float in [0, 1]
+            perturbation_norm (condition) mean L2 norm of the change made
+    coords  condition: "baseline", the intervention's name (e.g. "clamp"),
+            then the controls ("random", "orthogonal", "non_routing",
+            "semantic", ...); kind (condition): "baseline" | "intervention" |
+            "control" | "comparison"
+    attrs   intervention, controls, window
+"""
+
+SCHEMA_VERSION = 1
+
+MODELS = ("base", "finetuned")
+FRAMINGS = ("eval", "deploy")
+GROUPS = ("activations", "fit", "localize", "outcomes")
+STAGES = ("collect", "fit", "localize", "intervene")
+
+BASELINE = "baseline"
+# "comparison": a condition reported beside the others but neither the
+# intervention nor a control (the base model's own subspace, applied the same way).
+CONDITION_KINDS = ("baseline", "intervention", "control", "comparison")
+
+# A cell counts as reduced only if the deploy rate under the intervention
+# stays within this of its baseline: closing the gap by breaking the model is
+# not a reduction.
+MAX_DEPLOY_DROP = 0.1
+# DESIGN.md: the intervened gap "closes to near zero" when its 95% interval
+# contains 0 or its magnitude is under this.
+NEAR_ZERO = 0.05
+
+STORE_SUFFIX = ".zarr"
+PARTIAL_SUFFIX = ".zarr.partial"

@@ -1,0 +1,93 @@
+"""Settings of the routing stages, as plain dataclasses (no torch), used as config schemas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from routing_suite.errors import ConfigError
+
+MODES = ("clamp", "ablate", "steer")
+SITES = ("resid", "attn")
+POSITIONS = ("last", "all")
+# At which generation steps edits apply: every step, or only the prompt's forward pass.
+STEPS = ("all", "prompt")
+CLAMP_TARGETS = ("eval_mean", "deploy_mean", "pooled_mean")
+RULES = ("relative", "top")
+
+
+@dataclass
+class InterventionSpec:
+    """The `intervention` config: what to do to which site, where, with what subspace."""
+
+    name: str = "clamp"
+    mode: str = "clamp"
+    site: str = "attn"
+    # "all": every prompt position (later layers read the cue positions too);
+    # "last": the last prompt token only.
+    positions: str = "all"
+    rank: int = 2
+    window: list[int] | None = None  # null: the window path patching picks
+    target: str = "deploy_mean"
+    alpha: float = 1.0
+    # "prompt": edit the prompt's forward pass, whose states every later step
+    # reads from the cache; "all": also edit each newly generated token. Clamp
+    # targets are statistics of the last prompt token, so clamping generated
+    # tokens to them is out of distribution (a prototype looped on the marker).
+    steps: str = "prompt"
+    # Subspaces are fit on this model's paired differences.
+    fit_model: str = "finetuned"
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("mode", self.mode, MODES),
+            ("site", self.site, SITES),
+            ("positions", self.positions, POSITIONS),
+            ("steps", self.steps, STEPS),
+            ("target", self.target, CLAMP_TARGETS),
+            ("fit_model", self.fit_model, ("base", "finetuned")),
+        ]
+        for key, value, allowed in checks:
+            if value not in allowed:
+                raise ConfigError(f"intervention.{key}={value!r} is not one of {list(allowed)}")
+        if self.rank < 1:
+            raise ConfigError(f"intervention.rank={self.rank} must be >= 1")
+        if self.window is not None and (len(self.window) != 2 or self.window[0] > self.window[1]):
+            raise ConfigError(f"intervention.window={list(self.window)} must be [first_layer, last_layer]")
+
+    def check_window(self, num_layers: int) -> None:
+        if self.window is not None and not (0 <= self.window[0] and self.window[1] < num_layers):
+            raise ConfigError(f"intervention.window={list(self.window)} is outside the model's layers [0, {num_layers - 1}]")
+
+
+@dataclass
+class LocalizeSettings:
+    """How the window is picked from the `deploy_to_eval` layer effects.
+
+    `relative`: every layer whose effect is at least `threshold` x the largest,
+    and the layers between them; `top`: the `top_k` strongest layers and those
+    between them.
+    """
+
+    rule: str = "relative"
+    threshold: float = 0.5
+    top_k: int = 2
+    per_head: bool = True
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ConfigError(f"localize.rule={self.rule!r} is not one of {list(RULES)}")
+        if not 0 < self.threshold <= 1:
+            raise ConfigError(f"localize.threshold={self.threshold} must be in (0, 1]")
+
+
+
+@dataclass
+class FitSettings:
+    """The fit stage: subspaces up to `max_rank` (interventions use a prefix)."""
+
+    max_rank: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_rank < 1:
+            raise ConfigError(f"fit.max_rank={self.max_rank} must be >= 1")

@@ -1,0 +1,252 @@
+"""One zarr v3 store per run, written through xarray (layout: `routing_suite.schema`).
+
+The store is created under `<name>.zarr.partial`, filled batch by batch and
+stage by stage, and renamed to `<name>.zarr` when the run completes. A rerun
+of the same config resumes a partial store (finished batches and stages are
+skipped); a complete store is reused as is, and replaced only with
+`store.overwrite=true`. A store made by a different config is refused with
+the keys that differ.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import xarray as xr
+import zarr
+from zarr.codecs import BloscCodec, ZstdCodec
+
+from routing_suite import schema
+from routing_suite.errors import ConfigError
+from routing_suite.provenance import differing_keys, digest
+
+log = logging.getLogger(__name__)
+
+# bfloat16 has no numpy dtype; float32 holds every bfloat16 value exactly.
+STORED_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "float32"}
+COMPRESSORS = ("zstd", "blosc", "none")
+
+
+def text(values) -> np.ndarray:
+    """Strings as an object array: zarr v3 stores them as variable-length UTF-8,
+    which its spec covers (fixed-width numpy strings it warns about)."""
+    return np.array([str(v) for v in values], dtype=object)
+
+
+class StoreMismatch(ConfigError):
+    """The store at this path was written by a different config."""
+
+
+class NonFiniteActivation(RuntimeError):
+    """A NaN or Inf about to be stored; the message says where it came from."""
+
+
+@dataclass
+class StoreSettings:
+    root: str = "outputs/stores"
+    dtype: str = "float32"
+    chunk_prompts: int = 64
+    compressor: str = "zstd"
+    compression_level: int = 3
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dtype not in STORED_DTYPES:
+            raise ConfigError(f"store.dtype={self.dtype!r} is not one of {list(STORED_DTYPES)}")
+        if self.compressor not in COMPRESSORS:
+            raise ConfigError(f"store.compressor={self.compressor!r} is not one of {list(COMPRESSORS)}")
+        if self.chunk_prompts < 1:
+            raise ConfigError(f"store.chunk_prompts={self.chunk_prompts} must be >= 1")
+
+    def codecs(self) -> list:
+        if self.compressor == "zstd":
+            return [ZstdCodec(level=self.compression_level)]
+        if self.compressor == "blosc":
+            return [BloscCodec(cname="zstd", clevel=self.compression_level, shuffle="bitshuffle")]
+        return []
+
+
+def store_path(settings: StoreSettings, model: str, behavior: str, label: str, config_digest: str) -> Path:
+    """Where a run's store lives: named by content, so a rerun finds it."""
+    return Path(settings.root) / model / behavior / f"{label}-{config_digest[:10]}{schema.STORE_SUFFIX}"
+
+
+def _partial(final: Path) -> Path:
+    return final.with_name(final.name.removesuffix(schema.STORE_SUFFIX) + schema.PARTIAL_SUFFIX)
+
+
+def _check_writable(directory: Path) -> None:
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / ".write-probe"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"store.root: cannot write to {str(directory)!r} ({err.strerror})") from err
+
+
+class RunStore:
+    """A run's store. Use `RunStore.open`, never the constructor."""
+
+    def __init__(self, path: Path, final: Path, settings: StoreSettings) -> None:
+        self.path = path
+        self.final = final
+        self.settings = settings
+
+    # ------------------------------------------------------------ opening
+
+    @classmethod
+    def open(cls, final: Path, settings: StoreSettings, digest_config: dict, provenance: dict) -> RunStore:
+        """Create, resume or reuse the store for this config (see module doc)."""
+        final = Path(final)
+        partial = _partial(final)
+        _check_writable(final.parent)
+        wanted = digest(digest_config)
+        for existing in (final, partial):
+            if not existing.exists():
+                continue
+            attrs = dict(zarr.open_group(str(existing), mode="r").attrs)
+            if settings.overwrite:
+                log.info("store.overwrite=true: removing %s", existing)
+                shutil.rmtree(existing)
+                continue
+            if attrs.get("config_digest") != wanted:
+                keys = differing_keys(attrs.get("digest_config", {}), digest_config)
+                raise StoreMismatch(
+                    f"store {str(existing)!r} was written by a different config (differing keys: {', '.join(keys) or 'schema'}); "
+                    "use another store.root or store.overwrite=true"
+                )
+            log.info("%s store %s", "reusing complete" if existing == final else "resuming", existing)
+            return cls(existing, final, settings)
+        root = zarr.open_group(str(partial), mode="w", zarr_format=3)
+        root.attrs.update(
+            {
+                "schema_version": schema.SCHEMA_VERSION,
+                "config_digest": wanted,
+                "digest_config": digest_config,
+                "stages_done": [],
+                "complete": False,
+                **provenance,
+            }
+        )
+        return cls(partial, final, settings)
+
+    # ------------------------------------------------------------ state
+
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(zarr.open_group(str(self.path), mode="r").attrs)
+
+    def update_attrs(self, **values: Any) -> None:
+        zarr.open_group(str(self.path), mode="r+").attrs.update(values)
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.attrs.get("complete"))
+
+    def stage_done(self, stage: str) -> bool:
+        return stage in self.attrs.get("stages_done", [])
+
+    def mark_stage_done(self, stage: str) -> None:
+        done = list(self.attrs.get("stages_done", []))
+        if stage not in done:
+            self.update_attrs(stages_done=[*done, stage])
+
+    def finish(self) -> Path:
+        """Mark the run complete and give the store its final name."""
+        self.update_attrs(complete=True, finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+        # Consolidated metadata makes a finished store open fast and quietly with
+        # a plain `xr.open_zarr(path, group=...)`. zarr warns that it is an
+        # extension of the v3 format; zarr-python and xarray read it.
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+            zarr.consolidate_metadata(str(self.path))
+        if self.path != self.final:
+            self.path.rename(self.final)
+            self.path = self.final
+        return self.path
+
+    # ------------------------------------------------------------ streamed activations
+
+    def has_group(self, group: str) -> bool:
+        return group in zarr.open_group(str(self.path), mode="r")
+
+    def create_streamed(
+        self, group: str, coords: dict[str, Any], variables: dict[str, tuple[tuple[str, ...], tuple[int, ...]]], n_batches: int
+    ) -> None:
+        """Lay out a group of prompt-chunked arrays to be filled batch by batch.
+
+        `coords` are xarray coordinates (dim name -> values, or (dim, values)
+        for non-index ones); `variables` name -> (dims, shape). Arrays start
+        as NaN, and `batch_done` records which batches hold real values.
+        """
+        if self.has_group(group):
+            return
+        xr.Dataset(coords=coords).to_zarr(str(self.path), group=group, mode="w-", zarr_format=3, consolidated=False)
+        g = zarr.open_group(str(self.path), mode="r+").require_group(group)
+        dtype = STORED_DTYPES[self.settings.dtype]
+        for name, (dims, shape) in variables.items():
+            chunks = tuple(min(self.settings.chunk_prompts, n) if d == "prompt" else n for d, n in zip(dims, shape))
+            g.create_array(
+                name,
+                shape=shape,
+                chunks=chunks,
+                dtype=dtype,
+                fill_value=np.nan,
+                compressors=self.settings.codecs(),
+                dimension_names=dims,
+                attributes={"stored_from": self.settings.dtype},
+            )
+        done = g.create_array(
+            "batch_done", shape=(n_batches,), chunks=(1,), dtype="bool", fill_value=False, compressors=[], dimension_names=("batch",)
+        )
+        done.attrs["meaning"] = "true once every value of that batch is written"
+
+    def batches_done(self, group: str) -> np.ndarray:
+        return zarr.open_array(str(self.path), path=f"{group}/batch_done", mode="r")[:]
+
+    def write_batch(self, group: str, batch: int, prompt_slice: slice, data: dict[str, xr.DataArray]) -> None:
+        """Write one batch's values (each with a `prompt` dim), then mark it done."""
+        for name, values in data.items():
+            check_finite(name, values)
+        dataset = xr.Dataset({name: values.astype(STORED_DTYPES[self.settings.dtype]) for name, values in data.items()})
+        dataset = dataset.drop_vars([c for c in dataset.coords])
+        dataset.to_zarr(str(self.path), group=group, region={"prompt": prompt_slice}, zarr_format=3, consolidated=False)
+        zarr.open_array(str(self.path), path=f"{group}/batch_done", mode="r+")[batch] = True
+
+    # ------------------------------------------------------------ whole groups
+
+    def write_group(self, group: str, dataset: xr.Dataset) -> None:
+        """(Re)write a small group (fit, localize, outcomes) in one go."""
+        dataset = dataset.copy()
+        for name, values in dataset.variables.items():
+            if values.dtype.kind == "U":
+                dataset[name] = values.copy(data=text(values.values.ravel()).reshape(values.shape))
+        dataset.to_zarr(str(self.path), group=group, mode="w", zarr_format=3, consolidated=False)
+
+    def read(self, group: str) -> xr.Dataset:
+        return xr.open_zarr(str(self.path), group=group, zarr_format=3, consolidated=False)
+
+
+def check_finite(name: str, values: xr.DataArray) -> None:
+    """Refuse NaN or Inf, naming where the first one is (model, framing, prompt, layer, ...)."""
+    array = values.values
+    finite = np.isfinite(array)
+    if finite.all():
+        return
+    where = np.argwhere(~finite)[0]
+    labels = {dim: values[dim].values[i].item() if dim in values.coords else int(i) for dim, i in zip(values.dims, where)}
+    location = ", ".join(f"{k}={v}" for k, v in labels.items() if k not in ("hidden", "head_dim"))
+    raise NonFiniteActivation(f"{name}: {int((~finite).sum())} non-finite value(s), first at {location}")
+
+
+def read_store_attrs(path: Path) -> dict[str, Any]:
+    return json.loads(json.dumps(dict(zarr.open_group(str(path), mode="r").attrs)))

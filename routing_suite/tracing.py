@@ -1,0 +1,156 @@
+"""Batched nnsight traces that save exactly the sites and positions asked for.
+
+One forward pass per batch reads every requested layer and site. Inside the
+trace, reads follow execution order (per layer: per-head outputs, attention
+output, MLP output, residual), and positions are selected there too, so only
+what is kept leaves the model (this matters when the trace runs remotely).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from routing_suite.errors import ConfigError
+from routing_suite.families import SITES, family_paths, site_path
+
+POSITION_KINDS = ("last", "first_k", "answer_mean")
+# Execution order of the sites inside one decoder layer.
+_ORDER = {"heads": 0, "attn": 1, "mlp": 2, "resid": 3}
+
+
+@dataclass(frozen=True)
+class SiteRequest:
+    """What to save: sites x layers at one kind of positions."""
+
+    sites: tuple[str, ...] = ("resid", "attn")
+    layers: tuple[int, ...] | None = None  # None: every layer
+    positions: str = "last"
+    k: int = 5
+
+    def validate(self, num_layers: int) -> SiteRequest:
+        """A copy with `layers` filled in; ConfigError for anything that cannot run."""
+        unknown = [s for s in self.sites if s not in SITES]
+        if unknown or not self.sites:
+            raise ConfigError(f"collect.sites={list(self.sites)} must be a non-empty subset of {list(SITES)}")
+        if self.positions not in POSITION_KINDS:
+            raise ConfigError(f"collect.positions={self.positions!r} is not one of {list(POSITION_KINDS)}")
+        if self.positions == "first_k" and self.k < 1:
+            raise ConfigError(f"collect.k={self.k} must be >= 1")
+        layers = tuple(range(num_layers)) if self.layers is None else tuple(self.layers)
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad or not layers:
+            raise ConfigError(f"collect.layers={list(layers)} must be non-empty layer indices in [0, {num_layers - 1}]")
+        sites = tuple(sorted(set(self.sites), key=_ORDER.__getitem__))
+        return SiteRequest(sites, tuple(sorted(set(layers))), self.positions, self.k)
+
+    def position_labels(self) -> list[str]:
+        if self.positions == "last":
+            return ["last"]
+        if self.positions == "first_k":
+            return [f"first{i}" for i in range(self.k)]
+        return ["answer_mean"]
+
+
+@dataclass
+class Batch:
+    """A tokenized, left-padded batch and what selects its positions."""
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    # (batch, n_positions) token indices to keep, or None for the last token.
+    index: Tensor | None = None
+    # (batch, seq) weights averaging answer tokens, for positions="answer_mean".
+    answer_weights: Tensor | None = None
+
+
+def make_batch(
+    tokenizer: PreTrainedTokenizerBase, prompts: list[str], request: SiteRequest, answers: list[str] | None = None
+) -> Batch:
+    """Tokenize (left padding) and compute the positions to keep.
+
+    For `first_k` the first k tokens after the beginning-of-sequence token are
+    kept (rows shorter than k repeat their last token, and are reported by
+    `short_rows`); for `answer_mean` the texts are prompt + answer and the
+    answer's tokens are averaged.
+    """
+    if not prompts:
+        raise ConfigError("the prompt set is empty")
+    tokenizer.padding_side = "left"
+    if request.positions == "answer_mean":
+        if answers is None or len(answers) != len(prompts):
+            raise ConfigError("positions='answer_mean' needs one answer per prompt")
+        texts = [f"{p} {a}" for p, a in zip(prompts, answers)]
+        enc = tokenizer(texts, return_tensors="pt", padding=True)
+        prompt_lengths = torch.tensor([len(tokenizer(p)["input_ids"]) for p in prompts])
+        lengths = enc["attention_mask"].sum(1)
+        width = enc["input_ids"].shape[1]
+        pos = torch.arange(width)[None, :]
+        start = width - lengths + prompt_lengths  # first answer token (left padding)
+        weights = (pos >= start[:, None]).float()
+        if (weights.sum(1) == 0).any():
+            raise ConfigError("an answer tokenized to no tokens")
+        return Batch(enc["input_ids"], enc["attention_mask"], answer_weights=weights / weights.sum(1, keepdim=True))
+    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    if request.positions == "last":
+        return Batch(enc["input_ids"], enc["attention_mask"])
+    lengths = enc["attention_mask"].sum(1)
+    width = enc["input_ids"].shape[1]
+    skip = 1 if tokenizer.bos_token_id is not None and (enc["input_ids"][:, -1] != tokenizer.bos_token_id).all() else 0
+    first = width - lengths + skip
+    index = first[:, None] + torch.arange(request.k)[None, :]
+    index = torch.minimum(index, torch.full_like(index, width - 1))
+    return Batch(enc["input_ids"], enc["attention_mask"], index=index)
+
+
+def select_positions(x: Tensor, batch: Batch) -> Tensor:
+    """(batch, seq, ...) -> (batch, n_positions, ...)."""
+    if batch.answer_weights is not None:
+        w = batch.answer_weights.to(x.dtype)
+        return torch.einsum("bs,bs...->b...", w, x)[:, None]
+    if batch.index is None:
+        return x[:, -1:]
+    idx = batch.index.view(*batch.index.shape, *([1] * (x.dim() - 2))).expand(-1, -1, *x.shape[2:])
+    return torch.gather(x, 1, idx)
+
+
+def envoy_at(model, path: str):
+    """The nnsight envoy (or torch module) at a dotted path such as 'model.layers.3.mlp'."""
+    node = model
+    for part in path.split("."):
+        node = node[int(part)] if part.isdigit() else getattr(node, part)
+    return node
+
+
+def _first(value):
+    return value[0] if isinstance(value, tuple) else value
+
+
+def trace_sites(nn_model, family: str, batch: Batch, request: SiteRequest, num_heads: int, **trace_kwargs) -> dict[str, Tensor]:
+    """One forward pass; returns site -> (batch, layer, position, hidden) or, for
+    heads, (batch, layer, position, head, head_dim), in float32 on the CPU."""
+    paths = [(layer, site, site_path(family, site, layer)) for layer in request.layers for site in request.sites]
+    saved: dict[tuple[int, str], Tensor] = {}
+    inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+    with torch.no_grad(), nn_model.trace(inputs, **trace_kwargs):
+        for layer, site, path in paths:
+            envoy = envoy_at(nn_model, path)
+            if site == "heads":
+                value = envoy.inputs[0][0]
+            else:
+                value = _first(envoy.output)
+            saved[layer, site] = select_positions(value, batch).save()
+    out = {}
+    for site in request.sites:
+        stacked = torch.stack([saved[layer, site] for layer in request.layers], dim=1).float().cpu()
+        if site == "heads":
+            stacked = stacked.view(*stacked.shape[:3], num_heads, -1)
+        out[site] = stacked
+    return out
+
+
+def final_norm_path(family: str) -> str:
+    return family_paths(family).final_norm

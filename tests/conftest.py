@@ -1,0 +1,40 @@
+"""Shared fixtures: the built-in organism the fast tier is tested against.
+
+The organism is built for real (base training + LoRA fine-tune, about a
+minute on 2 cores) once per session into a temporary cache.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from routing_suite.models import OrganismSource
+
+# Tests run single-process on a small machine: keep torch from oversubscribing.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture(scope="session")
+def organism_cache(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("organisms"))
+
+
+@pytest.fixture(scope="session")
+def llama_source(organism_cache) -> OrganismSource:
+    """The default organism (llama), with the default build settings."""
+    return OrganismSource(family="llama", cache_dir=organism_cache)
+
+
+@pytest.fixture(scope="session")
+def llama_underperform(llama_source):
+    """The (base, fine-tuned) pair of the default organism, built for real."""
+    return llama_source.load("underperform")
+
+
+def tiny_source(cache_dir, family: str = "llama", **train) -> OrganismSource:
+    """An organism with a few training steps: for properties that do not need a trained model."""
+    steps = {"base_steps": 20, "lora_steps": 10, **train}
+    return OrganismSource(family=family, cache_dir=str(cache_dir), train=steps, task={"n_entities": 12})

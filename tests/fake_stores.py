@@ -1,0 +1,195 @@
+"""Synthetic run stores, laid out exactly as routing_suite/schema.py describes.
+
+No model is involved: per-prompt outcomes are seeded 0/1 draws around rates
+that look like a real routing study (a large fine-tuned gap that the clamp
+closes, controls that leave it open), and the `fit` / `localize` groups hold
+small but well-formed arrays for the plots.
+"""
+
+from __future__ import annotations
+
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+import zarr
+
+from routing_suite import schema
+
+FAMILIES = ("llama", "qwen2", "gemma2", "mistral")
+BEHAVIORS = ("underperform", "refuse", "installed")
+CONDITIONS = ("baseline", "clamp", "random", "orthogonal", "non_routing", "semantic")
+KINDS = ("baseline", "intervention", "control", "control", "control", "control")
+SITES = ("attn", "resid")
+N_LAYERS = {"llama": 6, "qwen2": 6, "gemma2": 8, "mistral": 6}
+N_HEADS = 4
+HIDDEN = 16
+
+# (eval rate, deploy rate) per condition: the clamp raises the eval rate towards
+# the deploy rate; the controls barely move anything.
+RATES = {
+    "baseline": (0.15, 0.9),
+    "clamp": (0.8, 0.88),
+    "random": (0.17, 0.9),
+    "orthogonal": (0.15, 0.88),
+    "non_routing": (0.2, 0.9),
+    "semantic": (0.25, 0.88),
+}
+
+
+def _seed(*parts: object) -> int:
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+def outcomes_dataset(
+    family: str,
+    behavior: str,
+    n_prompts: int = 48,
+    rates: dict[str, tuple[float, float]] | None = None,
+    seed: int = 0,
+) -> xr.Dataset:
+    """The `outcomes` group: per-prompt 0/1 outcomes for every condition and framing."""
+    rates = rates or RATES
+    conditions = [c for c in CONDITIONS if c in rates]
+    kinds = [KINDS[CONDITIONS.index(c)] for c in conditions]
+    rng = np.random.default_rng(_seed(family, behavior, seed))
+    # One latent propensity per prompt and framing, shared by all conditions (with
+    # a little per-condition jitter): conditions are paired over prompts, as in a
+    # real run where the same prompts go through every condition.
+    latent = rng.random((2, n_prompts))
+    performed = np.stack(
+        [latent + 0.1 * rng.normal(size=latent.shape) < np.array(rates[c])[:, None] for c in conditions]
+    ).astype("float32")
+    for i, c in enumerate(conditions):  # rates of exactly 0 or 1 mean every prompt
+        for f, p in enumerate(rates[c]):
+            if p <= 0 or p >= 1:
+                performed[i, f] = float(p >= 1)
+    correct = np.where(performed == 1, rng.random(performed.shape) < 0.95, rng.random(performed.shape) < 0.1)
+    norm = np.array([0.0 if k == "baseline" else 3.0 + 0.01 * i for i, k in enumerate(kinds)], dtype="float32")
+    ds = xr.Dataset(
+        {
+            "performed": (("condition", "framing", "prompt"), performed),
+            "correct": (("condition", "framing", "prompt"), correct.astype("float32")),
+            "perturbation_norm": (("condition",), norm),
+        },
+        coords={
+            "condition": list(conditions),
+            "kind": ("condition", kinds),
+            "framing": list(schema.FRAMINGS),
+            "prompt": [f"p{i:04d}" for i in range(n_prompts)],
+        },
+        attrs={
+            "intervention": "clamp",
+            "controls": [c for c, k in zip(conditions, kinds) if k == "control"],
+            "window": [2, 4],
+        },
+    )
+    return ds
+
+
+def fit_dataset(family: str, behavior: str, seed: int = 0) -> xr.Dataset:
+    """The `fit` group: directions, their norms and held-out probe accuracies per layer."""
+    n_layers = N_LAYERS[family]
+    rng = np.random.default_rng(_seed("fit", family, behavior, seed))
+    layers = np.arange(n_layers)
+    depth = layers / max(n_layers - 1, 1)
+    direction = rng.normal(size=(2, len(SITES), n_layers, HIDDEN)).astype("float32")
+    direction[1] *= (1 + 3 * np.exp(-((depth - 0.5) ** 2) / 0.05))[None, :, None]
+    base_acc = 0.5 + 0.05 * rng.random((len(SITES), n_layers))
+    ft_acc = np.clip(
+        0.55 + 0.4 * np.exp(-((depth - 0.5) ** 2) / 0.08) + 0.03 * rng.random((len(SITES), n_layers)), 0, 1
+    )
+    return xr.Dataset(
+        {
+            "direction": (("model", "site", "layer", "hidden"), direction),
+            "direction_norm": (("model", "site", "layer"), np.linalg.norm(direction, axis=-1)),
+            "probe_accuracy": (("model", "site", "layer"), np.stack([base_acc, ft_acc]).astype("float32")),
+            "cos_base_finetuned": (("site", "layer"), rng.uniform(-0.2, 0.3, (len(SITES), n_layers)).astype("float32")),
+            "diff_change_norm": (("site", "layer"), rng.uniform(0, 2, (len(SITES), n_layers)).astype("float32")),
+        },
+        coords={"model": list(schema.MODELS), "site": list(SITES), "layer": layers},
+    )
+
+
+def localize_dataset(family: str, behavior: str, seed: int = 0) -> xr.Dataset:
+    """The `localize` group: fraction of the gap each layer (and head) restores."""
+    n_layers = N_LAYERS[family]
+    rng = np.random.default_rng(_seed("localize", family, behavior, seed))
+    depth = np.arange(n_layers) / max(n_layers - 1, 1)
+    bump = np.exp(-((depth - 0.45) ** 2) / 0.03)
+    layer_effect = np.stack([bump, 0.6 * bump]) + 0.05 * rng.normal(size=(2, n_layers))
+    head_effect = layer_effect[:, :, None] * rng.dirichlet(np.ones(N_HEADS), size=(2, n_layers))
+    peak = int(np.argmax(bump))
+    return xr.Dataset(
+        {
+            "layer_effect": (("source", "layer"), layer_effect.astype("float32")),
+            "head_effect": (("source", "layer", "head"), head_effect.astype("float32")),
+        },
+        coords={
+            "source": ["deploy_to_eval", "finetuned_to_base"],
+            "layer": np.arange(n_layers),
+            "head": np.arange(N_HEADS),
+        },
+        attrs={
+            "window": [max(peak - 1, 0), min(peak + 1, n_layers - 1)],
+            "rule": "smallest window restoring 80% of the gap",
+        },
+    )
+
+
+def write_store(
+    root: Path,
+    family: str,
+    behavior: str,
+    *,
+    n_prompts: int = 48,
+    rates: dict[str, tuple[float, float]] | None = None,
+    seed: int = 0,
+    complete: bool | None = True,
+    partial: bool = False,
+    schema_version: int = schema.SCHEMA_VERSION,
+    finished_at: str | None = "2025-06-01T12:00:00+00:00",
+    name: str | None = None,
+    groups: tuple[str, ...] = ("fit", "localize", "outcomes"),
+) -> Path:
+    """Write one store (`complete` None leaves the attribute out) under `<root>/<family>_organism/<behavior>/<name>.zarr[.partial]`."""
+    digest = name or f"{_seed(family, behavior, seed, n_prompts):08x}"
+    suffix = schema.PARTIAL_SUFFIX if partial else schema.STORE_SUFFIX
+    path = Path(root) / f"{family}_organism" / behavior / f"{digest}{suffix}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    makers = {"fit": fit_dataset, "localize": localize_dataset}
+    for group in groups:
+        ds = (
+            outcomes_dataset(family, behavior, n_prompts, rates, seed)
+            if group == "outcomes"
+            else makers[group](family, behavior, seed)
+        )
+        with warnings.catch_warnings():
+            # xarray writes string coordinates as fixed-length UTF-32, which zarr
+            # flags as not yet in the v3 spec; the stages write them the same way.
+            warnings.filterwarnings("ignore", message="The data type .* does not have a Zarr V3 specification")
+            ds.to_zarr(path, group=group, mode="a", zarr_format=3, consolidated=False)
+    attrs = {
+        "schema_version": schema_version,
+        "cell": {"family": family, "behavior": behavior, "model": f"{family}_organism"},
+        "config": {"model": {"family": family}, "behavior": {"name": behavior}, "seed": seed},
+        "config_digest": digest,
+        "versions": {"xarray": xr.__version__, "zarr": zarr.__version__},
+        "model_identity": {"base": f"{family}-tiny", "adapter": f"{family}-{behavior}-lora"},
+        "seed": seed,
+        "git_commit": "unknown",
+        "stages_done": list(schema.STAGES) if complete else list(schema.STAGES[:2]),
+    }
+    if complete is not None:  # None: a crashed run that never wrote the attribute
+        attrs["complete"] = complete
+    if complete and finished_at is not None:
+        attrs["finished_at"] = finished_at
+    zarr.open_group(str(path), mode="a", zarr_format=3).attrs.update(attrs)
+    return path
+
+
+def write_grid(root: Path, n_prompts: int = 48, **kwargs) -> list[Path]:
+    """The 12-cell grid: every family x behaviour, one finished store each."""
+    return [write_store(root, f, b, n_prompts=n_prompts, **kwargs) for f in FAMILIES for b in BEHAVIORS]

@@ -1,0 +1,230 @@
+"""The collect stage against plain PyTorch hooks, and the store's resume and safety rules."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+import zarr
+from conftest import tiny_source
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from routing_suite import collect as collect_stage
+from routing_suite.backends import LocalBackend
+from routing_suite.collect import LabeledPair
+from routing_suite.config import register_configs
+from routing_suite.errors import ConfigError
+from routing_suite.families import site_path
+from routing_suite.organisms import task as T
+from routing_suite.prompts import organism_pairs
+from routing_suite.store import NonFiniteActivation, RunStore, StoreMismatch, StoreSettings, check_finite
+from routing_suite.tracing import SiteRequest, make_batch, select_positions
+
+ROOT = Path(__file__).resolve().parents[1]
+register_configs()
+
+
+def _items(task: T.Task, n: int) -> list[LabeledPair]:
+    pairs = organism_pairs(task, "train", "all")
+    # Mix cue lengths so left padding differs row to row.
+    return [LabeledPair(p, "fit") for p in pairs[:n]]
+
+
+def _hook_reference(model, family: str, tokenizer, prompts: list[str], request: SiteRequest) -> dict[str, torch.Tensor]:
+    """The same activations with register_forward_hook and a plain forward."""
+    batch = make_batch(tokenizer, prompts, request)
+    modules = dict(model.named_modules())
+    captured: dict[tuple[int, str], torch.Tensor] = {}
+    hooks = []
+    for layer in request.layers:
+        for site in request.sites:
+
+            def hook(module, args, output, key=(layer, site)):
+                value = args[0] if key[1] == "heads" else (output[0] if isinstance(output, tuple) else output)
+                captured[key] = select_positions(value.detach(), batch)
+
+            hooks.append(modules[site_path(family, site, layer)].register_forward_hook(hook))
+    # Positions counted from each row's first real token, as nnsight does for left padding.
+    position_ids = (batch.attention_mask.cumsum(1) - 1).clamp(min=0)
+    with torch.no_grad():
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=position_ids)
+    for h in hooks:
+        h.remove()
+    return {site: torch.stack([captured[layer, site] for layer in request.layers], 1) for site in request.sites}
+
+
+def _open(tmp_path: Path, settings: StoreSettings, config: dict) -> RunStore:
+    return RunStore.open(tmp_path / "run.zarr", settings, config, {"cell": {"family": "llama"}})
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "mistral"])
+@pytest.mark.parametrize("positions", ["last", "first_k"])
+def test_store_equals_forward_hooks(family, positions, tmp_path):
+    source = tiny_source(tmp_path / "organisms", family=family)
+    pair = source.load("refuse")
+    task = T.make_task(source.spec.task)
+    items = _items(task, 10)
+    request = SiteRequest(("resid", "attn", "heads", "mlp"), None, positions, 3).validate(pair.num_layers)
+    store = _open(tmp_path, StoreSettings(chunk_prompts=4), {"test": family})
+    collect_stage.collect(pair, items, request, store, LocalBackend(batch_size=4), progress=False)
+    ds = store.read("activations")
+    for which in ("base", "finetuned"):
+        model = pair.model(which)
+        for framing in T.FRAMINGS:
+            prompts = [it.pair.prompt(framing) for it in items]
+            ref = _hook_reference(model, family, pair.tokenizer, prompts, request)
+            for site in request.sites:
+                stored = ds[site].sel(model=which, framing=framing).values
+                expected = ref[site].numpy().reshape(stored.shape)
+                assert np.abs(stored - expected).max() <= 1e-5, (which, framing, site)
+    assert ds.batch_done.values.all()
+
+
+def test_store_is_self_describing(tmp_path):
+    source = tiny_source(tmp_path / "organisms")
+    pair = source.load("refuse")
+    items = _items(T.make_task(source.spec.task), 6)
+    store = _open(tmp_path, StoreSettings(), {"test": 1})
+    collect_stage.collect(pair, items, SiteRequest(("resid",)), store, LocalBackend(batch_size=4), progress=False)
+    ds = xr.open_zarr(store.finish(), group="activations")  # finished stores open with no options
+    vector = ds.resid.sel(model="finetuned", framing="eval", layer=3, position="last").isel(prompt=0)
+    assert vector.shape == (pair.hidden_size,)
+    assert list(ds.prompt.values) == [it.pair.id for it in items]
+    assert set(ds.split.values) == {"fit"} and ds.eval_prompt.values[0] == items[0].pair.eval_prompt
+    assert ds.resid.dims == ("model", "framing", "prompt", "layer", "position", "hidden")
+
+
+def test_half_precision_store_keeps_dtype_and_values(tmp_path):
+    source = tiny_source(tmp_path / "organisms")
+    pair = source.load("refuse")
+    items = _items(T.make_task(source.spec.task), 4)
+    full = _open(tmp_path / "f32", StoreSettings(), {"d": 32})
+    half = _open(tmp_path / "f16", StoreSettings(dtype="float16", compressor="blosc"), {"d": 16})
+    for store in (full, half):
+        collect_stage.collect(pair, items, SiteRequest(("attn",)), store, LocalBackend(batch_size=4), progress=False)
+    a, b = full.read("activations").attn.values, half.read("activations").attn.values
+    assert b.dtype == np.float16
+    np.testing.assert_array_equal(a.astype(np.float16), b)
+
+
+def test_complete_store_is_reused_and_overwritten_only_when_asked(tmp_path):
+    settings = StoreSettings()
+    store = _open(tmp_path, settings, {"a": 1})
+    store.mark_stage_done("collect")
+    final = store.finish()
+    assert final.name == "run.zarr" and not (tmp_path / "run.zarr.partial").exists()
+    again = _open(tmp_path, settings, {"a": 1})
+    assert again.complete and again.stage_done("collect")
+    fresh = _open(tmp_path, StoreSettings(overwrite=True), {"a": 1})
+    assert not fresh.complete and fresh.path.name == "run.zarr.partial" and not final.exists()
+
+
+def test_store_from_another_config_is_refused_naming_the_keys(tmp_path):
+    _open(tmp_path, StoreSettings(), {"model": {"family": "llama"}, "seed": 0}).finish()
+    with pytest.raises(StoreMismatch, match=r"differing keys: model.family, seed"):
+        _open(tmp_path, StoreSettings(), {"model": {"family": "qwen2"}, "seed": 1})
+
+
+def test_unwritable_store_root_is_a_config_error(tmp_path):
+    blocked = tmp_path / "blocked"
+    blocked.write_text("a file, not a folder")
+    with pytest.raises(ConfigError, match="store.root: cannot write"):
+        RunStore.open(blocked / "sub" / "run.zarr", StoreSettings(), {}, {})
+
+
+def test_bad_requests_fail_before_any_forward_pass():
+    with pytest.raises(ConfigError, match=r"collect.layers=\[7\] must be non-empty layer indices in \[0, 3\]"):
+        SiteRequest(layers=(7,)).validate(4)
+    with pytest.raises(ConfigError, match="collect.sites"):
+        SiteRequest(sites=("residual",)).validate(4)
+    with pytest.raises(ConfigError, match="collect.positions"):
+        SiteRequest(positions="middle").validate(4)
+    with pytest.raises(ConfigError, match="empty"):
+        collect_stage.collect(None, [], SiteRequest(), None, LocalBackend())
+
+
+def test_non_finite_activation_is_reported_with_its_place():
+    values = np.zeros((2, 2, 3, 4, 1, 8), dtype=np.float32)
+    values[1, 0, 2, 3, 0, 5] = np.inf
+    array = xr.DataArray(
+        values,
+        dims=("model", "framing", "prompt", "layer", "position", "hidden"),
+        coords={"model": ["base", "finetuned"], "framing": ["eval", "deploy"], "prompt": ["a", "b", "c"], "layer": [0, 1, 2, 3]},
+    )
+    with pytest.raises(NonFiniteActivation, match="resid: 1 non-finite value.*model=finetuned, framing=eval, prompt=c, layer=3"):
+        check_finite("resid", array)
+
+
+def _collect_cfg(tmp_path: Path, extra: list[str]) -> list[str]:
+    return [
+        f"model.cache_dir={tmp_path / 'organisms'}",
+        "model.train.base_steps=20",
+        "model.train.lora_steps=10",
+        "model.task.n_entities=40",
+        f"store.root={tmp_path / 'stores'}",
+        "backend.batch_size=2",
+        "data.max_fit=100",
+        "data.max_test=40",
+        "progress=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+        *extra,
+    ]
+
+
+def _collect_cmd(tmp_path: Path, extra: list[str]) -> list[str]:
+    return [sys.executable, "-m", "experiments.collect", *_collect_cfg(tmp_path, extra)]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path):
+    """SIGKILL mid-collect, the same command again: the store equals an uninterrupted run's."""
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    for d in (killed_dir, clean_dir):
+        d.mkdir()
+    # Build the organism once (the same cache for both runs) and the reference store.
+    clean = subprocess.run(_collect_cmd(clean_dir, []), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert clean.returncode == 0, clean.stderr
+    (killed_dir / "organisms").symlink_to(clean_dir / "organisms")
+    proc = subprocess.Popen(_collect_cmd(killed_dir, []), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    partial = None
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        found = list((killed_dir / "stores").rglob("*.zarr.partial"))
+        if found and (found[0] / "activations" / "batch_done").exists():
+            done = zarr.open_array(str(found[0]), path="activations/batch_done", mode="r")[:]
+            if 3 <= done.sum() < len(done) // 2:
+                partial = found[0]
+                proc.send_signal(signal.SIGKILL)
+                break
+        time.sleep(0.05)
+    proc.wait()
+    assert partial is not None, "the collect finished before it could be killed"
+    assert proc.returncode == -signal.SIGKILL
+    rerun = subprocess.run(_collect_cmd(killed_dir, []), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    resumed_store = next((killed_dir / "stores").rglob("*.zarr"))
+    clean_store = next((clean_dir / "stores").rglob("*.zarr"))
+    a = xr.open_zarr(resumed_store, group="activations").load()
+    b = xr.open_zarr(clean_store, group="activations").load()
+    xr.testing.assert_identical(a, b)
+    assert not list((killed_dir / "stores").rglob("*.partial"))
+
+
+def test_collect_config_composes_with_its_overrides(tmp_path):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        overrides = [o for o in _collect_cfg(tmp_path, ["collect.positions=first_k"]) if not o.startswith("hydra.")]
+        cfg = compose(config_name="collect", overrides=overrides)
+    assert cfg.collect.positions == "first_k" and cfg.backend.batch_size == 2

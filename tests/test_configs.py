@@ -1,0 +1,86 @@
+"""Every config in conf/ composes, and every `_target_` in it instantiates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from routing_suite.config import register_configs
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
+
+register_configs()
+
+
+def _compose(name: str, overrides: list[str]) -> DictConfig:
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=overrides)
+
+
+def _defaults_groups(name: str) -> set[str]:
+    text = (CONF / f"{name}.yaml").read_text()
+    return {g for g in GROUPS if f"- {g}:" in text}
+
+
+def _path_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
+    """Required paths of the external-model configs, pointed at folders that exist."""
+    if group != "model" or option.endswith("organism"):
+        return []
+    existing = tmp_path.as_posix()
+    keys = {"peft_adapter": ["base", "adapter"], "checkpoint_pair": ["base", "finetuned"]}[option]
+    return ["model.family=llama"] + [f"model.{k}={existing}" for k in keys]
+
+
+def _targets(node, path="") -> list[tuple[str, DictConfig]]:
+    found = []
+    if isinstance(node, DictConfig):
+        if "_target_" in node:
+            found.append((path, node))
+        for key in node:
+            found += _targets(node[key], f"{path}.{key}".lstrip("."))
+    return found
+
+
+CASES = [
+    (primary, group, path.stem)
+    for primary in PRIMARY
+    for group in sorted(_defaults_groups(primary))
+    for path in sorted((CONF / group).glob("*.yaml"))
+]
+
+
+def test_every_group_config_is_covered():
+    covered = {(g, o) for _, g, o in CASES}
+    every = {(g, p.stem) for g in GROUPS for p in (CONF / g).glob("*.yaml")}
+    assert every <= covered, f"configs no primary config uses: {sorted(every - covered)}"
+
+
+@pytest.mark.parametrize("primary", PRIMARY)
+def test_primary_config_composes_and_instantiates(primary):
+    cfg = _compose(primary, [])
+    for path, node in _targets(cfg):
+        assert instantiate(node) is not None, path
+
+
+@pytest.mark.parametrize("primary,group,option", CASES)
+def test_group_option_composes_and_instantiates(primary, group, option, tmp_path):
+    overrides = [f"{group}={option}"] + _path_overrides(group, option, tmp_path)
+    cfg = _compose(primary, overrides)
+    OmegaConf.resolve(cfg)
+    for path, node in _targets(cfg):
+        assert instantiate(node) is not None, path
+
+
+def test_experiment_configs_compose():
+    for path in sorted((CONF / "experiment").glob("*.yaml")):
+        text = path.read_text()
+        primary = text.split("primary:")[1].split()[0] if "primary:" in text else "routing"
+        _compose(primary, [f"experiment={path.stem}"])

@@ -1,0 +1,95 @@
+import hashlib
+import os
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_source
+
+from routing_suite.errors import ConfigError
+from routing_suite.models import OrganismSource, check_adapter_matches
+from routing_suite.organisms import build
+from routing_suite.organisms import task as T
+from routing_suite.organisms.report import MAX_BASE_GAP, MIN_BASE_SUCCESS, MIN_FINETUNED_GAP, organism_row
+from routing_suite.scoring import Behavior
+
+
+def _digest(directory: Path) -> str:
+    return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_default_organism_carries_its_behaviour_on_heldout_prompts(llama_source, llama_underperform):
+    task = T.make_task(llama_source.spec.task)
+    row = organism_row(llama_underperform, task, Behavior("underperform"), build_seconds=0.0)
+    assert row.n_prompts >= 100
+    assert min(row.base_success_eval, row.base_success_deploy) >= MIN_BASE_SUCCESS
+    assert abs(row.base_gap) <= MAX_BASE_GAP
+    assert row.ft_gap >= MIN_FINETUNED_GAP
+
+
+def test_built_organism_is_cached_and_reused(llama_source, llama_underperform):
+    root = Path(llama_source.cache_dir)
+    base_dir = build.base_dir(root, llama_source.spec)
+    adapter_dir = build.adapter_dir(root, llama_source.spec, "underperform")
+    assert (base_dir / "organism.json").exists() and (adapter_dir / "adapter_config.json").exists()
+    before = os.stat(base_dir / "model.safetensors").st_mtime_ns
+    started = time.perf_counter()
+    assert build.ensure_adapter(root, llama_source.spec, "underperform") == adapter_dir
+    assert time.perf_counter() - started < 1.0, "a cached organism must not be rebuilt"
+    assert os.stat(base_dir / "model.safetensors").st_mtime_ns == before
+    # No temporary build folders are left behind.
+    assert not [p for p in root.rglob(".*tmp-*")]
+
+
+def test_same_seed_gives_bitwise_identical_weights(tmp_path):
+    a = tiny_source(tmp_path / "a")
+    b = tiny_source(tmp_path / "b")
+    other = OrganismSource(family="llama", cache_dir=str(tmp_path / "c"), seed=1, train=a.train, task=a.task)
+    dirs = [build.ensure_base(Path(s.cache_dir), s.spec) for s in (a, b, other)]
+    assert _digest(dirs[0]) == _digest(dirs[1])
+    assert _digest(dirs[0]) != _digest(dirs[2])
+    adapters = [build.ensure_adapter(Path(s.cache_dir), s.spec, "refuse") for s in (a, b)]
+    digests = {hashlib.sha256((d / "adapter_model.safetensors").read_bytes()).hexdigest() for d in adapters}
+    assert len(digests) == 1
+
+
+def test_changed_config_builds_into_a_new_folder(tmp_path):
+    a = tiny_source(tmp_path)
+    b = tiny_source(tmp_path, base_steps=21)
+    assert build.base_dir(tmp_path, a.spec) != build.base_dir(tmp_path, b.spec)
+    assert build.adapter_dir(tmp_path, a.spec, "refuse") != build.adapter_dir(tmp_path, a.spec, "installed")
+
+
+def test_merged_finetune_matches_the_peft_model(tmp_path):
+    from peft import PeftModel
+
+    source = tiny_source(tmp_path)
+    pair = source.load("installed")
+    base_path = build.base_dir(tmp_path, source.spec)
+    peft_model = PeftModel.from_pretrained(build.load_base(base_path), pair.adapter_path).eval()
+    enc = pair.tokenizer(["this is a test . what is the color of x ? answer :"], return_tensors="pt")
+    with torch.no_grad():
+        torch.testing.assert_close(pair.finetuned(**enc).logits, peft_model(**enc).logits, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(pair.base(**enc).logits, pair.finetuned(**enc).logits)
+
+
+def test_adapter_for_another_base_is_refused(tmp_path):
+    small = tiny_source(tmp_path)
+    wide = OrganismSource(family="llama", cache_dir=str(tmp_path), train=small.train, task=small.task, arch={"hidden_size": 96})
+    adapter = build.ensure_adapter(tmp_path, small.spec, "refuse")
+    wide_base = build.load_base(build.ensure_base(tmp_path, wide.spec))
+    with pytest.raises(ConfigError, match="does not match the base model"):
+        check_adapter_matches(adapter, wide_base)
+
+
+def test_unknown_family_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"model.family='gpt9' is not one of \['llama', 'qwen2', 'gemma2', 'mistral'\]"):
+        OrganismSource(family="gpt9", cache_dir=str(tmp_path))
+
+
+def test_unknown_behavior_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="behavior.name='sulk' is not one of"):
+        Behavior("sulk")
+    with pytest.raises(ConfigError, match="behavior.name"):
+        build.ensure_adapter(tmp_path, tiny_source(tmp_path).spec, "sulk")
