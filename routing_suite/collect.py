@@ -15,12 +15,11 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
-import xarray as xr
 from tqdm.auto import tqdm
 
 from routing_suite import schema
 from routing_suite.errors import ConfigError
-from routing_suite.models import ModelPair, nnsight_model
+from routing_suite.models import ModelPair
 from routing_suite.prompts import PromptPair
 from routing_suite.store import RunStore, text
 from routing_suite.tracing import SiteRequest, make_batch, trace_sites
@@ -41,11 +40,17 @@ class LabeledPair:
 
 
 class BackgroundWriter:
-    """Writes batches in a thread; errors surface on the next submit or on close."""
+    """Writes batches in a thread; errors surface on the next submit or on close.
 
-    def __init__(self, store: RunStore, group: str, depth: int = 2) -> None:
-        self.store, self.group = store, group
+    Consecutive batches are gathered up to `group_size` and written as one
+    region, which cuts the per-call cost of the store (a batch is marked done
+    only once its group is written, so a crash re-traces at most one group).
+    """
+
+    def __init__(self, store: RunStore, group: str, group_size: int = 1, depth: int = 2) -> None:
+        self.store, self.group, self.group_size = store, group, max(1, group_size)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
+        self.pending: list[tuple[int, slice, dict[str, np.ndarray], dict[str, list]]] = []
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, name="store-writer", daemon=True)
         self.thread.start()
@@ -54,15 +59,35 @@ class BackgroundWriter:
         while (item := self.queue.get()) is not None:
             if self.error is None:
                 try:
-                    self.store.write_batch(self.group, *item)
+                    self._write(item)
                 except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
                     self.error = err
 
-    def submit(self, batch: int, prompts: slice, data: dict[str, xr.DataArray]) -> None:
+    def submit(self, batch: int, prompts: slice, data: dict[str, np.ndarray], labels: dict[str, list]) -> None:
+        """Queue one batch: arrays laid out as the group's variables, and the
+        prompt ids and layers that name a bad value if there is one."""
         self._raise()
-        self.queue.put((batch, prompts, data))
+        if self.pending and (batch != self.pending[-1][0] + 1 or len(self.pending) == self.group_size):
+            self._flush()
+        self.pending.append((batch, prompts, data, labels))
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        group, self.pending = self.pending, []
+        self.queue.put(group)
+
+    def _write(self, group: list) -> None:
+        batches = [b for b, _, _, _ in group]
+        region = slice(group[0][1].start, group[-1][1].stop)
+        prompt_axis = 2  # (model, framing, prompt, ...)
+        data = {name: np.concatenate([d[name] for _, _, d, _ in group], axis=prompt_axis) for name in group[0][2]}
+        labels = {"prompt": [p for _, _, _, lab in group for p in lab["prompt"]], "layer": group[0][3]["layer"]}
+        self.store.write_batch(self.group, batches, region, data, labels)
 
     def close(self) -> None:
+        if self.error is None:
+            self._flush()
         self.queue.put(None)
         self.thread.join()
         self._raise()
@@ -114,8 +139,8 @@ def collect(
         log.info("collect: all %d batches already in the store", n_batches)
         return
     log.info("collect: %d of %d batches to trace (%d prompt pairs)", len(todo), n_batches, len(items))
-    models = {which: nnsight_model(pair.model(which), pair.tokenizer) for which in schema.MODELS}
-    writer = BackgroundWriter(store, GROUP)
+    models = {which: pair.traced(which) for which in schema.MODELS}
+    writer = BackgroundWriter(store, GROUP, group_size=store.settings.chunk_prompts // size)
     try:
         for b in tqdm(todo, desc="collect", unit="batch", disable=not progress):
             chunk = items[b * size : (b + 1) * size]
@@ -125,21 +150,13 @@ def collect(
                 which: trace_sites(models[which], pair.family, batch, request, pair.num_heads, **backend.trace_kwargs())
                 for which in schema.MODELS
             }
-            data = {}
-            for site, (dims, _) in variables.items():
-                # (2 * batch, ...) rows are eval then deploy: -> (model, framing, prompt, ...)
-                stacked = np.stack([traced[w][site].numpy().reshape(2, len(chunk), *traced[w][site].shape[1:]) for w in schema.MODELS])
-                data[site] = xr.DataArray(
-                    stacked,
-                    dims=dims,
-                    coords={
-                        "model": list(schema.MODELS),
-                        "framing": list(schema.FRAMINGS),
-                        "prompt": [it.pair.id for it in chunk],
-                        "layer": list(request.layers),
-                    },
-                )
-            writer.submit(b, slice(b * size, b * size + len(chunk)), data)
+            # (2 * batch, ...) rows are eval then deploy: -> (model, framing, prompt, ...)
+            data = {
+                site: np.stack([traced[w][site].numpy().reshape(2, len(chunk), *traced[w][site].shape[1:]) for w in schema.MODELS])
+                for site in variables
+            }
+            labels = {"prompt": [it.pair.id for it in chunk], "layer": list(request.layers)}
+            writer.submit(b, slice(b * size, b * size + len(chunk)), data, labels)
     finally:
         writer.close()
 

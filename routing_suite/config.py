@@ -174,6 +174,22 @@ class RoutingExperimentConfig:
     report_dir: str | None = None
 
 
+@dataclass
+class BenchConfig:
+    """`experiments.bench`: ratios against plain baselines, measured side by side."""
+
+    family: str = "llama"
+    cache_dir: str = "outputs/organisms"
+    n_prompts: int = 1024
+    batch_size: int = 32
+    repeats: int = 3
+    sites: list[str] = field(default_factory=lambda: ["resid", "attn", "heads", "mlp"])
+    memory: bool = True
+    # Peak RSS is compared between collects of N and 8N prompt pairs.
+    memory_prompts: int = 88
+    num_threads: int = 2
+
+
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(group="model", name="organism_schema", node=OrganismModelConfig)
@@ -188,6 +204,7 @@ def register_configs() -> None:
     cs.store(name="organisms_schema", node=OrganismsReportConfig)
     cs.store(name="routing_schema", node=RoutingExperimentConfig)
     cs.store(name="collect_schema", node=CollectExperimentConfig)
+    cs.store(name="bench_schema", node=BenchConfig)
     from routing_suite.aggregate.config import AggregateConfig
 
     cs.store(name="aggregate_schema", node=AggregateConfig)

@@ -20,7 +20,7 @@ from routing_suite import analysis, schema
 from routing_suite.controls import TARGET_FRAMINGS, ControlContext
 from routing_suite.errors import ConfigError
 from routing_suite.interventions import Condition, InterventionSpec, SubspaceEdit
-from routing_suite.models import ModelPair, nnsight_model
+from routing_suite.models import ModelPair
 from routing_suite.scoring import Behavior, is_correct
 from routing_suite.steering import generate_under_conditions
 from routing_suite.store import text
@@ -100,7 +100,7 @@ def intervene(
     performed = np.zeros((len(names), 2, len(prompt_ids)), np.float32)
     correct = np.zeros_like(performed)
     counts = np.array([sum(c.name == n for c in conditions) for n in names], np.float32)
-    nn = nnsight_model(pair.finetuned, pair.tokenizer)
+    nn = pair.traced("finetuned")
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="intervene", unit="batch", disable=not progress):
         sl = slice(start, start + batch_size)
         prompts = texts["eval"][sl] + texts["deploy"][sl]

@@ -22,7 +22,7 @@ import xarray as xr
 
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
-from routing_suite.models import ModelPair, nnsight_model
+from routing_suite.models import ModelPair
 from routing_suite.scoring import Behavior
 from routing_suite.settings import LocalizeSettings
 from routing_suite.steering import encode
@@ -107,9 +107,9 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
         if per_head:
             head_values = last("heads", donor_model, donor_framing)  # (prompt, layer, head, head_dim)
             patches += [(layer, h, head_values[:, li, h]) for li, layer in enumerate(layers) for h in heads]
-        nn = nnsight_model(pair.model(model_name), pair.tokenizer)
+        nn = pair.traced(model_name)
         probs = _performed_token_probs(nn, pair.family, pair.tokenizer, prompts, token_ids, patches, dh, settings.batch_size)
-        ref_nn = nnsight_model(pair.model(ref_model), pair.tokenizer)
+        ref_nn = pair.traced(ref_model)
         ref = _performed_token_probs(ref_nn, pair.family, pair.tokenizer, ref_prompts, token_ids, [], dh, settings.batch_size)[0]
         clean = probs[0]
         gap = float((ref - clean).mean())

@@ -54,6 +54,13 @@ class ModelPair:
             raise ValueError(f"model {which!r} is not one of ['base', 'finetuned']")
         return self.base if which == "base" else self.finetuned
 
+    def traced(self, which: str):
+        """The nnsight wrapper of one model, made once and shared by every stage."""
+        cache = self.__dict__.setdefault("_traced", {})
+        if which not in cache:
+            cache[which] = nnsight_model(self.model(which), self.tokenizer)
+        return cache[which]
+
     @property
     def num_layers(self) -> int:
         return self.base.config.num_hidden_layers

@@ -155,13 +155,10 @@ def test_bad_requests_fail_before_any_forward_pass():
 def test_non_finite_activation_is_reported_with_its_place():
     values = np.zeros((2, 2, 3, 4, 1, 8), dtype=np.float32)
     values[1, 0, 2, 3, 0, 5] = np.inf
-    array = xr.DataArray(
-        values,
-        dims=("model", "framing", "prompt", "layer", "position", "hidden"),
-        coords={"model": ["base", "finetuned"], "framing": ["eval", "deploy"], "prompt": ["a", "b", "c"], "layer": [0, 1, 2, 3]},
-    )
+    dims = ("model", "framing", "prompt", "layer", "position", "hidden")
+    labels = {"model": ["base", "finetuned"], "framing": ["eval", "deploy"], "prompt": ["a", "b", "c"], "layer": [0, 1, 2, 3]}
     with pytest.raises(NonFiniteActivation, match="resid: 1 non-finite value.*model=finetuned, framing=eval, prompt=c, layer=3"):
-        check_finite("resid", array)
+        check_finite("resid", values, dims, labels)
 
 
 def _collect_cfg(tmp_path: Path, extra: list[str]) -> list[str]:

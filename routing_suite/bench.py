@@ -1,0 +1,180 @@
+"""Benchmarks: each figure is a ratio against the best plain baseline for the
+same work, measured in the same process on the same model and prompts.
+
+- collection: `collect` (nnsight traces streamed into zarr) vs a plain
+  PyTorch forward with `register_forward_hook` saving the same tensors and
+  `numpy.save`-ing them;
+- overlap: `collect` vs the same nnsight traces with nothing written;
+- memory: peak RSS of a collect over N and over 8N prompts, each in a fresh
+  process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from routing_suite import schema
+from routing_suite.backends import LocalBackend
+from routing_suite.collect import LabeledPair, collect
+from routing_suite.families import site_path
+from routing_suite.models import ModelPair, OrganismSource
+from routing_suite.organisms import task as T
+from routing_suite.prompts import organism_pairs
+from routing_suite.store import RunStore, StoreSettings
+from routing_suite.tracing import SiteRequest, make_batch, select_positions, trace_sites
+
+log = logging.getLogger(__name__)
+
+
+def _items(task: T.Task, n: int) -> list[LabeledPair]:
+    pairs = organism_pairs(task, "train", "all") + organism_pairs(task, "heldout", "all")
+    if n > len(pairs):
+        raise ValueError(f"at most {len(pairs)} prompt pairs are available, asked for {n}")
+    return [LabeledPair(p, "fit") for p in pairs[:n]]
+
+
+def _batches(items: list[LabeledPair], size: int):
+    for start in range(0, len(items), size):
+        chunk = items[start : start + size]
+        yield start // size, [it.pair.eval_prompt for it in chunk] + [it.pair.deploy_prompt for it in chunk]
+
+
+class _Capture:
+    """Forward hooks at every requested site, registered once, keeping the chosen positions."""
+
+    def __init__(self, model, family: str, request: SiteRequest) -> None:
+        self.batch = None
+        self.values: dict[tuple[int, str], torch.Tensor] = {}
+        modules = dict(model.named_modules())
+        self.handles = [
+            modules[site_path(family, site, layer)].register_forward_hook(self._hook(layer, site))
+            for layer in request.layers
+            for site in request.sites
+        ]
+
+    def _hook(self, layer: int, site: str):
+        def hook(module, args, output):
+            value = args[0] if site == "heads" else (output[0] if isinstance(output, tuple) else output)
+            self.values[layer, site] = select_positions(value.detach(), self.batch)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def hooks_and_numpy(pair: ModelPair, items: list[LabeledPair], request: SiteRequest, size: int, out: Path) -> float:
+    """The baseline: plain forward passes with hooks, arrays saved with numpy. Seconds."""
+    started = time.perf_counter()
+    for which in schema.MODELS:
+        model = pair.model(which)
+        capture = _Capture(model, pair.family, request)
+        try:
+            for b, prompts in _batches(items, size):
+                capture.batch = make_batch(pair.tokenizer, prompts, request)
+                mask = capture.batch.attention_mask
+                with torch.no_grad():
+                    model(input_ids=capture.batch.input_ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0))
+                for site in request.sites:
+                    stacked = torch.stack([capture.values[layer, site] for layer in request.layers], 1).float().numpy()
+                    np.save(out / f"{which}-{site}-{b:05d}.npy", stacked)
+        finally:
+            capture.remove()
+    return time.perf_counter() - started
+
+
+def traces_only(pair: ModelPair, items: list[LabeledPair], request: SiteRequest, size: int) -> float:
+    """The same nnsight traces as `collect`, with nothing written. Seconds."""
+    models = {which: pair.traced(which) for which in schema.MODELS}
+    started = time.perf_counter()
+    for _, prompts in _batches(items, size):
+        batch = make_batch(pair.tokenizer, prompts, request)
+        for which in schema.MODELS:
+            trace_sites(models[which], pair.family, batch, request, pair.num_heads)
+    return time.perf_counter() - started
+
+
+def collect_seconds(pair: ModelPair, items: list[LabeledPair], request: SiteRequest, size: int, root: Path) -> float:
+    store = RunStore.open(root / "bench.zarr", StoreSettings(), {"bench": time.time()}, {})
+    started = time.perf_counter()
+    collect(pair, items, request, store, LocalBackend(batch_size=size), progress=False)
+    return time.perf_counter() - started
+
+
+def peak_rss_mb(n: int, size: int, cache_dir: str, family: str) -> float:
+    """Peak resident memory of a fresh process collecting `n` prompt pairs."""
+    code = (
+        "import sys; from routing_suite.bench import _probe; "
+        f"_probe({n}, {size}, {cache_dir!r}, {family!r})"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return float(result.stdout.strip().splitlines()[-1])
+
+
+def _probe(n: int, size: int, cache_dir: str, family: str) -> None:
+    """In a child process: one collect, then print its peak RSS in MB."""
+    source = OrganismSource(family=family, cache_dir=cache_dir)
+    pair = source.load("underperform")
+    items = _items(T.make_task(source.spec.task), n)
+    request = SiteRequest(("resid", "attn", "heads", "mlp")).validate(pair.num_layers)
+    with tempfile.TemporaryDirectory() as tmp:
+        collect_seconds(pair, items, request, size, Path(tmp))
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # noqa: T201 - read by the parent
+
+
+def run(cfg) -> dict:
+    """`experiments.bench`: print one line per figure and write them to bench.json."""
+    torch.set_num_threads(cfg.num_threads)
+    source = OrganismSource(family=cfg.family, cache_dir=cfg.cache_dir)
+    pair = source.load("underperform")
+    task = T.make_task(source.spec.task)
+    items = _items(task, cfg.n_prompts)
+    request = SiteRequest(tuple(cfg.sites)).validate(pair.num_layers)
+    figures: dict[str, float | str | int] = {
+        "model": f"{cfg.family} organism (hidden {pair.hidden_size}, {pair.num_layers} layers)",
+        "n_prompt_pairs": len(items),
+        "batch_size": cfg.batch_size,
+        "sites": ",".join(request.sites),
+        "threads": torch.get_num_threads(),
+    }
+    tokens = sum(len(pair.tokenizer(p)["input_ids"]) for _, prompts in _batches(items, cfg.batch_size) for p in prompts) * 2
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        # One warm-up of each path, then alternate the measured repeats.
+        hooks_and_numpy(pair, items[: cfg.batch_size], request, cfg.batch_size, root)
+        collect_seconds(pair, items[: cfg.batch_size], request, cfg.batch_size, root / "warm")
+        best = {"collect": float("inf"), "hooks_numpy": float("inf"), "traces_only": float("inf")}
+        for r in range(cfg.repeats):
+            (root / f"np{r}").mkdir()
+            best["hooks_numpy"] = min(best["hooks_numpy"], hooks_and_numpy(pair, items, request, cfg.batch_size, root / f"np{r}"))
+            best["collect"] = min(best["collect"], collect_seconds(pair, items, request, cfg.batch_size, root / f"c{r}"))
+            best["traces_only"] = min(best["traces_only"], traces_only(pair, items, request, cfg.batch_size))
+    figures.update({f"{k}_seconds": round(v, 3) for k, v in best.items()})
+    figures["collection_ratio"] = round(best["collect"] / best["hooks_numpy"], 3)
+    figures["overlap_ratio"] = round(best["collect"] / best["traces_only"], 3)
+    figures["collect_tokens_per_s"] = round(tokens / best["collect"], 1)
+    figures["hooks_numpy_tokens_per_s"] = round(tokens / best["hooks_numpy"], 1)
+    if cfg.memory:
+        small = peak_rss_mb(cfg.memory_prompts, cfg.batch_size, cfg.cache_dir, cfg.family)
+        large = peak_rss_mb(8 * cfg.memory_prompts, cfg.batch_size, cfg.cache_dir, cfg.family)
+        figures.update({"peak_rss_mb_N": round(small, 1), "peak_rss_mb_8N": round(large, 1), "memory_ratio": round(large / small, 3),
+                        "memory_N": cfg.memory_prompts})
+    return figures
+
+
+def write(figures: dict, out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "bench.json"
+    path.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n")
+    return path
