@@ -94,21 +94,31 @@ class OrthogonalControl:
 class NonRoutingControl:
     """The routing subspaces fit at layers outside the window, applied there.
 
-    Uses as many layers as the window has (or all outside it if fewer): the
-    nearest ones, after the window first. Near layers still represent the
-    framing (their subspaces are real framing subspaces), while far early
-    layers may hold no framing signal at all, so a matched-magnitude edit
-    there would be an arbitrary large perturbation rather than a control.
+    Only layers that represent the framing qualify (the fit model's held-out
+    probe accuracy there at least `min_probe_accuracy`): a subspace fit where
+    eval and deploy cannot be told apart is no framing subspace, and matching
+    its tiny natural change to the intervention's magnitude makes an arbitrary
+    huge perturbation (a prototype's layer-0 version broke every cell). Of
+    those, as many as the window has, the nearest, after the window first. With
+    none, the control is left out of the cell and the reason logged.
     """
 
     name: str = "non_routing"
     seeds: int = 1
+    min_probe_accuracy: float = 0.75
 
     def build(self, ctx: ControlContext) -> list[Condition]:
         layers = [int(x) for x in ctx.fit.layer.values]
-        outside = [layer for layer in layers if layer not in ctx.window_layers]
+        probe = ctx.fit.probe_accuracy.sel(model=ctx.spec.fit_model, site=ctx.spec.site)
+        outside = [
+            layer for layer in layers
+            if layer not in ctx.window_layers and float(probe.sel(layer=layer)) >= self.min_probe_accuracy
+        ]
         if not outside:
-            log.warning("non_routing control skipped: the window %s covers every layer", ctx.window_layers)
+            log.warning(
+                "non_routing control left out: no layer outside the window %s has a framing probe accuracy >= %.2f",
+                ctx.window_layers, self.min_probe_accuracy,
+            )
             return []
         first, last = min(ctx.window_layers), max(ctx.window_layers)
 

@@ -33,14 +33,33 @@ log = logging.getLogger(__name__)
 SOURCES = ("deploy_to_eval", "finetuned_to_base")
 
 
-def pick_window(effects: np.ndarray, settings: LocalizeSettings) -> list[int]:
-    """[first_layer, last_layer] from per-layer effects."""
+def windows(layers: list[int]) -> list[tuple[int, int]]:
+    """Every contiguous window [first, last] of `layers`, shortest first."""
+    n = len(layers)
+    return [(layers[i], layers[i + w - 1]) for w in range(1, n + 1) for i in range(n - w + 1)]
+
+
+def pick_window(effects: np.ndarray, settings: LocalizeSettings, window_effects: dict[tuple[int, int], float] | None = None) -> list[int]:
+    """[first_layer, last_layer] from per-layer effects (and, for `cumulative`, joint-window effects)."""
+    if settings.rule == "cumulative":
+        if not window_effects:
+            raise ValueError("the cumulative rule needs the joint-window effects")
+        reaching = [w for w in window_effects if window_effects[w] >= settings.threshold]
+        if reaching:
+            shortest = min(b - a for a, b in reaching)
+            best = max((w for w in reaching if w[1] - w[0] == shortest), key=lambda w: (window_effects[w], -w[0]))
+        else:
+            best = max(window_effects, key=lambda w: (window_effects[w], -(w[1] - w[0]), -w[0]))
+        return [int(best[0]), int(best[1])]
     if settings.rule == "relative":
         top = effects.max()
         chosen = np.flatnonzero(effects >= settings.threshold * top) if top > 0 else np.array([int(effects.argmax())])
     else:
         chosen = np.argsort(-effects, kind="stable")[: settings.top_k]
     return [int(chosen.min()), int(chosen.max())]
+
+
+Patch = tuple[int, "int | None", torch.Tensor]  # (layer, head or None for the whole output, values)
 
 
 def _patch(nn_model, family: str, layer: int, head: int | None, head_dim: int, value: torch.Tensor) -> None:
@@ -54,8 +73,11 @@ def _patch(nn_model, family: str, layer: int, head: int | None, head_dim: int, v
         x[:, -1, head * head_dim : (head + 1) * head_dim] = value
 
 
-def _performed_token_probs(nn_model, family, tokenizer, prompts, token_ids, patches, head_dim, batch_size) -> np.ndarray:
-    """(len(patches) + 1, prompts): P(performed first token), unpatched first."""
+def _performed_token_probs(nn_model, family, tokenizer, prompts, token_ids, patch_sets: list[list[Patch]], head_dim, batch_size) -> np.ndarray:
+    """(len(patch_sets) + 1, prompts): P(performed first token), unpatched first.
+
+    Each patch set runs as one invoke; its patches go in layer order (reads
+    and writes inside a trace follow execution order)."""
     rows = []
     for start in range(0, len(prompts), batch_size):
         sl = slice(start, start + batch_size)
@@ -64,13 +86,14 @@ def _performed_token_probs(nn_model, family, tokenizer, prompts, token_ids, patc
         with torch.no_grad(), nn_model.trace() as tracer:
             with tracer.invoke(inputs):
                 pass
-            for layer, head, values in patches:
+            for patches in patch_sets:
                 with tracer.invoke(inputs):
-                    _patch(nn_model, family, layer, head, head_dim, values[sl])
+                    for layer, head, values in sorted(patches, key=lambda p: (p[0], -1 if p[1] is None else p[1])):
+                        _patch(nn_model, family, layer, head, head_dim, values[sl])
             with tracer.invoke():
                 logits = nn_model.output.logits[:, -1].save()
-        probs = logits.float().softmax(-1).view(len(patches) + 1, len(ids), -1)
-        rows.append(probs.gather(2, ids[None, :, None].expand(len(patches) + 1, -1, 1))[..., 0].numpy())
+        probs = logits.float().softmax(-1).view(len(patch_sets) + 1, len(ids), -1)
+        rows.append(probs.gather(2, ids[None, :, None].expand(len(patch_sets) + 1, -1, 1))[..., 0].numpy())
     return np.concatenate(rows, axis=1)
 
 
@@ -99,34 +122,43 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
     }
     layer_effect = np.zeros((len(SOURCES), len(layers)), np.float32)
     head_effect = np.full((len(SOURCES), len(layers), len(heads)), np.nan, np.float32)
+    spans = windows(layers)
+    window_effect = np.full((len(SOURCES), len(layers), len(layers)), np.nan, np.float32)
     full_gap = np.zeros(len(SOURCES), np.float32)
     for si, source in enumerate(SOURCES):
         model_name, prompts, (donor_model, donor_framing), (ref_model, ref_prompts) = sources[source]
         attn = last("attn", donor_model, donor_framing)
-        patches = [(layer, None, attn[:, li]) for li, layer in enumerate(layers)]
+        index = {layer: li for li, layer in enumerate(layers)}
+        patch_sets = [[(layer, None, attn[:, index[layer]])] for layer in layers]
+        patch_sets += [[(layer, None, attn[:, index[layer]]) for layer in range(a, b + 1)] for a, b in spans if b > a]
         if per_head:
             head_values = last("heads", donor_model, donor_framing)  # (prompt, layer, head, head_dim)
-            patches += [(layer, h, head_values[:, li, h]) for li, layer in enumerate(layers) for h in heads]
-        nn = pair.traced(model_name)
-        probs = _performed_token_probs(nn, pair.family, pair.tokenizer, prompts, token_ids, patches, dh, settings.batch_size)
-        ref_nn = pair.traced(ref_model)
-        ref = _performed_token_probs(ref_nn, pair.family, pair.tokenizer, ref_prompts, token_ids, [], dh, settings.batch_size)[0]
+            patch_sets += [[(layer, h, head_values[:, li, h])] for li, layer in enumerate(layers) for h in heads]
+        probs = _performed_token_probs(
+            pair.traced(model_name), pair.family, pair.tokenizer, prompts, token_ids, patch_sets, dh, settings.batch_size
+        )
+        ref = _performed_token_probs(pair.traced(ref_model), pair.family, pair.tokenizer, ref_prompts, token_ids, [], dh, settings.batch_size)[0]
         clean = probs[0]
         gap = float((ref - clean).mean())
         full_gap[si] = gap
-        effects = (probs[1:] - clean).mean(axis=1) / gap if abs(gap) > 1e-6 else np.zeros(len(patches))
+        effects = (probs[1:] - clean).mean(axis=1) / gap if abs(gap) > 1e-6 else np.zeros(len(patch_sets))
         layer_effect[si] = effects[: len(layers)]
+        multi = [w for w in spans if w[1] > w[0]]
+        for (a, b), e in zip([(layer, layer) for layer in layers] + multi, effects[: len(layers) + len(multi)]):
+            window_effect[si, index[a], index[b]] = e
         if per_head:
-            head_effect[si] = effects[len(layers) :].reshape(len(layers), len(heads))
+            head_effect[si] = effects[len(layers) + len(multi) :].reshape(len(layers), len(heads))
         log.info("localize %s: gap in P(performed token) %.3f, layer effects %s", source, gap, np.round(layer_effect[si], 3))
-    window = pick_window(layer_effect[0], settings)
-    log.info("localize: window %s (rule %s)", window, settings.rule)
+    joint = {(a, b): float(window_effect[0, index[a], index[b]]) for a, b in spans}
+    window = pick_window(layer_effect[0], settings, joint)
+    log.info("localize: window %s (rule %s, joint effect %.3f)", window, settings.rule, joint[tuple(window)])
     return xr.Dataset(
         {
             "layer_effect": (("source", "layer"), layer_effect),
             "head_effect": (("source", "layer", "head"), head_effect),
+            "window_effect": (("source", "first", "last"), window_effect),
             "token_prob_gap": (("source",), full_gap),
         },
-        coords={"source": list(SOURCES), "layer": layers, "head": heads},
+        coords={"source": list(SOURCES), "layer": layers, "head": heads, "first": layers, "last": layers},
         attrs={"window": window, "rule": settings.rule, "threshold": settings.threshold, "top_k": settings.top_k},
     )

@@ -8,7 +8,7 @@ from routing_suite import analysis
 from routing_suite.controls import RandomControl, check_controls
 from routing_suite.errors import ConfigError
 from routing_suite.interventions import SubspaceEdit
-from routing_suite.localize import pick_window
+from routing_suite.localize import pick_window, windows
 from routing_suite.settings import InterventionSpec, LocalizeSettings
 
 
@@ -78,7 +78,16 @@ def test_window_rules():
     effects = np.array([0.05, 0.6, 0.2, 0.9, 0.1])
     assert pick_window(effects, LocalizeSettings(rule="relative", threshold=0.5)) == [1, 3]
     assert pick_window(effects, LocalizeSettings(rule="top", top_k=1)) == [3, 3]
-    assert pick_window(np.zeros(4), LocalizeSettings()) == [0, 0]
+    assert pick_window(np.zeros(4), LocalizeSettings(rule="relative")) == [0, 0]
+
+
+def test_cumulative_window_is_the_shortest_that_restores_enough():
+    joint = {(0, 0): 0.1, (1, 1): 0.3, (2, 2): 0.2, (0, 1): 0.5, (1, 2): 0.85, (0, 2): 0.95}
+    assert pick_window(np.zeros(3), LocalizeSettings(threshold=0.8), joint) == [1, 2]
+    assert pick_window(np.zeros(3), LocalizeSettings(threshold=0.9), joint) == [0, 2]
+    # None reaches the threshold: the strongest window.
+    assert pick_window(np.zeros(3), LocalizeSettings(threshold=1.0), joint) == [0, 2]
+    assert windows([0, 1, 2]) == [(0, 0), (1, 1), (2, 2), (0, 1), (1, 2), (0, 2)]
 
 
 @pytest.mark.parametrize(

@@ -364,6 +364,9 @@ def probe_figure(data: dict[Cell, xr.Dataset], grid: list[Cell], used: set[Cell]
                             markersize=2.5,
                             linewidth=1.2,
                         )
+                layers = [int(v) for v in ds["layer"].values]
+                step = max(1, -(-len(layers) // 8))
+                ax.set_xticks(layers[::step])  # whole layers, not fractions
                 if var == "probe_accuracy":
                     ax.axhline(0.5, color="black", linestyle=":", linewidth=0.8)
                     ax.set_ylim(0.35, 1.03)
