@@ -13,8 +13,9 @@ import torch
 
 from routing_suite.models import OrganismSource
 
-# Tests run single-process on a small machine: keep torch from oversubscribing.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests run single-process on a small machine: keep torch from oversubscribing
+# (ROUTING_SUITE_THREADS=1 when something else shares the cores).
+torch.set_num_threads(int(os.environ.get("ROUTING_SUITE_THREADS", min(2, os.cpu_count() or 1))))
 
 
 @pytest.fixture(scope="session")
