@@ -59,6 +59,7 @@ def run(cfg) -> dict:
 
     store = pipeline.open_store(setup, pair, spec.name)
     trace_kwargs = setup.backend.trace_kwargs()
+    ran = [stage for stage in ("collect", "fit", "localize", "intervene") if not store.stage_done(stage)]
     if not store.stage_done("collect"):
         collect(pair, items, request, store, setup.backend, progress=cfg.progress)
         store.mark_stage_done("collect")
@@ -87,7 +88,7 @@ def run(cfg) -> dict:
     out = Path(cfg.report_dir) if cfg.report_dir else _run_dir() / "table"
     summary = _summary_table(final, out, int(cfg.seed))
     table = (out / "table.md").read_text(encoding="utf-8")
-    return {"store": str(final), "window": window, "seconds": seconds, "table_dir": str(out), "table_markdown": table, **summary}
+    return {"store": str(final), "window": window, "seconds": seconds, "stages_run": ran, "table_dir": str(out), "table_markdown": table, **summary}
 
 
 def _run_dir() -> Path:

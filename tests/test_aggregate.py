@@ -172,10 +172,7 @@ def test_headline_counts_the_intervention_rows(grid_out):
 
 
 def test_wide_tables_and_plots_are_written(grid_out):
-    out, _, seconds = grid_out
-    # The budget is 10 s (about 5 s measured on a loaded 2-core machine); the
-    # assertion leaves room for a slower CI box rather than flake.
-    assert seconds < 20, f"aggregating 12 cells took {seconds:.1f} s"
+    out, _, _ = grid_out
     md = (out / "table.md").read_text().splitlines()
     assert len(md) == 2 + 12 and "clamp reduction" in md[0] and "semantic reduction" in md[0]
     with open(out / "table.csv", newline="") as f:
