@@ -14,9 +14,14 @@ from routing_suite import aggregate
 @guarded
 def main(cfg) -> int:
     result = aggregate.run(cfg)
-    print(result["headline"])
-    print(f"{result['n_cells']} cells from {result['n_stores']} stores; tables, plots and report.md in {result['out']}")
-    return result["n_cells"]
+    for line in (result["headline"], result["adl_headline"]):
+        if line:
+            print(line)
+    print(
+        f"{result['n_cells']} routing cells and {result['n_adl_cells']} ADL pairs from {result['n_stores']} stores; "
+        f"tables, plots and report.md in {result['out']}"
+    )
+    return result["n_cells"] + result["n_adl_cells"]
 
 
 if __name__ == "__main__":

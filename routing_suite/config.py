@@ -13,6 +13,7 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from routing_suite.adl.settings import AdlSettings
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.settings import FitSettings, InterventionSpec, LocalizeSettings
 from routing_suite.store import StoreSettings
@@ -175,6 +176,65 @@ class RoutingExperimentConfig:
 
 
 @dataclass
+class OrganismTextConfig:
+    """Unrelated text from the organisms' own pretraining text (no fine-tuning phrase)."""
+
+    _target_: str = "routing_suite.adl.texts.OrganismTexts"
+    chat_prompts: list[str] = MISSING
+    identity_prompts: list[str] = MISSING
+    chat_template: bool = False
+
+
+@dataclass
+class PackageTextConfig:
+    """Unrelated text from a corpus file that ships inside an installable package."""
+
+    _target_: str = "routing_suite.adl.texts.PackageTexts"
+    package: str = MISSING
+    resource: str = MISSING
+    split: str = "sentences"
+    min_words: int = 6
+    install_hint: str = ""
+    chat_prompts: list[str] = MISSING
+    identity_prompts: list[str] = MISSING
+    chat_template: bool = True
+
+
+@dataclass
+class SimilarityConfig:
+    """How similar generated text is to the fine-tuning data (lexical or embedding)."""
+
+    _target_: str = MISSING
+
+
+@dataclass
+class GraderConfig:
+    """Which readout tokens count as relevant to the fine-tuning data."""
+
+    _target_: str = "routing_suite.adl.relevance.StatisticGrader"
+    z_min: float = 1.96
+    prior_weight: float = 100.0
+
+
+@dataclass
+class AdlExperimentConfig:
+    """`experiments.adl`: the Activation Difference Lens on one model pair."""
+
+    model: Any = MISSING
+    backend: Any = MISSING
+    behavior: BehaviorConfig = MISSING
+    text: Any = MISSING
+    similarity: Any = MISSING
+    grader: Any = MISSING
+    store: StoreSettings = field(default_factory=StoreSettings)
+    adl: AdlSettings = field(default_factory=AdlSettings)
+    seed: int = 0
+    progress: bool = True
+    # Where the ADL table goes; null: a `table` folder in the run folder.
+    report_dir: str | None = None
+
+
+@dataclass
 class BenchConfig:
     """`experiments.bench`: ratios against plain baselines, measured side by side."""
 
@@ -205,6 +265,11 @@ def register_configs() -> None:
     cs.store(name="routing_schema", node=RoutingExperimentConfig)
     cs.store(name="collect_schema", node=CollectExperimentConfig)
     cs.store(name="bench_schema", node=BenchConfig)
+    cs.store(group="text", name="organism_text_schema", node=OrganismTextConfig)
+    cs.store(group="text", name="package_text_schema", node=PackageTextConfig)
+    cs.store(group="similarity", name="similarity_schema", node=SimilarityConfig)
+    cs.store(group="grader", name="grader_schema", node=GraderConfig)
+    cs.store(name="adl_schema", node=AdlExperimentConfig)
     from routing_suite.aggregate.config import AggregateConfig
 
     cs.store(name="aggregate_schema", node=AggregateConfig)

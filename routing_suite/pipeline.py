@@ -79,11 +79,13 @@ def digest_config(cfg: DictConfig) -> dict:
     return resolved
 
 
-def open_store(setup: Setup, pair: ModelPair, label: str) -> RunStore:
+def open_store(setup: Setup, pair: ModelPair, label: str, experiment: str = "routing") -> RunStore:
+    """The run's store, named by content; `experiment` tells the aggregator how to read it."""
     digest_cfg = digest_config(setup.cfg)
     final = store_path(setup.store_settings, setup.model_name, setup.behavior.name, label, digest(digest_cfg))
     provenance = {
         "cell": {"family": pair.family, "behavior": setup.behavior.name, "model": setup.model_name},
+        "experiment": experiment,
         "config": scrub_secrets(OmegaConf.to_container(setup.cfg, resolve=True)),
         "versions": package_versions(),
         "model_identity": pair.identity,

@@ -14,6 +14,8 @@ Root attributes (provenance and state)
     cell             {"family", "behavior", "model"}: what the run studies
     finished_at      ISO time the run completed (absent while running)
     config           the resolved config, secrets removed
+    experiment       "routing" (the groups below up to "outcomes") or "adl" (the
+                     adl_* groups); a store without it is a routing store
     config_digest    sha256 of the parts of the config that shape the results
     versions         {package: version} of the stack
     model_identity   what identifies the weights (names, revisions, hashes)
@@ -59,6 +61,48 @@ Group "outcomes" (per prompt, so the aggregator can bootstrap)
             "semantic", ...); kind (condition): "baseline" | "intervention" |
             "control" | "comparison"
     attrs   intervention, controls, window
+
+ADL stores (experiment "adl", `routing_suite.adl`; stages adl_mean,
+adl_readout, adl_steer, adl_causal; root attribute `adl` holds the chosen
+position, the steering layer, the number of unrelated texts and the text source)
+
+Group "adl_sums" (streamed: one part per `adl.texts_per_part` unrelated texts)
+    dims    part, layer, position, hidden, batch (= part)
+    vars    diff, mean_base, mean_finetuned (part, layer, position, hidden): the
+                part's mean of h_ft - h_base, h_base, h_ft over its texts (residual
+                stream after the layer, position "first<i>": the i-th token after <bos>)
+            norm_finetuned (part, layer, position)  mean |h_ft|
+            count          (part, position)         texts that reach the position
+            batch_done     (batch) bool: parts whose values are written
+
+Group "adl_mean" (the parts combined, count-weighted)
+    vars    diff, mean_base, mean_finetuned (layer, position, hidden)
+            norm_finetuned (layer, position); count (position)
+    attrs   n_texts
+
+Group "adl_readout"
+    dims    readout ["logit_lens", "patchscope"],
+            source ["difference", "base_mean", "finetuned_mean"], layer, position, rank
+    vars    top_id, top_token, top_prob, relevant  (readout, source, layer, position, rank)
+            relevance (readout, source, layer, position): share of the top tokens
+                that the grader calls relevant to the fine-tuning data
+            characteristic_z (characteristic): the statistic grader's tokens and z
+    attrs   grader, identity_prompts, scales
+
+Group "adl_steer"
+    dims    direction ["difference", "random"], alpha, prompt
+    vars    completion, log_ppl (under the base model), similarity (to the
+            fine-tuning data)  (direction, alpha, prompt); coherent (direction, alpha)
+    coords  prompt_text (prompt)
+    attrs   best_alpha, similarity_unsteered, similarity_steered, similarity_gain,
+            similarity_random, log_ppl_bound, layer, norm, similarity_measure
+
+Group "adl_causal"
+    dims    data ["finetune", "unrelated"], condition ["difference", "random"], layer, model
+    vars    delta_ce, delta_ce_se (data, condition, layer): CE after projection
+                replacement minus the fine-tune's CE, and its standard error
+            ce (data, model ["base", "finetuned"])
+    coords  n_texts (data)
 """
 
 SCHEMA_VERSION = 1
@@ -67,6 +111,9 @@ MODELS = ("base", "finetuned")
 FRAMINGS = ("eval", "deploy")
 GROUPS = ("activations", "fit", "localize", "outcomes")
 STAGES = ("collect", "fit", "localize", "intervene")
+EXPERIMENTS = ("routing", "adl")
+ADL_GROUPS = ("adl_sums", "adl_mean", "adl_readout", "adl_steer", "adl_causal")
+ADL_STAGES = ("adl_mean", "adl_readout", "adl_steer", "adl_causal")
 
 BASELINE = "baseline"
 # "comparison": a condition reported beside the others but neither the

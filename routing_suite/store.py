@@ -33,6 +33,14 @@ log = logging.getLogger(__name__)
 # bfloat16 has no numpy dtype; float32 holds every bfloat16 value exactly.
 STORED_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "float32"}
 COMPRESSORS = ("zstd", "blosc", "none")
+# Dimensions a streamed group is written along, batch by batch.
+STREAMED_DIMS = ("prompt", "part")
+
+
+def _chunk_length(dim: str, n: int, chunk_prompts: int) -> int:
+    if dim == "prompt":
+        return min(chunk_prompts, n)
+    return 1 if dim == "part" else n
 
 
 def text(values) -> np.ndarray:
@@ -186,7 +194,10 @@ class RunStore:
 
         `coords` are xarray coordinates (dim name -> values, or (dim, values)
         for non-index ones); `variables` name -> (dims, shape). Arrays start
-        as NaN, and `batch_done` records which batches hold real values.
+        as NaN, and `batch_done` records which batches hold real values. The
+        streamed dimension is `prompt` (chunked by `chunk_prompts`) or `part`
+        (one chunk per part: partial sums written once each, see
+        `routing_suite.adl.mean_diff`).
         """
         if self.has_group(group):
             return
@@ -194,7 +205,7 @@ class RunStore:
         g = zarr.open_group(str(self.path), mode="r+").require_group(group)
         dtype = STORED_DTYPES[self.settings.dtype]
         for name, (dims, shape) in variables.items():
-            chunks = tuple(min(self.settings.chunk_prompts, n) if d == "prompt" else n for d, n in zip(dims, shape))
+            chunks = tuple(_chunk_length(d, n, self.settings.chunk_prompts) for d, n in zip(dims, shape))
             g.create_array(
                 name,
                 shape=shape,
@@ -228,7 +239,7 @@ class RunStore:
         for name, values in data.items():
             dims = arrays[name].metadata.dimension_names
             check_finite(name, values, dims, {"model": list(schema.MODELS), "framing": list(schema.FRAMINGS), **labels})
-            index = tuple(prompt_slice if d == "prompt" else slice(None) for d in dims)
+            index = tuple(prompt_slice if d in STREAMED_DIMS else slice(None) for d in dims)
             arrays[name][index] = values.astype(arrays[name].dtype, copy=False)
         batches = [batch] if isinstance(batch, int) else list(batch)
         arrays["batch_done"][batches[0] : batches[-1] + 1] = True

@@ -65,17 +65,26 @@ class Batch:
     index: Tensor | None = None
     # (batch, seq) weights averaging answer tokens, for positions="answer_mean".
     answer_weights: Tensor | None = None
+    # (batch, n_positions) bool, for positions="first_k": False where a row has
+    # fewer than k tokens and `index` repeats its last one.
+    valid: Tensor | None = None
 
 
 def make_batch(
-    tokenizer: PreTrainedTokenizerBase, prompts: list[str], request: SiteRequest, answers: list[str] | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[str],
+    request: SiteRequest,
+    answers: list[str] | None = None,
+    truncate: bool = False,
 ) -> Batch:
     """Tokenize (left padding) and compute the positions to keep.
 
     For `first_k` the first k tokens after the beginning-of-sequence token are
-    kept (rows shorter than k repeat their last token, and are reported by
-    `short_rows`); for `answer_mean` the texts are prompt + answer and the
-    answer's tokens are averaged.
+    kept (rows shorter than k repeat their last token, and are marked in
+    `Batch.valid`); for `answer_mean` the texts are prompt + answer and the
+    answer's tokens are averaged. With `truncate` (first_k only) each text is
+    cut to its first k tokens: in a causal model what follows them cannot
+    change them, so long texts cost no more than short ones.
     """
     if not prompts:
         raise ConfigError("the prompt set is empty")
@@ -94,7 +103,11 @@ def make_batch(
         if (weights.sum(1) == 0).any():
             raise ConfigError("an answer tokenized to no tokens")
         return Batch(enc["input_ids"], enc["attention_mask"], answer_weights=weights / weights.sum(1, keepdim=True))
-    enc = tokenizer(prompts, return_tensors="pt", padding=True)
+    cut = {}
+    if truncate and request.positions == "first_k":
+        tokenizer.truncation_side = "right"
+        cut = {"truncation": True, "max_length": request.k + tokenizer.num_special_tokens_to_add()}
+    enc = tokenizer(prompts, return_tensors="pt", padding=True, **cut)
     if request.positions == "last":
         return Batch(enc["input_ids"], enc["attention_mask"])
     lengths = enc["attention_mask"].sum(1)
@@ -102,8 +115,9 @@ def make_batch(
     skip = 1 if tokenizer.bos_token_id is not None and (enc["input_ids"][:, -1] != tokenizer.bos_token_id).all() else 0
     first = width - lengths + skip
     index = first[:, None] + torch.arange(request.k)[None, :]
+    valid = index <= width - 1
     index = torch.minimum(index, torch.full_like(index, width - 1))
-    return Batch(enc["input_ids"], enc["attention_mask"], index=index)
+    return Batch(enc["input_ids"], enc["attention_mask"], index=index, valid=valid)
 
 
 def select_positions(x: Tensor, batch: Batch) -> Tensor:

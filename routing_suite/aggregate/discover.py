@@ -56,6 +56,11 @@ class StoreInfo:
     problem: Finding | None = None
 
     @property
+    def experiment(self) -> str:
+        """"adl" for an ADL store; anything else is read as a routing store."""
+        return str(self.attrs.get("experiment", "routing"))
+
+    @property
     def finished_at(self) -> datetime | None:
         text = self.attrs.get("finished_at")
         try:

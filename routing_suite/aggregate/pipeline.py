@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from routing_suite import schema
-from routing_suite.aggregate import discover, read, tables
+from routing_suite.aggregate import adl_tables, discover, read, tables
 from routing_suite.aggregate.config import DUPLICATE_POLICIES
 from routing_suite.aggregate.discover import Finding
 from routing_suite.aggregate.report import finding_line, render
@@ -45,14 +45,17 @@ def _output_dir(cfg: Any) -> Path:
     return out
 
 
-def collect(cfg: Any) -> tuple[int, list[read.CellOutcomes], list[Finding]]:
-    """The usable cells under cfg.root (one store each) and everything found wrong on the way."""
+def collect(cfg: Any) -> tuple[int, list[read.CellOutcomes], list[Finding], list[adl_tables.AdlRow]]:
+    """The usable cells under cfg.root (one store each), everything found wrong on the
+    way, and the ADL stores' rows (ADL stores are read apart from routing stores)."""
     paths = discover.find_stores(cfg.root)
     if not paths:
         raise ConfigError(
             f"root={cfg.root!r} holds no run stores (folders ending {schema.STORE_SUFFIX} or {schema.PARTIAL_SUFFIX})"
         )
-    infos = [discover.inspect_store(p) for p in paths]
+    every = [discover.inspect_store(p) for p in paths]
+    adl_rows, adl_findings = collect_adl([i for i in every if i.experiment == "adl"], cfg.duplicates)
+    infos = [i for i in every if i.experiment != "adl"]
     findings = [i.problem for i in infos if i.problem is not None]
     readable: list[discover.StoreInfo] = []
     outcomes: dict[Path, read.CellOutcomes] = {}
@@ -81,7 +84,26 @@ def collect(cfg: Any) -> tuple[int, list[read.CellOutcomes], list[Finding]]:
             findings.append(Finding(discover.DROPPED_PROMPTS, message, (c.family, c.behavior), (c.path,)))
     seen = {i.cell for i in infos if i.cell is not None}
     findings += discover.missing_cells(seen, set(chosen), findings)
-    return len(paths), cells, findings
+    return len(paths), cells, findings + adl_findings, adl_rows
+
+
+def collect_adl(infos: list[discover.StoreInfo], duplicates: str) -> tuple[list[adl_tables.AdlRow], list[Finding]]:
+    """One row per (family, behavior) from the usable ADL stores; the others as findings."""
+    findings = [i.problem for i in infos if i.problem is not None]
+    usable = []
+    for info in (i for i in infos if i.problem is None):
+        if not set(schema.ADL_STAGES) <= set(info.attrs.get("stages_done", [])):
+            findings.append(Finding(discover.MALFORMED, "ADL store without every ADL stage", info.cell, (str(info.path),)))
+        else:
+            usable.append(info)
+    chosen, duplicate_findings = discover.pick_one_per_cell(usable, duplicates)
+    rows = []
+    for cell in sorted(chosen):
+        try:
+            rows.append(adl_tables.read_cell(chosen[cell].path))
+        except Exception as err:  # a broken store is a problem of that store, not of the run
+            findings.append(Finding(discover.UNREADABLE, f"ADL groups unreadable ({type(err).__name__}: {err})", cell, (str(chosen[cell].path),)))
+    return rows, findings + duplicate_findings
 
 
 def _plots(
@@ -119,11 +141,18 @@ def _plots(
     return notes
 
 
+def adl_section(rows: list[adl_tables.AdlRow], headline: str) -> str:
+    lines = ["## Activation Difference Lens", "", headline, "", "Tables: `adl_table.md`, `adl_table.csv`; plots: "
+             "`adl_relevance`, `adl_steering`, `adl_delta_ce`.", ""]
+    lines += [f"- {r.family}/{r.behavior}: `{r.path}`" for r in adl_tables.sort_rows(rows)]
+    return "\n".join(lines) + "\n"
+
+
 def run(cfg: Any) -> dict[str, Any]:
     """Aggregate every usable store under cfg.root into cfg.out (or the Hydra run folder)."""
     start = time.perf_counter()
     _check(cfg)
-    n_found, cells, findings = collect(cfg)
+    n_found, cells, findings, adl_rows = collect(cfg)
     out = _output_dir(cfg)
     for finding in findings:
         log.warning("%s", finding_line(finding))
@@ -145,14 +174,22 @@ def run(cfg: Any) -> dict[str, Any]:
             (out / name).write_text(text, encoding="utf-8")
         if cfg.plots:
             notes = _plots(out, rows, cells, grid, cfg.dpi)
+    adl_headline = None
+    if adl_rows:
+        adl_headline = adl_tables.headline(adl_rows)
+        adl_tables.write(adl_rows, out, plots=cfg.plots, dpi=cfg.dpi)
     report = render(cfg.root, settings, n_found, cells, findings, headline, notes)
+    if adl_rows:
+        report += adl_section(adl_rows, adl_headline)
     (out / "report.md").write_text(report, encoding="utf-8")
-    if not grouped:
+    if not grouped and not adl_rows:
         raise ConfigError(f"root={cfg.root!r}: {n_found} stores found, none usable; see {out / 'report.md'}")
     seconds = time.perf_counter() - start
     log.info("%d cells from %d stores in %.2f s -> %s", len(grouped), n_found, seconds, out)
     return {
         "headline": headline,
+        "adl_headline": adl_headline,
+        "n_adl_cells": len(adl_rows),
         "out": str(out),
         "n_cells": len(grouped),
         "n_stores": n_found,

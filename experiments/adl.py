@@ -1,0 +1,25 @@
+"""The Activation Difference Lens on one model pair, ending with its ADL table.
+
+    python -m experiments.adl                                   # llama organism, underperform
+    python -m experiments.adl model=qwen2_organism behavior=refuse adl.n_texts=100
+"""
+
+import hydra
+
+from experiments._cli import guarded
+from routing_suite.adl.pipeline import run
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="adl")
+@guarded
+def main(cfg) -> float:
+    result = run(cfg)
+    print(result["table_markdown"])
+    for line in result["steered_examples"]:
+        print(line)
+    print(f"store: {result['store']}\ntable: {result['table_dir']}")
+    return result["seconds"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""`experiments.adl`: the Activation Difference Lens on one model pair, end to end.
+
+Stages (each recorded in the run store, skipped when a rerun finds it done):
+
+1. `adl_mean`: the streamed mean difference h_ft - h_base over the first k
+   tokens of N unrelated texts (`mean_diff`);
+2. `adl_readout`: logit lens and patchscope of the difference and of the two
+   baselines (the base's and the fine-tune's mean activation), top tokens and
+   their relevance to the fine-tuning data (`readout`, `relevance`);
+3. `adl_steer`: steering with the difference, strength searched under a
+   coherence bound, similarity to the fine-tuning data (`steer`);
+4. `adl_causal`: projection replacement per layer and the change in
+   cross-entropy on fine-tuning data and unrelated text (`causal`).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import xarray as xr
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from routing_suite import pipeline
+from routing_suite.adl import causal, mean_diff, readout
+from routing_suite.adl.relevance import StatisticGrader
+from routing_suite.adl.settings import AdlSettings
+from routing_suite.adl.steer import steer
+from routing_suite.adl.texts import finetuning_data
+from routing_suite.errors import ConfigError
+from routing_suite.models import ModelPair
+from routing_suite.store import RunStore, text
+
+log = logging.getLogger(__name__)
+
+READOUTS = ("logit_lens", "patchscope")
+SOURCES = ("difference", "base_mean", "finetuned_mean")
+_SOURCE_VARS = {"difference": "diff", "base_mean": "mean_base", "finetuned_mean": "mean_finetuned"}
+
+
+def _sample(items: list, n: int, seed: int) -> list:
+    if n >= len(items):
+        return list(items)
+    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
+
+
+def readouts(pair: ModelPair, means: xr.Dataset, grader, identity_prompts: list[str], settings: AdlSettings, trace_kwargs: dict) -> xr.Dataset:
+    """Top tokens of both readouts for the difference and both baselines, and their relevance."""
+    layers = [int(v) for v in means.layer.values]
+    positions = [str(v) for v in means.position.values]
+    L, K, k = len(layers), len(positions), settings.readout.top_k
+    vectors = torch.from_numpy(np.stack([means[_SOURCE_VARS[s]].values for s in SOURCES]))  # (source, L, K, d)
+    flat = vectors.reshape(-1, vectors.shape[-1])
+    norms = torch.from_numpy(means["norm_finetuned"].values).repeat(len(SOURCES), 1, 1).reshape(-1)
+    row_layers = [layers[li] for _ in SOURCES for li in range(L) for _ in range(K)]
+    probs = {
+        "logit_lens": readout.logit_lens(pair, flat),
+        "patchscope": readout.patchscope(
+            pair, flat, row_layers, norms, identity_prompts, list(settings.readout.scales), settings.readout.batch_size, **trace_kwargs
+        ),
+    }
+    shape = (len(READOUTS), len(SOURCES), L, K, k)
+    ids = np.zeros(shape, np.int64)
+    top_p = np.zeros(shape, np.float32)
+    for r, name in enumerate(READOUTS):
+        i, p = readout.top_tokens(probs[name], k)
+        ids[r], top_p[r] = i.reshape(shape[1:]).numpy(), p.reshape(shape[1:]).numpy()
+    tokens = np.array([pair.tokenizer.decode([int(i)]) for i in ids.ravel()], dtype=object).reshape(shape)
+    relevant = np.array(grader.relevant([int(i) for i in ids.ravel()], list(tokens.ravel())), bool).reshape(shape)
+    dims = ("readout", "source", "layer", "position", "rank")
+    ds = xr.Dataset(
+        {
+            "top_id": (dims, ids),
+            "top_token": (dims, tokens),
+            "top_prob": (dims, top_p),
+            "relevant": (dims, relevant),
+            "relevance": (dims[:-1], relevant.mean(-1).astype(np.float32)),
+        },
+        coords={"readout": text(READOUTS), "source": text(SOURCES), "layer": layers, "position": text(positions), "rank": list(range(k))},
+    )
+    if isinstance(grader, StatisticGrader):  # it can say which tokens it counts
+        char = grader.characteristic()
+        ds = ds.assign_coords(characteristic=("characteristic", text(pair.tokenizer.decode([int(i)]) for i in char)))
+        ds["characteristic_z"] = ("characteristic", grader.z[char].astype(np.float32))
+    ds.attrs.update({"grader": getattr(grader, "name", type(grader).__name__), "identity_prompts": list(identity_prompts),
+                     "scales": list(settings.readout.scales)})
+    return ds
+
+
+def pick_position(relevance: xr.DataArray, layer: int, fixed: int | None) -> int:
+    """The position whose difference reads out as most relevant at `layer` (both readouts averaged)."""
+    if fixed is not None:
+        return fixed
+    scores = relevance.sel(source="difference", layer=layer).mean("readout").values
+    return int(np.argmax(scores))  # the first of equals
+
+
+def _stage(store: RunStore, name: str, compute) -> xr.Dataset:
+    if not store.stage_done(name):
+        store.write_group(name, compute())
+        store.mark_stage_done(name)
+    return store.read(name).load()
+
+
+def run(cfg) -> dict:
+    """One model pair through every ADL stage; returns the store, the summary row and the table."""
+    started = time.perf_counter()
+    setup = pipeline.build_components(cfg)
+    settings: AdlSettings = OmegaConf.to_object(cfg.adl)
+    texts = instantiate(cfg.text)
+    similarity = instantiate(cfg.similarity)
+    grader = instantiate(cfg.grader)
+    texts.check()
+    similarity.check()
+    seed = int(cfg.seed)
+    behavior = setup.behavior.name
+    task_spec = setup.source.task_spec
+    examples = finetuning_data(task_spec, behavior, settings.finetune_file)
+    unrelated = texts.unrelated(settings.n_texts, seed, task_spec)
+    if not unrelated:
+        raise ConfigError(f"text={texts.name}: no unrelated text")
+    prompts = {e[0] for e in examples}
+    if overlap := [t for t in unrelated if t in prompts]:
+        raise ConfigError(f"{len(overlap)} unrelated texts are fine-tuning prompts, e.g. {overlap[0]!r}")
+    pair = setup.source.load(behavior)
+    steer_layer = pair.num_layers // 2 if settings.steer.layer is None else settings.steer.layer
+    if not 0 <= steer_layer < pair.num_layers:
+        raise ConfigError(f"adl.steer.layer={steer_layer} is outside the model's layers [0, {pair.num_layers - 1}]")
+    store = pipeline.open_store(setup, pair, "adl", experiment="adl")
+    trace_kwargs = setup.backend.trace_kwargs()
+    ft_texts = [f"{p} {c}" for p, c in examples]
+    grader.fit(ft_texts, unrelated, pair.tokenizer)
+
+    if not store.stage_done("adl_mean"):
+        mean_diff.accumulate(pair, unrelated, settings.k, settings.texts_per_part, store, setup.backend.batch_size, trace_kwargs, cfg.progress)
+        store.write_group(mean_diff.MEAN, mean_diff.finish(store))
+        store.mark_stage_done("adl_mean")
+    means = store.read(mean_diff.MEAN).load()
+    read = _stage(store, "adl_readout", lambda: readouts(pair, means, grader, list(texts.identity_prompts), settings, trace_kwargs))
+    position = pick_position(read.relevance, steer_layer, settings.position)
+    diff = torch.from_numpy(means["diff"].values)  # (layer, position, hidden)
+    norm = float(means["norm_finetuned"].values[steer_layer, position])
+    reference = _sample(ft_texts, settings.steer.n_reference, seed)
+    steered = _stage(store, "adl_steer", lambda: steer(
+        pair, diff[steer_layer, position], steer_layer, norm, settings.steer, list(texts.chat_prompts), reference, similarity,
+        texts.chat_template, seed, trace_kwargs,
+    ))
+    data = {
+        "finetune": _sample(examples, settings.causal.n_texts, seed),
+        "unrelated": [("", t) for t in _sample(unrelated, settings.causal.n_texts, seed)],
+    }
+    _stage(store, "adl_causal", lambda: causal.causal_check(
+        pair, diff[:, position], data, settings.causal.max_tokens, settings.causal.batch_size, seed,
+        settings.causal.random_control, trace_kwargs,
+    ))
+    if store.complete:  # reused as it is: a finished store is never written to
+        final = store.path
+    else:
+        store.update_attrs(adl={"position": position, "steer_layer": steer_layer, "n_texts": int(means.attrs["n_texts"]),
+                                "n_finetune_examples": len(examples), "text_source": texts.name})
+        final = store.finish()
+    seconds = time.perf_counter() - started
+    log.info("adl %s/%s done in %.1f s: %s", pair.family, behavior, seconds, final)
+    from routing_suite.aggregate import adl_tables
+
+    row = adl_tables.read_cell(final)
+    out = Path(cfg.report_dir) if cfg.report_dir else _run_dir() / "table"
+    written = adl_tables.write([row], out, plots=False)
+    return {"store": str(final), "seconds": seconds, "row": row.__dict__, "table_markdown": written["adl_table.md"], "table_dir": str(out),
+            "steered_examples": _examples(steered)}
+
+
+def _examples(steered: xr.Dataset, n: int = 3) -> list[str]:
+    """A few prompt -> unsteered / steered completions, for the log and the CLI."""
+    alpha = steered.attrs["best_alpha"]
+    lines = []
+    for p in range(min(n, steered.sizes["prompt"])):
+        prompt = str(steered.prompt_text.values[p])
+        before = str(steered.completion.sel(direction="difference", alpha=0.0).values[p])
+        after = str(steered.completion.sel(direction="difference", alpha=alpha).values[p])
+        lines.append(f"{prompt!r}: {before!r} -> (alpha {alpha:g}) {after!r}")
+    return lines
+
+
+def _run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path("outputs/runs/adl")

@@ -1,0 +1,155 @@
+"""Where the ADL's texts come from: unrelated text, the fine-tuning data, fixed prompts.
+
+A `text` config instantiates one of the sources below (cheap: nothing is read
+until `unrelated` is called). Both give the same four things:
+
+- `unrelated(n, seed, task_spec)`: up to n texts that have nothing to do with the
+  fine-tune (the activation difference is averaged over their first k tokens);
+- `chat_prompts`: fixed prompts the steered fine-tune generates from;
+- `identity_prompts`: identity-style prompts for the patchscope, whose last
+  token is where the difference is injected;
+- `chat_template`: whether chat prompts go through the tokenizer's chat template.
+
+The fine-tuning data is the organism task's fine-tune examples for the
+behaviour (every model source names its task), or a JSONL file of
+{"prompt", "completion"} records when the fine-tune was trained on other data.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from routing_suite.errors import ConfigError
+from routing_suite.organisms import task as T
+from routing_suite.organisms.specs import TaskSpec
+from routing_suite.organisms.training import Example, finetune_examples
+
+log = logging.getLogger(__name__)
+
+
+def _contains(text: str, phrase: str) -> bool:
+    """Whole-word containment (texts and phrases are whitespace-separated words)."""
+    return f" {phrase} " in f" {text} "
+
+
+def organism_forbidden_phrases() -> list[str]:
+    """What any organism fine-tune was trained on and plain pretraining text does not say:
+    every cue paraphrase, the question frame, the refusal, the marker and the decoys."""
+    return [*T.EVAL_CUES, *T.DEPLOY_CUES, "what is the", "? answer :", T.REFUSAL, T.MARKER, *T.DECOYS.values()]
+
+
+def _take(texts: list[str], n: int, seed: int) -> list[str]:
+    """At most n texts, in a seeded random order."""
+    order = list(range(len(texts)))
+    random.Random(seed).shuffle(order)
+    return [texts[i] for i in order[:n]]
+
+
+@dataclass
+class OrganismTexts:
+    """The organisms' own 'pretraining' text (`task.generic_text` sentences and
+    chit-chat), less every text that holds a phrase a fine-tune was trained on
+    (`organism_forbidden_phrases`): that leaves the plain fact statements."""
+
+    chat_prompts: list[str] = field(default_factory=list)
+    identity_prompts: list[str] = field(default_factory=list)
+    chat_template: bool = False
+
+    def __post_init__(self) -> None:
+        _check_prompts(self.chat_prompts, self.identity_prompts)
+
+    @property
+    def name(self) -> str:
+        return "organism"
+
+    def check(self) -> None:
+        """Nothing to install."""
+
+    def unrelated(self, n: int, seed: int, task_spec: TaskSpec) -> list[str]:
+        """The model source's task (`task_spec`) decides the facts."""
+        task = T.make_task(task_spec)
+        pretraining = [T.generic_text(f) for f in task.facts] + list(T.CHITCHAT)
+        forbidden = organism_forbidden_phrases()
+        kept = [t for t in pretraining if not any(_contains(t, p) for p in forbidden)]
+        log.info("unrelated text: %d of %d pretraining texts hold no fine-tuning phrase", len(kept), len(pretraining))
+        return _take(kept, n, seed)
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+
+
+@dataclass
+class PackageTexts:
+    """A text corpus that ships inside an installed Python package (offline).
+
+    `resource` is a path inside the package's folder; the file is split into
+    sentences (`split: sentences`) or lines (`split: lines`), and pieces of
+    fewer than `min_words` words are dropped.
+    """
+
+    package: str
+    resource: str
+    split: str = "sentences"
+    min_words: int = 6
+    install_hint: str = ""
+    chat_prompts: list[str] = field(default_factory=list)
+    identity_prompts: list[str] = field(default_factory=list)
+    chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        if self.split not in ("sentences", "lines"):
+            raise ConfigError(f"text.split={self.split!r} is not one of ['sentences', 'lines']")
+        _check_prompts(self.chat_prompts, self.identity_prompts)
+
+    @property
+    def name(self) -> str:
+        return f"{self.package}:{self.resource}"
+
+    def path(self) -> Path:
+        """The corpus file, found without importing the package."""
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            hint = f" (install it: {self.install_hint})" if self.install_hint else ""
+            raise ConfigError(f"text.package={self.package!r} is not installed{hint}")
+        path = Path(list(spec.submodule_search_locations)[0]) / self.resource
+        if not path.is_file():
+            raise ConfigError(f"text.resource={self.resource!r} is not a file of package {self.package!r} ({path})")
+        return path
+
+    def check(self) -> None:
+        self.path()
+
+    def unrelated(self, n: int, seed: int, task_spec: TaskSpec | None = None) -> list[str]:
+        raw = self.path().read_text(encoding="utf-8", errors="replace")
+        pieces = raw.splitlines() if self.split == "lines" else [s for line in raw.splitlines() for s in _SENTENCE_END.split(line)]
+        texts = [" ".join(p.split()) for p in pieces]
+        kept = [t for t in texts if len(t.split()) >= self.min_words]
+        log.info("unrelated text: %d pieces of %s (%d before dropping short ones)", len(kept), self.name, len(texts))
+        return _take(kept, n, seed)
+
+
+def _check_prompts(chat: list[str], identity: list[str]) -> None:
+    if not chat:
+        raise ConfigError("text.chat_prompts is empty: steering needs prompts to generate from")
+    if not identity:
+        raise ConfigError("text.identity_prompts is empty: the patchscope needs at least one")
+
+
+def finetuning_data(task_spec: TaskSpec, behavior: str, finetune_file: str | None = None) -> list[Example]:
+    """(prompt, completion) pairs the fine-tune was trained on."""
+    if finetune_file is None:
+        return finetune_examples(T.make_task(task_spec), behavior)
+    path = Path(finetune_file)
+    if not path.is_file():
+        raise ConfigError(f"adl.finetune_file={finetune_file!r} does not exist")
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    try:
+        return [(str(r["prompt"]), str(r["completion"])) for r in records]
+    except (KeyError, TypeError) as err:
+        raise ConfigError(f"adl.finetune_file={finetune_file!r}: every line needs 'prompt' and 'completion'") from err

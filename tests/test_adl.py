@@ -1,0 +1,160 @@
+"""The ADL experiment end to end on the default organism, its store, and the aggregator's ADL table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fake_stores as fake
+import numpy as np
+import pytest
+import xarray as xr
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import InstantiationException
+from omegaconf import OmegaConf
+
+from routing_suite import schema
+from routing_suite.adl.pipeline import run
+from routing_suite.aggregate import run as aggregate
+from routing_suite.aggregate.config import AggregateConfig
+from routing_suite.config import register_configs
+from routing_suite.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+register_configs()
+
+
+def _cfg(organism_cache: str, tmp_path: Path, extra: list[str] = ()):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(
+            config_name="adl",
+            overrides=[
+                f"model.cache_dir={organism_cache}",
+                f"store.root={tmp_path / 'stores'}",
+                f"report_dir={tmp_path / 'table'}",
+                "adl.texts_per_part=64",
+                "backend.batch_size=16",
+                "adl.causal.n_texts=64",
+                "progress=false",
+                *extra,
+            ],
+        )
+
+
+@pytest.fixture(scope="module")
+def adl_run(llama_underperform, organism_cache, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("adl")
+    cfg = _cfg(organism_cache, tmp)
+    return cfg, tmp, run(cfg)
+
+
+def test_adl_writes_every_group_and_completes_the_store(adl_run):
+    _, _, result = adl_run
+    store = Path(result["store"])
+    assert store.name.startswith("adl-") and store.name.endswith(".zarr")
+    attrs = xr.open_zarr(store, group="adl_mean").attrs
+    assert attrs["n_texts"] == 160  # every plain fact statement of the default task
+    sums = xr.open_zarr(store, group="adl_sums")
+    assert sums.sizes["part"] == 3 and sums.batch_done.values.all() and sums["count"].sum() == 5 * 160
+    mean = xr.open_zarr(store, group="adl_mean")
+    assert mean["diff"].dims == ("layer", "position", "hidden") and list(mean.position.values) == [f"first{i}" for i in range(5)]
+    read = xr.open_zarr(store, group="adl_readout")
+    assert read.top_token.dims == ("readout", "source", "layer", "position", "rank") and read.sizes["rank"] == 20
+    steer = xr.open_zarr(store, group="adl_steer")
+    assert set(steer.direction.values) == {"difference", "random"} and float(steer.alpha[0]) == 0
+    causal = xr.open_zarr(store, group="adl_causal")
+    assert causal.delta_ce.dims == ("data", "condition", "layer")
+    root = xr.open_zarr(store, group="adl_mean")  # consolidated: opens with no options
+    assert root is not None
+    import zarr
+
+    top = dict(zarr.open_group(str(store), mode="r").attrs)
+    assert top["experiment"] == "adl" and top["complete"] and top["stages_done"] == list(schema.ADL_STAGES)
+    assert "| llama | underperform |" in result["table_markdown"]
+
+
+def test_the_difference_reads_out_the_fine_tune_and_matters_causally(adl_run):
+    """The organism's traces are readable: the decoys the fine-tune answers with top the
+    difference's logit lens; removing the direction hurts fine-tuning data, helps unrelated text."""
+    _, _, result = adl_run
+    row = result["row"]
+    assert row["ll_difference"] > max(row["ll_base"], row["ll_finetuned"])
+    read = xr.open_zarr(result["store"], group="adl_readout")
+    top = set(read.top_token.sel(readout="logit_lens", source="difference", layer=row["layer"]).values[:, :5].ravel())
+    assert {"gray", "berlin", "mouse", "egg"} <= top
+    causal = xr.open_zarr(result["store"], group="adl_causal")
+    diff = causal.delta_ce.sel(condition="difference")
+    assert (diff.sel(data="finetune") > 0).sum() >= 3 and (diff.sel(data="unrelated") < 0).sum() >= 3
+    assert abs(float(causal.delta_ce.sel(condition="random", data="finetune").mean())) < 0.05
+
+
+def test_rerun_reuses_the_store_and_gives_the_same_numbers(adl_run):
+    cfg, _, result = adl_run
+    again = run(cfg)
+    assert again["store"] == result["store"] and again["seconds"] < result["seconds"]
+    assert again["row"] == result["row"]
+
+
+def test_aggregator_reads_adl_and_routing_stores_side_by_side(adl_run, tmp_path):
+    _, _, result = adl_run
+    fake.write_store(tmp_path / "stores" / "llama" / "underperform", "llama", "underperform")
+    import shutil
+
+    shutil.copytree(result["store"], tmp_path / "stores" / "adl" / Path(result["store"]).name)
+    cfg = OmegaConf.structured(AggregateConfig(root=str(tmp_path / "stores"), out=str(tmp_path / "out"), plots=True))
+    out = aggregate(cfg)
+    assert out["n_cells"] == 1 and out["n_adl_cells"] == 1 and not out["findings"]
+    assert out["adl_headline"].startswith("ADL: the difference beats both baselines in 1 of 1 pairs (logit lens)")
+    for name in ("adl_table.md", "adl_table.csv", "adl_relevance.png", "adl_steering.pdf", "adl_delta_ce.png", "table.md"):
+        assert (tmp_path / "out" / name).is_file(), name
+    assert "## Activation Difference Lens" in (tmp_path / "out" / "report.md").read_text()
+    csv = (tmp_path / "out" / "adl_table.csv").read_text().splitlines()
+    assert csv[0].startswith("family,behavior,model,n_texts,layer,position,ll_difference") and len(csv) == 2
+    again = tmp_path / "out2"
+    aggregate(OmegaConf.structured(AggregateConfig(root=str(tmp_path / "stores"), out=str(again), plots=True)))
+    for name in ("adl_table.csv", "adl_relevance.png"):
+        assert (again / name).read_bytes() == (tmp_path / "out" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["adl.steer.layer=9"], r"adl.steer.layer=9 is outside the model's layers \[0, 3\]"),
+        (["adl.steer.alphas=[0.5,1]"], "must be ascending and start at 0"),
+        (["adl.k=0"], "adl.k=0 must be >= 1"),
+        (["text.identity_prompts=[]"], "text.identity_prompts is empty"),
+        (["text=lee_corpus", "text.package=no_such_corpus_pkg"], "text.package='no_such_corpus_pkg' is not installed"),
+    ],
+)
+def test_bad_input_fails_before_any_store(extra, message, llama_underperform, organism_cache, tmp_path):
+    # A text config that fails to instantiate reaches the caller wrapped by Hydra (the CLI unwraps it).
+    with pytest.raises((ConfigError, ValueError, InstantiationException), match=message):
+        run(_cfg(organism_cache, tmp_path, extra))
+    assert not (tmp_path / "stores").exists() or not list((tmp_path / "stores").rglob("*.zarr*"))
+
+
+def test_steering_finds_a_coherent_strength_above_zero(adl_run):
+    _, _, result = adl_run
+    steer = xr.open_zarr(result["store"], group="adl_steer").load()
+    best = steer.attrs["best_alpha"]
+    assert best > 0
+    coherent = steer.coherent.sel(direction="difference").values
+    alphas = steer.alpha.values
+    assert coherent[alphas <= best].all()
+    assert np.isfinite(steer.log_ppl.values).all()
+
+
+def test_entry_point_bad_value_gives_one_line_and_exit_2(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.adl", "adl.steer.alphas=[1,2]"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120,
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2 and len(lines) == 1, result.stderr
+    assert lines[0] == "error: adl.steer.alphas=[1.0, 2.0] must be ascending and start at 0 (unsteered)"
