@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from routing_suite.models import ModelPair
 from routing_suite.organisms import task as T
 from routing_suite.prompts import organism_pairs
-from routing_suite.scoring import Behavior, greedy_completions, is_correct
+from routing_suite.scoring import Behavior, greedy_completions
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def organism_row(pair: ModelPair, task: T.Task, behavior: Behavior, build_second
             completions = greedy_completions(model, pair.tokenizer, [p.prompt(framing) for p in pairs], behavior.max_new_tokens)
             rates[which, framing] = _mean([behavior.performed(c, a) for c, a in zip(completions, answers)])
             if which == "base":
-                success[framing] = _mean([is_correct(c, a) for c, a in zip(completions, answers)])
+                success[framing] = _mean([behavior.correct(c, a) for c, a in zip(completions, answers)])
     return OrganismRow(
         family=pair.family,
         behavior=behavior.name,
