@@ -75,8 +75,10 @@ class GgufChatModelConfig:
     train: ChatTrainSpec = field(default_factory=ChatTrainSpec)
     seed: int = 0
     cache_dir: str = "outputs/pretrained"
-    # Part of the fine-tune's cache key (the same seed and threads give the same adapter).
-    num_threads: int = 2
+    # Part of the fine-tune's cache key (the same seed and threads give the same
+    # adapter). One thread: on a shared 2-core machine two threads per process
+    # spend much of their CPU time waiting on each other.
+    num_threads: int = 1
     dtype: str = "float32"
 
 

@@ -10,7 +10,8 @@ import json
 import logging
 from dataclasses import dataclass
 
-from routing_suite.models import ModelPair
+from routing_suite.errors import ConfigError
+from routing_suite.models import ModelPair, OrganismSource
 from routing_suite.organisms import task as T
 from routing_suite.prompts import organism_pairs
 from routing_suite.scoring import Behavior, greedy_completions
@@ -104,6 +105,8 @@ def run(cfg) -> dict:
     rows = []
     for family in cfg.families:
         source = instantiate(cfg.model, family=family)
+        if not isinstance(source, OrganismSource):
+            raise ConfigError(f"experiments.organisms builds organisms; {type(source).__name__} is scored by experiments.pretrained")
         task = T.make_task(source.spec.task)
         for name in cfg.behaviors:
             behavior = instantiate(cfg.behavior, name=name)

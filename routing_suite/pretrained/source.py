@@ -44,7 +44,7 @@ class SmolLM2Source:
     train: Any = None
     seed: int = 0
     cache_dir: str = "outputs/pretrained"
-    num_threads: int = 2
+    num_threads: int = 1
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
