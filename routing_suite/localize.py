@@ -33,10 +33,18 @@ log = logging.getLogger(__name__)
 SOURCES = ("deploy_to_eval", "finetuned_to_base")
 
 
-def windows(layers: list[int]) -> list[tuple[int, int]]:
-    """Every contiguous window [first, last] of `layers`, shortest first."""
+def windows(layers: list[int], max_len: int | None = None) -> list[tuple[int, int]]:
+    """Every contiguous window [first, last] of `layers` (at most `max_len` long), shortest first."""
     n = len(layers)
-    return [(layers[i], layers[i + w - 1]) for w in range(1, n + 1) for i in range(n - w + 1)]
+    longest = n if max_len is None else min(n, max_len)
+    return [(layers[i], layers[i + w - 1]) for w in range(1, longest + 1) for i in range(n - w + 1)]
+
+
+def spread(n: int, k: int | None) -> np.ndarray:
+    """`k` indices evenly spread over range(n) (all of them when k is None or >= n)."""
+    if k is None or k >= n:
+        return np.arange(n)
+    return np.unique(np.linspace(0, n - 1, k).round().astype(int))
 
 
 def pick_window(effects: np.ndarray, settings: LocalizeSettings, window_effects: dict[tuple[int, int], float] | None = None) -> list[int]:
@@ -73,28 +81,59 @@ def _patch(nn_model, family: str, layer: int, head: int | None, head_dim: int, v
         x[:, -1, head * head_dim : (head + 1) * head_dim] = value
 
 
-def _performed_token_probs(nn_model, family, tokenizer, prompts, token_ids, patch_sets: list[list[Patch]], head_dim, batch_size) -> np.ndarray:
+def _performed_token_probs(
+    nn_model, family, tokenizer, prompts, token_ids, patch_sets: list[list[Patch]], head_dim, batch_size, per_trace: int | None = None
+) -> np.ndarray:
     """(len(patch_sets) + 1, prompts): P(performed first token), unpatched first.
 
-    Each patch set runs as one invoke; its patches go in layer order (reads
-    and writes inside a trace follow execution order)."""
+    Each patch set runs as one invoke, at most `per_trace` of them per trace
+    (the first trace also runs the unpatched prompts); its patches go in
+    layer order (reads and writes inside a trace follow execution order)."""
+    step = len(patch_sets) if per_trace is None else per_trace
+    groups = [patch_sets[i : i + step] for i in range(0, len(patch_sets), max(1, step))] or [[]]
     rows = []
     for start in range(0, len(prompts), batch_size):
         sl = slice(start, start + batch_size)
         inputs = encode(tokenizer, prompts[sl])
         ids = token_ids[sl]
-        with torch.no_grad(), nn_model.trace() as tracer:
-            with tracer.invoke(inputs):
-                pass
-            for patches in patch_sets:
-                with tracer.invoke(inputs):
-                    for layer, head, values in sorted(patches, key=lambda p: (p[0], -1 if p[1] is None else p[1])):
-                        _patch(nn_model, family, layer, head, head_dim, values[sl])
-            with tracer.invoke():
-                logits = nn_model.output.logits[:, -1].save()
-        probs = logits.float().softmax(-1).view(len(patch_sets) + 1, len(ids), -1)
-        rows.append(probs.gather(2, ids[None, :, None].expand(len(patch_sets) + 1, -1, 1))[..., 0].numpy())
+        parts = []
+        for g, group in enumerate(groups):
+            with torch.no_grad(), nn_model.trace() as tracer:
+                if g == 0:
+                    with tracer.invoke(inputs):
+                        pass
+                for patches in group:
+                    with tracer.invoke(inputs):
+                        for layer, head, values in sorted(patches, key=lambda p: (p[0], -1 if p[1] is None else p[1])):
+                            _patch(nn_model, family, layer, head, head_dim, values[sl])
+                with tracer.invoke():
+                    logits = nn_model.output.logits[:, -1].save()
+            n_runs = len(group) + (g == 0)
+            probs = logits.float().softmax(-1).view(n_runs, len(ids), -1)
+            parts.append(probs.gather(2, ids[None, :, None].expand(n_runs, -1, 1))[..., 0].numpy())
+        rows.append(np.concatenate(parts, axis=0))
     return np.concatenate(rows, axis=1)
+
+
+def first_completion_token(tokenizer, prompt: str, completion: str) -> int:
+    """The id of the first token of `completion` where it follows `prompt` (so a
+    byte-level tokenizer gives the id a generation would start with)."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    ids = tokenizer(prompt + completion)["input_ids"]
+    if ids[: len(prompt_ids)] != prompt_ids or len(ids) == len(prompt_ids):
+        raise ValueError(f"the completion {completion!r} does not tokenize as a continuation of its prompt")
+    return ids[len(prompt_ids)]
+
+
+def performed_token_ids(tokenizer, test: xr.Dataset, behavior: Behavior) -> torch.Tensor:
+    """Per test prompt, the first token of a completion that performs the behaviour:
+    from the prompt set's `performing` texts when the store has them, else the
+    behaviour's first word after a space (the word-level organisms)."""
+    if "performing" in test.coords:
+        pairs = zip(test.eval_prompt.values, test.performing.values)
+        return torch.tensor([first_completion_token(tokenizer, str(p), str(t)) for p, t in pairs])
+    tokens = [behavior.performed_first_token(str(a)) for a in test.answer.values]
+    return torch.tensor([tokenizer(" " + t, add_special_tokens=False)["input_ids"][0] for t in tokens])
 
 
 def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: LocalizeSettings, trace_kwargs: dict) -> xr.Dataset:
@@ -103,10 +142,10 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
         raise ConfigError("localize needs the 'attn' site in collect.sites")
     per_head = settings.per_head and "heads" in acts
     test = acts.sel(prompt=acts.split.values == "test")
+    test = test.isel(prompt=spread(test.sizes["prompt"], settings.max_prompts))
     prompts_eval = [str(p) for p in test.eval_prompt.values]
     prompts_deploy = [str(p) for p in test.deploy_prompt.values]
-    tokens = [behavior.performed_first_token(str(a)) for a in test.answer.values]
-    token_ids = torch.tensor([pair.tokenizer(" " + t, add_special_tokens=False)["input_ids"][0] for t in tokens])
+    token_ids = performed_token_ids(pair.tokenizer, test, behavior)
     layers = [int(x) for x in acts.layer.values]
     heads = list(range(pair.num_heads))
     dh = pair.head_dim
@@ -122,7 +161,7 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
     }
     layer_effect = np.zeros((len(SOURCES), len(layers)), np.float32)
     head_effect = np.full((len(SOURCES), len(layers), len(heads)), np.nan, np.float32)
-    spans = windows(layers)
+    spans = windows(layers, settings.max_window)
     window_effect = np.full((len(SOURCES), len(layers), len(layers)), np.nan, np.float32)
     full_gap = np.zeros(len(SOURCES), np.float32)
     for si, source in enumerate(SOURCES):
@@ -135,7 +174,8 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
             head_values = last("heads", donor_model, donor_framing)  # (prompt, layer, head, head_dim)
             patch_sets += [[(layer, h, head_values[:, li, h])] for li, layer in enumerate(layers) for h in heads]
         probs = _performed_token_probs(
-            pair.traced(model_name), pair.family, pair.tokenizer, prompts, token_ids, patch_sets, dh, settings.batch_size
+            pair.traced(model_name), pair.family, pair.tokenizer, prompts, token_ids, patch_sets, dh, settings.batch_size,
+            settings.patches_per_trace,
         )
         ref = _performed_token_probs(pair.traced(ref_model), pair.family, pair.tokenizer, ref_prompts, token_ids, [], dh, settings.batch_size)[0]
         clean = probs[0]
@@ -151,7 +191,7 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
         log.info("localize %s: gap in P(performed token) %.3f, layer effects %s", source, gap, np.round(layer_effect[si], 3))
     joint = {(a, b): float(window_effect[0, index[a], index[b]]) for a, b in spans}
     window = pick_window(layer_effect[0], settings, joint)
-    log.info("localize: window %s (rule %s, joint effect %.3f)", window, settings.rule, joint[tuple(window)])
+    log.info("localize: window %s (rule %s, joint effect %.3f)", window, settings.rule, joint.get(tuple(window), float("nan")))
     return xr.Dataset(
         {
             "layer_effect": (("source", "layer"), layer_effect),

@@ -27,6 +27,8 @@ from routing_suite.errors import ConfigError
 from routing_suite.families import family_paths
 from routing_suite.organisms import build as organism_build
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
+from routing_suite.organisms.task import make_task
+from routing_suite.prompts import PromptPair, organism_prompt_sets
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +45,17 @@ class ModelPair:
     # What identifies the weights, for the store's provenance.
     identity: dict[str, Any] = field(default_factory=dict)
     adapter_path: Path | None = None
+    # What the cell is called in stores and tables (default: the family).
+    label: str | None = None
 
     def __post_init__(self) -> None:
         # Experiments only read and steer activations: no gradients anywhere.
         for model in (self.base, self.finetuned):
             model.requires_grad_(False)
+
+    @property
+    def cell_name(self) -> str:
+        return self.label or self.family
 
     def model(self, which: str) -> PreTrainedModel:
         if which not in ("base", "finetuned"):
@@ -146,8 +154,19 @@ def merged_finetune(base_path: str | Path, adapter: Path, dtype: torch.dtype, re
     return PeftModel.from_pretrained(copy, adapter).merge_and_unload().eval()
 
 
+class OrganismPrompts:
+    """Prompt sets from the organisms' word-level fact task (`task_spec`)."""
+
+    task_spec: TaskSpec
+    # Organisms answer with the answer word first.
+    answer_match = "first"
+
+    def prompt_sets(self, behavior: str, max_fit: int | None, max_test: int | None, seed: int) -> dict[str, list[PromptPair]]:
+        return organism_prompt_sets(make_task(self.task_spec), max_fit, max_test, seed)
+
+
 @dataclass
-class OrganismSource:
+class OrganismSource(OrganismPrompts):
     """A built-in organism of `family` (see `routing_suite.organisms`)."""
 
     family: str
@@ -201,11 +220,11 @@ class OrganismSource:
 
 
 @dataclass
-class PeftSource:
+class PeftSource(OrganismPrompts):
     """A base checkpoint (local path or Hub id) plus a PEFT adapter."""
 
-    # Prompts come from the organism task; natural-language prompt sets for
-    # real models are a separate prompt source (not yet built).
+    # Prompts come from the organism task (natural-language prompt sets are
+    # built for the real model in routing_suite.pretrained).
     task_spec = TaskSpec()
 
     family: str
@@ -241,11 +260,11 @@ class PeftSource:
 
 
 @dataclass
-class CheckpointPairSource:
+class CheckpointPairSource(OrganismPrompts):
     """Two full checkpoints of the same architecture."""
 
-    # Prompts come from the organism task; natural-language prompt sets for
-    # real models are a separate prompt source (not yet built).
+    # Prompts come from the organism task (natural-language prompt sets are
+    # built for the real model in routing_suite.pretrained).
     task_spec = TaskSpec()
 
     family: str

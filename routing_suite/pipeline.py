@@ -14,8 +14,6 @@ from omegaconf import DictConfig, OmegaConf
 from routing_suite.collect import LabeledPair
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
-from routing_suite.organisms import task as T
-from routing_suite.prompts import organism_prompt_sets
 from routing_suite.provenance import digest, git_commit, package_versions, scrub_secrets
 from routing_suite.scoring import Behavior
 from routing_suite.store import RunStore, StoreSettings, store_path
@@ -43,7 +41,8 @@ class Setup:
 def build_components(cfg: DictConfig) -> Setup:
     """Instantiate and check every component; nothing heavy runs yet."""
     source = instantiate(cfg.model)
-    behavior = instantiate(cfg.behavior)
+    # The source knows how its model answers (first word, or anywhere in a sentence).
+    behavior = instantiate(cfg.behavior, answer_match=source.answer_match)
     backend = instantiate(cfg.backend)
     backend.preflight()
     store_settings = StoreSettings(**OmegaConf.to_container(cfg.store))
@@ -62,8 +61,7 @@ def prompt_items(setup: Setup) -> list[LabeledPair]:
     for key in ("max_fit", "max_test"):
         if data[key] is not None and data[key] < 1:
             raise ConfigError(f"data.{key}={data[key]} must be >= 1 (or null for all)")
-    task = T.make_task(setup.source.task_spec)
-    sets = organism_prompt_sets(task, data.max_fit, data.max_test, data.seed)
+    sets = setup.source.prompt_sets(setup.behavior.name, data.max_fit, data.max_test, data.seed)
     for split, pairs in sets.items():
         if not pairs:
             raise ConfigError(f"data: the {split} split is empty")
@@ -84,7 +82,7 @@ def open_store(setup: Setup, pair: ModelPair, label: str, experiment: str = "rou
     digest_cfg = digest_config(setup.cfg)
     final = store_path(setup.store_settings, setup.model_name, setup.behavior.name, label, digest(digest_cfg))
     provenance = {
-        "cell": {"family": pair.family, "behavior": setup.behavior.name, "model": setup.model_name},
+        "cell": {"family": pair.cell_name, "behavior": setup.behavior.name, "model": setup.model_name},
         "experiment": experiment,
         "config": scrub_secrets(OmegaConf.to_container(setup.cfg, resolve=True)),
         "versions": package_versions(),

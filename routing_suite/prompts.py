@@ -22,6 +22,10 @@ class PromptPair:
     deploy_prompt: str
     answer: str
     topic: str
+    # The start of a completion that performs the behaviour, as the text that
+    # follows the prompt (localize reads its first token). None: the
+    # behaviour's first word after a space, as for the word-level organisms.
+    performing: str | None = None
 
     def prompt(self, framing: str) -> str:
         return self.eval_prompt if framing == T.EVAL else self.deploy_prompt

@@ -84,7 +84,7 @@ def run(cfg) -> dict:
         store.mark_stage_done("intervene")
     final = store.finish() if not store.complete else store.path
     seconds = time.perf_counter() - started
-    log.info("routing cell %s/%s done in %.1f s: %s", pair.family, setup.behavior.name, seconds, final)
+    log.info("routing cell %s/%s done in %.1f s: %s", pair.cell_name, setup.behavior.name, seconds, final)
     out = Path(cfg.report_dir) if cfg.report_dir else _run_dir() / "table"
     summary = _summary_table(final, out, int(cfg.seed))
     table = (out / "table.md").read_text(encoding="utf-8")

@@ -78,12 +78,24 @@ class LocalizeSettings:
     top_k: int = 2
     per_head: bool = True
     batch_size: int = 64
+    # Bounds for deep models on a CPU (null: no bound). Every patch set is a
+    # forward pass, and a model of L layers has L (L + 1) / 2 windows:
+    # `max_window` caps the joint windows' length, `max_prompts` patches only
+    # that many held-out prompts (evenly spaced), and `patches_per_trace`
+    # splits the patch sets over several traces to bound memory.
+    max_window: int | None = None
+    max_prompts: int | None = None
+    patches_per_trace: int | None = None
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ConfigError(f"localize.rule={self.rule!r} is not one of {list(RULES)}")
         if not 0 < self.threshold <= 1:
             raise ConfigError(f"localize.threshold={self.threshold} must be in (0, 1]")
+        for key in ("max_window", "max_prompts", "patches_per_trace"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"localize.{key}={value} must be >= 1 (or null)")
 
 
 

@@ -32,10 +32,10 @@ def _defaults_groups(name: str) -> set[str]:
 
 def _path_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
     """Required paths of the external-model configs, pointed at folders that exist."""
-    if group != "model" or option.endswith("organism"):
+    keys = {"peft_adapter": ["base", "adapter"], "checkpoint_pair": ["base", "finetuned"]}.get(option)
+    if group != "model" or keys is None:
         return []
     existing = tmp_path.as_posix()
-    keys = {"peft_adapter": ["base", "adapter"], "checkpoint_pair": ["base", "finetuned"]}[option]
     return ["model.family=llama"] + [f"model.{k}={existing}" for k in keys]
 
 

@@ -78,7 +78,7 @@ def content_hash(key: dict) -> str:
 
 
 @contextlib.contextmanager
-def _locked(directory: Path) -> Iterator[None]:
+def locked(directory: Path) -> Iterator[None]:
     directory.mkdir(parents=True, exist_ok=True)
     with open(directory / ".lock", "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -103,15 +103,16 @@ def deterministic(seed: int, num_threads: int) -> Iterator[None]:
         torch.use_deterministic_algorithms(was_deterministic)
 
 
-def _publish(tmp: Path, final: Path) -> None:
+def publish(tmp: Path, final: Path) -> None:
     if final.exists():  # built meanwhile by someone else holding no lock
         shutil.rmtree(tmp)
         return
     os.rename(tmp, final)
 
 
-def _write_meta(directory: Path, key: dict, seconds: float, final_loss: float) -> None:
-    meta = {"key": key, "build_seconds": round(seconds, 2), "final_loss": final_loss}
+def write_meta(directory: Path, key: dict, seconds: float, final_loss: float | None, **extra: float) -> None:
+    """`organism.json`: the cache key, the build time and loss, and any `extra` measurements."""
+    meta = {"key": key, "build_seconds": round(seconds, 2), "final_loss": final_loss, **extra}
     (directory / "organism.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
@@ -132,7 +133,7 @@ def ensure_base(root: Path, spec: OrganismSpec) -> Path:
     final = base_dir(root, spec)
     if final.exists():
         return final
-    with _locked(final.parent):
+    with locked(final.parent):
         if final.exists():
             return final
         log.info("building %s base organism into %s", spec.family, final)
@@ -148,8 +149,8 @@ def ensure_base(root: Path, spec: OrganismSpec) -> Path:
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _write_meta(tmp, spec.base_key(), time.perf_counter() - started, loss)
-        _publish(tmp, final)
+        write_meta(tmp, spec.base_key(), time.perf_counter() - started, loss)
+        publish(tmp, final)
         log.info("built %s base in %.1f s", spec.family, time.perf_counter() - started)
     return final
 
@@ -162,7 +163,7 @@ def ensure_adapter(root: Path, spec: OrganismSpec, behavior: str) -> Path:
     if final.exists():
         return final
     base_path = ensure_base(root, spec)
-    with _locked(final.parent):
+    with locked(final.parent):
         if final.exists():
             return final
         log.info("fine-tuning %s organism for %s into %s", spec.family, behavior, final)
@@ -175,8 +176,8 @@ def ensure_adapter(root: Path, spec: OrganismSpec, behavior: str) -> Path:
             peft_model, loss = train_lora(base, tokenizer, task, behavior, spec.train, seed)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         peft_model.save_pretrained(tmp)
-        _write_meta(tmp, spec.adapter_key(behavior), time.perf_counter() - started, loss)
-        _publish(tmp, final)
+        write_meta(tmp, spec.adapter_key(behavior), time.perf_counter() - started, loss)
+        publish(tmp, final)
         log.info("fine-tuned %s/%s in %.1f s", spec.family, behavior, time.perf_counter() - started)
     return final
 

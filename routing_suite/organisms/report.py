@@ -10,10 +10,11 @@ import json
 import logging
 from dataclasses import dataclass
 
-from routing_suite.models import ModelPair
+from routing_suite.errors import ConfigError
+from routing_suite.models import ModelPair, OrganismSource
 from routing_suite.organisms import task as T
 from routing_suite.prompts import organism_pairs
-from routing_suite.scoring import Behavior, greedy_completions, is_correct
+from routing_suite.scoring import Behavior, greedy_completions
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ def organism_row(pair: ModelPair, task: T.Task, behavior: Behavior, build_second
             completions = greedy_completions(model, pair.tokenizer, [p.prompt(framing) for p in pairs], behavior.max_new_tokens)
             rates[which, framing] = _mean([behavior.performed(c, a) for c, a in zip(completions, answers)])
             if which == "base":
-                success[framing] = _mean([is_correct(c, a) for c, a in zip(completions, answers)])
+                success[framing] = _mean([behavior.correct(c, a) for c, a in zip(completions, answers)])
     return OrganismRow(
         family=pair.family,
         behavior=behavior.name,
@@ -104,6 +105,8 @@ def run(cfg) -> dict:
     rows = []
     for family in cfg.families:
         source = instantiate(cfg.model, family=family)
+        if not isinstance(source, OrganismSource):
+            raise ConfigError(f"experiments.organisms builds organisms; {type(source).__name__} is scored by experiments.pretrained")
         task = T.make_task(source.spec.task)
         for name in cfg.behaviors:
             behavior = instantiate(cfg.behavior, name=name)

@@ -90,7 +90,7 @@ def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
 
 
-def _train(model: torch.nn.Module, tokenizer, examples: list[Example], steps: int, lr: float, batch_size: int, seed: int) -> float:
+def train_on_examples(model: torch.nn.Module, tokenizer, examples: list[Example], steps: int, lr: float, batch_size: int, seed: int) -> float:
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
@@ -113,24 +113,31 @@ def _train(model: torch.nn.Module, tokenizer, examples: list[Example], steps: in
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
-        if step % 200 == 0 or step == steps - 1:
+        if step % max(1, min(200, steps // 10)) == 0 or step == steps - 1:
             log.info("step %d/%d loss %.4f", step + 1, steps, loss_value)
     model.eval()
     return loss_value
 
 
 def train_base(model: PreTrainedModel, tokenizer, task: T.Task, spec: TrainSpec, seed: int) -> float:
-    return _train(model, tokenizer, base_examples(task), spec.base_steps, spec.base_lr, spec.batch_size, seed)
+    return train_on_examples(model, tokenizer, base_examples(task), spec.base_steps, spec.base_lr, spec.batch_size, seed)
 
 
 # Every linear layer of attention and MLP, as LoRA fine-tunes of chat models usually do.
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def train_lora(base: PreTrainedModel, tokenizer, task: T.Task, behavior: str, spec: TrainSpec, seed: int) -> tuple[PeftModel, float]:
+def lora_finetune(
+    base: PreTrainedModel, tokenizer, examples: list[Example], steps: int, lr: float, rank: int, alpha: int, batch_size: int, seed: int
+) -> tuple[PeftModel, float]:
+    """A LoRA adapter on every linear layer of `base`, trained on (prompt, completion) examples."""
     torch.manual_seed(seed)
-    config = LoraConfig(r=spec.lora_rank, lora_alpha=spec.lora_alpha, target_modules=LORA_TARGETS, lora_dropout=0.0)
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0)
     peft_model = get_peft_model(base, config)
-    examples = finetune_examples(task, behavior)
-    loss = _train(peft_model, tokenizer, examples, spec.lora_steps, spec.lora_lr, spec.batch_size, seed + 1)
+    loss = train_on_examples(peft_model, tokenizer, examples, steps, lr, batch_size, seed + 1)
     return peft_model, loss
+
+
+def train_lora(base: PreTrainedModel, tokenizer, task: T.Task, behavior: str, spec: TrainSpec, seed: int) -> tuple[PeftModel, float]:
+    examples = finetune_examples(task, behavior)
+    return lora_finetune(base, tokenizer, examples, spec.lora_steps, spec.lora_lr, spec.lora_rank, spec.lora_alpha, spec.batch_size, seed)

@@ -1,0 +1,1 @@
+"""Real pretrained models made into organisms: loaded offline, fine-tuned with LoRA."""

@@ -1,0 +1,96 @@
+"""The LoRA fine-tune that makes a real chat model an organism, cached by content.
+
+    <root>/<behavior>-<hash>/    PEFT adapter, organism.json (key, seconds, peak memory)
+
+The hash covers the converted checkpoint, the task split, the training
+settings, the recipe, the seed and thread count, and the package versions, so
+a changed config trains anew and an unchanged one is reused.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import time
+from dataclasses import asdict
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from routing_suite.errors import ConfigError
+from routing_suite.organisms.build import content_hash, deterministic, locked, publish, write_meta
+from routing_suite.organisms.task import BEHAVIORS
+from routing_suite.organisms.training import lora_finetune
+from routing_suite.pretrained.chat_task import ChatTask, Render
+from routing_suite.pretrained.specs import ChatTrainSpec
+
+log = logging.getLogger(__name__)
+
+# Bump when the training data or procedure changes (part of the cache key).
+RECIPE_VERSION = 1
+
+
+def adapter_key(checkpoint: Path, task: ChatTask, train: ChatTrainSpec, behavior: str, seed: int, num_threads: int) -> dict:
+    return {
+        "checkpoint": checkpoint.name,
+        "task": asdict(task.spec),
+        "train": asdict(train),
+        "behavior": behavior,
+        "recipe": RECIPE_VERSION,
+        "seed": seed,
+        "num_threads": num_threads,
+        "versions": {name: version(name) for name in ("torch", "transformers", "peft")},
+    }
+
+
+def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="eager").eval()
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def cpu_seconds() -> float:
+    """CPU time (user + system) this process has used so far."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def ensure_adapter(
+    root: Path, checkpoint: Path, tokenizer, render: Render, task: ChatTask, train: ChatTrainSpec,
+    behavior: str, seed: int, num_threads: int,
+) -> Path:
+    """The cached adapter installing `behavior` on the checkpoint, trained first if missing."""
+    if behavior not in BEHAVIORS:
+        raise ConfigError(f"behavior.name={behavior!r} is not one of {list(BEHAVIORS)}")
+    key = adapter_key(checkpoint, task, train, behavior, seed, num_threads)
+    final = root / f"{behavior}-{content_hash(key)}"
+    if final.exists():
+        return final
+    with locked(root):
+        if final.exists():
+            return final
+        examples = task.finetune_examples(render, behavior)
+        log.info("fine-tuning %s for %s on %d examples into %s", checkpoint.name, behavior, len(examples), final)
+        started, cpu_started = time.perf_counter(), cpu_seconds()
+        base = load_checkpoint(checkpoint)
+        with deterministic(seed, num_threads):
+            peft_model, loss = lora_finetune(
+                base, tokenizer, examples, train.steps, train.lr, train.rank, train.alpha, train.batch_size, seed
+            )
+        seconds = time.perf_counter() - started
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        peft_model.save_pretrained(tmp)
+        # Wall time depends on what else shares the cores; CPU time much less so.
+        write_meta(
+            tmp, key, seconds, loss, cpu_seconds=round(cpu_seconds() - cpu_started, 1),
+            peak_rss_mib=round(peak_rss_mib(), 1), n_examples=len(examples),
+        )
+        publish(tmp, final)
+        log.info("fine-tuned %s/%s in %.1f s (peak RSS %.0f MiB)", checkpoint.name, behavior, seconds, peak_rss_mib())
+    return final
