@@ -45,9 +45,10 @@ def _output_dir(cfg: Any) -> Path:
     return out
 
 
-def collect(cfg: Any) -> tuple[int, list[read.CellOutcomes], list[Finding]]:
-    """The usable cells under cfg.root (one store each) and everything found wrong on the way."""
-    paths = discover.find_stores(cfg.root)
+def collect(cfg: Any, stores: list[Path] | None = None) -> tuple[int, list[read.CellOutcomes], list[Finding]]:
+    """The usable cells under cfg.root, or among `stores` when given (one store each),
+    and everything found wrong on the way."""
+    paths = discover.find_stores(cfg.root) if stores is None else sorted({Path(p).resolve() for p in stores})
     if not paths:
         raise ConfigError(
             f"root={cfg.root!r} holds no run stores (folders ending {schema.STORE_SUFFIX} or {schema.PARTIAL_SUFFIX})"
@@ -119,11 +120,15 @@ def _plots(
     return notes
 
 
-def run(cfg: Any) -> dict[str, Any]:
-    """Aggregate every usable store under cfg.root into cfg.out (or the Hydra run folder)."""
+def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
+    """Aggregate every usable store under cfg.root into cfg.out (or the Hydra run folder).
+
+    `stores`: exactly these stores instead (a sweep's own, see
+    routing_suite.callbacks.AggregateSweep); cfg.root then only names them in the report.
+    """
     start = time.perf_counter()
     _check(cfg)
-    n_found, cells, findings = collect(cfg)
+    n_found, cells, findings = collect(cfg, stores)
     out = _output_dir(cfg)
     for finding in findings:
         log.warning("%s", finding_line(finding))
