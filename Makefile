@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 #   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow lint organisms clean-outputs
+.PHONY: setup demo test test-slow lint organisms appendix clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -19,7 +19,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[test,plots]'
+	$(PY) -m pip install --quiet -e '.[test,plots,launchers]'
 	touch $@
 
 demo: setup
@@ -32,7 +32,11 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 lint: setup
-	$(VENV)/bin/ruff check routing_suite experiments tests
+	$(VENV)/bin/ruff check routing_suite experiments tests hydra_plugins
 
 organisms: setup
 	$(PY) -m experiments.organisms
+
+# The paper appendix: every organism, the 12-cell grid, the tables (outputs/appendix).
+appendix: setup
+	$(PY) -m experiments.routing experiment=appendix
