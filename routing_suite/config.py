@@ -18,6 +18,7 @@ from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.pretrained.specs import ChatTaskSpec, ChatTrainSpec
 from routing_suite.settings import FitSettings, InterventionSpec, LocalizeSettings
 from routing_suite.store import StoreSettings
+from routing_suite.sweeps import register_launcher_stand_ins, register_resolvers
 
 # ---------------------------------------------------------------- model
 
@@ -283,6 +284,9 @@ class BenchConfig:
 
 
 def register_configs() -> None:
+    """Schemas, the sweep folder resolver, and stand-ins for launcher plugins that are not installed."""
+    register_resolvers()
+    register_launcher_stand_ins()
     cs = ConfigStore.instance()
     cs.store(group="model", name="organism_schema", node=OrganismModelConfig)
     cs.store(group="model", name="peft_schema", node=PeftModelConfig)

@@ -114,7 +114,7 @@ def _as_dataclass(cls: type, value: Any) -> Any:
     if isinstance(value, cls):
         return value
     if isinstance(value, DictConfig):
-        value = OmegaConf.to_container(value)
+        value = OmegaConf.to_container(value, resolve=True)
     return cls(**(value or {}))
 
 

@@ -14,15 +14,19 @@ from omegaconf import DictConfig, OmegaConf
 from routing_suite.collect import LabeledPair
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
-from routing_suite.provenance import digest, git_commit, package_versions, scrub_secrets
+from routing_suite.provenance import (
+    NOT_RESULT_SHAPING,
+    NOT_RESULT_SHAPING_MODEL,
+    digest,
+    git_commit,
+    package_versions,
+    scrub_secrets,
+)
 from routing_suite.scoring import Behavior
 from routing_suite.store import RunStore, StoreSettings, store_path
 from routing_suite.tracing import SiteRequest
 
 log = logging.getLogger(__name__)
-
-# Config parts that cannot change a result: where things run and are kept.
-_NOT_RESULT_SHAPING = ("backend", "store", "hydra", "progress")
 
 
 @dataclass
@@ -45,7 +49,7 @@ def build_components(cfg: DictConfig) -> Setup:
     behavior = instantiate(cfg.behavior, answer_match=source.answer_match)
     backend = instantiate(cfg.backend)
     backend.preflight()
-    store_settings = StoreSettings(**OmegaConf.to_container(cfg.store))
+    store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))
     torch.manual_seed(cfg.seed)
     return Setup(cfg, source, behavior, backend, store_settings)
 
@@ -71,9 +75,9 @@ def prompt_items(setup: Setup) -> list[LabeledPair]:
 def digest_config(cfg: DictConfig) -> dict:
     """The resolved config minus what cannot change a result."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved = {k: v for k, v in resolved.items() if k not in _NOT_RESULT_SHAPING}
+    resolved = {k: v for k, v in resolved.items() if k not in NOT_RESULT_SHAPING}
     if isinstance(resolved.get("model"), dict):
-        resolved["model"] = {k: v for k, v in resolved["model"].items() if k != "cache_dir"}
+        resolved["model"] = {k: v for k, v in resolved["model"].items() if k not in NOT_RESULT_SHAPING_MODEL}
     return resolved
 
 

@@ -10,6 +10,11 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+# Config parts that cannot change a result (where things run and are kept): left
+# out of a store's digest and out of a sweep folder's name.
+NOT_RESULT_SHAPING = ("backend", "store", "hydra", "progress")
+NOT_RESULT_SHAPING_MODEL = ("cache_dir",)
+
 PACKAGES = ("routing-suite", "torch", "transformers", "nnsight", "peft", "xarray", "zarr", "numpy", "hydra-core")
 _SECRET_WORDS = ("key", "token", "secret", "password")
 

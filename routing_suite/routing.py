@@ -7,6 +7,7 @@ collect, finished batches), and a complete store is reused as it is.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -23,6 +24,11 @@ from routing_suite.intervene import build_conditions, intervene
 from routing_suite.localize import LocalizeSettings, localize
 
 log = logging.getLogger(__name__)
+
+# The cell's table goes to <run folder>/table unless report_dir says otherwise,
+# with a record of the store it came from (a sweep's aggregation reads it).
+TABLE_DIR = "table"
+CELL_RECORD = "cell.json"
 
 
 def _summary_table(store_path: Path, out: Path, seed: int) -> dict:
@@ -43,7 +49,7 @@ def run(cfg) -> dict:
     spec = instantiate(cfg.intervention)
     controls = {key: instantiate(value) for key, value in cfg.control.items()}
     check_controls(controls)
-    localize_settings = LocalizeSettings(**OmegaConf.to_container(cfg.localize))
+    localize_settings = LocalizeSettings(**OmegaConf.to_container(cfg.localize, resolve=True))
     request = pipeline.site_request(cfg)
     if spec.site not in request.sites:
         raise ConfigError(f"intervention.site={spec.site!r} must be among collect.sites={list(request.sites)}")
@@ -85,8 +91,11 @@ def run(cfg) -> dict:
     final = store.finish() if not store.complete else store.path
     seconds = time.perf_counter() - started
     log.info("routing cell %s/%s done in %.1f s: %s", pair.cell_name, setup.behavior.name, seconds, final)
-    out = Path(cfg.report_dir) if cfg.report_dir else _run_dir() / "table"
+    out = Path(cfg.report_dir) if cfg.report_dir else _run_dir() / TABLE_DIR
     summary = _summary_table(final, out, int(cfg.seed))
+    record = {"store": str(Path(final).resolve()), "family": pair.cell_name, "behavior": setup.behavior.name,
+              "model": setup.model_name, "window": window}
+    (out / CELL_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     table = (out / "table.md").read_text(encoding="utf-8")
     return {"store": str(final), "window": window, "seconds": seconds, "stages_run": ran, "table_dir": str(out), "table_markdown": table, **summary}
 

@@ -30,13 +30,17 @@ def _defaults_groups(name: str) -> set[str]:
     return {g for g in GROUPS if f"- {g}:" in text}
 
 
-def _path_overrides(group: str, option: str, tmp_path: Path) -> list[str]:
-    """Required paths of the external-model configs, pointed at folders that exist."""
-    keys = {"peft_adapter": ["base", "adapter"], "checkpoint_pair": ["base", "finetuned"]}.get(option)
-    if group != "model" or keys is None:
+def _path_overrides(primary: str, group: str, option: str, tmp_path: Path) -> list[str]:
+    """Required values the external-model configs leave to the user: the family, and
+    paths pointed at a folder that exists (Hub ids a config fills in stay as they are)."""
+    if group != "model":
         return []
-    existing = tmp_path.as_posix()
-    return ["model.family=llama"] + [f"model.{k}={existing}" for k in keys]
+    model = _compose(primary, [f"model={option}"]).model
+    overrides = ["model.family=llama"] if OmegaConf.is_missing(model, "family") else []
+    for key in ("base", "adapter", "finetuned"):
+        if key in model.keys() and OmegaConf.is_missing(model, key):
+            overrides.append(f"model.{key}={tmp_path.as_posix()}")
+    return overrides
 
 
 def _targets(node, path="") -> list[tuple[str, DictConfig]]:
@@ -72,7 +76,7 @@ def test_primary_config_composes_and_instantiates(primary):
 
 @pytest.mark.parametrize("primary,group,option", CASES)
 def test_group_option_composes_and_instantiates(primary, group, option, tmp_path):
-    overrides = [f"{group}={option}"] + _path_overrides(group, option, tmp_path)
+    overrides = [f"{group}={option}"] + _path_overrides(primary, group, option, tmp_path)
     cfg = _compose(primary, overrides)
     OmegaConf.resolve(cfg)
     for path, node in _targets(cfg):

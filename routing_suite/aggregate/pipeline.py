@@ -45,10 +45,11 @@ def _output_dir(cfg: Any) -> Path:
     return out
 
 
-def collect(cfg: Any) -> tuple[int, list[read.CellOutcomes], list[Finding], list[adl_tables.AdlRow]]:
-    """The usable cells under cfg.root (one store each), everything found wrong on the
-    way, and the ADL stores' rows (ADL stores are read apart from routing stores)."""
-    paths = discover.find_stores(cfg.root)
+def collect(cfg: Any, stores: list[Path] | None = None) -> tuple[int, list[read.CellOutcomes], list[Finding], list[adl_tables.AdlRow]]:
+    """The usable cells under cfg.root, or among `stores` when given (one store each),
+    everything found wrong on the way, and the ADL stores' rows (ADL stores are read
+    apart from routing stores)."""
+    paths = discover.find_stores(cfg.root) if stores is None else sorted({Path(p).resolve() for p in stores})
     if not paths:
         raise ConfigError(
             f"root={cfg.root!r} holds no run stores (folders ending {schema.STORE_SUFFIX} or {schema.PARTIAL_SUFFIX})"
@@ -148,11 +149,15 @@ def adl_section(rows: list[adl_tables.AdlRow], headline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(cfg: Any) -> dict[str, Any]:
-    """Aggregate every usable store under cfg.root into cfg.out (or the Hydra run folder)."""
+def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
+    """Aggregate every usable store under cfg.root into cfg.out (or the Hydra run folder).
+
+    `stores`: exactly these stores instead (a sweep's own, see
+    routing_suite.callbacks.AggregateSweep); cfg.root then only names them in the report.
+    """
     start = time.perf_counter()
     _check(cfg)
-    n_found, cells, findings, adl_rows = collect(cfg)
+    n_found, cells, findings, adl_rows = collect(cfg, stores)
     out = _output_dir(cfg)
     for finding in findings:
         log.warning("%s", finding_line(finding))

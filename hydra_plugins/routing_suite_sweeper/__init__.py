@@ -1,0 +1,1 @@
+"""Hydra's basic sweeper, checked: every job is composed and its folder known before any job starts."""

@@ -1,0 +1,110 @@
+"""Hydra callbacks (configured under `hydra.callbacks`).
+
+- `JobSetup` (every run and sweep job, conf/hydra/default.yaml): torch threads
+  for the job, from the launcher, and deterministic kernels.
+- `AggregateSweep` (conf/experiment/appendix.yaml): when a sweep ends,
+  aggregate exactly the stores its jobs used into one folder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from routing_suite import sweeps
+from routing_suite.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+THREADS_ENV = "ROUTING_SUITE_THREADS"
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which cgroups and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def job_threads(launcher: Mapping[str, Any], env: Mapping[str, str], cores: int) -> tuple[int | None, str]:
+    """Torch threads for one job, and why: ROUTING_SUITE_THREADS, else what the launcher implies.
+
+    joblib runs `n_jobs` jobs at once on this machine: each gets cores // n_jobs
+    (2 jobs x 2 threads on 2 cores would fight over them); submitit gives each
+    job `cpus_per_task` cores; the basic launcher runs one job at a time and
+    keeps torch's default (every core, or OMP_NUM_THREADS).
+    """
+    if env.get(THREADS_ENV):
+        value = env[THREADS_ENV]
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"{THREADS_ENV}={value!r} must be a positive integer")
+        return int(value), THREADS_ENV
+    n_jobs = launcher.get("n_jobs")
+    if n_jobs is not None:
+        # joblib: -1 is every core, -2 all but one, and so on.
+        parallel = max(1, cores + 1 + int(n_jobs)) if n_jobs < 0 else max(1, int(n_jobs))
+        return max(1, cores // parallel), f"{parallel} parallel jobs on {cores} cores"
+    cpus = launcher.get("cpus_per_task")
+    if cpus:
+        return int(cpus), "cpus_per_task"
+    return None, "torch's default"
+
+
+class JobSetup(Callback):
+    """Set torch's thread count for the job and turn on deterministic algorithms."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        import torch
+
+        threads, why = job_threads(config.hydra.launcher, os.environ, usable_cores())
+        if threads is not None:
+            torch.set_num_threads(threads)
+        # warn_only: on GPUs a few kernels have no deterministic version; they warn instead of failing.
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        log.info("torch threads: %d (%s); deterministic algorithms on", torch.get_num_threads(), why)
+
+
+def cell_store(job: sweeps.Job) -> str:
+    """The store a finished routing job used, from the record it left in its folder."""
+    from routing_suite.routing import CELL_RECORD, TABLE_DIR
+
+    record = Path(job.dir) / TABLE_DIR / CELL_RECORD
+    if not record.is_file():
+        raise ConfigError(
+            f"job {' '.join(job.overrides) or '(no overrides)'} left no {TABLE_DIR}/{CELL_RECORD} in {job.dir!r} "
+            "(only routing jobs with report_dir=null leave one)"
+        )
+    return json.loads(record.read_text(encoding="utf-8"))["store"]
+
+
+class AggregateSweep(Callback):
+    """When a sweep ends, aggregate the stores its jobs used (and no other) into `out`.
+
+    `settings` are further keys of the aggregate config (n_resamples, seed, ...).
+    """
+
+    def __init__(self, out: str, **settings: Any) -> None:
+        self.out = out
+        self.settings = settings
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        from routing_suite import aggregate
+        from routing_suite.aggregate.config import AggregateConfig
+
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        stores = [Path(cell_store(job)) for job in sweeps.read_manifest(sweep_dir)]
+        try:
+            cfg = OmegaConf.structured(AggregateConfig(root=str(sweep_dir), out=self.out, **self.settings))
+        except TypeError as err:
+            raise ConfigError(f"hydra.callbacks: AggregateSweep: {err}") from err
+        result = aggregate.run(cfg, stores=stores)
+        log.info("%s", result["headline"])
+        log.info("%d cells from the %d stores of this sweep: tables, plots and report.md in %s", result["n_cells"], len(stores), result["out"])

@@ -1,0 +1,208 @@
+"""Hydra sweeps: job folders named by content, and the checks made before any job starts.
+
+A sweep job's folder is `<hydra.sweep.dir>/<model>/<behavior>/<overrides>`:
+the chosen options of the `model` and `behavior` groups, then the job's other
+overrides, sorted, without those that cannot change a result (the keys a
+store's digest leaves out), or `defaults` when none is left. A rerun of a cell
+therefore lands in the same folder, as it finds the same store.
+
+The sweeper (`hydra_plugins/routing_suite_sweeper`) composes every job before
+launching any, refuses a sweep in which two jobs would share a folder or whose
+launcher is not installed, and writes the job list (`sweep.json`) that
+`routing_suite.callbacks.AggregateSweep` reads when the sweep ends.
+
+This module stays light (no torch): the sweeper imports it during Hydra's
+plugin discovery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from hydra.errors import CompactHydraException
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
+
+from routing_suite.errors import ConfigError
+from routing_suite.provenance import NOT_RESULT_SHAPING, NOT_RESULT_SHAPING_MODEL
+
+# Groups whose chosen option names a folder level of its own, in this order.
+FOLDER_GROUPS = ("model", "behavior")
+DEFAULT_LEAF = "defaults"
+# Longer override lists are cut and end in a hash of the whole list.
+MAX_LEAF = 120
+MANIFEST = "sweep.json"
+RESOLVER = "rs.job_dir"
+
+# Launchers the suite ships configs for (conf/hydra/launcher/): the plugin
+# module each one's _target_ lives in -> the package that provides it.
+LAUNCHER_PACKAGES = {
+    "hydra_plugins.hydra_joblib_launcher": "hydra-joblib-launcher",
+    "hydra_plugins.hydra_submitit_launcher": "hydra-submitit-launcher",
+}
+# The plugins' own launcher configs, by name: registered as bare stand-ins when
+# a plugin is missing, so that `hydra/launcher=parallel` still composes and the
+# sweeper can say which package to install instead of "Could not find".
+_PLUGIN_CONFIGS = {
+    "joblib": "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher",
+    "submitit_local": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.LocalLauncher",
+    "submitit_slurm": "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher",
+}
+INSTALL_HINT = "pip install 'routing-suite[launchers]'"
+
+
+class SweepError(ConfigError, CompactHydraException):
+    """A sweep that cannot run as asked; raised before any of its jobs starts.
+
+    A CompactHydraException, so that Hydra prints the message alone.
+    """
+
+
+# ---------------------------------------------------------------- folder names
+
+
+def _key(override: str) -> str:
+    """The key an override sets: `+a.b=1` -> `a.b`, `~c` -> `c`, `x@pkg=y` -> `x`."""
+    key = override.split("=", 1)[0].lstrip("+~")
+    return key.split("@", 1)[0]
+
+
+def shapes_results(key: str) -> bool:
+    """False for keys a store's digest leaves out (where things run and are kept)."""
+    top = key.split(".", 1)[0]
+    if top in NOT_RESULT_SHAPING:
+        return False
+    return not (top == "model" and key.split(".", 1)[-1] in NOT_RESULT_SHAPING_MODEL)
+
+
+def leaf_name(overrides: Sequence[str], leave_out: Sequence[str] = ()) -> str:
+    """One folder name for a job's overrides: sorted, result-shaping only, safe in a path."""
+    kept = sorted(
+        o for o in overrides if shapes_results(_key(o)) and _key(o) not in (*FOLDER_GROUPS, *leave_out)
+    )
+    if not kept:
+        return DEFAULT_LEAF
+    name = ",".join(kept).replace("/", "_").replace("\\", "_")
+    if name.startswith("."):
+        name = "_" + name[1:]
+    if len(name) > MAX_LEAF:
+        name = f"{name[: MAX_LEAF - 13]}-{hashlib.sha256(name.encode()).hexdigest()[:12]}"
+    return name
+
+
+def job_subdir(*leave_out: str, _root_: DictConfig) -> str:
+    """The `rs.job_dir` resolver: `<model>/<behavior>/<overrides>` for the job config `_root_`.
+
+    `leave_out` names further keys to keep out of the name (the appendix
+    leaves out `experiment`: its whole sweep folder is that experiment's).
+    """
+    hydra = _root_.hydra
+    choices = hydra.runtime.choices
+    parts = [str(choices[g]) for g in FOLDER_GROUPS if g in choices and choices[g] is not None]
+    parts.append(leaf_name(list(hydra.overrides.task), leave_out))
+    return "/".join(parts)
+
+
+def register_resolvers() -> None:
+    if not OmegaConf.has_resolver(RESOLVER):
+        OmegaConf.register_new_resolver(RESOLVER, job_subdir)
+
+
+# ---------------------------------------------------------------- checks before launch
+
+
+@dataclass(frozen=True)
+class Job:
+    """One job of a sweep: its number, overrides and the folder it will write."""
+
+    num: int
+    overrides: list[str]
+    dir: str
+
+
+def check_distinct(jobs: Sequence[Job]) -> None:
+    """Refuse a sweep in which two jobs would write to the same folder."""
+    by_dir: dict[str, list[Job]] = {}
+    for job in jobs:
+        by_dir.setdefault(str(Path(job.dir)), []).append(job)
+    clashes = {d: js for d, js in by_dir.items() if len(js) > 1}
+    if not clashes:
+        return
+    folder, clash = sorted(clashes.items())[0]
+    listed = "; ".join(" ".join(j.overrides) or "(no overrides)" for j in clash)
+    raise SweepError(
+        f"{len(clash)} jobs of this sweep would write to the same folder {folder!r}: {listed}. "
+        f"They differ only in keys that cannot change a result ({', '.join(NOT_RESULT_SHAPING)}, model.cache_dir) "
+        "or not at all; drop the repeated values, or name the folder by them with hydra.sweep.subdir"
+        + (f" ({len(clashes) - 1} more shared folders)" if len(clashes) > 1 else "")
+    )
+
+
+def check_launcher(launcher: DictConfig, choice: str | None, installed: Callable[[str], bool] | None = None) -> None:
+    """Refuse a launcher whose plugin is not installed, naming the package to install."""
+    target = str(launcher.get("_target_", ""))
+    module = target.rsplit(".", 1)[0]
+    if not target.startswith("hydra_plugins.") or (installed or _importable)(module):
+        return
+    top = ".".join(module.split(".")[:2])
+    package = LAUNCHER_PACKAGES.get(top)
+    hint = f"install {package} ({INSTALL_HINT})" if package else f"install the package that provides {top}"
+    raise SweepError(f"hydra/launcher={choice or target}: the launcher plugin {top} is not installed; {hint}")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:
+        return False
+
+
+def register_launcher_stand_ins(installed: Callable[[str], bool] | None = None) -> list[str]:
+    """Bare stand-ins for the launcher configs of plugins that are not installed; returns their names."""
+    missing = []
+    for name, target in _PLUGIN_CONFIGS.items():
+        if not (installed or _importable)(target.rsplit(".", 1)[0]):
+            ConfigStore.instance().store(group="hydra/launcher", name=name, node={"_target_": target}, provider="routing_suite")
+            missing.append(name)
+    return missing
+
+
+# ---------------------------------------------------------------- the job list
+
+
+def write_manifest(sweep_dir: Path, jobs: Sequence[Job]) -> Path:
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    path = sweep_dir / MANIFEST
+    path.write_text(json.dumps({"jobs": [asdict(j) for j in jobs]}, indent=2) + "\n", encoding="utf-8")
+    return path
+
+
+def read_manifest(sweep_dir: Path) -> list[Job]:
+    path = sweep_dir / MANIFEST
+    if not path.is_file():
+        raise ConfigError(f"{str(path)!r} does not exist: no sweep ran in {str(sweep_dir)!r}")
+    return [Job(**j) for j in json.loads(path.read_text(encoding="utf-8"))["jobs"]]
+
+
+def as_job(num: int, overrides: Sequence[str], job_config: DictConfig) -> Job:
+    """The folder a composed job config will write, resolved as Hydra's run_job does
+    (with the job's number set; `job_config` is modified)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    with read_write(job_config.hydra), open_dict(job_config.hydra):
+        job_config.hydra.job.num = num
+        job_config.hydra.job.id = f"{job_config.hydra.job.name}_{num}"
+    hydra_config = HydraConfig.instance()
+    previous: Any = hydra_config.cfg
+    hydra_config.set_config(job_config)  # for ${hydra:...} in the folder names
+    try:
+        folder = Path(str(job_config.hydra.sweep.dir)) / str(job_config.hydra.sweep.subdir)
+    finally:
+        hydra_config.cfg = previous
+    return Job(num, list(overrides), str(folder))

@@ -1,0 +1,174 @@
+"""Sweeps: folders named by content, the checks before any job starts, threads per job,
+and a sweep through submitit's local executor."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import OmegaConf
+
+from routing_suite import sweeps
+from routing_suite.callbacks import job_threads
+from routing_suite.config import register_configs
+from routing_suite.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+register_configs()
+
+
+def _hydra_cfg(primary: str, overrides: list[str]):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name=primary, overrides=overrides, return_hydra_config=True)
+
+
+def _run(args: list[str], cwd: Path, timeout: int = 120, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", **env}
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.routing", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+# ---------------------------------------------------------------- folder names
+
+
+def test_leaf_name_is_sorted_result_shaping_and_path_safe():
+    assert sweeps.leaf_name(["seed=1", "intervention.rank=4"]) == "intervention.rank=4,seed=1"
+    assert sweeps.leaf_name(["model=qwen2_organism", "behavior=refuse"]) == "defaults"
+    # where things run and are kept does not name a folder, as it does not change a store's digest
+    assert sweeps.leaf_name(["backend.batch_size=8", "store.root=/x", "model.cache_dir=/y", "progress=false"]) == "defaults"
+    assert sweeps.leaf_name(["model.adapter=/data/adapters/a"]) == "model.adapter=_data_adapters_a"
+    assert sweeps.leaf_name(["+extra=1", "experiment=smoke"], leave_out=["experiment"]) == "+extra=1"
+    long = sweeps.leaf_name([f"data.max_fit={'9' * 200}"])
+    assert len(long) == sweeps.MAX_LEAF and long != sweeps.leaf_name([f"data.max_fit={'9' * 199}8"])
+
+
+def test_a_job_folder_is_model_behavior_and_its_other_overrides(tmp_path):
+    overrides = ["model=qwen2_organism", "behavior=refuse", "seed=3", f"store.root={tmp_path}"]
+    job = sweeps.as_job(0, overrides, _hydra_cfg("routing", [*overrides, f"hydra.sweep.dir={tmp_path}"]))
+    assert Path(job.dir) == tmp_path / "qwen2_organism" / "refuse" / "seed=3"
+    defaults = sweeps.as_job(1, [], _hydra_cfg("routing", [f"hydra.sweep.dir={tmp_path}"]))
+    assert Path(defaults.dir) == tmp_path / "llama_organism" / "underperform" / "defaults"
+
+
+def test_appendix_is_the_12_cell_grid_in_one_folder(tmp_path):
+    cfg = _hydra_cfg("routing", ["experiment=appendix"])
+    assert cfg.hydra.mode.name == "MULTIRUN"
+    params = cfg.hydra.sweeper.params
+    assert len(params.model.split(",")) * len(params.behavior.split(",")) == 12
+    assert set(cfg.control) == {"random", "orthogonal", "non_routing", "semantic"}
+    assert cfg.hydra.callbacks.tables._target_ == "routing_suite.callbacks.AggregateSweep"
+    job = sweeps.as_job(0, ["experiment=appendix"], cfg)
+    assert job.dir == "outputs/appendix/llama_organism/underperform/defaults"
+
+
+def test_jobs_sharing_a_folder_are_refused():
+    jobs = [sweeps.Job(0, ["backend.batch_size=8"], "s/a"), sweeps.Job(1, ["backend.batch_size=16"], "s/a")]
+    with pytest.raises(sweeps.SweepError, match="2 jobs of this sweep would write to the same folder 's/a'"):
+        sweeps.check_distinct(jobs)
+    sweeps.check_distinct([jobs[0], sweeps.Job(1, ["seed=2"], "s/b")])
+
+
+# ---------------------------------------------------------------- launchers
+
+
+@pytest.mark.parametrize("launcher", ["parallel", "slurm", "slurm_local"])
+def test_launcher_configs_compose_onto_their_plugins(launcher):
+    cfg = _hydra_cfg("routing", [f"hydra/launcher={launcher}"])
+    sweeps.check_launcher(cfg.hydra.launcher, launcher)  # installed here: no error
+    assert cfg.hydra.launcher._target_.startswith("hydra_plugins.")
+
+
+def test_a_launcher_that_is_not_installed_is_named_with_its_package():
+    store = ConfigStore.instance()
+    saved = dict(store.repo["hydra"]["launcher"])
+    try:
+        assert sweeps.register_launcher_stand_ins(installed=lambda _m: False) == list(sweeps._PLUGIN_CONFIGS)
+        cfg = _hydra_cfg("routing", ["hydra/launcher=parallel"])  # composes onto the stand-in
+        assert cfg.hydra.launcher.n_jobs == 2
+        with pytest.raises(sweeps.SweepError, match=r"hydra/launcher=parallel: .* install hydra-joblib-launcher"):
+            sweeps.check_launcher(cfg.hydra.launcher, "parallel", installed=lambda _m: False)
+    finally:
+        store.repo["hydra"]["launcher"] = saved
+
+
+@pytest.mark.parametrize(
+    "launcher,env,expected",
+    [
+        ({"n_jobs": 2}, {}, (1, "2 parallel jobs on 2 cores")),
+        ({"n_jobs": -1}, {}, (1, "2 parallel jobs on 2 cores")),
+        ({"n_jobs": 1}, {}, (2, "1 parallel jobs on 2 cores")),
+        ({"n_jobs": 4}, {}, (1, "4 parallel jobs on 2 cores")),
+        ({"cpus_per_task": 4}, {}, (4, "cpus_per_task")),
+        ({}, {}, (None, "torch's default")),
+        ({"n_jobs": 2}, {"ROUTING_SUITE_THREADS": "2"}, (2, "ROUTING_SUITE_THREADS")),
+    ],
+)
+def test_torch_threads_per_job(launcher, env, expected):
+    assert job_threads(launcher, env, cores=2) == expected
+
+
+def test_a_bad_thread_count_is_refused():
+    with pytest.raises(ConfigError, match="ROUTING_SUITE_THREADS='two' must be a positive integer"):
+        job_threads({}, {"ROUTING_SUITE_THREADS": "two"}, cores=2)
+
+
+# ---------------------------------------------------------------- bad sweeps fail before any job
+
+
+@pytest.mark.parametrize(
+    "args,expected",
+    [
+        (["backend.batch_size=16,32"], "2 jobs of this sweep would write to the same folder"),
+        (["model=llama_organism,gpt9_organism"], "Could not find 'model/gpt9_organism'"),
+        (
+            ["seed=1,2", "hydra.launcher._target_=hydra_plugins.hydra_no_such_launcher.Launcher"],
+            "the launcher plugin hydra_plugins.hydra_no_such_launcher is not installed",
+        ),
+    ],
+)
+def test_a_bad_sweep_fails_before_any_job_starts(args, expected, tmp_path):
+    result = _run(["-m", *args], tmp_path)
+    assert result.returncode != 0
+    assert expected in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists(), "a job started"
+
+
+# ---------------------------------------------------------------- a sweep through submitit
+
+
+def test_sweep_through_submitit_local_executor(llama_underperform, organism_cache, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    env = {k: v for k, v in os.environ.items() if k != "ROUTING_SUITE_THREADS"}
+    args = [
+        "-m", "hydra/launcher=slurm_local", "seed=0,1", "experiment=smoke", "progress=false",
+        f"model.cache_dir={organism_cache}", f"store.root={tmp_path / 'stores'}", f"hydra.sweep.dir={sweep_dir}",
+    ]
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.routing", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        env={**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    jobs = json.loads((sweep_dir / "sweep.json").read_text())["jobs"]
+    folders = {Path(j["dir"]).relative_to(sweep_dir).as_posix() for j in jobs}
+    assert folders == {f"llama_organism/underperform/experiment=smoke,seed={s}" for s in (0, 1)}
+    stores = set()
+    for folder in folders:
+        record = json.loads((sweep_dir / folder / "table" / "cell.json").read_text())
+        assert record["store"].endswith(".zarr") and Path(record["store"]).is_dir()
+        stores.add(record["store"])
+        log = (sweep_dir / folder / "routing.log").read_text()
+        assert "torch threads: 1 (cpus_per_task)" in log
+    assert len(stores) == 2
+    assert list((sweep_dir / ".submitit").glob("*/*_result.pkl")), "the jobs did not run through submitit"
+    assert OmegaConf.load(sweep_dir / "multirun.yaml").hydra.launcher._target_.endswith("LocalLauncher")
