@@ -83,8 +83,14 @@ class NdifBackendConfig:
     # The host comes from NDIF_HOST when null; the key only ever from NDIF_API_KEY.
     host: str | None = None
     batch_size: int = 32
+    # Deadline of one request; transient failures are retried max_retries times,
+    # waiting backoff_s, then twice that, and so on.
     timeout_s: float = 600.0
     max_retries: int = 3
+    backoff_s: float = 2.0
+    # true: no server; nnsight serializes each request and runs it in this
+    # process (remote="local") against local weights. Tests the remote path.
+    simulate: bool = False
 
 
 # ---------------------------------------------------------------- intervention, control

@@ -8,13 +8,16 @@ Two sources, each as the fraction of the behaviour gap a patch restores:
   attention output is replaced by the fine-tune's.
 
 The behaviour is measured by the probability of the first token of a
-completion that performs it. All patches of a source run as invokes of one
-batched forward. A configured rule turns the effects into a layer window.
+completion that performs it. Per batch of prompts, every patch of every
+source runs as an invoke of one batched forward per model (one forward, and
+one request remotely, when the fine-tune is the base plus adapter updates).
+A configured rule turns the effects into a layer window.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,11 +25,12 @@ import xarray as xr
 
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
-from routing_suite.models import ModelPair
+from routing_suite.lora import lora_update, plan_layer_steps
+from routing_suite.models import ModelPair, Traced
 from routing_suite.scoring import Behavior
 from routing_suite.settings import LocalizeSettings
 from routing_suite.steering import encode
-from routing_suite.tracing import envoy_at
+from routing_suite.tracing import envoy_at, group_by_model
 
 log = logging.getLogger(__name__)
 
@@ -62,42 +66,80 @@ def pick_window(effects: np.ndarray, settings: LocalizeSettings, window_effects:
 Patch = tuple[int, "int | None", torch.Tensor]  # (layer, head or None for the whole output, values)
 
 
-def _patch(nn_model, family: str, layer: int, head: int | None, head_dim: int, value: torch.Tensor) -> None:
-    """Inside a trace: set the last token's attention output (or one head's) to `value`."""
-    if head is None:
-        out = envoy_at(nn_model, site_path(family, "attn", layer)).output
-        x = out[0] if isinstance(out, tuple) else out
-        x[:, -1] = value
-    else:
-        x = envoy_at(nn_model, site_path(family, "heads", layer)).inputs[0][0]
-        x[:, -1, head * head_dim : (head + 1) * head_dim] = value
+@dataclass
+class PatchRun:
+    """Prompts through one model: unpatched, then once per patch set."""
+
+    traced: Traced
+    prompts: list[str]
+    patch_sets: list[list[Patch]]
 
 
-def _performed_token_probs(nn_model, family, tokenizer, prompts, token_ids, patch_sets: list[list[Patch]], head_dim, batch_size) -> np.ndarray:
-    """(len(patch_sets) + 1, prompts): P(performed first token), unpatched first.
+def _patch_sites(patches: list[Patch]) -> list[tuple[int, str]]:
+    return [(layer, "attn" if head is None else "heads") for layer, head, _ in patches]
 
-    Each patch set runs as one invoke; its patches go in layer order (reads
-    and writes inside a trace follow execution order)."""
-    rows = []
-    for start in range(0, len(prompts), batch_size):
+
+def run_patches(nn_model, family: str, plan: list, patches: list[Patch], head_dim: int) -> None:
+    """Inside a trace: the plan's adapter updates, and each patch at its site."""
+    for kind, layer, item in plan:
+        if kind == "lora":
+            lora_update(nn_model, item)
+            continue
+        envoy = envoy_at(nn_model, site_path(family, item, layer))
+        x = envoy.inputs[0][0] if item == "heads" else envoy.output
+        x = x[0] if isinstance(x, tuple) else x
+        for p_layer, head, values in patches:
+            if p_layer != layer or (head is None) != (item == "attn"):
+                continue
+            if head is None:
+                x[:, -1] = values
+            else:
+                x[:, -1, head * head_dim : (head + 1) * head_dim] = values
+
+
+def _performed_token_probs(
+    runs: list[PatchRun], family: str, tokenizer, token_ids: torch.Tensor, head_dim: int, num_layers: int, batch_size: int, backend
+) -> list[np.ndarray]:
+    """Per run, (len(patch_sets) + 1, prompts): P(performed first token), unpatched first.
+
+    Per batch of prompts, every run on the same nnsight model is one trace,
+    each (run, patch set) one invoke of it: with the fine-tune as adapter
+    updates on the base, both sources of a batch are one request."""
+    n = len(runs[0].prompts)
+    out: list[list[np.ndarray]] = [[] for _ in runs]
+    for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
-        inputs = encode(tokenizer, prompts[sl])
         ids = token_ids[sl]
-        with torch.no_grad(), nn_model.trace() as tracer:
-            with tracer.invoke(inputs):
-                pass
-            for patches in patch_sets:
-                with tracer.invoke(inputs):
-                    for layer, head, values in sorted(patches, key=lambda p: (p[0], -1 if p[1] is None else p[1])):
-                        _patch(nn_model, family, layer, head, head_dim, values[sl])
-            with tracer.invoke():
-                logits = nn_model.output.logits[:, -1].save()
-        probs = logits.float().softmax(-1).view(len(patch_sets) + 1, len(ids), -1)
-        rows.append(probs.gather(2, ids[None, :, None].expand(len(patch_sets) + 1, -1, 1))[..., 0].numpy())
-    return np.concatenate(rows, axis=1)
+        for group in group_by_model([r.traced for r in runs]):
+            nn_model = runs[group[0]].traced.nn
+            # Only this batch's donor values travel with the request.
+            invokes = [
+                (
+                    encode(tokenizer, runs[i].prompts[sl]),
+                    [(layer, head, values[sl]) for layer, head, values in patches],
+                    plan_layer_steps(_patch_sites(patches), runs[i].traced.lora, num_layers),
+                )
+                for i in group
+                for patches in [[], *runs[i].patch_sets]
+            ]
+            with torch.no_grad(), nn_model.trace(**backend.trace_kwargs(nn_model)) as tracer:
+                for inputs, patches, plan in invokes:
+                    with tracer.invoke(inputs):
+                        run_patches(nn_model, family, plan, patches, head_dim)
+                with tracer.invoke():
+                    logits = nn_model.output.logits[:, -1].clone().save()
+            backend.record(nn_model, logits)
+            probs = logits.float().softmax(-1).view(len(invokes), len(ids), -1)
+            chosen = probs.gather(2, ids[None, :, None].expand(len(invokes), -1, 1))[..., 0].numpy()
+            offset = 0
+            for i in group:
+                k = len(runs[i].patch_sets) + 1
+                out[i].append(chosen[offset : offset + k])
+                offset += k
+    return [np.concatenate(parts, axis=1) for parts in out]
 
 
-def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: LocalizeSettings, trace_kwargs: dict) -> xr.Dataset:
+def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: LocalizeSettings, backend) -> xr.Dataset:
     """Layer and head effects for both sources, and the window they give."""
     if "attn" not in acts:
         raise ConfigError("localize needs the 'attn' site in collect.sites")
@@ -115,35 +157,41 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
         values = test[site].sel(model=model, framing=framing).sel(position="last").values
         return torch.from_numpy(np.ascontiguousarray(values))  # (prompt, layer, ...)
 
+    # (model patched, prompts, donor model and framing of the attn / heads values)
     sources = {
-        # (model patched, prompts, donor values of attn / heads, reference prompts for the full effect)
-        "deploy_to_eval": ("finetuned", prompts_eval, ("finetuned", "deploy"), ("finetuned", prompts_deploy)),
-        "finetuned_to_base": ("base", prompts_eval, ("finetuned", "eval"), ("finetuned", prompts_eval)),
+        "deploy_to_eval": ("finetuned", prompts_eval, ("finetuned", "deploy")),
+        "finetuned_to_base": ("base", prompts_eval, ("finetuned", "eval")),
     }
     layer_effect = np.zeros((len(SOURCES), len(layers)), np.float32)
     head_effect = np.full((len(SOURCES), len(layers), len(heads)), np.nan, np.float32)
     spans = windows(layers)
+    multi = [w for w in spans if w[1] > w[0]]
     window_effect = np.full((len(SOURCES), len(layers), len(layers)), np.nan, np.float32)
     full_gap = np.zeros(len(SOURCES), np.float32)
-    for si, source in enumerate(SOURCES):
-        model_name, prompts, (donor_model, donor_framing), (ref_model, ref_prompts) = sources[source]
+    index = {layer: li for li, layer in enumerate(layers)}
+    runs = []
+    for source in SOURCES:
+        model_name, prompts, (donor_model, donor_framing) = sources[source]
         attn = last("attn", donor_model, donor_framing)
-        index = {layer: li for li, layer in enumerate(layers)}
         patch_sets = [[(layer, None, attn[:, index[layer]])] for layer in layers]
-        patch_sets += [[(layer, None, attn[:, index[layer]]) for layer in range(a, b + 1)] for a, b in spans if b > a]
+        patch_sets += [[(layer, None, attn[:, index[layer]]) for layer in range(a, b + 1)] for a, b in multi]
         if per_head:
             head_values = last("heads", donor_model, donor_framing)  # (prompt, layer, head, head_dim)
             patch_sets += [[(layer, h, head_values[:, li, h])] for li, layer in enumerate(layers) for h in heads]
-        probs = _performed_token_probs(
-            pair.traced(model_name), pair.family, pair.tokenizer, prompts, token_ids, patch_sets, dh, settings.batch_size
-        )
-        ref = _performed_token_probs(pair.traced(ref_model), pair.family, pair.tokenizer, ref_prompts, token_ids, [], dh, settings.batch_size)[0]
-        clean = probs[0]
-        gap = float((ref - clean).mean())
+        runs.append(PatchRun(pair.traced(model_name), prompts, patch_sets))
+    # The fine-tune under the deploy framing: the full effect of deploy_to_eval.
+    runs.append(PatchRun(pair.traced("finetuned"), prompts_deploy, []))
+    probs = _performed_token_probs(runs, pair.family, pair.tokenizer, token_ids, dh, pair.num_layers, settings.batch_size, backend)
+    # References: the fine-tune under deploy, and (for finetuned_to_base) the
+    # fine-tune under eval, which is the unpatched row of deploy_to_eval.
+    refs = {"deploy_to_eval": probs[2][0], "finetuned_to_base": probs[0][0]}
+    for si, source in enumerate(SOURCES):
+        clean = probs[si][0]
+        gap = float((refs[source] - clean).mean())
         full_gap[si] = gap
-        effects = (probs[1:] - clean).mean(axis=1) / gap if abs(gap) > 1e-6 else np.zeros(len(patch_sets))
+        n_sets = len(runs[si].patch_sets)
+        effects = (probs[si][1:] - clean).mean(axis=1) / gap if abs(gap) > 1e-6 else np.zeros(n_sets)
         layer_effect[si] = effects[: len(layers)]
-        multi = [w for w in spans if w[1] > w[0]]
         for (a, b), e in zip([(layer, layer) for layer in layers] + multi, effects[: len(layers) + len(multi)]):
             window_effect[si, index[a], index[b]] = e
         if per_head:

@@ -53,13 +53,14 @@ def run(cfg) -> dict:
         raise ConfigError(
             f"intervention.rank={spec.rank} and fit.max_rank={cfg.fit.max_rank} must satisfy rank <= max_rank <= fit pairs ({n_fit})"
         )
-    pair = setup.source.load(setup.behavior.name)
+    pair = pipeline.load_pair(setup)
     request = request.validate(pair.num_layers)
     spec.check_window(pair.num_layers)
 
     store = pipeline.open_store(setup, pair, spec.name)
-    trace_kwargs = setup.backend.trace_kwargs()
+    stats = setup.backend.stats
     if not store.stage_done("collect"):
+        stats.stage = "collect"
         collect(pair, items, request, store, setup.backend, progress=cfg.progress)
         store.mark_stage_done("collect")
     acts = store.read("activations").load()
@@ -68,11 +69,13 @@ def run(cfg) -> dict:
         store.mark_stage_done("fit")
     fitted = store.read("fit").load()
     if not store.stage_done("localize"):
-        store.write_group("localize", localize(pair, acts, setup.behavior, localize_settings, trace_kwargs))
+        stats.stage = "localize"
+        store.write_group("localize", localize(pair, acts, setup.behavior, localize_settings, setup.backend))
         store.mark_stage_done("localize")
     localized = store.read("localize").load()
     window = list(spec.window) if spec.window is not None else [int(x) for x in localized.attrs["window"]]
     if not store.stage_done("intervene"):
+        stats.stage = "intervene"
         conditions = build_conditions(spec, controls, fitted, localized, acts, window, int(cfg.seed))
         outcomes = intervene(pair, acts, conditions, setup.behavior, setup.backend, setup.backend.batch_size, cfg.progress)
         outcomes.attrs.update(
@@ -87,7 +90,8 @@ def run(cfg) -> dict:
     out = Path(cfg.report_dir) if cfg.report_dir else _run_dir() / "table"
     summary = _summary_table(final, out, int(cfg.seed))
     table = (out / "table.md").read_text(encoding="utf-8")
-    return {"store": str(final), "window": window, "seconds": seconds, "table_dir": str(out), "table_markdown": table, **summary}
+    log.info("requests: %s", stats.as_dict())
+    return {"store": str(final), "window": window, "seconds": seconds, "requests": stats.as_dict(), "table_dir": str(out), "table_markdown": table, **summary}
 
 
 def _run_dir() -> Path:
