@@ -11,7 +11,7 @@ PY := $(VENV)/bin/python
 #   make demo TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-slow lint organisms clean-outputs
+.PHONY: setup demo test test-slow test-remote lint organisms clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,11 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# Against a real NDIF server on 127.0.0.1 (installed into .venv-ndif, started and stopped by the tests).
+test-remote: setup
+	bash scripts/ndif/local_server.sh install
+	$(PY) -m pytest -q -m remote
 
 lint: setup
 	$(VENV)/bin/ruff check routing_suite experiments tests

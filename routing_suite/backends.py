@@ -42,11 +42,13 @@ class LocalBackend:
 
     device: str = "cpu"
     batch_size: int = 32
+    max_invokes: int | None = None
     stats: RequestStats = field(default_factory=RequestStats, repr=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"backend.batch_size={self.batch_size} must be >= 1")
+        _check_max_invokes(self.max_invokes)
 
     @property
     def name(self) -> str:
@@ -89,11 +91,15 @@ class NdifBackend:
     max_retries: int = 3
     backoff_s: float = 2.0
     simulate: bool = False
+    # At most this many invokes (models x conditions x patch sets) per request;
+    # None: as many as a batch has (fewest requests). 1: no grouping at all.
+    max_invokes: int | None = None
     stats: RequestStats = field(default_factory=RequestStats, repr=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"backend.batch_size={self.batch_size} must be >= 1")
+        _check_max_invokes(self.max_invokes)
         if self.host is not None and urlparse(self.host).scheme not in ("http", "https"):
             raise ConfigError(f"backend.host={self.host!r} must be an http(s) URL")
         if self.timeout_s <= 0 or self.max_retries < 0 or self.backoff_s < 0:
@@ -131,6 +137,8 @@ class NdifBackend:
         if not os.environ.get("NDIF_API_KEY"):
             raise ConfigError("backend=ndif needs the NDIF_API_KEY environment variable (it is never read from a config)")
         check_service(self.resolved_host)
+        # httpx logs every request at INFO; the per-stage counts say it better.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
     def check_pair(self, pair: ModelPair) -> None:
         """Refuse, before any trace, a model the service does not run."""
@@ -167,6 +175,11 @@ class NdifBackend:
         back; real ones are counted by `RetryingRemote` as they arrive."""
         if self.simulate:
             self.stats.add(result_bytes(saved))
+
+
+def _check_max_invokes(value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"backend.max_invokes={value} must be >= 1 (or null: no limit)")
 
 
 def _is_loopback(host: str) -> bool:

@@ -173,9 +173,17 @@ def run(cfg) -> dict:
     request = pipeline.site_request(cfg)
     pair = pipeline.load_pair(setup)
     request.validate(pair.num_layers)  # bad layers or sites fail before any store or trace
-    store = pipeline.open_store(setup, pair, "collect")
+    reduce = cfg.collect.reduce
+    if reduce not in ("none", "paired_sums"):
+        raise ConfigError(f"collect.reduce={reduce!r} is not one of ['none', 'paired_sums']")
+    store = pipeline.open_store(setup, pair, "collect" if reduce == "none" else reduce)
     if not store.complete:
-        collect(pair, items, request, store, setup.backend, progress=cfg.progress)
+        if reduce == "none":
+            collect(pair, items, request, store, setup.backend, progress=cfg.progress)
+        else:
+            from routing_suite.reduce import collect_paired_sums
+
+            collect_paired_sums(pair, items, request, store, setup.backend, progress=cfg.progress)
         store.mark_stage_done("collect")
         store.finish()
     log.info("store: %s", store.path)

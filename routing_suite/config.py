@@ -75,6 +75,8 @@ class LocalBackendConfig:
     _target_: str = "routing_suite.backends.LocalBackend"
     device: str = "cpu"
     batch_size: int = 32
+    # At most this many invokes per trace; null: no limit.
+    max_invokes: int | None = None
 
 
 @dataclass
@@ -91,6 +93,9 @@ class NdifBackendConfig:
     # true: no server; nnsight serializes each request and runs it in this
     # process (remote="local") against local weights. Tests the remote path.
     simulate: bool = False
+    # At most this many invokes (models x conditions x patch sets) per request;
+    # null: a batch's traces grouped into as few requests as nnsight allows.
+    max_invokes: int | None = None
 
 
 # ---------------------------------------------------------------- intervention, control
@@ -132,6 +137,9 @@ class CollectSettings:
     layers: list[int] | None = None  # null: every layer
     positions: str = "last"  # last | first_k | answer_mean
     k: int = 5
+    # "none": every prompt's activations; "paired_sums" (experiments.collect only):
+    # the server sums h(deploy) - h(eval) over each batch, for difference-of-means.
+    reduce: str = "none"
 
 
 @dataclass

@@ -30,7 +30,7 @@ from routing_suite.models import ModelPair, Traced
 from routing_suite.scoring import Behavior
 from routing_suite.settings import LocalizeSettings
 from routing_suite.steering import encode
-from routing_suite.tracing import envoy_at, group_by_model
+from routing_suite.tracing import chunked, envoy_at, group_by_model
 
 log = logging.getLogger(__name__)
 
@@ -107,6 +107,7 @@ def _performed_token_probs(
     updates on the base, both sources of a batch are one request."""
     n = len(runs[0].prompts)
     out: list[list[np.ndarray]] = [[] for _ in runs]
+    found: list[list[np.ndarray]] = [[] for _ in runs]  # this batch's rows, per run
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
         ids = token_ids[sl]
@@ -115,6 +116,7 @@ def _performed_token_probs(
             # Only this batch's donor values travel with the request.
             invokes = [
                 (
+                    i,
                     encode(tokenizer, runs[i].prompts[sl]),
                     [(layer, head, values[sl]) for layer, head, values in patches],
                     plan_layer_steps(_patch_sites(patches), runs[i].traced.lora, num_layers),
@@ -122,20 +124,22 @@ def _performed_token_probs(
                 for i in group
                 for patches in [[], *runs[i].patch_sets]
             ]
-            with torch.no_grad(), nn_model.trace(**backend.trace_kwargs(nn_model)) as tracer:
-                for inputs, patches, plan in invokes:
-                    with tracer.invoke(inputs):
-                        run_patches(nn_model, family, plan, patches, head_dim)
-                with tracer.invoke():
-                    logits = nn_model.output.logits[:, -1].clone().save()
-            backend.record(nn_model, logits)
-            probs = logits.float().softmax(-1).view(len(invokes), len(ids), -1)
-            chosen = probs.gather(2, ids[None, :, None].expand(len(invokes), -1, 1))[..., 0].numpy()
-            offset = 0
-            for i in group:
-                k = len(runs[i].patch_sets) + 1
-                out[i].append(chosen[offset : offset + k])
-                offset += k
+            for chunk in chunked(invokes, backend.max_invokes):
+                # The server reduces each row's logits to P(performed token): one
+                # number per row comes back instead of the vocabulary.
+                wanted = ids.repeat(len(chunk))[:, None]
+                with torch.no_grad(), nn_model.trace(**backend.trace_kwargs(nn_model)) as tracer:
+                    for _, inputs, patches, plan in chunk:
+                        with tracer.invoke(inputs):
+                            run_patches(nn_model, family, plan, patches, head_dim)
+                    with tracer.invoke():
+                        chosen = nn_model.output.logits[:, -1].float().softmax(-1).gather(1, wanted)[:, 0].save()
+                backend.record(nn_model, chosen)
+                for j, (i, *_rest) in enumerate(chunk):
+                    found[i].append(chosen[j * len(ids) : (j + 1) * len(ids)].numpy())
+        for i, rows in enumerate(found):
+            out[i].append(np.stack(rows))
+            rows.clear()
     return [np.concatenate(parts, axis=1) for parts in out]
 
 

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 PACKAGES = ("routing-suite", "torch", "transformers", "nnsight", "peft", "xarray", "zarr", "numpy", "hydra-core")
-_SECRET_WORDS = ("key", "token", "secret", "password")
+# "host": where a run sent its requests is kept out of stores like the key is.
+_SECRET_WORDS = ("key", "token", "secret", "password", "host")
 
 
 def package_versions() -> dict[str, str]:

@@ -128,7 +128,8 @@ class RetryingRemote(RemoteBackend):
                     ) from err
                 wait = self.backoff_s * 2**attempt
                 self.stats.retries += 1
-                log.warning("NDIF request failed (%s); retry %d/%d in %.1f s", _describe(err), attempt + 1, self.max_retries, wait)
+                reason = _describe(err).replace(self.host, "<host>")  # logs name neither key nor host
+                log.warning("NDIF request failed (%s); retry %d/%d in %.1f s", reason, attempt + 1, self.max_retries, wait)
                 time.sleep(wait)
                 continue
             self.stats.add(self._down, self._up)

@@ -45,6 +45,8 @@ def run(cfg) -> dict:
     check_controls(controls)
     localize_settings = LocalizeSettings(**OmegaConf.to_container(cfg.localize))
     request = pipeline.site_request(cfg)
+    if cfg.collect.reduce != "none":
+        raise ConfigError(f"collect.reduce={cfg.collect.reduce!r}: the routing cell needs every prompt's activations ('none')")
     if spec.site not in request.sites:
         raise ConfigError(f"intervention.site={spec.site!r} must be among collect.sites={list(request.sites)}")
     items = pipeline.prompt_items(setup)

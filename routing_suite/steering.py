@@ -21,7 +21,7 @@ from routing_suite.families import site_path
 from routing_suite.interventions import Condition
 from routing_suite.lora import lora_update, plan_layer_steps
 from routing_suite.models import Traced
-from routing_suite.tracing import envoy_at
+from routing_suite.tracing import chunked, envoy_at
 
 
 def _site_tensor(envoy) -> Tensor:
@@ -74,7 +74,18 @@ def generate_under_conditions(
     traced: Traced, family: str, tokenizer: PreTrainedTokenizerBase, prompts: list[str], conditions: list[Condition],
     max_new_tokens: int, num_layers: int, backend,
 ) -> dict[str, list[str]]:
-    """Greedy completions of `prompts` under each condition (one batched generation, one request)."""
+    """Greedy completions of `prompts` under each condition (one batched generation,
+    one request; more if `backend.max_invokes` caps the conditions per request)."""
+    completions: dict[str, list[str]] = {}
+    for chunk in chunked(conditions, backend.max_invokes):
+        completions.update(_generate(traced, family, tokenizer, prompts, chunk, max_new_tokens, num_layers, backend))
+    return completions
+
+
+def _generate(
+    traced: Traced, family: str, tokenizer: PreTrainedTokenizerBase, prompts: list[str], conditions: list[Condition],
+    max_new_tokens: int, num_layers: int, backend,
+) -> dict[str, list[str]]:
     inputs = encode(tokenizer, prompts)
     width = inputs["input_ids"].shape[1]
     nn_model = traced.nn

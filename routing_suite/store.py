@@ -180,9 +180,11 @@ class RunStore:
         return group in zarr.open_group(str(self.path), mode="r")
 
     def create_streamed(
-        self, group: str, coords: dict[str, Any], variables: dict[str, tuple[tuple[str, ...], tuple[int, ...]]], n_batches: int
+        self, group: str, coords: dict[str, Any], variables: dict[str, tuple[tuple[str, ...], tuple[int, ...]]], n_batches: int,
+        along: str = "prompt",
     ) -> None:
-        """Lay out a group of prompt-chunked arrays to be filled batch by batch.
+        """Lay out a group of arrays chunked `along` one dimension (prompts, by
+        default) to be filled batch by batch.
 
         `coords` are xarray coordinates (dim name -> values, or (dim, values)
         for non-index ones); `variables` name -> (dims, shape). Arrays start
@@ -194,7 +196,7 @@ class RunStore:
         g = zarr.open_group(str(self.path), mode="r+").require_group(group)
         dtype = STORED_DTYPES[self.settings.dtype]
         for name, (dims, shape) in variables.items():
-            chunks = tuple(min(self.settings.chunk_prompts, n) if d == "prompt" else n for d, n in zip(dims, shape))
+            chunks = tuple(min(self.settings.chunk_prompts, n) if d == along else n for d, n in zip(dims, shape))
             g.create_array(
                 name,
                 shape=shape,
@@ -214,7 +216,8 @@ class RunStore:
         return zarr.open_array(str(self.path), path=f"{group}/batch_done", mode="r")[:]
 
     def write_batch(
-        self, group: str, batch: int | list[int], prompt_slice: slice, data: dict[str, np.ndarray], labels: dict[str, list]
+        self, group: str, batch: int | list[int], prompt_slice: slice, data: dict[str, np.ndarray], labels: dict[str, list],
+        along: str = "prompt",
     ) -> None:
         """Write one batch's values, or several consecutive batches' at once,
         then mark them done. Arrays are laid out as the group's variables; the
@@ -228,7 +231,7 @@ class RunStore:
         for name, values in data.items():
             dims = arrays[name].metadata.dimension_names
             check_finite(name, values, dims, {"model": list(schema.MODELS), "framing": list(schema.FRAMINGS), **labels})
-            index = tuple(prompt_slice if d == "prompt" else slice(None) for d in dims)
+            index = tuple(prompt_slice if d == along else slice(None) for d in dims)
             arrays[name][index] = values.astype(arrays[name].dtype, copy=False)
         batches = [batch] if isinstance(batch, int) else list(batch)
         arrays["batch_done"][batches[0] : batches[-1] + 1] = True

@@ -139,6 +139,14 @@ def site_value(envoy, site: str):
     return envoy.inputs[0][0] if site == "heads" else _first(envoy.output)
 
 
+def chunked(items: list, size: int | None) -> list[list]:
+    """`items` in consecutive chunks of at most `size` (all in one for None):
+    the invokes each trace (each request) holds."""
+    if size is None or size >= len(items):
+        return [items]
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
 def group_by_model(models: list[Traced]) -> list[list[int]]:
     """Indices of `models` that share an nnsight model, in first-seen order:
     each group runs as the invokes of one trace (one request remotely)."""
@@ -149,19 +157,24 @@ def group_by_model(models: list[Traced]) -> list[list[int]]:
 
 
 def trace_sites(
-    models: list[Traced], family: str, batch: Batch, request: SiteRequest, num_heads: int, backend
+    models: list[Traced], family: str, batch: Batch, request: SiteRequest, num_heads: int, backend, paired_sum: bool = False
 ) -> list[dict[str, Tensor]]:
     """The batch through each of `models`; per model, site -> (batch, layer,
     position, hidden) or, for heads, (batch, layer, position, head, head_dim),
     in float32 on the CPU.
 
     Models that share an nnsight model (a base and its fine-tune run as adapter
-    updates) are invokes of one forward pass, so one request serves both."""
+    updates) are invokes of one forward pass, so one request serves both.
+
+    `paired_sum`: the batch's rows are n eval prompts then their n deploy
+    prompts, and the trace itself reduces them to sum(deploy - eval) (a batch
+    dimension of 1): what comes back no longer grows with the batch."""
+    pairs = batch.input_ids.shape[0] // 2
     wanted = [(layer, site) for layer in request.layers for site in request.sites]
     through = max(request.layers) + 1
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
     outputs: list[dict[str, Tensor]] = [{} for _ in models]
-    for group in group_by_model(models):
+    for group in (chunk for g in group_by_model(models) for chunk in chunked(g, backend.max_invokes)):
         nn_model = models[group[0]].nn
         plans = [plan_layer_steps(wanted, models[i].lora, through) for i in group]
         with torch.no_grad(), nn_model.trace(**backend.trace_kwargs(nn_model)) as tracer:
@@ -174,7 +187,10 @@ def trace_sites(
                             lora_update(nn_model, item)
                         else:
                             envoy = envoy_at(nn_model, site_path(family, item, layer))
-                            values[layer, item] = select_positions(site_value(envoy, item), batch).clone()
+                            kept = select_positions(site_value(envoy, item), batch)
+                            if paired_sum:
+                                kept = (kept[pairs:].float() - kept[:pairs].float()).sum(0, keepdim=True)
+                            values[layer, item] = kept.clone()
                     saved[slot] = values
         backend.record(nn_model, saved)
         for slot, i in enumerate(group):

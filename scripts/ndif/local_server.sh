@@ -43,9 +43,12 @@ install() {
     # transformers as the client has it: 5.23 builds no tokenizer for a pipeline
     # given a local checkpoint whose tokenizer class is the plain tokenizers backend.
     [ -x "$PY" ] || python3.11 -m venv "$VENV"
-    "$PY" -m pip install -q "torch>=2.5,<2.16" "nnsight==0.8.1" "transformers>=5.22,<5.23" "tokenizers>=0.22,<0.24" \
-        "peft>=0.17,<0.22" "accelerate>=1.10,<1.16" redis click python-dotenv pyyaml boto3 fastapi "uvicorn[standard]" \
-        gunicorn python-multipart "ray[default]" zstandard numpy "moto[server]" httpx psutil
+    # The server's dependencies are the `ndif` extra of pyproject.toml.
+    "$PY" -m pip install -q "torch>=2.5,<2.16"
+    "$PY" - "$ROOT/pyproject.toml" <<'PYEOF' | xargs -d '\n' "$PY" -m pip install -q
+import sys, tomllib
+print("\n".join(tomllib.load(open(sys.argv[1], "rb"))["project"]["optional-dependencies"]["ndif"]))
+PYEOF
     "$PY" -m pip install -q --no-deps --ignore-requires-python "ndif==0.1.2"
 }
 
