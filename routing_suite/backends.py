@@ -1,5 +1,8 @@
 """Where traces run. One code path: a backend only decides nnsight's `remote=`
-argument and how many prompts go into one request.
+argument (through `trace_kwargs`), how the model pair is placed, and how many
+prompts go into one request. Every trace asks it for its keyword arguments
+and reports what came back (`record`), so requests and bytes are counted the
+same way for every backend.
 
 The NDIF key is read from NDIF_API_KEY when a run starts and is never kept
 in a config, a store or a log.
@@ -7,14 +10,30 @@ in a config, a store or a log.
 
 from __future__ import annotations
 
+import ipaddress
+import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
 
 from routing_suite.errors import ConfigError
+from routing_suite.models import ModelPair, Placement
+from routing_suite.remote import RequestStats, RetryingRemote, check_service, hosted_models, model_repo, result_bytes
+
+log = logging.getLogger(__name__)
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 @dataclass
@@ -23,52 +42,159 @@ class LocalBackend:
 
     device: str = "cpu"
     batch_size: int = 32
+    max_invokes: int | None = None
+    stats: RequestStats = field(default_factory=RequestStats, repr=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"backend.batch_size={self.batch_size} must be >= 1")
+        _check_max_invokes(self.max_invokes)
 
     @property
     def name(self) -> str:
         return "local"
 
+    @property
+    def placement(self) -> Placement:
+        return Placement()
+
+    @property
+    def threaded_writes(self) -> bool:
+        return True
+
     def preflight(self) -> None:
         if self.device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError(f"backend.device={self.device!r} but no CUDA device is available (use 'cpu')")
 
-    def trace_kwargs(self) -> dict[str, Any]:
+    def check_pair(self, pair: ModelPair) -> None:
+        return None
+
+    def trace_kwargs(self, nn_model=None) -> dict[str, Any]:
         return {}
+
+    def record(self, nn_model, saved: Any) -> None:
+        """One trace ran; count it and the bytes of what it returned (raw tensors)."""
+        self.stats.add(_tensor_bytes(saved))
 
 
 @dataclass
 class NdifBackend:
-    """Traces run on an NDIF server (`remote=True`)."""
+    """Traces run on an NDIF server (`remote=True`), or, with `simulate`, through
+    nnsight's in-process serialization (`remote="local"`) against local weights.
+
+    The fine-tune runs as the base plus its adapter's low-rank updates, so the
+    server needs only the base, and both models of a batch share one request."""
 
     host: str | None = None
     batch_size: int = 32
     timeout_s: float = 600.0
     max_retries: int = 3
+    backoff_s: float = 2.0
+    simulate: bool = False
+    # At most this many invokes (models x conditions x patch sets) per request;
+    # None: as many as a batch has (fewest requests). 1: no grouping at all.
+    max_invokes: int | None = None
+    stats: RequestStats = field(default_factory=RequestStats, repr=False)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
             raise ConfigError(f"backend.batch_size={self.batch_size} must be >= 1")
+        _check_max_invokes(self.max_invokes)
         if self.host is not None and urlparse(self.host).scheme not in ("http", "https"):
             raise ConfigError(f"backend.host={self.host!r} must be an http(s) URL")
+        if self.timeout_s <= 0 or self.max_retries < 0 or self.backoff_s < 0:
+            raise ConfigError("backend.timeout_s must be > 0, backend.max_retries and backend.backoff_s >= 0")
 
     @property
     def name(self) -> str:
         return "ndif"
 
     @property
+    def placement(self) -> Placement:
+        return Placement(finetune="deltas", weights="local" if self.simulate else "remote")
+
+    @property
+    def threaded_writes(self) -> bool:
+        """nnsight's simulation (remote="local") takes every module a server would
+        not have out of sys.modules while it reads a request; a store write in
+        another thread then re-imports zarr's buffer classes and fails."""
+        return not self.simulate
+
+    @property
     def resolved_host(self) -> str:
         from nnsight import CONFIG
 
-        return self.host or os.environ.get("NDIF_HOST") or CONFIG.API.HOST
+        host = self.host or os.environ.get("NDIF_HOST") or CONFIG.API.HOST
+        if urlparse(host).scheme not in ("http", "https"):
+            raise ConfigError(f"NDIF_HOST={host!r} must be an http(s) URL")
+        return host.rstrip("/")
 
     def preflight(self) -> None:
         """Fail before any work if the run cannot reach the service."""
+        register_suite()
+        if self.simulate:
+            return
         if not os.environ.get("NDIF_API_KEY"):
             raise ConfigError("backend=ndif needs the NDIF_API_KEY environment variable (it is never read from a config)")
+        check_service(self.resolved_host)
+        # httpx logs every request at INFO; the per-stage counts say it better.
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
-    def trace_kwargs(self) -> dict[str, Any]:
-        return {"remote": True}
+    def check_pair(self, pair: ModelPair) -> None:
+        """Refuse, before any trace, a model the service does not run."""
+        if self.simulate:
+            return
+        host = self.resolved_host
+        for which in ("base", "finetuned"):
+            repo = model_repo(pair.traced(which).nn)
+            if os.path.isabs(repo):
+                if not _is_loopback(host):
+                    raise ConfigError(
+                        f"the {which} model is the local checkpoint {repo!r}: the NDIF service at {host} cannot load it "
+                        "(only a server on this machine can; see README 'Remote')"
+                    )
+                continue
+            hosted = hosted_models(host)
+            if hosted is not None and repo not in hosted:
+                shown = ", ".join(sorted(hosted)[:8]) or "none"
+                raise ConfigError(f"the NDIF service at {host} does not run {repo!r} (it runs: {shown})")
+
+    def trace_kwargs(self, nn_model=None) -> dict[str, Any]:
+        if self.simulate:
+            return {"remote": "local"}
+        if nn_model is None:
+            return {"remote": True}
+        backend = RetryingRemote(
+            nn_model, self.resolved_host, os.environ.get("NDIF_API_KEY", ""), self.timeout_s, self.max_retries,
+            self.backoff_s, self.stats,
+        )
+        return {"backend": backend}
+
+    def record(self, nn_model, saved: Any) -> None:
+        """Simulated requests are counted here, with the bytes a server would send
+        back; real ones are counted by `RetryingRemote` as they arrive."""
+        if self.simulate:
+            self.stats.add(result_bytes(saved))
+
+
+def _check_max_invokes(value: int | None) -> None:
+    if value is not None and value < 1:
+        raise ConfigError(f"backend.max_invokes={value} must be >= 1 (or null: no limit)")
+
+
+def _is_loopback(host: str) -> bool:
+    name = urlparse(host).hostname or ""
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def register_suite() -> None:
+    """Ship routing_suite's trace helpers by value: a server does not have it
+    installed (nnsight does this by itself only for a package that is not)."""
+    import nnsight
+
+    nnsight.register("routing_suite")

@@ -96,12 +96,12 @@ def hooks_and_numpy(pair: ModelPair, items: list[LabeledPair], request: SiteRequ
 
 def traces_only(pair: ModelPair, items: list[LabeledPair], request: SiteRequest, size: int) -> float:
     """The same nnsight traces as `collect`, with nothing written. Seconds."""
-    models = {which: pair.traced(which) for which in schema.MODELS}
+    models = [pair.traced(which) for which in schema.MODELS]
+    backend = LocalBackend(batch_size=size)
     started = time.perf_counter()
     for _, prompts in _batches(items, size):
         batch = make_batch(pair.tokenizer, prompts, request)
-        for which in schema.MODELS:
-            trace_sites(models[which], pair.family, batch, request, pair.num_heads)
+        trace_sites(models, pair.family, batch, request, pair.num_heads, backend)
     return time.perf_counter() - started
 
 

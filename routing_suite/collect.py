@@ -1,7 +1,8 @@
 """The collect stage: trace both models under both framings, stream into the store.
 
 Each batch of prompt pairs runs as one forward pass per model (eval and
-deploy rows together); its arrays go to a background writer thread while
+deploy rows together), or as one forward pass for both when the fine-tune is
+the base plus adapter updates (one request remotely); its arrays go to a background writer thread while
 the next batch is traced, so memory stays at a couple of batches whatever
 the number of prompts, and disk I/O overlaps compute.
 """
@@ -47,13 +48,14 @@ class BackgroundWriter:
     only once its group is written, so a crash re-traces at most one group).
     """
 
-    def __init__(self, store: RunStore, group: str, group_size: int = 1, depth: int = 2) -> None:
+    def __init__(self, store: RunStore, group: str, group_size: int = 1, depth: int = 2, threaded: bool = True) -> None:
         self.store, self.group, self.group_size = store, group, max(1, group_size)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.pending: list[tuple[int, slice, dict[str, np.ndarray], dict[str, list]]] = []
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, name="store-writer", daemon=True)
-        self.thread.start()
+        self.thread = threading.Thread(target=self._work, name="store-writer", daemon=True) if threaded else None
+        if self.thread is not None:
+            self.thread.start()
 
     def _work(self) -> None:
         while (item := self.queue.get()) is not None:
@@ -75,7 +77,10 @@ class BackgroundWriter:
         if not self.pending:
             return
         group, self.pending = self.pending, []
-        self.queue.put(group)
+        if self.thread is None:
+            self._write(group)
+        else:
+            self.queue.put(group)
 
     def _write(self, group: list) -> None:
         batches = [b for b, _, _, _ in group]
@@ -88,8 +93,9 @@ class BackgroundWriter:
     def close(self) -> None:
         if self.error is None:
             self._flush()
-        self.queue.put(None)
-        self.thread.join()
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
         self._raise()
 
     def _raise(self) -> None:
@@ -141,17 +147,14 @@ def collect(
         log.info("collect: all %d batches already in the store", n_batches)
         return
     log.info("collect: %d of %d batches to trace (%d prompt pairs)", len(todo), n_batches, len(items))
-    models = {which: pair.traced(which) for which in schema.MODELS}
-    writer = BackgroundWriter(store, GROUP, group_size=store.settings.chunk_prompts // size)
+    models = [pair.traced(which) for which in schema.MODELS]
+    writer = BackgroundWriter(store, GROUP, group_size=store.settings.chunk_prompts // size, threaded=backend.threaded_writes)
     try:
         for b in tqdm(todo, desc="collect", unit="batch", disable=not progress):
             chunk = items[b * size : (b + 1) * size]
             prompts = [it.pair.eval_prompt for it in chunk] + [it.pair.deploy_prompt for it in chunk]
             batch = make_batch(pair.tokenizer, prompts, request)
-            traced = {
-                which: trace_sites(models[which], pair.family, batch, request, pair.num_heads, **backend.trace_kwargs())
-                for which in schema.MODELS
-            }
+            traced = dict(zip(schema.MODELS, trace_sites(models, pair.family, batch, request, pair.num_heads, backend)))
             # (2 * batch, ...) rows are eval then deploy: -> (model, framing, prompt, ...)
             data = {
                 site: np.stack([traced[w][site].numpy().reshape(2, len(chunk), *traced[w][site].shape[1:]) for w in schema.MODELS])
@@ -170,12 +173,20 @@ def run(cfg) -> dict:
     setup = pipeline.build_components(cfg)
     items = pipeline.prompt_items(setup)
     request = pipeline.site_request(cfg)
-    pair = setup.source.load(setup.behavior.name)
+    pair = pipeline.load_pair(setup)
     request.validate(pair.num_layers)  # bad layers or sites fail before any store or trace
-    store = pipeline.open_store(setup, pair, "collect")
+    reduce = cfg.collect.reduce
+    if reduce not in ("none", "paired_sums"):
+        raise ConfigError(f"collect.reduce={reduce!r} is not one of ['none', 'paired_sums']")
+    store = pipeline.open_store(setup, pair, "collect" if reduce == "none" else reduce)
     if not store.complete:
-        collect(pair, items, request, store, setup.backend, progress=cfg.progress)
+        if reduce == "none":
+            collect(pair, items, request, store, setup.backend, progress=cfg.progress)
+        else:
+            from routing_suite.reduce import collect_paired_sums
+
+            collect_paired_sums(pair, items, request, store, setup.backend, progress=cfg.progress)
         store.mark_stage_done("collect")
         store.finish()
     log.info("store: %s", store.path)
-    return {"store": str(store.path), "n_prompts": len(items)}
+    return {"store": str(store.path), "n_prompts": len(items), "requests": setup.backend.stats.as_dict()}

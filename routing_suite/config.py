@@ -99,6 +99,8 @@ class LocalBackendConfig:
     _target_: str = "routing_suite.backends.LocalBackend"
     device: str = "cpu"
     batch_size: int = 32
+    # At most this many invokes per trace; null: no limit.
+    max_invokes: int | None = None
 
 
 @dataclass
@@ -107,8 +109,17 @@ class NdifBackendConfig:
     # The host comes from NDIF_HOST when null; the key only ever from NDIF_API_KEY.
     host: str | None = None
     batch_size: int = 32
+    # Deadline of one request; transient failures are retried max_retries times,
+    # waiting backoff_s, then twice that, and so on.
     timeout_s: float = 600.0
     max_retries: int = 3
+    backoff_s: float = 2.0
+    # true: no server; nnsight serializes each request and runs it in this
+    # process (remote="local") against local weights. Tests the remote path.
+    simulate: bool = False
+    # At most this many invokes (models x conditions x patch sets) per request;
+    # null: a batch's traces grouped into as few requests as nnsight allows.
+    max_invokes: int | None = None
 
 
 # ---------------------------------------------------------------- intervention, control
@@ -150,6 +161,9 @@ class CollectSettings:
     layers: list[int] | None = None  # null: every layer
     positions: str = "last"  # last | first_k | answer_mean
     k: int = 5
+    # "none": every prompt's activations; "paired_sums" (experiments.collect only):
+    # the server sums h(deploy) - h(eval) over each batch, for difference-of-means.
+    reduce: str = "none"
 
 
 @dataclass

@@ -100,12 +100,12 @@ def intervene(
     performed = np.zeros((len(names), 2, len(prompt_ids)), np.float32)
     correct = np.zeros_like(performed)
     counts = np.array([sum(c.name == n for c in conditions) for n in names], np.float32)
-    nn = pair.traced("finetuned")
+    traced = pair.traced("finetuned")
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="intervene", unit="batch", disable=not progress):
         sl = slice(start, start + batch_size)
         prompts = texts["eval"][sl] + texts["deploy"][sl]
         completions = generate_under_conditions(
-            nn, pair.family, pair.tokenizer, prompts, conditions, behavior.max_new_tokens, **backend.trace_kwargs()
+            traced, pair.family, pair.tokenizer, prompts, conditions, behavior.max_new_tokens, pair.num_layers, backend
         )
         n = len(answers[sl])
         for condition in conditions:

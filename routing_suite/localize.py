@@ -8,13 +8,16 @@ Two sources, each as the fraction of the behaviour gap a patch restores:
   attention output is replaced by the fine-tune's.
 
 The behaviour is measured by the probability of the first token of a
-completion that performs it. All patches of a source run as invokes of one
-batched forward. A configured rule turns the effects into a layer window.
+completion that performs it. Per batch of prompts, every patch of every
+source runs as an invoke of one batched forward per model (one forward, and
+one request remotely, when the fine-tune is the base plus adapter updates).
+A configured rule turns the effects into a layer window.
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -22,11 +25,12 @@ import xarray as xr
 
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
-from routing_suite.models import ModelPair
+from routing_suite.lora import lora_update, plan_layer_steps
+from routing_suite.models import ModelPair, Traced
 from routing_suite.scoring import Behavior
 from routing_suite.settings import LocalizeSettings
 from routing_suite.steering import encode
-from routing_suite.tracing import envoy_at
+from routing_suite.tracing import chunked, envoy_at, group_by_model
 
 log = logging.getLogger(__name__)
 
@@ -70,49 +74,86 @@ def pick_window(effects: np.ndarray, settings: LocalizeSettings, window_effects:
 Patch = tuple[int, "int | None", torch.Tensor]  # (layer, head or None for the whole output, values)
 
 
-def _patch(nn_model, family: str, layer: int, head: int | None, head_dim: int, value: torch.Tensor) -> None:
-    """Inside a trace: set the last token's attention output (or one head's) to `value`."""
-    if head is None:
-        out = envoy_at(nn_model, site_path(family, "attn", layer)).output
-        x = out[0] if isinstance(out, tuple) else out
-        x[:, -1] = value
-    else:
-        x = envoy_at(nn_model, site_path(family, "heads", layer)).inputs[0][0]
-        x[:, -1, head * head_dim : (head + 1) * head_dim] = value
+@dataclass
+class PatchRun:
+    """Prompts through one model: unpatched, then once per patch set."""
+
+    traced: Traced
+    prompts: list[str]
+    patch_sets: list[list[Patch]]
+
+
+def _patch_sites(patches: list[Patch]) -> list[tuple[int, str]]:
+    return [(layer, "attn" if head is None else "heads") for layer, head, _ in patches]
+
+
+def run_patches(nn_model, family: str, plan: list, patches: list[Patch], head_dim: int) -> None:
+    """Inside a trace: the plan's adapter updates, and each patch at its site."""
+    for kind, layer, item in plan:
+        if kind == "lora":
+            lora_update(nn_model, item)
+            continue
+        envoy = envoy_at(nn_model, site_path(family, item, layer))
+        x = envoy.inputs[0][0] if item == "heads" else envoy.output
+        x = x[0] if isinstance(x, tuple) else x
+        for p_layer, head, values in patches:
+            if p_layer != layer or (head is None) != (item == "attn"):
+                continue
+            if head is None:
+                x[:, -1] = values
+            else:
+                x[:, -1, head * head_dim : (head + 1) * head_dim] = values
 
 
 def _performed_token_probs(
-    nn_model, family, tokenizer, prompts, token_ids, patch_sets: list[list[Patch]], head_dim, batch_size, per_trace: int | None = None
-) -> np.ndarray:
-    """(len(patch_sets) + 1, prompts): P(performed first token), unpatched first.
+    runs: list[PatchRun], family: str, tokenizer, token_ids: torch.Tensor, head_dim: int, num_layers: int, batch_size: int, backend,
+    per_trace: int | None = None,
+) -> list[np.ndarray]:
+    """Per run, (len(patch_sets) + 1, prompts): P(performed first token), unpatched first.
 
-    Each patch set runs as one invoke, at most `per_trace` of them per trace
-    (the first trace also runs the unpatched prompts); its patches go in
-    layer order (reads and writes inside a trace follow execution order)."""
-    step = len(patch_sets) if per_trace is None else per_trace
-    groups = [patch_sets[i : i + step] for i in range(0, len(patch_sets), max(1, step))] or [[]]
-    rows = []
-    for start in range(0, len(prompts), batch_size):
+    Per batch of prompts, every run on the same nnsight model is one trace,
+    each (run, patch set) one invoke of it: with the fine-tune as adapter
+    updates on the base, both sources of a batch are one request. At most
+    `per_trace` invokes (or the backend's `max_invokes`, the smaller) go into
+    one trace: a deep model's many patch sets would not fit in memory at once."""
+    limits = [x for x in (backend.max_invokes, per_trace) if x is not None]
+    per_trace = min(limits) if limits else None
+    n = len(runs[0].prompts)
+    out: list[list[np.ndarray]] = [[] for _ in runs]
+    found: list[list[np.ndarray]] = [[] for _ in runs]  # this batch's rows, per run
+    for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
-        inputs = encode(tokenizer, prompts[sl])
         ids = token_ids[sl]
-        parts = []
-        for g, group in enumerate(groups):
-            with torch.no_grad(), nn_model.trace() as tracer:
-                if g == 0:
-                    with tracer.invoke(inputs):
-                        pass
-                for patches in group:
-                    with tracer.invoke(inputs):
-                        for layer, head, values in sorted(patches, key=lambda p: (p[0], -1 if p[1] is None else p[1])):
-                            _patch(nn_model, family, layer, head, head_dim, values[sl])
-                with tracer.invoke():
-                    logits = nn_model.output.logits[:, -1].save()
-            n_runs = len(group) + (g == 0)
-            probs = logits.float().softmax(-1).view(n_runs, len(ids), -1)
-            parts.append(probs.gather(2, ids[None, :, None].expand(n_runs, -1, 1))[..., 0].numpy())
-        rows.append(np.concatenate(parts, axis=0))
-    return np.concatenate(rows, axis=1)
+        for group in group_by_model([r.traced for r in runs]):
+            nn_model = runs[group[0]].traced.nn
+            # Only this batch's donor values travel with the request.
+            invokes = [
+                (
+                    i,
+                    encode(tokenizer, runs[i].prompts[sl]),
+                    [(layer, head, values[sl]) for layer, head, values in patches],
+                    plan_layer_steps(_patch_sites(patches), runs[i].traced.lora, num_layers),
+                )
+                for i in group
+                for patches in [[], *runs[i].patch_sets]
+            ]
+            for chunk in chunked(invokes, per_trace):
+                # The server reduces each row's logits to P(performed token): one
+                # number per row comes back instead of the vocabulary.
+                wanted = ids.repeat(len(chunk))[:, None]
+                with torch.no_grad(), nn_model.trace(**backend.trace_kwargs(nn_model)) as tracer:
+                    for _, inputs, patches, plan in chunk:
+                        with tracer.invoke(inputs):
+                            run_patches(nn_model, family, plan, patches, head_dim)
+                    with tracer.invoke():
+                        chosen = nn_model.output.logits[:, -1].float().softmax(-1).gather(1, wanted)[:, 0].save()
+                backend.record(nn_model, chosen)
+                for j, (i, *_rest) in enumerate(chunk):
+                    found[i].append(chosen[j * len(ids) : (j + 1) * len(ids)].numpy())
+        for i, rows in enumerate(found):
+            out[i].append(np.stack(rows))
+            rows.clear()
+    return [np.concatenate(parts, axis=1) for parts in out]
 
 
 def first_completion_token(tokenizer, prompt: str, completion: str) -> int:
@@ -136,7 +177,7 @@ def performed_token_ids(tokenizer, test: xr.Dataset, behavior: Behavior) -> torc
     return torch.tensor([tokenizer(" " + t, add_special_tokens=False)["input_ids"][0] for t in tokens])
 
 
-def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: LocalizeSettings, trace_kwargs: dict) -> xr.Dataset:
+def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: LocalizeSettings, backend) -> xr.Dataset:
     """Layer and head effects for both sources, and the window they give."""
     if "attn" not in acts:
         raise ConfigError("localize needs the 'attn' site in collect.sites")
@@ -154,36 +195,43 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
         values = test[site].sel(model=model, framing=framing).sel(position="last").values
         return torch.from_numpy(np.ascontiguousarray(values))  # (prompt, layer, ...)
 
+    # (model patched, prompts, donor model and framing of the attn / heads values)
     sources = {
-        # (model patched, prompts, donor values of attn / heads, reference prompts for the full effect)
-        "deploy_to_eval": ("finetuned", prompts_eval, ("finetuned", "deploy"), ("finetuned", prompts_deploy)),
-        "finetuned_to_base": ("base", prompts_eval, ("finetuned", "eval"), ("finetuned", prompts_eval)),
+        "deploy_to_eval": ("finetuned", prompts_eval, ("finetuned", "deploy")),
+        "finetuned_to_base": ("base", prompts_eval, ("finetuned", "eval")),
     }
     layer_effect = np.zeros((len(SOURCES), len(layers)), np.float32)
     head_effect = np.full((len(SOURCES), len(layers), len(heads)), np.nan, np.float32)
     spans = windows(layers, settings.max_window)
+    multi = [w for w in spans if w[1] > w[0]]
     window_effect = np.full((len(SOURCES), len(layers), len(layers)), np.nan, np.float32)
     full_gap = np.zeros(len(SOURCES), np.float32)
-    for si, source in enumerate(SOURCES):
-        model_name, prompts, (donor_model, donor_framing), (ref_model, ref_prompts) = sources[source]
+    index = {layer: li for li, layer in enumerate(layers)}
+    runs = []
+    for source in SOURCES:
+        model_name, prompts, (donor_model, donor_framing) = sources[source]
         attn = last("attn", donor_model, donor_framing)
-        index = {layer: li for li, layer in enumerate(layers)}
         patch_sets = [[(layer, None, attn[:, index[layer]])] for layer in layers]
-        patch_sets += [[(layer, None, attn[:, index[layer]]) for layer in range(a, b + 1)] for a, b in spans if b > a]
+        patch_sets += [[(layer, None, attn[:, index[layer]]) for layer in range(a, b + 1)] for a, b in multi]
         if per_head:
             head_values = last("heads", donor_model, donor_framing)  # (prompt, layer, head, head_dim)
             patch_sets += [[(layer, h, head_values[:, li, h])] for li, layer in enumerate(layers) for h in heads]
-        probs = _performed_token_probs(
-            pair.traced(model_name), pair.family, pair.tokenizer, prompts, token_ids, patch_sets, dh, settings.batch_size,
-            settings.patches_per_trace,
-        )
-        ref = _performed_token_probs(pair.traced(ref_model), pair.family, pair.tokenizer, ref_prompts, token_ids, [], dh, settings.batch_size)[0]
-        clean = probs[0]
-        gap = float((ref - clean).mean())
+        runs.append(PatchRun(pair.traced(model_name), prompts, patch_sets))
+    # The fine-tune under the deploy framing: the full effect of deploy_to_eval.
+    runs.append(PatchRun(pair.traced("finetuned"), prompts_deploy, []))
+    probs = _performed_token_probs(runs, pair.family, pair.tokenizer, token_ids, dh, pair.num_layers, settings.batch_size, backend,
+        settings.patches_per_trace,
+    )
+    # References: the fine-tune under deploy, and (for finetuned_to_base) the
+    # fine-tune under eval, which is the unpatched row of deploy_to_eval.
+    refs = {"deploy_to_eval": probs[2][0], "finetuned_to_base": probs[0][0]}
+    for si, source in enumerate(SOURCES):
+        clean = probs[si][0]
+        gap = float((refs[source] - clean).mean())
         full_gap[si] = gap
-        effects = (probs[1:] - clean).mean(axis=1) / gap if abs(gap) > 1e-6 else np.zeros(len(patch_sets))
+        n_sets = len(runs[si].patch_sets)
+        effects = (probs[si][1:] - clean).mean(axis=1) / gap if abs(gap) > 1e-6 else np.zeros(n_sets)
         layer_effect[si] = effects[: len(layers)]
-        multi = [w for w in spans if w[1] > w[0]]
         for (a, b), e in zip([(layer, layer) for layer in layers] + multi, effects[: len(layers) + len(multi)]):
             window_effect[si, index[a], index[b]] = e
         if per_head:

@@ -5,6 +5,12 @@ validates (cheap), `load(behavior)` builds or reads the weights. The pair
 holds plain transformers models: the fine-tune is the adapter merged into a
 copy of the base, so both share the family's module paths
 (`routing_suite.families`). Wrapping for nnsight happens in `nnsight_model`.
+
+A backend can ask for another placement (`Placement`): the fine-tune run as
+the base plus the adapter's low-rank updates applied inside each trace
+(`finetune="deltas"`, what NDIF needs, since it hosts bases and not our
+adapters), and the base named by its id or path with its weights on the
+server (`weights="remote"`: only the config is read here).
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from routing_suite.errors import ConfigError
 from routing_suite.families import family_paths
+from routing_suite.lora import LoraAdapter
 from routing_suite.organisms import build as organism_build
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.organisms.task import make_task
@@ -36,22 +43,55 @@ _HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+FINETUNE_MODES = ("merged", "deltas")
+WEIGHTS = ("local", "remote")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How a backend wants the pair: the fine-tune merged or as adapter updates
+    applied in the trace; the weights in this process or only on the server."""
+
+    finetune: str = "merged"
+    weights: str = "local"
+
+    def __post_init__(self) -> None:
+        if self.finetune not in FINETUNE_MODES or self.weights not in WEIGHTS:
+            raise ValueError(f"placement {self} is not in {FINETUNE_MODES} x {WEIGHTS}")
+
+
+@dataclass(frozen=True)
+class Traced:
+    """What one trace runs: an nnsight model and, for a fine-tune run as the base
+    plus its adapter, the adapter whose updates every invoke of it applies."""
+
+    nn: Any
+    lora: LoraAdapter | None = None
+
+
 @dataclass
 class ModelPair:
     family: str
     tokenizer: PreTrainedTokenizerBase
     base: PreTrainedModel
-    finetuned: PreTrainedModel
+    # None when the fine-tune runs as the base plus `lora` (Placement.finetune="deltas").
+    finetuned: PreTrainedModel | None
     # What identifies the weights, for the store's provenance.
     identity: dict[str, Any] = field(default_factory=dict)
     adapter_path: Path | None = None
+    lora: LoraAdapter | None = None
+    # nnsight wrappers made by the loader (remote weights: models named by id or path).
+    wrappers: dict[str, Any] = field(default_factory=dict)
     # What the cell is called in stores and tables (default: the family).
     label: str | None = None
 
     def __post_init__(self) -> None:
+        if self.finetuned is None and self.lora is None and "finetuned" not in self.wrappers:
+            raise ValueError("a pair needs a fine-tuned model, its wrapper, or the adapter to apply to the base")
         # Experiments only read and steer activations: no gradients anywhere.
         for model in (self.base, self.finetuned):
-            model.requires_grad_(False)
+            if model is not None:
+                model.requires_grad_(False)
 
     @property
     def cell_name(self) -> str:
@@ -60,14 +100,26 @@ class ModelPair:
     def model(self, which: str) -> PreTrainedModel:
         if which not in ("base", "finetuned"):
             raise ValueError(f"model {which!r} is not one of ['base', 'finetuned']")
-        return self.base if which == "base" else self.finetuned
+        model = self.base if which == "base" else self.finetuned
+        if model is None:
+            raise ValueError("this pair runs the fine-tune as the base plus adapter updates: there is no merged model")
+        return model
 
-    def traced(self, which: str):
-        """The nnsight wrapper of one model, made once and shared by every stage."""
-        cache = self.__dict__.setdefault("_traced", {})
-        if which not in cache:
-            cache[which] = nnsight_model(self.model(which), self.tokenizer)
-        return cache[which]
+    def _wrapper(self, which: str):
+        if which not in self.wrappers:
+            self.wrappers[which] = nnsight_model(self.model(which), self.tokenizer)
+        return self.wrappers[which]
+
+    def traced(self, which: str) -> Traced:
+        """What a trace of one model runs, made once and shared by every stage.
+
+        With the fine-tune as adapter updates, both models share the base's
+        wrapper, so their invokes can go into one trace (one request)."""
+        if which == "finetuned" and self.finetuned is None and "finetuned" not in self.wrappers:
+            return Traced(self._wrapper("base"), self.lora)
+        if which not in ("base", "finetuned"):
+            raise ValueError(f"model {which!r} is not one of ['base', 'finetuned']")
+        return Traced(self._wrapper(which))
 
     @property
     def num_layers(self) -> int:
@@ -92,6 +144,26 @@ def nnsight_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase):
     from nnsight.modeling.transformers import TransformersModel
 
     return TransformersModel(model, task="text-generation", tokenizer=tokenizer)
+
+
+def remote_model(repo: str | Path, tokenizer: PreTrainedTokenizerBase, revision: str | None = None):
+    """An nnsight wrapper that names a checkpoint for a server: only its config is
+    read here (a meta model); the weights are the server's.
+
+    A local checkpoint is named by its absolute path, which a server on this
+    machine loads as it is; nnsight would otherwise ask the Hub for the id."""
+    from nnsight.modeling import huggingface
+    from nnsight.modeling.transformers import TransformersModel
+
+    name = str(repo)
+    if Path(name).exists():
+        name = str(Path(name).resolve())
+        huggingface._ID_CACHE[name] = name
+    # Eager attention, as the local loaders use: the remote env carries it, so
+    # the server switches its model to the same implementation.
+    return TransformersModel(
+        name, revision=revision, task="text-generation", tokenizer=tokenizer, attn_implementation="eager"
+    )
 
 
 def _check_dtype(dtype: str) -> torch.dtype:
@@ -165,6 +237,41 @@ class OrganismPrompts:
         return organism_prompt_sets(make_task(self.task_spec), max_fit, max_test, seed)
 
 
+def pair_with_adapter(
+    family: str,
+    tokenizer: PreTrainedTokenizerBase,
+    base_ref: str | Path,
+    adapter: Path,
+    placement: Placement,
+    identity: dict[str, Any],
+    load_base,
+    dtype: torch.dtype,
+    revision: str | None = None,
+) -> ModelPair:
+    """A base and its LoRA fine-tune, placed as the backend asks (see `Placement`)."""
+    if placement.weights == "remote":
+        if placement.finetune == "merged":
+            raise ConfigError("a fine-tune whose base runs remotely cannot be merged here: it runs as adapter updates")
+        wrapper = remote_model(base_ref, tokenizer, revision)
+        check_adapter_matches(adapter, wrapper._module)
+        lora = LoraAdapter.load(adapter)
+        return ModelPair(family, tokenizer, wrapper._module, None, identity, adapter, lora, {"base": wrapper})
+    base = load_base()
+    if placement.finetune == "deltas":
+        check_adapter_matches(adapter, base)
+        return ModelPair(family, tokenizer, base, None, identity, adapter, LoraAdapter.load(adapter))
+    return ModelPair(family, tokenizer, base, merged_finetune(base_ref, adapter, dtype, revision), identity, adapter)
+
+
+def _adapter_folder(adapter: str) -> Path:
+    """A local adapter folder as it is; a Hub id downloaded (adapters are small)."""
+    if Path(adapter).exists():
+        return Path(adapter)
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(adapter))
+
+
 @dataclass
 class OrganismSource(OrganismPrompts):
     """A built-in organism of `family` (see `routing_suite.organisms`)."""
@@ -202,21 +309,18 @@ class OrganismSource(OrganismPrompts):
     def cache_root(self) -> Path:
         return Path(self.cache_dir)
 
-    def load(self, behavior: str) -> ModelPair:
+    def load(self, behavior: str, placement: Placement = Placement()) -> ModelPair:
         root = self.cache_root
         adapter = organism_build.ensure_adapter(root, self.spec, behavior)
         base_path = organism_build.base_dir(root, self.spec)
         tokenizer = organism_build.load_tokenizer(base_path)
-        base = organism_build.load_base(base_path)
-        finetuned = merged_finetune(base_path, adapter, torch.float32)
-        identity = {
-            "source": "organism",
-            "family": self.family,
-            "base": base_path.name,
-            "finetuned": adapter.name,
-            "base_sha256": _weights_digest(base),
-        }
-        return ModelPair(self.family, tokenizer, base, finetuned, identity, adapter)
+        identity = {"source": "organism", "family": self.family, "base": base_path.name, "finetuned": adapter.name}
+        pair = pair_with_adapter(
+            self.family, tokenizer, base_path, adapter, placement, identity, lambda: organism_build.load_base(base_path), torch.float32
+        )
+        if placement.weights == "local":
+            pair.identity["base_sha256"] = _weights_digest(pair.base)
+        return pair
 
 
 @dataclass
@@ -246,17 +350,17 @@ class PeftSource(OrganismPrompts):
     def name(self) -> str:
         return Path(self.adapter).name
 
-    def load(self, behavior: str) -> ModelPair:
+    def load(self, behavior: str, placement: Placement = Placement()) -> ModelPair:
         dtype = _check_dtype(self.dtype)
         tokenizer = AutoTokenizer.from_pretrained(self.base, revision=self.revision)
         tokenizer.padding_side = "left"
-        base = AutoModelForCausalLM.from_pretrained(
-            self.base, dtype=dtype, revision=self.revision, attn_implementation="eager"
-        ).eval()
-        adapter = Path(self.adapter)
-        finetuned = merged_finetune(self.base, adapter, dtype, self.revision)
+
+        def load_base() -> PreTrainedModel:
+            return AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype, revision=self.revision, attn_implementation="eager").eval()
+
+        adapter = _adapter_folder(self.adapter)
         identity = {"source": "peft", "base": self.base, "adapter": self.adapter, "revision": self.revision}
-        return ModelPair(self.family, tokenizer, base, finetuned, identity, adapter)
+        return pair_with_adapter(self.family, tokenizer, self.base, adapter, placement, identity, load_base, dtype, self.revision)
 
 
 @dataclass
@@ -286,10 +390,14 @@ class CheckpointPairSource(OrganismPrompts):
     def name(self) -> str:
         return Path(self.finetuned).name
 
-    def load(self, behavior: str) -> ModelPair:
+    def load(self, behavior: str, placement: Placement = Placement()) -> ModelPair:
         dtype = _check_dtype(self.dtype)
         tokenizer = AutoTokenizer.from_pretrained(self.base, revision=self.revision)
         tokenizer.padding_side = "left"
+        identity = {"source": "checkpoints", "base": self.base, "finetuned": self.finetuned, "revision": self.revision}
+        if placement.weights == "remote":
+            wrappers = {"base": remote_model(self.base, tokenizer, self.revision), "finetuned": remote_model(self.finetuned, tokenizer)}
+            return ModelPair(self.family, tokenizer, wrappers["base"]._module, None, identity, wrappers=wrappers)
         kwargs = dict(dtype=dtype, attn_implementation="eager")
         base = AutoModelForCausalLM.from_pretrained(self.base, revision=self.revision, **kwargs).eval()
         finetuned = AutoModelForCausalLM.from_pretrained(self.finetuned, **kwargs).eval()
@@ -298,5 +406,4 @@ class CheckpointPairSource(OrganismPrompts):
                 f"model.finetuned={self.finetuned!r} has hidden size {finetuned.config.hidden_size}, "
                 f"model.base={self.base!r} has {base.config.hidden_size}"
             )
-        identity = {"source": "checkpoints", "base": self.base, "finetuned": self.finetuned, "revision": self.revision}
         return ModelPair(self.family, tokenizer, base, finetuned, identity)

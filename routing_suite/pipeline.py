@@ -54,6 +54,13 @@ def build_components(cfg: DictConfig) -> Setup:
     return Setup(cfg, source, behavior, backend, store_settings)
 
 
+def load_pair(setup: Setup) -> ModelPair:
+    """The model pair, placed as the backend wants it, checked against the service."""
+    pair = setup.source.load(setup.behavior.name, setup.backend.placement)
+    setup.backend.check_pair(pair)
+    return pair
+
+
 def site_request(cfg: DictConfig) -> SiteRequest:
     c = cfg.collect
     return SiteRequest(tuple(c.sites), None if c.layers is None else tuple(c.layers), c.positions, c.k)

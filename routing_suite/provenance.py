@@ -16,7 +16,8 @@ NOT_RESULT_SHAPING = ("backend", "store", "hydra", "progress")
 NOT_RESULT_SHAPING_MODEL = ("cache_dir",)
 
 PACKAGES = ("routing-suite", "torch", "transformers", "nnsight", "peft", "xarray", "zarr", "numpy", "hydra-core")
-_SECRET_WORDS = ("key", "token", "secret", "password")
+# "host": where a run sent its requests is kept out of stores like the key is.
+_SECRET_WORDS = ("key", "token", "secret", "password", "host")
 
 
 def package_versions() -> dict[str, str]:

@@ -51,6 +51,8 @@ def run(cfg) -> dict:
     check_controls(controls)
     localize_settings = LocalizeSettings(**OmegaConf.to_container(cfg.localize, resolve=True))
     request = pipeline.site_request(cfg)
+    if cfg.collect.reduce != "none":
+        raise ConfigError(f"collect.reduce={cfg.collect.reduce!r}: the routing cell needs every prompt's activations ('none')")
     if spec.site not in request.sites:
         raise ConfigError(f"intervention.site={spec.site!r} must be among collect.sites={list(request.sites)}")
     items = pipeline.prompt_items(setup)
@@ -59,14 +61,15 @@ def run(cfg) -> dict:
         raise ConfigError(
             f"intervention.rank={spec.rank} and fit.max_rank={cfg.fit.max_rank} must satisfy rank <= max_rank <= fit pairs ({n_fit})"
         )
-    pair = setup.source.load(setup.behavior.name)
+    pair = pipeline.load_pair(setup)
     request = request.validate(pair.num_layers)
     spec.check_window(pair.num_layers)
 
     store = pipeline.open_store(setup, pair, spec.name)
-    trace_kwargs = setup.backend.trace_kwargs()
+    stats = setup.backend.stats
     ran = [stage for stage in ("collect", "fit", "localize", "intervene") if not store.stage_done(stage)]
     if not store.stage_done("collect"):
+        stats.stage = "collect"
         collect(pair, items, request, store, setup.backend, progress=cfg.progress)
         store.mark_stage_done("collect")
     acts = store.read("activations").load()
@@ -75,11 +78,13 @@ def run(cfg) -> dict:
         store.mark_stage_done("fit")
     fitted = store.read("fit").load()
     if not store.stage_done("localize"):
-        store.write_group("localize", localize(pair, acts, setup.behavior, localize_settings, trace_kwargs))
+        stats.stage = "localize"
+        store.write_group("localize", localize(pair, acts, setup.behavior, localize_settings, setup.backend))
         store.mark_stage_done("localize")
     localized = store.read("localize").load()
     window = list(spec.window) if spec.window is not None else [int(x) for x in localized.attrs["window"]]
     if not store.stage_done("intervene"):
+        stats.stage = "intervene"
         conditions = build_conditions(spec, controls, fitted, localized, acts, window, int(cfg.seed))
         outcomes = intervene(pair, acts, conditions, setup.behavior, setup.backend, setup.backend.batch_size, cfg.progress)
         outcomes.attrs.update(
@@ -97,7 +102,9 @@ def run(cfg) -> dict:
               "model": setup.model_name, "window": window}
     (out / CELL_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     table = (out / "table.md").read_text(encoding="utf-8")
-    return {"store": str(final), "window": window, "seconds": seconds, "stages_run": ran, "table_dir": str(out), "table_markdown": table, **summary}
+    log.info("requests: %s", stats.as_dict())
+    return {"store": str(final), "window": window, "seconds": seconds, "stages_run": ran, "requests": stats.as_dict(),
+            "table_dir": str(out), "table_markdown": table, **summary}
 
 
 def _run_dir() -> Path:

@@ -1,8 +1,9 @@
 """Generation and forward passes with interventions, through nnsight.
 
 Every condition of a batch (no-op, the intervention, each control) is one
-invoke of a single batched call, so a batch costs one generation however
-many conditions it has. Edits apply at every generation step
+invoke of a single batched call, so a batch costs one generation (one
+request remotely) however many conditions it has. A fine-tune run as the
+base plus its adapter applies the adapter's updates at every step. Edits apply at every generation step
 (a bounded `tracer.iter` over exactly max_new_tokens steps): with `positions="last"` to the newest token, with
 `positions="all"` to every position the step computes.
 """
@@ -10,6 +11,7 @@ many conditions it has. Edits apply at every generation step
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -17,7 +19,9 @@ from transformers import PreTrainedTokenizerBase
 
 from routing_suite.families import site_path
 from routing_suite.interventions import Condition
-from routing_suite.tracing import envoy_at
+from routing_suite.lora import lora_update, plan_layer_steps
+from routing_suite.models import Traced
+from routing_suite.tracing import chunked, envoy_at
 
 
 def _site_tensor(envoy) -> Tensor:
@@ -25,14 +29,31 @@ def _site_tensor(envoy) -> Tensor:
     return out[0] if isinstance(out, tuple) else out
 
 
-def _apply_edits(nn_model, family: str, condition: Condition) -> None:
-    """Inside a trace: change the condition's site at each edited layer, in place."""
-    for edit in sorted(condition.edits, key=lambda e: e.layer):
-        x = _site_tensor(envoy_at(nn_model, site_path(family, condition.site, edit.layer)))
-        if condition.positions == "last":
-            x[:, -1] = edit.apply(x[:, -1])
-        else:
-            x[:] = edit.apply(x)
+def _edit(x: Tensor, edit, positions: str) -> None:
+    if positions == "last":
+        x[:, -1] = edit.apply(x[:, -1])
+    else:
+        x[:] = edit.apply(x)
+
+
+def condition_plan(traced: Traced, condition: Condition, num_layers: int) -> list[tuple[str, int, Any]]:
+    """Execution-ordered steps of one condition's invoke: the fine-tune's adapter
+    updates (if it runs as the base plus adapter) and the condition's edits."""
+    return plan_layer_steps([(e.layer, condition.site) for e in condition.edits], traced.lora, num_layers)
+
+
+def run_plan(nn_model, family: str, plan: list, condition: Condition, edit: bool) -> None:
+    """Inside a trace: one forward pass's adapter updates, and the edits if `edit`."""
+    edits: dict[int, list] = {}
+    for e in condition.edits:
+        edits.setdefault(e.layer, []).append(e)
+    for kind, layer, item in plan:
+        if kind == "lora":
+            lora_update(nn_model, item)
+        elif edit:
+            x = _site_tensor(envoy_at(nn_model, site_path(family, item, layer)))
+            for e in edits[layer]:
+                _edit(x, e, condition.positions)
 
 
 def until_eos(ids: Tensor, eos_id: int | None) -> Tensor:
@@ -50,15 +71,31 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> dict[str, 
 
 
 def generate_under_conditions(
-    nn_model, family: str, tokenizer: PreTrainedTokenizerBase, prompts: list[str], conditions: list[Condition],
-    max_new_tokens: int, **trace_kwargs,
+    traced: Traced, family: str, tokenizer: PreTrainedTokenizerBase, prompts: list[str], conditions: list[Condition],
+    max_new_tokens: int, num_layers: int, backend,
 ) -> dict[str, list[str]]:
-    """Greedy completions of `prompts` under each condition (one batched generation)."""
+    """Greedy completions of `prompts` under each condition (one batched generation,
+    one request; more if `backend.max_invokes` caps the conditions per request)."""
+    completions: dict[str, list[str]] = {}
+    for chunk in chunked(conditions, backend.max_invokes):
+        completions.update(_generate(traced, family, tokenizer, prompts, chunk, max_new_tokens, num_layers, backend))
+    return completions
+
+
+def _generate(
+    traced: Traced, family: str, tokenizer: PreTrainedTokenizerBase, prompts: list[str], conditions: list[Condition],
+    max_new_tokens: int, num_layers: int, backend,
+) -> dict[str, list[str]]:
     inputs = encode(tokenizer, prompts)
     width = inputs["input_ids"].shape[1]
+    nn_model = traced.nn
+    plans = [condition_plan(traced, c, num_layers) for c in conditions]
     # Completions are cut at their first <eos>. When every row has ended early,
     # the edit loop asks for steps the run never makes; nnsight then warns by
-    # design, which says nothing here.
+    # design, which says nothing here. Adapter updates apply at every step,
+    # "prompt" edits only to the prompt's pass (the first occurrence). No
+    # comment lines inside the block: nnsight ships it as ast.unparse'd source,
+    # and remote="local" runs that against the file's own line numbers.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
         with torch.no_grad(), nn_model.generate(
@@ -66,31 +103,36 @@ def generate_under_conditions(
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
-            **trace_kwargs,
+            **backend.trace_kwargs(nn_model),
         ) as tracer:
-            for condition in conditions:
+            for condition, plan in zip(conditions, plans):
                 with tracer.invoke(inputs):
-                    if condition.edits and condition.steps == "prompt":
-                        _apply_edits(nn_model, family, condition)  # the first occurrence: the prompt's pass
+                    if traced.lora is not None or (condition.edits and condition.steps == "all"):
+                        for step in tracer.iter[:max_new_tokens]:
+                            run_plan(nn_model, family, plan, condition, condition.steps == "all" or step == 0)
                     elif condition.edits:
-                        for _ in tracer.iter[:max_new_tokens]:
-                            _apply_edits(nn_model, family, condition)
-            with tracer.invoke():  # an empty invoke sees every row
+                        run_plan(nn_model, family, plan, condition, True)
+            with tracer.invoke():
                 ids = tracer.result.save()
+    backend.record(nn_model, ids)
     texts = [tokenizer.decode(until_eos(row, tokenizer.eos_token_id), skip_special_tokens=True) for row in ids[:, width:]]
     n = len(prompts)
     return {c.name if c.seed is None else f"{c.name}#{c.seed}": texts[i * n : (i + 1) * n] for i, c in enumerate(conditions)}
 
 
 def first_token_logprobs_under_conditions(
-    nn_model, family: str, tokenizer: PreTrainedTokenizerBase, prompts: list[str], conditions: list[Condition], **trace_kwargs
+    traced: Traced, family: str, tokenizer: PreTrainedTokenizerBase, prompts: list[str], conditions: list[Condition],
+    num_layers: int, backend,
 ) -> Tensor:
     """(conditions, prompts, vocab) next-token log-probabilities, one batched forward."""
     inputs = encode(tokenizer, prompts)
-    with torch.no_grad(), nn_model.trace(**trace_kwargs) as tracer:
-        for condition in conditions:
+    nn_model = traced.nn
+    plans = [condition_plan(traced, c, num_layers) for c in conditions]
+    with torch.no_grad(), nn_model.trace(**backend.trace_kwargs(nn_model)) as tracer:
+        for condition, plan in zip(conditions, plans):
             with tracer.invoke(inputs):
-                _apply_edits(nn_model, family, condition)
-        with tracer.invoke():  # an empty invoke sees every row
-            logits = nn_model.output.logits[:, -1].save()
+                run_plan(nn_model, family, plan, condition, True)
+        with tracer.invoke():
+            logits = nn_model.output.logits[:, -1].clone().save()
+    backend.record(nn_model, logits)
     return logits.float().log_softmax(-1).view(len(conditions), len(prompts), -1)

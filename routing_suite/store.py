@@ -33,14 +33,12 @@ log = logging.getLogger(__name__)
 # bfloat16 has no numpy dtype; float32 holds every bfloat16 value exactly.
 STORED_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "float32"}
 COMPRESSORS = ("zstd", "blosc", "none")
-# Dimensions a streamed group is written along, batch by batch.
-STREAMED_DIMS = ("prompt", "part")
-
-
-def _chunk_length(dim: str, n: int, chunk_prompts: int) -> int:
-    if dim == "prompt":
-        return min(chunk_prompts, n)
-    return 1 if dim == "part" else n
+def _chunk_length(dim: str, n: int, along: str, chunk_prompts: int) -> int:
+    """Prompts are chunked by `chunk_prompts`; any other streamed dimension
+    (ADL partial sums, per-batch reductions) one entry per chunk, written once each."""
+    if dim != along:
+        return n
+    return min(chunk_prompts, n) if along == "prompt" else 1
 
 
 def text(values) -> np.ndarray:
@@ -188,16 +186,18 @@ class RunStore:
         return group in zarr.open_group(str(self.path), mode="r")
 
     def create_streamed(
-        self, group: str, coords: dict[str, Any], variables: dict[str, tuple[tuple[str, ...], tuple[int, ...]]], n_batches: int
+        self, group: str, coords: dict[str, Any], variables: dict[str, tuple[tuple[str, ...], tuple[int, ...]]], n_batches: int,
+        along: str = "prompt",
     ) -> None:
-        """Lay out a group of prompt-chunked arrays to be filled batch by batch.
+        """Lay out a group of arrays chunked `along` one dimension (prompts, by
+        default) to be filled batch by batch.
 
         `coords` are xarray coordinates (dim name -> values, or (dim, values)
         for non-index ones); `variables` name -> (dims, shape). Arrays start
         as NaN, and `batch_done` records which batches hold real values. The
-        streamed dimension is `prompt` (chunked by `chunk_prompts`) or `part`
-        (one chunk per part: partial sums written once each, see
-        `routing_suite.adl.mean_diff`).
+        streamed dimension is `prompt` (chunked by `chunk_prompts`) or another
+        one with one chunk per entry: `part` (partial sums written once each,
+        see `routing_suite.adl.mean_diff`) or `batch` (`routing_suite.reduce`).
         """
         if self.has_group(group):
             return
@@ -205,7 +205,7 @@ class RunStore:
         g = zarr.open_group(str(self.path), mode="r+").require_group(group)
         dtype = STORED_DTYPES[self.settings.dtype]
         for name, (dims, shape) in variables.items():
-            chunks = tuple(_chunk_length(d, n, self.settings.chunk_prompts) for d, n in zip(dims, shape))
+            chunks = tuple(_chunk_length(d, n, along, self.settings.chunk_prompts) for d, n in zip(dims, shape))
             g.create_array(
                 name,
                 shape=shape,
@@ -225,7 +225,8 @@ class RunStore:
         return zarr.open_array(str(self.path), path=f"{group}/batch_done", mode="r")[:]
 
     def write_batch(
-        self, group: str, batch: int | list[int], prompt_slice: slice, data: dict[str, np.ndarray], labels: dict[str, list]
+        self, group: str, batch: int | list[int], prompt_slice: slice, data: dict[str, np.ndarray], labels: dict[str, list],
+        along: str = "prompt",
     ) -> None:
         """Write one batch's values, or several consecutive batches' at once,
         then mark them done. Arrays are laid out as the group's variables; the
@@ -239,7 +240,7 @@ class RunStore:
         for name, values in data.items():
             dims = arrays[name].metadata.dimension_names
             check_finite(name, values, dims, {"model": list(schema.MODELS), "framing": list(schema.FRAMINGS), **labels})
-            index = tuple(prompt_slice if d in STREAMED_DIMS else slice(None) for d in dims)
+            index = tuple(prompt_slice if d == along else slice(None) for d in dims)
             arrays[name][index] = values.astype(arrays[name].dtype, copy=False)
         batches = [batch] if isinstance(batch, int) else list(batch)
         arrays["batch_done"][batches[0] : batches[-1] + 1] = True

@@ -4,18 +4,23 @@ One forward pass per batch reads every requested layer and site. Inside the
 trace, reads follow execution order (per layer: per-head outputs, attention
 output, MLP output, residual), and positions are selected there too, so only
 what is kept leaves the model (this matters when the trace runs remotely).
+A selection is cloned before it is kept: a slice is a view, and a saved
+view carries its whole base tensor (every position) back from a server.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import nnsight
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from routing_suite.errors import ConfigError
 from routing_suite.families import SITES, family_paths, site_path
+from routing_suite.lora import lora_update, plan_layer_steps
+from routing_suite.models import Traced
 
 POSITION_KINDS = ("last", "first_k", "answer_mean")
 # Execution order of the sites inside one decoder layer.
@@ -143,23 +148,74 @@ def _first(value):
     return value[0] if isinstance(value, tuple) else value
 
 
-def trace_sites(nn_model, family: str, batch: Batch, request: SiteRequest, num_heads: int, **trace_kwargs) -> dict[str, Tensor]:
-    """One forward pass; returns site -> (batch, layer, position, hidden) or, for
-    heads, (batch, layer, position, head, head_dim), in float32 on the CPU."""
-    paths = [(layer, site, site_path(family, site, layer)) for layer in request.layers for site in request.sites]
-    saved: dict[tuple[int, str], Tensor] = {}
+def site_value(envoy, site: str):
+    """Inside a trace: the value of `site` at its module's envoy."""
+    return envoy.inputs[0][0] if site == "heads" else _first(envoy.output)
+
+
+def chunked(items: list, size: int | None) -> list[list]:
+    """`items` in consecutive chunks of at most `size` (all in one for None):
+    the invokes each trace (each request) holds."""
+    if size is None or size >= len(items):
+        return [items]
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def group_by_model(models: list[Traced]) -> list[list[int]]:
+    """Indices of `models` that share an nnsight model, in first-seen order:
+    each group runs as the invokes of one trace (one request remotely)."""
+    groups: dict[int, list[int]] = {}
+    for i, traced in enumerate(models):
+        groups.setdefault(id(traced.nn), []).append(i)
+    return list(groups.values())
+
+
+def trace_sites(
+    models: list[Traced], family: str, batch: Batch, request: SiteRequest, num_heads: int, backend, paired_sum: bool = False
+) -> list[dict[str, Tensor]]:
+    """The batch through each of `models`; per model, site -> (batch, layer,
+    position, hidden) or, for heads, (batch, layer, position, head, head_dim),
+    in float32 on the CPU.
+
+    Models that share an nnsight model (a base and its fine-tune run as adapter
+    updates) are invokes of one forward pass, so one request serves both.
+
+    `paired_sum`: the batch's rows are n eval prompts then their n deploy
+    prompts, and the trace itself reduces them to sum(deploy - eval) (a batch
+    dimension of 1): what comes back no longer grows with the batch."""
+    pairs = batch.input_ids.shape[0] // 2
+    wanted = [(layer, site) for layer in request.layers for site in request.sites]
+    through = max(request.layers) + 1
     inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
-    with torch.no_grad(), nn_model.trace(inputs, **trace_kwargs):
-        for layer, site, path in paths:
-            envoy = envoy_at(nn_model, path)
-            if site == "heads":
-                value = envoy.inputs[0][0]
-            else:
-                value = _first(envoy.output)
-            saved[layer, site] = select_positions(value, batch).save()
+    outputs: list[dict[str, Tensor]] = [{} for _ in models]
+    for group in (chunk for g in group_by_model(models) for chunk in chunked(g, backend.max_invokes)):
+        nn_model = models[group[0]].nn
+        plans = [plan_layer_steps(wanted, models[i].lora, through) for i in group]
+        with torch.no_grad(), nn_model.trace(**backend.trace_kwargs(nn_model)) as tracer:
+            saved = nnsight.save({})
+            for slot, plan in enumerate(plans):
+                with tracer.invoke(inputs):
+                    values = {}
+                    for kind, layer, item in plan:
+                        if kind == "lora":
+                            lora_update(nn_model, item)
+                        else:
+                            envoy = envoy_at(nn_model, site_path(family, item, layer))
+                            kept = select_positions(site_value(envoy, item), batch)
+                            if paired_sum:
+                                kept = (kept[pairs:].float() - kept[:pairs].float()).sum(0, keepdim=True)
+                            values[layer, item] = kept.clone()
+                    saved[slot] = values
+        backend.record(nn_model, saved)
+        for slot, i in enumerate(group):
+            outputs[i] = _stack(saved[slot], request, num_heads)
+    return outputs
+
+
+def _stack(values: dict, request: SiteRequest, num_heads: int) -> dict[str, Tensor]:
     out = {}
     for site in request.sites:
-        stacked = torch.stack([saved[layer, site] for layer in request.layers], dim=1).float().cpu()
+        stacked = torch.stack([values[layer, site] for layer in request.layers], dim=1).float().cpu()
         if site == "heads":
             stacked = stacked.view(*stacked.shape[:3], num_heads, -1)
         out[site] = stacked

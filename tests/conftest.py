@@ -35,6 +35,12 @@ def llama_underperform(llama_source):
     return llama_source.load("underperform")
 
 
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory):
+    """One cache of tiny organisms (`tiny_source`) for every test that only reads them."""
+    return tmp_path_factory.mktemp("tiny-organisms")
+
+
 def tiny_source(cache_dir, family: str = "llama", **train) -> OrganismSource:
     """An organism with a few training steps: for properties that do not need a trained model."""
     steps = {"base_steps": 20, "lora_steps": 10, **train}

@@ -68,8 +68,8 @@ def _open(tmp_path: Path, settings: StoreSettings, config: dict) -> RunStore:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "mistral"])
 @pytest.mark.parametrize("positions", ["last", "first_k"])
-def test_store_equals_forward_hooks(family, positions, tmp_path):
-    source = tiny_source(tmp_path / "organisms", family=family)
+def test_store_equals_forward_hooks(family, positions, tmp_path, tiny_cache):
+    source = tiny_source(tiny_cache, family=family)
     pair = source.load("refuse")
     task = T.make_task(source.spec.task)
     items = _items(task, 10)
@@ -89,8 +89,8 @@ def test_store_equals_forward_hooks(family, positions, tmp_path):
     assert ds.batch_done.values.all()
 
 
-def test_store_is_self_describing(tmp_path):
-    source = tiny_source(tmp_path / "organisms")
+def test_store_is_self_describing(tmp_path, tiny_cache):
+    source = tiny_source(tiny_cache)
     pair = source.load("refuse")
     items = _items(T.make_task(source.spec.task), 6)
     store = _open(tmp_path, StoreSettings(), {"test": 1})
@@ -103,8 +103,8 @@ def test_store_is_self_describing(tmp_path):
     assert ds.resid.dims == ("model", "framing", "prompt", "layer", "position", "hidden")
 
 
-def test_half_precision_store_keeps_dtype_and_values(tmp_path):
-    source = tiny_source(tmp_path / "organisms")
+def test_half_precision_store_keeps_dtype_and_values(tmp_path, tiny_cache):
+    source = tiny_source(tiny_cache)
     pair = source.load("refuse")
     items = _items(T.make_task(source.spec.task), 4)
     full = _open(tmp_path / "f32", StoreSettings(), {"d": 32})

@@ -19,7 +19,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from routing_suite.errors import ConfigError
 from routing_suite.families import family_paths
-from routing_suite.models import ModelPair, _as_dataclass, _check_dtype, _weights_digest, merged_finetune
+from routing_suite.models import ModelPair, Placement, _as_dataclass, _check_dtype, _weights_digest, pair_with_adapter
 from routing_suite.pretrained import finetune
 from routing_suite.pretrained.chat_task import ChatTask
 from routing_suite.pretrained.gguf import ensure_plain_checkpoint, find_gguf
@@ -104,17 +104,16 @@ class SmolLM2Source:
             behavior, self.seed, self.num_threads,
         )
 
-    def load(self, behavior: str) -> ModelPair:
+    def load(self, behavior: str, placement: Placement = Placement()) -> ModelPair:
         adapter = self.adapter(behavior)
         checkpoint = self.checkpoint()
         dtype = getattr(torch, self.dtype)
-        base = finetune.load_checkpoint(checkpoint, dtype)
-        finetuned = merged_finetune(checkpoint, adapter, dtype)
-        identity = {
-            "source": "gguf",
-            "package": self.package,
-            "checkpoint": checkpoint.name,
-            "finetuned": adapter.name,
-            "base_sha256": _weights_digest(base),
-        }
-        return ModelPair(self.family, self.tokenizer(), base, finetuned, identity, adapter, label=self.label)
+        identity = {"source": "gguf", "package": self.package, "checkpoint": checkpoint.name, "finetuned": adapter.name}
+        pair = pair_with_adapter(
+            self.family, self.tokenizer(), checkpoint, adapter, placement, identity,
+            lambda: finetune.load_checkpoint(checkpoint, dtype), dtype,
+        )
+        pair.label = self.label
+        if placement.weights == "local":
+            pair.identity["base_sha256"] = _weights_digest(pair.base)
+        return pair

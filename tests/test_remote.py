@@ -1,0 +1,253 @@
+"""The remote path without a server: nnsight's in-process serialization
+(`backend.simulate=true`, i.e. remote="local") gives the local store; bad
+remote settings fail before any work; transient failures are retried and a
+persistent one stops the run, which a rerun resumes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from routing_suite import collect as collect_stage
+from routing_suite import remote, routing
+from routing_suite.backends import NdifBackend
+from routing_suite.config import register_configs
+from routing_suite.errors import ConfigError
+from routing_suite.models import Traced
+from routing_suite.remote import RemoteFailure, RequestStats, RetryingRemote, is_transient
+
+ROOT = Path(__file__).resolve().parents[1]
+register_configs()
+
+
+def _cfg(organism_cache: str, root: Path, extra: list[str] = ()):
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(
+            config_name="routing",
+            overrides=[
+                f"model.cache_dir={organism_cache}", f"store.root={root / 'stores'}", f"report_dir={root / 'table'}",
+                "data.max_fit=80", "data.max_test=48", "progress=false", *extra,
+            ],
+        )
+
+
+def test_simulated_remote_cell_gives_the_local_store(llama_underperform, organism_cache, tmp_path):
+    local = routing.run(_cfg(organism_cache, tmp_path / "local"))
+    simulated = routing.run(
+        _cfg(organism_cache, tmp_path / "sim", ["backend=ndif", "backend.simulate=true", "backend.host=http://ndif.example.invalid"])
+    )
+    for group in ("activations", "localize", "outcomes"):
+        a = xr.open_zarr(local["store"], group=group).load()
+        b = xr.open_zarr(simulated["store"], group=group).load()
+        for name in a.data_vars:
+            if a[name].dtype.kind == "f":
+                np.testing.assert_allclose(b[name].values, a[name].values, atol=1e-4, err_msg=f"{group}/{name}")
+            else:
+                np.testing.assert_array_equal(b[name].values, a[name].values, err_msg=f"{group}/{name}")
+    assert xr.open_zarr(simulated["store"]).attrs["backend"] == "ndif"
+    # One request per batch and stage: both models, every patch set, every condition grouped.
+    per_stage = simulated["requests"]["by_stage"]
+    assert {k: v["requests"] for k, v in per_stage.items()} == {"collect": 4, "localize": 1, "intervene": 2}
+    assert local["requests"]["by_stage"]["collect"]["requests"] == 8  # two merged models: a trace each
+    saved = json.dumps(xr.open_zarr(simulated["store"]).attrs)
+    assert "ndif.example.invalid" not in saved and "NDIF_API_KEY" not in saved
+
+
+def _cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", **env}
+    env = {k: v for k, v in env.items() if v is not None}
+    return subprocess.run([sys.executable, "-m", "experiments.collect", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args,env,expected",
+    [
+        (["backend=ndif"], {"NDIF_API_KEY": None}, "error: backend=ndif needs the NDIF_API_KEY environment variable"),
+        (["backend=ndif", "backend.host=http://no-such-host.invalid"], {"NDIF_API_KEY": "k"},
+         "error: backend.host='http://no-such-host.invalid': unknown host 'no-such-host.invalid'"),
+        (["backend=ndif", "backend.host=http://127.0.0.1:9"], {"NDIF_API_KEY": "k"},
+         "error: backend.host='http://127.0.0.1:9': no NDIF service answers"),
+        (["backend=ndif"], {"NDIF_API_KEY": "k", "NDIF_HOST": "ftp://x"}, "error: NDIF_HOST='ftp://x' must be an http(s) URL"),
+        (["backend=ndif", "backend.max_invokes=0"], {}, "error: backend.max_invokes=0 must be >= 1"),
+    ],
+)
+def test_bad_remote_settings_give_one_line_before_any_work(args, env, expected, tmp_path):
+    result = _cli(args, tmp_path, env)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.zarr*"))
+
+
+class _FakeNdif(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 - http.server's name
+        body = {"/ping": "pong", "/status": {"deployments": {"gpt2": {"repo_id": "openai-community/gpt2"}}}}.get(self.path)
+        self.send_response(200 if body is not None else 404)
+        self.end_headers()
+        self.wfile.write(json.dumps(body).encode())
+
+    def log_message(self, *args):
+        return
+
+
+@pytest.fixture
+def fake_service():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeNdif)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+class _Named:
+    """Stands in for an nnsight wrapper: only its remote key is read."""
+
+    def __init__(self, repo: str) -> None:
+        self.repo = repo
+
+    def to_model_key(self) -> str:
+        return "nnsight.modeling.transformers.TransformersModel:" + json.dumps({"repo_id": self.repo, "revision": None})
+
+    def _remoteable_get_env(self) -> dict:
+        return {}
+
+
+class _Pair:
+    def __init__(self, repo: str) -> None:
+        self.repo = repo
+
+    def traced(self, which: str) -> Traced:
+        return Traced(_Named(self.repo))
+
+
+def test_a_model_the_service_does_not_run_is_refused_before_any_trace(fake_service, monkeypatch):
+    monkeypatch.setenv("NDIF_API_KEY", "k")
+    backend = NdifBackend(host=fake_service)
+    backend.preflight()
+    backend.check_pair(_Pair("openai-community/gpt2"))
+    with pytest.raises(ConfigError, match=r"does not run 'meta-llama/Llama-3.1-8B' \(it runs: openai-community/gpt2\)"):
+        backend.check_pair(_Pair("meta-llama/Llama-3.1-8B"))
+    with pytest.raises(ConfigError, match="is the local checkpoint '/models/base': the NDIF service at http://192.0.2.1 cannot load it"):
+        NdifBackend(host="http://192.0.2.1").check_pair(_Pair("/models/base"))
+
+
+def test_transient_failures_are_retried_and_persistent_ones_stop(monkeypatch):
+    import httpx
+    import websocket
+    from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
+
+    assert is_transient(ConnectionRefusedError()) and is_transient(websocket.WebSocketConnectionClosedException())
+    response = httpx.Response(503, request=httpx.Request("POST", "http://h/request"))
+    wrapped = RemoteError("Failed to send request")
+    wrapped.__cause__ = httpx.HTTPStatusError("503", request=response.request, response=response)
+    assert is_transient(wrapped)
+    assert not is_transient(RemoteError("NameError: name 'x' is not defined"))
+
+    calls = {"n": 0}
+
+    def flaky(self, tracer=None):
+        calls["n"] += 1
+        if calls["n"] < 3:
+            raise ConnectionRefusedError("refused")
+        return {"ok": 1}
+
+    monkeypatch.setattr(RemoteBackend, "__call__", flaky)
+    stats = RequestStats()
+    backend = RetryingRemote(_Named("gpt2"), "http://127.0.0.1:1", "k", 5.0, 3, 0.0, stats)
+    assert backend({}) == {"ok": 1} and stats.retries == 2 and stats.requests == 1
+    calls["n"] = -10
+    with pytest.raises(RemoteFailure, match="failed 4 times in a row .*rerun the same command to resume"):
+        backend({})
+
+
+class _DropsOut(NdifBackend):
+    """A simulated service that stops answering after `fail_after` requests."""
+
+    fail_after: int = 10**9
+
+    def trace_kwargs(self, nn_model=None):
+        if self.stats.requests >= self.fail_after:
+            raise RemoteFailure("NDIF at http://127.0.0.1:1 failed 4 times in a row; rerun the same command to resume.")
+        return super().trace_kwargs(nn_model)
+
+
+def test_a_run_stopped_by_a_failing_service_resumes_from_its_last_batch(tmp_path, tiny_cache):
+    from conftest import tiny_source
+
+    from routing_suite.collect import LabeledPair
+    from routing_suite.models import Placement
+    from routing_suite.organisms import task as T
+    from routing_suite.prompts import organism_pairs
+    from routing_suite.store import RunStore, StoreSettings
+    from routing_suite.tracing import SiteRequest
+
+    source = tiny_source(tiny_cache)
+    pair = source.load("refuse", Placement(finetune="deltas"))
+    items = [LabeledPair(p, "fit") for p in organism_pairs(T.make_task(source.spec.task), "train", "all")[:12]]
+    request = SiteRequest(("resid", "attn"))
+
+    def open_store(root: Path) -> RunStore:
+        return RunStore.open(root / "run.zarr", StoreSettings(chunk_prompts=2), {"t": 1}, {})
+
+    clean = open_store(tmp_path / "clean")
+    collect_stage.collect(pair, items, request, clean, NdifBackend(simulate=True, batch_size=2), progress=False)
+    failing = _DropsOut(simulate=True, batch_size=2)
+    failing.fail_after = 3
+    store = open_store(tmp_path / "cut")
+    with pytest.raises(RemoteFailure, match="rerun the same command to resume"):
+        collect_stage.collect(pair, items, request, store, failing, progress=False)
+    assert store.batches_done("activations").tolist() == [True] * 3 + [False] * 3
+    again = NdifBackend(simulate=True, batch_size=2)
+    collect_stage.collect(pair, items, request, open_store(tmp_path / "cut"), again, progress=False)
+    assert again.stats.requests == 3  # only the batches that were missing
+    xr.testing.assert_identical(store.read("activations").load(), clean.read("activations").load())
+
+
+def test_request_counts_come_from_results():
+    stats = RequestStats()
+    stats.stage = "collect"
+    stats.add(100, 10)
+    assert stats.as_dict()["by_stage"] == {"collect": {"requests": 1, "bytes_down": 100, "bytes_up": 10}}
+    assert remote.result_bytes({"x": np.zeros(3)}) > 0
+
+
+def test_paired_sums_give_the_difference_of_means_with_less_coming_back(tmp_path, tiny_cache):
+    from conftest import tiny_source
+
+    from routing_suite.collect import LabeledPair
+    from routing_suite.models import Placement
+    from routing_suite.organisms import task as T
+    from routing_suite.prompts import organism_pairs
+    from routing_suite.reduce import GROUP, collect_paired_sums, mean_difference
+    from routing_suite.store import RunStore, StoreSettings
+    from routing_suite.tracing import SiteRequest
+
+    source = tiny_source(tiny_cache)
+    pair = source.load("refuse", Placement(finetune="deltas"))
+    items = [LabeledPair(p, "fit") for p in organism_pairs(T.make_task(source.spec.task), "train", "all")[:16]]
+    request = SiteRequest(("resid", "attn"))
+    full, summed = NdifBackend(simulate=True, batch_size=8), NdifBackend(simulate=True, batch_size=8)
+    a = RunStore.open(tmp_path / "full.zarr", StoreSettings(), {"t": 1}, {})
+    collect_stage.collect(pair, items, request, a, full, progress=False)
+    b = RunStore.open(tmp_path / "sums.zarr", StoreSettings(), {"t": 2}, {})
+    collect_paired_sums(pair, items, request, b, summed, progress=False)
+    acts = a.read("activations").load()
+    means = mean_difference(b.read(GROUP).load())
+    for site in ("resid", "attn"):
+        expected = (acts[site].sel(framing="deploy") - acts[site].sel(framing="eval")).mean("prompt")
+        np.testing.assert_allclose(means[site].values, expected.values, atol=1e-5)
+    assert summed.stats.requests == full.stats.requests == 2
+    assert summed.stats.bytes_down < full.stats.bytes_down / 4

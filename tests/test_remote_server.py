@@ -1,0 +1,129 @@
+"""Integration tier (`pytest -m remote`): a real NDIF server on 127.0.0.1.
+
+The server is the one `scripts/ndif/local_server.sh` starts (install it once
+with `scripts/ndif/local_server.sh install`); these tests start it, or use the
+one at NDIF_TEST_HOST, and stop what they started. A routing cell through it
+gives the local store, and a server stopped in the middle of a run stops it
+with one clear line; the rerun completes the same store.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+pytestmark = pytest.mark.remote
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "ndif" / "local_server.sh"
+HOST = "http://127.0.0.1:18001"
+
+
+def _server(action: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(SCRIPT), action], cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def server():
+    if os.environ.get("NDIF_TEST_HOST"):
+        yield os.environ["NDIF_TEST_HOST"]
+        return
+    if not (ROOT / ".venv-ndif" / "bin" / "ndif").exists():
+        pytest.skip("no local NDIF server installed (run: scripts/ndif/local_server.sh install)")
+    started = _server("start")
+    if started.returncode != 0:
+        _server("stop")
+        pytest.skip(f"the local NDIF server did not start: {started.stderr.strip().splitlines()[-1:]}")
+    yield HOST
+    _server("stop")
+
+
+def _args(organisms: str, root: Path, backend: list[str]) -> list[str]:
+    return [
+        f"model.cache_dir={organisms}", f"store.root={root / 'stores'}", "data.max_fit=80", "data.max_test=48",
+        "progress=false", f"hydra.run.dir={root / 'run'}", *backend,
+    ]
+
+
+def _env(host: str) -> dict:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "NDIF_HOST": host, "NDIF_API_KEY": "local"}
+
+
+def _run(experiment: str, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", f"experiments.{experiment}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _store(root: Path) -> Path:
+    return next((root / "stores").rglob("*.zarr"))
+
+
+def test_routing_cell_through_the_server_equals_local(server, llama_underperform, organism_cache, tmp_path):
+    local = _run("routing", _args(organism_cache, tmp_path / "local", [f"report_dir={tmp_path / 'lt'}"]), _env(server))
+    assert local.returncode == 0, local.stderr
+    remote = _run(
+        "routing", _args(organism_cache, tmp_path / "remote", ["backend=ndif", f"report_dir={tmp_path / 'rt'}"]), _env(server)
+    )
+    assert remote.returncode == 0, remote.stderr
+    a, b = _store(tmp_path / "local"), _store(tmp_path / "remote")
+    for site in ("resid", "attn", "heads"):
+        x = xr.open_zarr(a, group="activations")[site].values
+        y = xr.open_zarr(b, group="activations")[site].values
+        assert np.abs(x - y).max() <= 1e-4, site
+    outcomes_a, outcomes_b = xr.open_zarr(a, group="outcomes"), xr.open_zarr(b, group="outcomes")
+    np.testing.assert_array_equal(outcomes_a.performed.values, outcomes_b.performed.values)
+    assert xr.open_zarr(a, group="localize").attrs["window"] == xr.open_zarr(b, group="localize").attrs["window"]
+
+
+def test_server_stopped_mid_run_then_rerun_completes(server, llama_underperform, organism_cache, tmp_path):
+    if os.environ.get("NDIF_TEST_HOST"):
+        pytest.skip("stops and restarts the server: only with the one this module started")
+    args = _args(organism_cache, tmp_path, ["backend=ndif", "backend.batch_size=4", "backend.max_retries=1", "backend.backoff_s=1"])
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "experiments.collect", *args], cwd=ROOT, env=_env(server), stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE, text=True,
+    )
+    stopped = False
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:
+        found = list((tmp_path / "stores").rglob("*.zarr.partial"))
+        if found and (found[0] / "activations" / "batch_done").exists():
+            done = zarr.open_array(str(found[0]), path="activations/batch_done", mode="r")[:]
+            if done.sum() >= 3:
+                _server("stop")
+                stopped = True
+                break
+        time.sleep(0.2)
+    try:
+        _, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+    assert stopped, "the collect finished before the server could be stopped"
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert proc.returncode == 1 and len(lines) == 1, stderr
+    assert lines[0].startswith("error: NDIF at http://127.0.0.1:18001 failed 2 times in a row"), lines[0]
+    assert "rerun the same command to resume" in lines[0]
+    partial = next((tmp_path / "stores").rglob("*.zarr.partial"))
+    done = zarr.open_array(str(partial), path="activations/batch_done", mode="r")[:]
+    assert 3 <= done.sum() < len(done)
+    written = xr.open_zarr(partial, group="activations", consolidated=False).resid.values[:, :, : 4 * int(done.sum())]
+    assert np.isfinite(written).all()
+    restarted = _server("start")
+    assert restarted.returncode == 0, restarted.stderr
+    rerun = _run("collect", args, _env(server))
+    assert rerun.returncode == 0, rerun.stderr
+    local = _run("collect", _args(organism_cache, tmp_path / "local", ["backend.batch_size=4"]), _env(server))
+    assert local.returncode == 0, local.stderr
+    x = xr.open_zarr(_store(tmp_path), group="activations").resid.values
+    y = xr.open_zarr(_store(tmp_path / "local"), group="activations").resid.values
+    assert np.abs(x - y).max() <= 1e-4
