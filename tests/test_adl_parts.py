@@ -15,6 +15,7 @@ from routing_suite.adl.relevance import StatisticGrader, log_odds_z
 from routing_suite.adl.similarity import LexicalSimilarity
 from routing_suite.adl.steer import best_alpha, completion_log_ppl
 from routing_suite.adl.texts import OrganismTexts, PackageTexts, finetuning_data, organism_forbidden_phrases
+from routing_suite.backends import LocalBackend
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
 from routing_suite.models import ModelPair
@@ -99,7 +100,7 @@ def test_streamed_mean_difference_equals_the_in_memory_mean_and_resumes_a_part(o
     source, pair = organism_pair
     texts = OrganismTexts(**PROMPTS).unrelated(23, 0, source.spec.task) + ["he said"]  # one short text
     store = RunStore.open(tmp_path / "adl.zarr", StoreSettings(), {"t": 1}, {"cell": {"family": "llama"}})
-    mean_diff.accumulate(pair, texts, 4, 10, store, batch_size=4, trace_kwargs={}, progress=False)
+    mean_diff.accumulate(pair, texts, 4, 10, store, batch_size=4, backend=LocalBackend(), progress=False)
     first = mean_diff.finish(store)
     # The reference: every text at once, plain hooks, masked mean over texts that reach each position.
     request = SiteRequest(("resid",), None, "first_k", 4).validate(pair.num_layers)
@@ -117,7 +118,7 @@ def test_streamed_mean_difference_equals_the_in_memory_mean_and_resumes_a_part(o
     sums = store._streamed_arrays(mean_diff.SUMS)
     sums["diff"][1] = 1e3
     sums["batch_done"][1] = False
-    mean_diff.accumulate(pair, texts, 4, 10, store, batch_size=4, trace_kwargs={}, progress=False)
+    mean_diff.accumulate(pair, texts, 4, 10, store, batch_size=4, backend=LocalBackend(), progress=False)
     np.testing.assert_array_equal(mean_diff.finish(store)["diff"].values, first["diff"].values)
 
 

@@ -78,7 +78,7 @@ def _batch_deltas(pair: ModelPair, ids: Tensor, mask: Tensor, scored: Tensor, un
     """CE of the fine-tune and of the base, and CE after replacement per (condition, layer)."""
     family, layers = pair.family, list(range(pair.num_layers))
     inputs = {"input_ids": ids, "attention_mask": mask}
-    base, ft = pair.traced("base"), pair.traced("finetuned")
+    base, ft = pair.traced("base").nn, pair.traced("finetuned").nn
     saved = {}
     with base.trace(inputs, **trace_kwargs):
         for layer in layers:

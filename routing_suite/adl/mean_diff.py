@@ -41,16 +41,17 @@ def _layout(n_parts: int, layers: list[int], k: int, hidden: int) -> tuple[dict,
     return coords, variables
 
 
-def _part_sums(pair: ModelPair, texts: list[str], request: SiteRequest, batch_size: int, trace_kwargs: dict) -> dict[str, np.ndarray]:
+def _part_sums(pair: ModelPair, texts: list[str], request: SiteRequest, batch_size: int, backend) -> dict[str, np.ndarray]:
     """One part's means over its texts (0 where a position has no text) and counts."""
     L, k, d = len(request.layers), request.k, pair.hidden_size
     sums = {name: torch.zeros(L, k, d, dtype=torch.float64) for name in _VECTORS}
     norm = torch.zeros(L, k, dtype=torch.float64)
     count = torch.zeros(k, dtype=torch.float64)
-    models = {which: pair.traced(which) for which in schema.MODELS}
+    models = [pair.traced(which) for which in schema.MODELS]
     for start in range(0, len(texts), batch_size):
         batch = make_batch(pair.tokenizer, texts[start : start + batch_size], request, truncate=True)
-        h = {w: trace_sites(models[w], pair.family, batch, request, pair.num_heads, **trace_kwargs)["resid"] for w in schema.MODELS}
+        traced = trace_sites(models, pair.family, batch, request, pair.num_heads, backend)
+        h = {w: t["resid"] for w, t in zip(schema.MODELS, traced)}
         valid = batch.valid.to(torch.float64)[:, None, :, None]  # (batch, 1, k, 1)
         base, ft = h["base"].double() * valid, h["finetuned"].double() * valid
         sums["mean_base"] += base.sum(0)
@@ -66,7 +67,7 @@ def _part_sums(pair: ModelPair, texts: list[str], request: SiteRequest, batch_si
 
 
 def accumulate(
-    pair: ModelPair, texts: list[str], k: int, texts_per_part: int, store: RunStore, batch_size: int, trace_kwargs: dict,
+    pair: ModelPair, texts: list[str], k: int, texts_per_part: int, store: RunStore, batch_size: int, backend,
     progress: bool = True,
 ) -> None:
     """Fill `adl_sums` part by part; parts already written are skipped."""
@@ -78,7 +79,7 @@ def accumulate(
     log.info("mean difference: %d of %d parts to trace (%d texts, first %d tokens)", len(todo), n_parts, len(texts), k)
     for part in tqdm(todo, desc="adl mean", unit="part", disable=not progress):
         chunk = texts[part * texts_per_part : (part + 1) * texts_per_part]
-        data = _part_sums(pair, chunk, request, batch_size, trace_kwargs)
+        data = _part_sums(pair, chunk, request, batch_size, backend)
         store.write_batch(SUMS, part, slice(part, part + 1), data, {"layer": list(request.layers)}, along="part")
 
 

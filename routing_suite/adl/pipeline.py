@@ -117,6 +117,10 @@ def run(cfg) -> dict:
     grader = instantiate(cfg.grader)
     texts.check()
     similarity.check()
+    if setup.backend.name != "local":
+        # Readouts and the causal check trace the merged fine-tune directly; the
+        # remote placement (base plus adapter updates) is not wired into them.
+        raise ConfigError(f"experiments.adl runs with backend=local only (got backend={setup.backend.name})")
     seed = int(cfg.seed)
     behavior = setup.behavior.name
     task_spec = setup.source.task_spec
@@ -137,7 +141,7 @@ def run(cfg) -> dict:
     grader.fit(ft_texts, unrelated, pair.tokenizer)
 
     if not store.stage_done("adl_mean"):
-        mean_diff.accumulate(pair, unrelated, settings.k, settings.texts_per_part, store, setup.backend.batch_size, trace_kwargs, cfg.progress)
+        mean_diff.accumulate(pair, unrelated, settings.k, settings.texts_per_part, store, setup.backend.batch_size, setup.backend, cfg.progress)
         store.write_group(mean_diff.MEAN, mean_diff.finish(store))
         store.mark_stage_done("adl_mean")
     means = store.read(mean_diff.MEAN).load()
@@ -148,7 +152,7 @@ def run(cfg) -> dict:
     reference = _sample(ft_texts, settings.steer.n_reference, seed)
     steered = _stage(store, "adl_steer", lambda: steer(
         pair, diff[steer_layer, position], steer_layer, norm, settings.steer, list(texts.chat_prompts), reference, similarity,
-        texts.chat_template, seed, trace_kwargs,
+        texts.chat_template, seed, setup.backend,
     ))
     data = {
         "finetune": _sample(examples, settings.causal.n_texts, seed),

@@ -42,7 +42,7 @@ def patchscope(
     """
     unit = vectors.float() / vectors.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
     rows = [(i, s, p) for i in range(len(vectors)) for s in scales for p in range(len(prompts))]
-    nn_model = pair.traced("finetuned")
+    nn_model = pair.traced("finetuned").nn
     out = torch.zeros(len(vectors), pair.finetuned.config.vocab_size, dtype=torch.float64)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]

@@ -103,7 +103,7 @@ def best_alpha(alphas: list[float], coherent: np.ndarray) -> float:
 
 def steer(
     pair: ModelPair, direction: Tensor, layer: int, norm: float, settings: SteerSettings, prompts: list[str], reference: list[str],
-    similarity: Similarity, chat_template: bool, seed: int, trace_kwargs: dict,
+    similarity: Similarity, chat_template: bool, seed: int, backend,
 ) -> xr.Dataset:
     """Completions, base-model log-perplexity and similarity per strength; the chosen alpha in attrs."""
     unit = (direction / direction.norm().clamp(min=1e-12)).float()
@@ -116,7 +116,7 @@ def steer(
     conditions = _conditions(unit, layer, norm, alphas, random)
     inputs = chat_inputs(pair.tokenizer, prompts, chat_template)
     texts = generate_under_conditions(
-        pair.traced("finetuned"), pair.family, pair.tokenizer, inputs, conditions, settings.max_new_tokens, **trace_kwargs
+        pair.traced("finetuned"), pair.family, pair.tokenizer, inputs, conditions, settings.max_new_tokens, pair.num_layers, backend
     )
     kinds = ["difference", "random"] if random is not None else ["difference"]
 
