@@ -6,7 +6,8 @@ same work, measured in the same process on the same model and prompts.
   `numpy.save`-ing them;
 - overlap: `collect` vs the same nnsight traces with nothing written;
 - memory: peak RSS of a collect over N and over 8N prompts, each in a fresh
-  process.
+  process;
+- interventions and remote: see `routing_suite.bench_conditions`.
 """
 
 from __future__ import annotations
@@ -170,6 +171,17 @@ def run(cfg) -> dict:
         large = peak_rss_mb(8 * cfg.memory_prompts, cfg.batch_size, cfg.cache_dir, cfg.family)
         figures.update({"peak_rss_mb_N": round(small, 1), "peak_rss_mb_8N": round(large, 1), "memory_ratio": round(large / small, 3),
                         "memory_N": cfg.memory_prompts})
+    if cfg.interventions or cfg.remote:
+        from routing_suite import bench_conditions as bc
+
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp)
+            if cfg.interventions:
+                conditions, prompts, max_new = bc.cell_conditions(bc.routing_cfg(cfg.family, cfg.cache_dir, root, cfg.interventions_pairs))
+                figures.update(bc.intervention_figures(pair, conditions, prompts, max_new, cfg.repeats))
+            if cfg.remote:
+                figures.update(bc.remote_figures(cfg.family, cfg.cache_dir, root / "remote", cfg.interventions_pairs))
+        torch.set_num_threads(cfg.num_threads)  # a routing cell sets its own
     return figures
 
 

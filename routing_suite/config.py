@@ -294,6 +294,11 @@ class BenchConfig:
     memory: bool = True
     # Peak RSS is compared between collects of N and 8N prompt pairs.
     memory_prompts: int = 88
+    # The routing stage's conditions on held-out pairs (eval + deploy prompts each).
+    interventions: bool = True
+    interventions_pairs: int = 16
+    # Requests and bytes of one routing cell through the simulated remote path.
+    remote: bool = True
     num_threads: int = 2
 
 

@@ -323,6 +323,23 @@ class OrganismSource(OrganismPrompts):
         return pair
 
 
+def _check_checkpoints(family: str, dtype: str, sources: dict[str, str]) -> None:
+    """The family's module paths are known, the dtype too, and every source exists."""
+    try:
+        family_paths(family)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    _check_dtype(dtype)
+    for key, value in sources.items():
+        _check_source(key, value)
+
+
+def _tokenizer(base: str, revision: str | None) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(base, revision=revision)
+    tokenizer.padding_side = "left"
+    return tokenizer
+
+
 @dataclass
 class PeftSource(OrganismPrompts):
     """A base checkpoint (local path or Hub id) plus a PEFT adapter."""
@@ -338,13 +355,7 @@ class PeftSource(OrganismPrompts):
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        try:
-            family_paths(self.family)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-        _check_dtype(self.dtype)
-        _check_source("model.base", self.base)
-        _check_source("model.adapter", self.adapter)
+        _check_checkpoints(self.family, self.dtype, {"model.base": self.base, "model.adapter": self.adapter})
 
     @property
     def name(self) -> str:
@@ -352,8 +363,7 @@ class PeftSource(OrganismPrompts):
 
     def load(self, behavior: str, placement: Placement = Placement()) -> ModelPair:
         dtype = _check_dtype(self.dtype)
-        tokenizer = AutoTokenizer.from_pretrained(self.base, revision=self.revision)
-        tokenizer.padding_side = "left"
+        tokenizer = _tokenizer(self.base, self.revision)
 
         def load_base() -> PreTrainedModel:
             return AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype, revision=self.revision, attn_implementation="eager").eval()
@@ -378,13 +388,7 @@ class CheckpointPairSource(OrganismPrompts):
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
-        try:
-            family_paths(self.family)
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-        _check_dtype(self.dtype)
-        _check_source("model.base", self.base)
-        _check_source("model.finetuned", self.finetuned)
+        _check_checkpoints(self.family, self.dtype, {"model.base": self.base, "model.finetuned": self.finetuned})
 
     @property
     def name(self) -> str:
@@ -392,8 +396,7 @@ class CheckpointPairSource(OrganismPrompts):
 
     def load(self, behavior: str, placement: Placement = Placement()) -> ModelPair:
         dtype = _check_dtype(self.dtype)
-        tokenizer = AutoTokenizer.from_pretrained(self.base, revision=self.revision)
-        tokenizer.padding_side = "left"
+        tokenizer = _tokenizer(self.base, self.revision)
         identity = {"source": "checkpoints", "base": self.base, "finetuned": self.finetuned, "revision": self.revision}
         if placement.weights == "remote":
             wrappers = {"base": remote_model(self.base, tokenizer, self.revision), "finetuned": remote_model(self.finetuned, tokenizer)}

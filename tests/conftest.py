@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# Idle OpenMP threads sleep instead of spinning: on a 2-core machine shared with
+# other jobs, spinning threads make every torch call many times slower. Set
+# before torch starts its thread pool.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from routing_suite.models import OrganismSource
 

@@ -87,6 +87,14 @@ def _colorbar(fig: Figure, image, x0: float, y0: float, height: float, label: st
     fig.colorbar(image, cax=cax, label=label)
 
 
+def _panel_grid(rows: int, cols: int, size, gaps, margins) -> tuple[Figure, list]:
+    """A figure of rows x cols panels of `size` inches with `gaps` between them and
+    (left, bottom, top, right) margins; the panels' axes by row."""
+    left, bottom, top, right = margins
+    fig = Figure(figsize=(left + right + _span(cols, size[0], gaps[0]), bottom + top + _span(rows, size[1], gaps[1])))
+    return fig, _panels(fig, rows, cols, left, bottom, size, gaps)
+
+
 def _first_filled(row: list[bool]) -> int:
     """The first panel of a row that shows data: it carries the row's y labels."""
     return next((c for c, filled in enumerate(row) if filled), 0)
@@ -212,13 +220,7 @@ def patching_figure(data: dict[Cell, xr.Dataset], grid: list[Cell], used: set[Ce
     values = [float(np.nanmax(np.abs(ds["layer_effect"].values))) for ds in data.values() if "layer_effect" in ds]
     vmax = max(values + [1e-9])
     size, gaps, left, bottom, top, right = (3.0, 0.9), (0.3, 0.55), 1.25, 0.55, 0.7, 1.2
-    fig = Figure(
-        figsize=(
-            left + right + _span(len(behaviors), size[0], gaps[0]),
-            bottom + top + _span(len(families), size[1], gaps[1]),
-        )
-    )
-    axes = _panels(fig, len(families), len(behaviors), left, bottom, size, gaps)
+    fig, axes = _panel_grid(len(families), len(behaviors), size, gaps, (left, bottom, top, right))
     image = None
     for r, family in enumerate(families):
         first = _first_filled(["layer_effect" in data.get((family, b), {}) for b in behaviors])
@@ -244,14 +246,7 @@ def patching_figure(data: dict[Cell, xr.Dataset], grid: list[Cell], used: set[Ce
                 ax.set_xlabel("layer", fontsize=9)
     if image is not None:
         width = fig.get_size_inches()[0]
-        _colorbar(
-            fig,
-            image,
-            width - right + 0.25,
-            bottom,
-            _span(len(families), size[1], gaps[1]),
-            "fraction of the gap restored",
-        )
+        _colorbar(fig, image, width - right + 0.25, bottom, _span(len(families), size[1], gaps[1]), "fraction of the gap restored")
     fig.suptitle(
         "Path patching per layer (dashed box: the chosen intervention window)",
         y=1 - 0.2 / fig.get_size_inches()[1],
@@ -270,13 +265,7 @@ def head_figure(data: dict[Cell, xr.Dataset], grid: list[Cell], used: set[Cell],
     }
     vmax = max([float(np.nanmax(np.abs(v.values))) for v in picked.values()] + [1e-9])
     size, gaps, left, bottom, top, right = (2.3, 1.8), (0.3, 0.55), 0.75, 0.55, 0.7, 1.2
-    fig = Figure(
-        figsize=(
-            left + right + _span(len(behaviors), size[0], gaps[0]),
-            bottom + top + _span(len(families), size[1], gaps[1]),
-        )
-    )
-    axes = _panels(fig, len(families), len(behaviors), left, bottom, size, gaps)
+    fig, axes = _panel_grid(len(families), len(behaviors), size, gaps, (left, bottom, top, right))
     image = None
     for r, family in enumerate(families):
         first = _first_filled([(family, b) in picked for b in behaviors])
@@ -305,14 +294,7 @@ def head_figure(data: dict[Cell, xr.Dataset], grid: list[Cell], used: set[Cell],
                 ax.set_ylabel("layer", fontsize=9)
     if image is not None:
         width = fig.get_size_inches()[0]
-        _colorbar(
-            fig,
-            image,
-            width - right + 0.25,
-            bottom,
-            _span(len(families), size[1], gaps[1]),
-            "fraction of the gap restored",
-        )
+        _colorbar(fig, image, width - right + 0.25, bottom, _span(len(families), size[1], gaps[1]), "fraction of the gap restored")
     label = SOURCE_LABELS.get(source, source)
     fig.suptitle(f"Path patching per attention head, patching {label}", y=1 - 0.2 / fig.get_size_inches()[1], va="top")
     return fig

@@ -1,0 +1,177 @@
+"""Benchmark figures for the intervene stage and for remote requests.
+
+- interventions: the routing stage's conditions (baseline, the clamp, its
+  base-subspace comparison and every control) run on one batch of held-out
+  prompts the suite's way, every condition an invoke of one batched nnsight
+  generation, against the plain baseline: one `model.generate` per condition
+  with forward hooks applying the same edits. Both must give the same
+  completions; the figure is the ratio of their seconds.
+- remote: the same routing cell through nnsight's in-process request
+  serialization (`backend=ndif backend.simulate=true`), requests and bytes per
+  stage, with invokes grouped into as few requests as possible and with no
+  grouping (`backend.max_invokes=1`).
+
+The conditions come from a real routing cell run on the benchmark's organism
+(its store: fit, localize, activations), so they are exactly what the routing
+stage runs.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import torch
+import xarray as xr
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from routing_suite import routing
+from routing_suite.backends import LocalBackend
+from routing_suite.families import site_path
+from routing_suite.interventions import Condition
+from routing_suite.models import ModelPair
+from routing_suite.steering import encode, generate_under_conditions, until_eos
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def routing_cfg(family: str, cache_dir: str, root: Path, n_test: int, extra: list[str] = ()):
+    """The routing config of the benchmark's cell (small fit and test sets, no progress bars)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(
+            config_name="routing",
+            overrides=[
+                f"model={family}_organism",
+                f"model.cache_dir={cache_dir}",
+                f"store.root={root / 'stores'}",
+                f"report_dir={root / 'table'}",
+                "data.max_fit=80",
+                f"data.max_test={n_test}",
+                "progress=false",
+                *extra,
+            ],
+        )
+
+
+def cell_conditions(cfg) -> tuple[list[Condition], list[str], int]:
+    """Run (or reuse) the cell; its conditions, held-out eval+deploy prompts, and max_new_tokens."""
+    from hydra.utils import instantiate
+
+    from routing_suite.controls import check_controls
+    from routing_suite.intervene import build_conditions
+
+    result = routing.run(cfg)
+    store = result["store"]
+    acts = xr.open_zarr(store, group="activations").load()
+    fit = xr.open_zarr(store, group="fit").load()
+    localized = xr.open_zarr(store, group="localize").load()
+    spec = instantiate(cfg.intervention)
+    controls = {key: instantiate(value) for key, value in cfg.control.items()}
+    check_controls(controls)
+    conditions = build_conditions(spec, controls, fit, localized, acts, result["window"], int(cfg.seed))
+    test = acts.sel(prompt=acts.split.values == "test")
+    prompts = [str(p) for p in test.eval_prompt.values] + [str(p) for p in test.deploy_prompt.values]
+    return conditions, prompts, int(cfg.behavior.max_new_tokens)
+
+
+def suite_generate(pair: ModelPair, prompts: list[str], conditions: list[Condition], max_new_tokens: int) -> dict[str, list[str]]:
+    return generate_under_conditions(
+        pair.traced("finetuned"), pair.family, pair.tokenizer, prompts, conditions, max_new_tokens, pair.num_layers, LocalBackend()
+    )
+
+
+def _edit_hook(condition: Condition, edits: list):
+    def hook(module, args, output):
+        x = output[0] if isinstance(output, tuple) else output
+        if condition.steps == "prompt" and x.shape[1] == 1:
+            return None  # a generated token's pass: "prompt" edits only touch the prompt's pass
+        x = x.clone()
+        for e in edits:
+            if condition.positions == "last":
+                x[:, -1] = e.apply(x[:, -1])
+            else:
+                x = e.apply(x)
+        return (x, *output[1:]) if isinstance(output, tuple) else x
+
+    return hook
+
+
+def hooks_generate(pair: ModelPair, prompts: list[str], conditions: list[Condition], max_new_tokens: int) -> dict[str, list[str]]:
+    """The baseline: one plain `generate` per condition, its edits as forward hooks."""
+    model, tokenizer = pair.model("finetuned"), pair.tokenizer
+    modules = dict(model.named_modules())
+    inputs = encode(tokenizer, prompts)
+    width = inputs["input_ids"].shape[1]
+    out: dict[str, list[str]] = {}
+    for condition in conditions:
+        by_layer: dict[int, list] = {}
+        for e in condition.edits:
+            by_layer.setdefault(e.layer, []).append(e)
+        handles = [
+            modules[site_path(pair.family, condition.site, layer)].register_forward_hook(_edit_hook(condition, edits))
+            for layer, edits in by_layer.items()
+        ]
+        try:
+            with torch.no_grad():
+                ids = model.generate(
+                    **inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                )
+        finally:
+            for handle in handles:
+                handle.remove()
+        name = condition.name if condition.seed is None else f"{condition.name}#{condition.seed}"
+        out[name] = [tokenizer.decode(until_eos(row, tokenizer.eos_token_id), skip_special_tokens=True) for row in ids[:, width:]]
+    return out
+
+
+def _best_seconds(fn, repeats: int):
+    best, result = float("inf"), None
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - started)
+    return best, result
+
+
+def intervention_figures(pair: ModelPair, conditions: list[Condition], prompts: list[str], max_new_tokens: int, repeats: int) -> dict:
+    """Seconds of the suite's batched conditions and of one hooked generate per condition."""
+    # One warm-up of each path, then the best of `repeats`.
+    suite_generate(pair, prompts, conditions, max_new_tokens)
+    hooks_generate(pair, prompts, conditions, max_new_tokens)
+    suite_s, suite_texts = _best_seconds(lambda: suite_generate(pair, prompts, conditions, max_new_tokens), repeats)
+    hooks_s, hooks_texts = _best_seconds(lambda: hooks_generate(pair, prompts, conditions, max_new_tokens), repeats)
+    same = sum(a == b for k in suite_texts for a, b in zip(suite_texts[k], hooks_texts[k]))
+    total = sum(len(v) for v in suite_texts.values())
+    return {
+        "interventions_conditions": len(conditions),
+        "interventions_prompts": len(prompts),
+        "interventions_suite_seconds": round(suite_s, 3),
+        "interventions_hooks_seconds": round(hooks_s, 3),
+        "interventions_ratio": round(suite_s / hooks_s, 3),
+        "interventions_same_completions": f"{same}/{total}",
+    }
+
+
+def remote_figures(family: str, cache_dir: str, root: Path, n_test: int) -> dict:
+    """Requests and bytes of one routing cell through the simulated remote path, grouped and not."""
+    figures: dict = {}
+    for label, extra in (("grouped", []), ("ungrouped", ["backend.max_invokes=1"])):
+        cfg = routing_cfg(family, cache_dir, root / label, n_test, ["backend=ndif", "backend.simulate=true", *extra])
+        stats = routing.run(cfg)["requests"]
+        for key, value in _flatten(stats).items():
+            figures[f"remote_{label}_{key}"] = value
+    return figures
+
+
+def _flatten(stats: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in stats.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}_"))
+        else:
+            flat[name] = value
+    return flat

@@ -1,0 +1,39 @@
+"""The benchmark's plain baseline for interventions does the same work as the suite."""
+
+from __future__ import annotations
+
+import torch
+
+from routing_suite import bench_conditions as bc
+from routing_suite.interventions import Condition, SubspaceEdit
+from routing_suite.organisms import task as T
+from routing_suite.prompts import organism_pairs
+
+
+def _basis(hidden: int, rank: int, seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(hidden, rank, generator=torch.Generator().manual_seed(seed)))
+    return q.T.contiguous()
+
+
+def test_hooked_generate_matches_the_suites_batched_conditions(llama_underperform, llama_source):
+    pair = llama_underperform
+    pairs = organism_pairs(T.make_task(llama_source.spec.task), "heldout", "heldout")[:6]
+    prompts = [p.eval_prompt for p in pairs] + [p.deploy_prompt for p in pairs]
+    d = pair.hidden_size
+    # Strong edits, so a condition that was not applied (or applied at the wrong
+    # steps or positions) changes the completions.
+    clamp = [SubspaceEdit(layer, _basis(d, 2, layer), "clamp", torch.full((2,), 30.0)) for layer in (1, 2)]
+    steer = [SubspaceEdit(1, _basis(d, 1, 7), "steer", alpha=30.0)]
+    conditions = [
+        Condition("baseline", "baseline"),
+        Condition("clamp_prompt_all", "intervention", "attn", "all", clamp, steps="prompt"),
+        Condition("clamp_every_last", "control", "attn", "last", clamp, steps="all", seed=3),
+        Condition("steer_resid", "control", "resid", "all", steer, steps="all"),
+    ]
+    suite = bc.suite_generate(pair, prompts, conditions, max_new_tokens=6)
+    hooks = bc.hooks_generate(pair, prompts, conditions, max_new_tokens=6)
+    assert suite.keys() == hooks.keys() == {"baseline", "clamp_prompt_all", "clamp_every_last#3", "steer_resid"}
+    assert suite == hooks
+    # The edits matter: otherwise the comparison says nothing.
+    changed = {name: sum(a != b for a, b in zip(texts, suite["baseline"])) for name, texts in suite.items()}
+    assert all(changed[name] > 0 for name in changed if name != "baseline"), changed
