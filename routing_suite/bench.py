@@ -106,8 +106,10 @@ def traces_only(pair: ModelPair, items: list[LabeledPair], request: SiteRequest,
     return time.perf_counter() - started
 
 
-def collect_seconds(pair: ModelPair, items: list[LabeledPair], request: SiteRequest, size: int, root: Path) -> float:
-    store = RunStore.open(root / "bench.zarr", StoreSettings(), {"bench": time.time()}, {})
+def collect_seconds(
+    pair: ModelPair, items: list[LabeledPair], request: SiteRequest, size: int, root: Path, compressor: str = "zstd"
+) -> float:
+    store = RunStore.open(root / "bench.zarr", StoreSettings(compressor=compressor), {"bench": time.time()}, {})
     started = time.perf_counter()
     collect(pair, items, request, store, LocalBackend(batch_size=size), progress=False)
     return time.perf_counter() - started
@@ -155,15 +157,21 @@ def run(cfg) -> dict:
         # One warm-up of each path, then alternate the measured repeats.
         hooks_and_numpy(pair, items[: cfg.batch_size], request, cfg.batch_size, root)
         collect_seconds(pair, items[: cfg.batch_size], request, cfg.batch_size, root / "warm")
-        best = {"collect": float("inf"), "hooks_numpy": float("inf"), "traces_only": float("inf")}
+        best = {"collect": float("inf"), "collect_uncompressed": float("inf"), "hooks_numpy": float("inf"), "traces_only": float("inf")}
         for r in range(cfg.repeats):
             (root / f"np{r}").mkdir()
             best["hooks_numpy"] = min(best["hooks_numpy"], hooks_and_numpy(pair, items, request, cfg.batch_size, root / f"np{r}"))
             best["collect"] = min(best["collect"], collect_seconds(pair, items, request, cfg.batch_size, root / f"c{r}"))
             best["traces_only"] = min(best["traces_only"], traces_only(pair, items, request, cfg.batch_size))
+            best["collect_uncompressed"] = min(
+                best["collect_uncompressed"], collect_seconds(pair, items, request, cfg.batch_size, root / f"u{r}", "none")
+            )
     figures.update({f"{k}_seconds": round(v, 3) for k, v in best.items()})
     figures["collection_ratio"] = round(best["collect"] / best["hooks_numpy"], 3)
+    # numpy.save does not compress: the uncompressed store is the same work.
+    figures["collection_ratio_uncompressed"] = round(best["collect_uncompressed"] / best["hooks_numpy"], 3)
     figures["overlap_ratio"] = round(best["collect"] / best["traces_only"], 3)
+    figures["overlap_ratio_uncompressed"] = round(best["collect_uncompressed"] / best["traces_only"], 3)
     figures["collect_tokens_per_s"] = round(tokens / best["collect"], 1)
     figures["hooks_numpy_tokens_per_s"] = round(tokens / best["hooks_numpy"], 1)
     if cfg.memory:
