@@ -27,6 +27,7 @@ import torch
 from routing_suite import schema
 from routing_suite.backends import LocalBackend
 from routing_suite.collect import LabeledPair, collect
+from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
 from routing_suite.models import ModelPair, OrganismSource
 from routing_suite.organisms import task as T
@@ -136,16 +137,34 @@ def _probe(n: int, size: int, cache_dir: str, family: str) -> None:
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # noqa: T201 - read by the parent
 
 
+def _pair_and_items(cfg) -> tuple[ModelPair, list[LabeledPair], str]:
+    """The benchmark's model pair and prompt pairs: an organism, or the real SmolLM2 model."""
+    if cfg.model == "organism":
+        source = OrganismSource(family=cfg.family, cache_dir=cfg.cache_dir)
+        pair = source.load("underperform")
+        return pair, _items(T.make_task(source.spec.task), cfg.n_prompts), f"{cfg.family} organism"
+    if cfg.model != "smollm2":
+        raise ConfigError(f"model={cfg.model!r} is not one of ['organism', 'smollm2']")
+    if cfg.memory or cfg.interventions or cfg.remote:
+        raise ConfigError("model=smollm2 measures collection only: set memory=false interventions=false remote=false")
+    from routing_suite.pretrained.source import SmolLM2Source
+
+    source = SmolLM2Source(cache_dir=cfg.pretrained_cache_dir)
+    pair = source.load("refuse")  # converted and fine-tuned on first use (minutes), cached after
+    sets = source.prompt_sets("refuse", None, None, 0)
+    pairs = sets["fit"] + sets["test"]
+    if cfg.n_prompts > len(pairs):
+        raise ConfigError(f"n_prompts={cfg.n_prompts}: the SmolLM2 task has {len(pairs)} prompt pairs")
+    return pair, [LabeledPair(p, "fit") for p in pairs[: cfg.n_prompts]], "SmolLM2-135M-Instruct"
+
+
 def run(cfg) -> dict:
     """`experiments.bench`: print one line per figure and write them to bench.json."""
     torch.set_num_threads(cfg.num_threads)
-    source = OrganismSource(family=cfg.family, cache_dir=cfg.cache_dir)
-    pair = source.load("underperform")
-    task = T.make_task(source.spec.task)
-    items = _items(task, cfg.n_prompts)
+    pair, items, name = _pair_and_items(cfg)
     request = SiteRequest(tuple(cfg.sites)).validate(pair.num_layers)
     figures: dict[str, float | str | int] = {
-        "model": f"{cfg.family} organism (hidden {pair.hidden_size}, {pair.num_layers} layers)",
+        "model": f"{name} (hidden {pair.hidden_size}, {pair.num_layers} layers)",
         "n_prompt_pairs": len(items),
         "batch_size": cfg.batch_size,
         "sites": ",".join(request.sites),

@@ -285,8 +285,12 @@ class AdlExperimentConfig:
 class BenchConfig:
     """`experiments.bench`: ratios against plain baselines, measured side by side."""
 
+    # organism (the built-in one of `family`) or smollm2 (the real model, if
+    # installed: collection figures only, where compute dominates).
+    model: str = "organism"
     family: str = "llama"
     cache_dir: str = "outputs/organisms"
+    pretrained_cache_dir: str = "outputs/pretrained"
     n_prompts: int = 1024
     batch_size: int = 32
     repeats: int = 3
