@@ -139,14 +139,14 @@ def _probe(n: int, size: int, cache_dir: str, family: str) -> None:
 
 def _pair_and_items(cfg) -> tuple[ModelPair, list[LabeledPair], str]:
     """The benchmark's model pair and prompt pairs: an organism, or the real SmolLM2 model."""
-    if cfg.model == "organism":
+    if cfg.pair == "organism":
         source = OrganismSource(family=cfg.family, cache_dir=cfg.cache_dir)
         pair = source.load("underperform")
         return pair, _items(T.make_task(source.spec.task), cfg.n_prompts), f"{cfg.family} organism"
-    if cfg.model != "smollm2":
-        raise ConfigError(f"model={cfg.model!r} is not one of ['organism', 'smollm2']")
+    if cfg.pair != "smollm2":
+        raise ConfigError(f"pair={cfg.pair!r} is not one of ['organism', 'smollm2']")
     if cfg.memory or cfg.interventions or cfg.remote:
-        raise ConfigError("model=smollm2 measures collection only: set memory=false interventions=false remote=false")
+        raise ConfigError("pair=smollm2 measures collection only: set memory=false interventions=false remote=false")
     from routing_suite.pretrained.source import SmolLM2Source
 
     source = SmolLM2Source(cache_dir=cfg.pretrained_cache_dir)

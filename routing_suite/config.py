@@ -285,9 +285,9 @@ class AdlExperimentConfig:
 class BenchConfig:
     """`experiments.bench`: ratios against plain baselines, measured side by side."""
 
-    # organism (the built-in one of `family`) or smollm2 (the real model, if
+    # The pair benchmarked: organism (the built-in one of `family`) or smollm2 (the real model, if
     # installed: collection figures only, where compute dominates).
-    model: str = "organism"
+    pair: str = "organism"
     family: str = "llama"
     cache_dir: str = "outputs/organisms"
     pretrained_cache_dir: str = "outputs/pretrained"
