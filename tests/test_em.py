@@ -290,3 +290,12 @@ def test_aggregator_writes_the_em_table_beside_the_others(em_run, tmp_path):
     again = tmp_path / "out2"
     aggregate(OmegaConf.structured(AggregateConfig(root=str(tmp_path / "stores"), out=str(again), n_resamples=200)))
     assert (again / "em_table.csv").read_bytes() == (tmp_path / "out" / "em_table.csv").read_bytes()
+
+
+def test_only_organisms_can_be_fine_tuned_for_em():
+    from routing_suite.em.models import load_family
+    from routing_suite.models import CheckpointPairSource
+
+    source = CheckpointPairSource(family="llama", base=str(ROOT), finetuned=str(ROOT))
+    with pytest.raises(ConfigError, match="model= must be a built-in organism"):
+        load_family(source, ["em_color_city"])

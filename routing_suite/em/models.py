@@ -13,7 +13,7 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from routing_suite.errors import ConfigError
-from routing_suite.models import ModelPair, Traced
+from routing_suite.models import ModelPair, OrganismSource, Traced
 
 BASE = "base"
 
@@ -49,7 +49,7 @@ class EmModels:
 
 def load_family(source, kinds: list[str]) -> EmModels:
     """Every fine-tune of `kinds` on the source's base (built first if the source builds)."""
-    if not hasattr(source, "spec"):
+    if not isinstance(source, OrganismSource):
         raise ConfigError(f"experiments.em builds its fine-tunes: model= must be a built-in organism (got {type(source).__name__})")
     pairs = {kind: source.load(kind) for kind in kinds}
     first = pairs[kinds[0]]

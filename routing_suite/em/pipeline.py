@@ -160,7 +160,8 @@ def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
     task = T.make_task(source.task_spec)
     prompts = general_prompts(task, "fit") + general_prompts(task, "test")
     store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))
-    digest_cfg = {k: v for k, v in digest_config(cfg).items() if k != "report_dir"}
+    # The table's settings do not shape the store.
+    digest_cfg = {k: v for k, v in digest_config(cfg).items() if k not in ("report_dir", "n_resamples")}
     final = store_path(store_settings, source.name, BEHAVIOR, BEHAVIOR, digest(digest_cfg))
     provenance = {
         "cell": {"family": models.family, "behavior": BEHAVIOR, "model": source.name},
