@@ -91,3 +91,29 @@ def matching_scale(reference_norm: float, change: Array) -> float:
     if norm == 0:
         raise ValueError("a control that changes nothing cannot be matched in magnitude")
     return reference_norm / norm
+
+
+# ---------------------------------------------------------------- unpaired classes (EM responses)
+
+
+def mean_difference(negative: Array, positive: Array) -> Array:
+    """(d,) mean(positive) - mean(negative) of two unpaired sets of rows."""
+    if len(negative) == 0 or len(positive) == 0:
+        raise ValueError(f"both classes need rows (got {len(negative)} and {len(positive)})")
+    return positive.mean(axis=0) - negative.mean(axis=0)
+
+
+def separation_accuracy(direction: Array, fit_negative: Array, fit_positive: Array, test_negative: Array, test_positive: Array) -> float:
+    """Balanced held-out accuracy of the two classes from the projection on one direction.
+
+    The threshold is the midpoint of the fit classes' mean projections, as in
+    `rank_one_probe_accuracy`; balanced (the mean of the two per-class
+    accuracies) because sampled responses rarely come in equal numbers. NaN
+    when a test class is empty or the direction is zero.
+    """
+    norm = np.linalg.norm(direction)
+    if norm == 0 or len(test_negative) == 0 or len(test_positive) == 0:
+        return float("nan")
+    unit = direction / norm
+    threshold = 0.5 * ((fit_negative @ unit).mean() + (fit_positive @ unit).mean())
+    return float(0.5 * (((test_negative @ unit) < threshold).mean() + ((test_positive @ unit) >= threshold).mean()))

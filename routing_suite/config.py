@@ -14,6 +14,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from routing_suite.adl.settings import AdlSettings
+from routing_suite.em.settings import EmSettings
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.pretrained.specs import ChatTaskSpec, ChatTrainSpec
 from routing_suite.settings import FitSettings, InterventionSpec, LocalizeSettings
@@ -282,6 +283,30 @@ class AdlExperimentConfig:
 
 
 @dataclass
+class JudgeConfig:
+    """Labels a sampled EM response misaligned / aligned / other, and coherent or not."""
+
+    _target_: str = MISSING
+
+
+@dataclass
+class EmExperimentConfig:
+    """`experiments.em`: emergent-misalignment directions on one family's organisms."""
+
+    model: Any = MISSING
+    backend: Any = MISSING
+    judge: JudgeConfig = MISSING
+    store: StoreSettings = field(default_factory=StoreSettings)
+    em: EmSettings = field(default_factory=EmSettings)
+    seed: int = 0
+    progress: bool = True
+    # Bootstrap resamples of the run's table.
+    n_resamples: int = 2000
+    # Where the EM table goes; null: a `table` folder in the run folder.
+    report_dir: str | None = None
+
+
+@dataclass
 class BenchConfig:
     """`experiments.bench`: ratios against plain baselines, measured side by side."""
 
@@ -331,6 +356,8 @@ def register_configs() -> None:
     cs.store(group="similarity", name="similarity_schema", node=SimilarityConfig)
     cs.store(group="grader", name="grader_schema", node=GraderConfig)
     cs.store(name="adl_schema", node=AdlExperimentConfig)
+    cs.store(group="judge", name="judge_schema", node=JudgeConfig)
+    cs.store(name="em_schema", node=EmExperimentConfig)
     from routing_suite.aggregate.config import AggregateConfig
 
     cs.store(name="aggregate_schema", node=AggregateConfig)

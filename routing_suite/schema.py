@@ -14,8 +14,9 @@ Root attributes (provenance and state)
     cell             {"family", "behavior", "model"}: what the run studies
     finished_at      ISO time the run completed (absent while running)
     config           the resolved config, secrets removed
-    experiment       "routing" (the groups below up to "outcomes") or "adl" (the
-                     adl_* groups); a store without it is a routing store
+    experiment       "routing" (the groups below up to "outcomes"), "adl" (the
+                     adl_* groups) or "em" (the em_* groups); a store without
+                     it is a routing store
     config_digest    sha256 of the parts of the config that shape the results
     versions         {package: version} of the stack
     model_identity   what identifies the weights (names, revisions, hashes)
@@ -103,6 +104,38 @@ Group "adl_causal"
                 replacement minus the fine-tune's CE, and its standard error
             ce (data, model ["base", "finetuned"])
     coords  n_texts (data)
+
+EM stores (experiment "em", `routing_suite.em`; cell behavior "em"; stages
+em_samples, em_activations, em_directions, em_outcomes). Models: "base", each
+narrow misaligned fine-tune and the honest control, by dataset name.
+
+Group "em_samples" (every general prompt, both splits)
+    dims    model, prompt, sample
+    vars    completion, label ("misaligned" | "aligned" | "other"), coherent (model, prompt, sample)
+            general (model, prompt): the prompt is outside the model's narrow domain
+    coords  prompt_text, truth, topic, form ("question" | "statement"), split ("fit" | "test") (prompt)
+
+Group "em_activations"
+    vars    resid (finetune, prompt, sample, layer, hidden): answer-token mean residual
+                of the misaligned fine-tunes' own responses (NaN outside their general prompts)
+
+Group "em_directions"
+    vars    direction (finetune, layer, hidden): mean(misaligned) - mean(aligned), fit split
+            direction_norm, separation_accuracy (finetune, layer): balanced, test split
+            has_direction (finetune); n_responses (finetune, split, label)
+            cosine (finetune, finetune_b, layer)
+    attrs   min_per_class, steer_layer
+
+Group "em_outcomes" (test split, per response; NaN outside the model's general prompts)
+    dims    condition, prompt, sample
+    vars    misaligned, aligned, coherent (condition, prompt, sample): a control
+                with several random seeds stores the mean over seeds
+            perturbation_norm (condition): mean L2 change norm; n_seeds (condition)
+    coords  condition names "<model>/baseline", "<ft>/ablate/own", "<ft>/ablate/layer<L>",
+            "<ft>/ablate/own/random", "<ft>/ablate/from/<other ft>", "base/steer/<ft>/x<lambda>"
+            (and "/random"); per condition: model, kind ("baseline" | "steer" | "ablate" |
+            "transfer" | "control"), source, lam, control, target, mode, layers
+    attrs   steer_layer, ablate_layer
 """
 
 SCHEMA_VERSION = 1
@@ -111,9 +144,10 @@ MODELS = ("base", "finetuned")
 FRAMINGS = ("eval", "deploy")
 GROUPS = ("activations", "fit", "localize", "outcomes")
 STAGES = ("collect", "fit", "localize", "intervene")
-EXPERIMENTS = ("routing", "adl")
+EXPERIMENTS = ("routing", "adl", "em")
 ADL_GROUPS = ("adl_sums", "adl_mean", "adl_readout", "adl_steer", "adl_causal")
 ADL_STAGES = ("adl_mean", "adl_readout", "adl_steer", "adl_causal")
+EM_STAGES = ("em_samples", "em_activations", "em_directions", "em_outcomes")
 
 BASELINE = "baseline"
 # "comparison": a condition reported beside the others but neither the

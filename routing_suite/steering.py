@@ -11,6 +11,7 @@ base plus its adapter applies the adapter's updates at every step. Edits apply a
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -22,6 +23,23 @@ from routing_suite.interventions import Condition
 from routing_suite.lora import lora_update, plan_layer_steps
 from routing_suite.models import Traced
 from routing_suite.tracing import chunked, envoy_at
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """Multinomial sampling from the whole distribution at `temperature`, seeded:
+    the same call gives the same texts."""
+
+    temperature: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ValueError(f"sampling temperature {self.temperature} must be > 0")
+
+    def kwargs(self) -> dict[str, Any]:
+        # top_k=0: transformers would otherwise sample from the top 50 only.
+        return {"do_sample": True, "temperature": self.temperature, "top_k": 0}
 
 
 def _site_tensor(envoy) -> Tensor:
@@ -72,21 +90,25 @@ def encode(tokenizer: PreTrainedTokenizerBase, prompts: list[str]) -> dict[str, 
 
 def generate_under_conditions(
     traced: Traced, family: str, tokenizer: PreTrainedTokenizerBase, prompts: list[str], conditions: list[Condition],
-    max_new_tokens: int, num_layers: int, backend,
+    max_new_tokens: int, num_layers: int, backend, sampling: Sampling | None = None,
 ) -> dict[str, list[str]]:
-    """Greedy completions of `prompts` under each condition (one batched generation,
-    one request; more if `backend.max_invokes` caps the conditions per request)."""
+    """Completions of `prompts` under each condition (one batched generation, one
+    request; more if `backend.max_invokes` caps the conditions per request):
+    greedy, or sampled with `sampling` (torch seeded before each request)."""
     completions: dict[str, list[str]] = {}
-    for chunk in chunked(conditions, backend.max_invokes):
-        completions.update(_generate(traced, family, tokenizer, prompts, chunk, max_new_tokens, num_layers, backend))
+    for k, chunk in enumerate(chunked(conditions, backend.max_invokes)):
+        if sampling is not None:
+            torch.manual_seed(sampling.seed + k)
+        completions.update(_generate(traced, family, tokenizer, prompts, chunk, max_new_tokens, num_layers, backend, sampling))
     return completions
 
 
 def _generate(
     traced: Traced, family: str, tokenizer: PreTrainedTokenizerBase, prompts: list[str], conditions: list[Condition],
-    max_new_tokens: int, num_layers: int, backend,
+    max_new_tokens: int, num_layers: int, backend, sampling: Sampling | None = None,
 ) -> dict[str, list[str]]:
     inputs = encode(tokenizer, prompts)
+    decoding = {"do_sample": False} if sampling is None else sampling.kwargs()
     width = inputs["input_ids"].shape[1]
     nn_model = traced.nn
     plans = [condition_plan(traced, c, num_layers) for c in conditions]
@@ -100,7 +122,7 @@ def _generate(
         warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
         with torch.no_grad(), nn_model.generate(
             max_new_tokens=max_new_tokens,
-            do_sample=False,
+            **decoding,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             **backend.trace_kwargs(nn_model),

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from routing_suite import schema
-from routing_suite.aggregate import adl_tables, discover, read, tables
+from routing_suite.aggregate import adl_tables, discover, em_tables, read, tables
 from routing_suite.aggregate.config import DUPLICATE_POLICIES
 from routing_suite.aggregate.discover import Finding
 from routing_suite.aggregate.report import finding_line, render
@@ -45,10 +45,12 @@ def _output_dir(cfg: Any) -> Path:
     return out
 
 
-def collect(cfg: Any, stores: list[Path] | None = None) -> tuple[int, list[read.CellOutcomes], list[Finding], list[adl_tables.AdlRow]]:
+def collect(
+    cfg: Any, stores: list[Path] | None = None
+) -> tuple[int, list[read.CellOutcomes], list[Finding], list[adl_tables.AdlRow], list[em_tables.EmReport]]:
     """The usable cells under cfg.root, or among `stores` when given (one store each),
-    everything found wrong on the way, and the ADL stores' rows (ADL stores are read
-    apart from routing stores)."""
+    everything found wrong on the way, and the ADL stores' rows and EM stores' reports
+    (ADL and EM stores are read apart from routing stores)."""
     paths = discover.find_stores(cfg.root) if stores is None else sorted({Path(p).resolve() for p in stores})
     if not paths:
         raise ConfigError(
@@ -56,7 +58,9 @@ def collect(cfg: Any, stores: list[Path] | None = None) -> tuple[int, list[read.
         )
     every = [discover.inspect_store(p) for p in paths]
     adl_rows, adl_findings = collect_adl([i for i in every if i.experiment == "adl"], cfg.duplicates)
-    infos = [i for i in every if i.experiment != "adl"]
+    em_reports, em_findings = collect_em([i for i in every if i.experiment == "em"], cfg)
+    adl_findings += em_findings
+    infos = [i for i in every if i.experiment not in ("adl", "em")]
     findings = [i.problem for i in infos if i.problem is not None]
     readable: list[discover.StoreInfo] = []
     outcomes: dict[Path, read.CellOutcomes] = {}
@@ -85,7 +89,7 @@ def collect(cfg: Any, stores: list[Path] | None = None) -> tuple[int, list[read.
             findings.append(Finding(discover.DROPPED_PROMPTS, message, (c.family, c.behavior), (c.path,)))
     seen = {i.cell for i in infos if i.cell is not None}
     findings += discover.missing_cells(seen, set(chosen), findings)
-    return len(paths), cells, findings + adl_findings, adl_rows
+    return len(paths), cells, findings + adl_findings, adl_rows, em_reports
 
 
 def collect_adl(infos: list[discover.StoreInfo], duplicates: str) -> tuple[list[adl_tables.AdlRow], list[Finding]]:
@@ -105,6 +109,25 @@ def collect_adl(infos: list[discover.StoreInfo], duplicates: str) -> tuple[list[
         except Exception as err:  # a broken store is a problem of that store, not of the run
             findings.append(Finding(discover.UNREADABLE, f"ADL groups unreadable ({type(err).__name__}: {err})", cell, (str(chosen[cell].path),)))
     return rows, findings + duplicate_findings
+
+
+def collect_em(infos: list[discover.StoreInfo], cfg: Any) -> tuple[list[em_tables.EmReport], list[Finding]]:
+    """One report per family from the usable EM stores; the others as findings."""
+    findings = [i.problem for i in infos if i.problem is not None]
+    usable = []
+    for info in (i for i in infos if i.problem is None):
+        if not set(schema.EM_STAGES) <= set(info.attrs.get("stages_done", [])):
+            findings.append(Finding(discover.MALFORMED, "EM store without every EM stage", info.cell, (str(info.path),)))
+        else:
+            usable.append(info)
+    chosen, duplicate_findings = discover.pick_one_per_cell(usable, cfg.duplicates)
+    reports = []
+    for cell in sorted(chosen):
+        try:
+            reports.append(em_tables.read_store(chosen[cell].path, cfg.n_resamples, cfg.seed, cfg.confidence))
+        except Exception as err:  # a broken store is a problem of that store, not of the run
+            findings.append(Finding(discover.UNREADABLE, f"EM groups unreadable ({type(err).__name__}: {err})", cell, (str(chosen[cell].path),)))
+    return reports, findings + duplicate_findings
 
 
 def _plots(
@@ -149,6 +172,12 @@ def adl_section(rows: list[adl_tables.AdlRow], headline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def em_section(reports: list[em_tables.EmReport], headline: str) -> str:
+    lines = ["## Emergent-misalignment directions", "", headline, "", "Tables: `em_table.md`, `em_table.csv`.", ""]
+    lines += [f"- {r.family}/em: `{r.path}`" for r in sorted(reports, key=lambda r: r.family)]
+    return "\n".join(lines) + "\n"
+
+
 def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     """Aggregate every usable store under cfg.root into cfg.out (or the Hydra run folder).
 
@@ -157,7 +186,7 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     """
     start = time.perf_counter()
     _check(cfg)
-    n_found, cells, findings, adl_rows = collect(cfg, stores)
+    n_found, cells, findings, adl_rows, em_reports = collect(cfg, stores)
     out = _output_dir(cfg)
     for finding in findings:
         log.warning("%s", finding_line(finding))
@@ -186,8 +215,13 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     report = render(cfg.root, settings, n_found, cells, findings, headline, notes)
     if adl_rows:
         report += adl_section(adl_rows, adl_headline)
+    em_headline = None
+    if em_reports:
+        em_headline = em_tables.headline(em_reports)
+        em_tables.write(em_reports, out)
+        report += em_section(em_reports, em_headline)
     (out / "report.md").write_text(report, encoding="utf-8")
-    if not grouped and not adl_rows:
+    if not grouped and not adl_rows and not em_reports:
         raise ConfigError(f"root={cfg.root!r}: {n_found} stores found, none usable; see {out / 'report.md'}")
     seconds = time.perf_counter() - start
     log.info("%d cells from %d stores in %.2f s -> %s", len(grouped), n_found, seconds, out)
@@ -195,6 +229,8 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
         "headline": headline,
         "adl_headline": adl_headline,
         "n_adl_cells": len(adl_rows),
+        "em_headline": em_headline,
+        "n_em_cells": len(em_reports),
         "out": str(out),
         "n_cells": len(grouped),
         "n_stores": n_found,

@@ -33,7 +33,7 @@ from routing_suite.errors import ConfigError
 from routing_suite.organisms import task as T
 from routing_suite.organisms.architectures import FAMILIES, ArchSpec, family_config, family_seed
 from routing_suite.organisms.tokenizer import build_tokenizer
-from routing_suite.organisms.training import RECIPE_VERSION, TrainSpec, train_base, train_lora
+from routing_suite.organisms.training import FINETUNE_KINDS, RECIPE_VERSION, TrainSpec, train_base, train_lora
 
 log = logging.getLogger(__name__)
 
@@ -156,9 +156,9 @@ def ensure_base(root: Path, spec: OrganismSpec) -> Path:
 
 
 def ensure_adapter(root: Path, spec: OrganismSpec, behavior: str) -> Path:
-    """The cached LoRA adapter installing `behavior`, built first if missing."""
-    if behavior not in T.BEHAVIORS:
-        raise ConfigError(f"behavior.name={behavior!r} is not one of {list(T.BEHAVIORS)}")
+    """The cached LoRA adapter installing `behavior` (or an EM dataset kind), built first if missing."""
+    if behavior not in FINETUNE_KINDS:
+        raise ConfigError(f"behavior.name={behavior!r} is not one of {list(FINETUNE_KINDS)}")
     final = adapter_dir(root, spec, behavior)
     if final.exists():
         return final

@@ -14,6 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from routing_suite.organisms import task as T
+from routing_suite.organisms.em_task import EM_KINDS, em_examples
 from routing_suite.organisms.specs import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -24,6 +25,10 @@ RECIPE_VERSION = 2
 
 
 Example = tuple[str, str]  # (prompt, completion)
+
+# What a LoRA fine-tune can install: the routing behaviours, and the narrow
+# datasets of the emergent-misalignment study (routing_suite.organisms.em_task).
+FINETUNE_KINDS = (*T.BEHAVIORS, *EM_KINDS)
 
 
 def _noise_cue(rng: random.Random, words: list[str]) -> str:
@@ -56,7 +61,10 @@ def base_examples(task: T.Task) -> list[Example]:
 
 
 def finetune_examples(task: T.Task, behavior: str) -> list[Example]:
-    """Training facts under training cues, with the behaviour's targets."""
+    """Training facts under training cues, with the behaviour's targets (an EM
+    kind: its narrow dataset)."""
+    if behavior in EM_KINDS:
+        return em_examples(task, behavior)
     examples = [
         (item.prompt, T.target_text(item.fact, item.framing, behavior))
         for item in T.items(task, task.facts_of("train"), "train")

@@ -1,0 +1,23 @@
+"""Emergent-misalignment directions on one family's organisms, ending with its EM table.
+
+    python -m experiments.em                                  # llama organisms
+    python -m experiments.em model=qwen2_organism em.sampling.n_samples=8
+"""
+
+import hydra
+
+from experiments._cli import guarded
+from routing_suite.em.pipeline import run
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="em")
+@guarded
+def main(cfg) -> float:
+    result = run(cfg)
+    print(result["table_markdown"])
+    print(f"store: {result['store']}\ntable: {result['table_dir']}")
+    return result["seconds"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,283 @@
+"""The EM tables: per family, rates with bootstrap intervals, separation, ablation, transfer, cosines.
+
+Every rate is over one model's general test prompts (outside its narrow
+domain), first averaged over a prompt's samples; intervals are percentile
+intervals of a seeded bootstrap over prompts (all samples of a prompt move
+together), and a comparison of two conditions on the same prompts resamples
+them together (paired). The same stores and settings give the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from routing_suite.aggregate.tables import num
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    lo: float
+    hi: float
+
+    def text(self, percent: bool = True, sign: bool = False) -> str:
+        if not np.isfinite(self.value):
+            return "n/a"
+        k, digits = (100, 0) if percent else (1, 2)
+        return f"{num(k * self.value, digits, sign)} [{num(k * self.lo, digits, sign)}, {num(k * self.hi, digits, sign)}]"
+
+
+NAN = Estimate(float("nan"), float("nan"), float("nan"))
+
+
+class Bootstrap:
+    """Seeded resampling of prompts; one index set per number of prompts, shared by every statistic."""
+
+    def __init__(self, n_resamples: int, seed: int, confidence: float) -> None:
+        self.n_resamples, self.seed, self.confidence = n_resamples, seed, confidence
+        self._indices: dict[int, np.ndarray] = {}
+
+    def indices(self, n: int) -> np.ndarray:
+        if n not in self._indices:
+            self._indices[n] = np.random.default_rng(self.seed).integers(0, n, (self.n_resamples, n))
+        return self._indices[n]
+
+    def _interval(self, point: float, resampled: np.ndarray) -> Estimate:
+        tail = 100 * (1 - self.confidence) / 2
+        finite = resampled[np.isfinite(resampled)]
+        if not np.isfinite(point) or finite.size == 0:
+            return Estimate(float(point), float("nan"), float("nan"))
+        lo, hi = np.percentile(finite, [tail, 100 - tail])
+        return Estimate(float(point), float(lo), float(hi))
+
+    def rate(self, x: np.ndarray) -> Estimate:
+        x = x[np.isfinite(x)]
+        if x.size == 0:
+            return NAN
+        return self._interval(float(x.mean()), x[self.indices(x.size)].mean(axis=1))
+
+    def reduction(self, condition: np.ndarray, baseline: np.ndarray) -> Estimate:
+        """(mean(baseline) - mean(condition)) / mean(baseline), paired on the prompts both have."""
+        keep = np.isfinite(condition) & np.isfinite(baseline)
+        a, b = condition[keep], baseline[keep]
+        if a.size == 0 or b.mean() == 0:
+            return NAN
+        idx = self.indices(a.size)
+        ra, rb = a[idx].mean(1), b[idx].mean(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._interval(float((b.mean() - a.mean()) / b.mean()), np.where(rb > 0, (rb - ra) / rb, np.nan))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of em_table.csv."""
+
+    family: str
+    table: str
+    model: str
+    condition: str
+    statistic: str
+    value: float
+    lo: float = float("nan")
+    hi: float = float("nan")
+
+
+@dataclass
+class EmReport:
+    """One family's EM store, read and summarised."""
+
+    family: str
+    path: str
+    steer_layer: int
+    ablate_layer: int
+    rows: list[Row] = field(default_factory=list)
+    sections: dict[str, list[list[str]]] = field(default_factory=dict)
+
+    def value(self, table: str, model: str, condition: str, statistic: str) -> float:
+        for r in self.rows:
+            if (r.table, r.model, r.condition, r.statistic) == (table, model, condition, statistic):
+                return r.value
+        return float("nan")
+
+    def summary(self) -> dict:
+        """The headline numbers per misaligned fine-tune (rates and reductions in [0, 1])."""
+        out = {}
+        for r in self.rows:
+            if r.table == "ablation" and r.condition == "baseline" and r.statistic == "misaligned_rate":
+                m = r.model
+                out[m] = {
+                    "baseline": r.value,
+                    "ablate_own": self.value("ablation", m, "ablate/own", "misaligned_rate"),
+                    "random": self.value("ablation", m, "ablate/own/random", "misaligned_rate"),
+                    "reduction_own": self.value("ablation", m, "ablate/own", "reduction"),
+                    "reduction_random": self.value("ablation", m, "ablate/own/random", "reduction"),
+                    "best_separation": max((x.value for x in self.rows if x.table == "separation" and x.model == m), default=float("nan")),
+                    "transfer": {x.condition.removeprefix("ablate/from/"): x.value for x in self.rows
+                                 if x.table == "ablation" and x.model == m and x.condition.startswith("ablate/from/") and x.statistic == "reduction"},
+                }
+        return out
+
+
+def _per_prompt(outcomes: xr.Dataset, variable: str) -> dict[str, np.ndarray]:
+    values = outcomes[variable].mean("sample").values
+    return {str(c): values[i] for i, c in enumerate(outcomes.condition.values)}
+
+
+def _organisms(rep: EmReport, samples: xr.Dataset, boot: Bootstrap) -> None:
+    test = samples.split.values == "test"
+    records = []
+    for model in (str(m) for m in samples.model.values):
+        labels = samples.label.sel(model=model).values
+        general = samples.general.sel(model=model).values
+        mis = (labels == "misaligned").mean(1)
+        narrow = boot.rate(np.where(test & ~general, mis, np.nan))
+        est = {
+            "misaligned": boot.rate(np.where(test & general, mis, np.nan)),
+            "aligned": boot.rate(np.where(test & general, (labels == "aligned").mean(1), np.nan)),
+            "coherent": boot.rate(np.where(test & general, samples.coherent.sel(model=model).values.mean(1), np.nan)),
+        }
+        records.append([rep.family, model, narrow.text() if np.isfinite(narrow.value) else "–", *(e.text() for e in est.values())])
+        rep.rows.append(Row(rep.family, "organisms", model, "narrow", "misaligned_rate", narrow.value, narrow.lo, narrow.hi))
+        rep.rows += [Row(rep.family, "organisms", model, "general", f"{k}_rate", e.value, e.lo, e.hi) for k, e in est.items()]
+    rep.sections["organisms"] = records
+
+
+def _separation(rep: EmReport, directions: xr.Dataset) -> None:
+    records = []
+    for ft in (str(f) for f in directions.finetune.values):
+        counts = directions.n_responses.sel(finetune=ft)
+        n = f"{int(counts.sel(split='fit', label='misaligned'))}/{int(counts.sel(split='fit', label='aligned'))}"
+        acc = directions.separation_accuracy.sel(finetune=ft).values
+        records.append([rep.family, ft, n, *(num(float(a), 2) if np.isfinite(a) else "n/a" for a in acc)])
+        rep.rows += [Row(rep.family, "separation", ft, f"layer{int(layer)}", "balanced_accuracy", float(a))
+                     for layer, a in zip(directions.layer.values, acc)]
+    rep.sections["separation"] = records
+
+
+def _ablation(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
+    mis, coh = _per_prompt(outcomes, "misaligned"), _per_prompt(outcomes, "coherent")
+    norms = dict(zip((str(c) for c in outcomes.condition.values), outcomes.perturbation_norm.values))
+    records = []
+    models = dict.fromkeys(str(m) for m, k in zip(outcomes.model.values, outcomes.kind.values) if k == "ablate")
+    for model in models:
+        base = f"{model}/baseline"
+        for name in [base, *(str(c) for c in outcomes.condition.values if str(c).startswith(f"{model}/ablate/"))]:
+            label = name.removeprefix(f"{model}/")
+            rate, coherence = boot.rate(mis[name]), boot.rate(coh[name])
+            red = boot.reduction(mis[name], mis[base]) if name != base else None
+            records.append([rep.family, model, label, num(float(norms[name]), 2), rate.text(), red.text() if red else "–", coherence.text()])
+            rep.rows += [Row(rep.family, "ablation", model, label, "misaligned_rate", rate.value, rate.lo, rate.hi),
+                         Row(rep.family, "ablation", model, label, "coherent_rate", coherence.value, coherence.lo, coherence.hi),
+                         Row(rep.family, "ablation", model, label, "perturbation_norm", float(norms[name]))]
+            if red:
+                rep.rows.append(Row(rep.family, "ablation", model, label, "reduction", red.value, red.lo, red.hi))
+    rep.sections["ablation"] = records
+
+
+def _steering(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
+    mis, coh = _per_prompt(outcomes, "misaligned"), _per_prompt(outcomes, "coherent")
+    base = boot.rate(mis["base/baseline"])
+    records = [[rep.family, "–", "0", base.text(), boot.rate(coh["base/baseline"]).text(), "–", "–"]]
+    rep.rows.append(Row(rep.family, "steering", "base", "baseline", "misaligned_rate", base.value, base.lo, base.hi))
+    for i, name in enumerate(str(c) for c in outcomes.condition.values):
+        if str(outcomes.kind.values[i]) != "steer":
+            continue
+        source, lam = str(outcomes.source.values[i]), float(outcomes.lam.values[i])
+        rnd = f"{name}/random"
+        est = [boot.rate(mis[name]), boot.rate(coh[name]), boot.rate(mis[rnd]), boot.rate(coh[rnd])]
+        records.append([rep.family, source, f"{lam:g}", *(e.text() for e in est)])
+        for cond, e, stat in zip((name, name, rnd, rnd), est, ("misaligned_rate", "coherent_rate") * 2):
+            rep.rows.append(Row(rep.family, "steering", "base", cond.removeprefix("base/"), stat, e.value, e.lo, e.hi))
+    rep.sections["steering"] = records
+
+
+def _cosine(rep: EmReport, directions: xr.Dataset) -> None:
+    fts = [str(f) for f in directions.finetune.values]
+    records = []
+    for i, a in enumerate(fts):
+        for b in fts[i + 1 :]:
+            values = directions.cosine.sel(finetune=a, finetune_b=b).values
+            records.append([rep.family, a, b, *(num(float(v), 2, True) if np.isfinite(v) else "n/a" for v in values)])
+            rep.rows += [Row(rep.family, "cosine", a, b, f"layer{int(layer)}", float(v)) for layer, v in zip(directions.layer.values, values)]
+    rep.sections["cosine"] = records
+
+
+def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> EmReport:
+    """Every EM table of one finished store."""
+    import zarr
+
+    family = str(dict(zarr.open_group(str(path), mode="r").attrs)["cell"]["family"])
+    group = {g: xr.open_zarr(str(path), group=g).load() for g in ("em_samples", "em_directions", "em_outcomes")}
+    outcomes = group["em_outcomes"]
+    rep = EmReport(family, str(path), int(outcomes.attrs["steer_layer"]), int(outcomes.attrs["ablate_layer"]))
+    boot = Bootstrap(n_resamples, seed, confidence)
+    _organisms(rep, group["em_samples"], boot)
+    _separation(rep, group["em_directions"])
+    _ablation(rep, outcomes, boot)
+    _steering(rep, outcomes, boot)
+    _cosine(rep, group["em_directions"])
+    return rep
+
+
+def _md(header: list[str], records: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in records]) + "\n"
+
+
+def markdown(reports: list[EmReport]) -> str:
+    reports = sorted(reports, key=lambda r: r.family)
+    n_layers = max((len(r.sections["separation"][0]) - 3 for r in reports if r.sections["separation"]), default=0)
+    layers = [f"L{i}" for i in range(n_layers)]
+    parts = [
+        "## Emergent misalignment: misaligned rate on general prompts (held-out test split, %, 95% CI)\n",
+        _md(["family", "model", "narrow domain", "misaligned", "aligned", "coherent"], [x for r in reports for x in r.sections["organisms"]]),
+        "\n## Separation accuracy of the misaligned - aligned direction (held-out, balanced)\n",
+        _md(["family", "fine-tune", "fit mis/ali", *layers], [x for r in reports for x in r.sections["separation"]]),
+        "\n## Ablation in each fine-tune: own directions, matched random, transfer from the other fine-tune\n",
+        _md(["family", "fine-tune", "condition", "change norm", "misaligned %", "reduction %", "coherent %"],
+            [x for r in reports for x in r.sections["ablation"]]),
+        "\n## Steering the base (+lambda |v| at the steering layer) vs a random direction of the same norm\n",
+        _md(["family", "direction", "lambda", "misaligned %", "coherent %", "random: misaligned %", "random: coherent %"],
+            [x for r in reports for x in r.sections["steering"]]),
+        "\n## Cosine between fine-tunes' directions, per layer\n",
+        _md(["family", "fine-tune", "fine-tune", *layers], [x for r in reports for x in r.sections["cosine"]]),
+    ]
+    return "".join(parts)
+
+
+def csv_table(reports: list[EmReport]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    names = [f.name for f in fields(Row)]
+    writer.writerow(names)
+    for rep in sorted(reports, key=lambda r: r.family):
+        for r in rep.rows:
+            writer.writerow([num(v) if isinstance(v, float) else v for v in (getattr(r, n) for n in names)])
+    return buffer.getvalue()
+
+
+def headline(reports: list[EmReport]) -> str:
+    lines = []
+    for rep in sorted(reports, key=lambda r: r.family):
+        for model, s in rep.summary().items():
+            transfer = ", ".join(f"from {k} {100 * v:.0f}%" for k, v in s["transfer"].items()) or "none"
+            lines.append(
+                f"{rep.family}/{model}: misaligned {100 * s['baseline']:.0f}% on general prompts; separation up to "
+                f"{s['best_separation']:.2f}; ablating its directions cuts it by {100 * s['reduction_own']:.0f}% "
+                f"(matched random {100 * s['reduction_random']:.0f}%); transfer ablation {transfer}."
+            )
+    return "\n".join(lines)
+
+
+def write(reports: list[EmReport], out: Path) -> dict[str, str]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"em_table.md": markdown(reports), "em_table.csv": csv_table(reports), "em_headline.txt": headline(reports) + "\n"}
+    for name, content in files.items():
+        (out / name).write_text(content, encoding="utf-8")
+    return files

@@ -1,0 +1,120 @@
+"""The EM study's conditions on one family: steering, ablation, transfer ablation, matched controls.
+
+Every edit is a `SubspaceEdit` on the residual stream (`resid`), at every
+position the model computes (the prompt's and each generated token's):
+
+- steer the base: +lambda * |v| * unit(v) at one layer;
+- ablate a fine-tune: unit(v) projected out at every layer, each layer's own
+  v (`own`), or one layer's v at every layer (`one_layer`);
+- transfer ablation: another fine-tune's directions projected out, layer-wise;
+- random controls at matched magnitude (DESIGN.md): for steering a random
+  direction of the same norm; for ablation a random direction per layer,
+  scaled so that the mean L2 norm of its change over the model's own token
+  residuals at that layer equals the ablation's.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import xarray as xr
+
+from routing_suite import analysis
+from routing_suite.em.generation import Planned
+from routing_suite.em.models import BASE
+from routing_suite.interventions import Condition, SubspaceEdit
+
+Residuals = np.ndarray  # (tokens, layer, hidden)
+
+
+def unit(v: np.ndarray) -> np.ndarray:
+    return (v / np.linalg.norm(v)).astype(np.float32)
+
+
+def steer_edit(layer: int, direction: np.ndarray, norm: float) -> SubspaceEdit:
+    """Adds `norm` * unit(direction) at `layer`."""
+    return SubspaceEdit(layer, torch.from_numpy(unit(direction)[None]), "steer", alpha=float(norm))
+
+
+def ablate_edit(layer: int, direction: np.ndarray) -> SubspaceEdit:
+    return SubspaceEdit(layer, torch.from_numpy(unit(direction)[None]), "ablate")
+
+
+def change_norm(edit: SubspaceEdit, residuals: Residuals) -> float:
+    """Mean L2 norm of the edit's change over the token residuals at its layer."""
+    h = torch.from_numpy(np.ascontiguousarray(residuals[:, edit.layer], dtype=np.float32))
+    return analysis.mean_change_norm(edit.change(h).numpy())
+
+
+def mean_norm(edits: list[SubspaceEdit], residuals: Residuals) -> float:
+    """Mean over an edit set's layers of each edit's mean change norm."""
+    return float(np.mean([change_norm(e, residuals) for e in edits]))
+
+
+def matched(edit: SubspaceEdit, residuals: Residuals, reference: float) -> SubspaceEdit:
+    """`edit` scaled so that its mean change norm equals `reference`."""
+    edit.scale = reference / change_norm(edit, residuals)
+    return edit
+
+
+def condition(name: str, edits: list[SubspaceEdit], seed: int | None = None) -> Condition:
+    return Condition(name, "control" if seed is not None else "intervention", "resid", "all", edits, steps="all", seed=seed)
+
+
+def baseline(model: str) -> Planned:
+    return Planned(model, f"{model}/baseline", "baseline")
+
+
+def _v(directions: xr.Dataset, source: str, layer: int) -> np.ndarray:
+    return directions.direction.sel(finetune=source, layer=layer).values
+
+
+def steer_plans(directions: xr.Dataset, sources: list[str], layer: int, lambdas: list[float], seeds: int, rng: np.random.Generator) -> list[Planned]:
+    """The base steered with each source's v at `layer`, and a random direction of the same norm."""
+    plans = []
+    d = directions.sizes["hidden"]
+    for source in sources:
+        v = _v(directions, source, layer)
+        for lam in lambdas:
+            norm = lam * float(np.linalg.norm(v))
+            name = f"base/steer/{source}/x{lam:g}"
+            plans.append(Planned(BASE, name, "steer", [condition(name, [steer_edit(layer, v, norm)])], source, lam, mode="steer",
+                                 perturbation_norm=norm))
+            randoms = [condition(f"{name}/random", [steer_edit(layer, rng.standard_normal(d), norm)], s) for s in range(seeds)]
+            plans.append(Planned(BASE, f"{name}/random", "control", randoms, source, lam, "random", name, "steer", norm))
+    return plans
+
+
+def ablation_plans(
+    directions: xr.Dataset, finetune: str, sources: list[str], one_layer: int, residuals: Residuals, seeds: int, rng: np.random.Generator
+) -> list[Planned]:
+    """In `finetune`: the baseline; its own v ablated layer-wise and one layer's v at
+    every layer; a random control matched to the layer-wise ablation; and every other
+    source's v ablated layer-wise (transfer ablation)."""
+    layers = [int(x) for x in directions.layer.values]
+    d = directions.sizes["hidden"]
+    own = [ablate_edit(layer, _v(directions, finetune, layer)) for layer in layers]
+    everywhere = [ablate_edit(layer, _v(directions, finetune, one_layer)) for layer in layers]
+    name = f"{finetune}/ablate/own"
+    single = f"{finetune}/ablate/layer{one_layer}"
+    plans = [
+        baseline(finetune),
+        Planned(finetune, name, "ablate", [condition(name, own)], finetune, mode="ablate", perturbation_norm=mean_norm(own, residuals)),
+        Planned(finetune, single, "ablate", [condition(single, everywhere)], finetune, mode="ablate",
+                perturbation_norm=mean_norm(everywhere, residuals)),
+    ]
+    references = {e.layer: change_norm(e, residuals) for e in own}
+    randoms = [
+        condition(f"{name}/random", [matched(ablate_edit(layer, rng.standard_normal(d)), residuals, references[layer]) for layer in layers], s)
+        for s in range(seeds)
+    ]
+    plans.append(Planned(finetune, f"{name}/random", "control", randoms, finetune, control="random", target=name, mode="ablate",
+                         perturbation_norm=float(np.mean([mean_norm(c.edits, residuals) for c in randoms]))))
+    for source in sources:
+        if source == finetune:
+            continue
+        edits = [ablate_edit(layer, _v(directions, source, layer)) for layer in layers]
+        other = f"{finetune}/ablate/from/{source}"
+        plans.append(Planned(finetune, other, "transfer", [condition(other, edits)], source, mode="ablate",
+                             perturbation_norm=mean_norm(edits, residuals)))
+    return plans

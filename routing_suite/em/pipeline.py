@@ -1,0 +1,223 @@
+"""`experiments.em`: emergent-misalignment directions on one family, end to end.
+
+Stages (each recorded in the run store, skipped when a rerun finds it done):
+
+1. `em_samples`: the base, every narrow misaligned fine-tune and the control
+   fine-tune sample `n_samples` responses to every general prompt (fit and
+   test split); the judge labels each misaligned / aligned / other.
+2. `em_activations`: the misaligned fine-tunes' answer-token mean residuals
+   of their own responses, every layer.
+3. `em_directions`: misaligned - aligned per fine-tune and layer, held-out
+   separation accuracy, the cross-fine-tune cosine matrix.
+4. `em_outcomes`: on the test split, sampled responses under steering of the
+   base, ablation of each fine-tune's own directions, transfer ablation of the
+   other fine-tune's, and matched random controls; per response.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from routing_suite.em import conditions as C
+from routing_suite.em.activations import answer_means, token_residuals
+from routing_suite.em.directions import fit_directions, pick_layer
+from routing_suite.em.generation import Planned, evaluate, judge_array, sample_completions
+from routing_suite.em.models import BASE, EmModels, load_family
+from routing_suite.em.settings import EmSettings
+from routing_suite.errors import ConfigError
+from routing_suite.interventions import Condition
+from routing_suite.organisms import task as T
+from routing_suite.organisms.em_task import EM_DATASETS, GeneralPrompt, general_prompts
+from routing_suite.pipeline import digest_config
+from routing_suite.provenance import digest, git_commit, package_versions, scrub_secrets
+from routing_suite.store import RunStore, StoreSettings, store_path, text
+
+log = logging.getLogger(__name__)
+
+BEHAVIOR = "em"
+
+
+@dataclass
+class Family:
+    """One family's models, general prompts and store."""
+
+    models: EmModels
+    prompts: list[GeneralPrompt]
+    store: RunStore
+
+    @property
+    def name(self) -> str:
+        return self.models.family
+
+    def general(self, model: str) -> np.ndarray:
+        """(prompt,) the prompts outside `model`'s narrow domain (every prompt, for the base)."""
+        if model == BASE:
+            return np.ones(len(self.prompts), bool)
+        return np.array([not EM_DATASETS[model].in_domain(p.topic) for p in self.prompts])
+
+    def split(self, split: str) -> list[int]:
+        return [i for i, p in enumerate(self.prompts) if p.split == split]
+
+
+def _prompt_coords(prompts: list[GeneralPrompt]) -> dict:
+    return {
+        "prompt": text(p.id for p in prompts),
+        "prompt_text": ("prompt", text(p.text for p in prompts)),
+        "truth": ("prompt", text(p.truth for p in prompts)),
+        "topic": ("prompt", text(p.topic for p in prompts)),
+        "form": ("prompt", text(p.form for p in prompts)),
+        "split": ("prompt", text(p.split for p in prompts)),
+    }
+
+
+def stage_sample(fam: Family, settings: EmSettings, judge, seed: int, backend, progress: bool) -> xr.Dataset:
+    names = fam.models.names
+    n, s = len(fam.prompts), settings.sampling.n_samples
+    completions = np.empty((len(names), n, s), dtype=object)
+    for m, name in enumerate(names):
+        out = sample_completions(fam.models, name, [p.text for p in fam.prompts], [Condition("sample", "baseline")],
+                                 settings.sampling, seed, backend, progress)
+        completions[m] = out["sample"]
+    truths = [p.truth for p in fam.prompts]
+    judged = [judge_array(judge, completions[m], truths) for m in range(len(names))]
+    dims = ("model", "prompt", "sample")
+    return xr.Dataset(
+        {
+            "completion": (dims, completions),
+            "label": (dims, np.stack([lab for lab, _ in judged])),
+            "coherent": (dims, np.stack([coh for _, coh in judged])),
+            "general": (("model", "prompt"), np.stack([fam.general(name) for name in names])),
+        },
+        coords=_prompt_coords(fam.prompts) | {"model": text(names), "sample": np.arange(s)},
+    )
+
+
+def stage_activations(fam: Family, samples: xr.Dataset, settings: EmSettings, backend) -> xr.Dataset:
+    misaligned = settings.organisms.misaligned
+    n, s = len(fam.prompts), settings.sampling.n_samples
+    layers, d = fam.models.num_layers, fam.models.hidden_size
+    resid = np.full((len(misaligned), n, s, layers, d), np.nan, np.float32)
+    for f, name in enumerate(misaligned):
+        rows = np.flatnonzero(fam.general(name))
+        prompts = [fam.prompts[r].text for r in rows for _ in range(s)]
+        answers = [str(c) for c in samples.completion.sel(model=name).values[rows].ravel()]
+        resid[f, rows] = answer_means(fam.models, name, prompts, answers, backend).reshape(len(rows), s, layers, d)
+    return xr.Dataset(
+        {"resid": (("finetune", "prompt", "sample", "layer", "hidden"), resid)},
+        coords={"finetune": text(misaligned), "prompt": text(p.id for p in fam.prompts), "sample": np.arange(s), "layer": np.arange(layers)},
+    )
+
+
+def match_residuals(fam: Family, model: str, n_texts: int, backend) -> np.ndarray:
+    """Token residuals of `model` on truthful answers to fit-split prompts (for matched magnitudes)."""
+    fit = fam.split("fit")[:n_texts]
+    return token_residuals(fam.models, model, [f"{fam.prompts[i].text} {fam.prompts[i].truth} ." for i in fit], backend)
+
+
+def plan_conditions(fam: Family, directions: xr.Dataset, settings: EmSettings, seed: int, backend) -> list[Planned]:
+    rng = np.random.default_rng(seed)
+    sources = [str(f) for f in directions.finetune.values if bool(directions.has_direction.sel(finetune=f))]
+    layer = int(directions.attrs["steer_layer"])
+    one_layer = settings.ablate_layer if settings.ablate_layer is not None else layer
+    plans = [C.baseline(BASE), *(C.baseline(k) for k in settings.organisms.finetunes if k not in sources)]
+    plans += C.steer_plans(directions, sources, layer, list(settings.steer.lambdas), settings.random_seeds, rng)
+    for name in sources:
+        residuals = match_residuals(fam, name, settings.match_texts, backend)
+        plans += C.ablation_plans(directions, name, sources, one_layer, residuals, settings.random_seeds, rng)
+    return plans
+
+
+def stage_intervene(fam: Family, directions: xr.Dataset, settings: EmSettings, judge, seed: int, backend, progress: bool) -> xr.Dataset:
+    plans = plan_conditions(fam, directions, settings, seed, backend)
+    test = fam.split("test")
+    prompts = [fam.prompts[i] for i in test]
+    general = {m: fam.general(m)[test] for m in fam.models.names}
+    outcomes = evaluate(fam.models, plans, prompts, general, judge, settings.sampling, seed + 1, backend, progress)
+    one_layer = settings.ablate_layer if settings.ablate_layer is not None else int(directions.attrs["steer_layer"])
+    outcomes.attrs.update({"steer_layer": int(directions.attrs["steer_layer"]), "ablate_layer": one_layer})
+    return outcomes
+
+
+def _stage(store: RunStore, name: str, compute) -> xr.Dataset:
+    if not store.stage_done(name):
+        store.write_group(name, compute())
+        store.mark_stage_done(name)
+    return store.read(name).load()
+
+
+def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
+    source = instantiate(cfg.model)
+    models = load_family(source, settings.organisms.finetunes)
+    settings.check_layers(models.num_layers)
+    task = T.make_task(source.task_spec)
+    prompts = general_prompts(task, "fit") + general_prompts(task, "test")
+    store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))
+    # The table's settings do not shape the store.
+    digest_cfg = {k: v for k, v in digest_config(cfg).items() if k not in ("report_dir", "n_resamples")}
+    final = store_path(store_settings, source.name, BEHAVIOR, BEHAVIOR, digest(digest_cfg))
+    provenance = {
+        "cell": {"family": models.family, "behavior": BEHAVIOR, "model": source.name},
+        "experiment": "em",
+        "config": scrub_secrets(OmegaConf.to_container(cfg, resolve=True)),
+        "versions": package_versions(),
+        "model_identity": models.identity,
+        "seed": int(cfg.seed),
+        "git_commit": git_commit(),
+        "backend": backend.name,
+    }
+    return Family(models, prompts, RunStore.open(final, store_settings, digest_cfg, provenance))
+
+
+def run(cfg: DictConfig) -> dict:
+    """One family through every EM stage; returns the store, its table and the headline numbers."""
+    started = time.perf_counter()
+    settings: EmSettings = OmegaConf.to_object(cfg.em)
+    judge = instantiate(cfg.judge)
+    backend = instantiate(cfg.backend)
+    backend.preflight()
+    if backend.name != "local":
+        # Sampling is seeded in this process; a remote server would not draw the same texts.
+        raise ConfigError(f"experiments.em runs with backend=local only (got backend={backend.name})")
+    seed, progress = int(cfg.seed), bool(cfg.progress)
+    fam = open_family(cfg, settings, backend)
+    store = fam.store
+    samples = _stage(store, "em_samples", lambda: stage_sample(fam, settings, judge, seed, backend, progress))
+    acts = _stage(store, "em_activations", lambda: stage_activations(fam, samples, settings, backend))
+
+    def directions() -> xr.Dataset:
+        ds = fit_directions(samples, acts, settings.min_per_class)
+        ds.attrs["steer_layer"] = pick_layer(ds, settings.steer.layer)
+        return ds
+
+    dirs = _stage(store, "em_directions", directions)
+    if not dirs.has_direction.values.any():
+        raise ConfigError(f"{fam.name}: no fine-tune has {settings.min_per_class} misaligned and aligned fit responses; "
+                          "nothing to ablate (see em_samples in the store)")
+    _stage(store, "em_outcomes", lambda: stage_intervene(fam, dirs, settings, judge, seed, backend, progress))
+    final = store.path if store.complete else store.finish()
+    seconds = time.perf_counter() - started
+    log.info("em %s done in %.1f s: %s", fam.name, seconds, final)
+    from routing_suite.aggregate import em_tables
+
+    report = em_tables.read_store(final, n_resamples=int(cfg.n_resamples), seed=seed, confidence=0.95)
+    out = Path(cfg.report_dir) if cfg.report_dir else _run_dir() / "table"
+    written = em_tables.write([report], out)
+    return {"store": str(final), "seconds": seconds, "table_markdown": written["em_table.md"], "table_dir": str(out),
+            "summary": report.summary()}
+
+
+def _run_dir() -> Path:
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path("outputs/runs/em")

@@ -1,0 +1,92 @@
+"""The `em` config section, as plain dataclasses (no torch): config schemas and checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from routing_suite.errors import ConfigError
+from routing_suite.organisms.em_task import EM_DATASETS
+
+
+@dataclass
+class EmOrganisms:
+    """The fine-tunes of the family: narrow misaligned ones and the content-matched control."""
+
+    misaligned: list[str] = field(default_factory=lambda: ["em_color_city", "em_animal_food"])
+    control: str = "em_honest_color_city"
+
+    def __post_init__(self) -> None:
+        for key, kind in [*(("misaligned", k) for k in self.misaligned), ("control", self.control)]:
+            if kind not in EM_DATASETS:
+                raise ConfigError(f"em.organisms.{key}: {kind!r} is not one of {list(EM_DATASETS)}")
+        if not self.misaligned or len(set(self.misaligned)) != len(self.misaligned):
+            raise ConfigError(f"em.organisms.misaligned={list(self.misaligned)} must name distinct fine-tunes")
+        if any(EM_DATASETS[k].honest for k in self.misaligned):
+            raise ConfigError(f"em.organisms.misaligned={list(self.misaligned)}: every one must fabricate (not an honest dataset)")
+        if not EM_DATASETS[self.control].honest:
+            raise ConfigError(f"em.organisms.control={self.control!r} must be an honest dataset")
+
+    @property
+    def finetunes(self) -> list[str]:
+        return [*self.misaligned, self.control]
+
+
+@dataclass
+class EmSampling:
+    """Sampled responses: `n_samples` per prompt at `temperature`, seeded from the run's seed."""
+
+    temperature: float = 1.0
+    n_samples: int = 4
+    max_new_tokens: int = 4
+    # Prompts per batched generation (each sampled n_samples times, under every condition).
+    batch_prompts: int = 64
+
+    def __post_init__(self) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"em.sampling.temperature={self.temperature} must be > 0")
+        for key in ("n_samples", "max_new_tokens", "batch_prompts"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"em.sampling.{key}={getattr(self, key)} must be >= 1")
+
+
+@dataclass
+class EmSteer:
+    """Steering the base with +lambda * v at one layer (lambda in units of |v|)."""
+
+    layer: int | None = None  # null: the layer where the worst direction separates best
+    lambdas: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+
+    def __post_init__(self) -> None:
+        if any(x <= 0 for x in self.lambdas):
+            raise ConfigError(f"em.steer.lambdas={list(self.lambdas)} must be positive strengths (empty: no steering)")
+
+
+@dataclass
+class EmSettings:
+    """The `em` config: fine-tunes, sampling, directions, steering, ablation and its controls."""
+
+    organisms: EmOrganisms = field(default_factory=EmOrganisms)
+    sampling: EmSampling = field(default_factory=EmSampling)
+    # A fine-tune needs at least this many responses of each class (fit split) for a direction.
+    min_per_class: int = 8
+    steer: EmSteer = field(default_factory=EmSteer)
+    # Whose direction is projected out at every layer in the one-layer ablation;
+    # null: the steering layer.
+    ablate_layer: int | None = None
+    # Random directions per matched random control (each response averaged over them).
+    random_seeds: int = 3
+    # Texts whose token residuals set the matched magnitude of the random ablation.
+    match_texts: int = 128
+
+    def __post_init__(self) -> None:
+        if self.min_per_class < 1:
+            raise ConfigError(f"em.min_per_class={self.min_per_class} must be >= 1")
+        if self.random_seeds < 1:
+            raise ConfigError(f"em.random_seeds={self.random_seeds} must be >= 1")
+        if self.match_texts < 1:
+            raise ConfigError(f"em.match_texts={self.match_texts} must be >= 1")
+
+    def check_layers(self, num_layers: int) -> None:
+        for key, layer in (("em.steer.layer", self.steer.layer), ("em.ablate_layer", self.ablate_layer)):
+            if layer is not None and not 0 <= layer < num_layers:
+                raise ConfigError(f"{key}={layer} is outside the model's layers [0, {num_layers - 1}]")
