@@ -123,8 +123,17 @@ def run(cfg) -> dict:
         raise ConfigError(f"experiments.adl runs with backend=local only (got backend={setup.backend.name})")
     seed = int(cfg.seed)
     behavior = setup.behavior.name
-    task_spec = setup.source.task_spec
-    examples = finetuning_data(task_spec, behavior, settings.finetune_file)
+    # Organism sources have a word-level task; a chat model's source (SmolLM2)
+    # supplies its own fine-tuning examples, and needs a text source of its own.
+    task_spec = getattr(setup.source, "task_spec", None)
+    if settings.finetune_file is None and hasattr(setup.source, "finetune_examples"):
+        examples = setup.source.finetune_examples(behavior)
+    elif task_spec is None and settings.finetune_file is None:
+        raise ConfigError(f"model={setup.source.name}: set adl.finetune_file (the source has no organism task)")
+    else:
+        examples = finetuning_data(task_spec, behavior, settings.finetune_file)
+    if task_spec is None and texts.name == "organism":
+        raise ConfigError(f"text=organism needs an organism model; model={setup.source.name} needs e.g. text=lee_corpus")
     unrelated = texts.unrelated(settings.n_texts, seed, task_spec)
     if not unrelated:
         raise ConfigError(f"text={texts.name}: no unrelated text")

@@ -95,6 +95,10 @@ class SmolLM2Source:
             "test": subsample(self.chat_task.pairs(render, behavior, "heldout", "heldout"), max_test, seed),
         }
 
+    def finetune_examples(self, behavior: str) -> list[tuple[str, str]]:
+        """The (prompt, completion) pairs the fine-tune for `behavior` is trained on."""
+        return self.chat_task.finetune_examples(self.renderer(self.tokenizer()), behavior)
+
     def adapter(self, behavior: str) -> Path:
         """The cached LoRA adapter installing `behavior` (trained on first use)."""
         checkpoint = self.checkpoint()
