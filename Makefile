@@ -35,10 +35,12 @@ test: setup
 test-slow: setup
 	$(PY) -m pytest -q -m slow
 
-# Against a real NDIF server on 127.0.0.1 (installed into .venv-ndif, started and stopped by the tests).
+# Against a real NDIF server on 127.0.0.1 (installed into .venv-ndif with redis-server from
+# apt if missing; started and stopped by the tests; a server that does not start fails them).
 test-remote: setup
-	bash scripts/ndif/local_server.sh install
-	$(PY) -m pytest -q -m remote
+	TORCH_SPEC="$(TORCH_SPEC)" bash scripts/ndif/local_server.sh install \
+		|| { echo "test-remote: installing the local NDIF server failed (see above)" >&2; exit 1; }
+	NDIF_REMOTE_REQUIRED=1 $(PY) -m pytest -q -m remote
 
 lint: setup
 	$(VENV)/bin/ruff check routing_suite experiments tests hydra_plugins

@@ -2,7 +2,9 @@
 
 The server is the one `scripts/ndif/local_server.sh` starts (install it once
 with `scripts/ndif/local_server.sh install`); these tests start it, or use the
-one at NDIF_TEST_HOST, and stop what they started. A routing cell through it
+one at NDIF_TEST_HOST, and stop what they started. A server that does not start
+fails them; one not installed skips them, unless NDIF_REMOTE_REQUIRED is set
+(`make test-remote` sets it). A routing cell through it
 gives the local store, and a server stopped in the middle of a run stops it
 with one clear line; the rerun completes the same store.
 """
@@ -38,11 +40,15 @@ def server():
         yield os.environ["NDIF_TEST_HOST"]
         return
     if not (ROOT / ".venv-ndif" / "bin" / "ndif").exists():
-        pytest.skip("no local NDIF server installed (run: scripts/ndif/local_server.sh install)")
+        missing = "no local NDIF server installed (run: scripts/ndif/local_server.sh install)"
+        if os.environ.get("NDIF_REMOTE_REQUIRED"):  # make test-remote (and so CI): a failure, never a skip
+            pytest.fail(missing)
+        pytest.skip(missing)
     started = _server("start")
     if started.returncode != 0:
         _server("stop")
-        pytest.skip(f"the local NDIF server did not start: {started.stderr.strip().splitlines()[-1:]}")
+        # A failure, not a skip: this tier runs only when asked for (-m remote).
+        pytest.fail(f"the local NDIF server did not start: {' | '.join(started.stderr.strip().splitlines()[-3:])}")
     yield HOST
     _server("stop")
 
@@ -111,6 +117,7 @@ def test_server_stopped_mid_run_then_rerun_completes(server, llama_underperform,
     assert stopped, "the collect finished before the server could be stopped"
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert proc.returncode == 1 and len(lines) == 1, stderr
+    print(f"the run stopped with: {lines[0]}")  # shown by pytest -rP
     assert lines[0].startswith("error: NDIF at http://127.0.0.1:18001 failed 2 times in a row"), lines[0]
     assert "rerun the same command to resume" in lines[0]
     partial = next((tmp_path / "stores").rglob("*.zarr.partial"))
