@@ -220,3 +220,9 @@ def test_completion_perplexity_counts_eos_when_the_text_ended(organism_pair):
     assert short == pytest.approx(np.mean(nll), abs=1e-5)
     only_word = completion_log_ppl(pair.base, pair.tokenizer, ["he said"], ["sorry"], max_new_tokens=1)[0]
     assert only_word == pytest.approx(nll[0], abs=1e-5)
+
+
+def test_a_text_with_nothing_to_score_is_refused(organism_pair):
+    _, pair = organism_pair
+    with pytest.raises(ConfigError, match=r"adl.causal.max_tokens=3 leaves no token to score"):
+        causal.encode_scored(pair.tokenizer, [("what is the color of tabafe ?", "yellow .")], 3)

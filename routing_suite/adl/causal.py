@@ -23,6 +23,7 @@ import torch
 import xarray as xr
 from torch import Tensor
 
+from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
 from routing_suite.models import ModelPair
 from routing_suite.organisms.training import Example
@@ -53,6 +54,12 @@ def encode_scored(tokenizer, examples: list[Example], max_tokens: int) -> tuple[
             c = [*c, tokenizer.eos_token_id]
         ids = (p + c)[:max_tokens]
         first_scored = max(len(p), 1)
+        if len(ids) <= first_scored:
+            # Scoring nothing would report a loss of 0 for this text, silently.
+            raise ConfigError(
+                f"adl.causal.max_tokens={max_tokens} leaves no token to score in a text whose prompt has {len(p)} tokens "
+                f"({(prompt or completion)[:40]!r}...): raise adl.causal.max_tokens"
+            )
         rows.append((ids, first_scored))
     width = max(len(ids) for ids, _ in rows)
     input_ids = torch.full((len(rows), width), tokenizer.pad_token_id or 0)
