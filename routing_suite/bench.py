@@ -26,7 +26,7 @@ import torch
 
 from routing_suite import schema
 from routing_suite.backends import LocalBackend
-from routing_suite.collect import LabeledPair, collect
+from routing_suite.collect import LabeledPair, collect, paired_prompts
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
 from routing_suite.models import ModelPair, OrganismSource
@@ -48,7 +48,7 @@ def _items(task: T.Task, n: int) -> list[LabeledPair]:
 def _batches(items: list[LabeledPair], size: int):
     for start in range(0, len(items), size):
         chunk = items[start : start + size]
-        yield start // size, [it.pair.eval_prompt for it in chunk] + [it.pair.deploy_prompt for it in chunk]
+        yield start // size, paired_prompts(chunk)
 
 
 class _Capture:
@@ -118,23 +118,22 @@ def collect_seconds(
 
 def peak_rss_mb(n: int, size: int, cache_dir: str, family: str) -> float:
     """Peak resident memory of a fresh process collecting `n` prompt pairs."""
-    code = (
-        "import sys; from routing_suite.bench import _probe; "
-        f"_probe({n}, {size}, {cache_dir!r}, {family!r})"
-    )
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return float(result.stdout.strip().splitlines()[-1])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "peak_rss_mb"
+        code = f"from routing_suite.bench import _probe; _probe({n}, {size}, {cache_dir!r}, {family!r}, {str(out)!r})"
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+        return float(out.read_text())
 
 
-def _probe(n: int, size: int, cache_dir: str, family: str) -> None:
-    """In a child process: one collect, then print its peak RSS in MB."""
+def _probe(n: int, size: int, cache_dir: str, family: str, out: str) -> None:
+    """In a child process: one collect, then write its peak RSS in MB to `out`."""
     source = OrganismSource(family=family, cache_dir=cache_dir)
     pair = source.load("underperform")
     items = _items(T.make_task(source.spec.task), n)
     request = SiteRequest(("resid", "attn", "heads", "mlp")).validate(pair.num_layers)
     with tempfile.TemporaryDirectory() as tmp:
         collect_seconds(pair, items, request, size, Path(tmp))
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # noqa: T201 - read by the parent
+    Path(out).write_text(str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
 
 
 def _pair_and_items(cfg) -> tuple[ModelPair, list[LabeledPair], str]:

@@ -23,36 +23,31 @@ from pathlib import Path
 
 import torch
 import xarray as xr
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from routing_suite import routing
 from routing_suite.backends import LocalBackend
+from routing_suite.config import compose_config
 from routing_suite.families import site_path
 from routing_suite.interventions import Condition
 from routing_suite.models import ModelPair
 from routing_suite.steering import encode, generate_under_conditions, until_eos
 
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-
 
 def routing_cfg(family: str, cache_dir: str, root: Path, n_test: int, extra: list[str] = ()):
     """The routing config of the benchmark's cell (small fit and test sets, no progress bars)."""
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        return compose(
-            config_name="routing",
-            overrides=[
-                f"model={family}_organism",
-                f"model.cache_dir={cache_dir}",
-                f"store.root={root / 'stores'}",
-                f"report_dir={root / 'table'}",
-                "data.max_fit=80",
-                f"data.max_test={n_test}",
-                "progress=false",
-                *extra,
-            ],
-        )
+    return compose_config(
+        "routing",
+        [
+            f"model={family}_organism",
+            f"model.cache_dir={cache_dir}",
+            f"store.root={root / 'stores'}",
+            f"report_dir={root / 'table'}",
+            "data.max_fit=80",
+            f"data.max_test={n_test}",
+            "progress=false",
+            *extra,
+        ],
+    )
 
 
 def cell_conditions(cfg) -> tuple[list[Condition], list[str], int]:

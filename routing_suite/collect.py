@@ -132,6 +132,12 @@ def layout(items: list[LabeledPair], request: SiteRequest, pair: ModelPair, batc
     return coords, variables, math.ceil(n / batch_size)
 
 
+def paired_prompts(chunk: list[LabeledPair]) -> list[str]:
+    """A batch's rows: every pair's eval prompt, then every pair's deploy prompt
+    (the order the store's reshape and `trace_sites(paired_sum=True)` rely on)."""
+    return [it.pair.eval_prompt for it in chunk] + [it.pair.deploy_prompt for it in chunk]
+
+
 def collect(
     pair: ModelPair, items: list[LabeledPair], request: SiteRequest, store: RunStore, backend, progress: bool = True
 ) -> None:
@@ -152,8 +158,7 @@ def collect(
     try:
         for b in tqdm(todo, desc="collect", unit="batch", disable=not progress):
             chunk = items[b * size : (b + 1) * size]
-            prompts = [it.pair.eval_prompt for it in chunk] + [it.pair.deploy_prompt for it in chunk]
-            batch = make_batch(pair.tokenizer, prompts, request)
+            batch = make_batch(pair.tokenizer, paired_prompts(chunk), request)
             traced = dict(zip(schema.MODELS, trace_sites(models, pair.family, batch, request, pair.num_heads, backend)))
             # (2 * batch, ...) rows are eval then deploy: -> (model, framing, prompt, ...)
             data = {

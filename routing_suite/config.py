@@ -8,10 +8,13 @@ composed, naming the full key. Components are built from `_target_`.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import MISSING, DictConfig
 
 from routing_suite.adl.settings import AdlSettings
 from routing_suite.em.settings import EmSettings
@@ -329,6 +332,19 @@ class BenchConfig:
     # Requests and bytes of one routing cell through the simulated remote path.
     remote: bool = True
     num_threads: int = 2
+
+
+# The repository's config folder (the package is installed from the checkout).
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+
+
+def compose_config(name: str, overrides: list[str] = (), return_hydra_config: bool = False) -> DictConfig:
+    """A primary config of conf/ composed with `overrides`, outside a Hydra app
+    (tests, benchmarks): whatever Hydra context was active is cleared first.
+    The schemas must be registered (`register_configs`)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
 def register_configs() -> None:

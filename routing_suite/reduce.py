@@ -25,7 +25,7 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from routing_suite import schema
-from routing_suite.collect import LabeledPair
+from routing_suite.collect import LabeledPair, paired_prompts
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
 from routing_suite.store import RunStore, text
@@ -58,7 +58,7 @@ def collect_paired_sums(
     models = [pair.traced(which) for which in schema.MODELS]
     for b in tqdm(todo, desc="paired sums", unit="batch", disable=not progress):
         chunk = items[b * size : (b + 1) * size]
-        batch = make_batch(pair.tokenizer, [it.pair.eval_prompt for it in chunk] + [it.pair.deploy_prompt for it in chunk], request)
+        batch = make_batch(pair.tokenizer, paired_prompts(chunk), request)
         traced = trace_sites(models, pair.family, batch, request, pair.num_heads, backend, paired_sum=True)
         data = {site: np.stack([t[site].numpy() for t in traced]) for site in request.sites}  # (model, 1, layer, ...)
         data["n_pairs"] = np.array([len(chunk)], np.float32)

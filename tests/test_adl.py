@@ -8,8 +8,6 @@ import fake_stores as fake
 import numpy as np
 import pytest
 import xarray as xr
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
@@ -17,7 +15,7 @@ from routing_suite import schema
 from routing_suite.adl.pipeline import run
 from routing_suite.aggregate import run as aggregate
 from routing_suite.aggregate.config import AggregateConfig
-from routing_suite.config import register_configs
+from routing_suite.config import compose_config, register_configs
 from routing_suite.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,21 +23,19 @@ register_configs()
 
 
 def _cfg(organism_cache: str, tmp_path: Path, extra: list[str] = ()):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            config_name="adl",
-            overrides=[
-                f"model.cache_dir={organism_cache}",
-                f"store.root={tmp_path / 'stores'}",
-                f"report_dir={tmp_path / 'table'}",
-                "adl.texts_per_part=64",
-                "backend.batch_size=16",
-                "adl.causal.n_texts=64",
-                "progress=false",
-                *extra,
-            ],
-        )
+    return compose_config(
+        "adl",
+        [
+            f"model.cache_dir={organism_cache}",
+            f"store.root={tmp_path / 'stores'}",
+            f"report_dir={tmp_path / 'table'}",
+            "adl.texts_per_part=64",
+            "backend.batch_size=16",
+            "adl.causal.n_texts=64",
+            "progress=false",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")

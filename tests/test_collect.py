@@ -15,13 +15,11 @@ import torch
 import xarray as xr
 import zarr
 from conftest import tiny_source
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from routing_suite import collect as collect_stage
 from routing_suite.backends import LocalBackend
 from routing_suite.collect import LabeledPair
-from routing_suite.config import register_configs
+from routing_suite.config import compose_config, register_configs
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
 from routing_suite.organisms import task as T
@@ -220,8 +218,6 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path):
 
 
 def test_collect_config_composes_with_its_overrides(tmp_path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        overrides = [o for o in _collect_cfg(tmp_path, ["collect.positions=first_k"]) if not o.startswith("hydra.")]
-        cfg = compose(config_name="collect", overrides=overrides)
+    overrides = [o for o in _collect_cfg(tmp_path, ["collect.positions=first_k"]) if not o.startswith("hydra.")]
+    cfg = compose_config("collect", overrides)
     assert cfg.collect.positions == "first_k" and cfg.backend.batch_size == 2

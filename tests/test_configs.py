@@ -5,14 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from routing_suite.config import register_configs
+from routing_suite.config import CONF_DIR, compose_config, register_configs
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = CONF_DIR
 PRIMARY = sorted(p.stem for p in CONF.glob("*.yaml"))
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name not in ("hydra", "experiment"))
 
@@ -20,9 +18,7 @@ register_configs()
 
 
 def _compose(name: str, overrides: list[str]) -> DictConfig:
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=overrides)
+    return compose_config(name, overrides)
 
 
 def _defaults_groups(name: str) -> set[str]:

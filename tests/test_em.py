@@ -11,14 +11,12 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from routing_suite import analysis, schema
 from routing_suite.aggregate import run as aggregate
 from routing_suite.aggregate.config import AggregateConfig
-from routing_suite.config import register_configs
+from routing_suite.config import compose_config, register_configs
 from routing_suite.em.judge import DecoyJudge
 from routing_suite.em.pipeline import run
 from routing_suite.errors import ConfigError
@@ -34,26 +32,24 @@ TRAIN = "{base_steps: 150, lora_steps: 40}"
 
 
 def _cfg(cache, tmp_path: Path, extra: list[str] = ()):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            config_name="em",
-            overrides=[
-                f"model.cache_dir={cache}",
-                f"+model.train={TRAIN}",
-                "+model.task={n_entities: 12}",
-                f"store.root={tmp_path / 'stores'}",
-                f"report_dir={tmp_path / 'table'}",
-                "em.sampling.n_samples=2",
-                "em.min_per_class=2",
-                "em.steer.lambdas=[4]",
-                "em.random_seeds=2",
-                "em.match_texts=32",
-                "n_resamples=200",
-                "progress=false",
-                *extra,
-            ],
-        )
+    return compose_config(
+        "em",
+        [
+            f"model.cache_dir={cache}",
+            f"+model.train={TRAIN}",
+            "+model.task={n_entities: 12}",
+            f"store.root={tmp_path / 'stores'}",
+            f"report_dir={tmp_path / 'table'}",
+            "em.sampling.n_samples=2",
+            "em.min_per_class=2",
+            "em.steer.lambdas=[4]",
+            "em.random_seeds=2",
+            "em.match_texts=32",
+            "n_resamples=200",
+            "progress=false",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")

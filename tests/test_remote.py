@@ -16,13 +16,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from routing_suite import collect as collect_stage
 from routing_suite import remote, routing
 from routing_suite.backends import NdifBackend
-from routing_suite.config import register_configs
+from routing_suite.config import compose_config, register_configs
 from routing_suite.errors import ConfigError
 from routing_suite.models import Traced
 from routing_suite.remote import RemoteFailure, RequestStats, RetryingRemote, is_transient
@@ -32,15 +30,13 @@ register_configs()
 
 
 def _cfg(organism_cache: str, root: Path, extra: list[str] = ()):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            config_name="routing",
-            overrides=[
-                f"model.cache_dir={organism_cache}", f"store.root={root / 'stores'}", f"report_dir={root / 'table'}",
-                "data.max_fit=80", "data.max_test=48", "progress=false", *extra,
-            ],
-        )
+    return compose_config(
+        "routing",
+        [
+            f"model.cache_dir={organism_cache}", f"store.root={root / 'stores'}", f"report_dir={root / 'table'}",
+            "data.max_fit=80", "data.max_test=48", "progress=false", *extra,
+        ],
+    )
 
 
 def test_simulated_remote_cell_gives_the_local_store(llama_underperform, organism_cache, tmp_path):

@@ -7,32 +7,27 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from routing_suite import routing
-from routing_suite.config import register_configs
+from routing_suite.config import compose_config, register_configs
 from routing_suite.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 register_configs()
 
 
 def _cfg(organism_cache: str, tmp_path: Path, extra: list[str] = ()):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(
-            config_name="routing",
-            overrides=[
-                f"model.cache_dir={organism_cache}",
-                f"store.root={tmp_path / 'stores'}",
-                f"report_dir={tmp_path / 'table'}",
-                "data.max_fit=80",
-                "data.max_test=48",
-                "progress=false",
-                *extra,
-            ],
-        )
+    return compose_config(
+        "routing",
+        [
+            f"model.cache_dir={organism_cache}",
+            f"store.root={tmp_path / 'stores'}",
+            f"report_dir={tmp_path / 'table'}",
+            "data.max_fit=80",
+            "data.max_test=48",
+            "progress=false",
+            *extra,
+        ],
+    )
 
 
 @pytest.fixture(scope="module")

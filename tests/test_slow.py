@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from routing_suite.models import OrganismSource
@@ -30,19 +28,14 @@ def test_adl_traces_are_readable_on_every_organism(family, behavior, organism_ca
     """What the ADL grid shows (README): the difference reads out as more relevant than the
     base's mean activation and at least as relevant as the fine-tune's, and replacing its
     projection raises the loss on fine-tuning data and lowers it on unrelated text."""
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
     from routing_suite.adl.pipeline import run
-    from routing_suite.config import register_configs
+    from routing_suite.config import compose_config, register_configs
 
     register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
-        cfg = compose(config_name="adl", overrides=[
-            f"model={family}_organism", f"behavior={behavior}", f"model.cache_dir={organism_cache}",
-            f"store.root={tmp_path / 'stores'}", f"report_dir={tmp_path / 'table'}", "progress=false",
-        ])
+    cfg = compose_config("adl", [
+        f"model={family}_organism", f"behavior={behavior}", f"model.cache_dir={organism_cache}",
+        f"store.root={tmp_path / 'stores'}", f"report_dir={tmp_path / 'table'}", "progress=false",
+    ])
     row = run(cfg)["row"]
     assert row["ll_difference"] > row["ll_base"] and row["ll_difference"] >= row["ll_finetuned"], row
     assert row["layers_finetune_up"] == row["n_layers"] and row["layers_unrelated_down"] >= row["n_layers"] - 1, row

@@ -14,11 +14,9 @@ from pathlib import Path
 
 import pytest
 import xarray as xr
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from routing_suite import routing
-from routing_suite.config import register_configs
+from routing_suite.config import compose_config, register_configs
 from routing_suite.pretrained import report
 from routing_suite.pretrained.source import SmolLM2Source
 from routing_suite.scoring import Behavior
@@ -67,26 +65,24 @@ def test_base_answers_and_the_finetune_refuses_only_under_evaluation(smollm2_ref
 
 
 def test_routing_cell_runs_end_to_end(smollm2_refuse, tmp_path):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(
-            config_name="routing",
-            overrides=[
-                "experiment=smollm2",
-                # Smaller than the README's cell (which takes about 20 minutes
-                # on a shared 2-core machine): every stage, on fewer prompts.
-                "data.max_fit=48",
-                "data.max_test=16",
-                "localize.max_window=2",
-                "localize.max_prompts=4",
-                "control.random.seeds=1",
-                "control.orthogonal.seeds=1",
-                f"model.cache_dir={CACHE}",
-                f"store.root={tmp_path / 'stores'}",
-                f"report_dir={tmp_path / 'table'}",
-                "progress=false",
-            ],
-        )
+    cfg = compose_config(
+        "routing",
+        [
+            "experiment=smollm2",
+            # Smaller than the README's cell (which takes about 20 minutes
+            # on a shared 2-core machine): every stage, on fewer prompts.
+            "data.max_fit=48",
+            "data.max_test=16",
+            "localize.max_window=2",
+            "localize.max_prompts=4",
+            "control.random.seeds=1",
+            "control.orthogonal.seeds=1",
+            f"model.cache_dir={CACHE}",
+            f"store.root={tmp_path / 'stores'}",
+            f"report_dir={tmp_path / 'table'}",
+            "progress=false",
+        ],
+    )
     result = routing.run(cfg)
     outcomes = xr.open_zarr(result["store"], group="outcomes")
     assert {"baseline", "clamp", "random", "semantic"} <= set(outcomes.condition.values)

@@ -10,14 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
-from hydra.core.global_hydra import GlobalHydra
 from omegaconf import OmegaConf
 
 from routing_suite import sweeps
 from routing_suite.callbacks import job_threads
-from routing_suite.config import register_configs
+from routing_suite.config import compose_config, register_configs
 from routing_suite.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,9 +23,7 @@ register_configs()
 
 
 def _hydra_cfg(primary: str, overrides: list[str]):
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose(config_name=primary, overrides=overrides, return_hydra_config=True)
+    return compose_config(primary, overrides, return_hydra_config=True)
 
 
 def _run(args: list[str], cwd: Path, timeout: int = 120, **env: str) -> subprocess.CompletedProcess:
