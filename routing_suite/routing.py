@@ -68,22 +68,22 @@ def run(cfg) -> dict:
     store = pipeline.open_store(setup, pair, spec.name)
     stats = setup.backend.stats
     ran = [stage for stage in ("collect", "fit", "localize", "intervene") if not store.stage_done(stage)]
-    if not store.stage_done("collect"):
+    if "collect" in ran:
         stats.stage = "collect"
         collect(pair, items, request, store, setup.backend, progress=cfg.progress)
         store.mark_stage_done("collect")
     acts = store.read("activations").load()
-    if not store.stage_done("fit"):
+    if "fit" in ran:
         store.write_group("fit", fit(acts, cfg.fit.max_rank))
         store.mark_stage_done("fit")
     fitted = store.read("fit").load()
-    if not store.stage_done("localize"):
+    if "localize" in ran:
         stats.stage = "localize"
         store.write_group("localize", localize(pair, acts, setup.behavior, localize_settings, setup.backend))
         store.mark_stage_done("localize")
     localized = store.read("localize").load()
     window = list(spec.window) if spec.window is not None else [int(x) for x in localized.attrs["window"]]
-    if not store.stage_done("intervene"):
+    if "intervene" in ran:
         stats.stage = "intervene"
         conditions = build_conditions(spec, controls, fitted, localized, acts, window, int(cfg.seed))
         outcomes = intervene(pair, acts, conditions, setup.behavior, setup.backend, setup.backend.batch_size, cfg.progress)
