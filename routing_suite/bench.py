@@ -108,9 +108,11 @@ def traces_only(pair: ModelPair, items: list[LabeledPair], request: SiteRequest,
 
 
 def collect_seconds(
-    pair: ModelPair, items: list[LabeledPair], request: SiteRequest, size: int, root: Path, compressor: str = "zstd"
+    pair: ModelPair, items: list[LabeledPair], request: SiteRequest, size: int, root: Path, compressor: str | None = None
 ) -> float:
-    store = RunStore.open(root / "bench.zarr", StoreSettings(compressor=compressor), {"bench": time.time()}, {})
+    """Seconds of one collect into a new store (the store's default compressor unless named)."""
+    settings = StoreSettings() if compressor is None else StoreSettings(compressor=compressor)
+    store = RunStore.open(root / "bench.zarr", settings, {"bench": time.time()}, {})
     started = time.perf_counter()
     collect(pair, items, request, store, LocalBackend(batch_size=size), progress=False)
     return time.perf_counter() - started
@@ -168,6 +170,7 @@ def run(cfg) -> dict:
         "batch_size": cfg.batch_size,
         "sites": ",".join(request.sites),
         "threads": torch.get_num_threads(),
+        "compressor": StoreSettings().compressor,
     }
     tokens = sum(len(pair.tokenizer(p)["input_ids"]) for _, prompts in _batches(items, cfg.batch_size) for p in prompts) * 2
     with tempfile.TemporaryDirectory() as tmp:

@@ -13,6 +13,7 @@ import logging
 import math
 import queue
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,16 +49,28 @@ class BackgroundWriter:
     only once its group is written, so a crash re-traces at most one group).
     """
 
-    def __init__(self, store: RunStore, group: str, group_size: int = 1, depth: int = 2, threaded: bool = True) -> None:
+    def __init__(
+        self, store: RunStore, group: str, group_size: int = 1, depth: int = 2, threaded: bool = True,
+        prepare: Callable[[], None] | None = None,
+    ) -> None:
+        """`prepare`, if given, runs before the first write (in the thread, so
+        laying out a new group overlaps the first traces)."""
         self.store, self.group, self.group_size = store, group, max(1, group_size)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
         self.pending: list[tuple[int, slice, dict[str, np.ndarray], dict[str, list]]] = []
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._work, name="store-writer", daemon=True) if threaded else None
+        self.thread = threading.Thread(target=self._work, args=(prepare,), name="store-writer", daemon=True) if threaded else None
         if self.thread is not None:
             self.thread.start()
+        elif prepare is not None:
+            prepare()
 
-    def _work(self) -> None:
+    def _work(self, prepare: Callable[[], None] | None) -> None:
+        try:
+            if prepare is not None:
+                prepare()
+        except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
+            self.error = err
         while (item := self.queue.get()) is not None:
             if self.error is None:
                 try:
@@ -147,14 +160,23 @@ def collect(
     request = request.validate(pair.num_layers)
     size = backend.batch_size
     coords, variables, n_batches = layout(items, request, pair, size)
-    store.create_streamed(GROUP, coords, variables, n_batches)
-    todo = [b for b, done in enumerate(store.batches_done(GROUP)) if not done]
+    prepare = None
+    if store.has_streamed(GROUP):
+        todo = [b for b, done in enumerate(store.batches_done(GROUP)) if not done]
+    else:  # a new group: laid out by the writer while the first batches are traced
+        todo = list(range(n_batches))
+
+        def prepare() -> None:
+            store.create_streamed(GROUP, coords, variables, n_batches, batch_size=size)
+
     if not todo:
         log.info("collect: all %d batches already in the store", n_batches)
         return
     log.info("collect: %d of %d batches to trace (%d prompt pairs)", len(todo), n_batches, len(items))
     models = [pair.traced(which) for which in schema.MODELS]
-    writer = BackgroundWriter(store, GROUP, group_size=store.settings.chunk_prompts // size, threaded=backend.threaded_writes)
+    writer = BackgroundWriter(
+        store, GROUP, group_size=store.settings.prompts_per_chunk(variables, size) // size, threaded=backend.threaded_writes, prepare=prepare
+    )
     try:
         for b in tqdm(todo, desc="collect", unit="batch", disable=not progress):
             chunk = items[b * size : (b + 1) * size]

@@ -101,6 +101,44 @@ def test_store_is_self_describing(tmp_path, tiny_cache):
     assert ds.resid.dims == ("model", "framing", "prompt", "layer", "position", "hidden")
 
 
+def test_layout_torn_by_a_crash_is_laid_out_again(tmp_path, tiny_cache):
+    """A crash while the group was being laid out (coordinates written, no
+    `batch_done` yet): the rerun lays it out again and fills it."""
+    source = tiny_source(tiny_cache)
+    pair = source.load("refuse")
+    items = _items(T.make_task(source.spec.task), 6)
+    request = SiteRequest(("resid",))
+    clean = _open(tmp_path / "clean", StoreSettings(), {"t": 1})
+    collect_stage.collect(pair, items, request, clean, LocalBackend(batch_size=4), progress=False)
+    torn = _open(tmp_path / "torn", StoreSettings(), {"t": 1})
+    coords, _, _ = collect_stage.layout(items, request.validate(pair.num_layers), pair, 4)
+    xr.Dataset(coords=coords).to_zarr(str(torn.path), group=collect_stage.GROUP, mode="w-", zarr_format=3, consolidated=False)
+    assert not torn.has_streamed(collect_stage.GROUP)
+    collect_stage.collect(pair, items, request, torn, LocalBackend(batch_size=4), progress=False)
+    assert torn.batches_done(collect_stage.GROUP).all()
+    xr.testing.assert_identical(torn.read("activations").load(), clean.read("activations").load())
+
+
+def test_streamed_layout_equals_xarrays_own(tmp_path, tiny_cache):
+    """The group is laid out with zarr directly (one trip to its event loop);
+    it must read back as xarray's own `to_zarr` of the same coordinates."""
+    source = tiny_source(tiny_cache)
+    pair = source.load("refuse")
+    items = _items(T.make_task(source.spec.task), 6)
+    request = SiteRequest(("resid", "heads")).validate(pair.num_layers)
+    coords, variables, n_batches = collect_stage.layout(items, request, pair, 4)
+    store = _open(tmp_path, StoreSettings(), {"t": 1})
+    store.create_streamed(collect_stage.GROUP, coords, variables, n_batches, batch_size=4)
+    ours = xr.open_zarr(str(store.path), group=collect_stage.GROUP, consolidated=False).load()
+    reference = tmp_path / "reference.zarr"
+    xr.Dataset(coords=coords).to_zarr(str(reference), group=collect_stage.GROUP, zarr_format=3, consolidated=False)
+    theirs = xr.open_zarr(str(reference), group=collect_stage.GROUP, consolidated=False).load()
+    xr.testing.assert_identical(ours.coords.to_dataset(), theirs)
+    for name, (dims, shape) in variables.items():
+        assert ours[name].dims == dims and ours[name].shape == shape and np.isnan(ours[name].values).all()
+    assert store.has_streamed(collect_stage.GROUP) and not store.batches_done(collect_stage.GROUP).any()
+
+
 def test_half_precision_store_keeps_dtype_and_values(tmp_path, tiny_cache):
     source = tiny_source(tiny_cache)
     pair = source.load("refuse")
@@ -124,6 +162,28 @@ def test_complete_store_is_reused_and_overwritten_only_when_asked(tmp_path):
     assert again.complete and again.stage_done("collect")
     fresh = _open(tmp_path, StoreSettings(overwrite=True), {"a": 1})
     assert not fresh.complete and fresh.path.name == "run.zarr.partial" and not final.exists()
+
+
+def test_prompt_chunks_hold_about_chunk_mb_in_whole_batches():
+    dims = ("model", "framing", "prompt", "layer", "position", "hidden")
+    small = {"resid": (dims, (2, 2, 1024, 4, 1, 64))}  # 4 KiB per prompt in float32
+    large = {"resid": (dims, (2, 2, 1024, 30, 1, 576)), "mlp": (dims, (2, 2, 1024, 4, 1, 64))}  # 270 KiB
+    assert StoreSettings().prompts_per_chunk(small) == 256
+    assert StoreSettings().prompts_per_chunk(small, batch_size=24) == 240
+    assert StoreSettings(dtype="float16").prompts_per_chunk(small, batch_size=32) == 512
+    assert StoreSettings().prompts_per_chunk(large) == 3  # the largest variable decides
+    assert StoreSettings().prompts_per_chunk(large, batch_size=8) == 8  # never less than a batch
+    assert StoreSettings(chunk_prompts=5).prompts_per_chunk(small, batch_size=32) == 5
+    for bad in ({"chunk_prompts": -1}, {"chunk_mb": 0}):
+        with pytest.raises(ConfigError, match=f"store.{next(iter(bad))}"):
+            StoreSettings(**bad)
+
+
+def test_finish_removes_the_temporary_files_of_interrupted_writes(tmp_path):
+    store = _open(tmp_path, StoreSettings(), {"a": 1})
+    (store.path / f"zarr.{'ab12' * 8}.partial").write_bytes(b"half a file")  # zarr's name while writing
+    final = store.finish()
+    assert sorted(p.name for p in final.iterdir()) == ["zarr.json"]
 
 
 def test_store_from_another_config_is_refused_naming_the_keys(tmp_path):
@@ -186,13 +246,15 @@ def _env() -> dict:
 def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path):
     """SIGKILL mid-collect, the same command again: the store equals an uninterrupted run's."""
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    # Batches are marked done a chunk at a time: small chunks, so the kill can land between them.
+    small_chunks = ["store.chunk_prompts=8"]
     for d in (killed_dir, clean_dir):
         d.mkdir()
     # Build the organism once (the same cache for both runs) and the reference store.
-    clean = subprocess.run(_collect_cmd(clean_dir, []), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    clean = subprocess.run(_collect_cmd(clean_dir, small_chunks), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert clean.returncode == 0, clean.stderr
     (killed_dir / "organisms").symlink_to(clean_dir / "organisms")
-    proc = subprocess.Popen(_collect_cmd(killed_dir, []), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(_collect_cmd(killed_dir, small_chunks), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     partial = None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -207,13 +269,14 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path):
     proc.wait()
     assert partial is not None, "the collect finished before it could be killed"
     assert proc.returncode == -signal.SIGKILL
-    rerun = subprocess.run(_collect_cmd(killed_dir, []), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+    rerun = subprocess.run(_collect_cmd(killed_dir, small_chunks), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     resumed_store = next((killed_dir / "stores").rglob("*.zarr"))
     clean_store = next((clean_dir / "stores").rglob("*.zarr"))
     a = xr.open_zarr(resumed_store, group="activations").load()
     b = xr.open_zarr(clean_store, group="activations").load()
     xr.testing.assert_identical(a, b)
+    # No partial store, and none of the temporary files of writes the kill cut short.
     assert not list((killed_dir / "stores").rglob("*.partial"))
 
 
