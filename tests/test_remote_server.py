@@ -93,7 +93,11 @@ def test_routing_cell_through_the_server_equals_local(server, llama_underperform
 def test_server_stopped_mid_run_then_rerun_completes(server, llama_underperform, organism_cache, tmp_path):
     if os.environ.get("NDIF_TEST_HOST"):
         pytest.skip("stops and restarts the server: only with the one this module started")
-    args = _args(organism_cache, tmp_path, ["backend=ndif", "backend.batch_size=4", "backend.max_retries=1", "backend.backoff_s=1"])
+    # Batches are marked done a chunk at a time: chunks of two batches, so the stop lands mid-run.
+    args = _args(
+        organism_cache, tmp_path,
+        ["backend=ndif", "backend.batch_size=4", "store.chunk_prompts=8", "backend.max_retries=1", "backend.backoff_s=1"],
+    )
     proc = subprocess.Popen(
         [sys.executable, "-m", "experiments.collect", *args], cwd=ROOT, env=_env(server), stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE, text=True,
