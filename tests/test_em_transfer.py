@@ -293,19 +293,27 @@ def test_controls_are_matched_to_the_mapped_ablation(transfer_run):
 
 
 def test_the_table_reports_specificity_consistently(transfer_run):
+    """Per control, "beaten" is the paired difference's interval lying above 0; "specific" is
+    that for every control and a mapped reduction whose interval lies above 0."""
     _, _, result = transfer_run
     table = result["table_markdown"]
     assert "| llama | qwen2 |" in table and "| llama->qwen2 | em_color_city | mapped |" in table
-    for s in (v for k, v in result["summary"].items() if k != "map_r2"):
+    rows = [r.split(",") for r in (Path(result["table_dir"]) / "em_transfer_table.csv").read_text().splitlines()]
+    assert rows[0] == ["pair", "table", "model", "condition", "statistic", "value", "lo", "hi"]
+    kinds = [k for k in result["summary"] if k != "map_r2"]
+    assert kinds
+    for kind in kinds:
+        s = result["summary"][kind]
         assert set(s["reduction"]) == {"mapped", "native", *TRANSFER_CONTROLS}
-        assert s["specific"] == all(s["beats"].values())
-    rows = (Path(result["table_dir"]) / "em_transfer_table.csv").read_text().splitlines()
-    assert rows[0] == "pair,table,model,condition,statistic,value,lo,hi"
-    minus = {r.split(",")[3]: r.split(",") for r in rows if ",minus_mapped," in r and ",em_color_city," in r}
-    beaten = {r.split(",")[3]: r.split(",")[5] for r in rows if ",beaten_by_mapped," in r and ",em_color_city," in r}
-    for control in TRANSFER_CONTROLS:
-        lo = float(minus[control][6])
-        assert beaten[control] == ("1.000000" if lo > 0 else "0.000000")
+        stat = {(r[3], r[4]): r for r in rows if r[1] == "ablation" and r[2] == kind}
+        for control in TRANSFER_CONTROLS:
+            lo = float(stat[control, "minus_mapped"][6])
+            assert stat[control, "beaten_by_mapped"][5] == ("1.000000" if lo > 0 else "0.000000")
+            assert s["beats"][control] == (lo > 0)
+            # control - mapped is the difference of the two stored misaligned rates.
+            diff = float(stat[control, "misaligned_rate"][5]) - float(stat["mapped", "misaligned_rate"][5])
+            assert float(stat[control, "minus_mapped"][5]) == pytest.approx(diff, abs=1e-5)
+        assert s["specific"] == (float(stat["mapped", "reduction"][6]) > 0 and all(s["beats"].values()))
 
 
 def test_rerun_reuses_every_store_and_gives_the_same_table(transfer_run):

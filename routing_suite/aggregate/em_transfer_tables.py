@@ -8,7 +8,8 @@
 - ablation: in the receiver's misaligned fine-tune, each direction's misaligned
   rate, reduction and coherence, and the paired difference control - mapped
   (positive: the mapped direction lowers the rate more). The mapped direction is
-  *specific* when that difference's interval lies above 0 for every control;
+  *specific* when its reduction's interval lies above 0 and that difference's
+  interval lies above 0 for every control;
 - steering: the receiver's base under each direction at the same norm.
 
 Intervals: seeded percentile bootstrap over prompts, paired where two
@@ -74,7 +75,10 @@ class TransferReport:
                 "beats": {c: self.value("ablation", kind, c, "beaten_by_mapped") == 1.0 for c in TRANSFER_CONTROLS},
                 "cosine_mapped_native": self.value("directions", kind, "mapped", f"cosine_layer{self.steer_layer}"),
             }
-            out[kind]["specific"] = all(out[kind]["beats"].values())
+            lo = next((r.lo for r in self.rows if (r.table, r.model, r.condition, r.statistic) == ("ablation", kind, "mapped", "reduction")),
+                      float("nan"))
+            # Specific: the mapped ablation lowers the rate (interval above 0) and more than every control does.
+            out[kind]["specific"] = bool(lo > 0) and all(out[kind]["beats"].values())
         return out
 
 
@@ -183,7 +187,8 @@ def markdown(reports: list[TransferReport]) -> str:
         "## Cross-architecture ridge maps: held-out R^2 per receiver layer (token identity alone in parentheses)\n",
         _md(["donor", "receiver", "tokens", *layers], [x for r in reports for x in r.sections["maps"]]),
         "\n## Ablation in the receiver's misaligned fine-tune: mapped vs native vs matched controls "
-        "(misaligned on general test prompts, %, 95% CI; control - mapped in points; mapped specific when every control's interval > 0)\n",
+        "(misaligned on general test prompts, %, 95% CI; control - mapped in points; the mapped direction is specific when its "
+        "reduction's interval and every control's interval are > 0)\n",
         _md(["donor->receiver", "fine-tune", "direction", "change norm", "misaligned %", "reduction %", "coherent %", "control - mapped",
              "mapped beats it"], [x for r in reports for x in r.sections["ablation"]]),
         "\n## Separation of the receiver fine-tune's held-out misaligned vs aligned responses along each direction (balanced)\n",
@@ -218,8 +223,8 @@ def headline(reports: list[TransferReport]) -> str:
             controls = ", ".join(f"{c} {100 * red[c]:.0f}%" for c in TRANSFER_CONTROLS)
             lines.append(
                 f"{rep.pair}/{kind}: map R^2 per layer {r2}; cos(mapped, native) {k['cosine_mapped_native']:+.2f} at layer "
-                f"{rep.steer_layer}; ablating the mapped direction cuts misaligned by {100 * red['mapped']:.0f}% (native "
-                f"{100 * red['native']:.0f}%; {controls}): {'specific' if k['specific'] else 'not specific'}."
+                f"{rep.steer_layer}; reduction of the misaligned rate by ablating the mapped direction {100 * red['mapped']:.0f}% "
+                f"(native {100 * red['native']:.0f}%; {controls}): {'specific' if k['specific'] else 'not specific'}."
             )
     return "\n".join(lines)
 

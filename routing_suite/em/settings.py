@@ -110,7 +110,8 @@ class EmTransferSettings:
     # away (cyclically) into the layer being edited.
     wrong_layer_shift: int = 2
     # Draws of each random control (random, orthogonal); each response averaged over them.
-    random_seeds: int = 3
+    # A few draws leave the control at the mercy of one direction that happens to matter.
+    random_seeds: int = 8
     # Steering of the receiver's base at its steering layer, at lambda times the norm of
     # the receiver's own direction (mapped, native and every control at that norm); empty: none.
     steer_lambdas: list[float] = field(default_factory=lambda: [4.0])
