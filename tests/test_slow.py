@@ -55,8 +55,9 @@ def test_em_transfer_llama_to_qwen2_carries_the_geometry(organism_cache, tmp_pat
 
     register_configs()
     cfg = compose_config("em_transfer", [
-        "donor=llama", "receiver=qwen2", f"model.cache_dir={organism_cache}", f"store.root={tmp_path / 'stores'}",
-        f"report_dir={tmp_path / 'table'}", "progress=false",
+        # One thread, as the README's runs (the organisms' cache key includes it).
+        "donor=llama", "receiver=qwen2", f"model.cache_dir={organism_cache}", "model.num_threads=1",
+        f"store.root={tmp_path / 'stores'}", f"report_dir={tmp_path / 'table'}", "progress=false",
     ])
     maps = xr.open_zarr(run(cfg)["store"], group="xfer_maps").load()
     assert (maps.map_r2.values >= 0.6).all(), maps.map_r2.values

@@ -185,11 +185,11 @@ def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
     return Family(models, prompts, RunStore.open(final, store_settings, digest_cfg, provenance))
 
 
-def check_backend(backend) -> None:
+def check_backend(backend, experiment: str = "experiments.em") -> None:
     backend.preflight()
     if backend.name != "local":
         # Sampling is seeded in this process; a remote server would not draw the same texts.
-        raise ConfigError(f"experiments.em runs with backend=local only (got backend={backend.name})")
+        raise ConfigError(f"{experiment} runs with backend=local only (got backend={backend.name})")
 
 
 def ensure_family(cfg: DictConfig, settings: EmSettings, judge, backend) -> tuple[Family, Path]:

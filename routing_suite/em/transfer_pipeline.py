@@ -159,7 +159,7 @@ def run(cfg: DictConfig) -> dict:
     transfer: EmTransferSettings = OmegaConf.to_object(cfg.transfer)
     judge = instantiate(cfg.judge)
     backend = instantiate(cfg.backend)
-    check_backend(backend)
+    check_backend(backend, "experiments.em_transfer")
     seed, progress = int(cfg.seed), bool(cfg.progress)
     sides = {}
     for name in (donor_name, receiver_name):
