@@ -5,6 +5,8 @@ Shapes use n = prompt pairs, d = hidden size, r = rank.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 from numpy.typing import NDArray
 
@@ -117,3 +119,80 @@ def separation_accuracy(direction: Array, fit_negative: Array, fit_positive: Arr
     unit = direction / norm
     threshold = 0.5 * ((fit_negative @ unit).mean() + (fit_positive @ unit).mean())
     return float(0.5 * (((test_negative @ unit) < threshold).mean() + ((test_positive @ unit) >= threshold).mean()))
+
+
+# ---------------------------------------------------------------- ridge maps between activation spaces
+
+
+@dataclass(frozen=True)
+class RidgeMap:
+    """y ~ (x - x_mean) @ weight + y_mean: from a donor's space (d_x) to a receiver's (d_y)."""
+
+    weight: Array  # (d_x, d_y)
+    x_mean: Array  # (d_x,)
+    y_mean: Array  # (d_y,)
+    alpha: float
+
+    def __call__(self, x: Array) -> Array:
+        return (x - self.x_mean) @ self.weight + self.y_mean
+
+    def carry(self, direction: Array) -> Array:
+        """A difference of activations maps through the linear part only (the offsets cancel)."""
+        return direction @ self.weight
+
+
+def ridge_map(x: Array, y: Array, alpha: float) -> RidgeMap:
+    """Ridge regression of y (n, d_y) on x (n, d_x), both centred. `alpha` is relative
+    to the mean eigenvalue of the centred x^T x, so one value suits any scale."""
+    if x.ndim != 2 or y.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[0] < 2:
+        raise ValueError(f"a ridge map needs (n, d) arrays with the same n >= 2 rows (got {x.shape} and {y.shape})")
+    if alpha <= 0:
+        raise ValueError(f"ridge alpha={alpha} must be > 0")
+    x64, y64 = x.astype(np.float64), y.astype(np.float64)
+    x_mean, y_mean = x64.mean(0), y64.mean(0)
+    xc, yc = x64 - x_mean, y64 - y_mean
+    gram = xc.T @ xc
+    penalty = alpha * max(float(np.trace(gram)) / gram.shape[0], 1e-12)
+    weight = np.linalg.solve(gram + penalty * np.eye(gram.shape[0]), xc.T @ yc)
+    return RidgeMap(weight.astype(np.float32), x_mean.astype(np.float32), y_mean.astype(np.float32), float(alpha))
+
+
+def r_squared(prediction: Array, y: Array) -> float:
+    """1 - SSE / SST over every output dimension (variance-weighted R^2); NaN if y is constant."""
+    total = float(((y - y.mean(0)) ** 2).sum())
+    return float(1 - ((y - prediction) ** 2).sum() / total) if total > 0 else float("nan")
+
+
+def select_ridge(x: Array, y: Array, groups: Array, alphas: list[float], folds: int = 5) -> RidgeMap:
+    """The ridge map with the penalty of best cross-validated R^2, refit on all rows.
+
+    Folds are over `groups` (one id per row, e.g. the text a token belongs
+    to), so that tokens of one text never sit on both sides of a fold.
+    """
+    if not alphas:
+        raise ValueError("select_ridge needs at least one alpha")
+    ids = np.unique(groups)
+    if len(ids) < 2:
+        raise ValueError(f"cross-validation needs rows from at least 2 groups (got {len(ids)})")
+    fold_of = {g: i % min(folds, len(ids)) for i, g in enumerate(ids)}
+    fold = np.array([fold_of[g] for g in groups])
+    scores = []
+    for alpha in alphas:
+        sse = sst = 0.0
+        for k in np.unique(fold):
+            fit, val = fold != k, fold == k
+            m = ridge_map(x[fit], y[fit], alpha)
+            sse += float(((y[val] - m(x[val])) ** 2).sum())
+            sst += float(((y[val] - y[fit].mean(0)) ** 2).sum())
+        scores.append(1 - sse / sst if sst > 0 else -np.inf)
+    return ridge_map(x, y, alphas[int(np.argmax(scores))])
+
+
+def token_mean_r_squared(fit_ids: Array, y_fit: Array, test_ids: Array, y_test: Array) -> float:
+    """Held-out R^2 of predicting y from the token alone: its mean y over the fit rows of
+    that token id (the overall fit mean for a token never seen). A map must beat this to
+    carry more than which word is there."""
+    means = {t: y_fit[fit_ids == t].mean(0) for t in np.unique(fit_ids)}
+    overall = y_fit.mean(0)
+    prediction = np.stack([means.get(t, overall) for t in test_ids]) if len(test_ids) else y_test
+    return r_squared(prediction, y_test)

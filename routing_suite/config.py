@@ -17,7 +17,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig
 
 from routing_suite.adl.settings import AdlSettings
-from routing_suite.em.settings import EmSettings
+from routing_suite.em.settings import EmSettings, EmTransferSettings
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.pretrained.specs import ChatTaskSpec, ChatTrainSpec
 from routing_suite.settings import FitSettings, InterventionSpec, LocalizeSettings
@@ -310,6 +310,19 @@ class EmExperimentConfig:
 
 
 @dataclass
+class EmTransferExperimentConfig(EmExperimentConfig):
+    """`experiments.em_transfer`: a donor family's EM directions carried into a receiver family.
+
+    `model` holds the organism settings both sides share (its `family` is
+    replaced by `donor` and by `receiver`); each side's EM store is the one
+    `experiments.em` writes with the same settings."""
+
+    donor: str = "llama"
+    receiver: str = "qwen2"
+    transfer: EmTransferSettings = field(default_factory=EmTransferSettings)
+
+
+@dataclass
 class BenchConfig:
     """`experiments.bench`: ratios against plain baselines, measured side by side."""
 
@@ -374,6 +387,7 @@ def register_configs() -> None:
     cs.store(name="adl_schema", node=AdlExperimentConfig)
     cs.store(group="judge", name="judge_schema", node=JudgeConfig)
     cs.store(name="em_schema", node=EmExperimentConfig)
+    cs.store(name="em_transfer_schema", node=EmTransferExperimentConfig)
     from routing_suite.aggregate.config import AggregateConfig
 
     cs.store(name="aggregate_schema", node=AggregateConfig)

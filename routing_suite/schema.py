@@ -136,6 +136,34 @@ Group "em_outcomes" (test split, per response; NaN outside the model's general p
             (and "/random"); per condition: model, kind ("baseline" | "steer" | "ablate" |
             "transfer" | "control"), source, lam, control, target, mode, layers
     attrs   steer_layer, ablate_layer
+
+EM transfer stores (experiment "em_transfer", `routing_suite.em.transfer_pipeline`;
+cell family = the receiver, behavior "em_from_<donor>", plus donor and receiver;
+stages xfer_maps, xfer_outcomes; `family_stores` names the two EM stores read).
+Directions (in the receiver's space, per layer): "mapped" (the donor's, carried by
+the ridge map), "native" (the receiver's own), "random#<s>", "orthogonal#<s>",
+"wrong_layer", "wrong_source".
+
+Group "xfer_maps"
+    dims    finetune, vector (the direction names above), layer, hidden, donor_hidden, map_text
+    vars    direction (finetune, vector, layer, hidden); direction_norm,
+                cosine_native (with the native direction), separation (balanced held-out
+                accuracy on the receiver fine-tune's responses) (finetune, vector, layer)
+            has_direction (finetune): both families have that kind's direction
+            map_r2, map_r2_token (token identity alone), map_alpha, donor_layer (layer)
+            map_weight (layer, donor_hidden, hidden), map_x_mean (layer, donor_hidden),
+                map_y_mean (layer, hidden): y = (x - x_mean) W + y_mean; map_heldout (map_text): the texts
+                the R^2 is measured on (coordinate map_text: every neutral text)
+    coords  control ("" | "random" | "orthogonal" | "wrong_layer" | "wrong_source"),
+                seed (-1 when not drawn) (vector)
+    attrs   donor, receiver, steer_layer (the receiver's), n_texts, n_tokens, n_heldout_texts
+
+Group "xfer_outcomes" (the receiver's test split; layout of "em_outcomes")
+    coords  condition names "<ft>/baseline", "<ft>/ablate/<direction>" (controls matched
+            per layer to the mapped ablation's change norm, random draws averaged),
+            "base/baseline", "base/steer/<ft>/x<lambda>/<direction>" (all at lambda x
+            the native direction's norm)
+    attrs   steer_layer, donor, receiver
 """
 
 SCHEMA_VERSION = 1
@@ -144,10 +172,11 @@ MODELS = ("base", "finetuned")
 FRAMINGS = ("eval", "deploy")
 GROUPS = ("activations", "fit", "localize", "outcomes")
 STAGES = ("collect", "fit", "localize", "intervene")
-EXPERIMENTS = ("routing", "adl", "em")
+EXPERIMENTS = ("routing", "adl", "em", "em_transfer")
 ADL_GROUPS = ("adl_sums", "adl_mean", "adl_readout", "adl_steer", "adl_causal")
 ADL_STAGES = ("adl_mean", "adl_readout", "adl_steer", "adl_causal")
 EM_STAGES = ("em_samples", "em_activations", "em_directions", "em_outcomes")
+EM_TRANSFER_STAGES = ("xfer_maps", "xfer_outcomes")
 
 BASELINE = "baseline"
 # "comparison": a condition reported beside the others but neither the

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from routing_suite import schema
-from routing_suite.aggregate import adl_tables, discover, em_tables, read, tables
+from routing_suite.aggregate import adl_tables, discover, em_tables, em_transfer_tables, read, tables
 from routing_suite.aggregate.config import DUPLICATE_POLICIES
 from routing_suite.aggregate.discover import Finding
 from routing_suite.aggregate.report import finding_line, render
@@ -45,12 +46,22 @@ def _output_dir(cfg: Any) -> Path:
     return out
 
 
-def collect(
-    cfg: Any, stores: list[Path] | None = None
-) -> tuple[int, list[read.CellOutcomes], list[Finding], list[adl_tables.AdlRow], list[em_tables.EmReport]]:
+@dataclass
+class Collected:
+    """What `collect` found: routing cells, findings, and the ADL / EM / EM-transfer stores' reports."""
+
+    n_found: int
+    cells: list[read.CellOutcomes]
+    findings: list[Finding]
+    adl_rows: list[adl_tables.AdlRow]
+    em_reports: list[em_tables.EmReport]
+    transfer_reports: list[em_transfer_tables.TransferReport] = field(default_factory=list)
+
+
+def collect(cfg: Any, stores: list[Path] | None = None) -> Collected:
     """The usable cells under cfg.root, or among `stores` when given (one store each),
-    everything found wrong on the way, and the ADL stores' rows and EM stores' reports
-    (ADL and EM stores are read apart from routing stores)."""
+    everything found wrong on the way, and the ADL, EM and EM-transfer stores' reports
+    (read apart from routing stores)."""
     paths = discover.find_stores(cfg.root) if stores is None else sorted({Path(p).resolve() for p in stores})
     if not paths:
         raise ConfigError(
@@ -59,8 +70,9 @@ def collect(
     every = [discover.inspect_store(p) for p in paths]
     adl_rows, adl_findings = collect_adl([i for i in every if i.experiment == "adl"], cfg.duplicates)
     em_reports, em_findings = collect_em([i for i in every if i.experiment == "em"], cfg)
-    adl_findings += em_findings
-    infos = [i for i in every if i.experiment not in ("adl", "em")]
+    transfer_reports, transfer_findings = collect_em_transfer([i for i in every if i.experiment == "em_transfer"], cfg)
+    adl_findings += em_findings + transfer_findings
+    infos = [i for i in every if i.experiment not in ("adl", "em", "em_transfer")]
     findings = [i.problem for i in infos if i.problem is not None]
     readable: list[discover.StoreInfo] = []
     outcomes: dict[Path, read.CellOutcomes] = {}
@@ -89,7 +101,7 @@ def collect(
             findings.append(Finding(discover.DROPPED_PROMPTS, message, (c.family, c.behavior), (c.path,)))
     seen = {i.cell for i in infos if i.cell is not None}
     findings += discover.missing_cells(seen, set(chosen), findings)
-    return len(paths), cells, findings + adl_findings, adl_rows, em_reports
+    return Collected(len(paths), cells, findings + adl_findings, adl_rows, em_reports, transfer_reports)
 
 
 def collect_adl(infos: list[discover.StoreInfo], duplicates: str) -> tuple[list[adl_tables.AdlRow], list[Finding]]:
@@ -127,6 +139,28 @@ def collect_em(infos: list[discover.StoreInfo], cfg: Any) -> tuple[list[em_table
             reports.append(em_tables.read_store(chosen[cell].path, cfg.n_resamples, cfg.seed, cfg.confidence))
         except Exception as err:  # a broken store is a problem of that store, not of the run
             findings.append(Finding(discover.UNREADABLE, f"EM groups unreadable ({type(err).__name__}: {err})", cell, (str(chosen[cell].path),)))
+    return reports, findings + duplicate_findings
+
+
+def collect_em_transfer(
+    infos: list[discover.StoreInfo], cfg: Any
+) -> tuple[list[em_transfer_tables.TransferReport], list[Finding]]:
+    """One report per donor -> receiver pair (cell: receiver, "em_from_<donor>") from the usable stores."""
+    findings = [i.problem for i in infos if i.problem is not None]
+    usable = []
+    for info in (i for i in infos if i.problem is None):
+        if not set(schema.EM_TRANSFER_STAGES) <= set(info.attrs.get("stages_done", [])):
+            findings.append(Finding(discover.MALFORMED, "EM transfer store without every transfer stage", info.cell, (str(info.path),)))
+        else:
+            usable.append(info)
+    chosen, duplicate_findings = discover.pick_one_per_cell(usable, cfg.duplicates)
+    reports = []
+    for cell in sorted(chosen):
+        try:
+            reports.append(em_transfer_tables.read_store(chosen[cell].path, cfg.n_resamples, cfg.seed, cfg.confidence))
+        except Exception as err:  # a broken store is a problem of that store, not of the run
+            findings.append(Finding(discover.UNREADABLE, f"EM transfer groups unreadable ({type(err).__name__}: {err})", cell,
+                                    (str(chosen[cell].path),)))
     return reports, findings + duplicate_findings
 
 
@@ -172,9 +206,18 @@ def adl_section(rows: list[adl_tables.AdlRow], headline: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def em_section(reports: list[em_tables.EmReport], headline: str) -> str:
-    lines = ["## Emergent-misalignment directions", "", headline, "", "Tables: `em_table.md`, `em_table.csv`.", ""]
+def em_section(reports: list[em_tables.EmReport], headline: str, plots: bool) -> str:
+    figures = " Plots: `em_cosine`." if plots else ""
+    lines = ["## Emergent-misalignment directions", "", headline, "", f"Tables: `em_table.md`, `em_table.csv`.{figures}", ""]
     lines += [f"- {r.family}/em: `{r.path}`" for r in sorted(reports, key=lambda r: r.family)]
+    return "\n".join(lines) + "\n"
+
+
+def em_transfer_section(reports: list[em_transfer_tables.TransferReport], headline: str, plots: bool) -> str:
+    figures = " Plots: `em_transfer`, `em_transfer_maps`." if plots else ""
+    lines = ["## Emergent-misalignment directions across architectures", "", headline, "",
+             f"Tables: `em_transfer_table.md`, `em_transfer_table.csv`.{figures}", ""]
+    lines += [f"- {r.pair}: `{r.path}`" for r in sorted(reports, key=lambda r: (r.receiver, r.donor))]
     return "\n".join(lines) + "\n"
 
 
@@ -186,7 +229,9 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     """
     start = time.perf_counter()
     _check(cfg)
-    n_found, cells, findings, adl_rows, em_reports = collect(cfg, stores)
+    found = collect(cfg, stores)
+    n_found, cells, findings, adl_rows, em_reports = found.n_found, found.cells, found.findings, found.adl_rows, found.em_reports
+    transfer_reports = found.transfer_reports
     out = _output_dir(cfg)
     for finding in findings:
         log.warning("%s", finding_line(finding))
@@ -215,13 +260,21 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     report = render(cfg.root, settings, n_found, cells, findings, headline, notes)
     if adl_rows:
         report += adl_section(adl_rows, adl_headline)
-    em_headline = None
+    em_headline = transfer_headline = None
     if em_reports:
         em_headline = em_tables.headline(em_reports)
         em_tables.write(em_reports, out)
-        report += em_section(em_reports, em_headline)
+        report += em_section(em_reports, em_headline, cfg.plots)
+    if transfer_reports:
+        transfer_headline = em_transfer_tables.headline(transfer_reports)
+        em_transfer_tables.write(transfer_reports, out)
+        report += em_transfer_section(transfer_reports, transfer_headline, cfg.plots)
+    if cfg.plots and (em_reports or transfer_reports):
+        from routing_suite.aggregate import em_plots
+
+        em_plots.write_all(em_reports, transfer_reports, out, cfg.dpi)
     (out / "report.md").write_text(report, encoding="utf-8")
-    if not grouped and not adl_rows and not em_reports:
+    if not grouped and not adl_rows and not em_reports and not transfer_reports:
         raise ConfigError(f"root={cfg.root!r}: {n_found} stores found, none usable; see {out / 'report.md'}")
     seconds = time.perf_counter() - start
     log.info("%d cells from %d stores in %.2f s -> %s", len(grouped), n_found, seconds, out)
@@ -231,6 +284,8 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
         "n_adl_cells": len(adl_rows),
         "em_headline": em_headline,
         "n_em_cells": len(em_reports),
+        "em_transfer_headline": transfer_headline,
+        "n_em_transfer_cells": len(transfer_reports),
         "out": str(out),
         "n_cells": len(grouped),
         "n_stores": n_found,

@@ -146,11 +146,23 @@ def stage_intervene(fam: Family, directions: xr.Dataset, settings: EmSettings, j
     return outcomes
 
 
-def _stage(store: RunStore, name: str, compute) -> xr.Dataset:
+def run_stage(store: RunStore, name: str, compute) -> xr.Dataset:
     if not store.stage_done(name):
         store.write_group(name, compute())
         store.mark_stage_done(name)
     return store.read(name).load()
+
+
+def result_digest_config(cfg: DictConfig) -> dict:
+    """The config a store is named by: the table's settings do not shape the store."""
+    return {k: v for k, v in digest_config(cfg).items() if k not in ("report_dir", "n_resamples")}
+
+
+def em_store_path(cfg: DictConfig, model_name: str) -> tuple[StoreSettings, Path, dict]:
+    """Store settings, the final path and the digested config of a family's EM store."""
+    store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))
+    digest_cfg = result_digest_config(cfg)
+    return store_settings, store_path(store_settings, model_name, BEHAVIOR, BEHAVIOR, digest(digest_cfg)), digest_cfg
 
 
 def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
@@ -159,10 +171,7 @@ def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
     settings.check_layers(models.num_layers)
     task = T.make_task(source.task_spec)
     prompts = general_prompts(task, "fit") + general_prompts(task, "test")
-    store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))
-    # The table's settings do not shape the store.
-    digest_cfg = {k: v for k, v in digest_config(cfg).items() if k not in ("report_dir", "n_resamples")}
-    final = store_path(store_settings, source.name, BEHAVIOR, BEHAVIOR, digest(digest_cfg))
+    store_settings, final, digest_cfg = em_store_path(cfg, source.name)
     provenance = {
         "cell": {"family": models.family, "behavior": BEHAVIOR, "model": source.name},
         "experiment": "em",
@@ -176,48 +185,57 @@ def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
     return Family(models, prompts, RunStore.open(final, store_settings, digest_cfg, provenance))
 
 
-def run(cfg: DictConfig) -> dict:
-    """One family through every EM stage; returns the store, its table and the headline numbers."""
-    started = time.perf_counter()
-    settings: EmSettings = OmegaConf.to_object(cfg.em)
-    judge = instantiate(cfg.judge)
-    backend = instantiate(cfg.backend)
+def check_backend(backend, experiment: str = "experiments.em") -> None:
     backend.preflight()
     if backend.name != "local":
         # Sampling is seeded in this process; a remote server would not draw the same texts.
-        raise ConfigError(f"experiments.em runs with backend=local only (got backend={backend.name})")
+        raise ConfigError(f"{experiment} runs with backend=local only (got backend={backend.name})")
+
+
+def ensure_family(cfg: DictConfig, settings: EmSettings, judge, backend) -> tuple[Family, Path]:
+    """One family's store through every EM stage (each skipped when done); the family and the finished store."""
     seed, progress = int(cfg.seed), bool(cfg.progress)
     fam = open_family(cfg, settings, backend)
     store = fam.store
-    samples = _stage(store, "em_samples", lambda: stage_sample(fam, settings, judge, seed, backend, progress))
-    acts = _stage(store, "em_activations", lambda: stage_activations(fam, samples, settings, backend))
+    samples = run_stage(store, "em_samples", lambda: stage_sample(fam, settings, judge, seed, backend, progress))
+    acts = run_stage(store, "em_activations", lambda: stage_activations(fam, samples, settings, backend))
 
     def directions() -> xr.Dataset:
         ds = fit_directions(samples, acts, settings.min_per_class)
         ds.attrs["steer_layer"] = pick_layer(ds, settings.steer.layer)
         return ds
 
-    dirs = _stage(store, "em_directions", directions)
+    dirs = run_stage(store, "em_directions", directions)
     if not dirs.has_direction.values.any():
         raise ConfigError(f"{fam.name}: no fine-tune has {settings.min_per_class} misaligned and aligned fit responses; "
                           "nothing to ablate (see em_samples in the store)")
-    _stage(store, "em_outcomes", lambda: stage_intervene(fam, dirs, settings, judge, seed, backend, progress))
-    final = store.path if store.complete else store.finish()
+    run_stage(store, "em_outcomes", lambda: stage_intervene(fam, dirs, settings, judge, seed, backend, progress))
+    return fam, store.path if store.complete else store.finish()
+
+
+def run(cfg: DictConfig) -> dict:
+    """One family through every EM stage; returns the store, its table and the headline numbers."""
+    started = time.perf_counter()
+    settings: EmSettings = OmegaConf.to_object(cfg.em)
+    judge = instantiate(cfg.judge)
+    backend = instantiate(cfg.backend)
+    check_backend(backend)
+    fam, final = ensure_family(cfg, settings, judge, backend)
     seconds = time.perf_counter() - started
     log.info("em %s done in %.1f s: %s", fam.name, seconds, final)
     from routing_suite.aggregate import em_tables
 
-    report = em_tables.read_store(final, n_resamples=int(cfg.n_resamples), seed=seed, confidence=0.95)
-    out = Path(cfg.report_dir) if cfg.report_dir else _run_dir() / "table"
+    report = em_tables.read_store(final, n_resamples=int(cfg.n_resamples), seed=int(cfg.seed), confidence=0.95)
+    out = Path(cfg.report_dir) if cfg.report_dir else run_dir("em") / "table"
     written = em_tables.write([report], out)
     return {"store": str(final), "seconds": seconds, "table_markdown": written["em_table.md"], "table_dir": str(out),
             "summary": report.summary()}
 
 
-def _run_dir() -> Path:
+def run_dir(experiment: str) -> Path:
     from hydra.core.hydra_config import HydraConfig
 
     try:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
-        return Path("outputs/runs/em")
+        return Path("outputs/runs") / experiment

@@ -90,3 +90,42 @@ class EmSettings:
         for key, layer in (("em.steer.layer", self.steer.layer), ("em.ablate_layer", self.ablate_layer)):
             if layer is not None and not 0 <= layer < num_layers:
                 raise ConfigError(f"{key}={layer} is outside the model's layers [0, {num_layers - 1}]")
+
+
+TRANSFER_CONTROLS = ("random", "orthogonal", "wrong_layer", "wrong_source")
+
+
+@dataclass
+class EmTransferSettings:
+    """The `transfer` config of `experiments.em_transfer`: a donor family's EM directions
+    carried into a receiver family by per-layer ridge maps between their base models."""
+
+    # Ridge penalties (relative to the mean eigenvalue of the donor's centred X^T X);
+    # per layer, the one with the best cross-validated R^2 on the fit texts is used.
+    alphas: list[float] = field(default_factory=lambda: [1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    cv_folds: int = 5
+    # Share of the neutral texts held out to report each map's R^2 (never fit on).
+    heldout_fraction: float = 0.2
+    # The wrong-layer control carries the donor's direction of the layer this far
+    # away (cyclically) into the layer being edited.
+    wrong_layer_shift: int = 2
+    # Draws of each random control (random, orthogonal); each response averaged over them.
+    # A few draws leave the control at the mercy of one direction that happens to matter.
+    random_seeds: int = 8
+    # Steering of the receiver's base at its steering layer, at lambda times the norm of
+    # the receiver's own direction (mapped, native and every control at that norm); empty: none.
+    steer_lambdas: list[float] = field(default_factory=lambda: [4.0])
+
+    def __post_init__(self) -> None:
+        if not self.alphas or any(a <= 0 for a in self.alphas):
+            raise ConfigError(f"transfer.alphas={list(self.alphas)} must be positive (at least one)")
+        if self.cv_folds < 2:
+            raise ConfigError(f"transfer.cv_folds={self.cv_folds} must be >= 2")
+        if not 0 < self.heldout_fraction < 1:
+            raise ConfigError(f"transfer.heldout_fraction={self.heldout_fraction} must lie strictly between 0 and 1")
+        if self.wrong_layer_shift < 1:
+            raise ConfigError(f"transfer.wrong_layer_shift={self.wrong_layer_shift} must be >= 1")
+        if self.random_seeds < 1:
+            raise ConfigError(f"transfer.random_seeds={self.random_seeds} must be >= 1")
+        if any(x <= 0 for x in self.steer_lambdas):
+            raise ConfigError(f"transfer.steer_lambdas={list(self.steer_lambdas)} must be positive (empty: no steering)")

@@ -1,0 +1,238 @@
+"""The EM transfer tables: per donor -> receiver pair, maps, directions, ablation and steering.
+
+- maps: each receiver layer's held-out R^2 of the ridge map, beside the R^2 of
+  the token's identity alone;
+- directions: cosine with the receiver's native direction, and the balanced
+  held-out separation of the receiver fine-tune's responses, per direction and
+  layer (random and orthogonal: the mean over their draws);
+- ablation: in the receiver's misaligned fine-tune, each direction's misaligned
+  rate, reduction and coherence, and the paired difference control - mapped
+  (positive: the mapped direction lowers the rate more). The mapped direction is
+  *specific* when its reduction's interval lies above 0 and that difference's
+  interval lies above 0 for every control;
+- steering: the receiver's base under each direction at the same norm.
+
+Intervals: seeded percentile bootstrap over prompts, paired where two
+conditions are compared (as em_tables). The same stores give the same bytes.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from routing_suite.aggregate.em_tables import NAN, Bootstrap, Estimate, Row, _md, _per_prompt
+from routing_suite.aggregate.tables import num
+from routing_suite.em.settings import TRANSFER_CONTROLS
+
+DIRECTIONS = ("mapped", "native", *TRANSFER_CONTROLS)
+
+
+def paired_difference(boot: Bootstrap, a: np.ndarray, b: np.ndarray) -> Estimate:
+    """mean(a) - mean(b) on the prompts both have, resampled together."""
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if a.size == 0:
+        return NAN
+    idx = boot.indices(a.size)
+    return boot._interval(float(a.mean() - b.mean()), a[idx].mean(1) - b[idx].mean(1))
+
+
+@dataclass
+class TransferReport:
+    """One donor -> receiver store, read and summarised."""
+
+    donor: str
+    receiver: str
+    path: str
+    steer_layer: int
+    rows: list[Row] = field(default_factory=list)
+    sections: dict[str, list[list[str]]] = field(default_factory=dict)
+
+    @property
+    def pair(self) -> str:
+        return f"{self.donor}->{self.receiver}"
+
+    def value(self, table: str, model: str, condition: str, statistic: str) -> float:
+        for r in self.rows:
+            if (r.table, r.model, r.condition, r.statistic) == (table, model, condition, statistic):
+                return r.value
+        return float("nan")
+
+    def summary(self) -> dict:
+        """Per kind: reductions of the mapped, native and control ablations, whether the mapped
+        one beats every control, and cos(mapped, native) at the steering layer."""
+        out: dict = {"map_r2": [r.value for r in self.rows if r.table == "maps" and r.statistic == "r2"]}
+        kinds = dict.fromkeys(r.model for r in self.rows if r.table == "ablation")
+        for kind in kinds:
+            out[kind] = {
+                "reduction": {d: self.value("ablation", kind, d, "reduction") for d in DIRECTIONS},
+                "beats": {c: self.value("ablation", kind, c, "beaten_by_mapped") == 1.0 for c in TRANSFER_CONTROLS},
+                "cosine_mapped_native": self.value("directions", kind, "mapped", f"cosine_layer{self.steer_layer}"),
+            }
+            lo = next((r.lo for r in self.rows if (r.table, r.model, r.condition, r.statistic) == ("ablation", kind, "mapped", "reduction")),
+                      float("nan"))
+            # Specific: the mapped ablation lowers the rate (interval above 0) and more than every control does.
+            out[kind]["specific"] = bool(lo > 0) and all(out[kind]["beats"].values())
+        return out
+
+
+def _by_name(ds: xr.Dataset, variable: str, kind: str, name: str) -> np.ndarray:
+    """(layer,) one direction's values; the mean over draws for a seeded control."""
+    sel = ds[variable].sel(finetune=kind)
+    rows = [i for i, (n, c) in enumerate(zip(ds.vector.values, ds.control.values)) if n == name or c == name]
+    return sel.values[rows].mean(0)
+
+
+def _maps(rep: TransferReport, maps: xr.Dataset) -> None:
+    r2, token, alpha = maps.map_r2.values, maps.map_r2_token.values, maps.map_alpha.values
+    cells = [f"{num(float(a), 2)} ({num(float(b), 2)})" for a, b in zip(r2, token)]
+    rep.sections["maps"] = [[rep.donor, rep.receiver, str(int(maps.attrs["n_tokens"])), *cells]]
+    for layer, a, b, al, dl in zip(maps.layer.values, r2, token, alpha, maps.donor_layer.values):
+        rep.rows += [Row(rep.pair, "maps", rep.receiver, f"layer{int(layer)}", "r2", float(a)),
+                     Row(rep.pair, "maps", rep.receiver, f"layer{int(layer)}", "r2_token_identity", float(b)),
+                     Row(rep.pair, "maps", rep.receiver, f"layer{int(layer)}", "alpha", float(al)),
+                     Row(rep.pair, "maps", rep.receiver, f"layer{int(layer)}", "donor_layer", float(dl))]
+
+
+def _directions(rep: TransferReport, maps: xr.Dataset) -> None:
+    cos_records, sep_records = [], []
+    for k, kind in enumerate(str(f) for f in maps.finetune.values):
+        if not bool(maps.has_direction.values[k]):
+            continue
+        for name in DIRECTIONS:
+            cos, sep = _by_name(maps, "cosine_native", kind, name), _by_name(maps, "separation", kind, name)
+            if name != "native":
+                cos_records.append([rep.pair, kind, name, *(num(float(v), 2, True) for v in cos)])
+            sep_records.append([rep.pair, kind, name, *(num(float(v), 2) if np.isfinite(v) else "n/a" for v in sep)])
+            for layer, c, s in zip(maps.layer.values, cos, sep):
+                rep.rows += [Row(rep.pair, "directions", kind, name, f"cosine_layer{int(layer)}", float(c)),
+                             Row(rep.pair, "directions", kind, name, f"separation_layer{int(layer)}", float(s))]
+    rep.sections["cosine"], rep.sections["separation"] = cos_records, sep_records
+
+
+def _ablation(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
+    mis, coh = _per_prompt(outcomes, "misaligned"), _per_prompt(outcomes, "coherent")
+    norms = dict(zip((str(c) for c in outcomes.condition.values), outcomes.perturbation_norm.values))
+    records = []
+    kinds = dict.fromkeys(str(m) for m, mode in zip(outcomes.model.values, outcomes.mode.values) if mode == "ablate")
+    for kind in kinds:
+        base, mapped = f"{kind}/baseline", f"{kind}/ablate/mapped"
+        for name in ("baseline", *DIRECTIONS):
+            cond = base if name == "baseline" else f"{kind}/ablate/{name}"
+            rate, coherence = boot.rate(mis[cond]), boot.rate(coh[cond])
+            red = boot.reduction(mis[cond], mis[base]) if name != "baseline" else None
+            diff = paired_difference(boot, mis[cond], mis[mapped]) if name not in ("baseline", "mapped") else None
+            beaten = bool(diff is not None and np.isfinite(diff.lo) and diff.lo > 0)
+            records.append([rep.pair, kind, name, num(float(norms[cond]), 2), rate.text(), red.text() if red else "–",
+                            coherence.text(), diff.text(sign=True) if diff else "–",
+                            ("yes" if beaten else "no") if name in TRANSFER_CONTROLS else "–"])
+            rep.rows += [Row(rep.pair, "ablation", kind, name, "misaligned_rate", rate.value, rate.lo, rate.hi),
+                         Row(rep.pair, "ablation", kind, name, "coherent_rate", coherence.value, coherence.lo, coherence.hi),
+                         Row(rep.pair, "ablation", kind, name, "perturbation_norm", float(norms[cond]))]
+            if red:
+                rep.rows.append(Row(rep.pair, "ablation", kind, name, "reduction", red.value, red.lo, red.hi))
+            if diff:
+                rep.rows.append(Row(rep.pair, "ablation", kind, name, "minus_mapped", diff.value, diff.lo, diff.hi))
+            if name in TRANSFER_CONTROLS:
+                rep.rows.append(Row(rep.pair, "ablation", kind, name, "beaten_by_mapped", float(beaten)))
+    rep.sections["ablation"] = records
+
+
+def _steering(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
+    mis, coh = _per_prompt(outcomes, "misaligned"), _per_prompt(outcomes, "coherent")
+    records = []
+    if "base/baseline" in mis:
+        base = boot.rate(mis["base/baseline"])
+        records.append([rep.pair, "–", "0", "baseline", base.text(), boot.rate(coh["base/baseline"]).text()])
+        rep.rows.append(Row(rep.pair, "steering", "base", "baseline", "misaligned_rate", base.value, base.lo, base.hi))
+    for i, cond in enumerate(str(c) for c in outcomes.condition.values):
+        if str(outcomes.mode.values[i]) != "steer":
+            continue
+        _, _, kind, lam, name = cond.split("/")
+        rate, coherence = boot.rate(mis[cond]), boot.rate(coh[cond])
+        records.append([rep.pair, kind, lam.removeprefix("x"), name, rate.text(), coherence.text()])
+        rep.rows += [Row(rep.pair, "steering", kind, f"{lam}/{name}", "misaligned_rate", rate.value, rate.lo, rate.hi),
+                     Row(rep.pair, "steering", kind, f"{lam}/{name}", "coherent_rate", coherence.value, coherence.lo, coherence.hi)]
+    rep.sections["steering"] = records
+
+
+def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> TransferReport:
+    """Every transfer table of one finished store."""
+    maps = xr.open_zarr(str(path), group="xfer_maps").load()
+    outcomes = xr.open_zarr(str(path), group="xfer_outcomes").load()
+    rep = TransferReport(str(maps.attrs["donor"]), str(maps.attrs["receiver"]), str(path), int(maps.attrs["steer_layer"]))
+    boot = Bootstrap(n_resamples, seed, confidence)
+    _maps(rep, maps)
+    _directions(rep, maps)
+    _ablation(rep, outcomes, boot)
+    _steering(rep, outcomes, boot)
+    return rep
+
+
+def _sorted(reports: list[TransferReport]) -> list[TransferReport]:
+    return sorted(reports, key=lambda r: (r.receiver, r.donor))
+
+
+def markdown(reports: list[TransferReport]) -> str:
+    reports = _sorted(reports)
+    n_layers = max((len(r.sections["maps"][0]) - 3 for r in reports), default=0)
+    layers = [f"L{i}" for i in range(n_layers)]
+    parts = [
+        "## Cross-architecture ridge maps: held-out R^2 per receiver layer (token identity alone in parentheses)\n",
+        _md(["donor", "receiver", "tokens", *layers], [x for r in reports for x in r.sections["maps"]]),
+        "\n## Ablation in the receiver's misaligned fine-tune: mapped vs native vs matched controls "
+        "(misaligned on general test prompts, %, 95% CI; control - mapped in points; the mapped direction is specific when its "
+        "reduction's interval and every control's interval are > 0)\n",
+        _md(["donor->receiver", "fine-tune", "direction", "change norm", "misaligned %", "reduction %", "coherent %", "control - mapped",
+             "mapped beats it"], [x for r in reports for x in r.sections["ablation"]]),
+        "\n## Separation of the receiver fine-tune's held-out misaligned vs aligned responses along each direction (balanced)\n",
+        _md(["donor->receiver", "fine-tune", "direction", *layers], [x for r in reports for x in r.sections["separation"]]),
+        "\n## Cosine with the receiver's native direction, per layer\n",
+        _md(["donor->receiver", "fine-tune", "direction", *layers], [x for r in reports for x in r.sections["cosine"]]),
+        "\n## Steering the receiver's base at its steering layer (every direction at lambda x |native|)\n",
+        _md(["donor->receiver", "fine-tune", "lambda", "direction", "misaligned %", "coherent %"],
+            [x for r in reports for x in r.sections["steering"]]),
+    ]
+    return "".join(parts)
+
+
+def csv_table(reports: list[TransferReport]) -> str:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    names = [f.name for f in fields(Row)]
+    writer.writerow(["pair" if n == "family" else n for n in names])
+    for rep in _sorted(reports):
+        for r in rep.rows:
+            writer.writerow([num(v) if isinstance(v, float) else v for v in (getattr(r, n) for n in names)])
+    return buffer.getvalue()
+
+
+def headline(reports: list[TransferReport]) -> str:
+    lines = []
+    for rep in _sorted(reports):
+        s = rep.summary()
+        r2 = ", ".join(f"{v:.2f}" for v in s["map_r2"])
+        for kind, k in ((k, v) for k, v in s.items() if k != "map_r2"):
+            red = k["reduction"]
+            controls = ", ".join(f"{c} {100 * red[c]:.0f}%" for c in TRANSFER_CONTROLS)
+            lines.append(
+                f"{rep.pair}/{kind}: map R^2 per layer {r2}; cos(mapped, native) {k['cosine_mapped_native']:+.2f} at layer "
+                f"{rep.steer_layer}; reduction of the misaligned rate by ablating the mapped direction {100 * red['mapped']:.0f}% "
+                f"(native {100 * red['native']:.0f}%; {controls}): {'specific' if k['specific'] else 'not specific'}."
+            )
+    return "\n".join(lines)
+
+
+def write(reports: list[TransferReport], out: Path) -> dict[str, str]:
+    out.mkdir(parents=True, exist_ok=True)
+    files = {"em_transfer_table.md": markdown(reports), "em_transfer_table.csv": csv_table(reports),
+             "em_transfer_headline.txt": headline(reports) + "\n"}
+    for name, content in files.items():
+        (out / name).write_text(content, encoding="utf-8")
+    return files
