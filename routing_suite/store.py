@@ -244,7 +244,8 @@ class RunStore:
             for name, (dims, shape) in variables.items()
         }
         # Created last: its presence says the layout is whole (`has_streamed`).
-        done = {"shape": (n_batches,), "chunks": (1,), "dtype": "bool", "fill_value": False, "compressors": [],
+        # One chunk: marking a group of batches rewrites one small file, not one per batch.
+        done = {"shape": (n_batches,), "chunks": (n_batches,), "dtype": "bool", "fill_value": False, "compressors": [],
                 "dimension_names": ("batch",), "attributes": {"meaning": "true once every value of that batch is written"}}
         zarr_sync(_lay_out(str(self.path), group, coords, arrays, done))
 
