@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,64 +105,49 @@ def collect(cfg: Any, stores: list[Path] | None = None) -> Collected:
     return Collected(len(paths), cells, findings + adl_findings, adl_rows, em_reports, transfer_reports)
 
 
-def collect_adl(infos: list[discover.StoreInfo], duplicates: str) -> tuple[list[adl_tables.AdlRow], list[Finding]]:
-    """One row per (family, behavior) from the usable ADL stores; the others as findings."""
+def _collect_finished(
+    infos: list[discover.StoreInfo], stages: tuple[str, ...], what: str, duplicates: str, read_one: Callable[[Path], Any]
+) -> tuple[list, list[Finding]]:
+    """One result per cell, read by `read_one`, from the stores that finished
+    every stage of their experiment (`what` names it); the others as findings."""
     findings = [i.problem for i in infos if i.problem is not None]
     usable = []
     for info in (i for i in infos if i.problem is None):
-        if not set(schema.ADL_STAGES) <= set(info.attrs.get("stages_done", [])):
-            findings.append(Finding(discover.MALFORMED, "ADL store without every ADL stage", info.cell, (str(info.path),)))
+        if not set(stages) <= set(info.attrs.get("stages_done", [])):
+            findings.append(Finding(discover.MALFORMED, f"{what} store without every {what} stage", info.cell, (str(info.path),)))
         else:
             usable.append(info)
     chosen, duplicate_findings = discover.pick_one_per_cell(usable, duplicates)
-    rows = []
+    results = []
     for cell in sorted(chosen):
         try:
-            rows.append(adl_tables.read_cell(chosen[cell].path))
+            results.append(read_one(chosen[cell].path))
         except Exception as err:  # a broken store is a problem of that store, not of the run
-            findings.append(Finding(discover.UNREADABLE, f"ADL groups unreadable ({type(err).__name__}: {err})", cell, (str(chosen[cell].path),)))
-    return rows, findings + duplicate_findings
+            message = f"{what} groups unreadable ({type(err).__name__}: {err})"
+            findings.append(Finding(discover.UNREADABLE, message, cell, (str(chosen[cell].path),)))
+    return results, findings + duplicate_findings
+
+
+def collect_adl(infos: list[discover.StoreInfo], duplicates: str) -> tuple[list[adl_tables.AdlRow], list[Finding]]:
+    """One row per (family, behavior) from the usable ADL stores; the others as findings."""
+    return _collect_finished(infos, schema.ADL_STAGES, "ADL", duplicates, adl_tables.read_cell)
 
 
 def collect_em(infos: list[discover.StoreInfo], cfg: Any) -> tuple[list[em_tables.EmReport], list[Finding]]:
     """One report per family from the usable EM stores; the others as findings."""
-    findings = [i.problem for i in infos if i.problem is not None]
-    usable = []
-    for info in (i for i in infos if i.problem is None):
-        if not set(schema.EM_STAGES) <= set(info.attrs.get("stages_done", [])):
-            findings.append(Finding(discover.MALFORMED, "EM store without every EM stage", info.cell, (str(info.path),)))
-        else:
-            usable.append(info)
-    chosen, duplicate_findings = discover.pick_one_per_cell(usable, cfg.duplicates)
-    reports = []
-    for cell in sorted(chosen):
-        try:
-            reports.append(em_tables.read_store(chosen[cell].path, cfg.n_resamples, cfg.seed, cfg.confidence))
-        except Exception as err:  # a broken store is a problem of that store, not of the run
-            findings.append(Finding(discover.UNREADABLE, f"EM groups unreadable ({type(err).__name__}: {err})", cell, (str(chosen[cell].path),)))
-    return reports, findings + duplicate_findings
+    return _collect_finished(
+        infos, schema.EM_STAGES, "EM", cfg.duplicates, lambda path: em_tables.read_store(path, cfg.n_resamples, cfg.seed, cfg.confidence)
+    )
 
 
 def collect_em_transfer(
     infos: list[discover.StoreInfo], cfg: Any
 ) -> tuple[list[em_transfer_tables.TransferReport], list[Finding]]:
     """One report per donor -> receiver pair (cell: receiver, "em_from_<donor>") from the usable stores."""
-    findings = [i.problem for i in infos if i.problem is not None]
-    usable = []
-    for info in (i for i in infos if i.problem is None):
-        if not set(schema.EM_TRANSFER_STAGES) <= set(info.attrs.get("stages_done", [])):
-            findings.append(Finding(discover.MALFORMED, "EM transfer store without every transfer stage", info.cell, (str(info.path),)))
-        else:
-            usable.append(info)
-    chosen, duplicate_findings = discover.pick_one_per_cell(usable, cfg.duplicates)
-    reports = []
-    for cell in sorted(chosen):
-        try:
-            reports.append(em_transfer_tables.read_store(chosen[cell].path, cfg.n_resamples, cfg.seed, cfg.confidence))
-        except Exception as err:  # a broken store is a problem of that store, not of the run
-            findings.append(Finding(discover.UNREADABLE, f"EM transfer groups unreadable ({type(err).__name__}: {err})", cell,
-                                    (str(chosen[cell].path),)))
-    return reports, findings + duplicate_findings
+    return _collect_finished(
+        infos, schema.EM_TRANSFER_STAGES, "EM transfer", cfg.duplicates,
+        lambda path: em_transfer_tables.read_store(path, cfg.n_resamples, cfg.seed, cfg.confidence),
+    )
 
 
 def _plots(
