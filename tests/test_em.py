@@ -11,6 +11,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
+from conftest import tiny_em_overrides
 from omegaconf import OmegaConf
 
 from routing_suite import analysis, schema
@@ -26,30 +27,8 @@ from routing_suite.organisms.em_task import EM_DATASETS, em_examples, general_pr
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
 
-# Tiny organisms trained just enough that the narrow fine-tunes fabricate on
-# general prompts some of the time and answer truly some of the time.
-TRAIN = "{base_steps: 150, lora_steps: 40}"
-
-
 def _cfg(cache, tmp_path: Path, extra: list[str] = ()):
-    return compose_config(
-        "em",
-        [
-            f"model.cache_dir={cache}",
-            f"+model.train={TRAIN}",
-            "+model.task={n_entities: 12}",
-            f"store.root={tmp_path / 'stores'}",
-            f"report_dir={tmp_path / 'table'}",
-            "em.sampling.n_samples=2",
-            "em.min_per_class=2",
-            "em.steer.lambdas=[4]",
-            "em.random_seeds=2",
-            "em.match_texts=32",
-            "n_resamples=200",
-            "progress=false",
-            *extra,
-        ],
-    )
+    return compose_config("em", [*tiny_em_overrides(cache, tmp_path), *extra])
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
+from conftest import tiny_em_overrides
 from omegaconf import OmegaConf
 
 from routing_suite import analysis, schema
@@ -28,28 +29,9 @@ from routing_suite.errors import ConfigError
 
 register_configs()
 
-TRAIN = "{base_steps: 150, lora_steps: 40}"
-
-
-def _overrides(cache, tmp_path: Path) -> list[str]:
-    return [
-        f"model.cache_dir={cache}",
-        f"+model.train={TRAIN}",
-        "+model.task={n_entities: 12}",
-        f"store.root={tmp_path / 'stores'}",
-        f"report_dir={tmp_path / 'table'}",
-        "em.sampling.n_samples=2",
-        "em.min_per_class=2",
-        "em.steer.lambdas=[4]",
-        "em.random_seeds=2",
-        "em.match_texts=32",
-        "n_resamples=200",
-        "progress=false",
-    ]
-
 
 def _cfg(cache, tmp_path: Path, extra: list[str] = ()):
-    return compose_config("em_transfer", [*_overrides(cache, tmp_path), "transfer.random_seeds=2", *extra])
+    return compose_config("em_transfer", [*tiny_em_overrides(cache, tmp_path), "transfer.random_seeds=2", *extra])
 
 
 # ---------------------------------------------------------------- pieces without a model
@@ -212,7 +194,7 @@ def _open(path, group: str) -> xr.Dataset:
 def test_family_stores_are_the_ones_experiments_em_writes(transfer_run, tiny_cache):
     cfg, tmp, result = transfer_run
     for family in ("llama", "qwen2"):
-        em_cfg = compose_config("em", [*_overrides(tiny_cache, tmp), f"model={family}_organism"])
+        em_cfg = compose_config("em", [*tiny_em_overrides(tiny_cache, tmp), f"model={family}_organism"])
         assert OmegaConf.to_container(family_cfg(cfg, family)) == OmegaConf.to_container(em_cfg, resolve=True)
         assert result["family_stores"][family] == str(em_store_path(em_cfg, f"{family}_organism")[1])
         attrs = dict(zarr.open_group(result["family_stores"][family], mode="r").attrs)
