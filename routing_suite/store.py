@@ -317,9 +317,9 @@ async def _gather(coroutines: list) -> None:
 async def _lay_out(path: str, group: str, coords: dict[str, Any], arrays: dict[str, dict], done: dict) -> None:
     """A streamed group as xarray would lay out `xr.Dataset(coords=coords)`
     plus `arrays` (name -> create_array keywords), in one trip to zarr's event
-    loop: dozens of small files at once instead of one after another (tests
-    check the files equal xarray's). An existing group, a layout torn by a
-    crash before `batch_done` was made, is replaced."""
+    loop: dozens of small files at once instead of one after another (a test
+    checks it reads back as xarray's own). An existing group, a layout torn by
+    a crash before `batch_done` was made, is replaced."""
     root = await zarr.api.asynchronous.open_group(path, mode="r+")
     g = await root.create_group(group, overwrite=True)
     values: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}

@@ -19,7 +19,6 @@ from routing_suite import analysis, schema
 from routing_suite.aggregate import run as aggregate
 from routing_suite.aggregate.config import AggregateConfig
 from routing_suite.aggregate.em_tables import Bootstrap
-from routing_suite.aggregate.em_transfer_tables import paired_difference
 from routing_suite.config import compose_config, register_configs
 from routing_suite.em import transfer as X
 from routing_suite.em.pipeline import em_store_path
@@ -141,12 +140,12 @@ def test_receiver_directions_carry_the_donor_and_build_every_control():
 def test_paired_difference_resamples_both_conditions_together():
     boot = Bootstrap(500, 0, 0.95)
     a = np.linspace(0.2, 1.0, 40)
-    diff = paired_difference(boot, a + 0.1, a)
+    diff = boot.difference(a + 0.1, a)
     # Every resample differs by exactly 0.1: a paired interval has no width.
     assert diff.value == pytest.approx(0.1) and diff.lo == pytest.approx(0.1) and diff.hi == pytest.approx(0.1)
     b = a.copy()
     b[::2] = np.nan
-    assert np.isfinite(paired_difference(boot, a, b).value)
+    assert np.isfinite(boot.difference(a, b).value)
 
 
 @pytest.mark.parametrize(

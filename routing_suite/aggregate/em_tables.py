@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import io
+from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -72,6 +73,15 @@ class Bootstrap:
         ra, rb = a[idx].mean(1), b[idx].mean(1)
         with np.errstate(divide="ignore", invalid="ignore"):
             return self._interval(float((b.mean() - a.mean()) / b.mean()), np.where(rb > 0, (rb - ra) / rb, np.nan))
+
+    def difference(self, a: np.ndarray, b: np.ndarray) -> Estimate:
+        """mean(a) - mean(b) on the prompts both have, resampled together."""
+        keep = np.isfinite(a) & np.isfinite(b)
+        a, b = a[keep], b[keep]
+        if a.size == 0:
+            return NAN
+        idx = self.indices(a.size)
+        return self._interval(float(a.mean() - b.mean()), a[idx].mean(1) - b[idx].mean(1))
 
 
 @dataclass(frozen=True)
@@ -251,15 +261,27 @@ def markdown(reports: list[EmReport]) -> str:
     return "".join(parts)
 
 
-def csv_table(reports: list[EmReport]) -> str:
+def rows_csv(rows: Iterable[Row], first_column: str = "family") -> str:
+    """`rows` as CSV, one column per `Row` field (the first named `first_column`)."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     names = [f.name for f in fields(Row)]
-    writer.writerow(names)
-    for rep in sorted(reports, key=lambda r: r.family):
-        for r in rep.rows:
-            writer.writerow([num(v) if isinstance(v, float) else v for v in (getattr(r, n) for n in names)])
+    writer.writerow([first_column, *names[1:]])
+    for r in rows:
+        writer.writerow([num(v) if isinstance(v, float) else v for v in (getattr(r, n) for n in names)])
     return buffer.getvalue()
+
+
+def write_files(out: Path, files: dict[str, str]) -> dict[str, str]:
+    """Write each named text into `out`; returns `files`."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        (out / name).write_text(content, encoding="utf-8")
+    return files
+
+
+def csv_table(reports: list[EmReport]) -> str:
+    return rows_csv(r for rep in sorted(reports, key=lambda r: r.family) for r in rep.rows)
 
 
 def headline(reports: list[EmReport]) -> str:
@@ -276,8 +298,6 @@ def headline(reports: list[EmReport]) -> str:
 
 
 def write(reports: list[EmReport], out: Path) -> dict[str, str]:
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"em_table.md": markdown(reports), "em_table.csv": csv_table(reports), "em_headline.txt": headline(reports) + "\n"}
-    for name, content in files.items():
-        (out / name).write_text(content, encoding="utf-8")
-    return files
+    return write_files(
+        out, {"em_table.md": markdown(reports), "em_table.csv": csv_table(reports), "em_headline.txt": headline(reports) + "\n"}
+    )

@@ -18,29 +18,17 @@ conditions are compared (as em_tables). The same stores give the same bytes.
 
 from __future__ import annotations
 
-import csv
-import io
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
-from routing_suite.aggregate.em_tables import NAN, Bootstrap, Estimate, Row, _md, _per_prompt
+from routing_suite.aggregate.em_tables import Bootstrap, Row, _md, _per_prompt, rows_csv, write_files
 from routing_suite.aggregate.tables import num
 from routing_suite.em.settings import TRANSFER_CONTROLS
 
 DIRECTIONS = ("mapped", "native", *TRANSFER_CONTROLS)
-
-
-def paired_difference(boot: Bootstrap, a: np.ndarray, b: np.ndarray) -> Estimate:
-    """mean(a) - mean(b) on the prompts both have, resampled together."""
-    keep = np.isfinite(a) & np.isfinite(b)
-    a, b = a[keep], b[keep]
-    if a.size == 0:
-        return NAN
-    idx = boot.indices(a.size)
-    return boot._interval(float(a.mean() - b.mean()), a[idx].mean(1) - b[idx].mean(1))
 
 
 @dataclass
@@ -127,7 +115,7 @@ def _ablation(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap) -> Non
             cond = base if name == "baseline" else f"{kind}/ablate/{name}"
             rate, coherence = boot.rate(mis[cond]), boot.rate(coh[cond])
             red = boot.reduction(mis[cond], mis[base]) if name != "baseline" else None
-            diff = paired_difference(boot, mis[cond], mis[mapped]) if name not in ("baseline", "mapped") else None
+            diff = boot.difference(mis[cond], mis[mapped]) if name not in ("baseline", "mapped") else None
             beaten = bool(diff is not None and np.isfinite(diff.lo) and diff.lo > 0)
             records.append([rep.pair, kind, name, num(float(norms[cond]), 2), rate.text(), red.text() if red else "–",
                             coherence.text(), diff.text(sign=True) if diff else "–",
@@ -203,14 +191,7 @@ def markdown(reports: list[TransferReport]) -> str:
 
 
 def csv_table(reports: list[TransferReport]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    names = [f.name for f in fields(Row)]
-    writer.writerow(["pair" if n == "family" else n for n in names])
-    for rep in _sorted(reports):
-        for r in rep.rows:
-            writer.writerow([num(v) if isinstance(v, float) else v for v in (getattr(r, n) for n in names)])
-    return buffer.getvalue()
+    return rows_csv((r for rep in _sorted(reports) for r in rep.rows), first_column="pair")
 
 
 def headline(reports: list[TransferReport]) -> str:
@@ -230,9 +211,5 @@ def headline(reports: list[TransferReport]) -> str:
 
 
 def write(reports: list[TransferReport], out: Path) -> dict[str, str]:
-    out.mkdir(parents=True, exist_ok=True)
-    files = {"em_transfer_table.md": markdown(reports), "em_transfer_table.csv": csv_table(reports),
-             "em_transfer_headline.txt": headline(reports) + "\n"}
-    for name, content in files.items():
-        (out / name).write_text(content, encoding="utf-8")
-    return files
+    return write_files(out, {"em_transfer_table.md": markdown(reports), "em_transfer_table.csv": csv_table(reports),
+                             "em_transfer_headline.txt": headline(reports) + "\n"})
