@@ -14,14 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from routing_suite.collect import LabeledPair
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
-from routing_suite.provenance import (
-    NOT_RESULT_SHAPING,
-    NOT_RESULT_SHAPING_MODEL,
-    digest,
-    git_commit,
-    package_versions,
-    scrub_secrets,
-)
+from routing_suite.provenance import digest, git_commit, package_versions, result_config, scrub_secrets
 from routing_suite.scoring import Behavior
 from routing_suite.store import RunStore, StoreSettings, store_path
 from routing_suite.tracing import SiteRequest
@@ -80,12 +73,8 @@ def prompt_items(setup: Setup) -> list[LabeledPair]:
 
 
 def digest_config(cfg: DictConfig) -> dict:
-    """The resolved config minus what cannot change a result."""
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    resolved = {k: v for k, v in resolved.items() if k not in NOT_RESULT_SHAPING}
-    if isinstance(resolved.get("model"), dict):
-        resolved["model"] = {k: v for k, v in resolved["model"].items() if k not in NOT_RESULT_SHAPING_MODEL}
-    return resolved
+    """The resolved config minus what cannot change a result (`provenance.result_config`)."""
+    return result_config(OmegaConf.to_container(cfg, resolve=True))
 
 
 def open_store(setup: Setup, pair: ModelPair, label: str, experiment: str = "routing") -> RunStore:

@@ -5,19 +5,28 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import re
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-# Config parts that cannot change a result (where things run and are kept): left
-# out of a store's digest and out of a sweep folder's name.
-NOT_RESULT_SHAPING = ("backend", "store", "hydra", "progress")
+# Config parts that cannot change a result (where things run and are kept, where
+# tables go and how they are printed): left out of a store's digest and out of a
+# sweep folder's name.
+NOT_RESULT_SHAPING = ("backend", "store", "hydra", "progress", "report_dir", "n_resamples")
 NOT_RESULT_SHAPING_MODEL = ("cache_dir",)
+# The suite's own classes are named in a digest by class name only, so that moving
+# a module does not rename every cached store; a user's `_target_` stays whole.
+_OWN_PACKAGE = "routing_suite."
 
 PACKAGES = ("routing-suite", "torch", "transformers", "nnsight", "peft", "xarray", "zarr", "numpy", "hydra-core")
-# "host": where a run sent its requests is kept out of stores like the key is.
-_SECRET_WORDS = ("key", "token", "secret", "password", "host")
+# Words that make a config key a secret when the key holds one of them as a whole
+# word ("api_key", "NDIF_HOST", "hf_token"), never as part of a word
+# ("max_new_tokens", "keyword"). "host": where a run sent its requests is kept out
+# of stores like the key is.
+_SECRET_WORDS = frozenset({"key", "token", "secret", "password", "host", "auth", "credentials"})
+_KEY_WORDS = re.compile(r"[a-z0-9]+")
 
 
 def package_versions() -> dict[str, str]:
@@ -46,15 +55,40 @@ def git_commit() -> str:
     return commit + ("+dirty" if dirty else "")
 
 
+def is_secret_key(key: Any) -> bool:
+    """True when one of the key's words (split at `_`, `-`, `.` and case) names a secret."""
+    return not _SECRET_WORDS.isdisjoint(_KEY_WORDS.findall(str(key).lower()))
+
+
 def scrub_secrets(node: Any) -> Any:
     """A copy with every value under a key that names a secret replaced."""
     if isinstance(node, dict):
-        return {
-            k: ("<removed>" if any(w in str(k).lower() for w in _SECRET_WORDS) else scrub_secrets(v)) for k, v in node.items()
-        }
+        return {k: ("<removed>" if is_secret_key(k) else scrub_secrets(v)) for k, v in node.items()}
     if isinstance(node, list):
         return [scrub_secrets(v) for v in node]
     return node
+
+
+def _short_target(node: Any) -> Any:
+    """`_target_: routing_suite.a.b.Cls` -> `Cls`, everywhere in the tree."""
+    if isinstance(node, dict):
+        return {
+            k: (v.rsplit(".", 1)[-1] if k == "_target_" and isinstance(v, str) and v.startswith(_OWN_PACKAGE) else _short_target(v))
+            for k, v in node.items()
+        }
+    if isinstance(node, list):
+        return [_short_target(v) for v in node]
+    return node
+
+
+def result_config(resolved: dict) -> dict:
+    """What of a resolved config shapes a run's results: everything but where things
+    run and are kept (NOT_RESULT_SHAPING, model.cache_dir), with the suite's own
+    `_target_`s named by class only. A store's digest is a hash of this."""
+    kept = {k: v for k, v in resolved.items() if k not in NOT_RESULT_SHAPING}
+    if isinstance(kept.get("model"), dict):
+        kept["model"] = {k: v for k, v in kept["model"].items() if k not in NOT_RESULT_SHAPING_MODEL}
+    return _short_target(kept)
 
 
 def digest(config: dict) -> str:

@@ -153,15 +153,10 @@ def run_stage(store: RunStore, name: str, compute) -> xr.Dataset:
     return store.read(name).load()
 
 
-def result_digest_config(cfg: DictConfig) -> dict:
-    """The config a store is named by: the table's settings do not shape the store."""
-    return {k: v for k, v in digest_config(cfg).items() if k not in ("report_dir", "n_resamples")}
-
-
 def em_store_path(cfg: DictConfig, model_name: str) -> tuple[StoreSettings, Path, dict]:
     """Store settings, the final path and the digested config of a family's EM store."""
     store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))
-    digest_cfg = result_digest_config(cfg)
+    digest_cfg = digest_config(cfg)
     return store_settings, store_path(store_settings, model_name, BEHAVIOR, BEHAVIOR, digest(digest_cfg)), digest_cfg
 
 

@@ -37,7 +37,6 @@ from routing_suite.em.pipeline import (
     check_backend,
     ensure_family,
     match_residuals,
-    result_digest_config,
     run_dir,
     run_stage,
 )
@@ -45,6 +44,7 @@ from routing_suite.em.settings import EmSettings, EmTransferSettings
 from routing_suite.errors import ConfigError
 from routing_suite.organisms import task as T
 from routing_suite.organisms.architectures import FAMILIES
+from routing_suite.pipeline import digest_config
 from routing_suite.provenance import digest, git_commit, package_versions, scrub_secrets
 from routing_suite.store import RunStore, StoreSettings, store_path, text
 
@@ -133,7 +133,7 @@ def stage_outcomes(receiver: Family, maps: xr.Dataset, settings: EmSettings, tra
 
 def open_store(cfg: DictConfig, donor: Family, receiver: Family, family_stores: dict[str, str], backend) -> RunStore:
     store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))
-    digest_cfg = result_digest_config(cfg)
+    digest_cfg = digest_config(cfg)
     digest_cfg["model"] = {k: v for k, v in digest_cfg["model"].items() if k != "family"}  # each side has its own
     final = store_path(store_settings, f"{receiver.name}_organism", BEHAVIOR, f"from-{donor.name}", digest(digest_cfg))
     provenance = {
