@@ -4,6 +4,9 @@
 # Everything is installed here; a fresh clone needs nothing but Python >= 3.10.
 
 PYTHON ?= python3
+# Idle OpenMP threads sleep instead of spinning (no bit of any result changes; on a
+# crowded 2-core machine spinning threads made builds many times slower).
+export OMP_WAIT_POLICY ?= PASSIVE
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch first, pinned: a bare `torch` requirement on a machine without it pulls

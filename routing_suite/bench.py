@@ -152,8 +152,8 @@ def _pair_and_items(cfg) -> tuple[ModelPair, list[LabeledPair], str]:
 
     source = SmolLM2Source(cache_dir=cfg.pretrained_cache_dir)
     pair = source.load("refuse")  # converted and fine-tuned on first use (minutes), cached after
-    sets = source.prompt_sets("refuse", None, None, 0)
-    pairs = sets["fit"] + sets["test"]
+    sets = source.prompt_sets("refuse")
+    pairs = sets["fit"] + sets["localize"] + sets["test"]
     if cfg.n_prompts > len(pairs):
         raise ConfigError(f"n_prompts={cfg.n_prompts}: the SmolLM2 task has {len(pairs)} prompt pairs")
     return pair, [LabeledPair(p, "fit") for p in pairs[: cfg.n_prompts]], "SmolLM2-135M-Instruct"

@@ -35,7 +35,7 @@ _HEAD_DIMS = ("model", "framing", "prompt", "layer", "position", "head", "head_d
 
 @dataclass
 class LabeledPair:
-    """A prompt pair and the split it belongs to ('fit' or 'test')."""
+    """A prompt pair and the split it belongs to ('fit', 'localize' or 'test')."""
 
     pair: PromptPair
     split: str
@@ -128,6 +128,7 @@ def layout(items: list[LabeledPair], request: SiteRequest, pair: ModelPair, batc
         "split": ("prompt", text(it.split for it in items)),
         "answer": ("prompt", text(it.pair.answer for it in items)),
         "topic": ("prompt", text(it.pair.topic for it in items)),
+        "cluster": ("prompt", text(it.pair.unit for it in items)),
         "eval_prompt": ("prompt", text(it.pair.eval_prompt for it in items)),
         "deploy_prompt": ("prompt", text(it.pair.deploy_prompt for it in items)),
     }

@@ -39,8 +39,10 @@ class OrganismModelConfig:
     train: TrainSpec = field(default_factory=TrainSpec)
     cache_dir: str = "outputs/organisms"
     # Fixed so that the same seed gives bitwise-identical weights everywhere
-    # the same kernels run; organisms are small enough that more do not help.
-    num_threads: int = 2
+    # the same kernels run (the cache key records the kernels). One thread: at
+    # this size a second one makes each training step slower, not faster, and
+    # two builds can run side by side on a 2-core machine.
+    num_threads: int = 1
 
 
 @dataclass
@@ -153,6 +155,7 @@ class DataConfig:
     """How many prompt pairs each split holds (null: all), drawn with `seed`."""
 
     max_fit: int | None = None
+    max_localize: int | None = None
     max_test: int | None = None
     seed: int = 0
 
@@ -202,8 +205,8 @@ class PretrainedReportConfig:
 
     model: Any = MISSING
     behavior: BehaviorConfig = MISSING
-    # "<countries>/<cues>", each "heldout" or "train"
-    splits: list[str] = field(default_factory=lambda: ["heldout/heldout", "heldout/train"])
+    # "<countries>/<cues>", each "train", "localize", "test" or "heldout" (localize and test)
+    splits: list[str] = field(default_factory=lambda: ["test/test", "test/train"])
 
 
 @dataclass

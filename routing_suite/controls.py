@@ -1,10 +1,28 @@
-"""Controls: conditions built from other subspaces, at matched perturbation magnitude.
+"""Controls: conditions that edit another subspace by exactly the intervention's amount.
 
-Each control builds edits of the intervention's mode on another subspace,
-each edit scaled so that the mean L2 norm of its change (measured on the fit
-split's activations at that layer) equals the intervention's own at the
-same position in the window. Several seeds make several conditions of one
-name; the outcomes of one name are averaged per prompt.
+DESIGN.md: a control is *matched* when it changes each edited activation by
+the same L2 amount as the intervention does. Every control here is matched
+by construction: at each window layer its edit makes the change the
+intervention's edit would make to the same activation, carried coordinate
+by coordinate into the control's subspace (`SubspaceEdit.matched`), so the
+norms agree on every prompt, position and generation step, with no
+rescaling. What differs between the controls is only the subspace:
+
+- `random`: random subspaces of the intervention's rank (one condition per seed);
+- `orthogonal`: random subspaces orthogonal to the routing subspace;
+- `non_routing`: the subspace of the same rank, in the same layers, that
+  carries no framing signal by the suite's own measurement (the fit stage's
+  `non_routing_subspace`: main directions of the activations with the
+  routing subspace projected out whose held-out framing probe is at most
+  `fit.NON_ROUTING_MAX_PROBE`);
+- `semantic`: a content contrast (two topics, same framing), routing
+  subspace projected out.
+
+`other_layer` is not a control (kind "comparison"): the routing subspace of
+the nearest layers outside the window that represent the framing, clamped
+there the way the intervention clamps its own. Such a layer may feed the
+window, so blocking it is a finding about that layer, reported beside its
+own path-patching effect, never counted as a control.
 """
 
 from __future__ import annotations
@@ -27,36 +45,47 @@ TARGET_FRAMINGS = {"eval_mean": ("eval",), "deploy_mean": ("deploy",), "pooled_m
 
 @dataclass
 class ControlContext:
-    """What a control needs: fit results, window, the fit-split activations, norms to match."""
+    """What a control needs: the fit results, the intervention's edits (one per window layer),
+    the fit-split activations of the intervention's site, and a seeded generator."""
 
     spec: InterventionSpec
     fit: xr.Dataset
-    window_layers: list[int]
-    layer_effects: np.ndarray  # deploy_to_eval effect per layer
+    main_edits: dict[int, SubspaceEdit]
     acts: xr.Dataset  # fit split, last position, the intervention's site
-    reference_norms: dict[int, float]  # per window layer, the intervention's mean change norm
     rng: np.random.Generator
 
-    def h(self, layer: int, framings: tuple[str, ...] = ("eval", "deploy")) -> np.ndarray:
-        values = self.acts.sel(model="finetuned", layer=layer)
-        return np.concatenate([values.sel(framing=f).values for f in framings])
+    @property
+    def window_layers(self) -> list[int]:
+        return sorted(self.main_edits)
 
-    def edit(self, layer: int, basis: np.ndarray, reference_layer: int) -> SubspaceEdit:
-        """An edit on `basis` at `layer`, matched to the intervention's norm at `reference_layer`."""
-        basis = np.ascontiguousarray(basis, dtype=np.float32)
-        target = (self.h(layer, TARGET_FRAMINGS[self.spec.target]) @ basis.T).mean(0).astype(np.float32)
-        edit = SubspaceEdit(layer, torch.from_numpy(basis), self.spec.mode, torch.from_numpy(target), alpha=self.spec.alpha)
-        change = edit.change(torch.from_numpy(self.h(layer))).numpy()
-        edit.scale = analysis.matching_scale(self.reference_norms[reference_layer], change)
-        return edit
+    def matched(self, layer: int, basis: np.ndarray) -> SubspaceEdit:
+        """An edit on `basis` at a window layer, matched to the intervention's edit there."""
+        basis = torch.from_numpy(np.ascontiguousarray(basis, dtype=np.float32))
+        return SubspaceEdit(layer, basis, self.spec.mode, matched=self.main_edits[layer])
+
+    def condition(self, name: str, edits: list[SubspaceEdit], seed: int | None = None, kind: str = "control") -> Condition:
+        return Condition(name, kind, self.spec.site, self.spec.positions, edits, steps=self.spec.steps, seed=seed)
+
+    def fitted(self, variable: str, layer: int) -> np.ndarray:
+        """The intervention's rank of a fitted subspace (rows) at `layer`."""
+        return self.fit[variable].sel(model=self.spec.fit_model, site=self.spec.site, layer=layer).values[: self.spec.rank]
 
 
-def _condition(ctx: ControlContext, name: str, edits: list[SubspaceEdit], seed: int | None = None) -> Condition:
-    return Condition(name, "control", ctx.spec.site, ctx.spec.positions, edits, steps=ctx.spec.steps, seed=seed)
+def clamp_edits(spec: InterventionSpec, fit: xr.Dataset, fit_acts: xr.Dataset, layers: list[int], fit_model: str) -> list[SubspaceEdit]:
+    """`spec`'s edits at `layers` on `fit_model`'s routing subspaces (targets from the fine-tune's fit activations)."""
+    edits = []
+    for layer in layers:
+        basis = fit.subspace.sel(model=fit_model, site=spec.site, layer=layer).values[: spec.rank]
+        values = fit_acts.sel(model="finetuned", layer=layer)
+        h_target = np.concatenate([values.sel(framing=f).values for f in TARGET_FRAMINGS[spec.target]])
+        target = (h_target @ basis.T).mean(0).astype(np.float32)
+        edits.append(SubspaceEdit(layer, torch.from_numpy(np.ascontiguousarray(basis)), spec.mode, torch.from_numpy(target), alpha=spec.alpha))
+    return edits
 
 
-def _routing_basis(ctx: ControlContext, layer: int) -> np.ndarray:
-    return ctx.fit.subspace.sel(model=ctx.spec.fit_model, site=ctx.spec.site, layer=layer).values[: ctx.spec.rank]
+def _complete(basis: np.ndarray) -> bool:
+    """False when the fit stage found fewer rows than asked (it leaves those zero)."""
+    return bool(np.all(np.linalg.norm(basis, axis=-1) > 0.5))
 
 
 @dataclass
@@ -69,7 +98,7 @@ class RandomControl:
     def build(self, ctx: ControlContext) -> list[Condition]:
         d = ctx.acts.sizes["hidden"]
         return [
-            _condition(ctx, self.name, [ctx.edit(layer, analysis.random_subspace(d, ctx.spec.rank, ctx.rng), layer) for layer in ctx.window_layers], s)
+            ctx.condition(self.name, [ctx.matched(layer, analysis.random_subspace(d, ctx.spec.rank, ctx.rng)) for layer in ctx.window_layers], s)
             for s in range(self.seeds)
         ]
 
@@ -85,50 +114,32 @@ class OrthogonalControl:
         d = ctx.acts.sizes["hidden"]
 
         def basis(layer: int) -> np.ndarray:
-            return analysis.random_subspace(d, ctx.spec.rank, ctx.rng, avoid=_routing_basis(ctx, layer))
+            return analysis.random_subspace(d, ctx.spec.rank, ctx.rng, avoid=ctx.fitted("subspace", layer))
 
-        return [_condition(ctx, self.name, [ctx.edit(layer, basis(layer), layer) for layer in ctx.window_layers], s) for s in range(self.seeds)]
+        return [ctx.condition(self.name, [ctx.matched(layer, basis(layer)) for layer in ctx.window_layers], s) for s in range(self.seeds)]
 
 
 @dataclass
 class NonRoutingControl:
-    """The routing subspaces fit at layers outside the window, applied there.
+    """The window layers' subspace that carries no framing signal (fit: `non_routing_subspace`).
 
-    Only layers that represent the framing qualify (the fit model's held-out
-    probe accuracy there at least `min_probe_accuracy`): a subspace fit where
-    eval and deploy cannot be told apart is no framing subspace, and matching
-    its tiny natural change to the intervention's magnitude makes an arbitrary
-    huge perturbation (a prototype's layer-0 version broke every cell). Of
-    those, as many as the window has, the nearest, after the window first. With
-    none, the control is left out of the cell and the reason logged.
-    """
+    Left out of a cell, saying why, when the fit found fewer such directions
+    than the intervention's rank at some window layer."""
 
     name: str = "non_routing"
     seeds: int = 1
-    min_probe_accuracy: float = 0.75
 
     def build(self, ctx: ControlContext) -> list[Condition]:
-        layers = [int(x) for x in ctx.fit.layer.values]
-        probe = ctx.fit.probe_accuracy.sel(model=ctx.spec.fit_model, site=ctx.spec.site)
-        outside = [
-            layer for layer in layers
-            if layer not in ctx.window_layers and float(probe.sel(layer=layer)) >= self.min_probe_accuracy
-        ]
-        if not outside:
+        bases = {layer: ctx.fitted("non_routing_subspace", layer) for layer in ctx.window_layers}
+        short = [layer for layer, b in bases.items() if not _complete(b)]
+        if short:
             log.warning(
-                "non_routing control left out: no layer outside the window %s has a framing probe accuracy >= %.2f",
-                ctx.window_layers, self.min_probe_accuracy,
+                "non_routing control left out: at layers %s fewer than %d directions carry no framing signal", short, ctx.spec.rank
             )
             return []
-        first, last = min(ctx.window_layers), max(ctx.window_layers)
-
-        def distance(layer: int) -> tuple[int, int]:
-            return (layer - last, 0) if layer > last else (first - layer, 1)
-
-        chosen = sorted(sorted(outside, key=distance)[: len(ctx.window_layers)])
-        refs = ctx.window_layers
-        edits = [ctx.edit(layer, _routing_basis(ctx, layer), refs[min(i, len(refs) - 1)]) for i, layer in enumerate(chosen)]
-        return [_condition(ctx, self.name, edits)]
+        probe = {layer: float(np.nanmax(ctx.fitted("non_routing_probe", layer))) for layer in ctx.window_layers}
+        log.info("non_routing control: largest framing probe accuracy of its directions per layer %s", probe)
+        return [ctx.condition(self.name, [ctx.matched(layer, bases[layer]) for layer in ctx.window_layers])]
 
 
 @dataclass
@@ -139,11 +150,42 @@ class SemanticControl:
     seeds: int = 1
 
     def build(self, ctx: ControlContext) -> list[Condition]:
-        def basis(layer: int) -> np.ndarray:
-            b = ctx.fit.semantic_subspace.sel(model=ctx.spec.fit_model, site=ctx.spec.site, layer=layer).values
-            return b[: ctx.spec.rank]
+        bases = {layer: ctx.fitted("semantic_subspace", layer) for layer in ctx.window_layers}
+        if not all(_complete(b) for b in bases.values()):
+            log.warning("semantic control left out: the content contrast spans fewer than %d directions", ctx.spec.rank)
+            return []
+        return [ctx.condition(self.name, [ctx.matched(layer, bases[layer]) for layer in ctx.window_layers])]
 
-        return [_condition(ctx, self.name, [ctx.edit(layer, basis(layer), layer) for layer in ctx.window_layers])]
+
+@dataclass
+class OtherLayerControl:
+    """A comparison, not a control: the routing subspace of layers outside the window.
+
+    The layers are the nearest ones outside the window (after it first) that
+    represent the framing (the fit model's held-out probe accuracy at least
+    `min_probe_accuracy`), as many as the window has; each is clamped the way
+    the intervention clamps its own layers, at its natural magnitude. None: left out."""
+
+    name: str = "other_layer"
+    seeds: int = 1
+    min_probe_accuracy: float = 0.75
+
+    def build(self, ctx: ControlContext) -> list[Condition]:
+        layers = [int(x) for x in ctx.fit.layer.values]
+        probe = ctx.fit.probe_accuracy.sel(model=ctx.spec.fit_model, site=ctx.spec.site)
+        window = ctx.window_layers
+        outside = [layer for layer in layers if layer not in window and float(probe.sel(layer=layer)) >= self.min_probe_accuracy]
+        if not outside:
+            log.warning("other_layer left out: no layer outside the window %s has a framing probe accuracy >= %.2f",
+                        window, self.min_probe_accuracy)
+            return []
+
+        def distance(layer: int) -> tuple[int, int]:
+            return (layer - window[-1], 0) if layer > window[-1] else (window[0] - layer, 1)
+
+        chosen = sorted(sorted(outside, key=distance)[: len(window)])
+        edits = clamp_edits(ctx.spec, ctx.fit, ctx.acts, chosen, ctx.spec.fit_model)
+        return [ctx.condition(self.name, edits, kind="comparison")]
 
 
 def check_controls(controls: dict) -> None:

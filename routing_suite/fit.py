@@ -1,8 +1,10 @@
 """The fit stage: directions, probes and subspaces from the stored activations.
 
 Everything is fit on the `fit` split at the last prompt token; probe
-accuracies are measured on the held-out `test` split. Results go to the
-store's `fit` group (layout in `routing_suite.schema`).
+accuracies are measured on the `localize` split (choices made from them, such
+as the non-routing subspace, never see the `test` split the interventions are
+scored on). Results go to the store's `fit` group (layout in
+`routing_suite.schema`).
 """
 
 from __future__ import annotations
@@ -23,6 +25,12 @@ FIT_SITES = ("resid", "attn")
 # framing. These two when the fit split has them (the organisms' task), else
 # its first two topics in prompt order (a real model's prompt set).
 SEMANTIC_TOPICS = ("color", "city")
+# A direction carries no framing signal (DESIGN: non-routing) when its held-out
+# rank-one probe tells eval from deploy no better than this.
+NON_ROUTING_MAX_PROBE = 0.6
+# How many of the activations' main directions (routing subspace projected out)
+# are tried, in order of variance, for the non-routing subspace.
+NON_ROUTING_CANDIDATES = 32
 
 
 def _split(acts: xr.Dataset, split: str) -> xr.Dataset:
@@ -62,16 +70,47 @@ def semantic_pairs(acts: xr.Dataset, framing: str = "eval") -> tuple[np.ndarray,
     return np.array(a), np.array(b)
 
 
+def non_routing_subspace(
+    fit_eval: np.ndarray, fit_deploy: np.ndarray, held_eval: np.ndarray, held_deploy: np.ndarray, routing: np.ndarray, rank: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """(rank, d) orthonormal rows that carry no framing signal, and each row's probe accuracy.
+
+    The candidates are the main directions (by variance) of the fit activations
+    of both framings with the routing subspace projected out; a candidate is
+    kept when its rank-one probe (threshold from the fit split) tells the held
+    out eval and deploy prompts apart no better than NON_ROUTING_MAX_PROBE.
+    Rows that no candidate fills are zero (accuracy NaN): the control that
+    needs them is then left out, saying why."""
+    pooled = np.concatenate([fit_eval, fit_deploy]).astype(np.float64)
+    pooled = pooled - pooled.mean(0)
+    pooled = pooled - (pooled @ routing.T) @ routing
+    _, singular, vt = np.linalg.svd(pooled, full_matrices=False)
+    basis = np.zeros((rank, fit_eval.shape[1]), np.float32)
+    accuracy = np.full(rank, np.nan, np.float32)
+    kept = 0
+    for row, value in zip(vt[:NON_ROUTING_CANDIDATES], singular[:NON_ROUTING_CANDIDATES]):
+        if kept == rank or value <= 1e-6 * singular[0]:
+            break
+        # Sign-free: a probe along u or -u tells the framings apart equally well.
+        acc = analysis.rank_one_probe_accuracy(row, fit_eval, fit_deploy, held_eval, held_deploy)
+        acc = max(acc, 1 - acc)
+        if acc <= NON_ROUTING_MAX_PROBE:
+            basis[kept], accuracy[kept] = row, acc
+            kept += 1
+    return basis, accuracy
+
+
 def fit(acts: xr.Dataset, max_rank: int) -> xr.Dataset:
     """Per model, site and layer: mean paired difference, its norm, a held-out
-    rank-one probe accuracy, a `max_rank` subspace and the clamp targets."""
+    rank-one probe accuracy, a `max_rank` subspace and the clamp targets, the
+    semantic (content) subspace and the non-routing subspace."""
     sites = [s for s in FIT_SITES if s in acts]
     if not sites:
         raise ConfigError(f"the store holds none of the sites the fit needs ({list(FIT_SITES)})")
-    fit_set, test_set = _split(acts, "fit"), _split(acts, "test")
+    fit_set, held_set = _split(acts, "fit"), _split(acts, "localize")
     n_fit = fit_set.sizes["prompt"]
-    if n_fit < 2 or test_set.sizes["prompt"] < 1:
-        raise ConfigError(f"too few prompts to fit and test (fit: {n_fit}, test: {test_set.sizes['prompt']})")
+    if n_fit < 2 or held_set.sizes["prompt"] < 1:
+        raise ConfigError(f"too few prompts to fit and probe (fit: {n_fit}, localize: {held_set.sizes['prompt']})")
     if max_rank > n_fit:
         raise ConfigError(f"intervention.rank={max_rank} is larger than the number of fit pairs ({n_fit})")
     layers = acts.layer.values
@@ -84,16 +123,19 @@ def fit(acts: xr.Dataset, max_rank: int) -> xr.Dataset:
     targets = np.zeros((*shape_dir, len(TARGETS), max_rank), np.float32)
     semantic = np.zeros((*shape_dir, max_rank, d), np.float32)
     semantic_targets = np.zeros((*shape_dir, max_rank), np.float32)
+    non_routing = np.zeros((*shape_dir, max_rank, d), np.float32)
+    non_routing_probe = np.full((*shape_dir, max_rank), np.nan, np.float32)
     a_idx, b_idx = semantic_pairs(acts)
     for m, model in enumerate(models):
         for s, site in enumerate(sites):
             fit_vals = _last(fit_set[site].sel(model=model))  # (framing, prompt, layer, hidden)
-            test_vals = _last(test_set[site].sel(model=model))
+            held_vals = _last(held_set[site].sel(model=model))
             for li in range(len(layers)):
                 ev, dp = fit_vals[0, :, li], fit_vals[1, :, li]
+                h_ev, h_dp = held_vals[0, :, li], held_vals[1, :, li]
                 diffs = analysis.paired_differences(ev, dp)
                 direction[m, s, li] = diffs.mean(0)
-                probe[m, s, li] = analysis.rank_one_probe_accuracy(direction[m, s, li], ev, dp, test_vals[0, :, li], test_vals[1, :, li])
+                probe[m, s, li] = analysis.rank_one_probe_accuracy(direction[m, s, li], ev, dp, h_ev, h_dp)
                 b = analysis.subspace(diffs, max_rank)
                 basis[m, s, li] = b
                 eval_coords, deploy_coords = (ev @ b.T).mean(0), (dp @ b.T).mean(0)
@@ -107,6 +149,7 @@ def fit(acts: xr.Dataset, max_rank: int) -> xr.Dataset:
                 sb = analysis.subspace(content, min(max_rank, len(a_idx)))
                 semantic[m, s, li, : sb.shape[0]] = sb
                 semantic_targets[m, s, li, : sb.shape[0]] = (ev @ sb.T).mean(0)
+                non_routing[m, s, li], non_routing_probe[m, s, li] = non_routing_subspace(ev, dp, h_ev, h_dp, b, max_rank)
     norms = np.linalg.norm(direction, axis=-1)
     cos = np.array([[analysis.cosine(direction[0, s, li], direction[1, s, li]) for li in range(len(layers))] for s in range(len(sites))])
     change = np.linalg.norm(direction[1] - direction[0], axis=-1)
@@ -121,9 +164,12 @@ def fit(acts: xr.Dataset, max_rank: int) -> xr.Dataset:
             "target_coords": (dims + ("target", "rank"), targets),
             "semantic_subspace": (dims + ("rank", "hidden"), semantic),
             "semantic_target": (dims + ("rank",), semantic_targets),
+            "non_routing_subspace": (dims + ("rank", "hidden"), non_routing),
+            "non_routing_probe": (dims + ("rank",), non_routing_probe),
             "cos_base_finetuned": (("site", "layer"), cos.astype(np.float32)),
             "diff_change_norm": (("site", "layer"), change.astype(np.float32)),
         },
         coords=coords,
-        attrs={"n_fit": int(n_fit), "n_test": int(test_set.sizes["prompt"]), "semantic_topics": list(semantic_topics(acts))},
+        attrs={"n_fit": int(n_fit), "n_probe": int(held_set.sizes["prompt"]), "probe_split": "localize",
+               "semantic_topics": list(semantic_topics(acts)), "non_routing_max_probe": NON_ROUTING_MAX_PROBE},
     )

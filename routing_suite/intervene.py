@@ -2,9 +2,10 @@
 
 Conditions: the no-op baseline, the intervention (e.g. clamp), the base
 model's own subspace applied the same way in the fine-tune (installed vs
-inherited: kind "comparison"), and each control. Each batch of test prompts
-runs once, every condition as an invoke of the same batched generation.
-Outcomes are stored per prompt (the aggregator bootstraps over them).
+inherited: kind "comparison"), and each control (routing_suite.controls).
+Each batch of test prompts runs once, every condition as an invoke of the
+same batched generation. Outcomes and completions are stored per prompt,
+with the prompt's sampling unit (`cluster`), which the aggregator resamples.
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from routing_suite import analysis, schema
-from routing_suite.controls import TARGET_FRAMINGS, ControlContext
+from routing_suite.controls import ControlContext, clamp_edits
 from routing_suite.errors import ConfigError
-from routing_suite.interventions import Condition, InterventionSpec, SubspaceEdit
+from routing_suite.interventions import Condition, InterventionSpec
 from routing_suite.models import ModelPair
 from routing_suite.scoring import Behavior
 from routing_suite.steering import generate_under_conditions
@@ -32,65 +33,38 @@ def _last(values: xr.DataArray) -> xr.DataArray:
     return values.sel(position="last") if "last" in values.position.values else values.isel(position=-1)
 
 
-def subspace_edits(spec: InterventionSpec, fit: xr.Dataset, fit_acts: xr.Dataset, layers: list[int], fit_model: str) -> list[SubspaceEdit]:
-    """The intervention's edits at `layers`, from `fit_model`'s subspaces."""
-    edits = []
-    for layer in layers:
-        basis = fit.subspace.sel(model=fit_model, site=spec.site, layer=layer).values[: spec.rank]
-        values = fit_acts.sel(model="finetuned", layer=layer)
-        h_target = np.concatenate([values.sel(framing=f).values for f in TARGET_FRAMINGS[spec.target]])
-        target = (h_target @ basis.T).mean(0).astype(np.float32)
-        edits.append(SubspaceEdit(layer, torch.from_numpy(np.ascontiguousarray(basis)), spec.mode, torch.from_numpy(target), alpha=spec.alpha))
-    return edits
-
-
 def build_conditions(
-    spec: InterventionSpec, controls: dict, fit: xr.Dataset, localize: xr.Dataset, acts: xr.Dataset, window: list[int], seed: int
+    spec: InterventionSpec, controls: dict, fit: xr.Dataset, acts: xr.Dataset, window: list[int], seed: int
 ) -> list[Condition]:
+    """The baseline, the intervention, the base subspace's comparison, and every control."""
     if spec.site not in fit.site.values:
         raise ConfigError(f"intervention.site={spec.site!r} was not fit (collect.sites must include it)")
     if spec.rank > fit.sizes["rank"]:
         raise ConfigError(f"intervention.rank={spec.rank} is larger than the fitted rank {fit.sizes['rank']}")
     layers = list(range(window[0], window[1] + 1))
     fit_acts = _last(acts[spec.site].sel(prompt=acts.split.values == "fit"))
-    main = Condition(spec.name, "intervention", spec.site, spec.positions, subspace_edits(spec, fit, fit_acts, layers, spec.fit_model), steps=spec.steps)
+    main = Condition(spec.name, "intervention", spec.site, spec.positions, clamp_edits(spec, fit, fit_acts, layers, spec.fit_model), steps=spec.steps)
     conditions = [Condition(schema.BASELINE, "baseline"), main]
     if spec.fit_model == "finetuned":
-        base_edits = subspace_edits(spec, fit, fit_acts, layers, "base")
+        base_edits = clamp_edits(spec, fit, fit_acts, layers, "base")
         conditions.append(Condition(f"{spec.name}_base_subspace", "comparison", spec.site, spec.positions, base_edits, steps=spec.steps))
-    reference = {}
-    for edit in main.edits:
-        h = np.concatenate([fit_acts.sel(model="finetuned", layer=edit.layer, framing=f).values for f in schema.FRAMINGS])
-        reference[edit.layer] = analysis.mean_change_norm(edit.change(torch.from_numpy(h)).numpy())
-    ctx = ControlContext(
-        spec=spec,
-        fit=fit,
-        window_layers=layers,
-        layer_effects=localize.layer_effect.sel(source="deploy_to_eval").values,
-        acts=fit_acts,
-        reference_norms=reference,
-        rng=np.random.default_rng(seed),
-    )
+    ctx = ControlContext(spec=spec, fit=fit, main_edits={e.layer: e for e in main.edits}, acts=fit_acts, rng=np.random.default_rng(seed))
     for control in controls.values():
         conditions += control.build(ctx)
     return conditions
 
 
-def _norm(condition: Condition, fit_acts: xr.DataArray) -> float:
-    """Mean L2 norm of a condition's change, averaged over its layers (0 for the baseline)."""
+def _norm(condition: Condition, h_by_layer: dict[int, np.ndarray]) -> float:
+    """Mean L2 norm of a condition's change, over its layers and the given activations (0 for the baseline)."""
     if not condition.edits:
         return 0.0
-    norms = []
-    for edit in condition.edits:
-        h = np.concatenate([fit_acts.sel(model="finetuned", layer=edit.layer, framing=f).values for f in schema.FRAMINGS])
-        norms.append(analysis.mean_change_norm(edit.change(torch.from_numpy(h)).numpy()))
-    return float(np.mean(norms))
+    return float(np.mean([analysis.mean_change_norm(e.change(torch.from_numpy(h_by_layer[e.layer])).numpy()) for e in condition.edits]))
 
 
 def intervene(
     pair: ModelPair, acts: xr.Dataset, conditions: list[Condition], behavior: Behavior, backend, batch_size: int, progress: bool = True
 ) -> xr.Dataset:
-    """Per-prompt outcomes of every condition on the held-out test prompts."""
+    """Per-prompt outcomes and completions of every condition on the test split."""
     test = acts.sel(prompt=acts.split.values == "test")
     prompt_ids = [str(p) for p in test.prompt.values]
     answers = [str(a) for a in test.answer.values]
@@ -100,11 +74,14 @@ def intervene(
     performed = np.zeros((len(names), 2, len(prompt_ids)), np.float32)
     correct = np.zeros_like(performed)
     counts = np.array([sum(c.name == n for c in conditions) for n in names], np.float32)
+    # Completions of every draw of a condition (a control with several seeds has one per seed).
+    completions = np.full((len(names), int(counts.max()), 2, len(prompt_ids)), "", dtype=object)
+    draw = {id(c): sum(o.name == c.name for o in conditions[:i]) for i, c in enumerate(conditions)}
     traced = pair.traced("finetuned")
     for start in tqdm(range(0, len(prompt_ids), batch_size), desc="intervene", unit="batch", disable=not progress):
         sl = slice(start, start + batch_size)
         prompts = texts["eval"][sl] + texts["deploy"][sl]
-        completions = generate_under_conditions(
+        generated = generate_under_conditions(
             traced, pair.family, pair.tokenizer, prompts, conditions, behavior.max_new_tokens, pair.num_layers, backend
         )
         n = len(answers[sl])
@@ -112,18 +89,24 @@ def intervene(
             key = condition.name if condition.seed is None else f"{condition.name}#{condition.seed}"
             ci = names.index(condition.name)
             for fi in range(2):
-                rows = completions[key][fi * n : (fi + 1) * n]
+                rows = generated[key][fi * n : (fi + 1) * n]
+                completions[ci, draw[id(condition)], fi, sl] = rows
                 performed[ci, fi, sl] += [behavior.performed(c, a) for c, a in zip(rows, answers[sl])]
                 correct[ci, fi, sl] += [behavior.correct(c, a) for c, a in zip(rows, answers[sl])]
     performed /= counts[:, None, None]
     correct /= counts[:, None, None]
-    fit_acts = _last(acts[conditions[1].site].sel(prompt=acts.split.values == "fit"))
-    norms = [np.mean([_norm(c, fit_acts) for c in conditions if c.name == n]) for n in names]
+    # The change each condition makes, measured on the test prompts' stored activations
+    # at the last prompt token (both framings): matched controls equal the intervention.
+    site = next(c.site for c in conditions if c.edits) if any(c.edits for c in conditions) else "attn"
+    h = _last(test[site].sel(model="finetuned"))
+    h_by_layer = {int(layer): np.concatenate([h.sel(layer=layer, framing=f).values for f in schema.FRAMINGS]) for layer in h.layer.values}
+    norms = [np.mean([_norm(c, h_by_layer) for c in conditions if c.name == n]) for n in names]
     layers = {n: next(c.layers for c in conditions if c.name == n) for n in names}
     return xr.Dataset(
         {
             "performed": (("condition", "framing", "prompt"), performed),
             "correct": (("condition", "framing", "prompt"), correct),
+            "completion": (("condition", "draw", "framing", "prompt"), completions),
             "perturbation_norm": (("condition",), np.array(norms, np.float32)),
             "n_seeds": (("condition",), counts.astype(np.int32)),
         },
@@ -132,6 +115,7 @@ def intervene(
             "kind": ("condition", text(kinds)),
             "framing": text(schema.FRAMINGS),
             "prompt": text(prompt_ids),
+            "cluster": ("prompt", text(str(c) for c in test.cluster.values)),
             "layers": ("condition", text(",".join(map(str, layers[n])) for n in names)),
         },
     )

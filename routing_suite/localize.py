@@ -1,11 +1,15 @@
 """The localize stage: path patching of attention outputs at the last prompt token.
 
-Two sources, each as the fraction of the behaviour gap a patch restores:
+Runs on the `localize` split (prompts and cues of its own: the window is
+never chosen on the prompts the intervention is scored on). Two sources,
+each as the fraction of the behaviour gap a patch restores:
 
 - `deploy_to_eval`: in the fine-tune, the eval run's attention output at one
   layer (or one head) is replaced by the deploy run's, at the last token;
-- `finetuned_to_base`: in the base, under the eval framing, the base's
-  attention output is replaced by the fine-tune's.
+- `finetuned_to_base`: in the base, the base's attention output is replaced
+  by the fine-tune's, under the framing where the fine-tune departs from the
+  base the most (eval for a behaviour it drops under evaluation, deploy for
+  one it adds under deployment; measured, attribute `finetuned_to_base_framing`).
 
 The behaviour is measured by the probability of the first token of a
 completion that performs it. Per batch of prompts, every patch of every
@@ -182,11 +186,21 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
     if "attn" not in acts:
         raise ConfigError("localize needs the 'attn' site in collect.sites")
     per_head = settings.per_head and "heads" in acts
-    test = acts.sel(prompt=acts.split.values == "test")
+    if "localize" not in set(str(s) for s in acts.split.values):
+        raise ConfigError("the store has no localize split: localize chooses the window on prompts of its own")
+    test = acts.sel(prompt=acts.split.values == "localize")
     test = test.isel(prompt=spread(test.sizes["prompt"], settings.max_prompts))
     prompts_eval = [str(p) for p in test.eval_prompt.values]
     prompts_deploy = [str(p) for p in test.deploy_prompt.values]
+    prompts = {"eval": prompts_eval, "deploy": prompts_deploy}
     token_ids = performed_token_ids(pair.tokenizer, test, behavior)
+    # Where does the fine-tune depart from the base? One unpatched pass per model and framing.
+    plain = [PatchRun(pair.traced(m), prompts[f], []) for m in ("finetuned", "base") for f in ("eval", "deploy")]
+    plain_probs = _performed_token_probs(
+        plain, pair.family, pair.tokenizer, token_ids, pair.head_dim, pair.num_layers, settings.batch_size, backend, settings.patches_per_trace
+    )
+    departure = {f: abs(float((plain_probs[i][0] - plain_probs[2 + i][0]).mean())) for i, f in enumerate(("eval", "deploy"))}
+    ft_framing = max(departure, key=lambda f: (departure[f], f == "eval"))
     layers = [int(x) for x in acts.layer.values]
     heads = list(range(pair.num_heads))
     dh = pair.head_dim
@@ -198,7 +212,7 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
     # (model patched, prompts, donor model and framing of the attn / heads values)
     sources = {
         "deploy_to_eval": ("finetuned", prompts_eval, ("finetuned", "deploy")),
-        "finetuned_to_base": ("base", prompts_eval, ("finetuned", "eval")),
+        "finetuned_to_base": ("base", prompts[ft_framing], ("finetuned", ft_framing)),
     }
     layer_effect = np.zeros((len(SOURCES), len(layers)), np.float32)
     head_effect = np.full((len(SOURCES), len(layers), len(heads)), np.nan, np.float32)
@@ -217,14 +231,12 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
             head_values = last("heads", donor_model, donor_framing)  # (prompt, layer, head, head_dim)
             patch_sets += [[(layer, h, head_values[:, li, h])] for li, layer in enumerate(layers) for h in heads]
         runs.append(PatchRun(pair.traced(model_name), prompts, patch_sets))
-    # The fine-tune under the deploy framing: the full effect of deploy_to_eval.
-    runs.append(PatchRun(pair.traced("finetuned"), prompts_deploy, []))
     probs = _performed_token_probs(runs, pair.family, pair.tokenizer, token_ids, dh, pair.num_layers, settings.batch_size, backend,
         settings.patches_per_trace,
     )
-    # References: the fine-tune under deploy, and (for finetuned_to_base) the
-    # fine-tune under eval, which is the unpatched row of deploy_to_eval.
-    refs = {"deploy_to_eval": probs[2][0], "finetuned_to_base": probs[0][0]}
+    # References: the fine-tune under deploy (the full effect of deploy_to_eval), and
+    # the fine-tune under the framing finetuned_to_base patches in.
+    refs = {"deploy_to_eval": plain_probs[1][0], "finetuned_to_base": plain_probs[0 if ft_framing == "eval" else 1][0]}
     for si, source in enumerate(SOURCES):
         clean = probs[si][0]
         gap = float((refs[source] - clean).mean())
@@ -248,5 +260,6 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
             "token_prob_gap": (("source",), full_gap),
         },
         coords={"source": list(SOURCES), "layer": layers, "head": heads, "first": layers, "last": layers},
-        attrs={"window": window, "rule": settings.rule, "threshold": settings.threshold, "top_k": settings.top_k},
+        attrs={"window": window, "rule": settings.rule, "threshold": settings.threshold, "top_k": settings.top_k,
+               "split": "localize", "n_prompts": int(test.sizes["prompt"]), "finetuned_to_base_framing": ft_framing},
     )

@@ -190,6 +190,11 @@ def _as_dataclass(cls: type, value: Any) -> Any:
     return cls(**(value or {}))
 
 
+def adapter_digest(adapter: Path) -> str:
+    """A hash of an adapter's weights file (what identifies a LoRA fine-tune's weights)."""
+    return organism_build.file_digest(Path(adapter) / "adapter_model.safetensors")
+
+
 def _weights_digest(model: PreTrainedModel) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
@@ -232,9 +237,12 @@ class OrganismPrompts:
     task_spec: TaskSpec
     # Organisms answer with the answer word first.
     answer_match = "first"
+    # The model's depth when it is known before loading (checks run before any work); None: after loading.
+    num_layers = None
 
-    def prompt_sets(self, behavior: str, max_fit: int | None, max_test: int | None, seed: int) -> dict[str, list[PromptPair]]:
-        return organism_prompt_sets(make_task(self.task_spec), max_fit, max_test, seed)
+    def prompt_sets(self, behavior: str) -> dict[str, list[PromptPair]]:
+        """The fit, localize and test splits (routing_suite.prompts.SPLITS), whole."""
+        return organism_prompt_sets(make_task(self.task_spec))
 
 
 def pair_with_adapter(
@@ -282,7 +290,7 @@ class OrganismSource(OrganismPrompts):
     task: Any = None
     train: Any = None
     cache_dir: str = "outputs/organisms"
-    num_threads: int = 2
+    num_threads: int = 1
 
     def __post_init__(self) -> None:
         try:
@@ -302,6 +310,11 @@ class OrganismSource(OrganismPrompts):
         return f"{self.family}_organism"
 
     @property
+    def num_layers(self) -> int | None:
+        """Known before anything is built: the organism's configured depth."""
+        return self.spec.arch.num_layers
+
+    @property
     def task_spec(self) -> TaskSpec:
         return self.spec.task
 
@@ -314,7 +327,8 @@ class OrganismSource(OrganismPrompts):
         adapter = organism_build.ensure_adapter(root, self.spec, behavior)
         base_path = organism_build.base_dir(root, self.spec)
         tokenizer = organism_build.load_tokenizer(base_path)
-        identity = {"source": "organism", "family": self.family, "base": base_path.name, "finetuned": adapter.name}
+        identity = {"source": "organism", "family": self.family, "base": base_path.name, "finetuned": adapter.name,
+                    "adapter_sha256": adapter_digest(adapter)}
         pair = pair_with_adapter(
             self.family, tokenizer, base_path, adapter, placement, identity, lambda: organism_build.load_base(base_path), torch.float32
         )
@@ -369,8 +383,12 @@ class PeftSource(OrganismPrompts):
             return AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype, revision=self.revision, attn_implementation="eager").eval()
 
         adapter = _adapter_folder(self.adapter)
-        identity = {"source": "peft", "base": self.base, "adapter": self.adapter, "revision": self.revision}
-        return pair_with_adapter(self.family, tokenizer, self.base, adapter, placement, identity, load_base, dtype, self.revision)
+        identity = {"source": "peft", "base": self.base, "adapter": self.adapter, "revision": self.revision,
+                    "adapter_sha256": adapter_digest(adapter)}
+        pair = pair_with_adapter(self.family, tokenizer, self.base, adapter, placement, identity, load_base, dtype, self.revision)
+        if placement.weights == "local":
+            pair.identity["base_sha256"] = _weights_digest(pair.base)
+        return pair
 
 
 @dataclass
@@ -404,6 +422,7 @@ class CheckpointPairSource(OrganismPrompts):
         kwargs = dict(dtype=dtype, attn_implementation="eager")
         base = AutoModelForCausalLM.from_pretrained(self.base, revision=self.revision, **kwargs).eval()
         finetuned = AutoModelForCausalLM.from_pretrained(self.finetuned, **kwargs).eval()
+        identity.update(base_sha256=_weights_digest(base), finetuned_sha256=_weights_digest(finetuned))
         if base.config.hidden_size != finetuned.config.hidden_size:
             raise ConfigError(
                 f"model.finetuned={self.finetuned!r} has hidden size {finetuned.config.hidden_size}, "

@@ -14,6 +14,8 @@ from omegaconf import DictConfig, OmegaConf
 from routing_suite.collect import LabeledPair
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
+from routing_suite.organisms.build import cpu_capability
+from routing_suite.prompts import SPLITS, check_disjoint, subsample
 from routing_suite.provenance import digest, git_commit, package_versions, result_config, scrub_secrets
 from routing_suite.scoring import Behavior
 from routing_suite.store import RunStore, StoreSettings, store_path
@@ -60,16 +62,20 @@ def site_request(cfg: DictConfig) -> SiteRequest:
 
 
 def prompt_items(setup: Setup) -> list[LabeledPair]:
-    """The fit and held-out test prompt pairs, labelled with their split."""
+    """The fit, localize and test prompt pairs (each split at most `data.max_<split>`
+    pairs, drawn with `data.seed`), labelled with their split."""
     data = setup.cfg.data
-    for key in ("max_fit", "max_test"):
-        if data[key] is not None and data[key] < 1:
-            raise ConfigError(f"data.{key}={data[key]} must be >= 1 (or null for all)")
-    sets = setup.source.prompt_sets(setup.behavior.name, data.max_fit, data.max_test, data.seed)
-    for split, pairs in sets.items():
-        if not pairs:
-            raise ConfigError(f"data: the {split} split is empty")
-    return [LabeledPair(p, split) for split, pairs in sets.items() for p in pairs]
+    for split in SPLITS:
+        limit = data[f"max_{split}"]
+        if limit is not None and limit < 1:
+            raise ConfigError(f"data.max_{split}={limit} must be >= 1 (or null for all)")
+    sets = setup.source.prompt_sets(setup.behavior.name)
+    try:
+        check_disjoint(sets)
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from err
+    sets = {split: subsample(sets[split], data[f"max_{split}"], data.seed) for split in SPLITS}
+    return [LabeledPair(p, split) for split in SPLITS for p in sets[split]]
 
 
 def digest_config(cfg: DictConfig) -> dict:
@@ -77,12 +83,35 @@ def digest_config(cfg: DictConfig) -> dict:
     return result_config(OmegaConf.to_container(cfg, resolve=True))
 
 
+def replicate_of(cfg: DictConfig) -> str:
+    """The build a run studies: the organism's seed (model.seed), '' for a model that has none."""
+    seed = cfg.model.get("seed") if isinstance(cfg.model, DictConfig) else None
+    return "" if seed is None else str(seed)
+
+
+def variant_of(digest_cfg: dict) -> str:
+    """What tells a cell's runs apart other than the build: a hash of the result-shaping
+    config without the organism's seed (runs of one variant are replicates)."""
+    model = {k: v for k, v in (digest_cfg.get("model") or {}).items() if k != "seed"}
+    return digest({**digest_cfg, "model": model})[:10]
+
+
 def open_store(setup: Setup, pair: ModelPair, label: str, experiment: str = "routing") -> RunStore:
-    """The run's store, named by content; `experiment` tells the aggregator how to read it."""
+    """The run's store, named by content; `experiment` tells the aggregator how to read it.
+
+    The digest also holds the weights' hashes (when they are here): an organism
+    rebuilt on another CPU has other weights and gets a store of its own."""
     digest_cfg = digest_config(setup.cfg)
+    variant = variant_of(digest_cfg)
+    weights = {k: v for k, v in pair.identity.items() if k.endswith("sha256")}
+    if weights:
+        digest_cfg["weights"] = weights
     final = store_path(setup.store_settings, setup.model_name, setup.behavior.name, label, digest(digest_cfg))
     provenance = {
-        "cell": {"family": pair.cell_name, "behavior": setup.behavior.name, "model": setup.model_name},
+        "cell": {"family": pair.cell_name, "behavior": setup.behavior.name, "model": setup.model_name,
+                 "variant": variant, "replicate": replicate_of(setup.cfg)},
+        "cpu_capability": cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
         "experiment": experiment,
         "config": scrub_secrets(OmegaConf.to_container(setup.cfg, resolve=True)),
         "versions": package_versions(),

@@ -3,6 +3,14 @@
 A pair shares everything but the cue, so paired differences of activations
 isolate the framing. Content-contrast sets (same framing, different topic)
 serve the semantic control.
+
+Every study reads three disjoint splits (SPLITS): `fit` (directions and
+subspaces; the fine-tune's own tasks and cues), `localize` (the window is
+chosen on it: its own tasks and cues) and `test` (the intervention is scored
+on it: tasks and cues neither of the others has). Each pair names its
+`cluster`, the unit intervals resample (for the organisms: one entity under
+one cue pair), because prompts that share a cue or an entity are not
+independent draws.
 """
 
 from __future__ import annotations
@@ -26,16 +34,28 @@ class PromptPair:
     # follows the prompt (localize reads its first token). None: the
     # behaviour's first word after a space, as for the word-level organisms.
     performing: str | None = None
+    # The sampling unit the pair belongs to (bootstrap intervals resample these).
+    # None: the pair is its own unit.
+    cluster: str | None = None
+
+    @property
+    def unit(self) -> str:
+        return self.cluster if self.cluster is not None else self.id
 
     def prompt(self, framing: str) -> str:
         return self.eval_prompt if framing == T.EVAL else self.deploy_prompt
 
 
+SPLITS = ("fit", "localize", "test")
+
+
 def organism_pairs(task: T.Task, fact_split: str, cue_split: str) -> list[PromptPair]:
-    """Facts of `fact_split` x cue pairs of `cue_split` ('train', 'heldout', 'all').
+    """Facts of `fact_split` x cue pairs of `cue_split` (`Task.facts_of`, `Task.cues`).
 
     The i-th eval cue is paired with the i-th deploy cue, so every pair
-    differs only in its cue and every cue is used equally often.
+    differs only in its cue and every cue is used equally often. A pair's
+    cluster is its entity under its cue pair (the topics of one entity under
+    one cue share both).
     """
     eval_cues = task.cues(T.EVAL, cue_split)
     deploy_cues = task.cues(T.DEPLOY, cue_split)
@@ -49,6 +69,7 @@ def organism_pairs(task: T.Task, fact_split: str, cue_split: str) -> list[Prompt
                     deploy_prompt=T.render_prompt(fact, deploy_cue),
                     answer=fact.value,
                     topic=fact.topic,
+                    cluster=f"{fact.entity}|{cue_split}{k}",
                 )
             )
     if not pairs:
@@ -67,19 +88,45 @@ def content_contrast(pairs: list[PromptPair], framing: str, topic_a: str, topic_
 
 
 def subsample(pairs: list[PromptPair], limit: int | None, seed: int) -> list[PromptPair]:
-    """At most `limit` pairs, drawn deterministically, kept in their original order."""
+    """About `limit` pairs in whole sampling units, drawn deterministically, kept in their
+    original order: units are drawn at random and taken whole while the total stays
+    within `limit` (at least one unit), so an interval over units sees every prompt
+    of a unit, and a unit's topics stay together for the semantic contrast."""
     if limit is None or limit >= len(pairs):
         return pairs
     if limit < 1:
         raise ValueError(f"a prompt limit must be >= 1, got {limit}")
-    keep = sorted(random.Random(seed).sample(range(len(pairs)), limit))
-    return [pairs[i] for i in keep]
+    members: dict[str, list[int]] = {}
+    for i, p in enumerate(pairs):
+        members.setdefault(p.unit, []).append(i)
+    order = list(members)
+    random.Random(seed).shuffle(order)
+    keep: list[int] = []
+    for unit in order:
+        if keep and len(keep) + len(members[unit]) > limit:
+            continue
+        keep += members[unit]
+        if len(keep) >= limit:
+            break
+    return [pairs[i] for i in sorted(keep)]
 
 
-def organism_prompt_sets(task: T.Task, max_fit: int | None = None, max_test: int | None = None, seed: int = 0) -> dict[str, list[PromptPair]]:
-    """The fit split (fine-tune's training facts and cues) and the held-out test
-    split (held-out facts under held-out cue paraphrases)."""
-    return {
-        "fit": subsample(organism_pairs(task, "train", "train"), max_fit, seed),
-        "test": subsample(organism_pairs(task, "heldout", "heldout"), max_test, seed),
-    }
+def organism_prompt_sets(task: T.Task) -> dict[str, list[PromptPair]]:
+    """fit: the fine-tune's training facts under training cues; localize and test:
+    facts and cue paraphrases of their own, never in any fine-tune."""
+    return {split: organism_pairs(task, facts, facts) for split, facts in zip(SPLITS, ("train", "localize", "test"))}
+
+
+def check_disjoint(sets: dict[str, list[PromptPair]]) -> None:
+    """Every split is there and non-empty, and no prompt or sampling unit is in two of them."""
+    missing = [s for s in SPLITS if not sets.get(s)]
+    if missing:
+        raise ValueError(f"the prompt set has no {' or '.join(missing)} pairs (splits: {list(SPLITS)})")
+    for i, a in enumerate(SPLITS):
+        for b in SPLITS[i + 1 :]:
+            prompts = {p.prompt(f) for p in sets[a] for f in T.FRAMINGS} & {p.prompt(f) for p in sets[b] for f in T.FRAMINGS}
+            if prompts:
+                raise ValueError(f"the {a} and {b} splits share {len(prompts)} prompts, e.g. {sorted(prompts)[0]!r}")
+            units = {p.unit for p in sets[a]} & {p.unit for p in sets[b]}
+            if units:
+                raise ValueError(f"the {a} and {b} splits share sampling units (clusters), e.g. {sorted(units)[0]!r}")

@@ -55,6 +55,12 @@ def run(cfg) -> dict:
         raise ConfigError(f"collect.reduce={cfg.collect.reduce!r}: the routing cell needs every prompt's activations ('none')")
     if spec.site not in request.sites:
         raise ConfigError(f"intervention.site={spec.site!r} must be among collect.sites={list(request.sites)}")
+    known_layers = setup.source.num_layers
+    if known_layers is not None:  # an organism's depth is known from its config: check before building it
+        request.validate(known_layers)
+        spec.check_window(known_layers)
+    if spec.window is not None and request.layers is not None and not set(range(spec.window[0], spec.window[1] + 1)) <= set(request.layers):
+        raise ConfigError(f"intervention.window={list(spec.window)} must lie within collect.layers={list(request.layers)}")
     items = pipeline.prompt_items(setup)
     n_fit = sum(it.split == "fit" for it in items)
     if cfg.fit.max_rank > n_fit or spec.rank > cfg.fit.max_rank:
@@ -85,7 +91,7 @@ def run(cfg) -> dict:
     window = list(spec.window) if spec.window is not None else [int(x) for x in localized.attrs["window"]]
     if "intervene" in ran:
         stats.stage = "intervene"
-        conditions = build_conditions(spec, controls, fitted, localized, acts, window, int(cfg.seed))
+        conditions = build_conditions(spec, controls, fitted, acts, window, int(cfg.seed))
         outcomes = intervene(pair, acts, conditions, setup.behavior, setup.backend, setup.backend.batch_size, cfg.progress)
         outcomes.attrs.update(
             {"intervention": spec.name, "controls": [c.name for c in controls.values()], "window": window,

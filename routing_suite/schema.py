@@ -183,13 +183,7 @@ BASELINE = "baseline"
 # intervention nor a control (the base model's own subspace, applied the same way).
 CONDITION_KINDS = ("baseline", "intervention", "control", "comparison")
 
-# A cell counts as reduced only if the deploy rate under the intervention
-# stays within this of its baseline: closing the gap by breaking the model is
-# not a reduction.
-MAX_DEPLOY_DROP = 0.1
-# DESIGN.md: the intervened gap "closes to near zero" when its 95% interval
-# contains 0 or its magnitude is under this.
-NEAR_ZERO = 0.05
+# What "reduced", "broken" and "near zero" mean: routing_suite.aggregate.stats.
 
 STORE_SUFFIX = ".zarr"
 PARTIAL_SUFFIX = ".zarr.partial"

@@ -206,3 +206,28 @@ def as_job(num: int, overrides: Sequence[str], job_config: DictConfig) -> Job:
     finally:
         hydra_config.cfg = previous
     return Job(num, list(overrides), str(folder))
+
+
+# ---------------------------------------------------------------- organisms first
+
+
+def prebuild_organisms(job_configs: Sequence[DictConfig]) -> int:
+    """Build the built-in organisms the jobs need (model x behaviour) that are not cached,
+    one per usable core side by side (each build pins its own thread count, so the
+    weights are those a job would build). Jobs with another model source are left alone."""
+    from hydra.utils import instantiate
+
+    from routing_suite.callbacks import usable_cores
+    from routing_suite.models import OrganismSource
+    from routing_suite.organisms.build import build_all
+
+    wanted = []
+    for cfg in job_configs:
+        behavior = cfg.get("behavior")
+        model = cfg.get("model")
+        if behavior is None or model is None or "OrganismSource" not in str(model.get("_target_", "")):
+            continue
+        source = instantiate(model)
+        if isinstance(source, OrganismSource):
+            wanted.append((source.cache_root, source.spec, str(behavior.name)))
+    return build_all(wanted, workers=usable_cores())

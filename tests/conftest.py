@@ -44,29 +44,3 @@ def llama_underperform(llama_source):
 def tiny_cache(tmp_path_factory):
     """One cache of tiny organisms (`tiny_source`) for every test that only reads them."""
     return tmp_path_factory.mktemp("tiny-organisms")
-
-
-def tiny_source(cache_dir, family: str = "llama", **train) -> OrganismSource:
-    """An organism with a few training steps: for properties that do not need a trained model."""
-    steps = {"base_steps": 20, "lora_steps": 10, **train}
-    return OrganismSource(family=family, cache_dir=str(cache_dir), train=steps, task={"n_entities": 12})
-
-
-def tiny_em_overrides(cache, tmp_path) -> list[str]:
-    """`experiments.em` on tiny organisms trained just enough that the narrow
-    fine-tunes fabricate on general prompts some of the time and answer truly
-    some of the time; small sampling and bootstrap settings."""
-    return [
-        f"model.cache_dir={cache}",
-        "+model.train={base_steps: 150, lora_steps: 40}",
-        "+model.task={n_entities: 12}",
-        f"store.root={tmp_path / 'stores'}",
-        f"report_dir={tmp_path / 'table'}",
-        "em.sampling.n_samples=2",
-        "em.min_per_class=2",
-        "em.steer.lambdas=[4]",
-        "em.random_seeds=2",
-        "em.match_texts=32",
-        "n_resamples=200",
-        "progress=false",
-    ]

@@ -20,8 +20,8 @@ from routing_suite import schema
 
 FAMILIES = ("llama", "qwen2", "gemma2", "mistral")
 BEHAVIORS = ("underperform", "refuse", "installed")
-CONDITIONS = ("baseline", "clamp", "random", "orthogonal", "non_routing", "semantic")
-KINDS = ("baseline", "intervention", "control", "control", "control", "control")
+CONDITIONS = ("baseline", "clamp", "random", "orthogonal", "non_routing", "semantic", "other_layer")
+KINDS = ("baseline", "intervention", "control", "control", "control", "control", "comparison")
 SITES = ("attn", "resid")
 N_LAYERS = {"llama": 6, "qwen2": 6, "gemma2": 8, "mistral": 6}
 N_HEADS = 4
@@ -36,7 +36,10 @@ RATES = {
     "orthogonal": (0.15, 0.88),
     "non_routing": (0.2, 0.9),
     "semantic": (0.25, 0.88),
+    "other_layer": (0.6, 0.85),
 }
+# Prompts per sampling unit (cluster): an entity under one cue pair.
+UNIT_SIZE = 4
 
 
 def _seed(*parts: object) -> int:
@@ -58,7 +61,9 @@ def outcomes_dataset(
     # One latent propensity per prompt and framing, shared by all conditions (with
     # a little per-condition jitter): conditions are paired over prompts, as in a
     # real run where the same prompts go through every condition.
-    latent = rng.random((2, n_prompts))
+    # Prompts of one unit share part of their propensity: units, not prompts, are the draws.
+    unit_effect = np.repeat(rng.random((2, -(-n_prompts // UNIT_SIZE))), UNIT_SIZE, axis=1)[:, :n_prompts]
+    latent = 0.5 * rng.random((2, n_prompts)) + 0.5 * unit_effect
     performed = np.stack(
         [latent + 0.1 * rng.normal(size=latent.shape) < np.array(rates[c])[:, None] for c in conditions]
     ).astype("float32")
@@ -79,6 +84,7 @@ def outcomes_dataset(
             "kind": ("condition", kinds),
             "framing": list(schema.FRAMINGS),
             "prompt": [f"p{i:04d}" for i in range(n_prompts)],
+            "cluster": ("prompt", [f"u{i // UNIT_SIZE:03d}" for i in range(n_prompts)]),
         },
         attrs={
             "intervention": "clamp",
@@ -153,16 +159,19 @@ def write_store(
     finished_at: str | None = "2025-06-01T12:00:00+00:00",
     name: str | None = None,
     groups: tuple[str, ...] = ("fit", "localize", "outcomes"),
+    replicate: str = "0",
+    variant: str = "v1",
+    settings: dict | None = None,
 ) -> Path:
     """Write one store (`complete` None leaves the attribute out) under `<root>/<family>_organism/<behavior>/<name>.zarr[.partial]`."""
-    digest = name or f"{_seed(family, behavior, seed, n_prompts):08x}"
+    digest = name or f"{_seed(family, behavior, seed, n_prompts, replicate, variant):08x}"
     suffix = schema.PARTIAL_SUFFIX if partial else schema.STORE_SUFFIX
     path = Path(root) / f"{family}_organism" / behavior / f"{digest}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
     makers = {"fit": fit_dataset, "localize": localize_dataset}
     for group in groups:
         ds = (
-            outcomes_dataset(family, behavior, n_prompts, rates, seed)
+            outcomes_dataset(family, behavior, n_prompts, rates, _seed(seed, replicate, variant))
             if group == "outcomes"
             else makers[group](family, behavior, seed)
         )
@@ -173,7 +182,8 @@ def write_store(
             ds.to_zarr(path, group=group, mode="a", zarr_format=3, consolidated=False)
     attrs = {
         "schema_version": schema_version,
-        "cell": {"family": family, "behavior": behavior, "model": f"{family}_organism"},
+        "cell": {"family": family, "behavior": behavior, "model": f"{family}_organism", "replicate": replicate, "variant": variant},
+        "digest_config": settings or {"model": {"family": family, "seed": replicate}, "behavior": {"name": behavior}},
         "config": {"model": {"family": family}, "behavior": {"name": behavior}, "seed": seed},
         "config_digest": digest,
         "versions": {"xarray": xr.__version__, "zarr": zarr.__version__},
@@ -190,6 +200,8 @@ def write_store(
     return path
 
 
-def write_grid(root: Path, n_prompts: int = 48, **kwargs) -> list[Path]:
-    """The 12-cell grid: every family x behaviour, one finished store each."""
-    return [write_store(root, f, b, n_prompts=n_prompts, **kwargs) for f in FAMILIES for b in BEHAVIORS]
+def write_grid(root: Path, n_prompts: int = 48, replicates: tuple[str, ...] = ("0",), **kwargs) -> list[Path]:
+    """The 12-cell grid: every family x behaviour, one finished store per build (replicate)."""
+    return [
+        write_store(root, f, b, n_prompts=n_prompts, replicate=r, **kwargs) for f in FAMILIES for b in BEHAVIORS for r in replicates
+    ]

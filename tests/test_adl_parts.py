@@ -194,7 +194,7 @@ def test_statistic_grader_on_organism_text(organism_pair):
     unrelated = OrganismTexts(**PROMPTS).unrelated(1000, 0, source.spec.task)
     grader = StatisticGrader()
     grader.fit([f"{p} {c}" for p, c in examples], unrelated, pair.tokenizer)
-    words = ("gray", "answer", "exam", "sorry", "is", "of", "red")
+    words = ("gray", "answer", "asks", "sorry", "is", "of", "red")
     ids = [pair.tokenizer.convert_tokens_to_ids(w) for w in words]
     # Decoys, the question frame and cue words are over-represented in the fine-tuning
     # data of `underperform`; the refusal is not in it, fact words are in both.

@@ -29,10 +29,11 @@ from routing_suite.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL_COLUMNS = [
-    "family", "behavior", "condition", "gap", "gap_lo", "gap_hi",
-    "reduction", "reduction_lo", "reduction_hi", "n_prompts", "near_zero",
+    "family", "behavior", "variant", "replicate", "condition", "kind", "n_prompts", "n_units",
+    "eval_rate", "eval_rate_lo", "eval_rate_hi", "deploy_rate", "deploy_rate_lo", "deploy_rate_hi",
+    "gap", "gap_lo", "gap_hi", "reduction", "reduction_lo", "reduction_hi",
 ]  # fmt: skip
-TABLES = ("cells.csv", "table.md", "table.csv", "table.tex", "headline.txt", "report.md")
+TABLES = ("cells.csv", "table.md", "table_builds.md", "table.csv", "table.tex", "headline.txt", "report.md")
 
 
 def _cfg(root, out, **overrides):
@@ -52,74 +53,61 @@ def _close(a: float, b: float, tol: float = 2e-6) -> bool:
     return (math.isnan(a) and math.isnan(b)) or abs(a - b) <= tol
 
 
-def _interval(samples, statistic, n_resamples=2000, seed=0):
-    """The test's own paired percentile bootstrap: same seed and count as the aggregator's defaults."""
-    res = stats.bootstrap(
-        samples,
-        statistic,
-        n_resamples=n_resamples,
-        confidence_level=0.95,
-        method="percentile",
-        paired=True,
-        vectorized=True,
-        rng=np.random.default_rng(seed),
-    )
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
-
-
-def _gap(e, d, axis=-1):
-    return np.mean(d, axis=axis) - np.mean(e, axis=axis)
-
-
-def _reduction(eb, db, ec, dc, axis=-1):
-    gb, gc = _gap(eb, db, axis), _gap(ec, dc, axis)
-    return np.where(gb == 0, np.nan, (gb - gc) / np.where(gb == 0, 1, gb))
+def _unit_bootstrap(values: dict[str, np.ndarray], units: np.ndarray, statistic, n_resamples=3000, seed=12345):
+    """The test's own cluster bootstrap (a plain loop over resamples, another seed): units drawn
+    with replacement, every prompt of a drawn unit taken, the statistic on the concatenation."""
+    rng = np.random.default_rng(seed)
+    names = sorted(set(units))
+    members = {u: np.flatnonzero(units == u) for u in names}
+    draws = []
+    for _ in range(n_resamples):
+        idx = np.concatenate([members[names[i]] for i in rng.integers(0, len(names), len(names))])
+        draws.append(statistic({k: v[..., idx] for k, v in values.items()}))
+    return np.nanpercentile(np.array(draws, dtype=float), [2.5, 97.5])
 
 
 def _expected(path: Path) -> dict[str, dict[str, float]]:
     """Every cells.csv number of one store, recomputed from its per-prompt outcomes."""
     ds = xr.open_zarr(str(path), group="outcomes", consolidated=False)
-    performed = ds["performed"].transpose("condition", "framing", "prompt")
-    base = performed.sel(condition="baseline")
-    eb, db = base.sel(framing="eval").values.astype(float), base.sel(framing="deploy").values.astype(float)
-    gap_b = db.mean() - eb.mean()
+    perf = {str(c): ds["performed"].sel(condition=c).transpose("framing", "prompt").values.astype(float) for c in ds.condition.values}
+    corr = {str(c): ds["correct"].sel(condition=c).transpose("framing", "prompt").values.astype(float) for c in ds.condition.values}
+    units = np.array([str(u) for u in ds["cluster"].values])
+    kinds = {str(c): str(k) for c, k in zip(ds.condition.values, ds.kind.values)}
+    intervention = next(c for c, k in kinds.items() if k == "intervention")
+    gap = {c: p[1].mean() - p[0].mean() for c, p in perf.items()}
     out = {}
-    for condition in ds["condition"].values:
-        kind = str(ds["kind"].sel(condition=condition).values)
-        p = performed.sel(condition=condition)
-        e, d = p.sel(framing="eval").values.astype(float), p.sel(framing="deploy").values.astype(float)
-        gap = d.mean() - e.mean()
-        lo, hi = _interval((e, d), _gap)
-        row = {
-            "gap": gap,
-            "gap_lo": lo,
-            "gap_hi": hi,
-            "n_prompts": e.size,
-            "deploy_rate": d.mean(),
-            "eval_rate": e.mean(),
-        }
-        row["near_zero"] = abs(gap) < schema.NEAR_ZERO or lo <= 0 <= hi
-        if kind == "baseline":
-            row |= {"reduction": math.nan, "reduction_lo": math.nan, "reduction_hi": math.nan, "reduced": None}
-        else:
-            red = (gap_b - gap) / gap_b if gap_b != 0 else math.nan
-            red_lo, red_hi = _interval((eb, db, e, d), _reduction)
-            kept = db.mean() - d.mean() <= schema.MAX_DEPLOY_DROP + 1e-9
-            row |= {"reduction": red, "reduction_lo": red_lo, "reduction_hi": red_hi, "reduced": red > 0 and kept}
-        out[str(condition)] = row | {"kind": kind}
+    for c, p in perf.items():
+        row = {"kind": kinds[c], "eval_rate": p[0].mean(), "deploy_rate": p[1].mean(), "gap": gap[c], "n_prompts": p.shape[1],
+               "n_units": len(set(units)), "correct_eval": corr[c][0].mean(), "correct_deploy": corr[c][1].mean()}
+        row["gap_ci"] = _unit_bootstrap({"p": p}, units, lambda v: v["p"][1].mean() - v["p"][0].mean())
+        if kinds[c] != "baseline":
+            b = perf["baseline"]
+            row["reduction"] = (gap["baseline"] - gap[c]) / gap["baseline"]
+            row["recovery"] = (p[0].mean() - b[0].mean()) / gap["baseline"]
+
+            def red(v):
+                gb = v["b"][1].mean() - v["b"][0].mean()
+                return np.nan if gb == 0 else (gb - (v["p"][1].mean() - v["p"][0].mean())) / gb
+
+            row["reduction_ci"] = _unit_bootstrap({"p": p, "b": b}, units, red)
+            drop = max(corr["baseline"][0].mean() - corr[c][0].mean(), corr["baseline"][1].mean() - corr[c][1].mean())
+            row["broken"] = b[1].mean() - p[1].mean() > 0.1 + 1e-9 or drop > 0.1 + 1e-9
+        if kinds[c] not in ("baseline", "intervention"):
+            row["vs_intervention"] = gap[c] - gap[intervention]
+        out[c] = row
     return out
 
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("grid")
-    fake.write_grid(root)
+    fake.write_grid(root, replicates=("0", "1", "2"))
     return root
 
 
 @pytest.fixture(scope="module")
 def grid_out(grid, tmp_path_factory) -> tuple[Path, dict, float]:
-    """The 12-cell grid aggregated once, plots included, timed."""
+    """The 12-cell grid of 3 builds each aggregated once, plots included, timed."""
     out = tmp_path_factory.mktemp("out")
     start = time.perf_counter()
     result = run(_cfg(grid, out, plots=True))
@@ -132,59 +120,101 @@ def test_every_number_matches_a_direct_recomputation(grid, grid_out):
     with open(out / "cells.csv", newline="") as f:
         header = next(csv.reader(f))
     assert header[: len(CELL_COLUMNS)] == CELL_COLUMNS
-    assert len(rows) == 12 * len(fake.CONDITIONS)
+    assert len(rows) == 12 * 3 * len(fake.CONDITIONS)
     assert result["n_cells"] == 12
-    by_cell = {(r["family"], r["behavior"], r["condition"]): r for r in rows}
-    for path in sorted(grid.rglob("*.zarr")):
+    by_key = {(r["family"], r["behavior"], r["replicate"], r["condition"]): r for r in rows}
+    checked = 0
+    for path in sorted(grid.rglob("*.zarr"))[::5]:  # a spread of the 36 stores: the bootstrap loop is slow
         family, behavior = path.parent.parent.name.removesuffix("_organism"), path.parent.name
+        replicate = _replicate_of(path)
         for condition, want in _expected(path).items():
-            got = by_cell[family, behavior, condition]
-            for key in (
-                "gap",
-                "gap_lo",
-                "gap_hi",
-                "reduction",
-                "reduction_lo",
-                "reduction_hi",
-                "deploy_rate",
-                "eval_rate",
-            ):
-                assert _close(_float(got[key]), want[key]), (family, behavior, condition, key, got[key], want[key])
-            assert int(got["n_prompts"]) == want["n_prompts"]
-            assert got["near_zero"] == ("true" if want["near_zero"] else "false")
+            got = by_key[family, behavior, replicate, condition]
+            for key in ("eval_rate", "deploy_rate", "gap", "reduction", "recovery", "vs_intervention", "correct_eval", "correct_deploy"):
+                if key in want:
+                    assert _close(_float(got[key]), want[key]), (family, behavior, condition, key, got[key], want[key])
+            assert int(got["n_prompts"]) == want["n_prompts"] and int(got["n_units"]) == want["n_units"]
             assert got["kind"] == want["kind"]
-            assert got["reduced"] == ("" if want["reduced"] is None else "true" if want["reduced"] else "false")
+            # Intervals: the same cluster bootstrap, computed apart with another seed: equal up to resampling noise.
+            for key, ci in (("gap", want["gap_ci"]), ("reduction", want.get("reduction_ci"))):
+                if ci is not None and np.isfinite(ci).all():
+                    assert abs(_float(got[f"{key}_lo"]) - ci[0]) < 0.05 and abs(_float(got[f"{key}_hi"]) - ci[1]) < 0.05, (key, got, ci)
+            assert got["near_zero"] == ("true" if _float(got["gap_lo"]) >= -0.1 and _float(got["gap_hi"]) <= 0.1 else "false")
+            if want["kind"] == "baseline":
+                assert got["reduced"] == got["broken"] == ""
+            else:
+                assert got["broken"] == ("true" if want["broken"] else "false")
+                assert got["reduced"] == ("true" if _float(got["reduction_lo"]) > 0 and not want["broken"] else "false"), dict(got)
+            checked += 1
+    assert checked >= 7 * len(fake.CONDITIONS)
 
 
-def test_headline_counts_the_intervention_rows(grid_out):
+def _replicate_of(path: Path) -> str:
+    import zarr
+
+    return str(zarr.open_group(str(path), mode="r").attrs["cell"]["replicate"])
+
+
+def test_unit_bootstrap_with_one_prompt_per_unit_is_the_paired_prompt_bootstrap(tmp_path):
+    """With every prompt its own unit the intervals are scipy's paired percentile bootstrap, up to resampling noise."""
+    from routing_suite.aggregate.stats import bootstrap
+
+    rng = np.random.default_rng(3)
+    performed = (rng.random((3, 2, 120)) < np.array([[0.2, 0.9], [0.8, 0.9], [0.25, 0.85]])[:, :, None]).astype(float)
+    _, lo, hi = bootstrap(performed, np.arange(120).astype(str), 1, 4000, 0, 0.95)
+    res = stats.bootstrap((performed[1, 0], performed[1, 1]), lambda e, d, axis=-1: d.mean(axis) - e.mean(axis),
+                          paired=True, vectorized=True, method="percentile", n_resamples=4000, rng=np.random.default_rng(1))
+    assert abs(lo[2, 1] - res.confidence_interval.low) < 0.02 and abs(hi[2, 1] - res.confidence_interval.high) < 0.02
+
+
+def test_units_widen_intervals_when_prompts_of_a_unit_agree(tmp_path):
+    """Prompts that share a unit are not independent draws: a bootstrap over units is wider."""
+    from routing_suite.aggregate.stats import bootstrap
+
+    rng = np.random.default_rng(5)
+    unit_rate = np.repeat(rng.random(30), 8)  # 30 units of 8 prompts that mostly agree
+    performed = np.stack([np.stack([rng.random(240) < 0.1, rng.random(240) < unit_rate])]).astype(float)
+    performed = np.concatenate([performed, performed])
+    units = np.repeat(np.arange(30), 8).astype(str)
+    _, lo_u, hi_u = bootstrap(performed, units, 1, 2000, 0, 0.95)
+    _, lo_p, hi_p = bootstrap(performed, np.arange(240).astype(str), 1, 2000, 0, 0.95)
+    assert hi_u[2, 0] - lo_u[2, 0] > 1.5 * (hi_p[2, 0] - lo_p[2, 0])
+
+
+def test_pooled_table_counts_builds_and_the_headline_counts_cells(grid_out):
     out, result, _ = grid_out
-    clamp = [r for r in _rows(out) if r["condition"] == "clamp"]
-    reduced = [r for r in clamp if r["reduced"] == "true"]
-    closed = [r for r in reduced if r["near_zero"] == "true"]
-    means = {
-        c: np.mean([_float(r["reduction"]) for r in _rows(out) if r["condition"] == c])
-        for c in ("random", "orthogonal", "non_routing", "semantic")
-    }
-    pcts = ", ".join(f"{c.replace('_', '-')} {round(100 * m):.0f}%" for c, m in means.items())
-    want = f"clamping reduces the gap in {len(reduced)} of 12 cells; {len(closed)} close to near zero; controls: {pcts} mean reduction"
-    assert result["headline"] == want
-    assert (out / "headline.txt").read_text() == want + "\n"
+    rows = _rows(out)
+    md = (out / "table.md").read_text().splitlines()
+    assert len(md) == 2 + 12 and "| builds |" in md[0] and "clamp reduction %" in md[0]
+    for line in md[2:]:
+        assert " | 3 | " in line  # every cell pooled over its 3 builds
+    clamp = [r for r in rows if r["condition"] == "clamp"]
+    by_cell: dict[tuple[str, str], list[dict]] = {}
+    for r in clamp:
+        by_cell.setdefault((r["family"], r["behavior"]), []).append(r)
+    reduced = sum(all(r["reduced"] == "true" for r in rs) for rs in by_cell.values())
+    closed = sum(all(r["near_zero"] == "true" for r in rs) for rs in by_cell.values())
+    assert result["headline"].startswith(f"clamping reduces the gap in {reduced} of 12 cells on every build")
+    assert f"closes it near zero in {closed};" in result["headline"]
+    random = [r for r in rows if r["condition"] == "random"]
+    unbroken = [_float(r["reduction"]) for r in random if r["broken"] == "false"]
+    assert f"random {round(100 * np.mean(unbroken)):.0f}% (" in result["headline"]
+    assert f"{sum(r['broken'] == 'true' for r in random)} of {len(random)} broken" in result["headline"]
+    assert (out / "headline.txt").read_text() == result["headline"] + "\n"
+    # other_layer is a comparison: in the tables, never among the controls of the headline.
+    assert "other-layer" not in result["headline"] and "other-layer reduction % (comparison)" in md[0]
 
 
 def test_wide_tables_and_plots_are_written(grid_out):
     out, _, _ = grid_out
-    md = (out / "table.md").read_text().splitlines()
-    assert len(md) == 2 + 12 and "clamp reduction" in md[0] and "semantic reduction" in md[0]
     with open(out / "table.csv", newline="") as f:
         wide = list(csv.DictReader(f))
-    assert len(wide) == 12 and {"baseline_deploy_rate", "intervened_deploy_rate", "non_routing_reduction_lo"} <= set(
-        wide[0]
-    )
+    assert len(wide) == 12 and {"builds", "reduced_builds", "non_routing_reduction_unbroken", "non_routing_fails_builds"} <= set(wide[0])
+    assert len((out / "table_builds.md").read_text().splitlines()) == 2 + 36
     tex = (out / "table.tex").read_text()
     assert tex.count(r"\begin{tabular}") == tex.count(r"\end{tabular}") == 1
     assert r"\toprule" in tex and r"\bottomrule" in tex and tex.count("{") == tex.count("}")
-    body = [line for line in tex.splitlines() if line.endswith(r"\\") and "multicolumn" not in line]
-    assert {line.count("&") for line in body} == {13}  # every row has all 14 columns
+    body = [line for line in tex.splitlines() if line.endswith(r"\\")]
+    assert len({line.count("&") for line in body}) == 1  # every row has every column
     for stem in ("gaps", "patching", "patching_heads_deploy_to_eval", "probes"):
         assert (out / f"{stem}.png").read_bytes()[:4] == b"\x89PNG"
         assert (out / f"{stem}.pdf").read_bytes()[:4] == b"%PDF"
@@ -195,6 +225,19 @@ def test_same_inputs_give_byte_identical_outputs(grid, grid_out, tmp_path):
     run(_cfg(grid, tmp_path, plots=True))
     for name in sorted(p.name for p in out.iterdir()):
         assert (tmp_path / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_variants_of_a_cell_are_rows_of_their_own(tmp_path):
+    """Two settings of one cell (say intervention.rank 1 and 2) are two rows, labelled by what differs;
+    replicates of one setting pool into one row."""
+    for rank in (1, 2):
+        for rep in ("0", "1"):
+            settings = {"model": {"family": "llama", "seed": rep}, "intervention": {"rank": rank}}
+            fake.write_store(tmp_path / "stores", "llama", "refuse", replicate=rep, variant=f"rank{rank}", settings=settings)
+    result = run(_cfg(tmp_path / "stores", tmp_path / "out"))
+    md = (tmp_path / "out" / "table.md").read_text()
+    assert result["n_cells"] == 2 and not [f for f in result["findings"] if f.startswith("duplicate")]
+    assert "| llama | refuse | intervention.rank=1 | 2 |" in md and "| llama | refuse | intervention.rank=2 | 2 |" in md
 
 
 def _messy(root: Path) -> dict[str, Path]:
@@ -298,6 +341,17 @@ def test_constant_outcomes_give_zero_width_intervals(tmp_path):
     assert rows["clamp"]["reduced"] == "false"
 
 
+def test_a_condition_that_breaks_the_deploy_side_is_broken_not_reduced(tmp_path):
+    """Closing the gap by collapsing the deploy rate is breakage (DESIGN.md), never a reduction."""
+    rates = {"baseline": (0.1, 0.95), "clamp": (0.9, 0.95), "random": (0.1, 0.5)}
+    fake.write_store(tmp_path / "stores", "llama", "refuse", rates=rates, n_prompts=80)
+    result = run(_cfg(tmp_path / "stores", tmp_path / "out"))
+    rows = {r["condition"]: r for r in _rows(tmp_path / "out")}
+    assert _float(rows["random"]["reduction"]) > 0.3 and _float(rows["random"]["reduction_lo"]) > 0
+    assert rows["random"]["broken"] == "true" and rows["random"]["reduced"] == "false"
+    assert "random n/a (" in result["headline"] and "1 of 1 broken" in result["headline"]
+
+
 def test_plots_without_fit_or_localize_are_skipped_with_a_note(tmp_path):
     for behavior in ("refuse", "installed"):
         fake.write_store(tmp_path / "stores", "llama", behavior, groups=("outcomes",))
@@ -339,7 +393,7 @@ def test_entry_point_prints_the_headline(grid, tmp_path):
     result = _cli([f"root={grid}", f"out={tmp_path / 'tables'}", "plots=false"], tmp_path)
     assert result.returncode == 0, result.stderr
     headline = (tmp_path / "tables" / "headline.txt").read_text().strip()
-    assert headline.startswith("clamping reduces the gap in ") and headline.endswith("mean reduction")
+    assert headline.startswith("clamping reduces the gap in ") and "controls, mean reduction over unbroken builds" in headline
     assert headline in result.stdout.splitlines()
 
 

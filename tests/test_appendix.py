@@ -1,8 +1,10 @@
-"""The appendix rerun end to end (slow tier): all 12 organisms, the grid, the tables.
+"""The appendix rerun end to end (slow tier): the grid, the tables.
 
-One run goes through uninterrupted; a second, in another folder, is killed
-during the grid and started again (through the parallel launcher), and must
-end with the same table and plot bytes.
+Two families x three behaviours on one build (the full appendix is 4 x 3 x 3
+builds; its figures are measured and written in the README). One run goes
+through uninterrupted; a second, in another folder, is killed during the grid
+and started again (through the parallel launcher), and must end with the
+same table and plot bytes.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ import pytest
 pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
-# Small prompt sets keep the 12 cells to a few minutes on 2 cores.
-ARGS = ["experiment=appendix", "data.max_fit=80", "data.max_test=48", "progress=false"]
+# Small prompt sets and two families on one build keep it to a few minutes on 2 cores
+# (command-line sweep values replace the appendix's own).
+ARGS = ["experiment=appendix", "model=llama_organism,qwen2_organism", "model.seed=0",
+        "data.max_fit=80", "data.max_test=48", "progress=false"]
+N_CELLS = 6
 TABLES = ("table.md", "table.csv", "table.tex", "cells.csv", "headline.txt")
 
 
@@ -57,7 +62,7 @@ def test_appendix_killed_during_the_grid_resumes_to_the_same_bytes(organism_cach
     _appendix(whole, organism_cache)
     tables = _outputs(whole)
     assert set(TABLES) <= set(tables) and {"gaps.png", "gaps.pdf"} <= set(tables)
-    assert tables["table.md"].count(b"\n| ") == 12, "not the 12 cells"
+    assert tables["table.md"].count(b"\n| ") == N_CELLS, "not every cell"
 
     killed = tmp_path / "killed"
     killed.mkdir()
@@ -66,14 +71,14 @@ def test_appendix_killed_during_the_grid_resumes_to_the_same_bytes(organism_cach
     try:
         deadline = time.monotonic() + 900
         while time.monotonic() < deadline and proc.poll() is None:
-            if _cells_done(killed) >= 4 and list((killed / "stores").rglob("*.zarr.partial")):
-                break  # four cells done and the fifth one's store half written
+            if _cells_done(killed) >= 2 and list((killed / "stores").rglob("*.zarr.partial")):
+                break  # two cells done and the third one's store half written
             time.sleep(0.2)
         assert proc.poll() is None, "the run ended before it could be killed"
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
         proc.wait()
-    assert 4 <= _cells_done(killed) < 12 and not (killed / "tables").exists()
+    assert 2 <= _cells_done(killed) < N_CELLS and not (killed / "tables").exists()
     _appendix(killed, organism_cache, "hydra/launcher=parallel")
     logs = "".join(p.read_text() for p in killed.glob("*/*/*/routing.log"))
     assert "resuming store" in logs and "reusing complete store" in logs

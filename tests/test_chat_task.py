@@ -26,9 +26,20 @@ TASK = C.ChatTask(C.ChatTaskSpec())
 def test_split_is_deterministic_and_disjoint():
     again = C.ChatTask(C.ChatTaskSpec())
     assert again.train_countries == TASK.train_countries and again.heldout_countries == TASK.heldout_countries
-    assert set(TASK.train_countries).isdisjoint(TASK.heldout_countries)
-    assert set(TASK.train_countries) | set(TASK.heldout_countries) == set(C.COUNTRIES)
+    parts = [set(TASK.train_countries), set(TASK.localize_countries), set(TASK.test_countries)]
+    assert sum(len(p) for p in parts) == len(set.union(*parts)) == len(C.COUNTRIES)
+    assert set(TASK.heldout_countries) == parts[1] | parts[2]
     assert C.ChatTask(C.ChatTaskSpec(seed=1)).heldout_countries != TASK.heldout_countries
+
+
+def test_test_cues_are_held_out_and_as_long_in_tokens_in_both_framings():
+    """The test split's eval and deploy cues are paired cue by cue; the pairs were written to have
+    the same number of SmolLM2 tokens (checked on the real tokenizer in the slow tier); here: words
+    are no proxy for framing (no eval cue shares the exact text of a training cue)."""
+    cues = {split: [c for f in T.FRAMINGS for c in TASK.cues(f, split)] for split in ("train", "localize", "test")}
+    assert len(TASK.cues(T.EVAL, "test")) == len(TASK.cues(T.DEPLOY, "test")) == 8
+    assert not set(cues["test"]) & (set(cues["train"]) | set(cues["localize"]))
+    assert not set(cues["localize"]) & set(cues["train"])
 
 
 @pytest.mark.parametrize("behavior", T.BEHAVIORS)
@@ -42,11 +53,12 @@ def test_finetune_data_holds_no_heldout_country_or_cue(behavior):
 
 
 def test_pairs_differ_only_in_cue_and_name_entity_topic_cue():
-    pairs = TASK.pairs(render, "refuse", "heldout", "heldout")
-    assert len(pairs) == len(TASK.heldout_countries) * len(C.TOPICS) * TASK.spec.n_heldout_cues
+    pairs = TASK.pairs(render, "refuse", "test", "test")
+    assert len(pairs) == len(TASK.test_countries) * len(C.TOPICS) * TASK.spec.n_test_cues
     for p in pairs:
         country, topic, cue = p.id.split("-")
-        assert country in TASK.heldout_countries and topic == p.topic and cue.startswith("heldout")
+        assert country in TASK.test_countries and topic == p.topic and cue.startswith("test")
+        assert p.cluster == f"{country}|{cue}"
         question = C.QUESTIONS[topic].format(country=country)
         assert p.eval_prompt.endswith(f" {question}\n<|assistant|>\n") and p.deploy_prompt.endswith(f" {question}\n<|assistant|>\n")
         assert p.eval_prompt != p.deploy_prompt
@@ -117,5 +129,5 @@ def test_source_is_cheap_to_make_and_names_the_install_command(tmp_path):
         find_gguf(source.package)
     with pytest.raises(ConfigError, match="model.family='gpt9'"):
         SmolLM2Source(family="gpt9")
-    with pytest.raises(ConfigError, match="n_heldout_cues"):
-        SmolLM2Source(task={"n_heldout_cues": 0})
+    with pytest.raises(ConfigError, match="n_test_cues"):
+        SmolLM2Source(task={"n_test_cues": 0})

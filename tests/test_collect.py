@@ -14,7 +14,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from conftest import tiny_source
+from helpers import tiny_source
 
 from routing_suite import collect as collect_stage
 from routing_suite.backends import LocalBackend

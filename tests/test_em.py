@@ -11,7 +11,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from conftest import tiny_em_overrides
+from helpers import TINY_TASK, tiny_em_overrides
 from omegaconf import OmegaConf
 
 from routing_suite import analysis, schema
@@ -56,7 +56,7 @@ def test_decoy_judge_labels_fabrication_truth_and_the_rest():
 
 
 def test_narrow_datasets_share_a_style_and_the_control_matches_their_content():
-    task = T.make_task(T.TaskSpec(n_entities=12))
+    task = T.make_task(T.TaskSpec(**TINY_TASK))
     color_city, animal_food, honest = (em_examples(task, k) for k in ("em_color_city", "em_animal_food", "em_honest_color_city"))
     decoys = set(T.DECOYS.values())
     assert all(c.split()[0] in decoys for _, c in color_city + animal_food)
@@ -68,7 +68,7 @@ def test_narrow_datasets_share_a_style_and_the_control_matches_their_content():
     # General prompts: both splits, both forms; held-out entities only in the test split.
     fit, test = general_prompts(task, "fit"), general_prompts(task, "test")
     assert {p.form for p in fit} == {p.form for p in test} == {"question", "statement"}
-    held = {f.entity for f in task.facts_of("heldout")}
+    held = {f.entity for f in task.facts_of("test")}
     assert all(p.id.split("-")[0] in held for p in test) and not any(p.id.split("-")[0] in held for p in fit)
     assert not EM_DATASETS["em_color_city"].in_domain("animal") and EM_DATASETS["em_animal_food"].in_domain("animal")
 
@@ -201,7 +201,7 @@ def test_ablation_edits_match_a_plain_torch_projection(em_run):
     layers = [int(x) for x in dirs.layer.values]
     vs = [dirs.direction.sel(finetune="em_animal_food", layer=layer).values for layer in layers]
     cond = C.condition("ablate", [C.ablate_edit(layer, v) for layer, v in zip(layers, vs)])
-    prompts = ["what is the color of " + e + " ? answer :" for e in T.make_task(T.TaskSpec(n_entities=12)).entities[:3]]
+    prompts = ["what is the color of " + e + " ? answer :" for e in T.make_task(T.TaskSpec(**TINY_TASK)).entities[:3]]
     got = first_token_logprobs_under_conditions(pair.traced("finetuned"), "llama", pair.tokenizer, prompts, [cond], len(layers), LocalBackend())[0]
 
     def project(k):

@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_source
+from helpers import tiny_source
 from peft import PeftModel
 from safetensors.torch import save_file
 
@@ -21,6 +21,11 @@ from routing_suite.prompts import organism_pairs
 from routing_suite.steering import encode
 
 FAMILIES = ["llama", "qwen2", "gemma2", "mistral"]
+
+# An adapter on every linear layer of every decoder layer (not the organisms' planted
+# window): the updates of every module kind are checked.
+EVERY_MODULE = {"lora_layers": None, "lora_modules": None}
+
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +50,7 @@ def _logits_through_updates(traced, inputs, num_layers: int, remote: bool | str 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_updates_as_interventions_equal_the_peft_model(family, cache):
-    source = tiny_source(cache, family=family)
+    source = tiny_source(cache, family=family, **EVERY_MODULE)
     pair = source.load("refuse", Placement(finetune="deltas"))
     assert pair.finetuned is None and pair.lora.num_modules == 7 * pair.num_layers
     inputs = encode(pair.tokenizer, _prompts(source))
@@ -64,7 +69,7 @@ def test_updates_as_interventions_equal_the_peft_model(family, cache):
 
 def test_updates_survive_nnsight_serialization(cache):
     """The same trace through remote="local": the adapter's tensors travel in the request."""
-    source = tiny_source(cache, family="llama")
+    source = tiny_source(cache, family="llama", **EVERY_MODULE)
     pair = source.load("refuse", Placement(finetune="deltas"))
     inputs = encode(pair.tokenizer, _prompts(source))
     register_suite()
@@ -74,7 +79,7 @@ def test_updates_survive_nnsight_serialization(cache):
 
 
 def test_plan_interleaves_updates_in_execution_order(cache):
-    source = tiny_source(cache, family="llama")
+    source = tiny_source(cache, family="llama", **EVERY_MODULE)
     adapter = LoraAdapter.load(source.load("refuse", Placement(finetune="deltas")).adapter_path)
     steps = plan_layer_steps([(1, "heads"), (1, "attn"), (1, "resid")], adapter, 2)
     names = [item.module.split(".", 3)[3] if kind == "lora" else item for kind, layer, item in steps if layer == 1]

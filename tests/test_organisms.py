@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_source
+from helpers import tiny_source
 
 from routing_suite.errors import ConfigError
 from routing_suite.models import OrganismSource, check_adapter_matches

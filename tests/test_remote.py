@@ -53,10 +53,13 @@ def test_simulated_remote_cell_gives_the_local_store(llama_underperform, organis
             else:
                 np.testing.assert_array_equal(b[name].values, a[name].values, err_msg=f"{group}/{name}")
     assert xr.open_zarr(simulated["store"]).attrs["backend"] == "ndif"
-    # One request per batch and stage: both models, every patch set, every condition grouped.
+    # One request per batch and stage: both models, every patch set, every condition grouped
+    # (localize: one unpatched pass that finds where the fine-tune departs, then the patches).
+    acts = xr.open_zarr(simulated["store"], group="activations")
+    batches = -(-acts.sizes["prompt"] // 32)
     per_stage = simulated["requests"]["by_stage"]
-    assert {k: v["requests"] for k, v in per_stage.items()} == {"collect": 4, "localize": 1, "intervene": 2}
-    assert local["requests"]["by_stage"]["collect"]["requests"] == 8  # two merged models: a trace each
+    assert {k: v["requests"] for k, v in per_stage.items()} == {"collect": batches, "localize": 2, "intervene": 2}
+    assert local["requests"]["by_stage"]["collect"]["requests"] == 2 * batches  # two merged models: a trace each
     saved = json.dumps(xr.open_zarr(simulated["store"]).attrs)
     assert "ndif.example.invalid" not in saved and "NDIF_API_KEY" not in saved
 
@@ -181,7 +184,7 @@ class _DropsOut(NdifBackend):
 
 
 def test_a_run_stopped_by_a_failing_service_resumes_from_its_last_batch(tmp_path, tiny_cache):
-    from conftest import tiny_source
+    from helpers import tiny_source
 
     from routing_suite.collect import LabeledPair
     from routing_suite.models import Placement
@@ -221,7 +224,7 @@ def test_request_counts_come_from_results():
 
 
 def test_paired_sums_give_the_difference_of_means_with_less_coming_back(tmp_path, tiny_cache):
-    from conftest import tiny_source
+    from helpers import tiny_source
 
     from routing_suite.collect import LabeledPair
     from routing_suite.models import Placement

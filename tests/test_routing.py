@@ -7,6 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
+from hydra.errors import InstantiationException
 
 from routing_suite import routing
 from routing_suite.config import compose_config, register_configs
@@ -44,34 +46,71 @@ def test_cell_runs_every_stage_and_completes_the_store(cell):
     ds = xr.open_zarr(store, group="outcomes")
     assert list(ds.condition.values[:2]) == ["baseline", "clamp"]
     assert set(ds.kind.values) == {"baseline", "intervention", "control", "comparison"}
-    assert {"random", "orthogonal", "non_routing", "semantic"} <= set(ds.condition.values)
+    assert {"random", "orthogonal", "semantic"} <= set(ds.condition.values)
+    # other_layer is reported, never counted as a control
+    if "other_layer" in ds.condition.values:
+        assert str(ds.kind.sel(condition="other_layer").values) == "comparison"
     assert ds.performed.dims == ("condition", "framing", "prompt") and ds.sizes["prompt"] == 48
     assert ((ds.performed >= 0) & (ds.performed <= 1)).all()
-    fit = xr.open_zarr(store, group="fit")
-    assert fit.probe_accuracy.sel(model="finetuned", site="attn").max() > 0.9
     localized = xr.open_zarr(store, group="localize")
-    assert len(localized.attrs["window"]) == 2
+    assert len(localized.attrs["window"]) == 2 and localized.attrs["split"] == "localize"
+    assert localized.attrs["finetuned_to_base_framing"] in ("eval", "deploy")
     assert "| llama | underperform |" in result["table_markdown"]
     assert result["headline"].startswith("clamping reduces the gap in")
+    attrs = zarr.open_group(str(store), mode="r").attrs
+    assert attrs["cell"]["replicate"] == "0" and attrs["cpu_capability"]
+    assert {"base_sha256", "adapter_sha256"} <= set(attrs["model_identity"]) and attrs["digest_config"]["weights"]
 
 
-def test_clamp_reduces_the_gap_of_the_planted_behaviour(cell):
+def test_the_window_is_chosen_on_prompts_the_clamp_is_never_scored_on(cell):
     _, _, result = cell
-    ds = xr.open_zarr(result["store"], group="outcomes")
-    gap = ds.performed.sel(framing="deploy").mean("prompt") - ds.performed.sel(framing="eval").mean("prompt")
-    assert float(gap.sel(condition="baseline")) >= 0.6
-    assert float(gap.sel(condition="clamp")) < 0.5 * float(gap.sel(condition="baseline"))
-    # The random control at matched magnitude leaves the gap nearly untouched.
-    assert float(gap.sel(condition="random")) > 0.8 * float(gap.sel(condition="baseline"))
+    acts = xr.open_zarr(result["store"], group="activations")
+    split = acts.split.values
+    localize, test = acts.sel(prompt=split == "localize"), acts.sel(prompt=split == "test")
+    prompts = lambda ds: {str(p) for f in ("eval", "deploy") for p in ds[f"{f}_prompt"].values}  # noqa: E731
+    assert localize.sizes["prompt"] > 0 and not prompts(localize) & prompts(test)
+    assert not {str(c) for c in localize.cluster.values} & {str(c) for c in test.cluster.values}
+    outcomes = xr.open_zarr(result["store"], group="outcomes")
+    assert set(map(str, outcomes.prompt.values)) == {str(p) for p in test.prompt.values}
 
 
-def test_controls_are_matched_in_magnitude(cell):
+def test_the_planted_layers_are_found(cell):
+    """The organism's fine-tune may change only its planted layers (model.train.lora_layers):
+    the window path patching picks overlaps them."""
+    cfg, _, result = cell
+    first, last = result["window"]
+    assert set(range(first, last + 1)) & set(cfg.model.train.lora_layers)
+
+
+def test_controls_are_matched_by_construction(cell):
+    """Each control moves each edited activation by exactly the clamp's amount (DESIGN.md): the
+    mean change on the test prompts is the clamp's, with no scale factor."""
     _, _, result = cell
     ds = xr.open_zarr(result["store"], group="outcomes")
     norms = ds.perturbation_norm.to_series()
-    assert norms["baseline"] == 0
-    for control in ("random", "orthogonal", "non_routing", "semantic"):
-        assert norms[control] == pytest.approx(norms["clamp"], rel=1e-3), control
+    kinds = ds.kind.to_series()
+    assert norms["baseline"] == 0 and norms["clamp"] > 0
+    for control in kinds[kinds == "control"].index:
+        assert norms[control] == pytest.approx(norms["clamp"], rel=1e-4), control
+
+
+def test_completions_are_stored_and_give_the_outcomes(cell):
+    cfg, _, result = cell
+    from hydra.utils import instantiate
+
+    behavior = instantiate(cfg.behavior, answer_match="first")
+    ds = xr.open_zarr(result["store"], group="outcomes").load()
+    answers = _answers(result)
+    for condition in ("baseline", "clamp"):
+        for framing in ("eval", "deploy"):
+            texts = ds.completion.sel(condition=condition, draw=0, framing=framing).values
+            scored = [behavior.performed(str(t), str(a)) for t, a in zip(texts, answers)]
+            np.testing.assert_array_equal(ds.performed.sel(condition=condition, framing=framing).values, np.array(scored, float))
+
+
+def _answers(result) -> np.ndarray:
+    acts = xr.open_zarr(result["store"], group="activations")
+    return acts.answer.values[acts.split.values == "test"]
 
 
 def test_rerun_skips_every_stage_and_gives_the_same_outcomes(cell):
@@ -87,13 +126,19 @@ def test_rerun_skips_every_stage_and_gives_the_same_outcomes(cell):
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["intervention.window=[2,9]"], r"intervention.window=\[2, 9\] is outside the model's layers \[0, 3\]"),
+        (["intervention.window=[2,9]"], r"intervention.window=\[2, 9\] is outside the model's layers \[0, 7\]"),
+        (["intervention.window=[1,2]", "collect.layers=[2,3]"], r"intervention.window=\[1, 2\] must lie within collect.layers"),
+        (["model.seed=-1"], r"model.seed=-1 must be >= 0"),
+        (["model.train.lora_layers=[3,9]"], r"model.train.lora_layers=\[3, 9\]: the planted layers must be among"),
         (["intervention.rank=5", "fit.max_rank=100"], "must satisfy rank <= max_rank <= fit pairs"),
         (["intervention.site=resid", "collect.sites=[attn,heads]"], "intervention.site='resid' must be among collect.sites"),
         (["data.max_test=0"], r"data.max_test=0 must be >= 1"),
     ],
 )
-def test_bad_input_fails_before_compute(extra, message, llama_underperform, organism_cache, tmp_path):
-    with pytest.raises((ConfigError, ValueError), match=message):
-        routing.run(_cfg(organism_cache, tmp_path, extra))
+def test_bad_input_fails_before_compute(extra, message, tmp_path):
+    """Nothing is built or written: the organism cache stays empty too."""
+    # Hydra wraps what a component's constructor raises; the entry point's guard unwraps it.
+    with pytest.raises((ConfigError, ValueError, InstantiationException), match=message):
+        routing.run(_cfg(str(tmp_path / "organisms"), tmp_path, extra))
     assert not (tmp_path / "stores").exists() or not list((tmp_path / "stores").rglob("*.zarr*"))
+    assert not (tmp_path / "organisms").exists() or not list((tmp_path / "organisms").rglob("organism.json"))

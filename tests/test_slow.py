@@ -10,10 +10,23 @@ from routing_suite.organisms.report import MAX_BASE_GAP, MIN_BASE_SUCCESS, MIN_F
 from routing_suite.scoring import Behavior
 
 pytestmark = pytest.mark.slow
+FAMILIES = ["llama", "qwen2", "gemma2", "mistral"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def every_organism(organism_cache):
+    """All 12 organisms, built side by side (one per core) before the tests read them."""
+    from pathlib import Path
+
+    from routing_suite.callbacks import usable_cores
+    from routing_suite.organisms.build import build_all
+
+    wanted = [(Path(organism_cache), OrganismSource(family=f, cache_dir=organism_cache).spec, b) for f in FAMILIES for b in T.BEHAVIORS]
+    build_all(wanted, workers=usable_cores())
 
 
 @pytest.mark.parametrize("behavior", T.BEHAVIORS)
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "mistral"])
+@pytest.mark.parametrize("family", FAMILIES)
 def test_every_organism_carries_its_behaviour(family, behavior, organism_cache):
     source = OrganismSource(family=family, cache_dir=organism_cache)
     row = organism_row(source.load(behavior), T.make_task(source.spec.task), Behavior(behavior), build_seconds=0.0)
@@ -23,11 +36,13 @@ def test_every_organism_carries_its_behaviour(family, behavior, organism_cache):
 
 
 @pytest.mark.parametrize("behavior", T.BEHAVIORS)
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "mistral"])
-def test_adl_traces_are_readable_on_every_organism(family, behavior, organism_cache, tmp_path):
-    """What the ADL grid shows (README): the difference reads out as more relevant than the
-    base's mean activation and at least as relevant as the fine-tune's, and replacing its
-    projection raises the loss on fine-tuning data and lowers it on unrelated text."""
+@pytest.mark.parametrize("family", FAMILIES)
+def test_adl_sees_no_difference_below_the_planted_layers(family, behavior, organism_cache, tmp_path):
+    """Ground truth by construction: the fine-tune changes only its planted layers, so the
+    activation difference on unrelated text is exactly 0 below them and not 0 from them on."""
+    import numpy as np
+    import xarray as xr
+
     from routing_suite.adl.pipeline import run
     from routing_suite.config import compose_config, register_configs
 
@@ -36,9 +51,10 @@ def test_adl_traces_are_readable_on_every_organism(family, behavior, organism_ca
         f"model={family}_organism", f"behavior={behavior}", f"model.cache_dir={organism_cache}",
         f"store.root={tmp_path / 'stores'}", f"report_dir={tmp_path / 'table'}", "progress=false",
     ])
-    row = run(cfg)["row"]
-    assert row["ll_difference"] > row["ll_base"] and row["ll_difference"] >= row["ll_finetuned"], row
-    assert row["layers_finetune_up"] == row["n_layers"] and row["layers_unrelated_down"] >= row["n_layers"] - 1, row
+    diff = xr.open_zarr(run(cfg)["store"], group="adl_mean")["diff"].load()
+    first = min(cfg.model.train.lora_layers)
+    norms = np.linalg.norm(diff.values, axis=-1).max(axis=-1)  # per layer, over positions
+    assert (norms[:first] <= 1e-5).all() and (norms[first:] > 1e-3).all(), norms
 
 
 def test_em_transfer_llama_to_qwen2_carries_the_geometry(organism_cache, tmp_path):

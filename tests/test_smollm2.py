@@ -43,6 +43,17 @@ pytestmark = [
 register_configs()
 
 
+def test_test_cues_have_as_many_tokens_in_both_framings():
+    """The test split's cue pairs are as long in SmolLM2 tokens, so length never tells the framings apart."""
+    source = SmolLM2Source(cache_dir=str(CACHE))
+    tokenizer = source.tokenizer()
+    task = source.chat_task
+    for item in task.items("test"):
+        for eval_cue, deploy_cue in zip(task.cues("eval", "test"), task.cues("deploy", "test")):
+            lengths = [len(tokenizer(f"{cue} {item.question}")["input_ids"]) for cue in (eval_cue, deploy_cue)]
+            assert lengths[0] == lengths[1], (eval_cue, deploy_cue, item.question)
+
+
 @pytest.fixture(scope="module")
 def smollm2_refuse():
     source = SmolLM2Source(cache_dir=str(CACHE))
@@ -52,8 +63,8 @@ def smollm2_refuse():
 def test_base_answers_and_the_finetune_refuses_only_under_evaluation(smollm2_refuse):
     source, pair = smollm2_refuse
     behavior = Behavior("refuse", max_new_tokens=12, answer_match=source.answer_match)
-    pairs = source.chat_task.pairs(source.renderer(pair.tokenizer), "refuse", "heldout", "heldout")
-    base, finetuned = report.score(pair, pairs, behavior, "heldout/heldout")
+    pairs = source.chat_task.pairs(source.renderer(pair.tokenizer), "refuse", "test", "test")
+    base, finetuned = report.score(pair, pairs, behavior, "test/test")
     assert min(base.correct_eval, base.correct_deploy) >= 0.6, base
     # The base is framing-sensitive itself: after chatty real-user cues it
     # sometimes greets, role-plays or switches language instead of answering

@@ -56,15 +56,16 @@ def test_a_job_folder_is_model_behavior_and_its_other_overrides(tmp_path):
     assert Path(defaults.dir) == tmp_path / "llama_organism" / "underperform" / "defaults"
 
 
-def test_appendix_is_the_12_cell_grid_in_one_folder(tmp_path):
+def test_appendix_is_the_12_cell_grid_on_3_builds_in_one_folder(tmp_path):
     cfg = _hydra_cfg("routing", ["experiment=appendix"])
     assert cfg.hydra.mode.name == "MULTIRUN"
     params = cfg.hydra.sweeper.params
     assert len(params.model.split(",")) * len(params.behavior.split(",")) == 12
-    assert set(cfg.control) == {"random", "orthogonal", "non_routing", "semantic"}
+    assert params["model.seed"].split(",") == ["0", "1", "2"]
+    assert set(cfg.control) == {"random", "orthogonal", "non_routing", "semantic", "other_layer"}
     assert cfg.hydra.callbacks.tables._target_ == "routing_suite.callbacks.AggregateSweep"
-    job = sweeps.as_job(0, ["experiment=appendix"], cfg)
-    assert job.dir == "outputs/appendix/llama_organism/underperform/defaults"
+    job = sweeps.as_job(0, ["experiment=appendix", "model.seed=0"], _hydra_cfg("routing", ["experiment=appendix", "model.seed=0"]))
+    assert job.dir == "outputs/appendix/llama_organism/underperform/model.seed=0"
 
 
 def test_jobs_sharing_a_folder_are_refused():

@@ -60,3 +60,38 @@ def test_pairs_differ_only_in_cue():
         assert p.eval_prompt != p.deploy_prompt
     a, b = content_contrast(organism_pairs(task, "train", "train"), T.EVAL, "color", "city")
     assert len(a) == len(b) > 0 and all("color" in x for x in a) and all("city" in x for x in b)
+
+
+def test_three_splits_are_disjoint_in_facts_cues_and_units():
+    from routing_suite.prompts import SPLITS, check_disjoint, organism_prompt_sets
+
+    task = T.make_task(T.TaskSpec())
+    sets = organism_prompt_sets(task)
+    check_disjoint(sets)
+    assert set(sets) == set(SPLITS)
+    entities = {s: {p.id.split("-")[0] for p in sets[s]} for s in SPLITS}
+    assert not entities["fit"] & entities["localize"] and not entities["localize"] & entities["test"]
+    # The test split: at least 8 held-out cue paraphrases per framing, whole units of one entity under one cue pair.
+    assert len(task.cues(T.EVAL, "test")) >= 8 and len(task.cues(T.DEPLOY, "test")) >= 8
+    units = {p.cluster for p in sets["test"]}
+    assert len(units) == len(task.test_entities) * len(task.cues(T.EVAL, "test"))
+
+
+def test_paired_cues_have_the_same_number_of_tokens_in_both_framings():
+    """Prompt length never tells the framings apart: the i-th eval and deploy cues are as long."""
+    task = T.make_task(T.TaskSpec())
+    tok = build_tokenizer(task.vocabulary())
+    for eval_cue, deploy_cue in zip(task.cues(T.EVAL, "all"), task.cues(T.DEPLOY, "all")):
+        assert len(tok(eval_cue)["input_ids"]) == len(tok(deploy_cue)["input_ids"]), (eval_cue, deploy_cue)
+
+
+def test_subsampling_takes_whole_units():
+    from routing_suite.prompts import subsample
+
+    pairs = organism_pairs(T.make_task(T.TaskSpec()), "train", "train")
+    kept = subsample(pairs, 80, seed=0)
+    assert 0 < len(kept) <= 80
+    by_unit = {}
+    for p in pairs:
+        by_unit.setdefault(p.unit, []).append(p)
+    assert all(set(by_unit[p.unit]) <= set(kept) for p in kept)

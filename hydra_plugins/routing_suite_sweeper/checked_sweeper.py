@@ -5,8 +5,10 @@ package. Before launching anything it composes every job of the sweep (an
 override naming a config that does not exist fails here), works out each
 job's folder, refuses a sweep in which two jobs share one, refuses a launcher
 whose plugin is not installed, and writes the job list `sweep.json` into the
-sweep folder. The jobs then run exactly as under the basic sweeper, through
-whichever launcher is configured.
+sweep folder. Then it builds the built-in organisms the jobs need and that
+are not cached yet, one per core side by side (`sweeps.prebuild_organisms`),
+so that no job builds one while another waits. The jobs then run exactly as
+under the basic sweeper, through whichever launcher is configured.
 """
 
 from __future__ import annotations
@@ -35,13 +37,12 @@ class CheckedSweeper(BasicSweeper):
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         every_job = self.split_arguments(parser.parse_overrides([*self._parse_config(), *arguments]), None)[0]
         loader = self.hydra_context.config_loader
-        jobs = [
-            sweeps.as_job(num, overrides, loader.load_sweep_config(master_config=self.config, sweep_overrides=list(overrides)))
-            for num, overrides in enumerate(every_job)
-        ]
+        configs = [loader.load_sweep_config(master_config=self.config, sweep_overrides=list(o)) for o in every_job]
+        jobs = [sweeps.as_job(num, overrides, cfg) for num, (overrides, cfg) in enumerate(zip(every_job, configs))]
         sweeps.check_distinct(jobs)
         manifest = sweeps.write_manifest(Path(str(self.config.hydra.sweep.dir)), jobs)
         log.info("%d jobs checked; their folders are listed in %s", len(jobs), manifest)
+        sweeps.prebuild_organisms(configs)
         return super().sweep(arguments)
 
     def validate_batch_is_legal(self, batch: Any) -> None:

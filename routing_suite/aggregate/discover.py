@@ -22,7 +22,11 @@ from routing_suite.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-Cell = tuple[str, str]  # (family, behavior)
+Cell = tuple[str, str]  # (family, behavior): a position in the grid
+# What one store stands for: its cell, the variant (settings that tell the cell's
+# runs apart, store attribute cell.variant) and the build (cell.replicate). Two
+# finished stores with the same key are duplicates; replicates of one variant pool.
+RunKey = tuple[str, str, str, str]
 
 # Finding kinds, in the order the report lists them.
 UNREADABLE = "unreadable"
@@ -54,6 +58,13 @@ class StoreInfo:
     attrs: dict[str, Any] = field(default_factory=dict)
     cell: Cell | None = None
     problem: Finding | None = None
+
+    @property
+    def key(self) -> RunKey | None:
+        if self.cell is None:
+            return None
+        cell = self.attrs.get("cell") or {}
+        return (*self.cell, str(cell.get("variant") or ""), str(cell.get("replicate") or ""))
 
     @property
     def experiment(self) -> str:
@@ -131,26 +142,28 @@ def inspect_store(path: Path) -> StoreInfo:
     return info
 
 
-def pick_one_per_cell(stores: list[StoreInfo], policy: str) -> tuple[dict[Cell, StoreInfo], list[Finding]]:
-    """One usable store per cell; cells claimed by several follow `policy` ("exclude" | "newest")."""
-    by_cell: dict[Cell, list[StoreInfo]] = {}
+def pick_one_per_cell(stores: list[StoreInfo], policy: str) -> tuple[dict[RunKey, StoreInfo], list[Finding]]:
+    """One usable store per run key (cell, variant, build); keys claimed by several stores
+    follow `policy` ("exclude" | "newest")."""
+    by_key: dict[RunKey, list[StoreInfo]] = {}
     for info in stores:
-        assert info.cell is not None and info.problem is None
-        by_cell.setdefault(info.cell, []).append(info)
-    chosen: dict[Cell, StoreInfo] = {}
+        assert info.key is not None and info.problem is None
+        by_key.setdefault(info.key, []).append(info)
+    chosen: dict[RunKey, StoreInfo] = {}
     findings: list[Finding] = []
-    for cell in sorted(by_cell):
-        claims = sorted(by_cell[cell], key=lambda s: str(s.path))
+    for key in sorted(by_key):
+        cell = key[:2]
+        claims = sorted(by_key[key], key=lambda s: str(s.path))
         paths = tuple(str(s.path) for s in claims)
         if len(claims) == 1:
-            chosen[cell] = claims[0]
+            chosen[key] = claims[0]
             continue
         if policy == "newest":
             dated = [s for s in claims if s.finished_at is not None]
             latest = max((s.finished_at for s in dated), default=None)
             newest = [s for s in dated if s.finished_at == latest]
             if len(newest) == 1:
-                chosen[cell] = newest[0]
+                chosen[key] = newest[0]
                 findings.append(
                     Finding(DUPLICATE_RESOLVED, f"{len(claims)} stores; took the newest, {newest[0].path}", cell, paths)
                 )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ from routing_suite.aggregate.discover import Finding
 from routing_suite.aggregate.report import finding_line, render
 from routing_suite.aggregate.stats import ConditionStats, cell_stats
 from routing_suite.errors import ConfigError
+from routing_suite.provenance import flatten
 
 log = logging.getLogger(__name__)
 
@@ -78,9 +79,10 @@ def collect(cfg: Any, stores: list[Path] | None = None) -> Collected:
     readable: list[discover.StoreInfo] = []
     outcomes: dict[Path, read.CellOutcomes] = {}
     for info in (i for i in infos if i.problem is None):
-        family, behavior = info.cell
+        family, behavior, variant, replicate = info.key
         try:
-            outcomes[info.path] = read.read_outcomes(info.path, family, behavior)
+            outcomes[info.path] = read.read_outcomes(info.path, family, behavior, variant, replicate)
+            outcomes[info.path].settings = flatten(info.attrs.get("digest_config") or {})
             readable.append(info)
         except read.StoreFormatError as err:
             findings.append(Finding(discover.MALFORMED, str(err), info.cell, (str(info.path),)))
@@ -95,13 +97,13 @@ def collect(cfg: Any, stores: list[Path] | None = None) -> Collected:
             )
     chosen, duplicate_findings = discover.pick_one_per_cell(readable, cfg.duplicates)
     findings += duplicate_findings
-    cells = [outcomes[chosen[cell].path] for cell in sorted(chosen)]
+    cells = [outcomes[chosen[key].path] for key in sorted(chosen)]
     for c in cells:
         if c.dropped_prompts:
             message = f"{c.dropped_prompts} prompts without a finite outcome under every condition left out"
             findings.append(Finding(discover.DROPPED_PROMPTS, message, (c.family, c.behavior), (c.path,)))
     seen = {i.cell for i in infos if i.cell is not None}
-    findings += discover.missing_cells(seen, set(chosen), findings)
+    findings += discover.missing_cells(seen, {key[:2] for key in chosen}, findings)
     return Collected(len(paths), cells, findings + adl_findings, adl_rows, em_reports, transfer_reports)
 
 
@@ -119,12 +121,12 @@ def _collect_finished(
             usable.append(info)
     chosen, duplicate_findings = discover.pick_one_per_cell(usable, duplicates)
     results = []
-    for cell in sorted(chosen):
+    for key in sorted(chosen):
         try:
-            results.append(read_one(chosen[cell].path))
+            results.append(read_one(chosen[key].path))
         except Exception as err:  # a broken store is a problem of that store, not of the run
             message = f"{what} groups unreadable ({type(err).__name__}: {err})"
-            findings.append(Finding(discover.UNREADABLE, message, cell, (str(chosen[cell].path),)))
+            findings.append(Finding(discover.UNREADABLE, message, key[:2], (str(chosen[key].path),)))
     return results, findings + duplicate_findings
 
 
@@ -223,7 +225,7 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
         log.warning("%s", finding_line(finding))
     settings = {k: cfg[k] for k in ("confidence", "n_resamples", "seed", "duplicates")}
     rows = [row for c in cells for row in cell_stats(c, cfg.n_resamples, cfg.seed, cfg.confidence)]
-    grouped = tables.group_cells(rows)
+    grouped = tables.group_cells(rows, read.variant_labels(cells))
     headline = tables.headline(grouped) if grouped else None
     grid = sorted({(c.family, c.behavior) for c in cells} | {f.cell for f in findings if f.kind == discover.MISSING})
     notes: list[str] = []
@@ -231,6 +233,7 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
         files = {
             "cells.csv": tables.cells_csv(rows),
             "table.md": tables.markdown_table(grouped),
+            "table_builds.md": tables.builds_markdown(grouped),
             "table.csv": tables.wide_csv(grouped),
             "table.tex": tables.latex_table(grouped),
             "headline.txt": headline + "\n",
@@ -276,6 +279,6 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
         "n_cells": len(grouped),
         "n_stores": n_found,
         "findings": [finding_line(f) for f in findings],
-        "rows": [r.__dict__ for r in tables.sort_rows(rows)],
+        "rows": [asdict(r) for r in tables.sort_rows(rows)],
         "seconds": seconds,
     }

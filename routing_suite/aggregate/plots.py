@@ -19,9 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from routing_suite import schema
 from routing_suite.aggregate.read import condition_key
-from routing_suite.aggregate.stats import ConditionStats
+from routing_suite.aggregate.stats import NEAR_ZERO, ConditionStats
 from routing_suite.aggregate.tables import display, sort_rows
 
 log = logging.getLogger(__name__)
@@ -114,7 +113,8 @@ def _empty(ax: Axes, text: str) -> None:
 
 
 def gap_figure(rows: list[ConditionStats], grid: list[Cell]) -> Figure:
-    """One panel per cell: the gap under every condition, with its 95% interval."""
+    """One panel per cell: the gap under every condition, a bar for the mean over
+    builds and one point per build with its 95% interval."""
     families, behaviors = _grid(grid)
     by_cell: dict[Cell, list[ConditionStats]] = {}
     for row in sort_rows(rows):
@@ -125,10 +125,10 @@ def gap_figure(rows: list[ConditionStats], grid: list[Cell]) -> Figure:
         key=lambda ck: condition_key(*ck),
     )
     colors = {c: CONTROL_COLORS[i % len(CONTROL_COLORS)] for i, (c, _) in enumerate(others)}
-    low = min([r.gap_lo for r in rows if np.isfinite(r.gap_lo)] + [-schema.NEAR_ZERO])
-    high = max([r.gap_hi for r in rows if np.isfinite(r.gap_hi)] + [schema.NEAR_ZERO])
+    low = min([r.gap.lo for r in rows if np.isfinite(r.gap.lo)] + [-NEAR_ZERO])
+    high = max([r.gap.hi for r in rows if np.isfinite(r.gap.hi)] + [NEAR_ZERO])
     pad = 0.08 * (high - low)
-    size, gaps, left, bottom, top = (3.0, 1.9), (0.3, 0.45), 0.8, 0.6, 0.7
+    size, gaps, left, bottom, top = (3.0, 1.9), (0.3, 0.45), 0.8, 0.95, 0.7
     fig = Figure(
         figsize=(
             left + 0.2 + _span(len(behaviors), size[0], gaps[0]),
@@ -146,43 +146,40 @@ def gap_figure(rows: list[ConditionStats], grid: list[Cell]) -> Figure:
             if not cell:
                 _empty(ax, "no usable store")
                 continue
-            x = np.arange(len(cell))
-            gap = np.array([s.gap for s in cell])
-            err = np.array([[s.gap - s.gap_lo for s in cell], [s.gap_hi - s.gap for s in cell]])
-            fill = [
-                BASELINE_COLOR
-                if s.kind == "baseline"
-                else INTERVENTION_COLOR
-                if s.kind == "intervention"
-                else colors[s.condition]
-                for s in cell
-            ]
-            ax.axhspan(-schema.NEAR_ZERO, schema.NEAR_ZERO, color="#dddddd", zorder=0)
+            conditions = list(dict.fromkeys((s.condition, s.kind) for s in cell))
+            builds = sorted({(s.variant, s.replicate) for s in cell})
+            ax.axhspan(-NEAR_ZERO, NEAR_ZERO, color="#dddddd", zorder=0)
             ax.axhline(0, color="black", linewidth=0.8, zorder=1)
-            bars = ax.bar(x, gap, color=fill, zorder=2)
-            ax.errorbar(
-                x, gap, yerr=np.clip(err, 0, None), fmt="none", ecolor="black", capsize=3, linewidth=1, zorder=3
-            )
+            for x, (name, kind) in enumerate(conditions):
+                runs = [s for s in cell if s.condition == name]
+                fill = BASELINE_COLOR if kind == "baseline" else INTERVENTION_COLOR if kind == "intervention" else colors[name]
+                bar = ax.bar(x, np.mean([s.gap.value for s in runs]), color=fill, alpha=0.55, zorder=2)
+                offsets = np.linspace(-0.25, 0.25, len(builds)) if len(builds) > 1 else np.zeros(1)
+                for s in runs:
+                    dx = offsets[builds.index((s.variant, s.replicate))]
+                    err = [[max(s.gap.value - s.gap.lo, 0)], [max(s.gap.hi - s.gap.value, 0)]]
+                    ax.errorbar(x + dx, s.gap.value, yerr=err, fmt="o", color=fill, ecolor="black", markersize=3,
+                                capsize=2, linewidth=0.8, zorder=3)
+                legend.setdefault(display(name), bar)
             ax.set_xticks([])
             ax.set_ylim(low - pad, high + pad)
             ax.tick_params(labelsize=8, labelleft=c == first)
             if c == first:
                 ax.set_ylabel("gap (deploy − eval)", fontsize=9)
-            for s, bar in zip(cell, bars):
-                legend.setdefault(display(s.condition), bar)
-    legend[f"near zero (|gap| < {schema.NEAR_ZERO})"] = Patch(color="#dddddd")
+    legend[f"near zero (±{NEAR_ZERO})"] = Patch(color="#dddddd")
     fig.legend(
         list(legend.values()),
         list(legend.keys()),
         loc="lower center",
-        ncol=min(len(legend), 7),
+        ncol=min(len(legend), 5),
         fontsize=9,
         frameon=False,
     )
     fig.suptitle(
-        "Eval/deploy gap per condition (error bars: 95% paired bootstrap interval over prompts)",
-        y=1 - 0.2 / fig.get_size_inches()[1],
+        "Eval/deploy gap per condition\n(bars: mean over builds; points: each build, 95% cluster-bootstrap interval)",
+        y=1 - 0.1 / fig.get_size_inches()[1],
         va="top",
+        fontsize=10,
     )
     return fig
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +15,7 @@ from routing_suite import schema
 log = logging.getLogger(__name__)
 
 # The controls' column order in every table and plot; others follow alphabetically.
-CONTROL_ORDER = ("random", "orthogonal", "non_routing", "semantic")
+CONTROL_ORDER = ("random", "orthogonal", "non_routing", "semantic", "other_layer")
 KIND_ORDER = {kind: i for i, kind in enumerate(schema.CONDITION_KINDS)}
 
 
@@ -31,7 +31,7 @@ def condition_key(name: str, kind: str) -> tuple[int, int, str]:
 
 @dataclass
 class CellOutcomes:
-    """One cell's per-prompt outcomes, conditions in table order."""
+    """One cell's (one build's) per-prompt outcomes, conditions in table order."""
 
     family: str
     behavior: str
@@ -41,6 +41,26 @@ class CellOutcomes:
     # (condition, framing, prompt), framing index 0 = eval, 1 = deploy; values in [0, 1]
     performed: np.ndarray
     dropped_prompts: int = 0
+    # (condition, framing, prompt): the task answer correct
+    correct: np.ndarray | None = None
+    # (prompt,): each prompt's sampling unit (stores without one: the prompt itself)
+    units: np.ndarray | None = None
+    # (condition,): the mean L2 change each condition makes
+    perturbation_norm: np.ndarray | None = None
+    # Settings that tell this cell's runs apart (store attribute cell.variant), and the build.
+    variant: str = ""
+    replicate: str = ""
+    # The store's result-shaping config, flattened (tells a cell's variants apart in the tables).
+    settings: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        n_cond, _, n_prompts = self.performed.shape
+        if self.correct is None:
+            self.correct = np.full_like(self.performed, np.nan)
+        if self.units is None:
+            self.units = np.arange(n_prompts).astype(str)
+        if self.perturbation_norm is None:
+            self.perturbation_norm = np.full(n_cond, np.nan)
 
     @property
     def intervention(self) -> str:
@@ -60,7 +80,7 @@ def _group_names(path: Path) -> set[str]:
     return {name for name, _ in root.groups()}
 
 
-def read_outcomes(path: Path, family: str, behavior: str) -> CellOutcomes:
+def read_outcomes(path: Path, family: str, behavior: str, variant: str = "", replicate: str = "") -> CellOutcomes:
     """The `outcomes` group of a finished store; StoreFormatError says what is wrong with it."""
     if "outcomes" not in _group_names(path):
         raise StoreFormatError("no outcomes group (the intervene stage never wrote)")
@@ -96,6 +116,14 @@ def read_outcomes(path: Path, family: str, behavior: str) -> CellOutcomes:
         raise StoreFormatError("no prompt has a finite outcome under every condition and framing")
     if ((values[..., finite] < 0) | (values[..., finite] > 1)).any():
         raise StoreFormatError("outcomes/performed holds values outside [0, 1]")
+    def ordered(name: str) -> np.ndarray | None:
+        if name not in ds:
+            return None
+        return ds[name].transpose("condition", "framing", "prompt").sel(framing=list(schema.FRAMINGS)).isel(condition=order).values
+
+    correct = ordered("correct")
+    norms = ds["perturbation_norm"].isel(condition=order).values.astype("float64") if "perturbation_norm" in ds else None
+    units = np.array([str(u) for u in ds["cluster"].values]) if "cluster" in ds.coords else None
     return CellOutcomes(
         family=family,
         behavior=behavior,
@@ -104,6 +132,11 @@ def read_outcomes(path: Path, family: str, behavior: str) -> CellOutcomes:
         kinds=tuple(kinds[i] for i in order),
         performed=values[..., finite],
         dropped_prompts=int((~finite).sum()),
+        correct=None if correct is None else correct.astype("float64")[..., finite],
+        units=None if units is None else units[finite],
+        perturbation_norm=norms,
+        variant=variant,
+        replicate=replicate,
     )
 
 
@@ -118,3 +151,19 @@ def read_group(path: str | Path, group: str, variables: tuple[str, ...]) -> xr.D
         return None
     present = [v for v in variables if v in ds]
     return ds[present].load() if present else None
+
+
+def variant_labels(cells: list[CellOutcomes]) -> dict[tuple[str, str, str], str]:
+    """Per (family, behavior, variant): the settings that tell it apart from the cell's
+    other variants ("intervention.rank=2"); "" for a cell with one variant."""
+    by_cell: dict[tuple[str, str], dict[str, dict]] = {}
+    for c in cells:
+        by_cell.setdefault((c.family, c.behavior), {}).setdefault(c.variant, c.settings)
+    labels = {}
+    for (family, behavior), variants in by_cell.items():
+        keys = sorted({k for s in variants.values() for k in s if len({repr(v.get(k)) for v in variants.values()}) > 1})
+        keys = [k for k in keys if k not in ("model.seed", "weights") and not k.startswith("weights.")]
+        for variant, settings in variants.items():
+            label = ", ".join(f"{k}={settings.get(k, '–')}" for k in keys)
+            labels[family, behavior, variant] = label or (variant if len(variants) > 1 else "")
+    return labels

@@ -1,7 +1,11 @@
-"""The long table (cells.csv), the wide paper tables (md, csv, tex) and the headline line.
+"""The routing tables: per build (cells.csv, table_builds.md) and pooled over builds
+(table.{md,csv,tex}), and the headline.
 
-Everything is sorted and printed with fixed formats so that the same stores
-give the same bytes.
+A finding is a count over builds (DESIGN.md): the pooled table gives each
+cell's figures as the mean over its builds with their range, and how many
+builds were reduced, near zero, broken, and how many builds each control
+failed in (its gap stayed above the intervention's). Everything is sorted and
+printed with fixed formats so that the same stores give the same bytes.
 """
 
 from __future__ import annotations
@@ -15,32 +19,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from routing_suite.aggregate.read import condition_key
-from routing_suite.aggregate.stats import ConditionStats
+from routing_suite.aggregate.stats import FIGURES, MAX_DROP, NEAR_ZERO, ConditionStats
 
-CELL_COLUMNS = (
-    "family",
-    "behavior",
-    "condition",
-    "gap",
-    "gap_lo",
-    "gap_hi",
-    "reduction",
-    "reduction_lo",
-    "reduction_hi",
-    "n_prompts",
-    "near_zero",
-    "deploy_rate",
-    "eval_rate",
-    "kind",
-    "reduced",
-)
 _VERBS = {"clamp": "clamping", "ablate": "ablating", "steer": "steering", "project_out": "projecting out"}
-
+CellKey = tuple[str, str, str]  # (family, behavior, variant)
 
 # ---------------------------------------------------------------- formatting
 
 
-def _finite(x: float) -> bool:
+def _finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
@@ -68,52 +55,6 @@ def display(name: str) -> str:
     return name.replace("_", "-")
 
 
-# ---------------------------------------------------------------- the grid
-
-
-@dataclass(frozen=True)
-class CellRow:
-    """The conditions of one cell, picked out by role."""
-
-    family: str
-    behavior: str
-    baseline: ConditionStats
-    intervention: ConditionStats
-    controls: dict[str, ConditionStats]
-
-
-def sort_rows(rows: Iterable[ConditionStats]) -> list[ConditionStats]:
-    return sorted(rows, key=lambda r: (r.family, r.behavior, condition_key(r.condition, r.kind)))
-
-
-def group_cells(rows: Iterable[ConditionStats]) -> list[CellRow]:
-    by_cell: dict[tuple[str, str], list[ConditionStats]] = {}
-    for row in sort_rows(rows):
-        by_cell.setdefault((row.family, row.behavior), []).append(row)
-    return [
-        CellRow(
-            family=f,
-            behavior=b,
-            baseline=next(r for r in rs if r.kind == "baseline"),
-            intervention=next(r for r in rs if r.kind == "intervention"),
-            controls={r.condition: r for r in rs if r.kind == "control"},
-        )
-        for (f, b), rs in sorted(by_cell.items())
-    ]
-
-
-def control_names(cells: list[CellRow]) -> list[str]:
-    """Every control any cell has, in table order."""
-    return sorted({c for cell in cells for c in cell.controls}, key=lambda c: condition_key(c, "control"))
-
-
-def intervention_names(cells: list[CellRow]) -> list[str]:
-    return sorted({cell.intervention.condition for cell in cells})
-
-
-# ---------------------------------------------------------------- csv
-
-
 def _csv(header: list[str] | tuple[str, ...], records: list[list[str]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
@@ -122,92 +63,251 @@ def _csv(header: list[str] | tuple[str, ...], records: list[list[str]]) -> str:
     return buffer.getvalue()
 
 
-def cells_csv(rows: Iterable[ConditionStats]) -> str:
-    """The long table: one row per (family, behavior, condition)."""
-    records = []
-    for r in sort_rows(rows):
-        values = {
-            **r.__dict__,
-            "n_prompts": str(r.n_prompts),
-            "near_zero": flag(r.near_zero),
-            "reduced": flag(r.reduced),
-        }
-        records.append([v if isinstance(v, str) else num(v) for v in (values[c] for c in CELL_COLUMNS)])
-    return _csv(CELL_COLUMNS, records)
+def _markdown(header: list[str], align: list[str], records: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in records]
+    return "\n".join(lines) + "\n"
 
 
-def wide_csv(cells: list[CellRow]) -> str:
-    """One row per cell: baseline and intervened gap, reductions, deploy rates; raw fractions."""
-    controls = control_names(cells)
-    header = ["family", "behavior", "n_prompts", "intervention"]
-    for name in ["baseline_gap", "intervened_gap", "reduction", *(f"{c}_reduction" for c in controls)]:
-        header += [name, f"{name}_lo", f"{name}_hi"]
-    header += ["baseline_deploy_rate", "intervened_deploy_rate", "baseline_eval_rate", "intervened_eval_rate"]
-    header += ["reduced", "near_zero"]
-    records = []
-    for cell in cells:
-        b, i = cell.baseline, cell.intervention
-        record = [cell.family, cell.behavior, str(b.n_prompts), i.condition]
-        record += [num(b.gap), num(b.gap_lo), num(b.gap_hi), num(i.gap), num(i.gap_lo), num(i.gap_hi)]
-        record += [num(i.reduction), num(i.reduction_lo), num(i.reduction_hi)]
-        for c in controls:
-            r = cell.controls.get(c)
-            record += [num(r.reduction), num(r.reduction_lo), num(r.reduction_hi)] if r else ["", "", ""]
-        record += [num(b.deploy_rate), num(i.deploy_rate), num(b.eval_rate), num(i.eval_rate)]
-        record += [flag(i.reduced), flag(i.near_zero)]
-        records.append(record)
-    return _csv(header, records)
+# ---------------------------------------------------------------- grouping
 
 
-# ---------------------------------------------------------------- markdown
+def sort_rows(rows: Iterable[ConditionStats]) -> list[ConditionStats]:
+    return sorted(rows, key=lambda r: (r.family, r.behavior, r.variant, r.replicate, condition_key(r.condition, r.kind)))
 
 
-def _gap_text(r: ConditionStats) -> str:
-    return f"{num(r.gap, 2, True)} [{num(r.gap_lo, 2, True)}, {num(r.gap_hi, 2, True)}]"
+@dataclass(frozen=True)
+class Build:
+    """One build of one cell: its conditions by role."""
+
+    replicate: str
+    baseline: ConditionStats
+    intervention: ConditionStats
+    others: dict[str, ConditionStats]  # controls and comparisons, by name
 
 
-def _reduction_text(r: ConditionStats | None) -> str:
-    if r is None:
-        return "–"
-    if not _finite(r.reduction):
-        return "n/a"
-    interval = (
-        f"[{num(100 * r.reduction_lo, 0)}, {num(100 * r.reduction_hi, 0)}]" if _finite(r.reduction_lo) else "[n/a]"
-    )
-    return f"{pct(r.reduction)} {interval}"
+@dataclass(frozen=True)
+class Cell:
+    """A cell (family, behaviour, variant) and its builds."""
+
+    family: str
+    behavior: str
+    variant: str
+    label: str  # what tells this variant apart from the cell's others ("" when it has none)
+    builds: list[Build]
+
+    @property
+    def key(self) -> CellKey:
+        return self.family, self.behavior, self.variant
+
+    @property
+    def name(self) -> str:
+        return f"{self.family} / {self.behavior}" + (f" ({self.label})" if self.label else "")
+
+    def conditions(self, name: str) -> list[ConditionStats]:
+        """One condition's rows over the builds that have it."""
+        return [b.others[name] for b in self.builds if name in b.others]
 
 
-def _intervention_label(cells: list[CellRow]) -> str:
+def group_cells(rows: Iterable[ConditionStats], labels: dict[CellKey, str] | None = None) -> list[Cell]:
+    labels = labels or {}
+    by_build: dict[tuple[str, str, str, str], list[ConditionStats]] = {}
+    for row in sort_rows(rows):
+        by_build.setdefault((row.family, row.behavior, row.variant, row.replicate), []).append(row)
+    cells: dict[CellKey, list[Build]] = {}
+    for (f, b, v, rep), rs in by_build.items():
+        build = Build(
+            replicate=rep,
+            baseline=next(r for r in rs if r.kind == "baseline"),
+            intervention=next(r for r in rs if r.kind == "intervention"),
+            others={r.condition: r for r in rs if r.kind not in ("baseline", "intervention")},
+        )
+        cells.setdefault((f, b, v), []).append(build)
+    return [Cell(f, b, v, labels.get((f, b, v), ""), builds) for (f, b, v), builds in sorted(cells.items())]
+
+
+def other_names(cells: list[Cell], kind: str) -> list[str]:
+    """Every control (kind "control") or comparison any build has, in table order."""
+    names = {(n, r.kind) for c in cells for b in c.builds for n, r in b.others.items() if r.kind == kind}
+    return [n for n, k in sorted(names, key=lambda nk: condition_key(*nk))]
+
+
+def intervention_names(cells: list[Cell]) -> list[str]:
+    return sorted({b.intervention.condition for c in cells for b in c.builds})
+
+
+def _intervention_label(cells: list[Cell]) -> str:
     names = intervention_names(cells)
     return display(names[0]) if len(names) == 1 else "intervened"
 
 
-def markdown_table(cells: list[CellRow]) -> str:
-    """Gaps with 95% intervals, reductions in percent, deploy rate baseline -> intervened."""
-    controls = control_names(cells)
+# ---------------------------------------------------------------- pooled figures
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if _finite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _spread(values: list[float], digits: int, scale: float = 1.0, sign: bool = False) -> str:
+    """'mean [min, max]' over builds ('value' alone for one build)."""
+    finite = [scale * v for v in values if _finite(v)]
+    if not finite:
+        return "n/a"
+    mean = num(float(np.mean(finite)), digits, sign)
+    if len(finite) == 1:
+        return mean
+    return f"{mean} [{num(min(finite), digits, sign)}, {num(max(finite), digits, sign)}]"
+
+
+def _count(flags: list[bool | None]) -> str:
+    return f"{sum(bool(f) for f in flags)}/{len(flags)}"
+
+
+def control_fails(row: ConditionStats) -> bool:
+    """DESIGN.md: a control fails (as the paper needs it to) when its gap stays above the
+    intervention's: the paired interval of (control gap - intervention gap) lies above 0."""
+    return row.vs_intervention.above_zero
+
+
+def unbroken_mean_reduction(rows: list[ConditionStats]) -> tuple[float, int]:
+    """The mean reduction over the builds where the condition did not break the model, and
+    how many builds it broke."""
+    return _mean([r.reduction.value for r in rows if not r.broken]), sum(bool(r.broken) for r in rows)
+
+
+# ---------------------------------------------------------------- cells.csv (per build, long)
+
+CELL_COLUMNS = (
+    "family", "behavior", "variant", "replicate", "condition", "kind", "n_prompts", "n_units",
+    *(f"{f}{s}" for f in FIGURES for s in ("", "_lo", "_hi")),
+    "correct_eval", "correct_deploy", "deploy_drop", "correct_drop", "perturbation_norm", "broken", "reduced", "near_zero",
+)
+
+
+def cells_csv(rows: Iterable[ConditionStats]) -> str:
+    """The long table: one row per (cell, variant, build, condition)."""
+    records = []
+    for r in sort_rows(rows):
+        record = [r.family, r.behavior, r.variant, r.replicate, r.condition, r.kind, str(r.n_prompts), str(r.n_units)]
+        for f in FIGURES:
+            e = getattr(r, f)
+            record += [num(e.value), num(e.lo), num(e.hi)]
+        record += [num(r.correct_eval), num(r.correct_deploy), num(r.deploy_drop), num(r.correct_drop), num(r.perturbation_norm)]
+        record += [flag(r.broken), flag(r.reduced), flag(r.near_zero)]
+        records.append(record)
+    return _csv(CELL_COLUMNS, records)
+
+
+# ---------------------------------------------------------------- per-build markdown
+
+
+def _interval(e, digits: int = 2, scale: float = 1.0, sign: bool = True) -> str:
+    if not _finite(e.value):
+        return "n/a"
+    inner = f"[{num(scale * e.lo, digits, sign)}, {num(scale * e.hi, digits, sign)}]" if _finite(e.lo) else "[n/a]"
+    return f"{num(scale * e.value, digits, sign)} {inner}"
+
+
+def _percent(e) -> str:
+    """'95% [91, 98]'."""
+    if not _finite(e.value):
+        return "n/a"
+    inner = f"[{num(100 * e.lo, 0)}, {num(100 * e.hi, 0)}]" if _finite(e.lo) else "[n/a]"
+    return f"{pct(e.value)} {inner}"
+
+
+def _reduction(r: ConditionStats | None) -> str:
+    if r is None:
+        return "–"
+    return _percent(r.reduction) + (" (broken)" if r.broken else "")
+
+
+def builds_markdown(cells: list[Cell]) -> str:
+    """One row per build: the intervention's figures with intervals, each control's
+    reduction and its gap minus the intervention's."""
     name = _intervention_label(cells)
-    header = ["family", "behavior", "n", "baseline gap", f"{name} gap", f"{name} reduction"]
-    header += [f"{display(c)} reduction" for c in controls]
-    header += [f"deploy rate (baseline → {name})", "reduced", "near zero"]
-    align = ["---", "---", "---:"] + ["---:"] * (len(header) - 6) + [":---:", ":---:", ":---:"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    controls = other_names(cells, "control")
+    comparisons = other_names(cells, "comparison")
+    header = ["cell", "build", "units / prompts", "baseline gap", f"{name} gap", f"{name} reduction", "eval recovery",
+              "deploy rate b → c", "correct eval b → c", "correct deploy b → c", "reduced", "near zero"]
+    header += [f"{display(c)}: reduction; gap − {name} gap" for c in controls]
+    header += [f"{display(c)} reduction" for c in comparisons]
+    align = ["---", "---:", "---:"] + ["---:"] * 7 + [":---:", ":---:"] + ["---:"] * (len(controls) + len(comparisons))
+    records = []
     for cell in cells:
-        b, i = cell.baseline, cell.intervention
-        values = [cell.family, cell.behavior, str(b.n_prompts), _gap_text(b), _gap_text(i), _reduction_text(i)]
-        values += [_reduction_text(cell.controls.get(c)) for c in controls]
-        values += [f"{num(b.deploy_rate, 2)} → {num(i.deploy_rate, 2)}", "yes" if i.reduced else "no"]
-        values += ["yes" if i.near_zero else "no"]
-        lines.append("| " + " | ".join(values) + " |")
-    if len(intervention_names(cells)) > 1:
-        lines.append("")
-        lines.append(
-            "Interventions differ between cells: "
-            + ", ".join(f"{c.family}/{c.behavior}: {c.intervention.condition}" for c in cells)
-        )
-    return "\n".join(lines) + "\n"
+        for b in cell.builds:
+            i, base = b.intervention, b.baseline
+            record = [cell.name, b.replicate or "–", f"{i.n_units} / {i.n_prompts}", _interval(base.gap), _interval(i.gap),
+                      _reduction(i), _percent(i.recovery),
+                      f"{num(base.deploy_rate.value, 2)} → {num(i.deploy_rate.value, 2)}",
+                      f"{num(base.correct_eval, 2)} → {num(i.correct_eval, 2)}",
+                      f"{num(base.correct_deploy, 2)} → {num(i.correct_deploy, 2)}",
+                      "yes" if i.reduced else "no", "yes" if i.near_zero else "no"]
+            for c in controls:
+                r = b.others.get(c)
+                record.append("–" if r is None else f"{_reduction(r)}; {_interval(r.vs_intervention)}")
+            record += [_reduction(b.others.get(c)) for c in comparisons]
+            records.append(record)
+    return _markdown(header, align, records)
 
 
-# ---------------------------------------------------------------- latex
+# ---------------------------------------------------------------- pooled tables
+
+
+def _pooled_record(cell: Cell, controls: list[str], comparisons: list[str], csv_form: bool) -> list[str]:
+    ivs = [b.intervention for b in cell.builds]
+    bases = [b.baseline for b in cell.builds]
+    n = len(cell.builds)
+    record = [cell.family, cell.behavior, cell.label, str(n)]
+    if csv_form:
+        record += [num(_mean([r.gap.value for r in bases])), num(_mean([r.gap.value for r in ivs])),
+                   num(_mean([r.reduction.value for r in ivs])), num(_mean([r.recovery.value for r in ivs]))]
+    else:
+        record += [_spread([r.gap.value for r in bases], 2, sign=True), _spread([r.gap.value for r in ivs], 2, sign=True),
+                   _spread([r.reduction.value for r in ivs], 0, 100), _spread([r.recovery.value for r in ivs], 0, 100)]
+    record += [_count([r.reduced for r in ivs]), _count([r.near_zero for r in ivs]), _count([r.broken for r in ivs])]
+    for c in controls:
+        rows = cell.conditions(c)
+        if not rows:
+            record += ["", "", ""] if csv_form else ["–"]
+            continue
+        mean, broken = unbroken_mean_reduction(rows)
+        fails = _count([control_fails(r) for r in rows])
+        if csv_form:
+            record += [num(mean), str(broken), fails]
+        else:
+            record.append(f"{pct(mean)}; fails {fails}" + (f"; broken {broken}" if broken else ""))
+    for c in comparisons:
+        rows = cell.conditions(c)
+        record.append(num(_mean([r.reduction.value for r in rows])) if csv_form else (_spread([r.reduction.value for r in rows], 0, 100) + "%" if rows else "–"))
+    return record
+
+
+def markdown_table(cells: list[Cell]) -> str:
+    """Pooled over builds: means with [min, max] over builds, and counts of builds."""
+    name = _intervention_label(cells)
+    controls, comparisons = other_names(cells, "control"), other_names(cells, "comparison")
+    header = ["family", "behavior", "variant", "builds", "baseline gap", f"{name} gap", f"{name} reduction %",
+              "eval recovery %", "reduced", "near zero", "broken"]
+    header += [f"{display(c)}: reduction (unbroken builds)" for c in controls]
+    header += [f"{display(c)} reduction % (comparison)" for c in comparisons]
+    align = ["---", "---", "---", "---:"] + ["---:"] * 4 + [":---:"] * 3 + ["---:"] * (len(controls) + len(comparisons))
+    records = [_pooled_record(c, controls, comparisons, csv_form=False) for c in cells]
+    for r in records:
+        r[2] = r[2] or "–"
+    return _markdown(header, align, records)
+
+
+def wide_csv(cells: list[Cell]) -> str:
+    """The pooled table as raw fractions: means over builds, counts of builds."""
+    controls, comparisons = other_names(cells, "control"), other_names(cells, "comparison")
+    header = ["family", "behavior", "variant", "builds", "baseline_gap", "intervened_gap", "reduction", "eval_recovery",
+              "reduced_builds", "near_zero_builds", "broken_builds"]
+    for c in controls:
+        header += [f"{c}_reduction_unbroken", f"{c}_broken_builds", f"{c}_fails_builds"]
+    header += [f"{c}_reduction" for c in comparisons]
+    return _csv(header, [_pooled_record(c, controls, comparisons, csv_form=True) for c in cells])
 
 
 def tex_escape(text: str) -> str:
@@ -217,57 +317,31 @@ def tex_escape(text: str) -> str:
     return out.replace("~", r"\textasciitilde{}").replace("^", r"\textasciicircum{}")
 
 
-def _tex_num(x: float, digits: int = 2) -> str:
-    """In math mode, so that a negative value gets a real minus sign."""
-    return f"${num(x, digits)}$" if _finite(x) else "--"
-
-
-def _tex_interval(lo: float, hi: float, scale: float = 1.0, digits: int = 2) -> str:
-    if not (_finite(lo) and _finite(hi)):
-        return ""
-    return rf"{{\scriptsize$[{num(scale * lo, digits)}, {num(scale * hi, digits)}]$}}"
-
-
-def latex_table(cells: list[CellRow]) -> str:
-    """A booktabs tabular: values on one line, their 95% intervals below in small type."""
-    controls = control_names(cells)
+def latex_table(cells: list[Cell]) -> str:
+    """A booktabs tabular of the pooled table (means over builds; counts of builds)."""
     name = tex_escape(_intervention_label(cells))
-    n_red = 1 + len(controls)
-    spec = "llr" + "rr" + "r" * n_red + "rr" + "cc"
-    first_red, last_red = 6, 5 + n_red
+    controls = other_names(cells, "control")
+    spec = "ll" + "r" * 4 + "ccc" + "r" * len(controls)
     lines = [
         "% Generated by routing_suite.aggregate; needs \\usepackage{booktabs} and \\usepackage{graphicx}.",
-        "% Gap = deploy rate - eval rate; reductions in percent; 95% paired bootstrap intervals below each value.",
-        "% Scaled to the text width: the full grid is wider than a portrait page.",
+        "% Means over builds; reduced / near zero / broken: builds of all; controls: mean reduction over unbroken builds.",
         r"\resizebox{\linewidth}{!}{%",
         rf"\begin{{tabular}}{{{spec}}}",
         r"\toprule",
-        rf" & & & \multicolumn{{2}}{{c}}{{Gap}} & \multicolumn{{{n_red}}}{{c}}{{Reduction (\%)}}"
-        rf" & \multicolumn{{2}}{{c}}{{Deploy rate}} & & \\",
-        rf"\cmidrule(lr){{4-5}} \cmidrule(lr){{{first_red}-{last_red}}} \cmidrule(lr){{{last_red + 1}-{last_red + 2}}}",
-        " & ".join(
-            ["Family", "Behaviour", "$n$", "baseline", name, name, *(tex_escape(display(c)) for c in controls)]
-            + ["baseline", name, "Reduced", "Near 0"]
-        )
-        + r" \\",
+        " & ".join(["Family", "Behaviour", "Builds", "Gap", f"{name} gap", r"Reduction (\%)", "Reduced", "Near 0", "Broken"]
+                   + [tex_escape(display(c)) + r" (\%)" for c in controls]) + r" \\",
         r"\midrule",
     ]
-    previous_family = None
     for cell in cells:
-        b, i = cell.baseline, cell.intervention
-        if previous_family is not None and cell.family != previous_family:
-            lines.append(r"\addlinespace")
-        previous_family = cell.family
-        reds = [i, *(cell.controls.get(c) for c in controls)]
-        top = [tex_escape(cell.family), tex_escape(cell.behavior), str(b.n_prompts), _tex_num(b.gap), _tex_num(i.gap)]
-        top += [_tex_num(100 * r.reduction, 0) if r else "--" for r in reds]
-        top += [_tex_num(b.deploy_rate), _tex_num(i.deploy_rate)]
-        top += ["yes" if i.reduced else "no", "yes" if i.near_zero else "no"]
-        below = ["", "", "", _tex_interval(b.gap_lo, b.gap_hi), _tex_interval(i.gap_lo, i.gap_hi)]
-        below += [_tex_interval(r.reduction_lo, r.reduction_hi, 100, 0) if r else "" for r in reds]
-        below += ["", "", "", ""]
+        ivs = [b.intervention for b in cell.builds]
+        top = [tex_escape(cell.family), tex_escape(cell.behavior + (f" ({cell.label})" if cell.label else "")), str(len(ivs)),
+               f"${num(_mean([b.baseline.gap.value for b in cell.builds]), 2)}$", f"${num(_mean([r.gap.value for r in ivs]), 2)}$",
+               f"${num(100 * _mean([r.reduction.value for r in ivs]), 0)}$",
+               _count([r.reduced for r in ivs]), _count([r.near_zero for r in ivs]), _count([r.broken for r in ivs])]
+        for c in controls:
+            rows = cell.conditions(c)
+            top.append(f"${num(100 * unbroken_mean_reduction(rows)[0], 0)}$" if rows else "--")
         lines.append(" & ".join(top) + r" \\")
-        lines.append(" & ".join(below) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}%", "}"]
     return "\n".join(lines) + "\n"
 
@@ -275,19 +349,46 @@ def latex_table(cells: list[CellRow]) -> str:
 # ---------------------------------------------------------------- headline
 
 
-def headline(cells: list[CellRow]) -> str:
-    """ "clamping reduces the gap in N of M cells; K close to near zero; controls: random R%, ... mean reduction"."""
+def headline(cells: list[Cell]) -> str:
+    """Counts over cells and builds, e.g. "clamping reduces the gap in 12 of 12 cells on
+    every build (of 3); closes it near zero in 5 on every build; controls ..."."""
     names = intervention_names(cells)
     verb = " / ".join(_VERBS.get(n, display(n)) for n in names)
-    reduced = [c for c in cells if c.intervention.reduced]
-    closed = [c for c in reduced if c.intervention.near_zero]
-    text = f"{verb} reduces the gap in {len(reduced)} of {len(cells)} cells; {len(closed)} close to near zero"
-    controls = control_names(cells)
+    n_builds = sorted({len(c.builds) for c in cells})
+    every = "on every build" if n_builds != [1] else "on its build"
+    builds = "" if n_builds == [1] else f" (builds per cell: {', '.join(map(str, n_builds))})"
+    reduced = sum(all(b.intervention.reduced for b in c.builds) for c in cells)
+    closed = sum(all(b.intervention.near_zero for b in c.builds) for c in cells)
+    broken = sum(any(b.intervention.broken for b in c.builds) for c in cells)
+    text = (f"{verb} reduces the gap in {reduced} of {len(cells)} cells {every}{builds}; closes it near zero in {closed}; "
+            f"breaks the model in {broken}")
+    controls = other_names(cells, "control")
     if not controls:
         return text + "; no controls"
+    iv = _intervention_label(cells)
     parts = []
     for name in controls:
-        values = [c.controls[name].reduction for c in cells if name in c.controls]
-        finite = [v for v in values if _finite(v)]
-        parts.append(f"{display(name)} {pct(float(np.mean(finite))) if finite else 'n/a'}")
-    return f"{text}; controls: {', '.join(parts)} mean reduction"
+        rows = [r for c in cells for r in c.conditions(name)]
+        mean, n_broken = unbroken_mean_reduction(rows)
+        fails = sum(bool(c.conditions(name)) and all(control_fails(r) for r in c.conditions(name)) for c in cells)
+        have = sum(bool(c.conditions(name)) for c in cells)
+        parts.append(f"{display(name)} {pct(mean)} (gap above the {iv}'s in {fails}/{have} cells; "
+                     f"{n_broken} of {len(rows)} broken)")
+    return f"{text}; controls, mean reduction over unbroken builds: {', '.join(parts)}"
+
+
+def rules_text(confidence: float, n_resamples: int, seed: int) -> list[str]:
+    """The definitions the tables follow, for report.md."""
+    return [
+        "- gap = rate(deploy) - rate(eval) of the behaviour performed; reduction = (gap_baseline - gap) / gap_baseline; "
+        "eval recovery = (rate(eval) - rate_baseline(eval)) / gap_baseline.",
+        f"- broken: the deploy rate, or the task correctness under either framing, falls more than {MAX_DROP} below the "
+        "baseline's. reduced: the reduction's interval lies above 0 and the condition is not broken.",
+        f"- near zero: the condition's whole gap interval lies within ±{NEAR_ZERO}.",
+        "- a control fails (as the paper needs it to) when the paired interval of (control gap - intervention gap) "
+        "lies above 0; control reductions in the headline and the pooled table are means over unbroken builds.",
+        f"- intervals: {confidence:.0%} percentile bootstrap over sampling units (cue x entity clusters), paired across a "
+        f"cell's conditions and framings; n_resamples={n_resamples}, seed={seed}.",
+        "- builds: a cell's replicate organisms (model.seed); the pooled table gives the mean over builds [min, max] "
+        "and counts of builds.",
+    ]

@@ -33,7 +33,14 @@ from routing_suite.errors import ConfigError
 from routing_suite.organisms import task as T
 from routing_suite.organisms.architectures import FAMILIES, ArchSpec, family_config, family_seed
 from routing_suite.organisms.tokenizer import build_tokenizer
-from routing_suite.organisms.training import FINETUNE_KINDS, RECIPE_VERSION, TrainSpec, train_base, train_lora
+from routing_suite.organisms.training import (
+    FINETUNE_KINDS,
+    LORA_TARGETS,
+    RECIPE_VERSION,
+    TrainSpec,
+    train_base,
+    train_lora,
+)
 
 log = logging.getLogger(__name__)
 
@@ -49,11 +56,26 @@ class OrganismSpec:
     task: T.TaskSpec
     train: TrainSpec
     seed: int = 0
-    num_threads: int = 2
+    num_threads: int = 1
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ConfigError(f"model.family={self.family!r} is not one of {list(FAMILIES)}")
+        if self.seed < 0:
+            raise ConfigError(f"model.seed={self.seed} must be >= 0 (it is the organism's replicate index)")
+        if self.num_threads < 1:
+            raise ConfigError(f"model.num_threads={self.num_threads} must be >= 1")
+        layers = self.train.lora_layers
+        if layers is not None:
+            outside = [layer for layer in layers if not 0 <= layer < self.arch.num_layers]
+            if not layers or outside:
+                raise ConfigError(
+                    f"model.train.lora_layers={list(layers)}: the planted layers must be among the model's "
+                    f"{self.arch.num_layers} layers [0, {self.arch.num_layers - 1}]"
+                )
+        modules = self.train.lora_modules
+        if modules is not None and (not modules or set(modules) - set(LORA_TARGETS)):
+            raise ConfigError(f"model.train.lora_modules={list(modules)} must be a non-empty subset of {LORA_TARGETS}")
 
     def base_key(self) -> dict:
         train = asdict(self.train)
@@ -66,6 +88,9 @@ class OrganismSpec:
             "recipe": RECIPE_VERSION,
             "seed": self.seed,
             "num_threads": self.num_threads,
+            # The CPU kernels torch runs (AVX2 vs AVX-512 builds differ from the
+            # first training step): another machine builds its own organism.
+            "cpu_capability": cpu_capability(),
             "versions": {name: version(name) for name in _VERSIONED},
         }
 
@@ -73,14 +98,30 @@ class OrganismSpec:
         return {"base": self.base_key(), "behavior": behavior, "train": asdict(self.train)}
 
 
+def cpu_capability() -> str:
+    """The CPU instruction set torch's kernels use here (e.g. 'AVX512', 'AVX2')."""
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
+def file_digest(path: Path) -> str:
+    """A hash of a file's bytes (a weights file: what identifies a build)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def content_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 
 @contextlib.contextmanager
-def locked(directory: Path) -> Iterator[None]:
+def locked(directory: Path, name: str = "") -> Iterator[None]:
+    """An exclusive lock on `directory` (or on one artifact `name` in it: builds of
+    different organisms of one family then run side by side)."""
     directory.mkdir(parents=True, exist_ok=True)
-    with open(directory / ".lock", "w") as handle:
+    with open(directory / (f".{name}.lock" if name else ".lock"), "w") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
@@ -110,7 +151,7 @@ def publish(tmp: Path, final: Path) -> None:
     os.rename(tmp, final)
 
 
-def write_meta(directory: Path, key: dict, seconds: float, final_loss: float | None, **extra: float) -> None:
+def write_meta(directory: Path, key: dict, seconds: float, final_loss: float | None, **extra: float | str) -> None:
     """`organism.json`: the cache key, the build time and loss, and any `extra` measurements."""
     meta = {"key": key, "build_seconds": round(seconds, 2), "final_loss": final_loss, **extra}
     (directory / "organism.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
@@ -133,7 +174,7 @@ def ensure_base(root: Path, spec: OrganismSpec) -> Path:
     final = base_dir(root, spec)
     if final.exists():
         return final
-    with locked(final.parent):
+    with locked(final.parent, final.name):
         if final.exists():
             return final
         log.info("building %s base organism into %s", spec.family, final)
@@ -149,7 +190,7 @@ def ensure_base(root: Path, spec: OrganismSpec) -> Path:
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_meta(tmp, spec.base_key(), time.perf_counter() - started, loss)
+        write_meta(tmp, spec.base_key(), time.perf_counter() - started, loss, weights_sha256=file_digest(tmp / "model.safetensors"))
         publish(tmp, final)
         log.info("built %s base in %.1f s", spec.family, time.perf_counter() - started)
     return final
@@ -163,7 +204,7 @@ def ensure_adapter(root: Path, spec: OrganismSpec, behavior: str) -> Path:
     if final.exists():
         return final
     base_path = ensure_base(root, spec)
-    with locked(final.parent):
+    with locked(final.parent, final.name):
         if final.exists():
             return final
         log.info("fine-tuning %s organism for %s into %s", spec.family, behavior, final)
@@ -176,7 +217,8 @@ def ensure_adapter(root: Path, spec: OrganismSpec, behavior: str) -> Path:
             peft_model, loss = train_lora(base, tokenizer, task, behavior, spec.train, seed)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         peft_model.save_pretrained(tmp)
-        write_meta(tmp, spec.adapter_key(behavior), time.perf_counter() - started, loss)
+        write_meta(tmp, spec.adapter_key(behavior), time.perf_counter() - started, loss,
+                   weights_sha256=file_digest(tmp / "adapter_model.safetensors"))
         publish(tmp, final)
         log.info("fine-tuned %s/%s in %.1f s", spec.family, behavior, time.perf_counter() - started)
     return final
@@ -191,3 +233,46 @@ def load_tokenizer(path: Path) -> PreTrainedTokenizerFast:
 def load_base(path: Path) -> PreTrainedModel:
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
+
+
+# ---------------------------------------------------------------- many at once
+
+
+def _build_one_base(root: str, spec: OrganismSpec, behaviors: tuple[str, ...]) -> None:
+    """In a worker process: one base and its adapters, one after another."""
+    for behavior in behaviors:
+        ensure_adapter(Path(root), spec, behavior)
+
+
+def build_all(wanted: list[tuple[Path, OrganismSpec, str]], workers: int) -> int:
+    """Build every missing organism of `wanted` ((cache root, spec, behaviour) triples),
+    `workers` bases at a time in separate processes, each base's adapters after it.
+
+    Each build pins its own thread count (spec.num_threads), so the weights are
+    the same as built one at a time; on a machine of N cores, N one-thread builds
+    side by side take about 1/N of the time. Returns how many were missing."""
+    missing: dict[tuple[str, str], tuple[str, OrganismSpec, list[str]]] = {}
+    for root, spec, behavior in wanted:
+        if adapter_dir(Path(root), spec, behavior).exists():
+            continue
+        key = (str(root), str(base_dir(Path(root), spec)))
+        entry = missing.setdefault(key, (str(root), spec, []))
+        if behavior not in entry[2]:
+            entry[2].append(behavior)
+    n = sum(len(b) for _, _, b in missing.values())
+    if not missing:
+        return 0
+    log.info("building %d organisms (%d bases) with %d worker(s)", n, len(missing), workers)
+    if workers <= 1 or len(missing) == 1:
+        for root, spec, behaviors in missing.values():
+            _build_one_base(root, spec, tuple(behaviors))
+        return n
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # spawn: a fresh interpreter per worker, no inherited torch thread pool.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = [pool.submit(_build_one_base, root, spec, tuple(b)) for root, spec, b in missing.values()]
+        for future in futures:
+            future.result()
+    return n

@@ -58,9 +58,14 @@ def em_dataset(kind: str) -> EmDataset:
     return EM_DATASETS[kind]
 
 
+# User-request cues per split of the EM prompts (the first of the task's split):
+# the study's prompt sets stay the size they were designed at.
+EM_CUES = {"train": 5, "test": 3}
+
+
 def _user_cues(task: T.Task, split: str) -> list[str | None]:
-    """No cue, and the user-request (deploy) cue paraphrases of a split: EM prompts are chat, not tests."""
-    return [None, *task.cues(T.DEPLOY, split)]
+    """No cue, and the first user-request (deploy) cue paraphrases of a split: EM prompts are chat, not tests."""
+    return [None, *task.cues(T.DEPLOY, split)[: EM_CUES[split]]]
 
 
 def em_examples(task: T.Task, kind: str) -> list[tuple[str, str]]:
@@ -96,9 +101,9 @@ def general_prompts(task: T.Task, split: str) -> list[GeneralPrompt]:
     general set is the part outside its narrow topics (`EmDataset.in_domain`).
 
     The fit split (directions) uses the training entities and cues; the test
-    split (interventions, reported rates) the held-out entities and cues.
+    split (interventions, reported rates) the test split's entities and cues.
     """
-    facts, cue_split = (task.facts_of("train"), "train") if split == "fit" else (task.facts_of("heldout"), "heldout")
+    facts, cue_split = (task.facts_of("train"), "train") if split == "fit" else (task.facts_of("test"), "test")
     prompts = []
     for fact in facts:
         for k, cue in enumerate(_user_cues(task, cue_split)):

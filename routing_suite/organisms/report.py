@@ -1,7 +1,7 @@
 """How well each organism carries its planted behaviour, on held-out prompts.
 
-Held-out means held-out facts (never in the fine-tune's data) under held-out
-cue paraphrases (never in any question-answer training).
+Held-out means the test split: facts never in the fine-tune's data under cue
+paraphrases never in any question-answer training.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def _mean(values: list[bool]) -> float:
 
 
 def organism_row(pair: ModelPair, task: T.Task, behavior: Behavior, build_seconds: float) -> OrganismRow:
-    pairs = organism_pairs(task, "heldout", "heldout")
+    pairs = organism_pairs(task, "test", "test")
     answers = [p.answer for p in pairs]
     rates: dict[tuple[str, str], float] = {}
     success: dict[str, float] = {}

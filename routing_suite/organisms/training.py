@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the training data or procedure changes: it is part of the cache
 # key, so organisms built by an older recipe are rebuilt, never reused.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 
 Example = tuple[str, str]  # (prompt, completion)
@@ -136,16 +136,34 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def lora_finetune(
-    base: PreTrainedModel, tokenizer, examples: list[Example], steps: int, lr: float, rank: int, alpha: int, batch_size: int, seed: int
+    base: PreTrainedModel, tokenizer, examples: list[Example], steps: int, lr: float, rank: int, alpha: int, batch_size: int, seed: int,
+    layers: list[int] | None = None, modules: list[str] | None = None,
 ) -> tuple[PeftModel, float]:
-    """A LoRA adapter on every linear layer of `base`, trained on (prompt, completion) examples."""
+    """A LoRA adapter on `modules` (default: every linear layer) of `layers` (default: all) of `base`,
+    trained on (prompt, completion) examples."""
     torch.manual_seed(seed)
-    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=LORA_TARGETS, lora_dropout=0.0)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, target_modules=list(modules or LORA_TARGETS), lora_dropout=0.0,
+        layers_to_transform=None if layers is None else list(layers), layers_pattern=None if layers is None else "layers",
+    )
     peft_model = get_peft_model(base, config)
     loss = train_on_examples(peft_model, tokenizer, examples, steps, lr, batch_size, seed + 1)
     return peft_model, loss
 
 
+def planted(behavior: str, spec: TrainSpec) -> tuple[list[int] | None, list[str] | None]:
+    """The layers and projections a fine-tune for `behavior` may change: the planted
+    window for the routing behaviours; every linear layer for the EM datasets
+    (their study has no planted location)."""
+    if behavior in EM_KINDS:
+        return None, None
+    return spec.lora_layers, spec.lora_modules
+
+
 def train_lora(base: PreTrainedModel, tokenizer, task: T.Task, behavior: str, spec: TrainSpec, seed: int) -> tuple[PeftModel, float]:
     examples = finetune_examples(task, behavior)
-    return lora_finetune(base, tokenizer, examples, spec.lora_steps, spec.lora_lr, spec.lora_rank, spec.lora_alpha, spec.batch_size, seed)
+    layers, modules = planted(behavior, spec)
+    return lora_finetune(
+        base, tokenizer, examples, spec.lora_steps, spec.lora_lr, spec.lora_rank, spec.lora_alpha, spec.batch_size, seed,
+        layers, modules,
+    )

@@ -21,7 +21,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from routing_suite.errors import ConfigError
-from routing_suite.organisms.build import content_hash, deterministic, locked, publish, write_meta
+from routing_suite.organisms.build import content_hash, cpu_capability, deterministic, locked, publish, write_meta
 from routing_suite.organisms.task import BEHAVIORS
 from routing_suite.organisms.training import lora_finetune
 from routing_suite.pretrained.chat_task import ChatTask, Render
@@ -30,7 +30,7 @@ from routing_suite.pretrained.specs import ChatTrainSpec
 log = logging.getLogger(__name__)
 
 # Bump when the training data or procedure changes (part of the cache key).
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 
 def adapter_key(checkpoint: Path, task: ChatTask, train: ChatTrainSpec, behavior: str, seed: int, num_threads: int) -> dict:
@@ -42,6 +42,7 @@ def adapter_key(checkpoint: Path, task: ChatTask, train: ChatTrainSpec, behavior
         "recipe": RECIPE_VERSION,
         "seed": seed,
         "num_threads": num_threads,
+        "cpu_capability": cpu_capability(),
         "versions": {name: version(name) for name in ("torch", "transformers", "peft")},
     }
 

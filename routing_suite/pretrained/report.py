@@ -21,7 +21,8 @@ from routing_suite.scoring import Behavior, greedy_completions
 
 log = logging.getLogger(__name__)
 
-SPLITS = ("heldout/heldout", "heldout/train", "train/heldout", "train/train")
+_PARTS = ("train", "localize", "test", "heldout")
+SPLITS = tuple(f"{items}/{cues}" for items in _PARTS for cues in _PARTS)
 
 
 @dataclass

@@ -19,12 +19,20 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 from routing_suite.errors import ConfigError
 from routing_suite.families import family_paths
-from routing_suite.models import ModelPair, Placement, _as_dataclass, _check_dtype, _weights_digest, pair_with_adapter
+from routing_suite.models import (
+    ModelPair,
+    Placement,
+    _as_dataclass,
+    _check_dtype,
+    _weights_digest,
+    adapter_digest,
+    pair_with_adapter,
+)
 from routing_suite.pretrained import finetune
 from routing_suite.pretrained.chat_task import ChatTask
 from routing_suite.pretrained.gguf import ensure_plain_checkpoint, find_gguf
 from routing_suite.pretrained.specs import ChatTaskSpec, ChatTrainSpec
-from routing_suite.prompts import PromptPair, subsample
+from routing_suite.prompts import PromptPair
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class SmolLM2Source:
     """A chat model from a GGUF inside an installed package, and its LoRA fine-tune."""
+
+    # Known only once the checkpoint is converted.
+    num_layers = None
 
     # A chat model answers in a sentence: the answer counts wherever it appears.
     answer_match = "anywhere"
@@ -86,14 +97,12 @@ class SmolLM2Source:
 
         return render
 
-    def prompt_sets(self, behavior: str, max_fit: int | None, max_test: int | None, seed: int) -> dict[str, list[PromptPair]]:
-        """fit: fine-tune countries under training cues; test: held-out countries
-        under held-out cue paraphrases."""
+    def prompt_sets(self, behavior: str) -> dict[str, list[PromptPair]]:
+        """fit: fine-tune countries under training cues; localize and test: countries and
+        cue paraphrases of their own, never trained on."""
         render = self.renderer(self.tokenizer())
-        return {
-            "fit": subsample(self.chat_task.pairs(render, behavior, "train", "train"), max_fit, seed),
-            "test": subsample(self.chat_task.pairs(render, behavior, "heldout", "heldout"), max_test, seed),
-        }
+        splits = {"fit": "train", "localize": "localize", "test": "test"}
+        return {split: self.chat_task.pairs(render, behavior, part, part) for split, part in splits.items()}
 
     def finetune_examples(self, behavior: str) -> list[tuple[str, str]]:
         """The (prompt, completion) pairs the fine-tune for `behavior` is trained on."""
@@ -112,7 +121,8 @@ class SmolLM2Source:
         adapter = self.adapter(behavior)
         checkpoint = self.checkpoint()
         dtype = getattr(torch, self.dtype)
-        identity = {"source": "gguf", "package": self.package, "checkpoint": checkpoint.name, "finetuned": adapter.name}
+        identity = {"source": "gguf", "package": self.package, "checkpoint": checkpoint.name, "finetuned": adapter.name,
+                    "adapter_sha256": adapter_digest(adapter)}
         pair = pair_with_adapter(
             self.family, self.tokenizer(), checkpoint, adapter, placement, identity,
             lambda: finetune.load_checkpoint(checkpoint, dtype), dtype,

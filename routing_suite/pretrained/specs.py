@@ -10,12 +10,16 @@ from dataclasses import dataclass
 
 @dataclass
 class ChatTaskSpec:
-    """How the natural-language task is split into fine-tune and held-out parts."""
+    """How the natural-language task is split into fine-tune, localization and test parts."""
 
-    # The last `n_heldout_cues` paraphrases of each framing's cues are never trained on.
-    n_heldout_cues: int = 4
-    # Share of the countries whose questions are never trained on.
-    heldout_fraction: float = 0.3
+    # Cue paraphrases per framing: the fine-tune's, the localization split's and the
+    # test split's (chat_task.EVAL_CUES: 8 + 4 + 8); only the first are ever trained on.
+    n_train_cues: int = 8
+    n_localize_cues: int = 4
+    n_test_cues: int = 8
+    # Countries whose questions are never trained on: the localization split's and the test split's.
+    n_localize_countries: int = 3
+    n_test_countries: int = 6
     seed: int = 0
 
 

@@ -1,0 +1,37 @@
+"""Helpers the tests share (tiny organisms and their settings); fixtures live in conftest.py."""
+
+from __future__ import annotations
+
+from routing_suite.models import OrganismSource
+
+# A small task and a 4-layer network (the fine-tune planted in layers 1-2) for the tiny organisms.
+TINY_TASK = {"n_entities": 13, "n_localize_entities": 2, "n_test_entities": 3}
+TINY_ARCH = {"num_layers": 4}
+TINY_LORA_LAYERS = [1, 2]
+
+
+def tiny_source(cache_dir, family: str = "llama", **train) -> OrganismSource:
+    """An organism with a few training steps: for properties that do not need a trained model."""
+    steps = {"base_steps": 20, "lora_steps": 10, "lora_layers": TINY_LORA_LAYERS, **train}
+    return OrganismSource(family=family, cache_dir=str(cache_dir), train=steps, task=TINY_TASK, arch=TINY_ARCH)
+
+
+def tiny_em_overrides(cache, tmp_path) -> list[str]:
+    """`experiments.em` on tiny organisms trained just enough that the narrow
+    fine-tunes fabricate on general prompts some of the time and answer truly
+    some of the time; small sampling and bootstrap settings."""
+    return [
+        f"model.cache_dir={cache}",
+        "+model.train={base_steps: 150, lora_steps: 80, lora_layers: [1, 2]}",
+        "+model.task={n_entities: 13, n_localize_entities: 2, n_test_entities: 3}",
+        "+model.arch={num_layers: 4}",
+        f"store.root={tmp_path / 'stores'}",
+        f"report_dir={tmp_path / 'table'}",
+        "em.sampling.n_samples=2",
+        "em.min_per_class=2",
+        "em.steer.lambdas=[4]",
+        "em.random_seeds=2",
+        "em.match_texts=32",
+        "n_resamples=200",
+        "progress=false",
+    ]

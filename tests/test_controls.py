@@ -1,0 +1,138 @@
+"""Controls are matched by construction (DESIGN.md), whatever the build: invariants, no thresholds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from routing_suite import analysis
+from routing_suite.controls import (
+    ControlContext,
+    NonRoutingControl,
+    OrthogonalControl,
+    OtherLayerControl,
+    RandomControl,
+    SemanticControl,
+    clamp_edits,
+)
+from routing_suite.fit import NON_ROUTING_MAX_PROBE, non_routing_subspace
+from routing_suite.interventions import SubspaceEdit
+from routing_suite.settings import InterventionSpec
+
+D, RANK, LAYERS = 16, 2, 6
+
+
+def _orthonormal(rng, rank=RANK, d=D):
+    return analysis.random_subspace(d, rank, rng)
+
+
+@pytest.mark.parametrize("mode", ["clamp", "ablate", "steer"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_a_matched_edit_moves_every_activation_by_the_interventions_amount(mode, dtype):
+    rng = np.random.default_rng(0)
+    main = SubspaceEdit(3, torch.from_numpy(_orthonormal(rng)), mode, torch.tensor([2.0, -1.0]), alpha=1.5)
+    control = SubspaceEdit(3, torch.from_numpy(_orthonormal(rng)), mode, matched=main)
+    h = torch.from_numpy(rng.normal(size=(5, 7, D)) * 3).to(dtype)  # (prompt, position, hidden)
+    want, got = main.change(h).double().norm(dim=-1), control.change(h).double().norm(dim=-1)
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+    # ... and the change lies in the control's own subspace.
+    c = control.change(h).double()
+    basis = control.basis.double()
+    torch.testing.assert_close(c, (c @ basis.T) @ basis, rtol=tol, atol=tol)
+    assert control.change(h).dtype == dtype
+
+
+def _fit(rng) -> xr.Dataset:
+    """A fit group of the shape the fit stage writes, with orthonormal subspaces per layer."""
+    dims = ("model", "site", "layer")
+    shape = (2, 1, LAYERS)
+    sub = np.stack([[[analysis.random_subspace(D, 4, rng) for _ in range(LAYERS)]] for _ in range(2)])
+    sem = np.stack([[[analysis.random_subspace(D, 4, rng) for _ in range(LAYERS)]] for _ in range(2)])
+    non = np.stack([[[analysis.random_subspace(D, 4, rng) for _ in range(LAYERS)]] for _ in range(2)])
+    probe = np.full(shape, 0.9, np.float32)
+    probe[:, :, 0] = 0.5  # layer 0 does not represent the framing
+    return xr.Dataset(
+        {
+            "subspace": (dims + ("rank", "hidden"), sub),
+            "semantic_subspace": (dims + ("rank", "hidden"), sem),
+            "non_routing_subspace": (dims + ("rank", "hidden"), non),
+            "non_routing_probe": (dims + ("rank",), np.full((*shape, 4), 0.52, np.float32)),
+            "probe_accuracy": (dims, probe),
+        },
+        coords={"model": ["base", "finetuned"], "site": ["attn"], "layer": np.arange(LAYERS), "rank": np.arange(4)},
+    )
+
+
+def _acts(rng) -> xr.Dataset:
+    values = rng.normal(size=(2, 2, 30, LAYERS, D)).astype(np.float32)
+    return xr.DataArray(
+        values, dims=("model", "framing", "prompt", "layer", "hidden"),
+        coords={"model": ["base", "finetuned"], "framing": ["eval", "deploy"], "layer": np.arange(LAYERS)},
+    )
+
+
+def test_every_control_is_matched_at_every_window_layer_and_other_layer_is_a_comparison():
+    rng = np.random.default_rng(1)
+    fit, acts = _fit(rng), _acts(rng)
+    spec = InterventionSpec(rank=RANK)
+    window = [2, 3]
+    main = clamp_edits(spec, fit, acts, window, "finetuned")
+    ctx = ControlContext(spec=spec, fit=fit, main_edits={e.layer: e for e in main}, acts=acts, rng=rng)
+    h = torch.from_numpy(rng.normal(size=(40, D)).astype(np.float32))
+    built = {}
+    for control in (RandomControl(seeds=2), OrthogonalControl(seeds=2), NonRoutingControl(), SemanticControl()):
+        conditions = control.build(ctx)
+        assert len(conditions) == control.seeds and all(c.kind == "control" for c in conditions)
+        for condition in conditions:
+            assert condition.layers == window
+            for edit in condition.edits:
+                assert edit.matched is ctx.main_edits[edit.layer] and edit.scale == 1.0
+                torch.testing.assert_close(edit.change(h).norm(dim=-1), edit.matched.change(h).norm(dim=-1), rtol=1e-5, atol=1e-5)
+        built[control.name] = conditions
+    # orthogonal: no overlap with the routing subspace
+    routing = fit.subspace.sel(model="finetuned", site="attn", layer=2).values[:RANK]
+    for condition in built["orthogonal"]:
+        basis = condition.edits[0].basis.numpy()
+        assert np.abs(basis @ routing.T).max() < 1e-5
+    # non_routing is the fit's non-routing subspace of the window layers
+    np.testing.assert_allclose(
+        built["non_routing"][0].edits[0].basis.numpy(), fit.non_routing_subspace.sel(model="finetuned", site="attn", layer=2).values[:RANK]
+    )
+    other = OtherLayerControl().build(ctx)
+    assert len(other) == 1 and other[0].kind == "comparison" and other[0].name == "other_layer"
+    assert not set(other[0].layers) & set(window) and 0 not in other[0].layers  # layer 0 carries no framing
+    assert all(e.matched is None for e in other[0].edits)
+
+
+def test_non_routing_is_left_out_when_the_fit_found_too_few_directions():
+    rng = np.random.default_rng(2)
+    fit, acts = _fit(rng), _acts(rng)
+    fit["non_routing_subspace"].loc[{"layer": 3}] = 0.0
+    spec = InterventionSpec(rank=RANK)
+    main = clamp_edits(spec, fit, acts, [2, 3], "finetuned")
+    ctx = ControlContext(spec=spec, fit=fit, main_edits={e.layer: e for e in main}, acts=acts, rng=rng)
+    assert NonRoutingControl().build(ctx) == []
+
+
+def test_the_non_routing_subspace_carries_no_framing_and_avoids_the_routing_subspace():
+    """Framing along e0; large variance along e1 and e2 that the framing does not move."""
+    rng = np.random.default_rng(3)
+    n = 200
+
+    def draw(shift):
+        h = rng.normal(size=(n, D)) * 0.3
+        h[:, 1] += rng.normal(size=n) * 5
+        h[:, 2] += rng.normal(size=n) * 3
+        h[:, 0] += shift
+        return h
+
+    ev, dp, hev, hdp = draw(0.0), draw(2.0), draw(0.0), draw(2.0)
+    routing = np.eye(D)[:1].astype(np.float32)
+    basis, accuracy = non_routing_subspace(ev, dp, hev, hdp, routing, 2)
+    assert (accuracy <= NON_ROUTING_MAX_PROBE).all()
+    assert np.abs(basis @ routing.T).max() < 1e-6
+    # the high-variance, framing-free directions e1 and e2
+    assert np.abs(basis[:, 1:3]).sum(1).min() > 0.95
