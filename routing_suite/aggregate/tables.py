@@ -182,6 +182,7 @@ CELL_COLUMNS = (
     "family", "behavior", "variant", "replicate", "condition", "kind", "n_prompts", "n_units",
     *(f"{f}{s}" for f in FIGURES for s in ("", "_lo", "_hi")),
     "correct_eval", "correct_deploy", "deploy_drop", "correct_drop", "perturbation_norm", "broken", "reduced", "near_zero",
+    "layers", "patch_effect", "window", "planted", "window_on_planted", "finetuned_to_base_outside",
 )
 
 
@@ -195,6 +196,7 @@ def cells_csv(rows: Iterable[ConditionStats]) -> str:
             record += [num(e.value), num(e.lo), num(e.hi)]
         record += [num(r.correct_eval), num(r.correct_deploy), num(r.deploy_drop), num(r.correct_drop), num(r.perturbation_norm)]
         record += [flag(r.broken), flag(r.reduced), flag(r.near_zero)]
+        record += [r.layers, num(r.patch_effect), r.window, r.planted, flag(r.window_on_planted), num(r.finetuned_to_base_outside)]
         records.append(record)
     return _csv(CELL_COLUMNS, records)
 
@@ -229,16 +231,18 @@ def builds_markdown(cells: list[Cell]) -> str:
     name = _intervention_label(cells)
     controls = other_names(cells, "control")
     comparisons = other_names(cells, "comparison")
-    header = ["cell", "build", "units / prompts", "baseline gap", f"{name} gap", f"{name} reduction", "eval recovery",
-              "deploy rate b → c", "correct eval b → c", "correct deploy b → c", "reduced", "near zero"]
+    header = ["cell", "build", "units / prompts", "window (planted)", "ft → base outside planted", "baseline gap", f"{name} gap",
+              f"{name} reduction", "eval recovery", "deploy rate b → c", "correct eval b → c", "correct deploy b → c", "reduced",
+              "near zero"]
     header += [f"{display(c)}: reduction; gap − {name} gap" for c in controls]
-    header += [f"{display(c)} reduction" for c in comparisons]
-    align = ["---", "---:", "---:"] + ["---:"] * 7 + [":---:", ":---:"] + ["---:"] * (len(controls) + len(comparisons))
+    header += [f"{display(c)}: reduction (layers; their patch effect)" for c in comparisons]
+    align = ["---", "---:", "---:", "---", "---:"] + ["---:"] * 7 + [":---:", ":---:"] + ["---:"] * (len(controls) + len(comparisons))
     records = []
     for cell in cells:
         for b in cell.builds:
             i, base = b.intervention, b.baseline
-            record = [cell.name, b.replicate or "–", f"{i.n_units} / {i.n_prompts}", _interval(base.gap), _interval(i.gap),
+            record = [cell.name, b.replicate or "–", f"{i.n_units} / {i.n_prompts}", _window(i), num(i.finetuned_to_base_outside, 3) or "–",
+                      _interval(base.gap), _interval(i.gap),
                       _reduction(i), _percent(i.recovery),
                       f"{num(base.deploy_rate.value, 2)} → {num(i.deploy_rate.value, 2)}",
                       f"{num(base.correct_eval, 2)} → {num(i.correct_eval, 2)}",
@@ -247,9 +251,22 @@ def builds_markdown(cells: list[Cell]) -> str:
             for c in controls:
                 r = b.others.get(c)
                 record.append("–" if r is None else f"{_reduction(r)}; {_interval(r.vs_intervention)}")
-            record += [_reduction(b.others.get(c)) for c in comparisons]
+            record += [_comparison(b.others.get(c)) for c in comparisons]
             records.append(record)
     return _markdown(header, align, records)
+
+
+def _window(r: ConditionStats) -> str:
+    if not r.window:
+        return "–"
+    text = f"[{r.window.replace(',', ', ')}]"
+    return f"{text} ({r.planted.replace(',', ', ')}: {'on' if r.window_on_planted else 'off'})" if r.planted else text
+
+
+def _comparison(r: ConditionStats | None) -> str:
+    if r is None:
+        return "–"
+    return f"{_reduction(r)} (layers {r.layers or '–'}; {num(r.patch_effect, 2) or 'n/a'})"
 
 
 # ---------------------------------------------------------------- pooled tables
@@ -267,6 +284,9 @@ def _pooled_record(cell: Cell, controls: list[str], comparisons: list[str], csv_
         record += [_spread([r.gap.value for r in bases], 2, sign=True), _spread([r.gap.value for r in ivs], 2, sign=True),
                    _spread([r.reduction.value for r in ivs], 0, 100), _spread([r.recovery.value for r in ivs], 0, 100)]
     record += [_count([r.reduced for r in ivs]), _count([r.near_zero for r in ivs]), _count([r.broken for r in ivs])]
+    on = [r.window_on_planted for r in ivs if r.window_on_planted is not None]
+    outside = [r.finetuned_to_base_outside for r in ivs if _finite(r.finetuned_to_base_outside)]
+    record += [_count(on) if on else ("" if csv_form else "–"), num(max(outside), 3 if not csv_form else 6) if outside else ("" if csv_form else "–")]
     for c in controls:
         rows = cell.conditions(c)
         if not rows:
@@ -289,10 +309,10 @@ def markdown_table(cells: list[Cell]) -> str:
     name = _intervention_label(cells)
     controls, comparisons = other_names(cells, "control"), other_names(cells, "comparison")
     header = ["family", "behavior", "variant", "builds", "baseline gap", f"{name} gap", f"{name} reduction %",
-              "eval recovery %", "reduced", "near zero", "broken"]
+              "eval recovery %", "reduced", "near zero", "broken", "window on planted", "ft → base outside planted (max)"]
     header += [f"{display(c)}: reduction (unbroken builds)" for c in controls]
     header += [f"{display(c)} reduction % (comparison)" for c in comparisons]
-    align = ["---", "---", "---", "---:"] + ["---:"] * 4 + [":---:"] * 3 + ["---:"] * (len(controls) + len(comparisons))
+    align = ["---", "---", "---", "---:"] + ["---:"] * 4 + [":---:"] * 4 + ["---:"] + ["---:"] * (len(controls) + len(comparisons))
     records = [_pooled_record(c, controls, comparisons, csv_form=False) for c in cells]
     for r in records:
         r[2] = r[2] or "–"
@@ -303,7 +323,7 @@ def wide_csv(cells: list[Cell]) -> str:
     """The pooled table as raw fractions: means over builds, counts of builds."""
     controls, comparisons = other_names(cells, "control"), other_names(cells, "comparison")
     header = ["family", "behavior", "variant", "builds", "baseline_gap", "intervened_gap", "reduction", "eval_recovery",
-              "reduced_builds", "near_zero_builds", "broken_builds"]
+              "reduced_builds", "near_zero_builds", "broken_builds", "window_on_planted_builds", "finetuned_to_base_outside_max"]
     for c in controls:
         header += [f"{c}_reduction_unbroken", f"{c}_broken_builds", f"{c}_fails_builds"]
     header += [f"{c}_reduction" for c in comparisons]
@@ -362,6 +382,10 @@ def headline(cells: list[Cell]) -> str:
     broken = sum(any(b.intervention.broken for b in c.builds) for c in cells)
     text = (f"{verb} reduces the gap in {reduced} of {len(cells)} cells {every}{builds}; closes it near zero in {closed}; "
             f"breaks the model in {broken}")
+    planted = [c for c in cells if all(b.intervention.window_on_planted is not None for b in c.builds)]
+    if planted:
+        on = sum(all(b.intervention.window_on_planted for b in c.builds) for c in planted)
+        text += f"; the window overlaps the planted layers in {on} of {len(planted)}"
     controls = other_names(cells, "control")
     if not controls:
         return text + "; no controls"
