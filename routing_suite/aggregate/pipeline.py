@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from routing_suite import schema
-from routing_suite.aggregate import adl_tables, discover, em_tables, em_transfer_tables, read, tables
+from routing_suite.aggregate import adl_tables, discover, em_tables, em_transfer_tables, pooled, read, tables
 from routing_suite.aggregate.config import DUPLICATE_POLICIES
 from routing_suite.aggregate.discover import Finding
 from routing_suite.aggregate.report import finding_line, render
@@ -226,16 +226,16 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     settings = {k: cfg[k] for k in ("confidence", "n_resamples", "seed", "duplicates")}
     rows = [row for c in cells for row in cell_stats(c, cfg.n_resamples, cfg.seed, cfg.confidence)]
     grouped = tables.group_cells(rows, read.variant_labels(cells))
-    headline = tables.headline(grouped) if grouped else None
+    headline = pooled.headline(grouped) if grouped else None
     grid = sorted({(c.family, c.behavior) for c in cells} | {f.cell for f in findings if f.kind == discover.MISSING})
     notes: list[str] = []
     if grouped:
         files = {
             "cells.csv": tables.cells_csv(rows),
-            "table.md": tables.markdown_table(grouped),
+            "table.md": pooled.markdown_table(grouped),
             "table_builds.md": tables.builds_markdown(grouped),
-            "table.csv": tables.wide_csv(grouped),
-            "table.tex": tables.latex_table(grouped),
+            "table.csv": pooled.wide_csv(grouped),
+            "table.tex": pooled.latex_table(grouped),
             "headline.txt": headline + "\n",
         }
         for name, text in files.items():
