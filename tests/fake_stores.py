@@ -205,3 +205,55 @@ def write_grid(root: Path, n_prompts: int = 48, replicates: tuple[str, ...] = ("
     return [
         write_store(root, f, b, n_prompts=n_prompts, replicate=r, **kwargs) for f in FAMILIES for b in BEHAVIORS for r in replicates
     ]
+
+
+def write_adl_store(root: Path, family: str, behavior: str, *, n_layers: int | None = None, replicate: str = "0",
+                    seed: int = 0) -> Path:
+    """One finished ADL store with the groups the aggregator reads (adl_readout, adl_steer,
+    adl_causal), seeded draws shaped like a real run: the difference reads out as relevant
+    around mid-depth, steering helps up to a strength, replacing the difference raises the
+    fine-tuning loss and lowers the unrelated one. No adl_sums / adl_mean: nothing reads them."""
+    n_layers = n_layers or N_LAYERS[family]
+    rng = np.random.default_rng(_seed("adl", family, behavior, seed, replicate))
+    layers = np.arange(n_layers)
+    depth = layers / max(n_layers - 1, 1)
+    positions = [f"first{i}" for i in range(3)]
+    bump = np.exp(-((depth - 0.5) ** 2) / 0.05)
+    relevance = np.clip(
+        np.stack([np.stack([s * bump[:, None] + 0.1 * rng.random((n_layers, len(positions))) for s in (0.8, 0.2, 0.3)])
+                  for _ in ("logit_lens", "patchscope")]), 0, 1)
+    alphas = np.array([0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
+    similarity = np.stack([0.1 + g * np.minimum(alphas, 1.0)[:, None] + 0.01 * rng.random((len(alphas), 4)) for g in (0.08, 0.01)])
+    coherent = np.stack([alphas <= 1.0, alphas <= 2.0])
+    delta = np.stack([np.stack([0.3 * bump, 0.02 * rng.normal(size=n_layers)]), np.stack([-0.1 * bump, 0.01 * rng.normal(size=n_layers)])])
+    groups = {
+        "adl_readout": xr.Dataset(
+            {"relevance": (("readout", "source", "layer", "position"), relevance.astype("float32"))},
+            coords={"readout": ["logit_lens", "patchscope"], "source": ["difference", "base_mean", "finetuned_mean"],
+                    "layer": layers, "position": positions}),
+        "adl_steer": xr.Dataset(
+            {"similarity": (("direction", "alpha", "prompt"), similarity.astype("float32")),
+             "coherent": (("direction", "alpha"), coherent)},
+            coords={"direction": ["difference", "random"], "alpha": alphas, "prompt": np.arange(4)},
+            attrs={"best_alpha": 1.0, "similarity_unsteered": float(similarity[0, 0].mean()),
+                   "similarity_steered": float(similarity[0, 3].mean()),
+                   "similarity_gain": float(similarity[0, 3].mean() - similarity[0, 0].mean()),
+                   "similarity_random": float(similarity[1, 3].mean())}),
+        "adl_causal": xr.Dataset(
+            {"delta_ce": (("data", "condition", "layer"), delta.astype("float32")),
+             "delta_ce_se": (("data", "condition", "layer"), np.full(delta.shape, 0.02, "float32"))},
+            coords={"data": ["finetune", "unrelated"], "condition": ["difference", "random"], "layer": layers}),
+    }
+    path = Path(root) / f"{family}_organism" / behavior / f"adl-{_seed('adl', family, behavior, seed, replicate):08x}{schema.STORE_SUFFIX}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for group, ds in groups.items():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The data type .* does not have a Zarr V3 specification")
+            ds.to_zarr(path, group=group, mode="a", zarr_format=3, consolidated=False)
+    zarr.open_group(str(path), mode="a", zarr_format=3).attrs.update({
+        "schema_version": schema.SCHEMA_VERSION, "experiment": "adl", "complete": True, "stages_done": list(schema.ADL_STAGES),
+        "finished_at": "2025-06-01T12:00:00+00:00",
+        "cell": {"family": family, "behavior": behavior, "model": f"{family}_organism", "variant": "v1", "replicate": replicate},
+        "adl": {"steer_layer": int(n_layers // 2), "position": 1, "n_texts": 100, "text": "organism"},
+    })
+    return path

@@ -1,0 +1,98 @@
+"""The aggregator's figures, checked where no eyes are needed: every text is drawn inside
+the figure and overlaps no other text (titles, legends, tick labels at 30+ layers), at one
+cell and on the 12-cell grid. Inputs: tests/fake_stores.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import fake_stores as fake
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.text import Text
+
+from routing_suite.aggregate import adl_plots, discover, pipeline
+
+DEEP = 30  # layers of the deep stores: a real model's depth, where tick labels used to collide
+
+
+def _drawn_tick_labels(fig: Figure) -> tuple[set[Text], set[Text]]:
+    """(tick labels matplotlib draws, every tick label): labels of ticks outside an axis'
+    view interval, or of an axis turned off, keep stale positions but are never drawn."""
+    drawn, every = set(), set()
+    for ax in fig.get_axes():
+        for axis in (ax.xaxis, ax.yaxis):
+            lo, hi = sorted(axis.get_view_interval())
+            eps = 1e-9 * max(1.0, hi - lo)
+            for tick in axis.get_major_ticks() + axis.get_minor_ticks():
+                labels = {tick.label1, tick.label2}
+                every |= labels
+                if ax.axison and lo - eps <= tick.get_loc() <= hi + eps:
+                    drawn |= {t for t in labels if t.get_visible()}
+    return drawn, every
+
+
+def layout_problems(fig: Figure) -> list[str]:
+    """Texts drawn (partly) outside the figure, and pairs of texts that overlap."""
+    FigureCanvasAgg(fig)
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    ticks, every_tick = _drawn_tick_labels(fig)
+
+    def drawn(t: Text) -> bool:
+        if t in every_tick:
+            return t in ticks
+        ax = t.axes
+        return t.get_visible() and (ax is None or ax.axison or t in (ax.title, *ax.texts))
+
+    texts = [(t, t.get_window_extent(renderer)) for t in fig.findobj(Text) if t.get_text().strip() and drawn(t)]
+    box = fig.bbox
+    problems = [f"clipped: {t.get_text()!r}" for t, e in texts
+                if e.x0 < box.x0 - 1 or e.y0 < box.y0 - 1 or e.x1 > box.x1 + 1 or e.y1 > box.y1 + 1]
+    for i, (a, ea) in enumerate(texts):
+        for b, eb in texts[i + 1 :]:
+            if not ea.overlaps(eb):
+                continue
+            if a in ticks and b in ticks and a.get_rotation() % 180 and b.get_rotation() % 180:
+                # Slanted labels' boxes always overlap: their baselines must lie a line apart.
+                if abs(ea.x0 - eb.x0) * math.sin(math.radians(a.get_rotation())) >= a.get_fontsize() * fig.dpi / 72:
+                    continue
+            problems.append(f"overlap: {a.get_text()!r} / {b.get_text()!r}")
+    return problems
+
+
+def _texts(fig: Figure) -> list[str]:
+    return [t.get_text() for t in fig.findobj(Text)]
+
+
+
+# ---------------------------------------------------------------- ADL
+
+
+@pytest.fixture(scope="module")
+def adl_rows(tmp_path_factory):
+    """The 12-cell grid of ADL stores at 30 layers, 2 builds each, and one cell alone."""
+    root = tmp_path_factory.mktemp("adl")
+    for family in fake.FAMILIES:
+        for behavior in fake.BEHAVIORS:
+            for rep in ("0", "1"):
+                fake.write_adl_store(root / "grid", family, behavior, n_layers=DEEP, replicate=rep)
+    fake.write_adl_store(root / "one", "qwen2", "refuse", n_layers=DEEP)
+    infos = {name: [discover.inspect_store(p) for p in discover.find_stores(str(root / name))]
+             for name in ("grid", "one")}
+    rows = {name: pipeline.collect_adl(found, "exclude") for name, found in infos.items()}
+    assert not rows["grid"][1] and not rows["one"][1]
+    return {name: r for name, (r, _) in rows.items()}
+
+
+@pytest.mark.parametrize("make", [adl_plots.relevance_figure, adl_plots.steering_figure, adl_plots.delta_ce_figure])
+@pytest.mark.parametrize("which", ["one", "grid"])
+def test_adl_figures_draw_every_text_inside_and_apart(adl_rows, make, which):
+    fig = make(adl_rows[which])
+    assert layout_problems(fig) == []
+    panels = [ax for ax in fig.get_axes() if ax.axison]
+    assert len(panels) == (1 if which == "one" else 12)  # no empty panels beside a single cell
+    if which == "grid":
+        assert any("mean over builds" in t for t in _texts(fig))
