@@ -13,7 +13,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.text import Text
 
-from routing_suite.aggregate import adl_plots, discover, pipeline
+from routing_suite.aggregate import adl_plots, discover, em_plots, pipeline
+from routing_suite.aggregate.em_tables import EmReport, Row
+from routing_suite.aggregate.em_transfer_tables import DIRECTIONS, TransferReport
 
 DEEP = 30  # layers of the deep stores: a real model's depth, where tick labels used to collide
 
@@ -96,3 +98,50 @@ def test_adl_figures_draw_every_text_inside_and_apart(adl_rows, make, which):
     assert len(panels) == (1 if which == "one" else 12)  # no empty panels beside a single cell
     if which == "grid":
         assert any("mean over builds" in t for t in _texts(fig))
+
+
+# ---------------------------------------------------------------- EM
+
+
+def _em_report(family: str, n_layers: int, finetunes=("em_color_city", "em_animal_food")) -> EmReport:
+    rep = EmReport(family, f"{family}.zarr", 1, 1)
+    for i, a in enumerate(finetunes):
+        for b in finetunes[i + 1 :]:
+            rep.rows += [Row(family, "cosine", a, b, f"layer{layer}", 0.5 - layer / n_layers) for layer in range(n_layers)]
+    return rep
+
+
+def _transfer_report(donor: str, receiver: str, n_layers: int) -> TransferReport:
+    rep = TransferReport(donor, receiver, f"{donor}-{receiver}.zarr", 1)
+    for kind in ("em_color_city", "em_animal_food"):
+        rep.rows += [Row(rep.pair, "ablation", kind, d, "reduction", 0.1 * i, 0.1 * i - 0.05, 0.1 * i + 0.05)
+                     for i, d in enumerate(DIRECTIONS)]
+    for layer in range(n_layers):
+        rep.rows += [Row(rep.pair, "maps", receiver, f"layer{layer}", "r2", 0.6),
+                     Row(rep.pair, "maps", receiver, f"layer{layer}", "r2_token_identity", 0.3)]
+    return rep
+
+
+@pytest.mark.parametrize("n_layers", [8, DEEP])
+def test_em_figures_draw_every_text_inside_and_apart(n_layers):
+    families = [_em_report(f, n_layers) for f in fake.FAMILIES]
+    pairs = [_transfer_report("llama", "qwen2", n_layers), _transfer_report("qwen2", "llama", n_layers)]
+    for fig in (em_plots.cosine_figure(families), em_plots.cosine_figure(families[:1]),
+                em_plots.transfer_figure(pairs), em_plots.transfer_figure(pairs[:1]), em_plots.maps_figure(pairs)):
+        assert layout_problems(fig) == []
+    transfer = em_plots.transfer_figure(pairs[:1])
+    assert [t.get_text() for t in transfer.get_axes()[0].get_xticklabels()] == [d.replace("_", " ") for d in DIRECTIONS]
+
+
+def test_adl_and_em_figures_are_byte_deterministic(adl_rows, tmp_path):
+    """The routing figures' bytes: test_aggregate.py; these are not written there."""
+    from routing_suite.aggregate.figures import save
+
+    families = [_em_report(f, DEEP) for f in fake.FAMILIES]
+    makers = {"adl": lambda: adl_plots.steering_figure(adl_rows["grid"]), "em": lambda: em_plots.cosine_figure(families)}
+    for stem, make in makers.items():
+        runs = []
+        for attempt in ("a", "b"):
+            (tmp_path / attempt).mkdir(exist_ok=True)
+            runs.append([p.read_bytes() for p in save(make(), tmp_path / attempt, stem, 40)])
+        assert runs[0] == runs[1], stem
