@@ -95,10 +95,10 @@ def outcomes_dataset(
     return ds
 
 
-def fit_dataset(family: str, behavior: str, seed: int = 0) -> xr.Dataset:
-    """The `fit` group: directions, their norms and held-out probe accuracies per layer."""
-    n_layers = N_LAYERS[family]
-    rng = np.random.default_rng(_seed("fit", family, behavior, seed))
+def fit_dataset(family: str, behavior: str, seed: int = 0, replicate: str = "0", n_layers: int | None = None) -> xr.Dataset:
+    """The `fit` group: directions, their norms and held-out probe accuracies per layer (each build its own draw)."""
+    n_layers = n_layers or N_LAYERS[family]
+    rng = np.random.default_rng(_seed("fit", family, behavior, seed, replicate))
     layers = np.arange(n_layers)
     depth = layers / max(n_layers - 1, 1)
     direction = rng.normal(size=(2, len(SITES), n_layers, HIDDEN)).astype("float32")
@@ -119,14 +119,19 @@ def fit_dataset(family: str, behavior: str, seed: int = 0) -> xr.Dataset:
     )
 
 
-def localize_dataset(family: str, behavior: str, seed: int = 0) -> xr.Dataset:
-    """The `localize` group: fraction of the gap each layer (and head) restores."""
-    n_layers = N_LAYERS[family]
-    rng = np.random.default_rng(_seed("localize", family, behavior, seed))
+def localize_dataset(
+    family: str, behavior: str, seed: int = 0, replicate: str = "0", n_layers: int | None = None, per_head: bool = True
+) -> xr.Dataset:
+    """The `localize` group: fraction of the gap each layer (and head) restores (each build its own
+    draw); without `per_head` head_effect is all NaN, as a run with localize.per_head=false writes it."""
+    n_layers = n_layers or N_LAYERS[family]
+    rng = np.random.default_rng(_seed("localize", family, behavior, seed, replicate))
     depth = np.arange(n_layers) / max(n_layers - 1, 1)
     bump = np.exp(-((depth - 0.45) ** 2) / 0.03)
     layer_effect = np.stack([bump, 0.6 * bump]) + 0.05 * rng.normal(size=(2, n_layers))
     head_effect = layer_effect[:, :, None] * rng.dirichlet(np.ones(N_HEADS), size=(2, n_layers))
+    if not per_head:
+        head_effect = np.full_like(head_effect, np.nan)
     peak = int(np.argmax(bump))
     return xr.Dataset(
         {
@@ -162,28 +167,37 @@ def write_store(
     replicate: str = "0",
     variant: str = "v1",
     settings: dict | None = None,
+    n_layers: int | None = None,
+    per_head: bool = True,
+    planted: list[int] | None = None,
 ) -> Path:
-    """Write one store (`complete` None leaves the attribute out) under `<root>/<family>_organism/<behavior>/<name>.zarr[.partial]`."""
+    """Write one store (`complete` None leaves the attribute out) under `<root>/<family>_organism/<behavior>/<name>.zarr[.partial]`.
+
+    `n_layers`: the fit / localize groups' depth (default N_LAYERS); `per_head` false: head_effect
+    all NaN; `planted`: the fine-tune's layers, stored as digest_config.model.train.lora_layers."""
     digest = name or f"{_seed(family, behavior, seed, n_prompts, replicate, variant):08x}"
     suffix = schema.PARTIAL_SUFFIX if partial else schema.STORE_SUFFIX
     path = Path(root) / f"{family}_organism" / behavior / f"{digest}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    makers = {"fit": fit_dataset, "localize": localize_dataset}
+    makers = {
+        "fit": lambda: fit_dataset(family, behavior, seed, replicate, n_layers),
+        "localize": lambda: localize_dataset(family, behavior, seed, replicate, n_layers, per_head),
+        "outcomes": lambda: outcomes_dataset(family, behavior, n_prompts, rates, _seed(seed, replicate, variant)),
+    }
     for group in groups:
-        ds = (
-            outcomes_dataset(family, behavior, n_prompts, rates, _seed(seed, replicate, variant))
-            if group == "outcomes"
-            else makers[group](family, behavior, seed)
-        )
+        ds = makers[group]()
         with warnings.catch_warnings():
             # xarray writes string coordinates as fixed-length UTF-32, which zarr
             # flags as not yet in the v3 spec; the stages write them the same way.
             warnings.filterwarnings("ignore", message="The data type .* does not have a Zarr V3 specification")
             ds.to_zarr(path, group=group, mode="a", zarr_format=3, consolidated=False)
+    digest_config = settings or {"model": {"family": family, "seed": replicate}, "behavior": {"name": behavior}}
+    if planted is not None:
+        digest_config = {**digest_config, "model": {**digest_config.get("model", {}), "train": {"lora_layers": list(planted)}}}
     attrs = {
         "schema_version": schema_version,
         "cell": {"family": family, "behavior": behavior, "model": f"{family}_organism", "replicate": replicate, "variant": variant},
-        "digest_config": settings or {"model": {"family": family, "seed": replicate}, "behavior": {"name": behavior}},
+        "digest_config": digest_config,
         "config": {"model": {"family": family}, "behavior": {"name": behavior}, "seed": seed},
         "config_digest": digest,
         "versions": {"xarray": xr.__version__, "zarr": zarr.__version__},
