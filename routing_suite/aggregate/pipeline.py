@@ -152,7 +152,7 @@ def collect_em_transfer(
     )
 
 
-def pooled(cells: list[read.CellOutcomes], group: str, variables: tuple[str, ...]) -> dict[tuple[str, str], Any]:
+def pooled_groups(cells: list[read.CellOutcomes], group: str, variables: tuple[str, ...]) -> dict[tuple[str, str], Any]:
     """Per cell, the named variables of `group` pooled over the cell's builds (plots.pool_builds),
     each build marked with its variant and the layers its fine-tune was planted in."""
     from routing_suite.aggregate import plots
@@ -177,8 +177,8 @@ def figures(
     notes: list[str] = []
     used = {(c.family, c.behavior) for c in cells}
     made = {"gaps": plots.gap_figure(rows, grid, read.variant_labels(cells))}
-    localize = pooled(cells, "localize", ("layer_effect", "head_effect"))
-    fit = pooled(cells, "fit", ("probe_accuracy", "direction_norm"))
+    localize = pooled_groups(cells, "localize", ("layer_effect", "head_effect"))
+    fit = pooled_groups(cells, "fit", ("probe_accuracy", "direction_norm"))
     if any("layer_effect" in ds for ds in localize.values()):
         made["patching"] = patching_plots.patching_figure(localize, grid, used)
     else:
