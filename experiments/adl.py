@@ -13,12 +13,13 @@ from routing_suite.adl.pipeline import run
 @hydra.main(version_base="1.3", config_path="../conf", config_name="adl")
 @guarded
 def main(cfg) -> float:
+    """Returns the difference's logit-lens relevance (the metric an optimizing sweep would use)."""
     result = run(cfg)
     print(result["table_markdown"])
     for line in result["steered_examples"]:
         print(line)
     print(f"store: {result['store']}\ntable: {result['table_dir']}")
-    return result["seconds"]
+    return result["row"]["ll_difference"]
 
 
 if __name__ == "__main__":

@@ -135,7 +135,8 @@ def run(cfg) -> dict:
     (out / CELL_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     table = (out / "table.md").read_text(encoding="utf-8")
     log.info("requests: %s", stats.as_dict())
-    return {"store": str(final), "window": window, "seconds": seconds, "stages_run": ran, "requests": stats.as_dict(),
+    reduction = next((r["reduction"]["value"] for r in summary["rows"] if r["kind"] == "intervention"), float("nan"))
+    return {"store": str(final), "reduction": reduction, "window": window, "seconds": seconds, "stages_run": ran, "requests": stats.as_dict(),
             "table_dir": str(out), "table_markdown": table, "warnings": warnings, **summary}
 
 

@@ -95,10 +95,10 @@ def outcomes_dataset(
     return ds
 
 
-def fit_dataset(family: str, behavior: str, seed: int = 0) -> xr.Dataset:
-    """The `fit` group: directions, their norms and held-out probe accuracies per layer."""
-    n_layers = N_LAYERS[family]
-    rng = np.random.default_rng(_seed("fit", family, behavior, seed))
+def fit_dataset(family: str, behavior: str, seed: int = 0, replicate: str = "0", n_layers: int | None = None) -> xr.Dataset:
+    """The `fit` group: directions, their norms and held-out probe accuracies per layer (each build its own draw)."""
+    n_layers = n_layers or N_LAYERS[family]
+    rng = np.random.default_rng(_seed("fit", family, behavior, seed, replicate))
     layers = np.arange(n_layers)
     depth = layers / max(n_layers - 1, 1)
     direction = rng.normal(size=(2, len(SITES), n_layers, HIDDEN)).astype("float32")
@@ -119,14 +119,19 @@ def fit_dataset(family: str, behavior: str, seed: int = 0) -> xr.Dataset:
     )
 
 
-def localize_dataset(family: str, behavior: str, seed: int = 0) -> xr.Dataset:
-    """The `localize` group: fraction of the gap each layer (and head) restores."""
-    n_layers = N_LAYERS[family]
-    rng = np.random.default_rng(_seed("localize", family, behavior, seed))
+def localize_dataset(
+    family: str, behavior: str, seed: int = 0, replicate: str = "0", n_layers: int | None = None, per_head: bool = True
+) -> xr.Dataset:
+    """The `localize` group: fraction of the gap each layer (and head) restores (each build its own
+    draw); without `per_head` head_effect is all NaN, as a run with localize.per_head=false writes it."""
+    n_layers = n_layers or N_LAYERS[family]
+    rng = np.random.default_rng(_seed("localize", family, behavior, seed, replicate))
     depth = np.arange(n_layers) / max(n_layers - 1, 1)
     bump = np.exp(-((depth - 0.45) ** 2) / 0.03)
     layer_effect = np.stack([bump, 0.6 * bump]) + 0.05 * rng.normal(size=(2, n_layers))
     head_effect = layer_effect[:, :, None] * rng.dirichlet(np.ones(N_HEADS), size=(2, n_layers))
+    if not per_head:
+        head_effect = np.full_like(head_effect, np.nan)
     peak = int(np.argmax(bump))
     return xr.Dataset(
         {
@@ -162,28 +167,37 @@ def write_store(
     replicate: str = "0",
     variant: str = "v1",
     settings: dict | None = None,
+    n_layers: int | None = None,
+    per_head: bool = True,
+    planted: list[int] | None = None,
 ) -> Path:
-    """Write one store (`complete` None leaves the attribute out) under `<root>/<family>_organism/<behavior>/<name>.zarr[.partial]`."""
+    """Write one store (`complete` None leaves the attribute out) under `<root>/<family>_organism/<behavior>/<name>.zarr[.partial]`.
+
+    `n_layers`: the fit / localize groups' depth (default N_LAYERS); `per_head` false: head_effect
+    all NaN; `planted`: the fine-tune's layers, stored as digest_config.model.train.lora_layers."""
     digest = name or f"{_seed(family, behavior, seed, n_prompts, replicate, variant):08x}"
     suffix = schema.PARTIAL_SUFFIX if partial else schema.STORE_SUFFIX
     path = Path(root) / f"{family}_organism" / behavior / f"{digest}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
-    makers = {"fit": fit_dataset, "localize": localize_dataset}
+    makers = {
+        "fit": lambda: fit_dataset(family, behavior, seed, replicate, n_layers),
+        "localize": lambda: localize_dataset(family, behavior, seed, replicate, n_layers, per_head),
+        "outcomes": lambda: outcomes_dataset(family, behavior, n_prompts, rates, _seed(seed, replicate, variant)),
+    }
     for group in groups:
-        ds = (
-            outcomes_dataset(family, behavior, n_prompts, rates, _seed(seed, replicate, variant))
-            if group == "outcomes"
-            else makers[group](family, behavior, seed)
-        )
+        ds = makers[group]()
         with warnings.catch_warnings():
             # xarray writes string coordinates as fixed-length UTF-32, which zarr
             # flags as not yet in the v3 spec; the stages write them the same way.
             warnings.filterwarnings("ignore", message="The data type .* does not have a Zarr V3 specification")
             ds.to_zarr(path, group=group, mode="a", zarr_format=3, consolidated=False)
+    digest_config = settings or {"model": {"family": family, "seed": replicate}, "behavior": {"name": behavior}}
+    if planted is not None:
+        digest_config = {**digest_config, "model": {**digest_config.get("model", {}), "train": {"lora_layers": list(planted)}}}
     attrs = {
         "schema_version": schema_version,
         "cell": {"family": family, "behavior": behavior, "model": f"{family}_organism", "replicate": replicate, "variant": variant},
-        "digest_config": settings or {"model": {"family": family, "seed": replicate}, "behavior": {"name": behavior}},
+        "digest_config": digest_config,
         "config": {"model": {"family": family}, "behavior": {"name": behavior}, "seed": seed},
         "config_digest": digest,
         "versions": {"xarray": xr.__version__, "zarr": zarr.__version__},
@@ -205,3 +219,55 @@ def write_grid(root: Path, n_prompts: int = 48, replicates: tuple[str, ...] = ("
     return [
         write_store(root, f, b, n_prompts=n_prompts, replicate=r, **kwargs) for f in FAMILIES for b in BEHAVIORS for r in replicates
     ]
+
+
+def write_adl_store(root: Path, family: str, behavior: str, *, n_layers: int | None = None, replicate: str = "0",
+                    seed: int = 0) -> Path:
+    """One finished ADL store with the groups the aggregator reads (adl_readout, adl_steer,
+    adl_causal), seeded draws shaped like a real run: the difference reads out as relevant
+    around mid-depth, steering helps up to a strength, replacing the difference raises the
+    fine-tuning loss and lowers the unrelated one. No adl_sums / adl_mean: nothing reads them."""
+    n_layers = n_layers or N_LAYERS[family]
+    rng = np.random.default_rng(_seed("adl", family, behavior, seed, replicate))
+    layers = np.arange(n_layers)
+    depth = layers / max(n_layers - 1, 1)
+    positions = [f"first{i}" for i in range(3)]
+    bump = np.exp(-((depth - 0.5) ** 2) / 0.05)
+    relevance = np.clip(
+        np.stack([np.stack([s * bump[:, None] + 0.1 * rng.random((n_layers, len(positions))) for s in (0.8, 0.2, 0.3)])
+                  for _ in ("logit_lens", "patchscope")]), 0, 1)
+    alphas = np.array([0.0, 0.25, 0.5, 1.0, 2.0, 4.0])
+    similarity = np.stack([0.1 + g * np.minimum(alphas, 1.0)[:, None] + 0.01 * rng.random((len(alphas), 4)) for g in (0.08, 0.01)])
+    coherent = np.stack([alphas <= 1.0, alphas <= 2.0])
+    delta = np.stack([np.stack([0.3 * bump, 0.02 * rng.normal(size=n_layers)]), np.stack([-0.1 * bump, 0.01 * rng.normal(size=n_layers)])])
+    groups = {
+        "adl_readout": xr.Dataset(
+            {"relevance": (("readout", "source", "layer", "position"), relevance.astype("float32"))},
+            coords={"readout": ["logit_lens", "patchscope"], "source": ["difference", "base_mean", "finetuned_mean"],
+                    "layer": layers, "position": positions}),
+        "adl_steer": xr.Dataset(
+            {"similarity": (("direction", "alpha", "prompt"), similarity.astype("float32")),
+             "coherent": (("direction", "alpha"), coherent)},
+            coords={"direction": ["difference", "random"], "alpha": alphas, "prompt": np.arange(4)},
+            attrs={"best_alpha": 1.0, "similarity_unsteered": float(similarity[0, 0].mean()),
+                   "similarity_steered": float(similarity[0, 3].mean()),
+                   "similarity_gain": float(similarity[0, 3].mean() - similarity[0, 0].mean()),
+                   "similarity_random": float(similarity[1, 3].mean())}),
+        "adl_causal": xr.Dataset(
+            {"delta_ce": (("data", "condition", "layer"), delta.astype("float32")),
+             "delta_ce_se": (("data", "condition", "layer"), np.full(delta.shape, 0.02, "float32"))},
+            coords={"data": ["finetune", "unrelated"], "condition": ["difference", "random"], "layer": layers}),
+    }
+    path = Path(root) / f"{family}_organism" / behavior / f"adl-{_seed('adl', family, behavior, seed, replicate):08x}{schema.STORE_SUFFIX}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for group, ds in groups.items():
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="The data type .* does not have a Zarr V3 specification")
+            ds.to_zarr(path, group=group, mode="a", zarr_format=3, consolidated=False)
+    zarr.open_group(str(path), mode="a", zarr_format=3).attrs.update({
+        "schema_version": schema.SCHEMA_VERSION, "experiment": "adl", "complete": True, "stages_done": list(schema.ADL_STAGES),
+        "finished_at": "2025-06-01T12:00:00+00:00",
+        "cell": {"family": family, "behavior": behavior, "model": f"{family}_organism", "variant": "v1", "replicate": replicate},
+        "adl": {"steer_layer": int(n_layers // 2), "position": 1, "n_texts": 100, "text": "organism"},
+    })
+    return path

@@ -363,6 +363,18 @@ def test_plots_without_fit_or_localize_are_skipped_with_a_note(tmp_path):
     assert "probes skipped" in report
 
 
+def test_per_head_plots_are_skipped_with_a_note_when_per_head_patching_was_off(tmp_path):
+    """A store of a run with localize.per_head=false holds head_effect as NaN only: no figure of nothing."""
+    for behavior in ("refuse", "installed"):
+        fake.write_store(tmp_path / "stores", "llama", behavior, per_head=False)
+    run(_cfg(tmp_path / "stores", tmp_path / "out", plots=True))
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert {"gaps.png", "patching.png", "probes.png", "patching.pdf"} <= set(written)
+    assert not [name for name in written if name.startswith("patching_heads")]
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "- patching_heads skipped: no store has per-head effects" in report and "per-head patching off" in report
+
+
 def test_no_usable_store_is_an_error_with_a_report(tmp_path):
     fake.write_store(tmp_path / "stores", "llama", "refuse", partial=True, complete=False)
     with pytest.raises(ConfigError, match="1 stores found, none usable"):

@@ -57,6 +57,10 @@ def test_cell_runs_every_stage_and_completes_the_store(cell):
     assert localized.attrs["finetuned_to_base_framing"] in ("eval", "deploy")
     assert "| llama | underperform |" in result["table_markdown"]
     assert result["headline"].startswith("clamping reduces the gap in")
+    # The entry point's return value (Hydra's metric for an optimizing sweep) is the clamp's reduction, not a time.
+    clamp = xr.open_zarr(store, group="outcomes").performed.sel(condition=["baseline", "clamp"]).mean("prompt")
+    gaps = (clamp.sel(framing="deploy") - clamp.sel(framing="eval")).values
+    assert result["reduction"] == pytest.approx((gaps[0] - gaps[1]) / gaps[0], abs=1e-6)
     attrs = zarr.open_group(str(store), mode="r").attrs
     assert attrs["cell"]["replicate"] == "0" and attrs["cpu_capability"]
     assert {"base_sha256", "adapter_sha256"} <= set(attrs["model_identity"]) and attrs["digest_config"]["weights"]

@@ -3,123 +3,170 @@
 - adl_relevance: relevance of the difference vs the two baselines per layer
   (best over positions), logit lens solid, patchscope dashed;
 - adl_steering: similarity to the fine-tuning data vs steering strength
-  (difference and random direction), incoherent strengths hollow, the chosen
-  alpha dotted;
+  (difference and random direction), strengths incoherent in some build hollow,
+  the chosen alpha dotted;
 - adl_delta_ce: delta-CE of projection replacement per layer on fine-tuning
   data and unrelated text (random direction dashed), +-1 standard error.
+
+A cell with several builds (ADL stores of replicate organisms) shows the mean
+over its builds, and a band from the lowest to the highest build.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
-from matplotlib.figure import Figure
+from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
 from routing_suite.aggregate.adl_tables import AdlRow
-from routing_suite.aggregate.plots import _grid, _panels, _span, save
+from routing_suite.aggregate.figures import (
+    builds_note,
+    empty,
+    first_filled,
+    grid_of,
+    layer_ticks,
+    legend,
+    panel_figure,
+    save,
+    title,
+)
 
 SOURCE_COLORS = {"difference": "#d62728", "base_mean": "#7f7f7f", "finetuned_mean": "#1f77b4"}
 DATA_COLORS = {"finetune": "#d62728", "unrelated": "#1f77b4"}
+DIRECTION_COLORS = {"difference": "#d62728", "random": "#7f7f7f"}
+BAND_NOTE = "band: lowest to highest build"
 
 
-def _figure(rows: list[AdlRow], size=(2.8, 1.9), gaps=(0.45, 0.55), left=0.75, bottom=0.9, top=0.7):
-    families, behaviors = _grid([(r.family, r.behavior) for r in rows])
-    # At least 8 inches wide, so that the title and the legend fit above and below a single panel.
-    width = max(8.0, left + 0.2 + _span(len(behaviors), size[0], gaps[0]))
-    fig = Figure(figsize=(width, bottom + top + _span(len(families), size[1], gaps[1])))
-    axes = _panels(fig, len(families), len(behaviors), left, bottom, size, gaps)
-    by_cell = {(r.family, r.behavior): r for r in rows}
-    panels = []
+def _open(row: AdlRow, group: str) -> xr.Dataset:
+    return xr.open_zarr(row.path, group=group, consolidated=False).load()
+
+
+def _pool(arrays: list[xr.DataArray]) -> tuple[xr.DataArray, xr.DataArray, xr.DataArray]:
+    """Mean, min and max over builds (aligned on their coordinates)."""
+    stacked = xr.concat(arrays, dim="build", join="outer", combine_attrs="drop")
+    return stacked.mean("build"), stacked.min("build"), stacked.max("build")
+
+
+def _figure(rows: list[AdlRow], draw: Callable[[Axes, list[AdlRow]], None], ylabel: str, xlabel: str, per_layer: bool):
+    """A panel per cell, drawn by `draw(ax, builds)`; returns the figure and whether a cell pools builds."""
+    families, behaviors = grid_of([(r.family, r.behavior) for r in rows])
+    by_cell: dict[tuple[str, str], list[AdlRow]] = {}
+    for r in sorted(rows, key=lambda r: (r.family, r.behavior, r.path)):
+        by_cell.setdefault((r.family, r.behavior), []).append(r)
+    n_layers = max(r.n_layers for r in rows)
+    panel = (max(2.8, 0.1 * n_layers) if per_layer else 2.8, 2.1)
+    fig, axes = panel_figure(len(families), len(behaviors), panel, (1.0, 1.5))
     for i, family in enumerate(families):
+        first = first_filled([(family, b) in by_cell for b in behaviors])
         for j, behavior in enumerate(behaviors):
             ax = axes[i][j]
-            ax.set_title(f"{family} / {behavior}", fontsize=9)
-            ax.tick_params(labelsize=7)
-            row = by_cell.get((family, behavior))
-            if row is None:
-                ax.text(0.5, 0.5, "no ADL store", ha="center", va="center", transform=ax.transAxes, fontsize=9, color="#777777")
-                ax.set_axis_off()
-            else:
-                panels.append((ax, row, i == len(families) - 1, j == 0))
-    return fig, panels
+            builds = by_cell.get((family, behavior), [])
+            ax.set_title(f"{family} / {behavior}" + builds_note(len(builds)), fontsize=9)
+            if not builds:
+                empty(ax, "no ADL store")
+                continue
+            draw(ax, builds)
+            ax.tick_params(labelsize=8)
+            ax.set_xlabel(xlabel, fontsize=8)
+            if j == first:
+                ax.set_ylabel(ylabel, fontsize=8)
+    return fig, any(len(b) > 1 for b in by_cell.values())
 
 
-def _title(fig: Figure, text: str) -> None:
-    fig.suptitle(text, y=1 - 0.2 / fig.get_size_inches()[1], va="top", fontsize=11)
+def _band(ax: Axes, x, lo: xr.DataArray, hi: xr.DataArray, color: str, several: bool) -> None:
+    if several:
+        ax.fill_between(x, lo.values, hi.values, color=color, alpha=0.12, linewidth=0)
 
 
-def relevance_figure(rows: list[AdlRow]) -> Figure:
-    fig, panels = _figure(rows)
-    for ax, row, last_row, first_col in panels:
-        rel = xr.open_zarr(row.path, group="adl_readout", consolidated=False).relevance.load().max("position")
-        layers = rel.layer.values
+def relevance_figure(rows: list[AdlRow]):
+    def draw(ax: Axes, builds: list[AdlRow]) -> None:
+        mean, lo, hi = _pool([_open(r, "adl_readout").relevance.max("position") for r in builds])
+        layers = mean.layer.values
         for source, color in SOURCE_COLORS.items():
             for readout, style in (("logit_lens", "-"), ("patchscope", "--")):
-                ax.plot(layers, rel.sel(source=source, readout=readout).values, color=color, linestyle=style, marker="o", markersize=2.5, linewidth=1.1)
+                pick = {"source": source, "readout": readout}
+                ax.plot(layers, mean.sel(pick).values, color=color, linestyle=style, marker="o", markersize=2,
+                        linewidth=1.1)
+                _band(ax, layers, lo.sel(pick), hi.sel(pick), color, len(builds) > 1)
         ax.set_ylim(-0.03, 1.03)
-        ax.set_xticks(layers)
-        if last_row:
-            ax.set_xlabel("layer", fontsize=8)
-        if first_col:
-            ax.set_ylabel("relevant share of top tokens", fontsize=8)
+        layer_ticks(ax, [int(v) for v in layers])
+
+    fig, several = _figure(rows, draw, "relevant share of top tokens", "layer", per_layer=True)
     handles = [Line2D([], [], color=c, label=s.replace("_", " ")) for s, c in SOURCE_COLORS.items()]
-    handles += [Line2D([], [], color="black", linestyle="-", label="logit lens"), Line2D([], [], color="black", linestyle="--", label="patchscope")]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    _title(fig, "Token relevance per layer (best over the first k positions): difference vs baselines")
+    handles += [Line2D([], [], color="black", linestyle="-", label="logit lens"),
+                Line2D([], [], color="black", linestyle="--", label="patchscope")]
+    handles += [Patch(color="#999999", alpha=0.3, label=BAND_NOTE)] if several else []
+    legend(fig, handles, fontsize=8)
+    title(fig, "Token relevance per layer (best over the first k positions): difference vs baselines"
+               + (" (mean over builds)" if several else ""))
     return fig
 
 
-def steering_figure(rows: list[AdlRow]) -> Figure:
-    fig, panels = _figure(rows)
-    for ax, row, last_row, first_col in panels:
-        steer = xr.open_zarr(row.path, group="adl_steer", consolidated=False).load()
-        alphas = steer.alpha.values
+def steering_figure(rows: list[AdlRow]):
+    def draw(ax: Axes, builds: list[AdlRow]) -> None:
+        steers = [_open(r, "adl_steer") for r in builds]
         for direction, style in (("difference", "-"), ("random", "--")):
-            if direction not in steer.direction.values:
+            if not all(direction in s.direction.values for s in steers):
                 continue
-            sim = steer.similarity.sel(direction=direction).mean("prompt").values
-            ok = steer.coherent.sel(direction=direction).values.astype(bool)
-            ax.plot(alphas, sim, color="#d62728" if direction == "difference" else "#7f7f7f", linestyle=style, linewidth=1.1)
-            ax.scatter(alphas[ok], sim[ok], s=12, color="#d62728" if direction == "difference" else "#7f7f7f", zorder=3)
-            ax.scatter(alphas[~ok], sim[~ok], s=12, facecolors="none", edgecolors="#d62728" if direction == "difference" else "#7f7f7f", zorder=3)
-        ax.axvline(row.best_alpha, color="black", linestyle=":", linewidth=0.9)
-        if last_row:
-            ax.set_xlabel("alpha (× mean residual norm)", fontsize=8)
-        if first_col:
-            ax.set_ylabel("similarity to ft data", fontsize=8)
-    handles = [Line2D([], [], color="#d62728", label="difference"), Line2D([], [], color="#7f7f7f", linestyle="--", label="random direction"),
-               Line2D([], [], color="black", marker="o", linestyle="none", markerfacecolor="none", label="incoherent"),
-               Line2D([], [], color="black", linestyle=":", label="chosen alpha")]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    _title(fig, "Steering: similarity of the fine-tune's text to its fine-tuning data")
+            color = DIRECTION_COLORS[direction]
+            mean, lo, hi = _pool([s.similarity.sel(direction=direction).mean("prompt") for s in steers])
+            # Coherent only where every build stayed coherent.
+            ok = np.logical_and.reduce([s.coherent.sel(direction=direction).reindex(alpha=mean.alpha).fillna(False)
+                                        .values.astype(bool) for s in steers])
+            alphas = mean.alpha.values
+            ax.plot(alphas, mean.values, color=color, linestyle=style, linewidth=1.1)
+            _band(ax, alphas, lo, hi, color, len(builds) > 1)
+            ax.scatter(alphas[ok], mean.values[ok], s=12, color=color, zorder=3)
+            ax.scatter(alphas[~ok], mean.values[~ok], s=12, facecolors="none", edgecolors=color, zorder=3)
+        for alpha in sorted({r.best_alpha for r in builds}):
+            ax.axvline(alpha, color="black", linestyle=":", linewidth=0.9)
+
+    fig, several = _figure(rows, draw, "similarity to fine-tuning data", "alpha (× mean residual norm)", per_layer=False)
+    handles = [Line2D([], [], color=DIRECTION_COLORS["difference"], label="difference"),
+               Line2D([], [], color=DIRECTION_COLORS["random"], linestyle="--", label="random direction"),
+               Line2D([], [], color="black", marker="o", linestyle="none", markerfacecolor="none",
+                      label="incoherent" + (" (in some build)" if several else "")),
+               Line2D([], [], color="black", linestyle=":", label="chosen alpha" + (" (each build)" if several else ""))]
+    handles += [Patch(color="#999999", alpha=0.3, label=BAND_NOTE)] if several else []
+    legend(fig, handles, fontsize=8)
+    title(fig, "Steering: similarity of the fine-tune's text to its fine-tuning data"
+               + (" (mean over builds)" if several else ""))
     return fig
 
 
-def delta_ce_figure(rows: list[AdlRow]) -> Figure:
-    fig, panels = _figure(rows)
-    for ax, row, last_row, first_col in panels:
-        causal = xr.open_zarr(row.path, group="adl_causal", consolidated=False).load()
-        layers = causal.layer.values
+def delta_ce_figure(rows: list[AdlRow]):
+    def draw(ax: Axes, builds: list[AdlRow]) -> None:
+        causals = [_open(r, "adl_causal") for r in builds]
+        layers = None
         for data, color in DATA_COLORS.items():
             for condition, style in (("difference", "-"), ("random", "--")):
-                if condition not in causal.condition.values:
+                if not all(condition in c.condition.values for c in causals):
                     continue
-                mean = causal.delta_ce.sel(data=data, condition=condition).values
-                se = np.nan_to_num(causal.delta_ce_se.sel(data=data, condition=condition).values)
-                ax.errorbar(layers, mean, yerr=se, color=color, linestyle=style, marker="o", markersize=2.5, linewidth=1.1, capsize=2)
+                mean, lo, hi = _pool([c.delta_ce.sel(data=data, condition=condition) for c in causals])
+                layers = mean.layer.values
+                if len(builds) > 1:
+                    ax.plot(layers, mean.values, color=color, linestyle=style, marker="o", markersize=2, linewidth=1.1)
+                    _band(ax, layers, lo, hi, color, True)
+                else:
+                    se = np.nan_to_num(causals[0].delta_ce_se.sel(data=data, condition=condition).values)
+                    ax.errorbar(layers, mean.values, yerr=se, color=color, linestyle=style, marker="o", markersize=2,
+                                linewidth=1.1, capsize=1.5, elinewidth=0.7)
         ax.axhline(0, color="black", linewidth=0.7)
-        ax.set_xticks(layers)
-        if last_row:
-            ax.set_xlabel("layer", fontsize=8)
-        if first_col:
-            ax.set_ylabel("ΔCE (replaced − ft)", fontsize=8)
+        if layers is not None:
+            layer_ticks(ax, [int(v) for v in layers])
+
+    fig, several = _figure(rows, draw, "ΔCE (replaced − fine-tune)", "layer", per_layer=True)
     handles = [Line2D([], [], color=c, label=f"{d.replace('finetune', 'fine-tuning')} data") for d, c in DATA_COLORS.items()]
     handles += [Line2D([], [], color="black", linestyle="--", label="random direction")]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
-    _title(fig, "Projection replacement along the difference: change in cross-entropy")
+    handles += [Patch(color="#999999", alpha=0.3, label=BAND_NOTE)] if several else []
+    legend(fig, handles, fontsize=8)
+    what = "mean over builds" if several else "error bars ±1 standard error"
+    title(fig, f"Projection replacement along the difference: change in cross-entropy ({what})")
     return fig
 
 

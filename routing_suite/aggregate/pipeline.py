@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from routing_suite import schema
-from routing_suite.aggregate import adl_tables, discover, em_tables, em_transfer_tables, read, tables
+from routing_suite.aggregate import adl_tables, discover, em_tables, em_transfer_tables, pooled, read, tables
 from routing_suite.aggregate.config import DUPLICATE_POLICIES
 from routing_suite.aggregate.discover import Finding
 from routing_suite.aggregate.report import finding_line, render
@@ -152,35 +152,59 @@ def collect_em_transfer(
     )
 
 
+def pooled_groups(cells: list[read.CellOutcomes], group: str, variables: tuple[str, ...]) -> dict[tuple[str, str], Any]:
+    """Per cell, the named variables of `group` pooled over the cell's builds (plots.pool_builds),
+    each build marked with its variant and the layers its fine-tune was planted in."""
+    from routing_suite.aggregate import plots
+    from routing_suite.aggregate.patching_plots import planted_layers
+
+    builds: dict[tuple[str, str], list] = {}
+    for c in cells:
+        ds = read.read_group(c.path, group, variables)
+        if ds is not None:
+            ds.attrs.update(planted=planted_layers(c.settings), variant=c.variant)
+            builds.setdefault((c.family, c.behavior), []).append(ds)
+    pooled = {k: plots.pool_builds(v, variables) for k, v in builds.items()}
+    return {k: v for k, v in pooled.items() if v is not None}
+
+
+def figures(
+    rows: list[ConditionStats], cells: list[read.CellOutcomes], grid: list[tuple[str, str]]
+) -> tuple[dict[str, Any], list[str]]:
+    """The routing figures by file stem, and notes on the ones skipped (for report.md)."""
+    from routing_suite.aggregate import patching_plots, plots
+
+    notes: list[str] = []
+    used = {(c.family, c.behavior) for c in cells}
+    made = {"gaps": plots.gap_figure(rows, grid, read.variant_labels(cells))}
+    localize = pooled_groups(cells, "localize", ("layer_effect", "head_effect"))
+    fit = pooled_groups(cells, "fit", ("probe_accuracy", "direction_norm"))
+    if any("layer_effect" in ds for ds in localize.values()):
+        made["patching"] = patching_plots.patching_figure(localize, grid, used)
+    else:
+        notes.append("patching skipped: no store has localize/layer_effect")
+    # A store written with per-head patching off holds head_effect as NaN only: no figure of it.
+    sources = patching_plots.head_sources(localize)
+    for source in sources:
+        made[f"patching_heads_{source}"] = patching_plots.head_figure(localize, grid, used, source)
+    if not sources:
+        notes.append("patching_heads skipped: no store has per-head effects (localize/head_effect absent or all NaN: "
+                     "per-head patching off)")
+    if any("probe_accuracy" in ds or "direction_norm" in ds for ds in fit.values()):
+        made["probes"] = plots.probe_figure(fit, grid, used)
+    else:
+        notes.append("probes skipped: no store has fit/probe_accuracy or fit/direction_norm")
+    return made, notes
+
+
 def _plots(
     out: Path, rows: list[ConditionStats], cells: list[read.CellOutcomes], grid: list[tuple[str, str]], dpi: int
 ) -> list[str]:
     """Write the figures; returns notes on the ones skipped."""
-    from routing_suite.aggregate import plots
+    from routing_suite.aggregate.figures import save
 
-    notes: list[str] = []
-    written: list[Path] = []
-    used = {(c.family, c.behavior) for c in cells}
-    written += plots.save(plots.gap_figure(rows, grid), out, "gaps", dpi)
-    localize = {
-        (c.family, c.behavior): read.read_group(c.path, "localize", ("layer_effect", "head_effect")) for c in cells
-    }
-    localize = {k: v for k, v in localize.items() if v is not None}
-    fit = {(c.family, c.behavior): read.read_group(c.path, "fit", ("probe_accuracy", "direction_norm")) for c in cells}
-    fit = {k: v for k, v in fit.items() if v is not None}
-    if any("layer_effect" in ds for ds in localize.values()):
-        written += plots.save(plots.patching_figure(localize, grid, used), out, "patching", dpi)
-    else:
-        notes.append("patching skipped: no store has localize/layer_effect")
-    sources = sorted({str(s) for ds in localize.values() if "head_effect" in ds for s in ds["source"].values})
-    for source in sources:
-        written += plots.save(plots.head_figure(localize, grid, used, source), out, f"patching_heads_{source}", dpi)
-    if not sources:
-        notes.append("patching_heads skipped: no store has localize/head_effect")
-    if any("probe_accuracy" in ds or "direction_norm" in ds for ds in fit.values()):
-        written += plots.save(plots.probe_figure(fit, grid, used), out, "probes", dpi)
-    else:
-        notes.append("probes skipped: no store has fit/probe_accuracy or fit/direction_norm")
+    made, notes = figures(rows, cells, grid)
+    written = [path for stem, fig in made.items() for path in save(fig, out, stem, dpi)]
     for note in notes:
         log.info("%s", note)
     log.info("plots: %s", ", ".join(p.name for p in written))
@@ -226,16 +250,16 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     settings = {k: cfg[k] for k in ("confidence", "n_resamples", "seed", "duplicates")}
     rows = [row for c in cells for row in cell_stats(c, cfg.n_resamples, cfg.seed, cfg.confidence)]
     grouped = tables.group_cells(rows, read.variant_labels(cells))
-    headline = tables.headline(grouped) if grouped else None
+    headline = pooled.headline(grouped) if grouped else None
     grid = sorted({(c.family, c.behavior) for c in cells} | {f.cell for f in findings if f.kind == discover.MISSING})
     notes: list[str] = []
     if grouped:
         files = {
             "cells.csv": tables.cells_csv(rows),
-            "table.md": tables.markdown_table(grouped),
+            "table.md": pooled.markdown_table(grouped),
             "table_builds.md": tables.builds_markdown(grouped),
-            "table.csv": tables.wide_csv(grouped),
-            "table.tex": tables.latex_table(grouped),
+            "table.csv": pooled.wide_csv(grouped),
+            "table.tex": pooled.latex_table(grouped),
             "headline.txt": headline + "\n",
         }
         for name, text in files.items():

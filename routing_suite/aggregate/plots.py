@@ -1,366 +1,252 @@
-"""Figures for the appendix: gaps per condition, path-patching effects, probes per layer.
+"""Routing figures for the appendix: gaps per condition and probes per layer (path patching:
+routing_suite.aggregate.patching_plots).
 
-Figures are built with the object API (`matplotlib.figure.Figure`, Agg canvas),
-never pyplot, so nothing depends on a display or global state. Each is saved
-as PNG and PDF at a fixed DPI with no dates in the metadata, so the same
-inputs give the same bytes. Panels sit on a family x behaviour grid; a cell of
-the grid without usable data shows that in its panel instead of vanishing.
+Panels sit on a family x behaviour grid; a cell of the grid without usable data
+shows that in its panel instead of vanishing. A cell may hold several builds
+(replicate organisms): the gap figure shows each build beside the mean, the
+per-layer figures show the mean over the cell's builds (`pool_builds`) and say so.
 """
 
 from __future__ import annotations
 
-import logging
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 import xarray as xr
-from matplotlib.axes import Axes
-from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
-from matplotlib.patches import Patch, Rectangle
+from matplotlib.patches import Patch
 
+from routing_suite.aggregate.figures import (
+    MIN_WIDTH,
+    Cell,
+    builds_note,
+    empty,
+    first_filled,
+    grid_of,
+    layer_ticks,
+    legend,
+    new_figure,
+    panel_figure,
+    title,
+    wrap,
+)
 from routing_suite.aggregate.read import condition_key
 from routing_suite.aggregate.stats import NEAR_ZERO, ConditionStats
 from routing_suite.aggregate.tables import display, sort_rows
 
-log = logging.getLogger(__name__)
-
-Cell = tuple[str, str]
 BASELINE_COLOR = "#595959"
 INTERVENTION_COLOR = "#1f77b4"
 CONTROL_COLORS = ("#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 MODEL_COLORS = {"base": "#7f7f7f", "finetuned": "#d62728"}
 SITE_STYLES = ("-", "--", ":", "-.")
-SOURCE_LABELS = {"deploy_to_eval": "deploy → eval", "finetuned_to_base": "fine-tune → base"}
-_METADATA = {
-    "png": {"Software": None},
-    "pdf": {"CreationDate": None, "ModDate": None, "Creator": None, "Producer": None},
-}
+NEAR_ZERO_COLOR = "#dddddd"
 
 
-def save(fig: Figure, out: Path, stem: str, dpi: int) -> list[Path]:
-    """`stem`.png and `stem`.pdf, deterministic."""
-    paths = []
-    for fmt in ("png", "pdf"):
-        path = out / f"{stem}.{fmt}"
-        fig.savefig(path, format=fmt, dpi=dpi, metadata=_METADATA[fmt])
-        paths.append(path)
-    return paths
-
-
-def _grid(cells: list[Cell]) -> tuple[list[str], list[str]]:
-    return sorted({f for f, _ in cells}), sorted({b for _, b in cells})
-
-
-def _span(n: int, size: float, gap: float) -> float:
-    """Inches taken by n panels of `size` with `gap` between them."""
-    return n * size + (n - 1) * gap
-
-
-def _panels(
-    fig: Figure, nrows: int, ncols: int, x0: float, y0: float, size: tuple[float, float], gaps: tuple[float, float]
-) -> list[list[Axes]]:
-    """A grid of axes whose lower-left corner sits at (x0, y0) inches; panel size and gaps in inches.
-
-    Fixed margins instead of constrained layout: the figures stay the same
-    size whatever the labels, and saving is several times faster.
-    """
-    width, height = fig.get_size_inches()
-    (w, h), (wgap, hgap) = size, gaps
-    grid = fig.add_gridspec(
-        nrows,
-        ncols,
-        left=x0 / width,
-        right=(x0 + ncols * w + (ncols - 1) * wgap) / width,
-        bottom=y0 / height,
-        top=(y0 + nrows * h + (nrows - 1) * hgap) / height,
-        wspace=wgap / w,
-        hspace=hgap / h,
-    )
-    return [[fig.add_subplot(grid[r, c]) for c in range(ncols)] for r in range(nrows)]
-
-
-def _colorbar(fig: Figure, image, x0: float, y0: float, height: float, label: str) -> None:
-    width, fig_height = fig.get_size_inches()
-    cax = fig.add_axes((x0 / width, y0 / fig_height, 0.15 / width, height / fig_height))
-    fig.colorbar(image, cax=cax, label=label)
-
-
-def _panel_grid(rows: int, cols: int, size, gaps, margins) -> tuple[Figure, list]:
-    """A figure of rows x cols panels of `size` inches with `gaps` between them and
-    (left, bottom, top, right) margins; the panels' axes by row."""
-    left, bottom, top, right = margins
-    fig = Figure(figsize=(left + right + _span(cols, size[0], gaps[0]), bottom + top + _span(rows, size[1], gaps[1])))
-    return fig, _panels(fig, rows, cols, left, bottom, size, gaps)
-
-
-def _first_filled(row: list[bool]) -> int:
-    """The first panel of a row that shows data: it carries the row's y labels."""
-    return next((c for c, filled in enumerate(row) if filled), 0)
-
-
-def _why_empty(cell: Cell, used: set[Cell], what: str) -> str:
+def why_empty(cell: Cell, used: set[Cell], what: str) -> str:
     return f"no {what}" if cell in used else "no usable store"
 
 
-def _empty(ax: Axes, text: str) -> None:
-    # No frame: a neighbour's y labels may reach into this panel's space.
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes, fontsize=9, color="#777777")
-    ax.set_axis_off()
+# ---------------------------------------------------------------- pooling builds
+
+
+def _has_values(da: xr.DataArray) -> bool:
+    # An all-NaN array is a stage that did not run (head_effect without per-head patching).
+    return bool(np.isfinite(da.values).any())
+
+
+def pool_builds(builds: Sequence[xr.Dataset], variables: Sequence[str]) -> xr.Dataset | None:
+    """One cell's builds as one dataset: per variable the mean over the builds that hold
+    finite values of it, and `<var>_min` / `<var>_max` over them; None when no build holds any.
+
+    attrs: `n_builds` (datasets pooled), `n_variants` (distinct `variant` attributes: a
+    cell's runs with other settings pool too, and the titles say so), `windows` (each
+    build's chosen window, when its store has one), `planted` (the union of the builds'
+    planted layers)."""
+    out = xr.Dataset()
+    for var in variables:
+        have = [ds[var] for ds in builds if var in ds and _has_values(ds[var])]
+        if not have:
+            continue
+        stacked = xr.concat(have, dim="build", join="outer", combine_attrs="drop")
+        with np.errstate(all="ignore"):  # a layer NaN in every build stays NaN, without a warning
+            out[var] = stacked.mean("build", skipna=True)
+            out[f"{var}_min"] = stacked.min("build", skipna=True)
+            out[f"{var}_max"] = stacked.max("build", skipna=True)
+    if not out.data_vars:
+        return None
+    out.attrs["n_builds"] = len(builds)
+    out.attrs["n_variants"] = len({ds.attrs.get("variant", "") for ds in builds})
+    out.attrs["windows"] = [[int(w) for w in ds.attrs["window"]] for ds in builds if len(ds.attrs.get("window") or ()) == 2]
+    out.attrs["planted"] = sorted({int(v) for ds in builds for v in ds.attrs.get("planted") or ()})
+    return out
+
+
+def pooled_note(ds: xr.Dataset | None) -> str:
+    """A panel title's note on what `pool_builds` pooled."""
+    return "" if ds is None else builds_note(ds.attrs.get("n_builds", 1), ds.attrs.get("n_variants", 1))
+
+
+def pooled_title(data) -> str:
+    """A figure title's note on what its panels pool (data: the pooled datasets)."""
+    if any(ds.attrs.get("n_variants", 1) > 1 for ds in data):
+        return " (mean over each cell's builds and variants)"
+    return " (mean over builds)" if any(ds.attrs.get("n_builds", 1) > 1 for ds in data) else ""
 
 
 # ---------------------------------------------------------------- gaps
 
 
-def gap_figure(rows: list[ConditionStats], grid: list[Cell]) -> Figure:
-    """One panel per cell: the gap under every condition, a bar for the mean over
-    builds and one point per build with its 95% interval."""
-    families, behaviors = _grid(grid)
+def _columns(cell: list[ConditionStats]) -> list[tuple[str, str, str]]:
+    """A cell's bars, in table order: (variant, condition, kind), variant by variant."""
+    columns = []
+    for variant in sorted({s.variant for s in cell}):
+        mine = sorted({(s.condition, s.kind) for s in cell if s.variant == variant}, key=lambda ck: condition_key(*ck))
+        columns += [(variant, c, k) for c, k in mine]
+    return columns
+
+
+def _variant_groups(ax, columns: list[tuple[str, str, str]], labels: dict[str, str]) -> None:
+    """Several variants in one panel: a dotted line between their groups of bars and each
+    group's settings ("intervention.rank=2") above it."""
+    variants = list(dict.fromkeys(v for v, _, _ in columns))
+    if len(variants) < 2:
+        return
+    spans = [[x for x, (v, _, _) in enumerate(columns) if v == variant] for variant in variants]
+    for span in spans[1:]:
+        ax.axvline(span[0] - 0.5, color="#999999", linestyle=":", linewidth=0.9)
+    top = ax.secondary_xaxis("top")
+    top.set_xticks([(span[0] + span[-1]) / 2 for span in spans], [labels.get(v) or v for v in variants], fontsize=8)
+    top.tick_params(length=0)
+
+
+def _stores_note(cell: list[ConditionStats]) -> str:
+    """How many variants and builds a gap panel shows."""
+    return builds_note(len({(s.variant, s.replicate) for s in cell}), len({s.variant for s in cell}))
+
+
+def gap_figure(rows: list[ConditionStats], grid: list[Cell], labels: dict[tuple[str, str, str], str] | None = None):
+    """One panel per cell: the gap under every condition (named on the axis), a bar for
+    the mean over builds and one point per build with its 95% interval.
+
+    `labels`: per (family, behavior, variant) the settings that tell a cell's variants
+    apart (read.variant_labels); a cell with several variants gets a bar per variant."""
+    labels = labels or {}
+    families, behaviors = grid_of(grid)
     by_cell: dict[Cell, list[ConditionStats]] = {}
     for row in sort_rows(rows):
         by_cell.setdefault((row.family, row.behavior), []).append(row)
     # Controls and comparisons (e.g. the base model's own subspace) get the palette.
-    others = sorted(
-        {(r.condition, r.kind) for r in rows if r.kind not in ("baseline", "intervention")},
-        key=lambda ck: condition_key(*ck),
-    )
+    others = sorted({(r.condition, r.kind) for r in rows if r.kind not in ("baseline", "intervention")},
+                    key=lambda ck: condition_key(*ck))
     colors = {c: CONTROL_COLORS[i % len(CONTROL_COLORS)] for i, (c, _) in enumerate(others)}
     low = min([r.gap.lo for r in rows if np.isfinite(r.gap.lo)] + [-NEAR_ZERO])
     high = max([r.gap.hi for r in rows if np.isfinite(r.gap.hi)] + [NEAR_ZERO])
     pad = 0.08 * (high - low)
-    size, gaps, left, bottom, top = (3.0, 1.9), (0.3, 0.45), 0.8, 0.95, 0.7
-    fig = Figure(
-        figsize=(
-            left + 0.2 + _span(len(behaviors), size[0], gaps[0]),
-            bottom + top + _span(len(families), size[1], gaps[1]),
-        )
-    )
-    axes = _panels(fig, len(families), len(behaviors), left, bottom, size, gaps)
-    legend: dict[str, object] = {}
+    n_bars = max([len(_columns(c)) for c in by_cell.values()] + [1])
+    # Room for the rotated condition names under each row.
+    fig, axes = panel_figure(len(families), len(behaviors), (max(2.6, 0.38 * n_bars), 2.9), (0.9, 1.6))
     for r, family in enumerate(families):
-        first = _first_filled([(family, b) in by_cell for b in behaviors])
+        first = first_filled([(family, b) in by_cell for b in behaviors])
         for c, behavior in enumerate(behaviors):
             ax = axes[r][c]
-            ax.set_title(f"{family} / {behavior}", fontsize=10)
             cell = by_cell.get((family, behavior))
+            ax.set_title(f"{family} / {behavior}" + _stores_note(cell or []), fontsize=10)
             if not cell:
-                _empty(ax, "no usable store")
+                empty(ax, "no usable store")
                 continue
-            conditions = list(dict.fromkeys((s.condition, s.kind) for s in cell))
-            builds = sorted({(s.variant, s.replicate) for s in cell})
-            ax.axhspan(-NEAR_ZERO, NEAR_ZERO, color="#dddddd", zorder=0)
+            columns = _columns(cell)
+            ax.axhspan(-NEAR_ZERO, NEAR_ZERO, color=NEAR_ZERO_COLOR, zorder=0)
             ax.axhline(0, color="black", linewidth=0.8, zorder=1)
-            for x, (name, kind) in enumerate(conditions):
-                runs = [s for s in cell if s.condition == name]
+            for x, (variant, name, kind) in enumerate(columns):
+                runs = sorted((s for s in cell if s.condition == name and s.variant == variant), key=lambda s: s.replicate)
                 fill = BASELINE_COLOR if kind == "baseline" else INTERVENTION_COLOR if kind == "intervention" else colors[name]
-                bar = ax.bar(x, np.mean([s.gap.value for s in runs]), color=fill, alpha=0.55, zorder=2)
-                offsets = np.linspace(-0.25, 0.25, len(builds)) if len(builds) > 1 else np.zeros(1)
-                for s in runs:
-                    dx = offsets[builds.index((s.variant, s.replicate))]
+                ax.bar(x, np.mean([s.gap.value for s in runs]), width=0.8, color=fill, alpha=0.55, zorder=2)
+                offsets = np.linspace(-0.25, 0.25, len(runs)) if len(runs) > 1 else np.zeros(1)
+                for dx, s in zip(offsets, runs):
                     err = [[max(s.gap.value - s.gap.lo, 0)], [max(s.gap.hi - s.gap.value, 0)]]
                     ax.errorbar(x + dx, s.gap.value, yerr=err, fmt="o", color=fill, ecolor="black", markersize=3,
                                 capsize=2, linewidth=0.8, zorder=3)
-                legend.setdefault(display(name), bar)
-            ax.set_xticks([])
+            ax.set_xticks(range(len(columns)), [display(name) for _, name, _ in columns], rotation=40, ha="right",
+                          rotation_mode="anchor", fontsize=8)
+            ax.set_xlim(-0.6, len(columns) - 0.4)
+            _variant_groups(ax, columns, {v: labels.get((family, behavior, v), "") for v, _, _ in columns})
             ax.set_ylim(low - pad, high + pad)
-            ax.tick_params(labelsize=8, labelleft=c == first)
+            ax.tick_params(axis="y", labelsize=8, labelleft=c == first)
             if c == first:
                 ax.set_ylabel("gap (deploy − eval)", fontsize=9)
-    legend[f"near zero (±{NEAR_ZERO})"] = Patch(color="#dddddd")
-    fig.legend(
-        list(legend.values()),
-        list(legend.keys()),
-        loc="lower center",
-        ncol=min(len(legend), 5),
-        fontsize=9,
-        frameon=False,
-    )
-    fig.suptitle(
-        "Eval/deploy gap per condition\n(bars: mean over builds; points: each build, 95% cluster-bootstrap interval)",
-        y=1 - 0.1 / fig.get_size_inches()[1],
-        va="top",
-        fontsize=10,
-    )
-    return fig
-
-
-# ---------------------------------------------------------------- path patching
-
-
-def _window_box(ax: Axes, window: list[int] | None, n_rows: int) -> None:
-    if window is None:
-        return
-    first, last = window
-    ax.add_patch(
-        Rectangle(
-            (first - 0.5, -0.5), last - first + 1, n_rows, fill=False, edgecolor="black", linewidth=1.5, linestyle="--"
-        )
-    )
-
-
-def _window_columns(ds: xr.Dataset, layers: list[int]) -> list[int] | None:
-    window = ds.attrs.get("window")
-    if window is None or len(window) != 2 or not all(int(w) in layers for w in window):
-        return None
-    return [layers.index(int(w)) for w in window]
-
-
-def _layer_ticks(ax: Axes, layers: list[int], axis: str) -> None:
-    step = max(1, -(-len(layers) // 8))
-    positions, labels = list(range(0, len(layers), step)), [str(v) for v in layers[::step]]
-    (ax.set_xticks if axis == "x" else ax.set_yticks)(positions, labels)
-
-
-def patching_figure(data: dict[Cell, xr.Dataset], grid: list[Cell], used: set[Cell]) -> Figure:
-    """Per cell: fraction of the gap each layer restores, one row per patching source."""
-    families, behaviors = _grid(grid)
-    values = [float(np.nanmax(np.abs(ds["layer_effect"].values))) for ds in data.values() if "layer_effect" in ds]
-    vmax = max(values + [1e-9])
-    size, gaps, left, bottom, top, right = (3.0, 0.9), (0.3, 0.55), 1.25, 0.55, 0.7, 1.2
-    fig, axes = _panel_grid(len(families), len(behaviors), size, gaps, (left, bottom, top, right))
-    image = None
-    for r, family in enumerate(families):
-        first = _first_filled(["layer_effect" in data.get((family, b), {}) for b in behaviors])
-        for c, behavior in enumerate(behaviors):
-            ax = axes[r][c]
-            ax.set_title(f"{family} / {behavior}", fontsize=10)
-            ds = data.get((family, behavior))
-            if ds is None or "layer_effect" not in ds:
-                _empty(ax, _why_empty((family, behavior), used, "localize/layer_effect"))
-                continue
-            effect = ds["layer_effect"].transpose("source", "layer")
-            image = ax.imshow(
-                effect.values, aspect="auto", cmap="RdBu_r", vmin=-vmax, vmax=vmax, interpolation="nearest"
-            )
-            layers = [int(v) for v in effect["layer"].values]
-            _layer_ticks(ax, layers, "x")
-            ax.set_yticks(
-                range(effect.sizes["source"]), [SOURCE_LABELS.get(str(s), str(s)) for s in effect["source"].values]
-            )
-            ax.tick_params(labelsize=8, labelleft=c == first)
-            _window_box(ax, _window_columns(ds, layers), effect.sizes["source"])
-            if r == len(families) - 1:
-                ax.set_xlabel("layer", fontsize=9)
-    if image is not None:
-        width = fig.get_size_inches()[0]
-        _colorbar(fig, image, width - right + 0.25, bottom, _span(len(families), size[1], gaps[1]), "fraction of the gap restored")
-    fig.suptitle(
-        "Path patching per layer (dashed box: the chosen intervention window)",
-        y=1 - 0.2 / fig.get_size_inches()[1],
-        va="top",
-    )
-    return fig
-
-
-def head_figure(data: dict[Cell, xr.Dataset], grid: list[Cell], used: set[Cell], source: str) -> Figure:
-    """Per cell: fraction of the gap each attention head restores, for one patching source."""
-    families, behaviors = _grid(grid)
-    picked = {
-        k: ds["head_effect"].sel(source=source).transpose("layer", "head")
-        for k, ds in data.items()
-        if "head_effect" in ds and source in ds["source"].values
-    }
-    vmax = max([float(np.nanmax(np.abs(v.values))) for v in picked.values()] + [1e-9])
-    size, gaps, left, bottom, top, right = (2.3, 1.8), (0.3, 0.55), 0.75, 0.55, 0.7, 1.2
-    fig, axes = _panel_grid(len(families), len(behaviors), size, gaps, (left, bottom, top, right))
-    image = None
-    for r, family in enumerate(families):
-        first = _first_filled([(family, b) in picked for b in behaviors])
-        for c, behavior in enumerate(behaviors):
-            ax = axes[r][c]
-            ax.set_title(f"{family} / {behavior}", fontsize=10)
-            effect = picked.get((family, behavior))
-            if effect is None:
-                _empty(ax, _why_empty((family, behavior), used, "localize/head_effect"))
-                continue
-            image = ax.imshow(
-                effect.values,
-                aspect="auto",
-                cmap="RdBu_r",
-                vmin=-vmax,
-                vmax=vmax,
-                interpolation="nearest",
-                origin="lower",
-            )
-            ax.set_xticks(range(effect.sizes["head"]), [str(int(h)) for h in effect["head"].values])
-            _layer_ticks(ax, [int(v) for v in effect["layer"].values], "y")
-            ax.tick_params(labelsize=8)
-            if r == len(families) - 1:
-                ax.set_xlabel("head", fontsize=9)
-            if c == first:
-                ax.set_ylabel("layer", fontsize=9)
-    if image is not None:
-        width = fig.get_size_inches()[0]
-        _colorbar(fig, image, width - right + 0.25, bottom, _span(len(families), size[1], gaps[1]), "fraction of the gap restored")
-    label = SOURCE_LABELS.get(source, source)
-    fig.suptitle(f"Path patching per attention head, patching {label}", y=1 - 0.2 / fig.get_size_inches()[1], va="top")
+    handles = [
+        Patch(color=INTERVENTION_COLOR, alpha=0.55, label="bar: mean over builds"),
+        Line2D([], [], color="black", marker="o", markersize=3, linewidth=0.8, label="point: one build, 95% interval"),
+        Patch(color=NEAR_ZERO_COLOR, label=f"near zero (±{NEAR_ZERO})"),
+    ]
+    legend(fig, handles)
+    title(fig, "Eval/deploy gap (deploy rate − eval rate) per condition; intervals: cluster bootstrap over sampling units")
     return fig
 
 
 # ---------------------------------------------------------------- probes
 
 
-def probe_figure(data: dict[Cell, xr.Dataset], grid: list[Cell], used: set[Cell]) -> Figure:
-    """Per cell and layer: held-out probe accuracy (left block) and direction norm (right block), base vs fine-tune."""
-    families, behaviors = _grid(grid)
+PROBE_PANELS = (
+    ("probe_accuracy", "probe accuracy", "Held-out probe accuracy, eval vs deploy (dotted: chance)"),
+    ("direction_norm", "direction norm", "Norm of the mean deploy − eval difference"),
+)
+
+
+def probe_figure(data: dict[Cell, xr.Dataset], grid: list[Cell], used: set[Cell]):
+    """Per cell and layer, base vs fine-tune: held-out probe accuracy (left) and the
+    direction's norm (right); the mean over the cell's builds, a band from the lowest
+    to the highest build where there are several."""
+    families, behaviors = grid_of(grid)
     sites = sorted({str(s) for ds in data.values() for s in ds["site"].values})
-    size, gaps, left, bottom, top, block_gap = (2.5, 1.6), (0.45, 0.5), 0.75, 0.9, 0.95, 0.75
-    block_width = _span(len(behaviors), size[0], gaps[0])
-    fig = Figure(
-        figsize=(left + 2 * block_width + block_gap + 0.2, bottom + top + _span(len(families), size[1], gaps[1]))
-    )
-    width, height = fig.get_size_inches()
-    spec = (
-        ("probe_accuracy", "probe accuracy", "Held-out probe accuracy, eval vs deploy (dotted: chance)"),
-        ("direction_norm", "direction norm", "Norm of the mean deploy − eval difference"),
-    )
-    for b, (var, ylabel, title) in enumerate(spec):
-        x0 = left + b * (block_width + block_gap)
-        axes = _panels(fig, len(families), len(behaviors), x0, bottom, size, gaps)
-        fig.text((x0 + block_width / 2) / width, 1 - 0.55 / height, title, ha="center", va="top", fontsize=11)
+    n_layers = max([ds.sizes.get("layer", 1) for ds in data.values()] + [1])
+    panel = (max(2.5, 0.09 * n_layers), 2.0)
+    width = max(MIN_WIDTH, 2 * len(behaviors) * panel[0] + 1.6)
+    fig = new_figure(width, len(families) * panel[1] + 1.9)
+    blocks = fig.subfigures(1, 2, wspace=0.03)
+    several = any(ds.attrs.get("n_builds", 1) > 1 for ds in data.values())
+    for block, (var, ylabel, heading) in zip(blocks, PROBE_PANELS):
+        block.suptitle(wrap(heading, width / 2 - 0.3, 10), fontsize=10)
+        axes = block.subplots(len(families), len(behaviors), squeeze=False)
         for r, family in enumerate(families):
-            first = _first_filled([var in data.get((family, b), {}) for b in behaviors])
+            first = first_filled([var in data.get((family, b), {}) for b in behaviors])
             for c, behavior in enumerate(behaviors):
                 ax = axes[r][c]
-                ax.set_title(f"{family} / {behavior}", fontsize=9)
                 ds = data.get((family, behavior))
+                ax.set_title(f"{family} / {behavior}" + pooled_note(ds), fontsize=9)
                 if ds is None or var not in ds:
-                    _empty(ax, _why_empty((family, behavior), used, f"fit/{var}"))
+                    empty(ax, why_empty((family, behavior), used, f"fit/{var}"))
                     continue
-                for model in (str(m) for m in ds["model"].values):
-                    for s, site in enumerate(sites):
-                        if site not in ds["site"].values:
-                            continue
-                        line = ds[var].sel(model=model, site=site)
-                        style = SITE_STYLES[s % len(SITE_STYLES)]
-                        color = MODEL_COLORS.get(model, "black")
-                        ax.plot(
-                            line["layer"].values,
-                            line.values,
-                            color=color,
-                            linestyle=style,
-                            marker="o",
-                            markersize=2.5,
-                            linewidth=1.2,
-                        )
-                layers = [int(v) for v in ds["layer"].values]
-                step = max(1, -(-len(layers) // 8))
-                ax.set_xticks(layers[::step])  # whole layers, not fractions
+                _probe_lines(ax, ds, var, sites)
+                layer_ticks(ax, [int(v) for v in ds["layer"].values])
                 if var == "probe_accuracy":
                     ax.axhline(0.5, color="black", linestyle=":", linewidth=0.8)
                     ax.set_ylim(0.35, 1.03)
                 ax.tick_params(labelsize=8)
-                if r == len(families) - 1:
-                    ax.set_xlabel("layer", fontsize=9)
+                ax.set_xlabel("layer", fontsize=8)
                 if c == first:
                     ax.set_ylabel(ylabel, fontsize=9)
-    handles = [
-        Line2D([], [], color=color, label="base" if m == "base" else "fine-tuned") for m, color in MODEL_COLORS.items()
-    ]
-    handles += [
-        Line2D([], [], color="black", linestyle=SITE_STYLES[i % len(SITE_STYLES)], label=f"site: {s}")
-        for i, s in enumerate(sites)
-    ]
-    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=9, frameon=False)
-    fig.suptitle("Eval/deploy directions per layer, base vs fine-tuned", y=1 - 0.15 / height, va="top")
+    handles = [Line2D([], [], color=color, label="base" if m == "base" else "fine-tuned") for m, color in MODEL_COLORS.items()]
+    handles += [Line2D([], [], color="black", linestyle=SITE_STYLES[i % len(SITE_STYLES)], label=f"site: {s}")
+                for i, s in enumerate(sites)]
+    if several:
+        handles.append(Patch(color="#999999", alpha=0.3, label="band: lowest to highest build"))
+    legend(fig, handles)
+    title(fig, "Eval/deploy directions per layer, base vs fine-tuned" + pooled_title(data.values()))
     return fig
+
+
+def _probe_lines(ax, ds: xr.Dataset, var: str, sites: list[str]) -> None:
+    band = ds.attrs.get("n_builds", 1) > 1 and f"{var}_min" in ds
+    for model in (str(m) for m in ds["model"].values):
+        color = MODEL_COLORS.get(model, "black")
+        for s, site in enumerate(sites):
+            if site not in ds["site"].values:
+                continue
+            line = ds[var].sel(model=model, site=site)
+            layers = line["layer"].values
+            ax.plot(layers, line.values, color=color, linestyle=SITE_STYLES[s % len(SITE_STYLES)], marker="o",
+                    markersize=2.5, linewidth=1.2)
+            if band:
+                lo, hi = (ds[f"{var}_{e}"].sel(model=model, site=site).values for e in ("min", "max"))
+                ax.fill_between(layers, lo, hi, color=color, alpha=0.15, linewidth=0)

@@ -52,6 +52,17 @@ class CellOutcomes:
     replicate: str = ""
     # The store's result-shaping config, flattened (tells a cell's variants apart in the tables).
     settings: dict = field(default_factory=dict)
+    # (condition,): the layers each condition edits ("3,4")
+    condition_layers: tuple[str, ...] = ()
+    # Localization: the chosen window, and each source's per-layer patch effect (layer -> fraction of the gap).
+    window: tuple[int, ...] = ()
+    layer_effect: dict[str, dict[int, float]] = field(default_factory=dict)
+
+    @property
+    def planted(self) -> tuple[int, ...]:
+        """The layers the fine-tune was allowed to change (organisms: model.train.lora_layers); () if unknown."""
+        value = self.settings.get("model.train.lora_layers")
+        return tuple(int(x) for x in value) if isinstance(value, list) else ()
 
     def __post_init__(self) -> None:
         n_cond, _, n_prompts = self.performed.shape
@@ -124,6 +135,14 @@ def read_outcomes(path: Path, family: str, behavior: str, variant: str = "", rep
     correct = ordered("correct")
     norms = ds["perturbation_norm"].isel(condition=order).values.astype("float64") if "perturbation_norm" in ds else None
     units = np.array([str(u) for u in ds["cluster"].values]) if "cluster" in ds.coords else None
+    layers = tuple(str(x) for x in ds["layers"].isel(condition=order).values) if "layers" in ds.coords else ()
+    window = tuple(int(w) for w in ds.attrs.get("window", ()))
+    localize = read_group(path, "localize", ("layer_effect",))
+    effects = {}
+    if localize is not None and "layer_effect" in localize:
+        for source in localize["source"].values:
+            row = localize["layer_effect"].sel(source=source)
+            effects[str(source)] = {int(layer): float(v) for layer, v in zip(row["layer"].values, row.values)}
     return CellOutcomes(
         family=family,
         behavior=behavior,
@@ -137,6 +156,9 @@ def read_outcomes(path: Path, family: str, behavior: str, variant: str = "", rep
         perturbation_norm=norms,
         variant=variant,
         replicate=replicate,
+        condition_layers=layers,
+        window=window,
+        layer_effect=effects,
     )
 
 

@@ -86,6 +86,15 @@ class ConditionStats:
     broken: bool | None  # None for the baseline
     reduced: bool | None  # None for the baseline
     near_zero: bool
+    # The layers the condition edits, and their mean deploy -> eval patch effect (fraction of the gap).
+    layers: str = ""
+    patch_effect: float = float("nan")
+    # The build's localization against its planted layers (organisms): the window, the planted
+    # layers, whether they overlap, and the largest |fine-tune -> base| patch effect outside them.
+    window: str = ""
+    planted: str = ""
+    window_on_planted: bool | None = None
+    finetuned_to_base_outside: float = float("nan")
 
     @property
     def cell(self) -> tuple[str, str, str]:
@@ -133,9 +142,28 @@ def bootstrap(
     return point, lo, hi
 
 
+def _layers(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()]
+
+
+def localization(cell: CellOutcomes) -> dict:
+    """The build's window against its planted layers (empty when the store does not say)."""
+    planted = list(cell.planted)
+    window = list(range(cell.window[0], cell.window[1] + 1)) if len(cell.window) == 2 else []
+    outside = [abs(e) for layer, e in cell.layer_effect.get("finetuned_to_base", {}).items() if planted and layer not in planted]
+    return {
+        "window": ",".join(map(str, window)),
+        "planted": ",".join(map(str, planted)),
+        "window_on_planted": bool(set(window) & set(planted)) if planted and window else None,
+        "finetuned_to_base_outside": max(outside) if outside else float("nan"),
+    }
+
+
 def cell_stats(cell: CellOutcomes, n_resamples: int, seed: int, confidence: float) -> list[ConditionStats]:
     """Every condition of one cell and build, baseline first (cell.conditions[0] is the baseline)."""
     intervention = cell.kinds.index("intervention")
+    where = localization(cell)
+    patch = cell.layer_effect.get("deploy_to_eval", {})
     point, lo, hi = bootstrap(cell.performed, cell.units, intervention, n_resamples, seed, confidence)
     correct = cell.correct.mean(-1)  # (condition, framing)
     n_units = len(np.unique(cell.units))
@@ -162,6 +190,14 @@ def cell_stats(cell: CellOutcomes, n_resamples: int, seed: int, confidence: floa
                 broken=broken,
                 reduced=None if baseline else bool(est["reduction"].above_zero and not broken),
                 near_zero=bool(est["gap"].lo >= -NEAR_ZERO and est["gap"].hi <= NEAR_ZERO),
+                layers=cell.condition_layers[c] if cell.condition_layers else "",
+                patch_effect=_mean_effect(patch, cell.condition_layers[c] if cell.condition_layers else ""),
+                **where,
             )
         )
     return rows
+
+
+def _mean_effect(effects: dict[int, float], layers: str) -> float:
+    values = [effects[layer] for layer in _layers(layers) if layer in effects]
+    return float(np.mean(values)) if values else float("nan")

@@ -231,9 +231,13 @@ def load_base(path: Path) -> PreTrainedModel:
 
 
 def _build_one_base(root: str, spec: OrganismSpec, behaviors: tuple[str, ...]) -> None:
-    """In a worker process: one base and its adapters, one after another."""
+    """In a worker process: one base and its adapters, one after another, saying what it builds."""
+    if not logging.getLogger().handlers:  # a spawned worker: its progress goes to the console
+        logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][organisms {spec.family} seed {spec.seed}] %(message)s")
     for behavior in behaviors:
+        started = time.perf_counter()
         ensure_adapter(Path(root), spec, behavior)
+        log.info("%s/%s (seed %d) ready after %.0f s", spec.family, behavior, spec.seed, time.perf_counter() - started)
 
 
 def build_all(wanted: list[tuple[Path, OrganismSpec, str]], workers: int) -> int:

@@ -1,0 +1,196 @@
+"""The routing tables pooled over builds: table.{md,csv,tex} and the headline.
+
+A finding is a count over builds (DESIGN.md): each cell's (and variant's)
+figures are the mean over its builds with their [min, max], and the counts of
+builds that were reduced, near zero, broken, whose window overlapped the
+planted layers, and in which each control failed (its gap stayed above the
+intervention's). Control reductions are means over the builds the control
+did not break.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from routing_suite.aggregate.stats import ConditionStats
+from routing_suite.aggregate.tables import (
+    _VERBS,
+    Cell,
+    _csv,
+    _finite,
+    _intervention_label,
+    _markdown,
+    display,
+    intervention_names,
+    num,
+    other_names,
+    pct,
+)
+
+# ---------------------------------------------------------------- pooled figures
+
+
+def _mean(values: list[float]) -> float:
+    finite = [v for v in values if _finite(v)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
+def _spread(values: list[float], digits: int, scale: float = 1.0, sign: bool = False) -> str:
+    """'mean [min, max]' over builds ('value' alone for one build)."""
+    finite = [scale * v for v in values if _finite(v)]
+    if not finite:
+        return "n/a"
+    mean = num(float(np.mean(finite)), digits, sign)
+    if len(finite) == 1:
+        return mean
+    return f"{mean} [{num(min(finite), digits, sign)}, {num(max(finite), digits, sign)}]"
+
+
+def _count(flags: list[bool | None]) -> str:
+    return f"{sum(bool(f) for f in flags)}/{len(flags)}"
+
+
+def control_fails(row: ConditionStats) -> bool:
+    """DESIGN.md: a control fails (as the paper needs it to) when its gap stays above the
+    intervention's: the paired interval of (control gap - intervention gap) lies above 0."""
+    return row.vs_intervention.above_zero
+
+
+def unbroken_mean_reduction(rows: list[ConditionStats]) -> tuple[float, int]:
+    """The mean reduction over the builds where the condition did not break the model, and
+    how many builds it broke."""
+    return _mean([r.reduction.value for r in rows if not r.broken]), sum(bool(r.broken) for r in rows)
+
+
+# ---------------------------------------------------------------- pooled tables
+
+
+def _pooled_record(cell: Cell, controls: list[str], comparisons: list[str], csv_form: bool) -> list[str]:
+    ivs = [b.intervention for b in cell.builds]
+    bases = [b.baseline for b in cell.builds]
+    n = len(cell.builds)
+    record = [cell.family, cell.behavior, cell.label, str(n)]
+    if csv_form:
+        record += [num(_mean([r.gap.value for r in bases])), num(_mean([r.gap.value for r in ivs])),
+                   num(_mean([r.reduction.value for r in ivs])), num(_mean([r.recovery.value for r in ivs]))]
+    else:
+        record += [_spread([r.gap.value for r in bases], 2, sign=True), _spread([r.gap.value for r in ivs], 2, sign=True),
+                   _spread([r.reduction.value for r in ivs], 0, 100), _spread([r.recovery.value for r in ivs], 0, 100)]
+    record += [_count([r.reduced for r in ivs]), _count([r.near_zero for r in ivs]), _count([r.broken for r in ivs])]
+    on = [r.window_on_planted for r in ivs if r.window_on_planted is not None]
+    outside = [r.finetuned_to_base_outside for r in ivs if _finite(r.finetuned_to_base_outside)]
+    record += [_count(on) if on else ("" if csv_form else "–"), num(max(outside), 3 if not csv_form else 6) if outside else ("" if csv_form else "–")]
+    for c in controls:
+        rows = cell.conditions(c)
+        if not rows:
+            record += ["", "", ""] if csv_form else ["–"]
+            continue
+        mean, broken = unbroken_mean_reduction(rows)
+        fails = _count([control_fails(r) for r in rows])
+        if csv_form:
+            record += [num(mean), str(broken), fails]
+        else:
+            record.append(f"{pct(mean)}; fails {fails}" + (f"; broken {broken}" if broken else ""))
+    for c in comparisons:
+        rows = cell.conditions(c)
+        record.append(num(_mean([r.reduction.value for r in rows])) if csv_form else (_spread([r.reduction.value for r in rows], 0, 100) + "%" if rows else "–"))
+    return record
+
+
+def markdown_table(cells: list[Cell]) -> str:
+    """Pooled over builds: means with [min, max] over builds, and counts of builds."""
+    name = _intervention_label(cells)
+    controls, comparisons = other_names(cells, "control"), other_names(cells, "comparison")
+    header = ["family", "behavior", "variant", "builds", "baseline gap", f"{name} gap", f"{name} reduction %",
+              "eval recovery %", "reduced", "near zero", "broken", "window on planted", "ft → base outside planted (max)"]
+    header += [f"{display(c)}: reduction (unbroken builds)" for c in controls]
+    header += [f"{display(c)} reduction % (comparison)" for c in comparisons]
+    align = ["---", "---", "---", "---:"] + ["---:"] * 4 + [":---:"] * 4 + ["---:"] + ["---:"] * (len(controls) + len(comparisons))
+    records = [_pooled_record(c, controls, comparisons, csv_form=False) for c in cells]
+    for r in records:
+        r[2] = r[2] or "–"
+    return _markdown(header, align, records)
+
+
+def wide_csv(cells: list[Cell]) -> str:
+    """The pooled table as raw fractions: means over builds, counts of builds."""
+    controls, comparisons = other_names(cells, "control"), other_names(cells, "comparison")
+    header = ["family", "behavior", "variant", "builds", "baseline_gap", "intervened_gap", "reduction", "eval_recovery",
+              "reduced_builds", "near_zero_builds", "broken_builds", "window_on_planted_builds", "finetuned_to_base_outside_max"]
+    for c in controls:
+        header += [f"{c}_reduction_unbroken", f"{c}_broken_builds", f"{c}_fails_builds"]
+    header += [f"{c}_reduction" for c in comparisons]
+    return _csv(header, [_pooled_record(c, controls, comparisons, csv_form=True) for c in cells])
+
+
+def tex_escape(text: str) -> str:
+    out = text.replace("\\", r"\textbackslash{}")
+    for ch in "&%$#_{}":
+        out = out.replace(ch, "\\" + ch)
+    return out.replace("~", r"\textasciitilde{}").replace("^", r"\textasciicircum{}")
+
+
+def latex_table(cells: list[Cell]) -> str:
+    """A booktabs tabular of the pooled table (means over builds; counts of builds)."""
+    name = tex_escape(_intervention_label(cells))
+    controls = other_names(cells, "control")
+    spec = "ll" + "r" * 4 + "ccc" + "r" * len(controls)
+    lines = [
+        "% Generated by routing_suite.aggregate; needs \\usepackage{booktabs} and \\usepackage{graphicx}.",
+        "% Means over builds; reduced / near zero / broken: builds of all; controls: mean reduction over unbroken builds.",
+        r"\resizebox{\linewidth}{!}{%",
+        rf"\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        " & ".join(["Family", "Behaviour", "Builds", "Gap", f"{name} gap", r"Reduction (\%)", "Reduced", "Near 0", "Broken"]
+                   + [tex_escape(display(c)) + r" (\%)" for c in controls]) + r" \\",
+        r"\midrule",
+    ]
+    for cell in cells:
+        ivs = [b.intervention for b in cell.builds]
+        top = [tex_escape(cell.family), tex_escape(cell.behavior + (f" ({cell.label})" if cell.label else "")), str(len(ivs)),
+               f"${num(_mean([b.baseline.gap.value for b in cell.builds]), 2)}$", f"${num(_mean([r.gap.value for r in ivs]), 2)}$",
+               f"${num(100 * _mean([r.reduction.value for r in ivs]), 0)}$",
+               _count([r.reduced for r in ivs]), _count([r.near_zero for r in ivs]), _count([r.broken for r in ivs])]
+        for c in controls:
+            rows = cell.conditions(c)
+            top.append(f"${num(100 * unbroken_mean_reduction(rows)[0], 0)}$" if rows else "--")
+        lines.append(" & ".join(top) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}%", "}"]
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- headline
+
+
+def headline(cells: list[Cell]) -> str:
+    """Counts over cells and builds, e.g. "clamping reduces the gap in 12 of 12 cells on
+    every build (of 3); closes it near zero in 5 on every build; controls ..."."""
+    names = intervention_names(cells)
+    verb = " / ".join(_VERBS.get(n, display(n)) for n in names)
+    n_builds = sorted({len(c.builds) for c in cells})
+    every = "on every build" if n_builds != [1] else "on its build"
+    builds = "" if n_builds == [1] else f" (builds per cell: {', '.join(map(str, n_builds))})"
+    reduced = sum(all(b.intervention.reduced for b in c.builds) for c in cells)
+    closed = sum(all(b.intervention.near_zero for b in c.builds) for c in cells)
+    broken = sum(any(b.intervention.broken for b in c.builds) for c in cells)
+    text = (f"{verb} reduces the gap in {reduced} of {len(cells)} cells {every}{builds}; closes it near zero in {closed}; "
+            f"breaks the model in {broken}")
+    planted = [c for c in cells if all(b.intervention.window_on_planted is not None for b in c.builds)]
+    if planted:
+        on = sum(all(b.intervention.window_on_planted for b in c.builds) for c in planted)
+        text += f"; the window overlaps the planted layers in {on} of {len(planted)}"
+    controls = other_names(cells, "control")
+    if not controls:
+        return text + "; no controls"
+    iv = _intervention_label(cells)
+    parts = []
+    for name in controls:
+        rows = [r for c in cells for r in c.conditions(name)]
+        mean, n_broken = unbroken_mean_reduction(rows)
+        fails = sum(bool(c.conditions(name)) and all(control_fails(r) for r in c.conditions(name)) for c in cells)
+        have = sum(bool(c.conditions(name)) for c in cells)
+        parts.append(f"{display(name)} {pct(mean)} (gap above the {iv}'s in {fails}/{have} cells; "
+                     f"{n_broken} of {len(rows)} broken)")
+    return f"{text}; controls, mean reduction over unbroken builds: {', '.join(parts)}"
+
+
