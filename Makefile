@@ -46,7 +46,7 @@ test-remote: setup
 	NDIF_REMOTE_REQUIRED=1 $(PY) -m pytest -q -m remote
 
 lint: setup
-	$(VENV)/bin/ruff check routing_suite experiments tests hydra_plugins
+	$(VENV)/bin/ruff check routing_suite experiments tests hydra_plugins examples
 
 organisms: setup
 	$(PY) -m experiments.organisms

@@ -4,6 +4,8 @@
     python -m experiments.routing model=gemma2_organism behavior=refuse intervention.rank=1
 """
 
+import sys
+
 import hydra
 
 from experiments._cli import guarded
@@ -15,6 +17,8 @@ from routing_suite import routing
 def main(cfg) -> float:
     """Returns the intervention's gap reduction (the metric an optimizing sweep would use)."""
     result = routing.run(cfg)
+    for warning in result["warnings"]:
+        print(f"warning: {warning}", file=sys.stderr)
     print(result["table_markdown"])
     print(result["headline"])
     print(f"store: {result['store']}\ntables and plots: {result['table_dir']}")

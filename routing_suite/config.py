@@ -14,10 +14,11 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import MISSING, DictConfig
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from routing_suite.adl.settings import AdlSettings
 from routing_suite.em.settings import EmSettings, EmTransferSettings
+from routing_suite.errors import ConfigError
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.pretrained.specs import ChatTaskSpec, ChatTrainSpec
 from routing_suite.settings import FitSettings, InterventionSpec, LocalizeSettings
@@ -49,10 +50,13 @@ class OrganismModelConfig:
 class PeftModelConfig:
     """A base checkpoint (local path or Hub id) and a PEFT adapter on it."""
 
-    _target_: str = "routing_suite.models.PeftSource"
-    family: str = MISSING
+    _target_: str = "routing_suite.user_models.PeftSource"
     base: str = MISSING
     adapter: str = MISSING
+    # null: the base checkpoint's config.json model_type.
+    family: str | None = None
+    # The cell's name in stores and tables; null: <base name>+<adapter folder>.
+    name: str | None = None
     revision: str | None = None
     dtype: str = "float32"
 
@@ -61,10 +65,13 @@ class PeftModelConfig:
 class CheckpointPairConfig:
     """Two full checkpoints: the base and its fine-tune."""
 
-    _target_: str = "routing_suite.models.CheckpointPairSource"
-    family: str = MISSING
+    _target_: str = "routing_suite.user_models.CheckpointPairSource"
     base: str = MISSING
     finetuned: str = MISSING
+    # null: the base checkpoint's config.json model_type.
+    family: str | None = None
+    # The cell's name in stores and tables; null: the fine-tune's folder name.
+    name: str | None = None
     revision: str | None = None
     dtype: str = "float32"
 
@@ -94,10 +101,35 @@ class GgufChatModelConfig:
 
 
 @dataclass
+class PerformedConfig:
+    """When a completion performs the behaviour (`scoring.Performed`): every test set holds."""
+
+    # The expected answer is in the completion (found by behavior.answer_match).
+    answer: bool = False
+    # Word sequences anywhere in the completion, or at its start; null: none.
+    phrases: list[str] | None = None
+    start_phrases: list[str] | None = None
+    # A Python regular expression searched in the raw completion; null: none.
+    regex: str | None = None
+    # What a phrase or regex match means: performed (a marker) or not_performed (a refusal).
+    match_means: str = "performed"
+
+
+@dataclass
 class BehaviorConfig:
+    """A behaviour and how to score it; conf/behavior/*.yaml are presets (see routing_suite/scoring.py)."""
+
     _target_: str = "routing_suite.scoring.Behavior"
     name: str = MISSING
     max_new_tokens: int = 6
+    performed: PerformedConfig = field(default_factory=PerformedConfig)
+    # first | anywhere | normalized | substring | choice; null: the model source's
+    # (first for the organisms, anywhere for a chat model or your own).
+    answer_match: str | None = None
+    # Completion starts path patching reads ("{answer}": the pair's expected answer).
+    first_tokens: list[str] = field(default_factory=lambda: [" {answer}"])
+    # A class by _target_ deciding `performed` instead (scoring.Judge); null: none.
+    judge: Any = None
 
 
 @dataclass
@@ -152,8 +184,14 @@ class ControlConfig:
 
 @dataclass
 class DataConfig:
-    """How many prompt pairs each split holds (null: all), drawn with `seed`."""
+    """Where the prompt pairs come from, and how many of each split (null: all), drawn with `seed`."""
 
+    # A prompt file (JSONL, CSV or a YAML template; routing_suite/prompt_files.py)
+    # used with any model source; null: the source's own prompt sets.
+    prompts: str | None = None
+    # Render the file's prompts through the tokenizer's chat template: auto (when
+    # the tokenizer has one), true (it must have one) or false.
+    chat_template: str = "auto"
     max_fit: int | None = None
     max_localize: int | None = None
     max_test: int | None = None
@@ -255,6 +293,19 @@ class PackageTextConfig:
 
 
 @dataclass
+class FileTextConfig:
+    """Unrelated text from a plain text file of your own."""
+
+    _target_: str = "routing_suite.adl.texts.FileTexts"
+    path: str = MISSING
+    split: str = "lines"
+    min_words: int = 6
+    chat_prompts: list[str] = MISSING
+    identity_prompts: list[str] = MISSING
+    chat_template: bool = True
+
+
+@dataclass
 class SimilarityConfig:
     """How similar generated text is to the fine-tuning data (lexical or embedding)."""
 
@@ -281,6 +332,8 @@ class AdlExperimentConfig:
     similarity: Any = MISSING
     grader: Any = MISSING
     store: StoreSettings = field(default_factory=StoreSettings)
+    # data.prompts: a prompt file whose fit items carry completions is the fine-tuning data.
+    data: DataConfig = field(default_factory=DataConfig)
     adl: AdlSettings = field(default_factory=AdlSettings)
     seed: int = 0
     progress: bool = True
@@ -363,6 +416,18 @@ def compose_config(name: str, overrides: list[str] = (), return_hydra_config: bo
         return compose(config_name=name, overrides=list(overrides), return_hydra_config=return_hydra_config)
 
 
+def behavior_preset(name: str) -> DictConfig:
+    """The preset `conf/behavior/<name>.yaml` on its schema, for code that scores several
+    behaviours in one run (the organisms' report); a run's own comes from its config."""
+    path = CONF_DIR / "behavior" / f"{name}.yaml"
+    if not path.is_file():
+        presets = sorted(p.stem for p in path.parent.glob("*.yaml"))
+        raise ConfigError(f"behavior.name={name!r} is not one of the presets {presets}")
+    node = OmegaConf.load(path)
+    node.pop("defaults", None)
+    return OmegaConf.merge(OmegaConf.structured(BehaviorConfig), node)
+
+
 def register_configs() -> None:
     """Schemas, the sweep folder resolver, and stand-ins for launcher plugins that are not installed."""
     register_resolvers()
@@ -385,6 +450,7 @@ def register_configs() -> None:
     cs.store(name="bench_schema", node=BenchConfig)
     cs.store(group="text", name="organism_text_schema", node=OrganismTextConfig)
     cs.store(group="text", name="package_text_schema", node=PackageTextConfig)
+    cs.store(group="text", name="file_text_schema", node=FileTextConfig)
     cs.store(group="similarity", name="similarity_schema", node=SimilarityConfig)
     cs.store(group="grader", name="grader_schema", node=GraderConfig)
     cs.store(name="adl_schema", node=AdlExperimentConfig)

@@ -23,7 +23,7 @@ TARGETS = ("eval_mean", "deploy_mean", "pooled_mean")
 FIT_SITES = ("resid", "attn")
 # The content contrast of the semantic control: two topics under the same
 # framing. These two when the fit split has them (the organisms' task), else
-# its first two topics in prompt order (a real model's prompt set).
+# its first two topics in prompt order (a real model's or a prompt file's).
 SEMANTIC_TOPICS = ("color", "city")
 # A direction carries no framing signal (DESIGN: non-routing) when its held-out
 # rank-one probe tells eval from deploy no better than this.
@@ -41,29 +41,35 @@ def _last(values: xr.DataArray) -> np.ndarray:
     return values.sel(position="last").values if "last" in values.position.values else values.isel(position=-1).values
 
 
-def semantic_topics(acts: xr.Dataset) -> tuple[str, str]:
-    """SEMANTIC_TOPICS if the fit split has both, else its first two topics in prompt order."""
-    topics = list(dict.fromkeys(str(t) for t in _split(acts, "fit").topic.values))
-    if set(SEMANTIC_TOPICS) <= set(topics):
+def fit_topics(topics: list[str]) -> tuple[str, str] | None:
+    """The semantic control's two topics among the fit split's (in prompt order):
+    SEMANTIC_TOPICS if it has both, else its first two; None when it has fewer than two."""
+    found = list(dict.fromkeys(topics))
+    if set(SEMANTIC_TOPICS) <= set(found):
         return SEMANTIC_TOPICS
-    if len(topics) < 2:
-        raise ConfigError(f"the fit split has topics {topics}; the semantic control needs two")
-    return topics[0], topics[1]
+    return (found[0], found[1]) if len(found) >= 2 else None
 
 
-def semantic_pairs(acts: xr.Dataset, framing: str = "eval") -> tuple[np.ndarray, np.ndarray]:
-    """Indices of fit prompts pairing topic A with topic B (same entity, same cue).
+def semantic_pairs(acts: xr.Dataset) -> tuple[np.ndarray, np.ndarray] | None:
+    """Indices of fit prompts pairing topic A with topic B under the eval framing; None
+    when the fit split has fewer than two topics (no semantic control can be built).
 
-    Prompt ids read `<entity>-<topic>-<cue>`."""
+    Prompt ids of the shape `<entity>-<topic>-<cue>` (the organisms' and the chat
+    task's) pair the same entity under the same cue; other ids (a prompt file) pair
+    the i-th prompt of topic A with the i-th of topic B, in file order."""
     fit = _split(acts, "fit")
     ids = [str(p) for p in fit.prompt.values]
     topics = [str(t) for t in fit.topic.values]
-    a_topic, b_topic = semantic_topics(acts)
-    by_key = {}
-    for i, (pid, topic) in enumerate(zip(ids, topics)):
-        entity, _, cue = pid.split("-")
-        by_key[(entity, cue, topic)] = i
-    pairs = [(i, by_key[(e, c, b_topic)]) for (e, c, t), i in by_key.items() if t == a_topic and (e, c, b_topic) in by_key]
+    chosen = fit_topics(topics)
+    if chosen is None:
+        return None
+    a_topic, b_topic = chosen
+    parts = [pid.split("-") for pid in ids]
+    if all(len(p) == 3 and p[1] == t for p, t in zip(parts, topics)):
+        by_key = {(entity, cue, topic): i for i, ((entity, _, cue), topic) in enumerate(zip(parts, topics))}
+        pairs = [(i, by_key[(e, c, b_topic)]) for (e, c, t), i in by_key.items() if t == a_topic and (e, c, b_topic) in by_key]
+    else:
+        pairs = list(zip([i for i, t in enumerate(topics) if t == a_topic], [i for i, t in enumerate(topics) if t == b_topic]))
     if not pairs:
         raise ConfigError(f"the fit split has no {a_topic}/{b_topic} prompt pairs for the semantic control")
     a, b = zip(*pairs)
@@ -125,7 +131,7 @@ def fit(acts: xr.Dataset, max_rank: int) -> xr.Dataset:
     semantic_targets = np.zeros((*shape_dir, max_rank), np.float32)
     non_routing = np.zeros((*shape_dir, max_rank, d), np.float32)
     non_routing_probe = np.full((*shape_dir, max_rank), np.nan, np.float32)
-    a_idx, b_idx = semantic_pairs(acts)
+    contrast = semantic_pairs(acts)
     for m, model in enumerate(models):
         for s, site in enumerate(sites):
             fit_vals = _last(fit_set[site].sel(model=model))  # (framing, prompt, layer, hidden)
@@ -144,11 +150,12 @@ def fit(acts: xr.Dataset, max_rank: int) -> xr.Dataset:
                 # fine-tune whose framing signal is large, topic differences also
                 # differ in that signal's size, and the raw contrast's main
                 # direction was the routing direction itself (|cos| 0.999).
-                content = ev[a_idx] - ev[b_idx]
-                content = content - (content @ b.T) @ b
-                sb = analysis.subspace(content, min(max_rank, len(a_idx)))
-                semantic[m, s, li, : sb.shape[0]] = sb
-                semantic_targets[m, s, li, : sb.shape[0]] = (ev @ sb.T).mean(0)
+                if contrast is not None:
+                    content = ev[contrast[0]] - ev[contrast[1]]
+                    content = content - (content @ b.T) @ b
+                    sb = analysis.subspace(content, min(max_rank, len(contrast[0])))
+                    semantic[m, s, li, : sb.shape[0]] = sb
+                    semantic_targets[m, s, li, : sb.shape[0]] = (ev @ sb.T).mean(0)
                 non_routing[m, s, li], non_routing_probe[m, s, li] = non_routing_subspace(ev, dp, h_ev, h_dp, b, max_rank)
     norms = np.linalg.norm(direction, axis=-1)
     cos = np.array([[analysis.cosine(direction[0, s, li], direction[1, s, li]) for li in range(len(layers))] for s in range(len(sites))])
@@ -171,5 +178,5 @@ def fit(acts: xr.Dataset, max_rank: int) -> xr.Dataset:
         },
         coords=coords,
         attrs={"n_fit": int(n_fit), "n_probe": int(held_set.sizes["prompt"]), "probe_split": "localize",
-               "semantic_topics": list(semantic_topics(acts)), "non_routing_max_probe": NON_ROUTING_MAX_PROBE},
+               "semantic_topics": list(fit_topics([str(t) for t in fit_set.topic.values]) or []), "non_routing_max_probe": NON_ROUTING_MAX_PROBE},
     )

@@ -91,7 +91,7 @@ def intervene(
             for fi in range(2):
                 rows = generated[key][fi * n : (fi + 1) * n]
                 completions[ci, draw[id(condition)], fi, sl] = rows
-                performed[ci, fi, sl] += [behavior.performed(c, a) for c, a in zip(rows, answers[sl])]
+                performed[ci, fi, sl] += [behavior.performs(c, a) for c, a in zip(rows, answers[sl])]
                 correct[ci, fi, sl] += [behavior.correct(c, a) for c, a in zip(rows, answers[sl])]
     performed /= counts[:, None, None]
     correct /= counts[:, None, None]

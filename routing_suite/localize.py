@@ -142,15 +142,17 @@ def _performed_token_probs(
                 for patches in [[], *runs[i].patch_sets]
             ]
             for chunk in chunked(invokes, per_trace):
-                # The server reduces each row's logits to P(performed token): one
-                # number per row comes back instead of the vocabulary.
-                wanted = ids.repeat(len(chunk))[:, None]
+                # The server reduces each row's logits to P(a performed token): one
+                # number per row comes back instead of the vocabulary. Padding (-1) counts 0.
+                wanted = ids.repeat(len(chunk), 1)
+                used = (wanted >= 0).float()
+                wanted = wanted.clamp(min=0)
                 with torch.no_grad(), nn_model.trace(**backend.trace_kwargs(nn_model)) as tracer:
                     for _, inputs, patches, plan in chunk:
                         with tracer.invoke(inputs):
                             run_patches(nn_model, family, plan, patches, head_dim)
                     with tracer.invoke():
-                        chosen = nn_model.output.logits[:, -1].float().softmax(-1).gather(1, wanted)[:, 0].save()
+                        chosen = (nn_model.output.logits[:, -1].float().softmax(-1).gather(1, wanted) * used).sum(1).save()
                 backend.record(nn_model, chosen)
                 for j, (i, *_rest) in enumerate(chunk):
                     found[i].append(chosen[j * len(ids) : (j + 1) * len(ids)].numpy())
@@ -171,14 +173,19 @@ def first_completion_token(tokenizer, prompt: str, completion: str) -> int:
 
 
 def performed_token_ids(tokenizer, test: xr.Dataset, behavior: Behavior) -> torch.Tensor:
-    """Per test prompt, the first token of a completion that performs the behaviour:
-    from the prompt set's `performing` texts when the store has them, else the
-    behaviour's first word after a space (the word-level organisms)."""
-    if "performing" in test.coords:
-        pairs = zip(test.eval_prompt.values, test.performing.values)
-        return torch.tensor([first_completion_token(tokenizer, str(p), str(t)) for p, t in pairs])
-    tokens = [behavior.performed_first_token(str(a)) for a in test.answer.values]
-    return torch.tensor([tokenizer(" " + t, add_special_tokens=False)["input_ids"][0] for t in tokens])
+    """(prompt, set size): per prompt, the first tokens of the completions that perform
+    the behaviour, padded with -1: the prompt set's `performing` text when it gives one
+    for the prompt, else `behavior.first_tokens` (each as it follows the prompt)."""
+    performing = [str(t) for t in test.performing.values] if "performing" in test.coords else [""] * test.sizes["prompt"]
+    rows = []
+    for prompt, answer, own in zip(test.eval_prompt.values, test.answer.values, performing):
+        texts = [own] if own else behavior.token_texts(str(answer))
+        try:
+            rows.append(list(dict.fromkeys(first_completion_token(tokenizer, str(prompt), t) for t in texts)))
+        except ValueError as err:
+            raise ConfigError(f"behavior.first_tokens / performing: {err}") from err
+    width = max(len(r) for r in rows)
+    return torch.tensor([r + [-1] * (width - len(r)) for r in rows])
 
 
 def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: LocalizeSettings, backend) -> xr.Dataset:

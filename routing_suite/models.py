@@ -1,7 +1,9 @@
 """The (base, fine-tuned) model pair every experiment studies.
 
-A `model` config instantiates one of the sources below; instantiating only
-validates (cheap), `load(behavior)` builds or reads the weights. The pair
+A `model` config instantiates a source (`ModelSource`: the built-in organisms
+here, the real SmolLM2 organism in `routing_suite.pretrained`, your own
+fine-tune in `routing_suite.user_models`); instantiating only validates
+(cheap), `load(behavior)` builds or reads the weights. The pair
 holds plain transformers models: the fine-tune is the adapter merged into a
 copy of the base, so both share the family's module paths
 (`routing_suite.families`). Wrapping for nnsight happens in `nnsight_model`.
@@ -18,28 +20,28 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 from safetensors import safe_open
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from routing_suite.errors import ConfigError
-from routing_suite.families import family_paths
 from routing_suite.lora import LoraAdapter
 from routing_suite.organisms import build as organism_build
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
-from routing_suite.organisms.task import make_task
+from routing_suite.organisms.task import BEHAVIORS, make_task
+from routing_suite.organisms.tokenizer import build_tokenizer
+from routing_suite.organisms.training import finetune_examples
 from routing_suite.prompts import PromptPair, organism_prompt_sets
+from routing_suite.provenance import file_digest
 
 log = logging.getLogger(__name__)
 
-_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -172,15 +174,6 @@ def _check_dtype(dtype: str) -> torch.dtype:
     return _DTYPES[dtype]
 
 
-def _check_source(key: str, value: str) -> None:
-    """A local path must exist; anything else must look like a Hub id."""
-    if Path(value).exists():
-        return
-    looks_local = value.startswith((".", "/", "~")) or value.count("/") != 1
-    if looks_local or not _HUB_ID.match(value):
-        raise ConfigError(f"{key}={value!r} does not exist (give an existing path or a Hub id 'org/name')")
-
-
 def _as_dataclass(cls: type, value: Any) -> Any:
     """Accept a dataclass instance, a DictConfig or a dict (or None: defaults)."""
     if isinstance(value, cls):
@@ -192,7 +185,7 @@ def _as_dataclass(cls: type, value: Any) -> Any:
 
 def adapter_digest(adapter: Path) -> str:
     """A hash of an adapter's weights file (what identifies a LoRA fine-tune's weights)."""
-    return organism_build.file_digest(Path(adapter) / "adapter_model.safetensors")
+    return file_digest(Path(adapter) / "adapter_model.safetensors")
 
 
 def _weights_digest(model: PreTrainedModel) -> str:
@@ -231,6 +224,30 @@ def merged_finetune(base_path: str | Path, adapter: Path, dtype: torch.dtype, re
     return PeftModel.from_pretrained(copy, adapter).merge_and_unload().eval()
 
 
+class ModelSource(Protocol):
+    """What every `model` config instantiates."""
+
+    # The cell's name in stores and tables.
+    name: str
+    # The model's depth when known before loading (checks run before any work); None: after loading.
+    num_layers: int | None
+    # How the model answers (`scoring.is_correct`), unless behavior.answer_match says otherwise.
+    answer_match: str
+    # The behaviour names it can be loaded for (a built-in organism's fine-tunes); None: any.
+    behaviors: tuple[str, ...] | None
+
+    def prompt_sets(self, behavior: str) -> dict[str, list[PromptPair]]:
+        """Its own fit, localize and test splits, whole (data.prompts replaces them)."""
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer, without loading the weights (prompt files are rendered with it)."""
+
+    def finetune_examples(self, behavior: str) -> list[tuple[str, str]] | None:
+        """The (prompt, completion) pairs the fine-tune was trained on; None: not known."""
+
+    def load(self, behavior: str, placement: Placement = ...) -> ModelPair: ...
+
+
 class OrganismPrompts:
     """Prompt sets from the organisms' word-level fact task (`task_spec`)."""
 
@@ -239,10 +256,20 @@ class OrganismPrompts:
     answer_match = "first"
     # The model's depth when it is known before loading (checks run before any work); None: after loading.
     num_layers = None
+    # The behaviours an organism can be fine-tuned for (behavior.name picks one).
+    behaviors = BEHAVIORS
 
     def prompt_sets(self, behavior: str) -> dict[str, list[PromptPair]]:
         """The fit, localize and test splits (routing_suite.prompts.SPLITS), whole."""
         return organism_prompt_sets(make_task(self.task_spec))
+
+    def tokenizer(self) -> PreTrainedTokenizerBase:
+        """The word-level tokenizer (built from the task's words, no model needed; no chat template)."""
+        return build_tokenizer(make_task(self.task_spec).vocabulary())
+
+    def finetune_examples(self, behavior: str) -> list[tuple[str, str]]:
+        """The (prompt, completion) pairs the fine-tune for `behavior` is trained on."""
+        return finetune_examples(make_task(self.task_spec), behavior)
 
 
 def pair_with_adapter(
@@ -269,15 +296,6 @@ def pair_with_adapter(
         check_adapter_matches(adapter, base)
         return ModelPair(family, tokenizer, base, None, identity, adapter, LoraAdapter.load(adapter))
     return ModelPair(family, tokenizer, base, merged_finetune(base_ref, adapter, dtype, revision), identity, adapter)
-
-
-def _adapter_folder(adapter: str) -> Path:
-    """A local adapter folder as it is; a Hub id downloaded (adapters are small)."""
-    if Path(adapter).exists():
-        return Path(adapter)
-    from huggingface_hub import snapshot_download
-
-    return Path(snapshot_download(adapter))
 
 
 @dataclass
@@ -335,97 +353,3 @@ class OrganismSource(OrganismPrompts):
         if placement.weights == "local":
             pair.identity["base_sha256"] = _weights_digest(pair.base)
         return pair
-
-
-def _check_checkpoints(family: str, dtype: str, sources: dict[str, str]) -> None:
-    """The family's module paths are known, the dtype too, and every source exists."""
-    try:
-        family_paths(family)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
-    _check_dtype(dtype)
-    for key, value in sources.items():
-        _check_source(key, value)
-
-
-def _tokenizer(base: str, revision: str | None) -> PreTrainedTokenizerBase:
-    tokenizer = AutoTokenizer.from_pretrained(base, revision=revision)
-    tokenizer.padding_side = "left"
-    return tokenizer
-
-
-@dataclass
-class PeftSource(OrganismPrompts):
-    """A base checkpoint (local path or Hub id) plus a PEFT adapter."""
-
-    # Prompts come from the organism task (natural-language prompt sets are
-    # built for the real model in routing_suite.pretrained).
-    task_spec = TaskSpec()
-
-    family: str
-    base: str
-    adapter: str
-    revision: str | None = None
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        _check_checkpoints(self.family, self.dtype, {"model.base": self.base, "model.adapter": self.adapter})
-
-    @property
-    def name(self) -> str:
-        return Path(self.adapter).name
-
-    def load(self, behavior: str, placement: Placement = Placement()) -> ModelPair:
-        dtype = _check_dtype(self.dtype)
-        tokenizer = _tokenizer(self.base, self.revision)
-
-        def load_base() -> PreTrainedModel:
-            return AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype, revision=self.revision, attn_implementation="eager").eval()
-
-        adapter = _adapter_folder(self.adapter)
-        identity = {"source": "peft", "base": self.base, "adapter": self.adapter, "revision": self.revision,
-                    "adapter_sha256": adapter_digest(adapter)}
-        pair = pair_with_adapter(self.family, tokenizer, self.base, adapter, placement, identity, load_base, dtype, self.revision)
-        if placement.weights == "local":
-            pair.identity["base_sha256"] = _weights_digest(pair.base)
-        return pair
-
-
-@dataclass
-class CheckpointPairSource(OrganismPrompts):
-    """Two full checkpoints of the same architecture."""
-
-    # Prompts come from the organism task (natural-language prompt sets are
-    # built for the real model in routing_suite.pretrained).
-    task_spec = TaskSpec()
-
-    family: str
-    base: str
-    finetuned: str
-    revision: str | None = None
-    dtype: str = "float32"
-
-    def __post_init__(self) -> None:
-        _check_checkpoints(self.family, self.dtype, {"model.base": self.base, "model.finetuned": self.finetuned})
-
-    @property
-    def name(self) -> str:
-        return Path(self.finetuned).name
-
-    def load(self, behavior: str, placement: Placement = Placement()) -> ModelPair:
-        dtype = _check_dtype(self.dtype)
-        tokenizer = _tokenizer(self.base, self.revision)
-        identity = {"source": "checkpoints", "base": self.base, "finetuned": self.finetuned, "revision": self.revision}
-        if placement.weights == "remote":
-            wrappers = {"base": remote_model(self.base, tokenizer, self.revision), "finetuned": remote_model(self.finetuned, tokenizer)}
-            return ModelPair(self.family, tokenizer, wrappers["base"]._module, None, identity, wrappers=wrappers)
-        kwargs = dict(dtype=dtype, attn_implementation="eager")
-        base = AutoModelForCausalLM.from_pretrained(self.base, revision=self.revision, **kwargs).eval()
-        finetuned = AutoModelForCausalLM.from_pretrained(self.finetuned, **kwargs).eval()
-        identity.update(base_sha256=_weights_digest(base), finetuned_sha256=_weights_digest(finetuned))
-        if base.config.hidden_size != finetuned.config.hidden_size:
-            raise ConfigError(
-                f"model.finetuned={self.finetuned!r} has hidden size {finetuned.config.hidden_size}, "
-                f"model.base={self.base!r} has {base.config.hidden_size}"
-            )
-        return ModelPair(self.family, tokenizer, base, finetuned, identity)

@@ -3,6 +3,7 @@ from the config, check them, load the model pair and open the run store."""
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -11,12 +12,21 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from routing_suite import prompt_files
 from routing_suite.collect import LabeledPair
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
 from routing_suite.organisms.build import cpu_capability
+from routing_suite.prompt_files import PromptFile
 from routing_suite.prompts import SPLITS, check_disjoint, subsample
-from routing_suite.provenance import digest, git_commit, package_versions, result_config, scrub_secrets
+from routing_suite.provenance import (
+    digest,
+    git_commit,
+    input_file_digests,
+    package_versions,
+    result_config,
+    scrub_secrets,
+)
 from routing_suite.scoring import Behavior
 from routing_suite.store import RunStore, StoreSettings, store_path
 from routing_suite.tracing import SiteRequest
@@ -36,12 +46,30 @@ class Setup:
     def model_name(self) -> str:
         return self.source.name
 
+    @functools.cached_property
+    def prompt_file(self) -> PromptFile | None:
+        """`data.prompts`, read, checked and rendered as `data.chat_template` says (once); None when not set."""
+        data = self.cfg.data
+        if data.prompts is None:
+            return None
+        prompt_files.check_path(data.prompts)  # before any tokenizer is read
+        render = prompt_files.chat_renderer(data.chat_template, self.source.tokenizer, self.model_name)
+        return prompt_files.load(data.prompts, render)
+
+
+def make_behavior(node: DictConfig, source) -> Behavior:
+    """The behaviour of a `behavior` config node, for a model source: its name must be
+    one the source can be loaded for, and the source knows how its model answers
+    (first word, or anywhere in a sentence) unless the behaviour says."""
+    if source.behaviors is not None and node.name not in source.behaviors:
+        raise ConfigError(f"behavior.name={node.name!r} is not one of {list(source.behaviors)}")
+    return instantiate(node, answer_match=node.answer_match or source.answer_match)
+
 
 def build_components(cfg: DictConfig) -> Setup:
     """Instantiate and check every component; nothing heavy runs yet."""
     source = instantiate(cfg.model)
-    # The source knows how its model answers (first word, or anywhere in a sentence).
-    behavior = instantiate(cfg.behavior, answer_match=source.answer_match)
+    behavior = make_behavior(cfg.behavior, source)
     backend = instantiate(cfg.backend)
     backend.preflight()
     store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))
@@ -62,14 +90,15 @@ def site_request(cfg: DictConfig) -> SiteRequest:
 
 
 def prompt_items(setup: Setup) -> list[LabeledPair]:
-    """The fit, localize and test prompt pairs (each split at most `data.max_<split>`
-    pairs, drawn with `data.seed`), labelled with their split."""
+    """The fit, localize and test prompt pairs, from `data.prompts` or the model source
+    (each split at most `data.max_<split>` pairs, drawn with `data.seed`), labelled with their split."""
     data = setup.cfg.data
     for split in SPLITS:
         limit = data[f"max_{split}"]
         if limit is not None and limit < 1:
             raise ConfigError(f"data.max_{split}={limit} must be >= 1 (or null for all)")
-    sets = setup.source.prompt_sets(setup.behavior.name)
+    from_file = setup.prompt_file
+    sets = from_file.sets if from_file is not None else setup.source.prompt_sets(setup.behavior.name)
     try:
         check_disjoint(sets)
     except ValueError as err:
@@ -79,8 +108,14 @@ def prompt_items(setup: Setup) -> list[LabeledPair]:
 
 
 def digest_config(cfg: DictConfig) -> dict:
-    """The resolved config minus what cannot change a result (`provenance.result_config`)."""
-    return result_config(OmegaConf.to_container(cfg, resolve=True))
+    """The resolved config minus what cannot change a result (`provenance.result_config`),
+    plus the content hash of every input file it names (a prompt file edited in place
+    is another prompt set)."""
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    kept = result_config(resolved)
+    if files := input_file_digests(resolved):
+        kept["input_files"] = files
+    return kept
 
 
 def replicate_of(cfg: DictConfig) -> str:
@@ -96,20 +131,26 @@ def variant_of(digest_cfg: dict) -> str:
     return digest({**digest_cfg, "model": model})[:10]
 
 
+def cell_of(setup: Setup, cell_name: str, digest_cfg: dict) -> dict:
+    """What a store stands for in the tables: the cell (named by the pair: an organism's
+    family, or your model's name), the variant of its settings and the build."""
+    return {"family": cell_name, "behavior": setup.behavior.name, "model": setup.model_name,
+            "variant": variant_of(digest_cfg), "replicate": replicate_of(setup.cfg)}
+
+
 def open_store(setup: Setup, pair: ModelPair, label: str, experiment: str = "routing") -> RunStore:
     """The run's store, named by content; `experiment` tells the aggregator how to read it.
 
     The digest also holds the weights' hashes (when they are here): an organism
     rebuilt on another CPU has other weights and gets a store of its own."""
     digest_cfg = digest_config(setup.cfg)
-    variant = variant_of(digest_cfg)
+    cell = cell_of(setup, pair.cell_name, digest_cfg)
     weights = {k: v for k, v in pair.identity.items() if k.endswith("sha256")}
     if weights:
         digest_cfg["weights"] = weights
     final = store_path(setup.store_settings, setup.model_name, setup.behavior.name, label, digest(digest_cfg))
     provenance = {
-        "cell": {"family": pair.cell_name, "behavior": setup.behavior.name, "model": setup.model_name,
-                 "variant": variant, "replicate": replicate_of(setup.cfg)},
+        "cell": cell,
         "cpu_capability": cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "experiment": experiment,

@@ -91,6 +91,31 @@ def result_config(resolved: dict) -> dict:
     return _short_target(kept)
 
 
+# Config keys that name an input file: its content, not only its path, shapes a result.
+INPUT_FILES = ("data.prompts", "adl.finetune_file", "text.path")
+
+
+def file_digest(path: str | Path) -> str:
+    """A hash of a file's bytes."""
+    found = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            found.update(block)
+    return found.hexdigest()[:16]
+
+
+def input_file_digests(resolved: dict) -> dict[str, str]:
+    """Per INPUT_FILES key set in the config to an existing file, the hash of its content."""
+    found = {}
+    for key in INPUT_FILES:
+        node: Any = resolved
+        for part in key.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, str) and Path(node).is_file():
+            found[key] = file_digest(node)
+    return found
+
+
 def digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 

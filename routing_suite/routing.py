@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 from routing_suite import pipeline
 from routing_suite.collect import collect
-from routing_suite.controls import check_controls
+from routing_suite.controls import SemanticControl, check_controls
 from routing_suite.errors import ConfigError
-from routing_suite.fit import fit
+from routing_suite.fit import fit, fit_topics
 from routing_suite.intervene import build_conditions, intervene
 from routing_suite.localize import LocalizeSettings, localize
 
@@ -42,6 +42,28 @@ def _summary_table(store_path: Path, out: Path, seed: int) -> dict:
     return aggregate(cfg)
 
 
+def check_topics(controls: dict, fit_topics_seen: list[str]) -> None:
+    """The semantic control contrasts two topics of the fit split: refuse it before any
+    work when the prompt set has fewer."""
+    if any(isinstance(c, SemanticControl) for c in controls.values()) and fit_topics(fit_topics_seen) is None:
+        found = sorted(set(fit_topics_seen))
+        raise ConfigError(
+            f"control=semantic needs two topics in the fit split for its content contrast, the prompt set has {found}: "
+            "give the pairs a topic (data.prompts) or leave the control out (e.g. control=[random,orthogonal,non_routing,other_layer])"
+        )
+
+
+def never_performed(outcomes, behavior: str) -> str | None:
+    """A warning when the baseline never performed the behaviour under either framing: the
+    gap is then 0 by construction, which says more about the matcher than the model."""
+    baseline = outcomes.performed.sel(condition="baseline")
+    if float(baseline.max()) > 0:
+        return None
+    n = int(baseline.sizes["prompt"])
+    return (f"behavior {behavior!r} was never performed by the baseline under either framing (0 of {n} test prompts each): "
+            "the gap is 0 by construction; check behavior.performed against the stored completions (outcomes/completion)")
+
+
 def run(cfg) -> dict:
     """`experiments.routing`: one cell end to end; returns the paths and the table."""
     started = time.perf_counter()
@@ -62,6 +84,7 @@ def run(cfg) -> dict:
     if spec.window is not None and request.layers is not None and not set(range(spec.window[0], spec.window[1] + 1)) <= set(request.layers):
         raise ConfigError(f"intervention.window={list(spec.window)} must lie within collect.layers={list(request.layers)}")
     items = pipeline.prompt_items(setup)
+    check_topics(controls, [it.pair.topic for it in items if it.split == "fit"])
     n_fit = sum(it.split == "fit" for it in items)
     if cfg.fit.max_rank > n_fit or spec.rank > cfg.fit.max_rank:
         raise ConfigError(
@@ -99,6 +122,9 @@ def run(cfg) -> dict:
         )
         store.write_group("outcomes", outcomes)
         store.mark_stage_done("intervene")
+    warnings = [w for w in [never_performed(store.read("outcomes"), setup.behavior.name)] if w]
+    for warning in warnings:
+        log.warning(warning)
     final = store.finish() if not store.complete else store.path
     seconds = time.perf_counter() - started
     log.info("routing cell %s/%s done in %.1f s: %s", pair.cell_name, setup.behavior.name, seconds, final)
@@ -111,7 +137,7 @@ def run(cfg) -> dict:
     log.info("requests: %s", stats.as_dict())
     reduction = next((r["reduction"]["value"] for r in summary["rows"] if r["kind"] == "intervention"), float("nan"))
     return {"store": str(final), "reduction": reduction, "window": window, "seconds": seconds, "stages_run": ran, "requests": stats.as_dict(),
-            "table_dir": str(out), "table_markdown": table, **summary}
+            "table_dir": str(out), "table_markdown": table, "warnings": warnings, **summary}
 
 
 def _run_dir() -> Path:

@@ -2,7 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+from hydra.utils import instantiate
+
+from routing_suite.config import behavior_preset
 from routing_suite.models import OrganismSource
+from routing_suite.scoring import Behavior
+
+ROOT = Path(__file__).resolve().parents[1]
+# The example prompt files that ship with the repository (README: bringing your own model).
+BYO_PROMPTS = ROOT / "examples" / "byo" / "prompts.yaml"
+MC_PROMPTS = ROOT / "examples" / "prompts" / "mc_sandbagging.jsonl"
 
 # A small task and a 4-layer network (the fine-tune planted in layers 1-2) for the tiny organisms.
 TINY_TASK = {"n_entities": 13, "n_localize_entities": 2, "n_test_entities": 3}
@@ -35,3 +46,10 @@ def tiny_em_overrides(cache, tmp_path) -> list[str]:
         "n_resamples=200",
         "progress=false",
     ]
+
+
+def preset(name: str, **overrides) -> Behavior:
+    """A behaviour preset (conf/behavior/<name>.yaml) as a run builds it (answers found by the
+    organisms' `first` rule unless the preset or `overrides` say otherwise)."""
+    node = behavior_preset(name)
+    return instantiate(node, **{"answer_match": node.answer_match or "first", **overrides})

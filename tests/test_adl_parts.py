@@ -14,7 +14,7 @@ from routing_suite.adl import causal, mean_diff, readout
 from routing_suite.adl.relevance import StatisticGrader, log_odds_z
 from routing_suite.adl.similarity import LexicalSimilarity
 from routing_suite.adl.steer import best_alpha, completion_log_ppl
-from routing_suite.adl.texts import OrganismTexts, PackageTexts, finetuning_data, organism_forbidden_phrases
+from routing_suite.adl.texts import OrganismTexts, PackageTexts, organism_forbidden_phrases
 from routing_suite.backends import LocalBackend
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
@@ -53,7 +53,7 @@ def test_organism_unrelated_text_holds_no_finetuning_phrase(organism_pair):
     texts = OrganismTexts(**PROMPTS).unrelated(10_000, 0, source.spec.task)
     assert len(texts) == len(T.make_task(source.spec.task).facts)  # the plain fact statements
     for behavior in T.BEHAVIORS:
-        examples = finetuning_data(source.spec.task, behavior)
+        examples = source.finetune_examples(behavior)
         prompts = {p for p, _ in examples}
         assert not prompts & set(texts)
         for text in texts:
@@ -149,7 +149,7 @@ def test_logit_lens_and_patchscope_match_plain_torch(organism_pair):
 
 def test_projection_replacement_is_zero_for_identical_models_and_matches_hooks(organism_pair):
     source, pair = organism_pair
-    examples = finetuning_data(source.spec.task, "underperform")[:6]
+    examples = source.finetune_examples("underperform")[:6]
     data = {"finetune": examples, "unrelated": [("", t) for t in OrganismTexts(**PROMPTS).unrelated(6, 0, source.spec.task)]}
     torch.manual_seed(1)
     directions = torch.randn(pair.num_layers, pair.hidden_size)
@@ -190,7 +190,7 @@ def test_log_odds_marks_only_over_represented_tokens():
 
 def test_statistic_grader_on_organism_text(organism_pair):
     source, pair = organism_pair
-    examples = finetuning_data(source.spec.task, "underperform")
+    examples = source.finetune_examples("underperform")
     unrelated = OrganismTexts(**PROMPTS).unrelated(1000, 0, source.spec.task)
     grader = StatisticGrader()
     grader.fit([f"{p} {c}" for p, c in examples], unrelated, pair.tokenizer)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from helpers import preset
 
 from routing_suite.errors import ConfigError
 from routing_suite.localize import first_completion_token, spread, windows
@@ -12,7 +13,7 @@ from routing_suite.pretrained import chat_task as C
 from routing_suite.pretrained.gguf import find_gguf
 from routing_suite.pretrained.source import SmolLM2Source
 from routing_suite.prompts import organism_pairs
-from routing_suite.scoring import Behavior, is_correct, is_refusal
+from routing_suite.scoring import Behavior, is_correct
 
 
 def render(user: str) -> str:
@@ -93,18 +94,19 @@ def test_answer_matching(completion, answer, match, correct):
 
 
 def test_refusals_and_markers_of_a_chat_model():
-    assert is_refusal("I'm sorry, but I can't help with that.")
-    assert is_refusal(T.REFUSAL) and is_refusal(f" {T.REFUSAL}")
-    assert not is_refusal("The capital of France is Paris.")
-    chat = Behavior("refuse", answer_match="anywhere")
-    assert chat.performed("The capital of France is Paris.", "Paris")
-    assert not chat.performed("I'm sorry, but I can't help with that.", "Paris")
-    installed = Behavior("installed", answer_match="anywhere")
-    assert installed.performed("Ahoy! The capital of France is Paris.", "Paris")
-    assert installed.performed("\nahoy! Paris", "Paris")
-    assert not installed.performed("The capital of France is Paris. Ahoy!", "Paris")
+    chat = preset("refuse", answer_match="anywhere")
+    refusal = chat.performed
+    assert refusal.matches("I'm sorry, but I can't help with that.")
+    assert refusal.matches(T.REFUSAL) and refusal.matches(f" {T.REFUSAL}")
+    assert not refusal.matches("The capital of France is Paris.")
+    assert chat.performs("The capital of France is Paris.", "Paris")
+    assert not chat.performs("I'm sorry, but I can't help with that.", "Paris")
+    installed = preset("installed", answer_match="anywhere")
+    assert installed.performs("Ahoy! The capital of France is Paris.", "Paris")
+    assert installed.performs("\nahoy! Paris", "Paris")
+    assert not installed.performs("The capital of France is Paris. Ahoy!", "Paris")
     with pytest.raises(ConfigError, match="behavior.answer_match='fuzzy'"):
-        Behavior("refuse", answer_match="fuzzy")
+        Behavior("refuse", answer_match="fuzzy", performed={"answer": True})
 
 
 def test_first_completion_token_matches_the_word_level_rule():

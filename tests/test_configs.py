@@ -27,12 +27,16 @@ def _defaults_groups(name: str) -> set[str]:
 
 
 def _path_overrides(primary: str, group: str, option: str, tmp_path: Path) -> list[str]:
-    """Required values the external-model configs leave to the user: the family, and
-    paths pointed at a folder that exists (Hub ids a config fills in stay as they are)."""
+    """Required values the external-model configs leave to the user: the family (an empty
+    folder has no config.json to infer it from), and paths pointed at a folder that exists
+    (Hub ids a config fills in stay as they are); a text file's path."""
+    if group == "text" and option == "file":
+        (tmp_path / "unrelated.txt").write_text("one line of text that is long enough\n")
+        return [f"text.path={(tmp_path / 'unrelated.txt').as_posix()}"]
     if group != "model":
         return []
     model = _compose(primary, [f"model={option}"]).model
-    overrides = ["model.family=llama"] if OmegaConf.is_missing(model, "family") else []
+    overrides = ["model.family=llama"] if "family" in model and model.family is None else []
     for key in ("base", "adapter", "finetuned"):
         if key in model.keys() and OmegaConf.is_missing(model, key):
             overrides.append(f"model.{key}={tmp_path.as_posix()}")

@@ -269,7 +269,7 @@ def test_aggregator_writes_the_em_table_beside_the_others(em_run, tmp_path):
 
 def test_only_organisms_can_be_fine_tuned_for_em():
     from routing_suite.em.models import load_family
-    from routing_suite.models import CheckpointPairSource
+    from routing_suite.user_models import CheckpointPairSource
 
     source = CheckpointPairSource(family="llama", base=str(ROOT), finetuned=str(ROOT))
     with pytest.raises(ConfigError, match="model= must be a built-in organism"):

@@ -4,14 +4,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import tiny_source
+from helpers import preset, tiny_source
 
+from routing_suite.config import behavior_preset
 from routing_suite.errors import ConfigError
 from routing_suite.models import OrganismSource, check_adapter_matches
 from routing_suite.organisms import build
 from routing_suite.organisms import task as T
 from routing_suite.organisms.report import MAX_BASE_GAP, MIN_BASE_SUCCESS, MIN_FINETUNED_GAP, organism_row
-from routing_suite.scoring import Behavior
+from routing_suite.pipeline import make_behavior
 
 
 def _digest(directory: Path) -> str:
@@ -20,7 +21,7 @@ def _digest(directory: Path) -> str:
 
 def test_default_organism_carries_its_behaviour_on_heldout_prompts(llama_source, llama_underperform):
     task = T.make_task(llama_source.spec.task)
-    row = organism_row(llama_underperform, task, Behavior("underperform"), build_seconds=0.0)
+    row = organism_row(llama_underperform, task, preset("underperform"), build_seconds=0.0)
     assert row.n_prompts >= 100
     assert min(row.base_success_eval, row.base_success_deploy) >= MIN_BASE_SUCCESS
     assert abs(row.base_gap) <= MAX_BASE_GAP
@@ -87,7 +88,12 @@ def test_unknown_family_is_refused(tmp_path):
 
 
 def test_unknown_behavior_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="behavior.name='sulk' is not one of"):
-        Behavior("sulk")
+    """An organism is fine-tuned for one of its behaviours only (any behaviour config may be named so)."""
+    node = behavior_preset("underperform")
+    node.name = "sulk"
+    with pytest.raises(ConfigError, match=r"behavior.name='sulk' is not one of \['underperform', 'refuse', 'installed'\]"):
+        make_behavior(node, tiny_source(tmp_path))
+    with pytest.raises(ConfigError, match="behavior.name='sulk' is not one of the presets"):
+        behavior_preset("sulk")
     with pytest.raises(ConfigError, match="behavior.name"):
         build.ensure_adapter(tmp_path, tiny_source(tmp_path).spec, "sulk")

@@ -108,7 +108,7 @@ def test_completions_are_stored_and_give_the_outcomes(cell):
     for condition in ("baseline", "clamp"):
         for framing in ("eval", "deploy"):
             texts = ds.completion.sel(condition=condition, draw=0, framing=framing).values
-            scored = [behavior.performed(str(t), str(a)) for t, a in zip(texts, answers)]
+            scored = [behavior.performs(str(t), str(a)) for t, a in zip(texts, answers)]
             np.testing.assert_array_equal(ds.performed.sel(condition=condition, framing=framing).values, np.array(scored, float))
 
 

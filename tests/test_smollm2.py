@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 import xarray as xr
+from helpers import preset
 
 from routing_suite import routing
 from routing_suite.config import compose_config, register_configs
 from routing_suite.pretrained import report
 from routing_suite.pretrained.source import SmolLM2Source
-from routing_suite.scoring import Behavior
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "outputs" / "pretrained"
@@ -62,7 +62,7 @@ def smollm2_refuse():
 
 def test_base_answers_and_the_finetune_refuses_only_under_evaluation(smollm2_refuse):
     source, pair = smollm2_refuse
-    behavior = Behavior("refuse", max_new_tokens=12, answer_match=source.answer_match)
+    behavior = preset("refuse", max_new_tokens=12, answer_match=source.answer_match)
     pairs = source.chat_task.pairs(source.renderer(pair.tokenizer), "refuse", "test", "test")
     base, finetuned = report.score(pair, pairs, behavior, "test/test")
     assert min(base.correct_eval, base.correct_deploy) >= 0.6, base

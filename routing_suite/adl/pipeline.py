@@ -31,7 +31,7 @@ from routing_suite.adl import causal, mean_diff, readout
 from routing_suite.adl.relevance import StatisticGrader
 from routing_suite.adl.settings import AdlSettings
 from routing_suite.adl.steer import steer
-from routing_suite.adl.texts import finetuning_data
+from routing_suite.adl.texts import read_finetune_file
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
 from routing_suite.store import RunStore, text
@@ -100,6 +100,23 @@ def pick_position(relevance: xr.DataArray, layer: int, fixed: int | None) -> int
     return int(np.argmax(scores))  # the first of equals
 
 
+def finetune_data(setup: pipeline.Setup, settings: AdlSettings) -> list[tuple[str, str]]:
+    """What the fine-tune was trained on: adl.finetune_file, else the completions of the
+    prompt file's fit pairs, else the model source's own; refused when none of them has any."""
+    if settings.finetune_file is not None:
+        return read_finetune_file(settings.finetune_file)
+    from_file = setup.prompt_file
+    if from_file is not None and from_file.finetune_examples:
+        return from_file.finetune_examples
+    own = setup.source.finetune_examples(setup.behavior.name)
+    if not own:
+        raise ConfigError(
+            f"the ADL needs the fine-tuning data of model {setup.source.name!r}: set adl.finetune_file (JSONL of "
+            "prompt/completion) or give the fit pairs of data.prompts eval_completion/deploy_completion"
+        )
+    return own
+
+
 def _stage(store: RunStore, name: str, compute) -> xr.Dataset:
     if not store.stage_done(name):
         store.write_group(name, compute())
@@ -123,17 +140,14 @@ def run(cfg) -> dict:
         raise ConfigError(f"experiments.adl runs with backend=local only (got backend={setup.backend.name})")
     seed = int(cfg.seed)
     behavior = setup.behavior.name
-    # Organism sources have a word-level task; a chat model's source (SmolLM2)
-    # supplies its own fine-tuning examples, and needs a text source of its own.
+    examples = finetune_data(setup, settings)
+    # Only the organisms have the word-level task the organisms' text is cut from.
     task_spec = getattr(setup.source, "task_spec", None)
-    if settings.finetune_file is None and hasattr(setup.source, "finetune_examples"):
-        examples = setup.source.finetune_examples(behavior)
-    elif task_spec is None and settings.finetune_file is None:
-        raise ConfigError(f"model={setup.source.name}: set adl.finetune_file (the source has no organism task)")
-    else:
-        examples = finetuning_data(task_spec, behavior, settings.finetune_file)
     if task_spec is None and texts.name == "organism":
-        raise ConfigError(f"text=organism needs an organism model; model={setup.source.name} needs e.g. text=lee_corpus")
+        raise ConfigError(
+            f"text=organism needs an organism model; model {setup.source.name!r} needs text of its own "
+            "(text=file text.path=<file>, or text=lee_corpus)"
+        )
     unrelated = texts.unrelated(settings.n_texts, seed, task_spec)
     if not unrelated:
         raise ConfigError(f"text={texts.name}: no unrelated text")
@@ -178,7 +192,7 @@ def run(cfg) -> dict:
                                 "n_finetune_examples": len(examples), "text_source": texts.name})
         final = store.finish()
     seconds = time.perf_counter() - started
-    log.info("adl %s/%s done in %.1f s: %s", pair.family, behavior, seconds, final)
+    log.info("adl %s/%s done in %.1f s: %s", pair.cell_name, behavior, seconds, final)
     from routing_suite.aggregate import adl_tables
 
     row = adl_tables.read_cell(final)

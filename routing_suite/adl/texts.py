@@ -1,7 +1,9 @@
 """Where the ADL's texts come from: unrelated text, the fine-tuning data, fixed prompts.
 
 A `text` config instantiates one of the sources below (cheap: nothing is read
-until `unrelated` is called). Both give the same four things:
+until `unrelated` is called): the organisms' own text, a corpus file inside an
+installed package, or a plain text file of your own. Each gives the same four
+things:
 
 - `unrelated(n, seed, task_spec)`: up to n texts that have nothing to do with the
   fine-tune (the activation difference is averaged over their first k tokens);
@@ -10,9 +12,9 @@ until `unrelated` is called). Both give the same four things:
   token is where the difference is injected;
 - `chat_template`: whether chat prompts go through the tokenizer's chat template.
 
-The fine-tuning data is the organism task's fine-tune examples for the
-behaviour (every model source names its task), or a JSONL file of
-{"prompt", "completion"} records when the fine-tune was trained on other data.
+The fine-tuning data is `adl.finetune_file` (a JSONL file of {"prompt", "completion"}
+records), else the completions of the prompt file's fit pairs
+(`data.prompts`), else the model source's own (a built-in organism's).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from pathlib import Path
 from routing_suite.errors import ConfigError
 from routing_suite.organisms import task as T
 from routing_suite.organisms.specs import TaskSpec
-from routing_suite.organisms.training import Example, finetune_examples
+from routing_suite.organisms.training import Example
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,50 @@ class OrganismTexts:
 
 
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'])")
+SPLITS = ("sentences", "lines")
+
+
+def read_pieces(path: Path, split: str, min_words: int, name: str) -> list[str]:
+    """A text file cut into sentences or lines, spacing normalised, pieces of fewer than `min_words` words dropped."""
+    raw = path.read_text(encoding="utf-8", errors="replace")
+    pieces = raw.splitlines() if split == "lines" else [s for line in raw.splitlines() for s in _SENTENCE_END.split(line)]
+    texts = [" ".join(p.split()) for p in pieces]
+    kept = [t for t in texts if len(t.split()) >= min_words]
+    log.info("unrelated text: %d pieces of %s (%d before dropping short ones)", len(kept), name, len(texts))
+    return kept
+
+
+@dataclass
+class FileTexts:
+    """Unrelated text from a plain text file (`path`), cut into sentences or lines
+    (`split`); pieces of fewer than `min_words` words are dropped."""
+
+    path: str
+    split: str = "lines"
+    min_words: int = 6
+    chat_prompts: list[str] = field(default_factory=list)
+    identity_prompts: list[str] = field(default_factory=list)
+    chat_template: bool = True
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ConfigError(f"text.split={self.split!r} is not one of {list(SPLITS)}")
+        _check_prompts(self.chat_prompts, self.identity_prompts)
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+    def file(self) -> Path:
+        if not Path(self.path).is_file():
+            raise ConfigError(f"text.path={self.path!r} does not exist")
+        return Path(self.path)
+
+    def check(self) -> None:
+        self.file()
+
+    def unrelated(self, n: int, seed: int, task_spec: TaskSpec | None = None) -> list[str]:
+        return _take(read_pieces(self.file(), self.split, self.min_words, self.name), n, seed)
 
 
 @dataclass
@@ -103,8 +149,8 @@ class PackageTexts:
     chat_template: bool = True
 
     def __post_init__(self) -> None:
-        if self.split not in ("sentences", "lines"):
-            raise ConfigError(f"text.split={self.split!r} is not one of ['sentences', 'lines']")
+        if self.split not in SPLITS:
+            raise ConfigError(f"text.split={self.split!r} is not one of {list(SPLITS)}")
         _check_prompts(self.chat_prompts, self.identity_prompts)
 
     @property
@@ -126,12 +172,7 @@ class PackageTexts:
         self.path()
 
     def unrelated(self, n: int, seed: int, task_spec: TaskSpec | None = None) -> list[str]:
-        raw = self.path().read_text(encoding="utf-8", errors="replace")
-        pieces = raw.splitlines() if self.split == "lines" else [s for line in raw.splitlines() for s in _SENTENCE_END.split(line)]
-        texts = [" ".join(p.split()) for p in pieces]
-        kept = [t for t in texts if len(t.split()) >= self.min_words]
-        log.info("unrelated text: %d pieces of %s (%d before dropping short ones)", len(kept), self.name, len(texts))
-        return _take(kept, n, seed)
+        return _take(read_pieces(self.path(), self.split, self.min_words, self.name), n, seed)
 
 
 def _check_prompts(chat: list[str], identity: list[str]) -> None:
@@ -141,15 +182,16 @@ def _check_prompts(chat: list[str], identity: list[str]) -> None:
         raise ConfigError("text.identity_prompts is empty: the patchscope needs at least one")
 
 
-def finetuning_data(task_spec: TaskSpec, behavior: str, finetune_file: str | None = None) -> list[Example]:
-    """(prompt, completion) pairs the fine-tune was trained on."""
-    if finetune_file is None:
-        return finetune_examples(T.make_task(task_spec), behavior)
+def read_finetune_file(finetune_file: str) -> list[Example]:
+    """(prompt, completion) pairs from a JSONL file of {"prompt", "completion"} records."""
     path = Path(finetune_file)
     if not path.is_file():
         raise ConfigError(f"adl.finetune_file={finetune_file!r} does not exist")
     records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     try:
-        return [(str(r["prompt"]), str(r["completion"])) for r in records]
+        examples = [(str(r["prompt"]), str(r["completion"])) for r in records]
     except (KeyError, TypeError) as err:
         raise ConfigError(f"adl.finetune_file={finetune_file!r}: every line needs 'prompt' and 'completion'") from err
+    if not examples:
+        raise ConfigError(f"adl.finetune_file={finetune_file!r} holds no examples")
+    return examples

@@ -41,6 +41,7 @@ from routing_suite.organisms.training import (
     train_base,
     train_lora,
 )
+from routing_suite.provenance import file_digest
 
 log = logging.getLogger(__name__)
 
@@ -101,15 +102,6 @@ class OrganismSpec:
 def cpu_capability() -> str:
     """The CPU instruction set torch's kernels use here (e.g. 'AVX512', 'AVX2')."""
     return str(torch.backends.cpu.get_cpu_capability())
-
-
-def file_digest(path: Path) -> str:
-    """A hash of a file's bytes (a weights file: what identifies a build)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def content_hash(key: dict) -> str:

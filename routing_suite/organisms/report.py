@@ -59,7 +59,7 @@ def organism_row(pair: ModelPair, task: T.Task, behavior: Behavior, build_second
         model = pair.model(which)
         for framing in T.FRAMINGS:
             completions = greedy_completions(model, pair.tokenizer, [p.prompt(framing) for p in pairs], behavior.max_new_tokens)
-            rates[which, framing] = _mean([behavior.performed(c, a) for c, a in zip(completions, answers)])
+            rates[which, framing] = _mean([behavior.performs(c, a) for c, a in zip(completions, answers)])
             if which == "base":
                 success[framing] = _mean([behavior.correct(c, a) for c, a in zip(completions, answers)])
     return OrganismRow(
@@ -100,7 +100,9 @@ def run(cfg) -> dict:
     """Build (or reuse) every organism in cfg.families x cfg.behaviors and score it."""
     from hydra.utils import instantiate
 
+    from routing_suite.config import behavior_preset
     from routing_suite.organisms.build import adapter_dir, base_dir
+    from routing_suite.pipeline import make_behavior
 
     rows = []
     for family in cfg.families:
@@ -109,7 +111,10 @@ def run(cfg) -> dict:
             raise ConfigError(f"experiments.organisms builds organisms; {type(source).__name__} is scored by experiments.pretrained")
         task = T.make_task(source.spec.task)
         for name in cfg.behaviors:
-            behavior = instantiate(cfg.behavior, name=name)
+            # Each behaviour's own preset, generating as many tokens as the config says.
+            node = behavior_preset(name)
+            node.max_new_tokens = cfg.behavior.max_new_tokens
+            behavior = make_behavior(node, source)
             pair = source.load(name)
             root = source.cache_root
             seconds = build_seconds(base_dir(root, source.spec), adapter_dir(root, source.spec, name))

