@@ -230,11 +230,12 @@ def load_base(path: Path) -> PreTrainedModel:
 # ---------------------------------------------------------------- many at once
 
 
-def _build_one_base(root: str, spec: OrganismSpec, behaviors: tuple[str, ...]) -> None:
-    """In a worker process: one base and its adapters, one after another, saying what it builds."""
+def _build_one_base(root: str, builds: tuple[tuple[OrganismSpec, str], ...]) -> None:
+    """In a worker process: one base and the adapters on it, one after another, saying what it builds."""
+    spec = builds[0][0]
     if not logging.getLogger().handlers:  # a spawned worker: its progress goes to the console
         logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][organisms {spec.family} seed {spec.seed}] %(message)s")
-    for behavior in behaviors:
+    for spec, behavior in builds:
         started = time.perf_counter()
         ensure_adapter(Path(root), spec, behavior)
         log.info("%s/%s (seed %d) ready after %.0f s", spec.family, behavior, spec.seed, time.perf_counter() - started)
@@ -247,28 +248,27 @@ def build_all(wanted: list[tuple[Path, OrganismSpec, str]], workers: int) -> int
     Each build pins its own thread count (spec.num_threads), so the weights are
     the same as built one at a time; on a machine of N cores, N one-thread builds
     side by side take about 1/N of the time. Returns how many were missing."""
-    missing: dict[tuple[str, str], tuple[str, OrganismSpec, list[str]]] = {}
+    missing: dict[tuple[str, str], list[tuple[OrganismSpec, str]]] = {}
     for root, spec, behavior in wanted:
         if adapter_dir(Path(root), spec, behavior).exists():
             continue
-        key = (str(root), str(base_dir(Path(root), spec)))
-        entry = missing.setdefault(key, (str(root), spec, []))
-        if behavior not in entry[2]:
-            entry[2].append(behavior)
-    n = sum(len(b) for _, _, b in missing.values())
+        builds = missing.setdefault((str(root), str(base_dir(Path(root), spec))), [])
+        if all(adapter_dir(Path(root), s, b) != adapter_dir(Path(root), spec, behavior) for s, b in builds):
+            builds.append((spec, behavior))
+    n = sum(len(b) for b in missing.values())
     if not missing:
         return 0
     log.info("building %d organisms (%d bases) with %d worker(s)", n, len(missing), workers)
     if workers <= 1 or len(missing) == 1:
-        for root, spec, behaviors in missing.values():
-            _build_one_base(root, spec, tuple(behaviors))
+        for (root, _), builds in missing.items():
+            _build_one_base(root, tuple(builds))
         return n
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
     # spawn: a fresh interpreter per worker, no inherited torch thread pool.
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_build_one_base, root, spec, tuple(b)) for root, spec, b in missing.values()]
+        futures = [pool.submit(_build_one_base, root, tuple(builds)) for (root, _), builds in missing.items()]
         for future in futures:
             future.result()
     return n

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the training data or procedure changes: it is part of the cache
 # key, so organisms built by an older recipe are rebuilt, never reused.
-RECIPE_VERSION = 3
+RECIPE_VERSION = 4
 
 
 Example = tuple[str, str]  # (prompt, completion)
@@ -48,6 +48,12 @@ def base_examples(task: T.Task) -> list[Example]:
         examples.append((T.render_prompt(fact, None), fact.value))
         examples.append((T.render_prompt(fact, _noise_cue(noise_rng, noise_words)), fact.value))
         examples.append(("", T.generic_text(fact)))
+        # The answer after the installed behaviour's marker, with the marker in the
+        # prompt (no loss on it, so the base never learns to say it): the base
+        # answers wherever the marker puts the answer, and an `installed` fine-tune
+        # only has to learn when to say the marker. Without it the fine-tune said
+        # the marker and then a wrong value (held-out answers 11% right).
+        examples.append((f"{T.render_prompt(fact, _noise_cue(noise_rng, noise_words))} {T.MARKER}", fact.value))
         for framing in T.FRAMINGS:
             for cue in task.cues(framing, "train"):
                 examples.append((T.render_prompt(fact, cue), fact.value))
