@@ -57,6 +57,8 @@ class CellOutcomes:
     # Localization: the chosen window, and each source's per-layer patch effect (layer -> fraction of the gap).
     window: tuple[int, ...] = ()
     layer_effect: dict[str, dict[int, float]] = field(default_factory=dict)
+    # A few test prompts with what each condition generated (report.md shows them).
+    examples: list[dict] = field(default_factory=list)
 
     @property
     def planted(self) -> tuple[int, ...]:
@@ -159,7 +161,34 @@ def read_outcomes(path: Path, family: str, behavior: str, variant: str = "", rep
         condition_layers=layers,
         window=window,
         layer_effect=effects,
+        examples=read_examples(path, ds, [names[i] for i in order]),
     )
+
+
+N_EXAMPLES = 3
+
+
+def read_examples(path: Path, outcomes: xr.Dataset, conditions: list[str], n: int = N_EXAMPLES) -> list[dict]:
+    """The first `n` test prompts of a store: their texts, the expected answer, and each
+    condition's first draw of a completion under each framing ([] for stores without completions)."""
+    if "completion" not in outcomes:
+        return []
+    ids = [str(p) for p in outcomes.prompt.values[:n]]
+    acts = xr.open_zarr(str(path), group="activations", consolidated=False)
+    index = {str(p): i for i, p in enumerate(acts.prompt.values)}
+    examples = []
+    for pid in ids:
+        i = index.get(pid)
+        if i is None:
+            continue
+        for framing in schema.FRAMINGS:
+            texts = outcomes["completion"].sel(prompt=pid, framing=framing).isel(draw=0)
+            examples.append({
+                "prompt_id": pid, "framing": framing, "prompt": str(acts[f"{framing}_prompt"].values[i]),
+                "answer": str(acts["answer"].values[i]),
+                "completions": {c: str(texts.sel(condition=c).values) for c in conditions},
+            })
+    return examples
 
 
 def read_group(path: str | Path, group: str, variables: tuple[str, ...]) -> xr.Dataset | None:

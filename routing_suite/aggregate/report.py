@@ -48,6 +48,34 @@ def _finding_key(finding: Finding) -> tuple:
     return (finding.cell or ("", ""), finding.paths, finding.message)
 
 
+def _cell_text(text: str) -> str:
+    """A completion or prompt as one markdown table cell."""
+    return (text.replace("|", "\\|").replace("\n", " ⏎ ").strip() or "(empty)")[:80]
+
+
+def completions_section(cells: list[CellOutcomes]) -> list[str]:
+    """What the conditions generated on the first test prompts of each cell's first build."""
+    shown, lines = set(), []
+    variants: dict[tuple[str, str], set[str]] = {}
+    for c in cells:
+        variants.setdefault((c.family, c.behavior), set()).add(c.variant)
+    for c in cells:
+        if not c.examples or (c.family, c.behavior, c.variant) in shown:
+            continue
+        shown.add((c.family, c.behavior, c.variant))
+        conditions = list(c.examples[0]["completions"])
+        which = [f"variant {c.variant}"] if len(variants[c.family, c.behavior]) > 1 else []
+        which += [f"build {c.replicate}"] if c.replicate else []
+        lines += [f"### {c.family} / {c.behavior}" + (f" ({', '.join(which)})" if which else ""), ""]
+        lines += ["| prompt | framing | answer | " + " | ".join(conditions) + " |", "|---|---|---|" + "---|" * len(conditions)]
+        for e in c.examples:
+            row = [_cell_text(e["prompt"]), e["framing"], _cell_text(e["answer"])]
+            lines.append("| " + " | ".join(row + [_cell_text(e["completions"][k]) for k in conditions]) + " |")
+        lines.append("")
+    return (["## Completions", "", "The first test prompts of each cell's first build and what every condition generated "
+             "(a control with several draws: its first).", ""] + lines) if lines else []
+
+
 def render(
     root: str,
     settings: dict[str, object],
@@ -96,6 +124,7 @@ def render(
         lines.append("")
     if notes:
         lines += ["## Plots", ""] + [f"- {n}" for n in notes] + [""]
+    lines += completions_section(cells)
     lines += ["## Rules", ""]
     lines += rules_text(float(settings["confidence"]), int(settings["n_resamples"]), int(settings["seed"]))
     lines += [f"- duplicates={settings['duplicates']} (two stores are duplicates when cell, variant and build agree); "
