@@ -110,6 +110,10 @@ def test_completions_are_stored_and_give_the_outcomes(cell):
             texts = ds.completion.sel(condition=condition, draw=0, framing=framing).values
             scored = [behavior.performs(str(t), str(a)) for t, a in zip(texts, answers)]
             np.testing.assert_array_equal(ds.performed.sel(condition=condition, framing=framing).values, np.array(scored, float))
+    # ... and report.md shows a few of them, every condition side by side.
+    report = (Path(result["table_dir"]) / "report.md").read_text()
+    first = str(ds.completion.sel(condition="clamp", draw=0, framing="eval").values[0]) or "(empty)"
+    assert "## Completions" in report and f"| {first} |" in report
 
 
 def _answers(result) -> np.ndarray:
