@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from routing_suite import pipeline
+from routing_suite import pipeline, schema
 from routing_suite.collect import collect
 from routing_suite.controls import check_controls
 from routing_suite.errors import ConfigError
@@ -73,7 +73,12 @@ def run(cfg) -> dict:
 
     store = pipeline.open_store(setup, pair, spec.name)
     stats = setup.backend.stats
-    ran = [stage for stage in ("collect", "fit", "localize", "intervene") if not store.stage_done(stage)]
+    # A store whose activations lack prompts its record calls done (a crash, a lost
+    # chunk, a store poisoned by an older version) collects them again, and redoes
+    # every stage that read them.
+    if not store.complete and store.stage_done("collect") and store.repair("activations"):
+        store.undo_stages(schema.STAGES)
+    ran = [stage for stage in schema.STAGES if not store.stage_done(stage)]
     if "collect" in ran:
         stats.stage = "collect"
         collect(pair, items, request, store, setup.backend, progress=cfg.progress)
