@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from routing_suite.config import register_configs
 from routing_suite.errors import ConfigError, RunFailure
+from routing_suite.store import StoreBusy
 
 register_configs()
 log = logging.getLogger(__name__)
@@ -42,6 +43,10 @@ def guarded(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
             # Work had started: the run folder keeps its log, the store its finished batches.
             print(f"error: {err}", file=sys.stderr)
             sys.exit(1)
+        except StoreBusy as err:
+            # Refused before any work, but a sweep job's folder is the busy run's too: left alone.
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
         except Exception as err:
             config_error = _config_error(err)
             if config_error is None:

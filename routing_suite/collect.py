@@ -241,6 +241,6 @@ def run(cfg) -> dict:
 
             collect_paired_sums(pair, items, request, store, setup.backend, progress=cfg.progress)
         store.mark_stage_done("collect")
-        store.finish()
+    store.finish()
     log.info("store: %s", store.path)
     return {"store": str(store.path), "n_prompts": len(items), "requests": setup.backend.stats.as_dict()}

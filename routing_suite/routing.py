@@ -104,7 +104,7 @@ def run(cfg) -> dict:
         )
         store.write_group("outcomes", outcomes)
         store.mark_stage_done("intervene")
-    final = store.finish() if not store.complete else store.path
+    final = store.finish()  # a no-op for a complete store but for letting go of its lock
     seconds = time.perf_counter() - started
     log.info("routing cell %s/%s done in %.1f s: %s", pair.cell_name, setup.behavior.name, seconds, final)
     out = Path(cfg.report_dir) if cfg.report_dir else _run_dir() / TABLE_DIR

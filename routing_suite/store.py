@@ -1,23 +1,32 @@
 """One zarr v3 store per run, written through xarray (layout: `routing_suite.schema`).
 
-The store is created under `<name>.zarr.partial`, filled batch by batch and
-stage by stage, and renamed to `<name>.zarr` when the run completes. A rerun
-of the same config resumes a partial store (finished batches and stages are
-skipped); a complete store is reused as is, and replaced only with
-`store.overwrite=true`. A store made by a different config is refused with
-the keys that differ.
+The store is created under `<name>.zarr.partial`, filled prompt by prompt
+and stage by stage, and renamed to `<name>.zarr` when the run completes. A
+rerun of the same config resumes a partial store (finished prompts and
+stages are skipped, whatever batch size wrote them; a partial store already
+marked complete, a finish cut short, is finished); a complete store is
+reused as is, and replaced only with `store.overwrite=true`. A store made by
+a different config is refused with the keys that differ, and one another
+live process holds (`StoreLock`) with that process's id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import socket
+import sys
+import tempfile
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,30 +137,116 @@ def _partial(final: Path) -> Path:
 def _check_writable(directory: Path) -> None:
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write-probe"
-        probe.write_text("")
-        probe.unlink()
+        # A name of this process's own: two runs probing one folder must not remove each other's probe.
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
+            pass
     except OSError as err:
         raise ConfigError(f"store.root: cannot write to {str(directory)!r} ({err.strerror})") from err
+
+
+class StoreBusy(ConfigError):
+    """Another live process holds the store's lock."""
+
+
+class StoreLock:
+    """An exclusive lock on one store, `<store>.lock` beside it (the store itself is renamed
+    when it completes), held from `RunStore.open` until `finish`, or until every
+    RunStore of it in this process is gone, or the process ends.
+
+    `flock`: the kernel drops the lock of a process that dies (even by SIGKILL), so
+    a lock left by a dead process is simply taken over; the file only says who
+    holds it, for the refusal's message. A process that opens a store it already
+    holds shares its lock."""
+
+    _held: weakref.WeakValueDictionary[Path, StoreLock] = weakref.WeakValueDictionary()
+
+    def __init__(self, path: Path, handle) -> None:
+        self.path, self.handle = path, handle
+
+    @classmethod
+    def acquire(cls, store: Path) -> StoreLock:
+        path = store.with_name(store.name + ".lock").absolute()
+        held = cls._held.get(path)
+        if held is not None and held.handle is not None:
+            return held
+        while True:
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the lock's life
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = _owner(handle.read())
+                handle.close()
+                raise StoreBusy(
+                    f"store {str(store)!r} is in use by {owner}; wait for that run to end, or stop it "
+                    "(a lock whose process has died is taken over by the next run)"
+                ) from None
+            try:  # its last holder may have removed the file between our open and our lock: lock the new one
+                if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
+        handle.seek(0)
+        if previous := handle.read().strip():
+            log.info("store %s: taking over the lock left by %s, which is no longer running", store, _owner(previous))
+        handle.seek(0)
+        handle.truncate()
+        main = sys.modules.get("__main__")
+        entry = getattr(getattr(main, "__spec__", None), "name", None) or Path(sys.argv[0]).name
+        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "entry": entry, "since": started}))
+        handle.flush()
+        lock = cls(path, handle)
+        cls._held[path] = lock
+        return lock
+
+    def release(self) -> None:
+        if self.handle is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino:
+                self.path.unlink()  # removed while still locked: whoever opened it meanwhile locks a fresh one
+        self.handle.close()  # closing drops the flock
+        self.handle = None
+
+    def __del__(self) -> None:
+        self.release()
+
+
+def _owner(text: str) -> str:
+    """Who holds a lock, from what its file says (the machine's name only when it is not this one)."""
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return "another process"
+    where = "" if info.get("host") == socket.gethostname() else f" on {info.get('host')}"
+    return f"process {info.get('pid')}{where} ({info.get('entry')}, since {info.get('since')})"
 
 
 class RunStore:
     """A run's store. Use `RunStore.open`, never the constructor."""
 
-    def __init__(self, path: Path, final: Path, settings: StoreSettings) -> None:
+    def __init__(self, path: Path, final: Path, settings: StoreSettings, lock: StoreLock | None = None) -> None:
         self.path = path
         self.final = final
         self.settings = settings
+        self.lock = lock
 
     # ------------------------------------------------------------ opening
 
     @classmethod
     def open(cls, final: Path, settings: StoreSettings, digest_config: dict, provenance: dict) -> RunStore:
-        """Create, resume or reuse the store for this config (see module doc)."""
+        """Create, resume or reuse the store for this config (see module doc), holding its lock."""
         final = Path(final)
         partial = _partial(final)
         _check_writable(final.parent)
+        lock = StoreLock.acquire(final)
         wanted = digest(digest_config)
+        if final.exists() and partial.exists() and not settings.overwrite:
+            # Only a store's own finish makes its final name, after its last write: the partial is a leftover.
+            log.warning("store %s is complete; removing the leftover %s", final, partial.name)
+            shutil.rmtree(partial)
         for existing in (final, partial):
             if not existing.exists():
                 continue
@@ -166,8 +261,12 @@ class RunStore:
                     f"store {str(existing)!r} was written by a different config (differing keys: {', '.join(keys) or 'schema'}); "
                     "use another store.root or store.overwrite=true"
                 )
-            log.info("%s store %s", "reusing complete" if existing == final else "resuming", existing)
-            return cls(existing, final, settings)
+            store = cls(existing, final, settings, lock)
+            if existing == partial and attrs.get("complete"):
+                log.info("store %s: completing the finish a stop interrupted", existing)
+                store.finish()
+            log.info("%s store %s", "reusing complete" if store.path == final else "resuming", store.path)
+            return store
         root = zarr.open_group(str(partial), mode="w", zarr_format=3)
         root.attrs.update(
             {
@@ -179,7 +278,7 @@ class RunStore:
                 **provenance,
             }
         )
-        return cls(partial, final, settings)
+        return cls(partial, final, settings, lock)
 
     # ------------------------------------------------------------ state
 
@@ -207,18 +306,23 @@ class RunStore:
         self.update_attrs(stages_done=[s for s in self.attrs.get("stages_done", []) if s not in stages])
 
     def finish(self) -> Path:
-        """Mark the run complete and give the store its final name."""
-        _remove_interrupted_writes(self.path)
-        self.update_attrs(complete=True, finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-        # Consolidated metadata makes a finished store open fast and quietly with
-        # a plain `xr.open_zarr(path, group=...)`. zarr warns that it is an
-        # extension of the v3 format; zarr-python and xarray read it.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-            zarr.consolidate_metadata(str(self.path))
+        """Mark the run complete and give the store its final name, then let go of
+        its lock. Every step may be repeated: a stop anywhere in here leaves a
+        partial store marked complete (or not yet), whose next `open` finishes it."""
         if self.path != self.final:
+            _remove_interrupted_writes(self.path)
+            if not self.complete:
+                self.update_attrs(complete=True, finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+            # Consolidated metadata makes a finished store open fast and quietly with
+            # a plain `xr.open_zarr(path, group=...)`. zarr warns that it is an
+            # extension of the v3 format; zarr-python and xarray read it.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+                zarr.consolidate_metadata(str(self.path))
             self.path.rename(self.final)
             self.path = self.final
+        if self.lock is not None:
+            self.lock.release()
         return self.path
 
     # ------------------------------------------------------------ streamed activations

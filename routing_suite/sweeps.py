@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,9 @@ DEFAULT_LEAF = "defaults"
 MAX_LEAF = 120
 MANIFEST = "sweep.json"
 RESOLVER = "rs.job_dir"
+# The process id: single runs' folders end with it, so two runs started in the same
+# second never share a folder and a log.
+PID_RESOLVER = "rs.pid"
 
 # Launchers the suite ships configs for (conf/hydra/launcher/): the plugin
 # module each one's _target_ lives in -> the package that provides it.
@@ -112,6 +116,8 @@ def job_subdir(*leave_out: str, _root_: DictConfig) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver(RESOLVER):
         OmegaConf.register_new_resolver(RESOLVER, job_subdir)
+    if not OmegaConf.has_resolver(PID_RESOLVER):
+        OmegaConf.register_new_resolver(PID_RESOLVER, lambda: str(os.getpid()), use_cache=True)
 
 
 # ---------------------------------------------------------------- checks before launch

@@ -171,12 +171,10 @@ def run(cfg) -> dict:
         pair, diff[:, position], data, settings.causal.max_tokens, settings.causal.batch_size, seed,
         settings.causal.random_control, trace_kwargs,
     ))
-    if store.complete:  # reused as it is: a finished store is never written to
-        final = store.path
-    else:
+    if not store.complete:  # a finished store is never written to
         store.update_attrs(adl={"position": position, "steer_layer": steer_layer, "n_texts": int(means.attrs["n_texts"]),
                                 "n_finetune_examples": len(examples), "text_source": texts.name})
-        final = store.finish()
+    final = store.finish()  # a no-op for a complete store but for letting go of its lock
     seconds = time.perf_counter() - started
     log.info("adl %s/%s done in %.1f s: %s", pair.family, behavior, seconds, final)
     from routing_suite.aggregate import adl_tables

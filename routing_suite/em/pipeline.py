@@ -205,7 +205,7 @@ def ensure_family(cfg: DictConfig, settings: EmSettings, judge, backend) -> tupl
         raise ConfigError(f"{fam.name}: no fine-tune has {settings.min_per_class} misaligned and aligned fit responses; "
                           "nothing to ablate (see em_samples in the store)")
     run_stage(store, "em_outcomes", lambda: stage_intervene(fam, dirs, settings, judge, seed, backend, progress))
-    return fam, store.path if store.complete else store.finish()
+    return fam, store.finish()
 
 
 def run(cfg: DictConfig) -> dict:

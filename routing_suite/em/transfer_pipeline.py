@@ -174,7 +174,7 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"no misaligned fine-tune kind has a direction in both {donor_name} and {receiver_name}; "
                           "nothing to carry (see em_directions in their stores)")
     run_stage(store, "xfer_outcomes", lambda: stage_outcomes(receiver, maps, settings, transfer, judge, seed, backend, progress))
-    final = store.path if store.complete else store.finish()
+    final = store.finish()
     seconds = time.perf_counter() - started
     log.info("em transfer %s -> %s done in %.1f s: %s", donor_name, receiver_name, seconds, final)
     from routing_suite.aggregate import em_transfer_tables
