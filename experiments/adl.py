@@ -6,11 +6,11 @@
 
 import hydra
 
-from experiments._cli import guarded
+from experiments._cli import CONF, cli, guarded
 from routing_suite.adl.pipeline import run
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="adl")
+@hydra.main(version_base="1.3", config_path=CONF, config_name="adl")
 @guarded
 def main(cfg) -> float:
     result = run(cfg)
@@ -22,4 +22,4 @@ def main(cfg) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -6,11 +6,11 @@
 
 import hydra
 
-from experiments._cli import guarded
+from experiments._cli import CONF, cli, guarded
 from routing_suite.em.pipeline import run
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="em")
+@hydra.main(version_base="1.3", config_path=CONF, config_name="em")
 @guarded
 def main(cfg) -> float:
     result = run(cfg)
@@ -20,4 +20,4 @@ def main(cfg) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

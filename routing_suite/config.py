@@ -53,7 +53,10 @@ class PeftModelConfig:
     family: str = MISSING
     base: str = MISSING
     adapter: str = MISSING
+    # Hub revisions (branch, tag or commit) pin what is downloaded: `revision` the
+    # base, and the adapter too unless `adapter_revision` is given.
     revision: str | None = None
+    adapter_revision: str | None = None
     dtype: str = "float32"
 
 
@@ -65,7 +68,9 @@ class CheckpointPairConfig:
     family: str = MISSING
     base: str = MISSING
     finetuned: str = MISSING
+    # Hub revisions: `revision` pins both checkpoints unless `finetuned_revision` is given.
     revision: str | None = None
+    finetuned_revision: str | None = None
     dtype: str = "float32"
 
 

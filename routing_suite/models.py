@@ -190,6 +190,34 @@ def _as_dataclass(cls: type, value: Any) -> Any:
     return cls(**(value or {}))
 
 
+def check_adapter_files(adapter: Path, key: str = "model.adapter") -> None:
+    """Refuse, before any work, an adapter folder whose config is not JSON or whose
+    weights file is cut short (a safetensors file: an 8-byte header length, the JSON
+    header, then the tensors, whose last byte the header says)."""
+    config = Path(adapter) / "adapter_config.json"
+    weights = Path(adapter) / "adapter_model.safetensors"
+    for needed in (config, weights):
+        if not needed.is_file():
+            raise ConfigError(f"{key}={str(adapter)!r} has no {needed.name}")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{key}: {str(config)!r} is not valid JSON ({err}); the adapter's files are damaged") from err
+    size = weights.stat().st_size
+    with open(weights, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(handle.read(length)) if 0 < length <= size - 8 else None
+        except (ValueError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ConfigError(f"{key}: {str(weights)!r} is not a whole safetensors file (its header cannot be read)")
+    end = max((int(t["data_offsets"][1]) for name, t in header.items() if name != "__metadata__"), default=0)
+    if size != 8 + length + end:
+        raise ConfigError(f"{key}: {str(weights)!r} is cut short or padded: {size} bytes, its header describes {8 + length + end}")
+
+
 def adapter_digest(adapter: Path) -> str:
     """A hash of an adapter's weights file (what identifies a LoRA fine-tune's weights)."""
     return organism_build.file_digest(Path(adapter) / "adapter_model.safetensors")
@@ -237,8 +265,9 @@ class OrganismPrompts:
     task_spec: TaskSpec
     # Organisms answer with the answer word first.
     answer_match = "first"
-    # The model's depth when it is known before loading (checks run before any work); None: after loading.
+    # The model's depth and width when they are known before loading (checks run before any work); None: after loading.
     num_layers = None
+    hidden_size = None
 
     def prompt_sets(self, behavior: str) -> dict[str, list[PromptPair]]:
         """The fit, localize and test splits (routing_suite.prompts.SPLITS), whole."""
@@ -271,13 +300,23 @@ def pair_with_adapter(
     return ModelPair(family, tokenizer, base, merged_finetune(base_ref, adapter, dtype, revision), identity, adapter)
 
 
-def _adapter_folder(adapter: str) -> Path:
-    """A local adapter folder as it is; a Hub id downloaded (adapters are small)."""
+def _adapter_folder(adapter: str, revision: str | None) -> Path:
+    """A local adapter folder as it is; a Hub id downloaded (adapters are small), at
+    `revision` when one is given; either checked whole."""
     if Path(adapter).exists():
-        return Path(adapter)
-    from huggingface_hub import snapshot_download
+        folder = Path(adapter)
+    else:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import RevisionNotFoundError
 
-    return Path(snapshot_download(adapter))
+        try:
+            folder = Path(snapshot_download(adapter, revision=revision))
+        except RevisionNotFoundError as err:
+            raise ConfigError(
+                f"model.adapter_revision (or model.revision)={revision!r}: the Hub has no such revision of {adapter!r}"
+            ) from err
+    check_adapter_files(folder)
+    return folder
 
 
 @dataclass
@@ -313,6 +352,10 @@ class OrganismSource(OrganismPrompts):
     def num_layers(self) -> int | None:
         """Known before anything is built: the organism's configured depth."""
         return self.spec.arch.num_layers
+
+    @property
+    def hidden_size(self) -> int | None:
+        return self.spec.arch.hidden_size
 
     @property
     def task_spec(self) -> TaskSpec:
@@ -366,10 +409,14 @@ class PeftSource(OrganismPrompts):
     base: str
     adapter: str
     revision: str | None = None
+    # The adapter's own Hub revision; null: model.revision (a local adapter has none).
+    adapter_revision: str | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check_checkpoints(self.family, self.dtype, {"model.base": self.base, "model.adapter": self.adapter})
+        if Path(self.adapter).exists():
+            check_adapter_files(Path(self.adapter))
 
     @property
     def name(self) -> str:
@@ -382,9 +429,10 @@ class PeftSource(OrganismPrompts):
         def load_base() -> PreTrainedModel:
             return AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype, revision=self.revision, attn_implementation="eager").eval()
 
-        adapter = _adapter_folder(self.adapter)
+        adapter_revision = self.adapter_revision or self.revision
+        adapter = _adapter_folder(self.adapter, adapter_revision)
         identity = {"source": "peft", "base": self.base, "adapter": self.adapter, "revision": self.revision,
-                    "adapter_sha256": adapter_digest(adapter)}
+                    "adapter_revision": adapter_revision, "adapter_sha256": adapter_digest(adapter)}
         pair = pair_with_adapter(self.family, tokenizer, self.base, adapter, placement, identity, load_base, dtype, self.revision)
         if placement.weights == "local":
             pair.identity["base_sha256"] = _weights_digest(pair.base)
@@ -403,6 +451,8 @@ class CheckpointPairSource(OrganismPrompts):
     base: str
     finetuned: str
     revision: str | None = None
+    # The fine-tune's own Hub revision; null: model.revision.
+    finetuned_revision: str | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -415,13 +465,16 @@ class CheckpointPairSource(OrganismPrompts):
     def load(self, behavior: str, placement: Placement = Placement()) -> ModelPair:
         dtype = _check_dtype(self.dtype)
         tokenizer = _tokenizer(self.base, self.revision)
-        identity = {"source": "checkpoints", "base": self.base, "finetuned": self.finetuned, "revision": self.revision}
+        finetuned_revision = self.finetuned_revision or self.revision
+        identity = {"source": "checkpoints", "base": self.base, "finetuned": self.finetuned, "revision": self.revision,
+                    "finetuned_revision": finetuned_revision}
         if placement.weights == "remote":
-            wrappers = {"base": remote_model(self.base, tokenizer, self.revision), "finetuned": remote_model(self.finetuned, tokenizer)}
+            wrappers = {"base": remote_model(self.base, tokenizer, self.revision),
+                        "finetuned": remote_model(self.finetuned, tokenizer, finetuned_revision)}
             return ModelPair(self.family, tokenizer, wrappers["base"]._module, None, identity, wrappers=wrappers)
         kwargs = dict(dtype=dtype, attn_implementation="eager")
         base = AutoModelForCausalLM.from_pretrained(self.base, revision=self.revision, **kwargs).eval()
-        finetuned = AutoModelForCausalLM.from_pretrained(self.finetuned, **kwargs).eval()
+        finetuned = AutoModelForCausalLM.from_pretrained(self.finetuned, revision=finetuned_revision, **kwargs).eval()
         identity.update(base_sha256=_weights_digest(base), finetuned_sha256=_weights_digest(finetuned))
         if base.config.hidden_size != finetuned.config.hidden_size:
             raise ConfigError(

@@ -134,14 +134,23 @@ def _partial(final: Path) -> Path:
     return final.with_name(final.name.removesuffix(schema.STORE_SUFFIX) + schema.PARTIAL_SUFFIX)
 
 
-def _check_writable(directory: Path) -> None:
+def check_writable(directory: Path, key: str, keep: bool = True) -> None:
+    """A folder this run can create and write to, or a ConfigError naming `key`; before
+    any work. Folders made for the check are removed again unless `keep`."""
+    directory = Path(directory)
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
         # A name of this process's own: two runs probing one folder must not remove each other's probe.
         with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
             pass
     except OSError as err:
-        raise ConfigError(f"store.root: cannot write to {str(directory)!r} ({err.strerror})") from err
+        raise ConfigError(f"{key}: cannot write to {str(directory)!r} ({err.strerror})") from err
+    finally:
+        if not keep:
+            for made in missing:  # innermost first
+                with contextlib.suppress(OSError):
+                    made.rmdir()
 
 
 class StoreBusy(ConfigError):
@@ -240,7 +249,7 @@ class RunStore:
         """Create, resume or reuse the store for this config (see module doc), holding its lock."""
         final = Path(final)
         partial = _partial(final)
-        _check_writable(final.parent)
+        check_writable(final.parent, "store.root")
         lock = StoreLock.acquire(final)
         wanted = digest(digest_config)
         if final.exists() and partial.exists() and not settings.overwrite:

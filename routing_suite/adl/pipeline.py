@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -137,6 +136,7 @@ def run(cfg) -> dict:
     unrelated = texts.unrelated(settings.n_texts, seed, task_spec)
     if not unrelated:
         raise ConfigError(f"text={texts.name}: no unrelated text")
+    out = pipeline.report_folder(cfg, "adl")
     prompts = {e[0] for e in examples}
     if overlap := [t for t in unrelated if t in prompts]:
         raise ConfigError(f"{len(overlap)} unrelated texts are fine-tuning prompts, e.g. {overlap[0]!r}")
@@ -180,7 +180,6 @@ def run(cfg) -> dict:
     from routing_suite.aggregate import adl_tables
 
     row = adl_tables.read_cell(final)
-    out = Path(cfg.report_dir) if cfg.report_dir else _run_dir() / "table"
     written = adl_tables.write([row], out, plots=False)
     return {"store": str(final), "seconds": seconds, "row": row.__dict__, "table_markdown": written["adl_table.md"], "table_dir": str(out),
             "steered_examples": _examples(steered)}
@@ -196,12 +195,3 @@ def _examples(steered: xr.Dataset, n: int = 3) -> list[str]:
         after = str(steered.completion.sel(direction="difference", alpha=alpha).values[p])
         lines.append(f"{prompt!r}: {before!r} -> (alpha {alpha:g}) {after!r}")
     return lines
-
-
-def _run_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return Path("outputs/runs/adl")
