@@ -15,7 +15,7 @@ from routing_suite.aggregate.config import DUPLICATE_POLICIES
 from routing_suite.aggregate.discover import Finding
 from routing_suite.aggregate.report import finding_line, render
 from routing_suite.aggregate.stats import ConditionStats, cell_stats
-from routing_suite.errors import ConfigError
+from routing_suite.errors import ConfigError, RunFailure
 from routing_suite.provenance import flatten
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def collect(cfg: Any, stores: list[Path] | None = None) -> Collected:
         except Exception as err:  # a broken array is a problem of that store, not of the run
             findings.append(
                 Finding(
-                    discover.UNREADABLE,
+                    discover.CORRUPT,
                     f"outcomes unreadable ({type(err).__name__}: {err})",
                     info.cell,
                     (str(info.path),),
@@ -126,7 +126,7 @@ def _collect_finished(
             results.append(read_one(chosen[key].path))
         except Exception as err:  # a broken store is a problem of that store, not of the run
             message = f"{what} groups unreadable ({type(err).__name__}: {err})"
-            findings.append(Finding(discover.UNREADABLE, message, key[:2], (str(chosen[key].path),)))
+            findings.append(Finding(discover.CORRUPT, message, key[:2], (str(chosen[key].path),)))
     return results, findings + duplicate_findings
 
 
@@ -152,8 +152,30 @@ def collect_em_transfer(
     )
 
 
+PlotInputs = dict[str, dict[tuple[str, str], Any]]
+
+
+def _plot_inputs(cells: list[read.CellOutcomes]) -> tuple[PlotInputs, list[Finding]]:
+    """Each cell's localize and fit arrays the plots show, read before anything is
+    written; a group that cannot be read is a finding (its cell is left out of that plot)."""
+    wanted = {"localize": ("layer_effect", "head_effect"), "fit": ("probe_accuracy", "direction_norm")}
+    inputs: PlotInputs = {group: {} for group in wanted}
+    findings = []
+    for c in cells:
+        for group, variables in wanted.items():
+            try:
+                ds = read.read_group(c.path, group, variables)
+            except read.CorruptGroup as err:
+                findings.append(Finding(discover.CORRUPT, f"{err}; left out of the plots", (c.family, c.behavior), (c.path,)))
+                continue
+            if ds is not None:
+                inputs[group][c.family, c.behavior] = ds
+    return inputs, findings
+
+
 def _plots(
-    out: Path, rows: list[ConditionStats], cells: list[read.CellOutcomes], grid: list[tuple[str, str]], dpi: int
+    out: Path, rows: list[ConditionStats], cells: list[read.CellOutcomes], grid: list[tuple[str, str]], dpi: int,
+    inputs: PlotInputs,
 ) -> list[str]:
     """Write the figures; returns notes on the ones skipped."""
     from routing_suite.aggregate import plots
@@ -162,12 +184,7 @@ def _plots(
     written: list[Path] = []
     used = {(c.family, c.behavior) for c in cells}
     written += plots.save(plots.gap_figure(rows, grid), out, "gaps", dpi)
-    localize = {
-        (c.family, c.behavior): read.read_group(c.path, "localize", ("layer_effect", "head_effect")) for c in cells
-    }
-    localize = {k: v for k, v in localize.items() if v is not None}
-    fit = {(c.family, c.behavior): read.read_group(c.path, "fit", ("probe_accuracy", "direction_norm")) for c in cells}
-    fit = {k: v for k, v in fit.items() if v is not None}
+    localize, fit = inputs["localize"], inputs["fit"]
     if any("layer_effect" in ds for ds in localize.values()):
         written += plots.save(plots.patching_figure(localize, grid, used), out, "patching", dpi)
     else:
@@ -221,6 +238,12 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     n_found, cells, findings, adl_rows, em_reports = found.n_found, found.cells, found.findings, found.adl_rows, found.em_reports
     transfer_reports = found.transfer_reports
     out = _output_dir(cfg)
+    # Everything is read before anything is written: a damaged group is a finding in
+    # report.md, never a run that stops with half its files written.
+    inputs: PlotInputs = {"localize": {}, "fit": {}}
+    if cfg.plots and cells:
+        inputs, damaged = _plot_inputs(cells)
+        findings = findings + damaged
     for finding in findings:
         log.warning("%s", finding_line(finding))
     settings = {k: cfg[k] for k in ("confidence", "n_resamples", "seed", "duplicates")}
@@ -241,7 +264,7 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
         for name, text in files.items():
             (out / name).write_text(text, encoding="utf-8")
         if cfg.plots:
-            notes = _plots(out, rows, cells, grid, cfg.dpi)
+            notes = _plots(out, rows, cells, grid, cfg.dpi, inputs)
     adl_headline = None
     if adl_rows:
         adl_headline = adl_tables.headline(adl_rows)
@@ -265,6 +288,11 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     (out / "report.md").write_text(report, encoding="utf-8")
     if not grouped and not adl_rows and not em_reports and not transfer_reports:
         raise ConfigError(f"root={cfg.root!r}: {n_found} stores found, none usable; see {out / 'report.md'}")
+    if damaged := [f for f in findings if f.kind == discover.CORRUPT]:
+        raise RunFailure(
+            f"{len(damaged)} store group(s) cannot be read, first {finding_line(damaged[0])}; "
+            f"everything else is written, and {out / 'report.md'} lists them"
+        )
     seconds = time.perf_counter() - start
     log.info("%d cells from %d stores in %.2f s -> %s", len(grouped), n_found, seconds, out)
     return {
