@@ -136,9 +136,10 @@ class NdifBackend:
             return
         if not os.environ.get("NDIF_API_KEY"):
             raise ConfigError("backend=ndif needs the NDIF_API_KEY environment variable (it is never read from a config)")
-        check_service(self.resolved_host)
-        # httpx logs every request at INFO; the per-stage counts say it better.
+        # httpx logs every request, with the host's address, at INFO: kept out of the
+        # job's log from the first request on (the per-stage counts say it better).
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        check_service(self.resolved_host)
 
     def check_pair(self, pair: ModelPair) -> None:
         """Refuse, before any trace, a model the service does not run."""

@@ -185,3 +185,21 @@ def test_a_real_process_prints_only_the_line(args, expected, tmp_path):
 def test_unknown_family_in_the_organism_report(tmp_path, monkeypatch, capsys):
     code, lines = _errors("organisms", ["families=[gpt9]"], tmp_path, monkeypatch, capsys)
     assert code == 2 and lines == ["error: model.family='gpt9' is not one of ['llama', 'qwen2', 'gemma2', 'mistral']"]
+
+
+def test_the_host_stays_out_of_saved_configs_logs_and_the_store(tiny_adapter, tiny_cache, tmp_path, monkeypatch, capsys):
+    """`backend.host=` given on the command line: Hydra's saved configs (.hydra/), the job's
+    log and the store name it nowhere (the simulated remote path: no server needed)."""
+    host = "http://ndif-secret-host.example:8123"
+    args = [f"model.cache_dir={tiny_cache}", *TINY, f"store.root={tmp_path / 'stores'}", "backend=ndif", "backend.simulate=true",
+            f"backend.host={host}", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
+    monkeypatch.setenv("NDIF_API_KEY", "secret-key-value")
+    code, lines = _errors("collect", args, tmp_path, monkeypatch, capsys)
+    assert code == 0, lines
+    saved = sorted(p.name for p in (tmp_path / "run" / ".hydra").iterdir())
+    assert saved == ["config.yaml", "hydra.yaml", "overrides.yaml"]
+    assert "backend.host=<removed>" in (tmp_path / "run" / ".hydra" / "overrides.yaml").read_text()
+    for path in [*(tmp_path / "run").rglob("*"), *(tmp_path / "stores").rglob("zarr.json")]:
+        if path.is_file():
+            text = path.read_text(errors="replace")
+            assert "ndif-secret-host" not in text and "secret-key-value" not in text, path

@@ -6,6 +6,7 @@ persistent one stops the run, which a rerun resumes."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -141,6 +142,15 @@ def test_a_model_the_service_does_not_run_is_refused_before_any_trace(fake_servi
         backend.check_pair(_Pair("meta-llama/Llama-3.1-8B"))
     with pytest.raises(ConfigError, match="is the local checkpoint '/models/base': the NDIF service at http://192.0.2.1 cannot load it"):
         NdifBackend(host="http://192.0.2.1").check_pair(_Pair("/models/base"))
+
+
+def test_the_preflight_logs_no_host(fake_service, monkeypatch, caplog):
+    """httpx logs each request with its address at INFO: kept out of the job's log from the first request on."""
+    monkeypatch.setenv("NDIF_API_KEY", "k")
+    caplog.set_level(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.NOTSET)
+    NdifBackend(host=fake_service).preflight()
+    assert "127.0.0.1" not in caplog.text
 
 
 def test_transient_failures_are_retried_and_persistent_ones_stop(monkeypatch):
