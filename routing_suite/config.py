@@ -120,14 +120,17 @@ class NdifBackendConfig:
     # The host comes from NDIF_HOST when null; the key only ever from NDIF_API_KEY.
     host: str | None = None
     batch_size: int = 32
-    # Deadline of one request; transient failures are retried max_retries times,
-    # waiting backoff_s, then twice that, and so on.
+    # Deadline of one attempt at a request (subscribe, submit, wait, download);
+    # transient failures are retried max_retries times, waiting backoff_s, then
+    # twice that, and so on.
     timeout_s: float = 600.0
     max_retries: int = 3
     backoff_s: float = 2.0
     # true: no server; nnsight serializes each request and runs it in this
     # process (remote="local") against local weights. Tests the remote path.
     simulate: bool = False
+    # Plain http:// to a host other than this machine (the key travels unencrypted): refused unless true.
+    allow_http: bool = False
     # At most this many invokes (models x conditions x patch sets) per request;
     # null: a batch's traces grouped into as few requests as nnsight allows.
     max_invokes: int | None = None

@@ -8,7 +8,6 @@ real subprocess, to check the exit code and the whole of stderr as a user sees t
 from __future__ import annotations
 
 import errno
-import importlib
 import os
 import shutil
 import subprocess
@@ -16,31 +15,14 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY_LORA_LAYERS, TINY_TASK, tiny_source
+from helpers import TINY_OVERRIDES, run_entry_point, tiny_source
 
-from experiments._cli import cli
 from routing_suite.organisms import build as organism_build
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# The tiny organism of `helpers.tiny_source`, as overrides (the same cache key: it is built once).
-TINY = [
-    "model.train.base_steps=20", "model.train.lora_steps=10", f"model.train.lora_layers={TINY_LORA_LAYERS}".replace(" ", ""),
-    *(f"model.task.{k}={v}" for k, v in TINY_TASK.items()), "model.arch.num_layers=4",
-]
-
-
 def _errors(experiment: str, args: list[str], tmp_path: Path, monkeypatch, capsys) -> tuple[int, list[str]]:
-    """Run `python -m experiments.<experiment> <args>` in this process; its exit code and its stderr's lines."""
-    monkeypatch.chdir(tmp_path)  # outputs/ lands here
-    monkeypatch.setattr(sys, "argv", [experiment, *args])
-    capsys.readouterr()
-    try:
-        cli(importlib.import_module(f"experiments.{experiment}").main)
-        code = 0
-    except SystemExit as ended:
-        code = ended.code
-    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return run_entry_point(experiment, args, tmp_path, monkeypatch, capsys)
 
 
 def _nothing_written(tmp_path: Path) -> bool:
@@ -137,7 +119,7 @@ def test_disk_full_in_the_writer_thread_is_one_line_and_a_rerun_completes(tiny_a
     for a full disk: the store layer's own write is made to fail, after a first chunk)."""
     from zarr.storage import LocalStore
 
-    args = [f"model.cache_dir={tiny_cache}", *TINY, f"store.root={tmp_path / 'stores'}", "backend.batch_size=2",
+    args = [f"model.cache_dir={tiny_cache}", *TINY_OVERRIDES, f"store.root={tmp_path / 'stores'}", "backend.batch_size=2",
             "store.chunk_prompts=2", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
     real_set, chunks = LocalStore.set, []
 
@@ -191,7 +173,7 @@ def test_the_host_stays_out_of_saved_configs_logs_and_the_store(tiny_adapter, ti
     """`backend.host=` given on the command line: Hydra's saved configs (.hydra/), the job's
     log and the store name it nowhere (the simulated remote path: no server needed)."""
     host = "http://ndif-secret-host.example:8123"
-    args = [f"model.cache_dir={tiny_cache}", *TINY, f"store.root={tmp_path / 'stores'}", "backend=ndif", "backend.simulate=true",
+    args = [f"model.cache_dir={tiny_cache}", *TINY_OVERRIDES, f"store.root={tmp_path / 'stores'}", "backend=ndif", "backend.simulate=true",
             f"backend.host={host}", "progress=false", f"hydra.run.dir={tmp_path / 'run'}"]
     monkeypatch.setenv("NDIF_API_KEY", "secret-key-value")
     code, lines = _errors("collect", args, tmp_path, monkeypatch, capsys)

@@ -75,8 +75,8 @@ def _cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     "args,env,expected",
     [
         (["backend=ndif"], {"NDIF_API_KEY": None}, "error: backend=ndif needs the NDIF_API_KEY environment variable"),
-        (["backend=ndif", "backend.host=http://no-such-host.invalid"], {"NDIF_API_KEY": "k"},
-         "error: backend.host='http://no-such-host.invalid': unknown host 'no-such-host.invalid'"),
+        (["backend=ndif", "backend.host=https://no-such-host.invalid"], {"NDIF_API_KEY": "k"},
+         "error: backend.host='https://no-such-host.invalid': unknown host 'no-such-host.invalid'"),
         (["backend=ndif", "backend.host=http://127.0.0.1:9"], {"NDIF_API_KEY": "k"},
          "error: backend.host='http://127.0.0.1:9': no NDIF service answers"),
         (["backend=ndif"], {"NDIF_API_KEY": "k", "NDIF_HOST": "ftp://x"}, "error: NDIF_HOST='ftp://x' must be an http(s) URL"),
@@ -140,8 +140,8 @@ def test_a_model_the_service_does_not_run_is_refused_before_any_trace(fake_servi
     backend.check_pair(_Pair("openai-community/gpt2"))
     with pytest.raises(ConfigError, match=r"does not run 'meta-llama/Llama-3.1-8B' \(it runs: openai-community/gpt2\)"):
         backend.check_pair(_Pair("meta-llama/Llama-3.1-8B"))
-    with pytest.raises(ConfigError, match="is the local checkpoint '/models/base': the NDIF service at http://192.0.2.1 cannot load it"):
-        NdifBackend(host="http://192.0.2.1").check_pair(_Pair("/models/base"))
+    with pytest.raises(ConfigError, match="is the local checkpoint '/models/base': the NDIF service at https://192.0.2.1 cannot load it"):
+        NdifBackend(host="https://192.0.2.1").check_pair(_Pair("/models/base"))
 
 
 def test_the_preflight_logs_no_host(fake_service, monkeypatch, caplog):
