@@ -78,12 +78,7 @@ def run(cfg) -> dict:
 
     store = pipeline.open_store(setup, pair, spec.name)
     stats = setup.backend.stats
-    # A store whose activations lack prompts its record calls done (a crash, a lost
-    # chunk, a store poisoned by an older version) collects them again, and redoes
-    # every stage that read them.
-    if not store.complete and store.stage_done("collect") and store.repair("activations"):
-        store.undo_stages(schema.STAGES)
-    ran = [stage for stage in schema.STAGES if not store.stage_done(stage)]
+    ran = stages_to_run(store)
     if "collect" in ran:
         stats.stage = "collect"
         collect(pair, items, request, store, setup.backend, progress=cfg.progress)
@@ -120,6 +115,16 @@ def run(cfg) -> dict:
     log.info("requests: %s", stats.as_dict())
     return {"store": str(final), "window": window, "seconds": seconds, "stages_run": ran, "requests": stats.as_dict(),
             "table_dir": str(out), "table_markdown": table, **summary}
+
+
+def stages_to_run(store) -> list[str]:
+    """The stages this run must do, decided once from the store. A store whose
+    activations lack prompts its record calls done (a crash, a lost chunk, a store
+    poisoned by an older version) collects them again and redoes every stage that
+    read them."""
+    if not store.complete and store.stage_done("collect") and store.repair("activations"):
+        store.undo_stages(schema.STAGES)
+    return [stage for stage in schema.STAGES if not store.stage_done(stage)]
 
 
 def _check_rank(rank: int, max_rank: int, n_fit: int, hidden: int | None) -> None:

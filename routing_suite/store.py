@@ -220,7 +220,10 @@ class StoreLock:
         self.handle = None
 
     def __del__(self) -> None:
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - at interpreter exit the modules it needs may be gone; the kernel lets go anyway
+            pass
 
 
 def _owner(text: str) -> str:

@@ -164,6 +164,21 @@ def test_a_record_that_disagrees_with_the_data_is_repaired(tmp_path, tiny_cache,
     xr.testing.assert_identical(store.read("activations").load(), clean.read("activations").load())
 
 
+def test_a_routing_store_with_lost_activations_redoes_collect_and_every_later_stage(tmp_path, tiny_cache):
+    from routing_suite.routing import stages_to_run
+
+    source = tiny_source(tiny_cache)
+    pair = source.load("refuse")
+    store = _open(tmp_path, StoreSettings(chunk_prompts=2), {"t": 1})
+    collect_stage.collect(pair, _items(T.make_task(source.spec.task), 6), SiteRequest(("resid",)), store, LocalBackend(), progress=False)
+    for stage in ("collect", "fit", "localize"):
+        store.mark_stage_done(stage)
+    assert stages_to_run(store) == ["intervene"]
+    _prompt_chunk(store, "resid", 0).unlink()
+    assert stages_to_run(store) == ["collect", "fit", "localize", "intervene"]
+    assert store.done(collect_stage.GROUP).tolist() == [False] * 2 + [True] * 4
+
+
 def test_a_store_of_the_per_batch_layout_is_read_from_its_data(tmp_path, tiny_cache, caplog):
     """A store made before completion was kept per prompt (one `batch_done` flag per batch),
     even one poisoned by a rerun at another batch size (flags set, values missing), resumes."""
