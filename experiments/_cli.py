@@ -81,7 +81,8 @@ def cli(main: Callable[[], Any]) -> Any:
     sweep) are one line, exit code 2, too. Hydra prints them in several lines,
     naming its schema classes, unless HYDRA_FULL_ERROR lets them through: it is
     set here for that, and a user who set it gets Hydra's full report."""
-    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+    previous = os.environ.get("HYDRA_FULL_ERROR")
+    if previous == "1":
         return main()
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
@@ -93,7 +94,10 @@ def cli(main: Callable[[], Any]) -> Any:
         print(f"error: {line}", file=sys.stderr)
         sys.exit(2)
     finally:
-        os.environ.pop("HYDRA_FULL_ERROR", None)
+        if previous is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = previous
 
 
 # Hydra's config store holds the suite's typed schemas as options of each group;
