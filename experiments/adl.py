@@ -6,11 +6,11 @@
 
 import hydra
 
-from experiments._cli import guarded
+from experiments._cli import CONF, cli, guarded
 from routing_suite.adl.pipeline import run
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="adl")
+@hydra.main(version_base="1.3", config_path=CONF, config_name="adl")
 @guarded
 def main(cfg) -> float:
     """Returns the difference's logit-lens relevance (the metric an optimizing sweep would use)."""
@@ -23,4 +23,4 @@ def main(cfg) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

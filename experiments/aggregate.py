@@ -6,11 +6,11 @@
 
 import hydra
 
-from experiments._cli import guarded
+from experiments._cli import CONF, cli, guarded
 from routing_suite import aggregate
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="aggregate")
+@hydra.main(version_base="1.3", config_path=CONF, config_name="aggregate")
 @guarded
 def main(cfg) -> int:
     result = aggregate.run(cfg)
@@ -26,4 +26,4 @@ def main(cfg) -> int:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -9,11 +9,11 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 
-from experiments._cli import guarded
+from experiments._cli import CONF, cli, guarded
 from routing_suite import bench
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+@hydra.main(version_base="1.3", config_path=CONF, config_name="bench")
 @guarded
 def main(cfg) -> float:
     figures = bench.run(cfg)
@@ -25,4 +25,4 @@ def main(cfg) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

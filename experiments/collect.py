@@ -5,11 +5,11 @@
 
 import hydra
 
-from experiments._cli import guarded
+from experiments._cli import CONF, cli, guarded
 from routing_suite import collect
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="collect")
+@hydra.main(version_base="1.3", config_path=CONF, config_name="collect")
 @guarded
 def main(cfg) -> str:
     result = collect.run(cfg)
@@ -18,4 +18,4 @@ def main(cfg) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

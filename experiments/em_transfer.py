@@ -7,11 +7,11 @@
 import hydra
 import numpy as np
 
-from experiments._cli import guarded
+from experiments._cli import CONF, cli, guarded
 from routing_suite.em.transfer_pipeline import run
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="em_transfer")
+@hydra.main(version_base="1.3", config_path=CONF, config_name="em_transfer")
 @guarded
 def main(cfg) -> float:
     """Returns the mean mapped-ablation reduction (the metric an optimizing sweep would use)."""
@@ -22,4 +22,4 @@ def main(cfg) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -6,11 +6,11 @@
 
 import hydra
 
-from experiments._cli import guarded
+from experiments._cli import CONF, cli, guarded
 from routing_suite.organisms import report
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="organisms")
+@hydra.main(version_base="1.3", config_path=CONF, config_name="organisms")
 @guarded
 def main(cfg) -> bool:
     result = report.run(cfg)
@@ -19,4 +19,4 @@ def main(cfg) -> bool:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -6,11 +6,11 @@
 
 import hydra
 
-from experiments._cli import guarded
+from experiments._cli import CONF, cli, guarded
 from routing_suite.pretrained import report
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="pretrained")
+@hydra.main(version_base="1.3", config_path=CONF, config_name="pretrained")
 @guarded
 def main(cfg) -> float:
     result = report.run(cfg)
@@ -21,4 +21,4 @@ def main(cfg) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -8,11 +8,11 @@ import sys
 
 import hydra
 
-from experiments._cli import guarded
+from experiments._cli import CONF, cli, guarded
 from routing_suite import routing
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="routing")
+@hydra.main(version_base="1.3", config_path=CONF, config_name="routing")
 @guarded
 def main(cfg) -> float:
     """Returns the intervention's gap reduction (the metric an optimizing sweep would use)."""
@@ -26,4 +26,4 @@ def main(cfg) -> float:
 
 
 if __name__ == "__main__":
-    main()
+    cli(main)

@@ -91,6 +91,10 @@ class NdifBackend:
     max_retries: int = 3
     backoff_s: float = 2.0
     simulate: bool = False
+    # Plain http:// to a host other than this machine sends NDIF_API_KEY (and the
+    # traces) unencrypted: refused unless this is set (results are decoded safely
+    # either way, see routing_suite.remote).
+    allow_http: bool = False
     # At most this many invokes (models x conditions x patch sets) per request;
     # None: as many as a batch has (fewest requests). 1: no grouping at all.
     max_invokes: int | None = None
@@ -125,8 +129,14 @@ class NdifBackend:
         from nnsight import CONFIG
 
         host = self.host or os.environ.get("NDIF_HOST") or CONFIG.API.HOST
+        key = "backend.host" if self.host else "NDIF_HOST"
         if urlparse(host).scheme not in ("http", "https"):
-            raise ConfigError(f"NDIF_HOST={host!r} must be an http(s) URL")
+            raise ConfigError(f"{key}={host!r} must be an http(s) URL")
+        if urlparse(host).scheme == "http" and not _is_loopback(host) and not self.allow_http:
+            raise ConfigError(
+                f"{key}={host!r}: plain http would send NDIF_API_KEY and the traces unencrypted; "
+                "use https, or backend.allow_http=true on a network you trust"
+            )
         return host.rstrip("/")
 
     def preflight(self) -> None:
@@ -136,9 +146,10 @@ class NdifBackend:
             return
         if not os.environ.get("NDIF_API_KEY"):
             raise ConfigError("backend=ndif needs the NDIF_API_KEY environment variable (it is never read from a config)")
-        check_service(self.resolved_host)
-        # httpx logs every request at INFO; the per-stage counts say it better.
+        # httpx logs every request, with the host's address, at INFO: kept out of the
+        # job's log from the first request on (the per-stage counts say it better).
         logging.getLogger("httpx").setLevel(logging.WARNING)
+        check_service(self.resolved_host, min(self.timeout_s, 10.0))
 
     def check_pair(self, pair: ModelPair) -> None:
         """Refuse, before any trace, a model the service does not run."""
@@ -154,7 +165,7 @@ class NdifBackend:
                         "(only a server on this machine can; see README 'Remote')"
                     )
                 continue
-            hosted = hosted_models(host)
+            hosted = hosted_models(host, self.timeout_s)
             if hosted is not None and repo not in hosted:
                 shown = ", ".join(sorted(hosted)[:8]) or "none"
                 raise ConfigError(f"the NDIF service at {host} does not run {repo!r} (it runs: {shown})")

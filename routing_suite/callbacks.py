@@ -2,6 +2,9 @@
 
 - `JobSetup` (every run and sweep job, conf/hydra/default.yaml): torch threads
   for the job, from the launcher, and deterministic kernels.
+- `ScrubSavedConfig` (every run and sweep job): the configs Hydra saved in the
+  job's `.hydra/` folder, with every value of a secret key (the NDIF host, a
+  key, a token) removed wherever it appears.
 - `AggregateSweep` (conf/experiment/appendix.yaml): when a sweep ends,
   aggregate exactly the stores its jobs used into one folder.
 """
@@ -20,6 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from routing_suite import sweeps
 from routing_suite.errors import ConfigError
+from routing_suite.provenance import REMOVED, is_secret_key
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +74,57 @@ class JobSetup(Callback):
         # warn_only: on GPUs a few kernels have no deterministic version; they warn instead of failing.
         torch.use_deterministic_algorithms(True, warn_only=True)
         log.info("torch threads: %d (%s); deterministic algorithms on", torch.get_num_threads(), why)
+
+
+def secret_values(config: DictConfig) -> set[str]:
+    """The values under secret keys (`provenance.is_secret_key`) of a job's config and
+    of its overrides, as text (none shorter than 4 characters: they are replaced
+    wherever they appear)."""
+    found: set[str] = set()
+
+    def walk(node: Any) -> None:
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if is_secret_key(key) and value is not None:
+                    found.add(str(value))
+                elif key != "hydra":
+                    walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(OmegaConf.to_container(config, resolve=False))
+    for override in config.hydra.overrides.task:
+        key, _, value = str(override).partition("=")
+        if is_secret_key(key.lstrip("+~").split("@")[0]):
+            found.add(value)
+    return {value for value in found if len(value) >= 4}
+
+
+def scrub_files(paths: list[Path], secrets: set[str]) -> None:
+    """Replace every secret value in these files (longest first, so none is left in part)."""
+    for path in paths:
+        text = path.read_text(encoding="utf-8")
+        scrubbed = text
+        for value in sorted(secrets, key=len, reverse=True):
+            scrubbed = scrubbed.replace(value, REMOVED)
+        if scrubbed != text:
+            path.write_text(scrubbed, encoding="utf-8")
+
+
+class ScrubSavedConfig(Callback):
+    """Hydra saves a job's config, its own config and the overrides (`.hydra/*.yaml`)
+    just before the job starts, as given: a `backend.host=...` override would stay
+    there (and in the overrides folded into `hydra.job.override_dirname`). This
+    rewrites them without any secret value."""
+
+    def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
+        subdir = config.hydra.output_subdir
+        secrets = secret_values(config)
+        if subdir is None or not secrets:
+            return
+        saved = Path(str(config.hydra.runtime.output_dir)) / str(subdir)
+        scrub_files(sorted(saved.glob("*.yaml")), secrets)
 
 
 def cell_store(job: sweeps.Job) -> str:

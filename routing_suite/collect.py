@@ -10,20 +10,20 @@ the number of prompts, and disk I/O overlaps compute.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import zarr
 from tqdm.auto import tqdm
 
 from routing_suite import schema
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
 from routing_suite.prompts import PromptPair
-from routing_suite.store import RunStore, text
+from routing_suite.store import RunStore, StoreMismatch, text
 from routing_suite.tracing import SiteRequest, make_batch, trace_sites
 
 log = logging.getLogger(__name__)
@@ -44,20 +44,21 @@ class LabeledPair:
 class BackgroundWriter:
     """Writes batches in a thread; errors surface on the next submit or on close.
 
-    Consecutive batches are gathered up to `group_size` and written as one
-    region, which cuts the per-call cost of the store (a batch is marked done
-    only once its group is written, so a crash re-traces at most one group).
+    Consecutive batches are gathered until they reach the end of a chunk of the
+    store (`chunk` prompts) and written as one region, which cuts the per-call
+    cost of the store; their prompts are marked done once that region is
+    written, so a crash re-traces at most one chunk's worth.
     """
 
     def __init__(
-        self, store: RunStore, group: str, group_size: int = 1, depth: int = 2, threaded: bool = True,
+        self, store: RunStore, group: str, chunk: int = 1, depth: int = 2, threaded: bool = True,
         prepare: Callable[[], None] | None = None,
     ) -> None:
         """`prepare`, if given, runs before the first write (in the thread, so
         laying out a new group overlaps the first traces)."""
-        self.store, self.group, self.group_size = store, group, max(1, group_size)
+        self.store, self.group, self.chunk = store, group, max(1, chunk)
         self.queue: queue.Queue = queue.Queue(maxsize=depth)
-        self.pending: list[tuple[int, slice, dict[str, np.ndarray], dict[str, list]]] = []
+        self.pending: list[tuple[slice, dict[str, np.ndarray], dict[str, list]]] = []
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._work, args=(prepare,), name="store-writer", daemon=True) if threaded else None
         if self.thread is not None:
@@ -78,13 +79,15 @@ class BackgroundWriter:
                 except BaseException as err:  # noqa: BLE001 - handed to the caller's thread
                     self.error = err
 
-    def submit(self, batch: int, prompts: slice, data: dict[str, np.ndarray], labels: dict[str, list]) -> None:
-        """Queue one batch: arrays laid out as the group's variables, and the
-        prompt ids and layers that name a bad value if there is one."""
+    def submit(self, prompts: slice, data: dict[str, np.ndarray], labels: dict[str, list]) -> None:
+        """Queue one batch (the prompts it covers): arrays laid out as the group's
+        variables, and the prompt ids and layers that name a bad value if there is one."""
         self._raise()
-        if self.pending and (batch != self.pending[-1][0] + 1 or len(self.pending) == self.group_size):
+        if self.pending and prompts.start != self.pending[-1][0].stop:
             self._flush()
-        self.pending.append((batch, prompts, data, labels))
+        self.pending.append((prompts, data, labels))
+        if prompts.stop % self.chunk == 0 or prompts.stop - self.pending[0][0].start >= self.chunk:
+            self._flush()
 
     def _flush(self) -> None:
         if not self.pending:
@@ -96,12 +99,11 @@ class BackgroundWriter:
             self.queue.put(group)
 
     def _write(self, group: list) -> None:
-        batches = [b for b, _, _, _ in group]
-        region = slice(group[0][1].start, group[-1][1].stop)
+        region = slice(group[0][0].start, group[-1][0].stop)
         prompt_axis = 2  # (model, framing, prompt, ...)
-        data = {name: np.concatenate([d[name] for _, _, d, _ in group], axis=prompt_axis) for name in group[0][2]}
-        labels = {"prompt": [p for _, _, _, lab in group for p in lab["prompt"]], "layer": group[0][3]["layer"]}
-        self.store.write_batch(self.group, batches, region, data, labels)
+        data = {name: np.concatenate([d[name] for _, d, _ in group], axis=prompt_axis) for name in group[0][1]}
+        labels = {"prompt": [p for _, _, lab in group for p in lab["prompt"]], "layer": group[0][2]["layer"]}
+        self.store.write_entries(self.group, region, data, labels)
 
     def close(self) -> None:
         if self.error is None:
@@ -116,8 +118,18 @@ class BackgroundWriter:
             raise self.error
 
 
-def layout(items: list[LabeledPair], request: SiteRequest, pair: ModelPair, batch_size: int) -> tuple[dict, dict, int]:
-    """Coordinates, variable shapes and batch count of the activations group."""
+def pending_batches(done: np.ndarray, size: int) -> list[slice]:
+    """The entries not done, as batches of at most `size` consecutive ones (a
+    batch never spans an entry that is done)."""
+    todo = np.flatnonzero(~np.asarray(done, dtype=bool))
+    batches = []
+    for run in np.split(todo, np.flatnonzero(np.diff(todo) != 1) + 1) if len(todo) else []:
+        batches += [slice(int(start), min(int(start) + size, int(run[-1]) + 1)) for start in range(run[0], run[-1] + 1, size)]
+    return batches
+
+
+def layout(items: list[LabeledPair], request: SiteRequest, pair: ModelPair) -> tuple[dict, dict]:
+    """Coordinates and variable shapes of the activations group."""
     n, layers, positions = len(items), list(request.layers), request.position_labels()
     coords = {
         "model": text(schema.MODELS),
@@ -143,7 +155,7 @@ def layout(items: list[LabeledPair], request: SiteRequest, pair: ModelPair, batc
             variables[site] = (_HEAD_DIMS, shape)
         else:
             variables[site] = (_SITE_DIMS, (2, 2, n, len(layers), len(positions), pair.hidden_size))
-    return coords, variables, math.ceil(n / batch_size)
+    return coords, variables
 
 
 def paired_prompts(chunk: list[LabeledPair]) -> list[str]:
@@ -155,43 +167,57 @@ def paired_prompts(chunk: list[LabeledPair]) -> list[str]:
 def collect(
     pair: ModelPair, items: list[LabeledPair], request: SiteRequest, store: RunStore, backend, progress: bool = True
 ) -> None:
-    """Fill the store's activations group; batches already written are skipped."""
+    """Fill the store's activations group; prompts already written are skipped,
+    whatever batch size wrote them."""
     if not items:
         raise ConfigError("the prompt set is empty: nothing to collect")
     request = request.validate(pair.num_layers)
     size = backend.batch_size
-    coords, variables, n_batches = layout(items, request, pair, size)
+    coords, variables = layout(items, request, pair)
     prepare = None
     if store.has_streamed(GROUP):
-        todo = [b for b, done in enumerate(store.batches_done(GROUP)) if not done]
+        check_prompts(store, items)
+        store.repair(GROUP)
+        done, chunk = store.done(GROUP), store.chunk_length(GROUP)
     else:  # a new group: laid out by the writer while the first batches are traced
-        todo = list(range(n_batches))
+        done, chunk = np.zeros(len(items), bool), store.settings.prompts_per_chunk(variables, size)
 
         def prepare() -> None:
-            store.create_streamed(GROUP, coords, variables, n_batches, batch_size=size)
+            store.create_streamed(GROUP, coords, variables, batch_size=size)
 
-    if not todo:
-        log.info("collect: all %d batches already in the store", n_batches)
+    batches = pending_batches(done, size)
+    if not batches:
+        log.info("collect: all %d prompt pairs already in the store", len(items))
         return
-    log.info("collect: %d of %d batches to trace (%d prompt pairs)", len(todo), n_batches, len(items))
+    todo = sum(b.stop - b.start for b in batches)
+    log.info("collect: %d of %d prompt pairs to trace, in %d batches of up to %d", todo, len(items), len(batches), size)
     models = [pair.traced(which) for which in schema.MODELS]
-    writer = BackgroundWriter(
-        store, GROUP, group_size=store.settings.prompts_per_chunk(variables, size) // size, threaded=backend.threaded_writes, prepare=prepare
-    )
+    writer = BackgroundWriter(store, GROUP, chunk=chunk, threaded=backend.threaded_writes, prepare=prepare)
     try:
-        for b in tqdm(todo, desc="collect", unit="batch", disable=not progress):
-            chunk = items[b * size : (b + 1) * size]
-            batch = make_batch(pair.tokenizer, paired_prompts(chunk), request)
+        for prompts in tqdm(batches, desc="collect", unit="batch", disable=not progress):
+            chunk_items = items[prompts]
+            batch = make_batch(pair.tokenizer, paired_prompts(chunk_items), request)
             traced = dict(zip(schema.MODELS, trace_sites(models, pair.family, batch, request, pair.num_heads, backend)))
             # (2 * batch, ...) rows are eval then deploy: -> (model, framing, prompt, ...)
             data = {
-                site: np.stack([traced[w][site].numpy().reshape(2, len(chunk), *traced[w][site].shape[1:]) for w in schema.MODELS])
+                site: np.stack([traced[w][site].numpy().reshape(2, len(chunk_items), *traced[w][site].shape[1:]) for w in schema.MODELS])
                 for site in variables
             }
-            labels = {"prompt": [it.pair.id for it in chunk], "layer": list(request.layers)}
-            writer.submit(b, slice(b * size, b * size + len(chunk)), data, labels)
+            labels = {"prompt": [it.pair.id for it in chunk_items], "layer": list(request.layers)}
+            writer.submit(prompts, data, labels)
     finally:
         writer.close()
+
+
+def check_prompts(store: RunStore, items: list[LabeledPair]) -> None:
+    """Refuse a store whose activations hold other prompts than this run's."""
+    stored = [str(p) for p in zarr.open_array(str(store.path), path=f"{GROUP}/prompt", mode="r")[:]]
+    wanted = [it.pair.id for it in items]
+    if stored != wanted:
+        raise StoreMismatch(
+            f"store {str(store.path)!r}: its activations hold {len(stored)} other prompts than this run's {len(wanted)}; "
+            "use another store.root or store.overwrite=true"
+        )
 
 
 def run(cfg) -> dict:
@@ -215,6 +241,6 @@ def run(cfg) -> dict:
 
             collect_paired_sums(pair, items, request, store, setup.backend, progress=cfg.progress)
         store.mark_stage_done("collect")
-        store.finish()
+    store.finish()
     log.info("store: %s", store.path)
     return {"store": str(store.path), "n_prompts": len(items), "requests": setup.backend.stats.as_dict()}

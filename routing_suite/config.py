@@ -57,7 +57,10 @@ class PeftModelConfig:
     family: str | None = None
     # The cell's name in stores and tables; null: <base name>+<adapter folder>.
     name: str | None = None
+    # Hub revisions (branch, tag or commit) pin what is downloaded: `revision` the
+    # base, and the adapter too unless `adapter_revision` is given.
     revision: str | None = None
+    adapter_revision: str | None = None
     dtype: str = "float32"
 
 
@@ -72,7 +75,9 @@ class CheckpointPairConfig:
     family: str | None = None
     # The cell's name in stores and tables; null: the fine-tune's folder name.
     name: str | None = None
+    # Hub revisions: `revision` pins both checkpoints unless `finetuned_revision` is given.
     revision: str | None = None
+    finetuned_revision: str | None = None
     dtype: str = "float32"
 
 
@@ -147,14 +152,17 @@ class NdifBackendConfig:
     # The host comes from NDIF_HOST when null; the key only ever from NDIF_API_KEY.
     host: str | None = None
     batch_size: int = 32
-    # Deadline of one request; transient failures are retried max_retries times,
-    # waiting backoff_s, then twice that, and so on.
+    # Deadline of one attempt at a request (subscribe, submit, wait, download);
+    # transient failures are retried max_retries times, waiting backoff_s, then
+    # twice that, and so on.
     timeout_s: float = 600.0
     max_retries: int = 3
     backoff_s: float = 2.0
     # true: no server; nnsight serializes each request and runs it in this
     # process (remote="local") against local weights. Tests the remote path.
     simulate: bool = False
+    # Plain http:// to a host other than this machine (the key travels unencrypted): refused unless true.
+    allow_http: bool = False
     # At most this many invokes (models x conditions x patch sets) per request;
     # null: a batch's traces grouped into as few requests as nnsight allows.
     max_invokes: int | None = None

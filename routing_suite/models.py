@@ -183,6 +183,34 @@ def _as_dataclass(cls: type, value: Any) -> Any:
     return cls(**(value or {}))
 
 
+def check_adapter_files(adapter: Path, key: str = "model.adapter") -> None:
+    """Refuse, before any work, an adapter folder whose config is not JSON or whose
+    weights file is cut short (a safetensors file: an 8-byte header length, the JSON
+    header, then the tensors, whose last byte the header says)."""
+    config = Path(adapter) / "adapter_config.json"
+    weights = Path(adapter) / "adapter_model.safetensors"
+    for needed in (config, weights):
+        if not needed.is_file():
+            raise ConfigError(f"{key}={str(adapter)!r} has no {needed.name}")
+    try:
+        json.loads(config.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{key}: {str(config)!r} is not valid JSON ({err}); the adapter's files are damaged") from err
+    size = weights.stat().st_size
+    with open(weights, "rb") as handle:
+        head = handle.read(8)
+        length = int.from_bytes(head, "little") if len(head) == 8 else -1
+        try:
+            header = json.loads(handle.read(length)) if 0 < length <= size - 8 else None
+        except (ValueError, UnicodeDecodeError):
+            header = None
+    if not isinstance(header, dict):
+        raise ConfigError(f"{key}: {str(weights)!r} is not a whole safetensors file (its header cannot be read)")
+    end = max((int(t["data_offsets"][1]) for name, t in header.items() if name != "__metadata__"), default=0)
+    if size != 8 + length + end:
+        raise ConfigError(f"{key}: {str(weights)!r} is cut short or padded: {size} bytes, its header describes {8 + length + end}")
+
+
 def adapter_digest(adapter: Path) -> str:
     """A hash of an adapter's weights file (what identifies a LoRA fine-tune's weights)."""
     return file_digest(Path(adapter) / "adapter_model.safetensors")
@@ -254,8 +282,9 @@ class OrganismPrompts:
     task_spec: TaskSpec
     # Organisms answer with the answer word first.
     answer_match = "first"
-    # The model's depth when it is known before loading (checks run before any work); None: after loading.
+    # The model's depth and width when they are known before loading (checks run before any work); None: after loading.
     num_layers = None
+    hidden_size = None
     # The behaviours an organism can be fine-tuned for (behavior.name picks one).
     behaviors = BEHAVIORS
 
@@ -333,6 +362,10 @@ class OrganismSource(OrganismPrompts):
         return self.spec.arch.num_layers
 
     @property
+    def hidden_size(self) -> int | None:
+        return self.spec.arch.hidden_size
+
+    @property
     def task_spec(self) -> TaskSpec:
         return self.spec.task
 
@@ -353,3 +386,4 @@ class OrganismSource(OrganismPrompts):
         if placement.weights == "local":
             pair.identity["base_sha256"] = _weights_digest(pair.base)
         return pair
+

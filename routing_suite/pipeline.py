@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -28,10 +29,13 @@ from routing_suite.provenance import (
     scrub_secrets,
 )
 from routing_suite.scoring import Behavior
-from routing_suite.store import RunStore, StoreSettings, store_path
+from routing_suite.store import RunStore, StoreSettings, check_writable, store_path
 from routing_suite.tracing import SiteRequest
 
 log = logging.getLogger(__name__)
+
+# Tables go here in the run's folder unless report_dir says otherwise.
+TABLE_DIR = "table"
 
 
 @dataclass
@@ -75,6 +79,22 @@ def build_components(cfg: DictConfig) -> Setup:
     store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))
     torch.manual_seed(cfg.seed)
     return Setup(cfg, source, behavior, backend, store_settings)
+
+
+def report_folder(cfg: DictConfig, job: str) -> Path:
+    """Where a run writes its tables: `report_dir`, else `table/` in the run's folder;
+    checked writable before any work (and left as it was)."""
+    if cfg.report_dir:
+        out = Path(cfg.report_dir)
+    else:
+        from hydra.core.hydra_config import HydraConfig
+
+        try:
+            out = Path(HydraConfig.get().runtime.output_dir) / TABLE_DIR
+        except ValueError:  # run() called without Hydra
+            out = Path("outputs/runs") / job / TABLE_DIR
+    check_writable(out, "report_dir", keep=False)
+    return out
 
 
 def load_pair(setup: Setup) -> ModelPair:

@@ -60,10 +60,13 @@ def is_secret_key(key: Any) -> bool:
     return not _SECRET_WORDS.isdisjoint(_KEY_WORDS.findall(str(key).lower()))
 
 
+REMOVED = "<removed>"
+
+
 def scrub_secrets(node: Any) -> Any:
     """A copy with every value under a key that names a secret replaced."""
     if isinstance(node, dict):
-        return {k: ("<removed>" if is_secret_key(k) else scrub_secrets(v)) for k, v in node.items()}
+        return {k: (REMOVED if is_secret_key(k) else scrub_secrets(v)) for k, v in node.items()}
     if isinstance(node, list):
         return [scrub_secrets(v) for v in node]
     return node

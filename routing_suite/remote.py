@@ -1,12 +1,23 @@
-"""The client side of NDIF runs: every request with a deadline, bounded retries
-of transient failures, and a count of requests and bytes.
+"""The client side of NDIF runs: every request with one deadline, bounded
+retries of transient failures, results decoded without running code, and a
+count of requests and bytes.
 
-`RetryingRemote` is an nnsight backend (what `remote=True` builds) that
-re-sends the same serialized trace when the connection is refused or drops,
-the server answers 5xx, or no result comes within the deadline; a job the
-server ran and failed (an error in the trace, a model it cannot load) is not
-retried. After the last attempt it raises `RemoteFailure`, whose message says
-what failed and that a rerun resumes from the last finished batch.
+`RetryingRemote` is an nnsight backend (what `remote=True` builds). One
+attempt of a request (subscribe, submit, wait, download) must end within
+`backend.timeout_s`: every blocking step is given only the time that is left.
+It sends the same trace again when the connection is refused or drops, the
+server answers 5xx, or the deadline passes; a job the server ran and failed
+(an error in the trace, a model it cannot load) is not retried. After the last
+attempt it raises `RemoteFailure`, whose message says what failed and that a
+rerun resumes from the last finished batch. So a request ends within
+`timeout_s x (max_retries + 1)` plus the waits between attempts.
+
+Results are decoded with `safe_load`: nnsight loads them with
+`torch.load(weights_only=False)`, so a hostile server (or anyone on a plain
+http:// path) could run code here. `safe_load` unpickles only tensors, their
+storages and dtypes, plain containers and nnsight's status enum, at any pickle
+protocol (torch's own `weights_only=True` refuses the protocol-4 frames nnsight
+sends); anything else is refused, not retried.
 
 `RequestStats` counts requests and bytes for whichever backend ran them, so
 cells can be compared with and without grouping.
@@ -17,16 +28,20 @@ from __future__ import annotations
 import io
 import json
 import logging
+import pickle
 import socket
+import sys
 import time
+import types
 from dataclasses import dataclass, field
+from importlib.metadata import version
 from typing import Any
 from urllib.parse import urlparse
 
 import torch
 from nnsight.intervention.backends.display import StatusDisplay
 from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
-from nnsight.schema.response import Status
+from nnsight.schema.response import ResponseModel, Status
 
 from routing_suite.errors import ConfigError, RunFailure
 
@@ -39,6 +54,49 @@ class RemoteFailure(RunFailure):
 
 class RemoteTimeout(TimeoutError):
     """No result within the backend's deadline."""
+
+
+class UnsafeResult(pickle.UnpicklingError):
+    """A result holding something other than tensors and plain data: loading it could run code."""
+
+
+# ---------------------------------------------------------------- decoding results without running code
+
+# What a result may name: tensors are rebuilt by these (their storages torch.load
+# resolves itself), a few plain containers, and the status of a job.
+_ALLOWED_GLOBALS = {
+    ("torch._utils", "_rebuild_tensor_v2"),
+    ("torch._utils", "_rebuild_tensor_v3"),
+    ("torch._tensor", "_rebuild_from_type_v2"),
+    ("torch", "Tensor"),
+    ("torch", "Size"),
+    ("collections", "OrderedDict"),
+    ("builtins", "set"),
+    ("builtins", "frozenset"),
+    ("builtins", "slice"),
+    ("builtins", "complex"),
+    ("builtins", "bytearray"),
+    ("_codecs", "encode"),  # how protocol 2 writes bytes (as torch's own weights_only loader allows)
+    ("nnsight.schema.response", "Status"),
+}
+
+
+class _SafeUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _ALLOWED_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+            return super().find_class(module, name)
+        raise UnsafeResult(f"it names {module}.{name}")
+
+
+# torch.load takes a pickle module: this one's unpickler refuses every other global.
+_SAFE_PICKLE = types.ModuleType("routing_suite_safe_pickle")
+_SAFE_PICKLE.Unpickler = _SafeUnpickler
+_SAFE_PICKLE.load = lambda file, **kwargs: _SafeUnpickler(file, **kwargs).load()
+
+
+def safe_load(content: bytes) -> Any:
+    """`torch.load` of a result that unpickles only tensors and plain data (UnsafeResult otherwise)."""
+    return torch.load(io.BytesIO(content), map_location="cpu", weights_only=False, pickle_module=_SAFE_PICKLE)
 
 
 @dataclass
@@ -103,7 +161,8 @@ def is_transient(err: BaseException) -> bool:
 
 
 class RetryingRemote(RemoteBackend):
-    """nnsight's blocking remote backend with a deadline, retries and a byte count."""
+    """nnsight's blocking remote backend with one deadline per attempt, retries, safe
+    decoding and a byte count (see the module doc)."""
 
     def __init__(
         self, nn_model, host: str, api_key: str, timeout_s: float, max_retries: int, backoff_s: float, stats: RequestStats
@@ -112,15 +171,24 @@ class RetryingRemote(RemoteBackend):
         self.display = StatusDisplay(enabled=False)  # the library logs; nnsight's spinner would print
         self.timeout_s, self.max_retries, self.backoff_s, self.stats = timeout_s, max_retries, backoff_s, stats
         self._down = self._up = 0
+        self._deadline = 0.0
 
     def __call__(self, tracer=None):
         for attempt in range(self.max_retries + 1):
             self._down = self._up = 0
+            self._deadline = time.monotonic() + self.timeout_s
             try:
                 result = super().__call__(tracer)
+            except UnsafeResult as err:
+                raise RemoteFailure(
+                    f"NDIF at {self.host} sent a result that could run code when loaded ({err}); refused, not retried"
+                ) from err
             except Exception as err:  # noqa: BLE001 - classified below, re-raised as RemoteFailure
                 if not is_transient(err):
-                    raise RemoteFailure(f"NDIF at {self.host} refused the request: {_describe(err)}") from err
+                    raise RemoteFailure(
+                        f"NDIF at {self.host} failed the request ({_describe(err)}); not retried. "
+                        "The store keeps every finished batch: rerun the same command to resume."
+                    ) from err
                 if attempt == self.max_retries:
                     raise RemoteFailure(
                         f"NDIF at {self.host} failed {attempt + 1} times in a row ({_describe(err)}); "
@@ -136,30 +204,31 @@ class RetryingRemote(RemoteBackend):
             return result
         raise AssertionError("unreachable")
 
+    def _left(self) -> float:
+        """Seconds left of this attempt's deadline; RemoteTimeout once it has passed."""
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise RemoteTimeout(f"no result within backend.timeout_s={self.timeout_s:g} s")
+        return left
+
     def _serialize(self, tracer) -> bytes:
         blob = super()._serialize(tracer)
         self._up = len(blob)
         return blob
 
-    def finalize(self, content: bytes):
-        self._down = len(content)
-        return super().finalize(content)
-
     def request(self, request, tracer):
-        """nnsight's blocking request, with a deadline on the whole job."""
+        """Subscribe, submit, wait and download, each step given only what is left of the deadline."""
         import websocket
 
         blob = self._serialize(tracer)
-        deadline = time.monotonic() + self.timeout_s
         header = {"ndif-api-key": self.api_key} if self.api_key else None
-        connection = websocket.create_connection(f"{self.ws_host}/subscribe", header=header, timeout=min(self.timeout_s, 30.0))
+        connection = websocket.create_connection(f"{self.ws_host}/subscribe", header=header, timeout=self._left())
         try:
+            connection.settimeout(self._left())
             request.session_id = json.loads(connection.recv())["session_id"]
             self.send(request, blob)
-            connection.settimeout(1.0)
             while True:
-                if time.monotonic() > deadline:
-                    raise RemoteTimeout(f"no result within backend.timeout_s={self.timeout_s:g} s")
+                connection.settimeout(min(1.0, self._left()))
                 try:
                     message = connection.recv()
                 except websocket.WebSocketTimeoutException:
@@ -169,7 +238,71 @@ class RetryingRemote(RemoteBackend):
                 if response.status == Status.COMPLETED:
                     return result
         finally:
-            connection.close()
+            # A polite close waits for the server's reply: only within the deadline.
+            left = self._deadline - time.monotonic()
+            if left > 0.05:
+                connection.close(timeout=min(1.0, left))
+            else:
+                connection.shutdown()
+
+    def _post(self, request, blob: bytes) -> ResponseModel:
+        """Submit the request (the envelope as a form field, the trace as a file), within the deadline."""
+        import httpx
+
+        headers = {"ndif-timestamp": repr(time.time()), "nnsight-version": version("nnsight"), "python-version": sys.version}
+        if self.api_key:
+            headers["ndif-api-key"] = self.api_key
+        try:
+            with httpx.Client(timeout=httpx.Timeout(self._left())) as client:
+                answer = client.post(
+                    f"{self.host}/request", data={"data": request.metadata()},
+                    files={"blob": ("request", blob, "application/octet-stream")}, headers=headers,
+                )
+            answer.raise_for_status()
+        except httpx.HTTPStatusError as err:
+            raise RemoteError(f"the request was refused: {_detail(err.response)}") from err
+        return ResponseModel.model_validate_json(answer.text)
+
+    def download_result(self, url):
+        """The result as it came on the response, or downloaded within the deadline."""
+        if isinstance(url, (bytes, bytearray)):
+            return self.finalize(bytes(url))
+        if not url:
+            return None
+        import httpx
+
+        buffer = io.BytesIO()
+        with httpx.Client(timeout=httpx.Timeout(self._left())) as client, client.stream("GET", url) as answer:
+            answer.raise_for_status()
+            for chunk in answer.iter_bytes(chunk_size=1 << 17):
+                buffer.write(chunk)
+                self._left()  # a server that trickles bytes stops at the deadline too
+        return self.finalize(buffer.getvalue())
+
+    def finalize(self, content: bytes):
+        self._down = len(content)
+        if self.compress:
+            import zstandard
+
+            content = zstandard.ZstdDecompressor().decompress(content)
+        return safe_load(content)
+
+    @staticmethod
+    def parse(message):
+        """A status update: JSON text, or a binary frame (a pickled response) decoded safely."""
+        if isinstance(message, (bytes, bytearray)):
+            return ResponseModel(**safe_load(bytes(message)))
+        return ResponseModel.model_validate_json(message)
+
+
+def _detail(response) -> str:
+    """What a refusing server said (FastAPI's {"detail": ...}), else its status line."""
+    try:
+        body = response.json()
+        said = body.get("detail") if isinstance(body, dict) else body
+    except ValueError:
+        said = response.text
+    return f"HTTP {response.status_code}" + (f": {str(said).strip().splitlines()[0]}" if said else "")
 
 
 def _describe(err: BaseException) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from routing_suite import pipeline
+from routing_suite import pipeline, schema
 from routing_suite.collect import collect
 from routing_suite.controls import SemanticControl, check_controls
 from routing_suite.errors import ConfigError
@@ -25,9 +25,10 @@ from routing_suite.localize import LocalizeSettings, localize
 
 log = logging.getLogger(__name__)
 
-# The cell's table goes to <run folder>/table unless report_dir says otherwise,
-# with a record of the store it came from (a sweep's aggregation reads it).
-TABLE_DIR = "table"
+# The cell's table goes to <run folder>/table unless report_dir says otherwise
+# (`pipeline.report_folder`), with a record of the store it came from (a sweep's
+# aggregation reads it).
+TABLE_DIR = pipeline.TABLE_DIR
 CELL_RECORD = "cell.json"
 
 
@@ -83,20 +84,24 @@ def run(cfg) -> dict:
         spec.check_window(known_layers)
     if spec.window is not None and request.layers is not None and not set(range(spec.window[0], spec.window[1] + 1)) <= set(request.layers):
         raise ConfigError(f"intervention.window={list(spec.window)} must lie within collect.layers={list(request.layers)}")
+    if spec.window is None and request.layers is not None and sorted(request.layers) != list(range(min(request.layers), max(request.layers) + 1)):
+        raise ConfigError(
+            f"collect.layers={list(request.layers)} has gaps: the window path patching picks (intervention.window=null) "
+            "may span a layer not collected; collect contiguous layers or give intervention.window"
+        )
     items = pipeline.prompt_items(setup)
     check_topics(controls, [it.pair.topic for it in items if it.split == "fit"])
     n_fit = sum(it.split == "fit" for it in items)
-    if cfg.fit.max_rank > n_fit or spec.rank > cfg.fit.max_rank:
-        raise ConfigError(
-            f"intervention.rank={spec.rank} and fit.max_rank={cfg.fit.max_rank} must satisfy rank <= max_rank <= fit pairs ({n_fit})"
-        )
+    _check_rank(spec.rank, cfg.fit.max_rank, n_fit, setup.source.hidden_size)
+    out = pipeline.report_folder(cfg, "routing")
     pair = pipeline.load_pair(setup)
     request = request.validate(pair.num_layers)
     spec.check_window(pair.num_layers)
+    _check_rank(spec.rank, cfg.fit.max_rank, n_fit, pair.hidden_size)
 
     store = pipeline.open_store(setup, pair, spec.name)
     stats = setup.backend.stats
-    ran = [stage for stage in ("collect", "fit", "localize", "intervene") if not store.stage_done(stage)]
+    ran = stages_to_run(store)
     if "collect" in ran:
         stats.stage = "collect"
         collect(pair, items, request, store, setup.backend, progress=cfg.progress)
@@ -125,10 +130,9 @@ def run(cfg) -> dict:
     warnings = [w for w in [never_performed(store.read("outcomes"), setup.behavior.name)] if w]
     for warning in warnings:
         log.warning(warning)
-    final = store.finish() if not store.complete else store.path
+    final = store.finish()  # a no-op for a complete store but for letting go of its lock
     seconds = time.perf_counter() - started
     log.info("routing cell %s/%s done in %.1f s: %s", pair.cell_name, setup.behavior.name, seconds, final)
-    out = Path(cfg.report_dir) if cfg.report_dir else _run_dir() / TABLE_DIR
     summary = _summary_table(final, out, int(cfg.seed))
     record = {"store": str(Path(final).resolve()), "family": pair.cell_name, "behavior": setup.behavior.name,
               "model": setup.model_name, "window": window}
@@ -140,10 +144,22 @@ def run(cfg) -> dict:
             "table_dir": str(out), "table_markdown": table, "warnings": warnings, **summary}
 
 
-def _run_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
+def stages_to_run(store) -> list[str]:
+    """The stages this run must do, decided once from the store. A store whose
+    activations lack prompts its record calls done (a crash, a lost chunk, a store
+    poisoned by an older version) collects them again and redoes every stage that
+    read them."""
+    if not store.complete and store.stage_done("collect") and store.repair("activations"):
+        store.undo_stages(schema.STAGES)
+    return [stage for stage in schema.STAGES if not store.stage_done(stage)]
 
-    try:
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return Path("outputs/runs/routing")
+
+def _check_rank(rank: int, max_rank: int, n_fit: int, hidden: int | None) -> None:
+    """The subspace's rank fits what the fit can give: at most as many directions as
+    fit pairs, and as the activations have dimensions (when the model's size is known)."""
+    limit = n_fit if hidden is None else min(n_fit, hidden)
+    if not rank <= max_rank <= limit:
+        size = "" if hidden is None else f" and the hidden size ({hidden})"
+        raise ConfigError(
+            f"intervention.rank={rank} and fit.max_rank={max_rank} must satisfy rank <= max_rank <= fit pairs ({n_fit}){size}"
+        )

@@ -34,7 +34,9 @@ Group "activations" (the collect stage)
             eval_prompt / deploy_prompt (prompt: the texts)
     vars    resid, attn, mlp   (model, framing, prompt, layer, position, hidden)
             heads              (model, framing, prompt, layer, position, head, head_dim)
-            batch_done         (batch) bool: batches whose values are written
+            done               (prompt) bool: prompts whose values are written (per
+                               prompt, so a rerun with another batch size resumes;
+                               older stores have batch_done (batch), read once into done)
     Only the sites the config asks for are present.
 
 Group "fit"
@@ -68,13 +70,13 @@ adl_readout, adl_steer, adl_causal; root attribute `adl` holds the chosen
 position, the steering layer, the number of unrelated texts and the text source)
 
 Group "adl_sums" (streamed: one part per `adl.texts_per_part` unrelated texts)
-    dims    part, layer, position, hidden, batch (= part)
+    dims    part, layer, position, hidden
     vars    diff, mean_base, mean_finetuned (part, layer, position, hidden): the
                 part's mean of h_ft - h_base, h_base, h_ft over its texts (residual
                 stream after the layer, position "first<i>": the i-th token after <bos>)
             norm_finetuned (part, layer, position)  mean |h_ft|
             count          (part, position)         texts that reach the position
-            batch_done     (batch) bool: parts whose values are written
+            done           (part) bool: parts whose values are written
 
 Group "adl_mean" (the parts combined, count-weighted)
     vars    diff, mean_base, mean_finetuned (layer, position, hidden)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from routing_suite.errors import ConfigError
@@ -13,6 +14,9 @@ POSITIONS = ("last", "all")
 STEPS = ("all", "prompt")
 CLAMP_TARGETS = ("eval_mean", "deploy_mean", "pooled_mean")
 RULES = ("cumulative", "relative", "top")
+# An intervention's name is part of its store's file name (file names end at 255 bytes).
+MAX_NAME = 64
+_NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_NAME}}}")
 
 
 @dataclass
@@ -49,6 +53,11 @@ class InterventionSpec:
         for key, value, allowed in checks:
             if value not in allowed:
                 raise ConfigError(f"intervention.{key}={value!r} is not one of {list(allowed)}")
+        if not _NAME.fullmatch(self.name):
+            shown = self.name if len(self.name) <= 40 else f"{self.name[:40]}... ({len(self.name)} characters)"
+            raise ConfigError(
+                f"intervention.name={shown!r} must be 1 to {MAX_NAME} letters, digits, '_', '-' or '.' (it names the store's file)"
+            )
         if self.rank < 1:
             raise ConfigError(f"intervention.rank={self.rank} must be >= 1")
         if self.window is not None and (len(self.window) != 2 or self.window[0] > self.window[1]):

@@ -1,23 +1,32 @@
 """One zarr v3 store per run, written through xarray (layout: `routing_suite.schema`).
 
-The store is created under `<name>.zarr.partial`, filled batch by batch and
-stage by stage, and renamed to `<name>.zarr` when the run completes. A rerun
-of the same config resumes a partial store (finished batches and stages are
-skipped); a complete store is reused as is, and replaced only with
-`store.overwrite=true`. A store made by a different config is refused with
-the keys that differ.
+The store is created under `<name>.zarr.partial`, filled prompt by prompt
+and stage by stage, and renamed to `<name>.zarr` when the run completes. A
+rerun of the same config resumes a partial store (finished prompts and
+stages are skipped, whatever batch size wrote them; a partial store already
+marked complete, a finish cut short, is finished); a complete store is
+reused as is, and replaced only with `store.overwrite=true`. A store made by
+a different config is refused with the keys that differ, and one another
+live process holds (`StoreLock`) with that process's id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import fcntl
 import json
 import logging
 import math
+import os
 import re
 import shutil
+import socket
+import sys
+import tempfile
 import warnings
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,6 +46,13 @@ log = logging.getLogger(__name__)
 # bfloat16 has no numpy dtype; float32 holds every bfloat16 value exactly.
 STORED_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "float32"}
 COMPRESSORS = ("zstd", "blosc", "none")
+# A streamed group's completion record, one flag per entry of its streamed dimension
+# (prompt, part or batch row); stores made before it kept one flag per batch.
+DONE = "done"
+LEGACY_DONE = "batch_done"
+STREAMED_DIMS = ("prompt", "part", "batch")
+
+
 def _chunk_length(dim: str, n: int, along: str, prompts_per_chunk: int) -> int:
     """Prompts are chunked `prompts_per_chunk` at a time; any other streamed dimension
     (ADL partial sums, per-batch reductions) one entry per chunk, written once each."""
@@ -53,6 +69,10 @@ def text(values) -> np.ndarray:
 
 class StoreMismatch(ConfigError):
     """The store at this path was written by a different config."""
+
+
+class StoreCorrupt(ConfigError):
+    """Part of a store cannot be read; the message says which and what to do."""
 
 
 class NonFiniteActivation(RuntimeError):
@@ -114,33 +134,131 @@ def _partial(final: Path) -> Path:
     return final.with_name(final.name.removesuffix(schema.STORE_SUFFIX) + schema.PARTIAL_SUFFIX)
 
 
-def _check_writable(directory: Path) -> None:
+def check_writable(directory: Path, key: str, keep: bool = True) -> None:
+    """A folder this run can create and write to, or a ConfigError naming `key`; before
+    any work. Folders made for the check are removed again unless `keep`."""
+    directory = Path(directory)
+    missing = [d for d in (directory, *directory.parents) if not d.exists()]
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        probe = directory / ".write-probe"
-        probe.write_text("")
-        probe.unlink()
+        # A name of this process's own: two runs probing one folder must not remove each other's probe.
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
+            pass
     except OSError as err:
-        raise ConfigError(f"store.root: cannot write to {str(directory)!r} ({err.strerror})") from err
+        raise ConfigError(f"{key}: cannot write to {str(directory)!r} ({err.strerror})") from err
+    finally:
+        if not keep:
+            for made in missing:  # innermost first
+                with contextlib.suppress(OSError):
+                    made.rmdir()
+
+
+class StoreBusy(ConfigError):
+    """Another live process holds the store's lock."""
+
+
+class StoreLock:
+    """An exclusive lock on one store, `<store>.lock` beside it (the store itself is renamed
+    when it completes), held from `RunStore.open` until `finish`, or until every
+    RunStore of it in this process is gone, or the process ends.
+
+    `flock`: the kernel drops the lock of a process that dies (even by SIGKILL), so
+    a lock left by a dead process is simply taken over; the file only says who
+    holds it, for the refusal's message. A process that opens a store it already
+    holds shares its lock."""
+
+    _held: weakref.WeakValueDictionary[Path, StoreLock] = weakref.WeakValueDictionary()
+
+    def __init__(self, path: Path, handle) -> None:
+        self.path, self.handle = path, handle
+
+    @classmethod
+    def acquire(cls, store: Path) -> StoreLock:
+        path = store.with_name(store.name + ".lock").absolute()
+        held = cls._held.get(path)
+        if held is not None and held.handle is not None:
+            return held
+        while True:
+            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the lock's life
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                owner = _owner(handle.read())
+                handle.close()
+                raise StoreBusy(
+                    f"store {str(store)!r} is in use by {owner}; wait for that run to end, or stop it "
+                    "(a lock whose process has died is taken over by the next run)"
+                ) from None
+            try:  # its last holder may have removed the file between our open and our lock: lock the new one
+                if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            handle.close()
+        handle.seek(0)
+        if previous := handle.read().strip():
+            log.info("store %s: taking over the lock left by %s, which is no longer running", store, _owner(previous))
+        handle.seek(0)
+        handle.truncate()
+        main = sys.modules.get("__main__")
+        entry = getattr(getattr(main, "__spec__", None), "name", None) or Path(sys.argv[0]).name
+        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "entry": entry, "since": started}))
+        handle.flush()
+        lock = cls(path, handle)
+        cls._held[path] = lock
+        return lock
+
+    def release(self) -> None:
+        if self.handle is None:
+            return
+        with contextlib.suppress(OSError):
+            if os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino:
+                self.path.unlink()  # removed while still locked: whoever opened it meanwhile locks a fresh one
+        self.handle.close()  # closing drops the flock
+        self.handle = None
+
+    def __del__(self) -> None:
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 - at interpreter exit the modules it needs may be gone; the kernel lets go anyway
+            pass
+
+
+def _owner(text: str) -> str:
+    """Who holds a lock, from what its file says (the machine's name only when it is not this one)."""
+    try:
+        info = json.loads(text)
+    except ValueError:
+        return "another process"
+    where = "" if info.get("host") == socket.gethostname() else f" on {info.get('host')}"
+    return f"process {info.get('pid')}{where} ({info.get('entry')}, since {info.get('since')})"
 
 
 class RunStore:
     """A run's store. Use `RunStore.open`, never the constructor."""
 
-    def __init__(self, path: Path, final: Path, settings: StoreSettings) -> None:
+    def __init__(self, path: Path, final: Path, settings: StoreSettings, lock: StoreLock | None = None) -> None:
         self.path = path
         self.final = final
         self.settings = settings
+        self.lock = lock
 
     # ------------------------------------------------------------ opening
 
     @classmethod
     def open(cls, final: Path, settings: StoreSettings, digest_config: dict, provenance: dict) -> RunStore:
-        """Create, resume or reuse the store for this config (see module doc)."""
+        """Create, resume or reuse the store for this config (see module doc), holding its lock."""
         final = Path(final)
         partial = _partial(final)
-        _check_writable(final.parent)
+        check_writable(final.parent, "store.root")
+        lock = StoreLock.acquire(final)
         wanted = digest(digest_config)
+        if final.exists() and partial.exists() and not settings.overwrite:
+            # Only a store's own finish makes its final name, after its last write: the partial is a leftover.
+            log.warning("store %s is complete; removing the leftover %s", final, partial.name)
+            shutil.rmtree(partial)
         for existing in (final, partial):
             if not existing.exists():
                 continue
@@ -155,8 +273,12 @@ class RunStore:
                     f"store {str(existing)!r} was written by a different config (differing keys: {', '.join(keys) or 'schema'}); "
                     "use another store.root or store.overwrite=true"
                 )
-            log.info("%s store %s", "reusing complete" if existing == final else "resuming", existing)
-            return cls(existing, final, settings)
+            store = cls(existing, final, settings, lock)
+            if existing == partial and attrs.get("complete"):
+                log.info("store %s: completing the finish a stop interrupted", existing)
+                store.finish()
+            log.info("%s store %s", "reusing complete" if store.path == final else "resuming", store.path)
+            return store
         root = zarr.open_group(str(partial), mode="w", zarr_format=3)
         root.attrs.update(
             {
@@ -168,7 +290,7 @@ class RunStore:
                 **provenance,
             }
         )
-        return cls(partial, final, settings)
+        return cls(partial, final, settings, lock)
 
     # ------------------------------------------------------------ state
 
@@ -191,42 +313,53 @@ class RunStore:
         if stage not in done:
             self.update_attrs(stages_done=[*done, stage])
 
+    def undo_stages(self, stages: tuple[str, ...]) -> None:
+        """Mark `stages` not done (their inputs were found incomplete): they run again."""
+        self.update_attrs(stages_done=[s for s in self.attrs.get("stages_done", []) if s not in stages])
+
     def finish(self) -> Path:
-        """Mark the run complete and give the store its final name."""
-        _remove_interrupted_writes(self.path)
-        self.update_attrs(complete=True, finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
-        # Consolidated metadata makes a finished store open fast and quietly with
-        # a plain `xr.open_zarr(path, group=...)`. zarr warns that it is an
-        # extension of the v3 format; zarr-python and xarray read it.
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
-            zarr.consolidate_metadata(str(self.path))
+        """Mark the run complete and give the store its final name, then let go of
+        its lock. Every step may be repeated: a stop anywhere in here leaves a
+        partial store marked complete (or not yet), whose next `open` finishes it."""
         if self.path != self.final:
+            _remove_interrupted_writes(self.path)
+            if not self.complete:
+                self.update_attrs(complete=True, finished_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"))
+            # Consolidated metadata makes a finished store open fast and quietly with
+            # a plain `xr.open_zarr(path, group=...)`. zarr warns that it is an
+            # extension of the v3 format; zarr-python and xarray read it.
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+                zarr.consolidate_metadata(str(self.path))
             self.path.rename(self.final)
             self.path = self.final
+        if self.lock is not None:
+            self.lock.release()
         return self.path
 
     # ------------------------------------------------------------ streamed activations
 
     def has_streamed(self, group: str) -> bool:
-        """Whether the group is laid out: its `batch_done` array, created last, exists."""
+        """Whether the group is laid out: its completion record, created last, exists."""
         root = zarr.open_group(str(self.path), mode="r")
-        return group in root and "batch_done" in root[group]
+        return group in root and (DONE in root[group] or LEGACY_DONE in root[group])
 
     def create_streamed(
-        self, group: str, coords: dict[str, Any], variables: dict[str, tuple[tuple[str, ...], tuple[int, ...]]], n_batches: int,
+        self, group: str, coords: dict[str, Any], variables: dict[str, tuple[tuple[str, ...], tuple[int, ...]]],
         along: str = "prompt", batch_size: int = 1,
     ) -> None:
         """Lay out a group of arrays chunked `along` one dimension (prompts, by
-        default) to be filled batch by batch.
+        default) to be filled a few entries at a time.
 
         `coords` are xarray coordinates (dim name -> values, or (dim, values)
         for non-index ones); `variables` name -> (dims, shape). Arrays start
-        as NaN, and `batch_done` records which batches hold real values. The
-        streamed dimension is `prompt` (chunked by `prompts_per_chunk`) or another
-        one with one chunk per entry: `part` (partial sums written once each,
-        see `routing_suite.adl.mean_diff`) or `batch` (`routing_suite.reduce`).
-        Prompt chunks hold whole batches of `batch_size` (`StoreSettings.prompts_per_chunk`).
+        as NaN, and `done` records, per entry of the streamed dimension, whether
+        its values are written: completion is kept per prompt, never per batch,
+        so a rerun with another batch size finds exactly what is missing. The
+        streamed dimension is `prompt` (chunked by `prompts_per_chunk`, whole
+        batches of `batch_size`) or another one with one chunk per entry: `part`
+        (partial sums, see `routing_suite.adl.mean_diff`) or `batch` (rows of
+        `routing_suite.reduce`).
         """
         if self.has_streamed(group):
             return
@@ -243,40 +376,112 @@ class RunStore:
             }
             for name, (dims, shape) in variables.items()
         }
-        # Created last: its presence says the layout is whole (`has_streamed`).
-        # One chunk: marking a group of batches rewrites one small file, not one per batch.
-        done = {"shape": (n_batches,), "chunks": (n_batches,), "dtype": "bool", "fill_value": False, "compressors": [],
-                "dimension_names": ("batch",), "attributes": {"meaning": "true once every value of that batch is written"}}
-        zarr_sync(_lay_out(str(self.path), group, coords, arrays, done))
+        n = next(shape[dims.index(along)] for dims, shape in variables.values() if along in dims)
+        zarr_sync(_lay_out(str(self.path), group, coords, arrays, _done_array(along, n)))
 
-    def batches_done(self, group: str) -> np.ndarray:
-        return zarr.open_array(str(self.path), path=f"{group}/batch_done", mode="r")[:]
+    def done(self, group: str) -> np.ndarray:
+        """Per entry of the streamed dimension: whether its values are written.
+        A group of an older layout (`batch_done`, per batch) gets its record from
+        its data, once."""
+        g = zarr.open_group(str(self.path), path=group, mode="r")
+        if DONE not in g:
+            self._migrate(group)
+        return zarr.open_array(str(self.path), path=f"{group}/{DONE}", mode="r")[:]
 
-    def write_batch(
-        self, group: str, batch: int | list[int], prompt_slice: slice, data: dict[str, np.ndarray], labels: dict[str, list],
-        along: str = "prompt",
+    def chunk_length(self, group: str) -> int:
+        """Entries per chunk along the group's streamed dimension."""
+        along, arrays = self._streamed_variables(group)
+        array = next(iter(arrays.values()))
+        return int(array.chunks[array.metadata.dimension_names.index(along)])
+
+    def repair(self, group: str) -> int:
+        """Check the completion record against the data: entries recorded done
+        whose values are missing (NaN: never written, or lost) are marked not
+        done, so they are traced again. Returns how many; logs one line when
+        any. A chunk that cannot be read is refused (`StoreCorrupt`)."""
+        recorded = self.done(group)
+        missing = recorded & ~self._has_values(group)
+        if missing.any():
+            self._streamed_arrays(group)[DONE][np.flatnonzero(missing)] = False
+            log.warning(
+                "store %s: %d of %d entries of %s recorded as done hold no values; marked not done, they are traced again",
+                self.path, int(missing.sum()), len(missing), group,
+            )
+        return int(missing.sum())
+
+    def write_entries(
+        self, group: str, region: slice, data: dict[str, np.ndarray], labels: dict[str, list], along: str = "prompt",
     ) -> None:
-        """Write one batch's values, or several consecutive batches' at once,
-        then mark them done. Arrays are laid out as the group's variables; the
-        `prompt` and `layer` labels name the place of a non-finite value.
+        """Write the values of consecutive entries (`region` of the streamed
+        dimension), then mark them done. Arrays are laid out as the group's
+        variables; the `prompt` and `layer` labels name the place of a
+        non-finite value.
 
-        The arrays were laid out through xarray (`create_streamed`); a batch
-        goes straight into its region of each zarr array, which costs far less
-        per call than a region write through xarray and gives the same store.
+        Each region goes straight into its zarr arrays, which costs far less per
+        call than a region write through xarray and gives the same store.
         """
         arrays = self._streamed_arrays(group)
         writes = []
         for name, values in data.items():
             dims = arrays[name].metadata.dimension_names
             check_finite(name, values, dims, {"model": list(schema.MODELS), "framing": list(schema.FRAMINGS), **labels})
-            index = tuple(prompt_slice if d == along else slice(None) for d in dims)
+            index = tuple(region if d == along else slice(None) for d in dims)
             writes.append(arrays[name].async_array.setitem(index, values.astype(arrays[name].dtype, copy=False)))
         # Every variable's region in one trip to zarr's event loop: their chunk
         # encodes and file writes overlap instead of queueing one array at a time.
         zarr_sync(_gather(writes))
-        batches = [batch] if isinstance(batch, int) else list(batch)
         # Marked done only after every value is on disk.
-        arrays["batch_done"][batches[0] : batches[-1] + 1] = True
+        arrays[DONE][region] = True
+
+    def _streamed_variables(self, group: str) -> tuple[str, dict[str, zarr.Array]]:
+        """The streamed dimension and the group's data variables streamed along it."""
+        arrays = self._streamed_arrays(group)
+        coordinates = set(str(zarr.open_group(str(self.path), path=group, mode="r").attrs.get("coordinates", "")).split())
+        data = {
+            name: a for name, a in arrays.items()
+            if name not in (DONE, LEGACY_DONE, *coordinates) and a.dtype.kind == "f" and a.metadata.dimension_names != (name,)
+        }
+        if DONE in arrays:
+            along = arrays[DONE].metadata.dimension_names[0]
+        else:  # an older layout's record is per batch: the streamed dimension is the data's
+            along = next(d for d in STREAMED_DIMS if any(d in a.metadata.dimension_names for a in data.values()))
+        return along, {name: a for name, a in data.items() if along in a.metadata.dimension_names}
+
+    def _has_values(self, group: str) -> np.ndarray:
+        """Per entry: whether it holds values. Written values are all finite and
+        unwritten ones NaN, so one value per entry of the smallest variable
+        tells; a chunk file missing from any other variable (lost) is found
+        from the file names alone, without reading the rest of the data."""
+        along, arrays = self._streamed_variables(group)
+        name, array = min(arrays.items(), key=lambda kv: kv[1].size // kv[1].shape[kv[1].metadata.dimension_names.index(along)])
+        try:
+            values = array[tuple(slice(None) if d == along else 0 for d in array.metadata.dimension_names)]
+        except Exception as err:  # noqa: BLE001 - any decode or read failure of a chunk
+            raise StoreCorrupt(
+                f"store {str(self.path)!r}: {group}/{name} cannot be read ({type(err).__name__}: {err}); "
+                "move the store away or rerun with store.overwrite=true"
+            ) from err
+        written = np.isfinite(values)
+        for other in arrays.values():
+            axis = other.metadata.dimension_names.index(along)
+            length = other.chunks[axis]
+            folder = self.path / other.path / "c"  # zarr v3's default chunk keys: c/<i>/<j>/...
+            files = folder.rglob("*") if folder.is_dir() else ()
+            present = {int(p.relative_to(folder).parts[axis]) for p in files if p.name.isdigit() and p.is_file()}
+            written &= np.isin(np.arange(len(written)) // length, sorted(present))
+        return written
+
+    def _migrate(self, group: str) -> None:
+        """An older layout's per-batch record, replaced by a per-entry one read from the data."""
+        along, _ = self._streamed_variables(group)
+        written = self._has_values(group)
+        g = zarr.open_group(str(self.path), path=group, mode="r+")
+        record = g.create_array(DONE, **_done_array(along, len(written)))
+        record[:] = written
+        del g[LEGACY_DONE]
+        self.__dict__.pop("_open_arrays", None)
+        log.info("store %s: %s recorded per batch (older layout); %d of %d entries found written, now recorded per entry",
+                 self.path, group, int(written.sum()), len(written))
 
     def _streamed_arrays(self, group: str) -> dict[str, zarr.Array]:
         cache = self.__dict__.setdefault("_open_arrays", {})
@@ -314,12 +519,18 @@ async def _gather(coroutines: list) -> None:
     await asyncio.gather(*coroutines)
 
 
+def _done_array(along: str, n: int) -> dict:
+    # One chunk: marking a region rewrites one small file, not one per entry.
+    return {"shape": (n,), "chunks": (n,), "dtype": "bool", "fill_value": False, "compressors": [],
+            "dimension_names": (along,), "attributes": {"meaning": f"true once every value of that {along} is written"}}
+
+
 async def _lay_out(path: str, group: str, coords: dict[str, Any], arrays: dict[str, dict], done: dict) -> None:
     """A streamed group as xarray would lay out `xr.Dataset(coords=coords)`
     plus `arrays` (name -> create_array keywords), in one trip to zarr's event
     loop: dozens of small files at once instead of one after another (a test
     checks it reads back as xarray's own). An existing group, a layout torn by
-    a crash before `batch_done` was made, is replaced."""
+    a crash before the completion record was made, is replaced."""
     root = await zarr.api.asynchronous.open_group(path, mode="r+")
     g = await root.create_group(group, overwrite=True)
     values: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
@@ -339,7 +550,7 @@ async def _lay_out(path: str, group: str, coords: dict[str, Any], arrays: dict[s
         *(coordinate(name, dims, data) for name, (dims, data) in values.items()),
         *(g.create_array(name, **kwargs) for name, kwargs in arrays.items()),
     )
-    await g.create_array("batch_done", **done)
+    await g.create_array(DONE, **done)  # created last: its presence says the layout is whole
 
 
 def check_finite(name: str, values: np.ndarray, dims: tuple[str, ...], labels: dict[str, list]) -> None:

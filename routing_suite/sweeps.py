@@ -8,8 +8,10 @@ therefore lands in the same folder, as it finds the same store.
 
 The sweeper (`hydra_plugins/routing_suite_sweeper`) composes every job before
 launching any, refuses a sweep in which two jobs would share a folder or whose
-launcher is not installed, and writes the job list (`sweep.json`) that
-`routing_suite.callbacks.AggregateSweep` reads when the sweep ends.
+launcher is not installed, and writes the sweep's records, the job list
+(`sweep-<time>-<pid>.json`, which `routing_suite.callbacks.AggregateSweep`
+reads when the sweep ends) and its config (`multirun-<time>-<pid>.yaml`):
+named per sweep, so a second sweep into the same folder keeps the first's.
 
 This module stays light (no torch): the sweeper imports it during Hydra's
 plugin discovery.
@@ -17,9 +19,11 @@ plugin discovery.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import importlib.util
 import json
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,8 +41,15 @@ FOLDER_GROUPS = ("model", "behavior")
 DEFAULT_LEAF = "defaults"
 # Longer override lists are cut and end in a hash of the whole list.
 MAX_LEAF = 120
-MANIFEST = "sweep.json"
+# Each sweep's records: its job list and its config, named by when and by which process it started.
+MANIFEST = "sweep-{stamp}.json"
+SWEEP_CONFIG = "multirun-{stamp}.yaml"
+# Sweeps made before records were kept apart wrote this one.
+OLD_MANIFEST = "sweep.json"
 RESOLVER = "rs.job_dir"
+# The process id: single runs' folders end with it, so two runs started in the same
+# second never share a folder and a log.
+PID_RESOLVER = "rs.pid"
 
 # Launchers the suite ships configs for (conf/hydra/launcher/): the plugin
 # module each one's _target_ lives in -> the package that provides it.
@@ -112,6 +123,8 @@ def job_subdir(*leave_out: str, _root_: DictConfig) -> str:
 def register_resolvers() -> None:
     if not OmegaConf.has_resolver(RESOLVER):
         OmegaConf.register_new_resolver(RESOLVER, job_subdir)
+    if not OmegaConf.has_resolver(PID_RESOLVER):
+        OmegaConf.register_new_resolver(PID_RESOLVER, lambda: str(os.getpid()), use_cache=True)
 
 
 # ---------------------------------------------------------------- checks before launch
@@ -176,17 +189,38 @@ def register_launcher_stand_ins(installed: Callable[[str], bool] | None = None) 
 # ---------------------------------------------------------------- the job list
 
 
-def write_manifest(sweep_dir: Path, jobs: Sequence[Job]) -> Path:
+# The job list this process wrote, per sweep folder: a sweep's callbacks read their own,
+# whatever another sweep into the same folder wrote meanwhile.
+_written: dict[Path, Path] = {}
+
+
+def sweep_stamp(sweep_dir: Path) -> str:
+    """When and by which process a sweep started; a second sweep of this process in the same second gets a count."""
+    stamp = f"{dt.datetime.now():%Y-%m-%d_%H-%M-%S}-{os.getpid()}"
+    taken = {p.name for p in Path(sweep_dir).glob("*")} if Path(sweep_dir).is_dir() else set()
+    count = 1
+    while MANIFEST.format(stamp=stamp if count == 1 else f"{stamp}-{count}") in taken:
+        count += 1
+    return stamp if count == 1 else f"{stamp}-{count}"
+
+
+def write_manifest(sweep_dir: Path, jobs: Sequence[Job], stamp: str) -> Path:
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    path = sweep_dir / MANIFEST
+    path = sweep_dir / MANIFEST.format(stamp=stamp)
     path.write_text(json.dumps({"jobs": [asdict(j) for j in jobs]}, indent=2) + "\n", encoding="utf-8")
+    _written[sweep_dir.resolve()] = path
     return path
 
 
 def read_manifest(sweep_dir: Path) -> list[Job]:
-    path = sweep_dir / MANIFEST
-    if not path.is_file():
-        raise ConfigError(f"{str(path)!r} does not exist: no sweep ran in {str(sweep_dir)!r}")
+    """The job list of the sweep this process ran into `sweep_dir`, else the newest there."""
+    path = _written.get(Path(sweep_dir).resolve())
+    if path is None:
+        found = sorted(Path(sweep_dir).glob(MANIFEST.format(stamp="*")), key=lambda p: p.stat().st_mtime)
+        found = found or sorted(Path(sweep_dir).glob(OLD_MANIFEST))
+        if not found:
+            raise ConfigError(f"no job list ({MANIFEST.format(stamp='*')}) in {str(sweep_dir)!r}: no sweep ran there")
+        path = found[-1]
     return [Job(**j) for j in json.loads(path.read_text(encoding="utf-8"))["jobs"]]
 
 

@@ -29,6 +29,7 @@ from routing_suite.models import (
     _check_dtype,
     _weights_digest,
     adapter_digest,
+    check_adapter_files,
     pair_with_adapter,
     remote_model,
 )
@@ -96,20 +97,31 @@ def _tokenizer(base: str, revision: str | None) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def _adapter_folder(adapter: str) -> Path:
-    """A local adapter folder as it is; a Hub id downloaded (adapters are small)."""
+def _adapter_folder(adapter: str, revision: str | None) -> Path:
+    """A local adapter folder as it is; a Hub id downloaded (adapters are small), at
+    `revision` when one is given; either checked whole."""
     if Path(adapter).exists():
-        return Path(adapter)
-    from huggingface_hub import snapshot_download
+        folder = Path(adapter)
+    else:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import RevisionNotFoundError
 
-    return Path(snapshot_download(adapter))
+        try:
+            folder = Path(snapshot_download(adapter, revision=revision))
+        except RevisionNotFoundError as err:
+            raise ConfigError(
+                f"model.adapter_revision (or model.revision)={revision!r}: the Hub has no such revision of {adapter!r}"
+            ) from err
+    check_adapter_files(folder)
+    return folder
 
 
 class UserPrompts:
     """What a fine-tune of your own does not have: prompt sets and fine-tuning data."""
 
-    # The depth is read from the checkpoint when it is loaded.
+    # The depth and width are read from the checkpoint when it is loaded.
     num_layers = None
+    hidden_size = None
     # A real model answers in a sentence: the answer counts wherever it appears.
     answer_match = "anywhere"
     # behavior.name is yours to choose.
@@ -133,12 +145,17 @@ class PeftSource(UserPrompts):
     adapter: str
     family: str | None = None
     name: str | None = None
+    # Hub revisions pin what is downloaded: `revision` the base, and the adapter too
+    # unless `adapter_revision` is given (a local adapter has none).
     revision: str | None = None
+    adapter_revision: str | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
         sources = {"model.base": self.base, "model.adapter": self.adapter}
         self.family = _check(self.family, self.dtype, sources, self.revision)
+        if Path(self.adapter).exists():
+            check_adapter_files(Path(self.adapter))
         self.name = _check_name(self.name or self._default_name())
 
     def _default_name(self) -> str:
@@ -156,9 +173,10 @@ class PeftSource(UserPrompts):
         def load_base() -> PreTrainedModel:
             return AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype, revision=self.revision, attn_implementation="eager").eval()
 
-        adapter = _adapter_folder(self.adapter)
+        adapter_revision = self.adapter_revision or self.revision
+        adapter = _adapter_folder(self.adapter, adapter_revision)
         identity = {"source": "peft", "base": self.base, "adapter": self.adapter, "revision": self.revision,
-                    "adapter_sha256": adapter_digest(adapter)}
+                    "adapter_revision": adapter_revision, "adapter_sha256": adapter_digest(adapter)}
         pair = pair_with_adapter(self.family, self.tokenizer(), self.base, adapter, placement, identity, load_base, dtype, self.revision)
         pair.label = self.name
         if placement.weights == "local":
@@ -174,7 +192,9 @@ class CheckpointPairSource(UserPrompts):
     finetuned: str
     family: str | None = None
     name: str | None = None
+    # Hub revisions: `revision` pins both checkpoints unless `finetuned_revision` is given.
     revision: str | None = None
+    finetuned_revision: str | None = None
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
@@ -188,13 +208,16 @@ class CheckpointPairSource(UserPrompts):
     def load(self, behavior: str, placement: Placement = Placement()) -> ModelPair:
         dtype = _check_dtype(self.dtype)
         tokenizer = self.tokenizer()
-        identity = {"source": "checkpoints", "base": self.base, "finetuned": self.finetuned, "revision": self.revision}
+        finetuned_revision = self.finetuned_revision or self.revision
+        identity = {"source": "checkpoints", "base": self.base, "finetuned": self.finetuned, "revision": self.revision,
+                    "finetuned_revision": finetuned_revision}
         if placement.weights == "remote":
-            wrappers = {"base": remote_model(self.base, tokenizer, self.revision), "finetuned": remote_model(self.finetuned, tokenizer)}
+            wrappers = {"base": remote_model(self.base, tokenizer, self.revision),
+                        "finetuned": remote_model(self.finetuned, tokenizer, finetuned_revision)}
             return ModelPair(self.family, tokenizer, wrappers["base"]._module, None, identity, wrappers=wrappers, label=self.name)
         kwargs = dict(dtype=dtype, attn_implementation="eager")
         base = AutoModelForCausalLM.from_pretrained(self.base, revision=self.revision, **kwargs).eval()
-        finetuned = AutoModelForCausalLM.from_pretrained(self.finetuned, **kwargs).eval()
+        finetuned = AutoModelForCausalLM.from_pretrained(self.finetuned, revision=finetuned_revision, **kwargs).eval()
         identity.update(base_sha256=_weights_digest(base), finetuned_sha256=_weights_digest(finetuned))
         if base.config.hidden_size != finetuned.config.hidden_size:
             raise ConfigError(

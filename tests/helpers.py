@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
 from pathlib import Path
 
 from hydra.utils import instantiate
@@ -19,6 +21,11 @@ MC_PROMPTS = ROOT / "examples" / "prompts" / "mc_sandbagging.jsonl"
 TINY_TASK = {"n_entities": 13, "n_localize_entities": 2, "n_test_entities": 3}
 TINY_ARCH = {"num_layers": 4}
 TINY_LORA_LAYERS = [1, 2]
+# The same organism as overrides of an entry point (the same cache key: built once per cache).
+TINY_OVERRIDES = [
+    "model.train.base_steps=20", "model.train.lora_steps=10", "model.train.lora_layers=[1,2]",
+    *(f"model.task.{k}={v}" for k, v in TINY_TASK.items()), f"model.arch.num_layers={TINY_ARCH['num_layers']}",
+]
 
 
 def tiny_source(cache_dir, family: str = "llama", **train) -> OrganismSource:
@@ -53,3 +60,19 @@ def preset(name: str, **overrides) -> Behavior:
     organisms' `first` rule unless the preset or `overrides` say otherwise)."""
     node = behavior_preset(name)
     return instantiate(node, **{"answer_match": node.answer_match or "first", **overrides})
+
+
+def run_entry_point(experiment: str, args: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, list[str]]:
+    """`python -m experiments.<experiment> <args>`, run in this process through the entry
+    points' guard (`experiments._cli.cli`): its exit code and its stderr's non-empty lines."""
+    from experiments._cli import cli
+
+    monkeypatch.chdir(cwd)  # outputs/ lands there
+    monkeypatch.setattr(sys, "argv", [experiment, *args])
+    capsys.readouterr()
+    try:
+        cli(importlib.import_module(f"experiments.{experiment}").main)
+        code = 0
+    except SystemExit as ended:
+        code = ended.code
+    return code, [line for line in capsys.readouterr().err.splitlines() if line.strip()]

@@ -53,7 +53,7 @@ def test_adl_writes_every_group_and_completes_the_store(adl_run):
     attrs = xr.open_zarr(store, group="adl_mean").attrs
     assert attrs["n_texts"] == 160  # every plain fact statement of the default task
     sums = xr.open_zarr(store, group="adl_sums")
-    assert sums.sizes["part"] == 3 and sums.batch_done.values.all() and sums["count"].sum() == 5 * 160
+    assert sums.sizes["part"] == 3 and sums.done.values.all() and sums["count"].sum() == 5 * 160
     mean = xr.open_zarr(store, group="adl_mean")
     assert mean["diff"].dims == ("layer", "position", "hidden") and list(mean.position.values) == [f"first{i}" for i in range(5)]
     read = xr.open_zarr(store, group="adl_readout")

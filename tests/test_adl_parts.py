@@ -117,7 +117,7 @@ def test_streamed_mean_difference_equals_the_in_memory_mean_and_resumes_a_part(o
     # A crash after writing part 1 but before marking it: garbage there, not marked done.
     sums = store._streamed_arrays(mean_diff.SUMS)
     sums["diff"][1] = 1e3
-    sums["batch_done"][1] = False
+    sums["done"][1] = False
     mean_diff.accumulate(pair, texts, 4, 10, store, batch_size=4, backend=LocalBackend(), progress=False)
     np.testing.assert_array_equal(mean_diff.finish(store)["diff"].values, first["diff"].values)
 

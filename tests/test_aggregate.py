@@ -25,7 +25,7 @@ from scipy import stats
 from routing_suite import schema
 from routing_suite.aggregate import run
 from routing_suite.aggregate.config import AggregateConfig
-from routing_suite.errors import ConfigError
+from routing_suite.errors import ConfigError, RunFailure
 
 ROOT = Path(__file__).resolve().parents[1]
 CELL_COLUMNS = [
@@ -373,6 +373,24 @@ def test_per_head_plots_are_skipped_with_a_note_when_per_head_patching_was_off(t
     assert not [name for name in written if name.startswith("patching_heads")]
     report = (tmp_path / "out" / "report.md").read_text()
     assert "- patching_heads skipped: no store has per-head effects" in report and "per-head patching off" in report
+
+
+@pytest.mark.parametrize("group,variable", [("fit", "probe_accuracy"), ("localize", "layer_effect")])
+def test_a_damaged_group_is_reported_the_rest_written_and_the_exit_code_is_not_0(group, variable, tmp_path):
+    """A damaged chunk of one cell's fit or localize group: nothing half-written: every
+    table, the plots without that cell, report.md naming the group, then RunFailure (exit 1)."""
+    damaged = fake.write_store(tmp_path / "stores", "llama", "refuse")
+    fake.write_store(tmp_path / "stores", "qwen2", "refuse")
+    for chunk in (damaged / group / variable / "c").rglob("*"):
+        if chunk.is_file():
+            chunk.write_bytes(b"not a chunk")
+    with pytest.raises(RunFailure, match=rf"1 store group\(s\) cannot be read, first corrupt: llama/refuse: group {group} cannot be read"):
+        run(_cfg(tmp_path / "stores", tmp_path / "out", plots=True))
+    for name in (*TABLES, "gaps.png", "patching.png", "probes.png"):
+        assert (tmp_path / "out" / name).exists(), name
+    assert len({r["family"] for r in _rows(tmp_path / "out")}) == 2  # the tables keep the damaged cell: its outcomes are whole
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "Damaged groups" in report and f"group {group} cannot be read" in report and str(damaged.resolve()) in report
 
 
 def test_no_usable_store_is_an_error_with_a_report(tmp_path):

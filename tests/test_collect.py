@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -24,7 +25,7 @@ from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
 from routing_suite.organisms import task as T
 from routing_suite.prompts import organism_pairs
-from routing_suite.store import NonFiniteActivation, RunStore, StoreMismatch, StoreSettings, check_finite
+from routing_suite.store import NonFiniteActivation, RunStore, StoreCorrupt, StoreMismatch, StoreSettings, check_finite
 from routing_suite.tracing import SiteRequest, make_batch, select_positions
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -84,7 +85,7 @@ def test_store_equals_forward_hooks(family, positions, tmp_path, tiny_cache):
                 stored = ds[site].sel(model=which, framing=framing).values
                 expected = ref[site].numpy().reshape(stored.shape)
                 assert np.abs(stored - expected).max() <= 1e-5, (which, framing, site)
-    assert ds.batch_done.values.all()
+    assert ds.done.values.all()
 
 
 def test_store_is_self_describing(tmp_path, tiny_cache):
@@ -103,7 +104,7 @@ def test_store_is_self_describing(tmp_path, tiny_cache):
 
 def test_layout_torn_by_a_crash_is_laid_out_again(tmp_path, tiny_cache):
     """A crash while the group was being laid out (coordinates written, no
-    `batch_done` yet): the rerun lays it out again and fills it."""
+    completion record yet): the rerun lays it out again and fills it."""
     source = tiny_source(tiny_cache)
     pair = source.load("refuse")
     items = _items(T.make_task(source.spec.task), 6)
@@ -111,11 +112,11 @@ def test_layout_torn_by_a_crash_is_laid_out_again(tmp_path, tiny_cache):
     clean = _open(tmp_path / "clean", StoreSettings(), {"t": 1})
     collect_stage.collect(pair, items, request, clean, LocalBackend(batch_size=4), progress=False)
     torn = _open(tmp_path / "torn", StoreSettings(), {"t": 1})
-    coords, _, _ = collect_stage.layout(items, request.validate(pair.num_layers), pair, 4)
+    coords, _ = collect_stage.layout(items, request.validate(pair.num_layers), pair)
     xr.Dataset(coords=coords).to_zarr(str(torn.path), group=collect_stage.GROUP, mode="w-", zarr_format=3, consolidated=False)
     assert not torn.has_streamed(collect_stage.GROUP)
     collect_stage.collect(pair, items, request, torn, LocalBackend(batch_size=4), progress=False)
-    assert torn.batches_done(collect_stage.GROUP).all()
+    assert torn.done(collect_stage.GROUP).all()
     xr.testing.assert_identical(torn.read("activations").load(), clean.read("activations").load())
 
 
@@ -126,9 +127,9 @@ def test_streamed_layout_equals_xarrays_own(tmp_path, tiny_cache):
     pair = source.load("refuse")
     items = _items(T.make_task(source.spec.task), 6)
     request = SiteRequest(("resid", "heads")).validate(pair.num_layers)
-    coords, variables, n_batches = collect_stage.layout(items, request, pair, 4)
+    coords, variables = collect_stage.layout(items, request, pair)
     store = _open(tmp_path, StoreSettings(), {"t": 1})
-    store.create_streamed(collect_stage.GROUP, coords, variables, n_batches, batch_size=4)
+    store.create_streamed(collect_stage.GROUP, coords, variables, batch_size=4)
     ours = xr.open_zarr(str(store.path), group=collect_stage.GROUP, consolidated=False).load()
     reference = tmp_path / "reference.zarr"
     xr.Dataset(coords=coords).to_zarr(str(reference), group=collect_stage.GROUP, zarr_format=3, consolidated=False)
@@ -136,7 +137,80 @@ def test_streamed_layout_equals_xarrays_own(tmp_path, tiny_cache):
     xr.testing.assert_identical(ours.coords.to_dataset(), theirs)
     for name, (dims, shape) in variables.items():
         assert ours[name].dims == dims and ours[name].shape == shape and np.isnan(ours[name].values).all()
-    assert store.has_streamed(collect_stage.GROUP) and not store.batches_done(collect_stage.GROUP).any()
+    assert store.has_streamed(collect_stage.GROUP) and not store.done(collect_stage.GROUP).any()
+
+
+def _prompt_chunk(store: RunStore, site: str, chunk: int) -> Path:
+    """The file of one prompt chunk of a site (zarr v3's default chunk keys)."""
+    ndim = len(store.read(collect_stage.GROUP)[site].dims)
+    return store.path / collect_stage.GROUP / site / "c" / "/".join("0" * 2 + str(chunk) + "0" * (ndim - 3))
+
+
+def test_a_record_that_disagrees_with_the_data_is_repaired(tmp_path, tiny_cache, caplog):
+    """Prompts recorded done whose values are gone (a lost chunk) are traced again, with one line saying so."""
+    source = tiny_source(tiny_cache)
+    pair = source.load("refuse")
+    items = _items(T.make_task(source.spec.task), 6)
+    request, settings = SiteRequest(("resid", "attn")), StoreSettings(chunk_prompts=2)
+    clean = _open(tmp_path / "clean", settings, {"t": 1})
+    collect_stage.collect(pair, items, request, clean, LocalBackend(batch_size=4), progress=False)
+    store = _open(tmp_path / "lost", settings, {"t": 1})
+    collect_stage.collect(pair, items, request, store, LocalBackend(batch_size=4), progress=False)
+    _prompt_chunk(store, "attn", 1).unlink()  # prompts 2 and 3 of the smaller variable
+    with caplog.at_level(logging.INFO):
+        collect_stage.collect(pair, items, request, store, LocalBackend(batch_size=2), progress=False)
+    assert "2 of 6 entries of activations recorded as done hold no values; marked not done" in caplog.text
+    assert "collect: 2 of 6 prompt pairs to trace" in caplog.text
+    xr.testing.assert_identical(store.read("activations").load(), clean.read("activations").load())
+
+
+def test_a_routing_store_with_lost_activations_redoes_collect_and_every_later_stage(tmp_path, tiny_cache):
+    from routing_suite.routing import stages_to_run
+
+    source = tiny_source(tiny_cache)
+    pair = source.load("refuse")
+    store = _open(tmp_path, StoreSettings(chunk_prompts=2), {"t": 1})
+    collect_stage.collect(pair, _items(T.make_task(source.spec.task), 6), SiteRequest(("resid",)), store, LocalBackend(), progress=False)
+    for stage in ("collect", "fit", "localize"):
+        store.mark_stage_done(stage)
+    assert stages_to_run(store) == ["intervene"]
+    _prompt_chunk(store, "resid", 0).unlink()
+    assert stages_to_run(store) == ["collect", "fit", "localize", "intervene"]
+    assert store.done(collect_stage.GROUP).tolist() == [False] * 2 + [True] * 4
+
+
+def test_a_store_of_the_per_batch_layout_is_read_from_its_data(tmp_path, tiny_cache, caplog):
+    """A store made before completion was kept per prompt (one `batch_done` flag per batch),
+    even one poisoned by a rerun at another batch size (flags set, values missing), resumes."""
+    source = tiny_source(tiny_cache)
+    pair = source.load("refuse")
+    items = _items(T.make_task(source.spec.task), 6)
+    request, settings = SiteRequest(("resid",)), StoreSettings(chunk_prompts=2)
+    clean = _open(tmp_path / "clean", settings, {"t": 1})
+    collect_stage.collect(pair, items, request, clean, LocalBackend(batch_size=2), progress=False)
+    store = _open(tmp_path / "old", settings, {"t": 1})
+    collect_stage.collect(pair, items, request, store, LocalBackend(batch_size=2), progress=False)
+    group = zarr.open_group(str(store.path), path=collect_stage.GROUP, mode="r+")
+    del group["done"]
+    group.create_array("batch_done", shape=(3,), dtype="bool", fill_value=False, dimension_names=("batch",))[:] = True
+    _prompt_chunk(store, "resid", 2).unlink()
+    store = _open(tmp_path / "old", settings, {"t": 1})
+    with caplog.at_level(logging.INFO):
+        collect_stage.collect(pair, items, request, store, LocalBackend(batch_size=4), progress=False)
+    assert "recorded per batch (older layout); 4 of 6 entries found written" in caplog.text
+    assert "collect: 2 of 6 prompt pairs to trace" in caplog.text
+    xr.testing.assert_identical(store.read("activations").load(), clean.read("activations").load())
+
+
+def test_an_unreadable_chunk_is_refused_saying_what_to_do(tmp_path, tiny_cache):
+    source = tiny_source(tiny_cache)
+    pair = source.load("refuse")
+    items = _items(T.make_task(source.spec.task), 4)
+    store = _open(tmp_path, StoreSettings(chunk_prompts=2), {"t": 1})
+    collect_stage.collect(pair, items, SiteRequest(("resid",)), store, LocalBackend(batch_size=2), progress=False)
+    _prompt_chunk(store, "resid", 1).write_bytes(b"not a chunk")
+    with pytest.raises(StoreCorrupt, match=r"activations/resid cannot be read .*store.overwrite=true"):
+        collect_stage.collect(pair, items, SiteRequest(("resid",)), store, LocalBackend(batch_size=2), progress=False)
 
 
 def test_half_precision_store_keeps_dtype_and_values(tmp_path, tiny_cache):
@@ -243,41 +317,67 @@ def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
-def test_kill_9_then_rerun_gives_the_uninterrupted_store(tmp_path):
-    """SIGKILL mid-collect, the same command again: the store equals an uninterrupted run's."""
-    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
-    # Batches are marked done a chunk at a time: small chunks, so the kill can land between them.
-    small_chunks = ["store.chunk_prompts=8"]
-    for d in (killed_dir, clean_dir):
-        d.mkdir()
-    # Build the organism once (the same cache for both runs) and the reference store.
-    clean = subprocess.run(_collect_cmd(clean_dir, small_chunks), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert clean.returncode == 0, clean.stderr
-    (killed_dir / "organisms").symlink_to(clean_dir / "organisms")
-    proc = subprocess.Popen(_collect_cmd(killed_dir, small_chunks), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+# Prompts are marked done a chunk at a time: small chunks, so the kill can land between them.
+_SMALL_CHUNKS = ["store.chunk_prompts=8"]
+
+
+def _collect_here(run_dir: Path, extra: list[str]) -> dict:
+    """The same command in this process (no interpreter start-up to pay)."""
+    overrides = [o for o in _collect_cfg(run_dir, extra) if not o.startswith("hydra.")]
+    return collect_stage.run(compose_config("collect", overrides))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> Path:
+    """The organism (built once, shared by the killed runs) and an uninterrupted store at batch size 8."""
+    clean_dir = tmp_path_factory.mktemp("clean")
+    _collect_here(clean_dir, [*_SMALL_CHUNKS, "backend.batch_size=8"])
+    return clean_dir
+
+
+def _kill_mid_collect(run_dir: Path, extra: list[str]) -> Path:
+    """Start a collect and SIGKILL it once some, but not half, of its prompts are done."""
+    proc = subprocess.Popen(_collect_cmd(run_dir, extra), cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     partial = None
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        found = list((killed_dir / "stores").rglob("*.zarr.partial"))
-        if found and (found[0] / "activations" / "batch_done").exists():
-            done = zarr.open_array(str(found[0]), path="activations/batch_done", mode="r")[:]
+        found = list((run_dir / "stores").rglob("*.zarr.partial"))
+        if found and (found[0] / "activations" / "done").exists():
+            done = zarr.open_array(str(found[0]), path="activations/done", mode="r")[:]
             if 3 <= done.sum() < len(done) // 2:
                 partial = found[0]
                 proc.send_signal(signal.SIGKILL)
                 break
-        time.sleep(0.05)
+        time.sleep(0.02)
     proc.wait()
     assert partial is not None, "the collect finished before it could be killed"
     assert proc.returncode == -signal.SIGKILL
-    rerun = subprocess.run(_collect_cmd(killed_dir, small_chunks), cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr
-    resumed_store = next((killed_dir / "stores").rglob("*.zarr"))
-    clean_store = next((clean_dir / "stores").rglob("*.zarr"))
-    a = xr.open_zarr(resumed_store, group="activations").load()
-    b = xr.open_zarr(clean_store, group="activations").load()
-    xr.testing.assert_identical(a, b)
+    return partial
+
+
+@pytest.mark.parametrize("first,rerun", [(8, 8), (32, 8), (8, 32)])
+def test_kill_9_then_rerun_with_any_batch_size_gives_the_uninterrupted_store(first, rerun, uninterrupted, tmp_path, caplog):
+    """SIGKILL mid-collect, then the same command, or with another `backend.batch_size`
+    (lowered after running out of memory, or raised): the rerun traces exactly the
+    prompts not yet done and the store equals an uninterrupted run's (identical at
+    the same batch size; within float rounding at another, whose padding differs)."""
+    (tmp_path / "organisms").symlink_to(uninterrupted / "organisms")
+    partial = _kill_mid_collect(tmp_path, [*_SMALL_CHUNKS, f"backend.batch_size={first}"])
+    left = int((~zarr.open_array(str(partial), path="activations/done", mode="r")[:]).sum())
+    with caplog.at_level(logging.INFO, logger="routing_suite.collect"):
+        _collect_here(tmp_path, [*_SMALL_CHUNKS, f"backend.batch_size={rerun}"])
+    assert f"collect: {left} of " in caplog.text, caplog.text  # exactly the prompts not yet done
+    a = xr.open_zarr(next((tmp_path / "stores").rglob("*.zarr")), group="activations").load()
+    b = xr.open_zarr(next((uninterrupted / "stores").rglob("*.zarr")), group="activations").load()
+    if first == rerun == 8:
+        xr.testing.assert_identical(a, b)
+    else:
+        xr.testing.assert_identical(a.coords.to_dataset(), b.coords.to_dataset())
+        assert a.done.values.all()
+        for name in ("resid", "attn"):
+            np.testing.assert_allclose(a[name].values, b[name].values, atol=1e-5, rtol=0)
     # No partial store, and none of the temporary files of writes the kill cut short.
-    assert not list((killed_dir / "stores").rglob("*.partial"))
+    assert not list((tmp_path / "stores").rglob("*.partial"))
 
 
 def test_collect_config_composes_with_its_overrides(tmp_path):

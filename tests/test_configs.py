@@ -39,8 +39,17 @@ def _path_overrides(primary: str, group: str, option: str, tmp_path: Path) -> li
     overrides = ["model.family=llama"] if "family" in model and model.family is None else []
     for key in ("base", "adapter", "finetuned"):
         if key in model.keys() and OmegaConf.is_missing(model, key):
-            overrides.append(f"model.{key}={tmp_path.as_posix()}")
+            overrides.append(f"model.{key}={_adapter(tmp_path) if key == 'adapter' else tmp_path.as_posix()}")
     return overrides
+
+
+def _adapter(tmp_path: Path) -> str:
+    """An adapter folder whose files are whole (checked when the source is built): empty, but readable."""
+    folder = tmp_path / "adapter"
+    folder.mkdir(exist_ok=True)
+    (folder / "adapter_config.json").write_text("{}")
+    (folder / "adapter_model.safetensors").write_bytes(len(b"{}").to_bytes(8, "little") + b"{}")
+    return folder.as_posix()
 
 
 def _targets(node, path="") -> list[tuple[str, DictConfig]]:

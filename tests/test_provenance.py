@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 from omegaconf import OmegaConf
 
 from routing_suite.config import compose_config, register_configs
@@ -61,3 +63,39 @@ def test_the_saved_config_keeps_token_counts():
     """The store's `config` attribute (scrubbed) still says how many tokens were generated."""
     cfg = OmegaConf.to_container(compose_config("routing", []), resolve=True)
     assert scrub_secrets(cfg)["behavior"]["max_new_tokens"] == cfg["behavior"]["max_new_tokens"]
+
+
+def test_revisions_pin_what_is_downloaded(tmp_path, monkeypatch):
+    """A Hub adapter is fetched at model.adapter_revision (else model.revision); a fine-tune
+    checkpoint is loaded at model.finetuned_revision (else model.revision)."""
+    import huggingface_hub
+    import pytest
+
+    from routing_suite import models
+
+    class Asked(Exception):
+        """Raised once the download or load under test was asked for."""
+
+    def snapshot(repo, revision=None, **kwargs):
+        raise Asked(repo, revision)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
+    monkeypatch.setattr(models, "_tokenizer", lambda base, revision: None)
+    for extra, expected in (({}, "base-commit"), ({"adapter_revision": "adapter-tag"}, "adapter-tag")):
+        source = models.PeftSource(family="llama", base=str(tmp_path), adapter="org/adapter", revision="base-commit", **extra)
+        with pytest.raises(Asked) as asked:
+            source.load("refuse")
+        assert asked.value.args == ("org/adapter", expected)
+
+    def from_pretrained(name, revision=None, **kwargs):
+        if name == "finetuned":
+            raise Asked(revision)
+        return SimpleNamespace(eval=lambda: None)
+
+    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(models, "_check_checkpoints", lambda *args: None)
+    for extra, expected in (({}, "r1"), ({"finetuned_revision": "r2"}, "r2")):
+        source = models.CheckpointPairSource(family="llama", base="base", finetuned="finetuned", revision="r1", **extra)
+        with pytest.raises(Asked) as asked:
+            source.load("refuse")
+        assert asked.value.args == (expected,)

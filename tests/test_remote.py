@@ -6,6 +6,7 @@ persistent one stops the run, which a rerun resumes."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -74,8 +75,8 @@ def _cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
     "args,env,expected",
     [
         (["backend=ndif"], {"NDIF_API_KEY": None}, "error: backend=ndif needs the NDIF_API_KEY environment variable"),
-        (["backend=ndif", "backend.host=http://no-such-host.invalid"], {"NDIF_API_KEY": "k"},
-         "error: backend.host='http://no-such-host.invalid': unknown host 'no-such-host.invalid'"),
+        (["backend=ndif", "backend.host=https://no-such-host.invalid"], {"NDIF_API_KEY": "k"},
+         "error: backend.host='https://no-such-host.invalid': unknown host 'no-such-host.invalid'"),
         (["backend=ndif", "backend.host=http://127.0.0.1:9"], {"NDIF_API_KEY": "k"},
          "error: backend.host='http://127.0.0.1:9': no NDIF service answers"),
         (["backend=ndif"], {"NDIF_API_KEY": "k", "NDIF_HOST": "ftp://x"}, "error: NDIF_HOST='ftp://x' must be an http(s) URL"),
@@ -139,8 +140,17 @@ def test_a_model_the_service_does_not_run_is_refused_before_any_trace(fake_servi
     backend.check_pair(_Pair("openai-community/gpt2"))
     with pytest.raises(ConfigError, match=r"does not run 'meta-llama/Llama-3.1-8B' \(it runs: openai-community/gpt2\)"):
         backend.check_pair(_Pair("meta-llama/Llama-3.1-8B"))
-    with pytest.raises(ConfigError, match="is the local checkpoint '/models/base': the NDIF service at http://192.0.2.1 cannot load it"):
-        NdifBackend(host="http://192.0.2.1").check_pair(_Pair("/models/base"))
+    with pytest.raises(ConfigError, match="is the local checkpoint '/models/base': the NDIF service at https://192.0.2.1 cannot load it"):
+        NdifBackend(host="https://192.0.2.1").check_pair(_Pair("/models/base"))
+
+
+def test_the_preflight_logs_no_host(fake_service, monkeypatch, caplog):
+    """httpx logs each request with its address at INFO: kept out of the job's log from the first request on."""
+    monkeypatch.setenv("NDIF_API_KEY", "k")
+    caplog.set_level(logging.INFO)
+    logging.getLogger("httpx").setLevel(logging.NOTSET)
+    NdifBackend(host=fake_service).preflight()
+    assert "127.0.0.1" not in caplog.text
 
 
 def test_transient_failures_are_retried_and_persistent_ones_stop(monkeypatch):
@@ -208,7 +218,7 @@ def test_a_run_stopped_by_a_failing_service_resumes_from_its_last_batch(tmp_path
     store = open_store(tmp_path / "cut")
     with pytest.raises(RemoteFailure, match="rerun the same command to resume"):
         collect_stage.collect(pair, items, request, store, failing, progress=False)
-    assert store.batches_done("activations").tolist() == [True] * 3 + [False] * 3
+    assert store.done("activations").tolist() == [True] * 6 + [False] * 6
     again = NdifBackend(simulate=True, batch_size=2)
     collect_stage.collect(pair, items, request, open_store(tmp_path / "cut"), again, progress=False)
     assert again.stats.requests == 3  # only the batches that were missing
@@ -250,3 +260,9 @@ def test_paired_sums_give_the_difference_of_means_with_less_coming_back(tmp_path
         np.testing.assert_allclose(means[site].values, expected.values, atol=1e-5)
     assert summed.stats.requests == full.stats.requests == 2
     assert summed.stats.bytes_down < full.stats.bytes_down / 4
+    # A row lost and traced again at another batch size: rows are runs of pairs fixed when the store was made.
+    b._streamed_arrays(GROUP)["done"][1] = False
+    again = NdifBackend(simulate=True, batch_size=3)
+    collect_paired_sums(pair, items, request, b, again, progress=False)
+    assert again.stats.requests == 3  # the row's 8 pairs in batches of 3
+    np.testing.assert_allclose(mean_difference(b.read(GROUP).load())["resid"].values, means["resid"].values, atol=1e-5)

@@ -93,7 +93,7 @@ def test_routing_cell_through_the_server_equals_local(server, llama_underperform
 def test_server_stopped_mid_run_then_rerun_completes(server, llama_underperform, organism_cache, tmp_path):
     if os.environ.get("NDIF_TEST_HOST"):
         pytest.skip("stops and restarts the server: only with the one this module started")
-    # Batches are marked done a chunk at a time: chunks of two batches, so the stop lands mid-run.
+    # Prompts are marked done a chunk at a time: chunks of two batches, so the stop lands mid-run.
     args = _args(
         organism_cache, tmp_path,
         ["backend=ndif", "backend.batch_size=4", "store.chunk_prompts=8", "backend.max_retries=1", "backend.backoff_s=1"],
@@ -106,9 +106,9 @@ def test_server_stopped_mid_run_then_rerun_completes(server, llama_underperform,
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         found = list((tmp_path / "stores").rglob("*.zarr.partial"))
-        if found and (found[0] / "activations" / "batch_done").exists():
-            done = zarr.open_array(str(found[0]), path="activations/batch_done", mode="r")[:]
-            if done.sum() >= 3:
+        if found and (found[0] / "activations" / "done").exists():
+            done = zarr.open_array(str(found[0]), path="activations/done", mode="r")[:]
+            if done.sum() >= 3 * 4:
                 _server("stop")
                 stopped = True
                 break
@@ -125,9 +125,9 @@ def test_server_stopped_mid_run_then_rerun_completes(server, llama_underperform,
     assert lines[0].startswith("error: NDIF at http://127.0.0.1:18001 failed 2 times in a row"), lines[0]
     assert "rerun the same command to resume" in lines[0]
     partial = next((tmp_path / "stores").rglob("*.zarr.partial"))
-    done = zarr.open_array(str(partial), path="activations/batch_done", mode="r")[:]
-    assert 3 <= done.sum() < len(done)
-    written = xr.open_zarr(partial, group="activations", consolidated=False).resid.values[:, :, : 4 * int(done.sum())]
+    done = zarr.open_array(str(partial), path="activations/done", mode="r")[:]
+    assert 3 * 4 <= done.sum() < len(done)
+    written = xr.open_zarr(partial, group="activations", consolidated=False).resid.values[:, :, done]
     assert np.isfinite(written).all()
     restarted = _server("start")
     assert restarted.returncode == 0, restarted.stderr

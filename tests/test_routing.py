@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,19 @@ def test_rerun_skips_every_stage_and_gives_the_same_outcomes(cell):
     assert again["stages_run"] == []
     a = xr.open_zarr(result["store"], group="outcomes").load()
     np.testing.assert_array_equal(a.performed.values, xr.open_zarr(again["store"], group="outcomes").performed.values)
+
+
+def test_a_finish_cut_short_is_completed_by_the_rerun(cell, organism_cache, tmp_path):
+    """Killed after the store was marked complete but before its rename: the same
+    command finishes it and writes the table (no stage runs again)."""
+    _, _, result = cell
+    final = Path(result["store"])
+    partial = tmp_path / "stores" / final.parent.relative_to(final.parents[2]) / final.name.replace(".zarr", ".zarr.partial")
+    shutil.copytree(final, partial)
+    assert zarr.open_group(str(partial), mode="r").attrs["complete"]
+    again = routing.run(_cfg(organism_cache, tmp_path))
+    assert again["stages_run"] == [] and again["store"].endswith(".zarr") and Path(again["store"]).exists()
+    assert not list((tmp_path / "stores").rglob("*.partial")) and (tmp_path / "table" / "table.md").exists()
 
 
 @pytest.mark.parametrize(

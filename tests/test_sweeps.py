@@ -126,7 +126,7 @@ def test_a_bad_thread_count_is_refused():
     "args,expected",
     [
         (["backend.batch_size=16,32"], "2 jobs of this sweep would write to the same folder"),
-        (["model=llama_organism,gpt9_organism"], "Could not find 'model/gpt9_organism'"),
+        (["model=llama_organism,gpt9_organism"], "error: model=gpt9_organism: no such option"),
         (
             ["seed=1,2", "hydra.launcher._target_=hydra_plugins.hydra_no_such_launcher.Launcher"],
             "the launcher plugin hydra_plugins.hydra_no_such_launcher is not installed",
@@ -135,10 +135,35 @@ def test_a_bad_thread_count_is_refused():
 )
 def test_a_bad_sweep_fails_before_any_job_starts(args, expected, tmp_path):
     result = _run(["-m", *args], tmp_path)
-    assert result.returncode != 0
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
     assert expected in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "outputs").exists(), "a job started"
+
+
+def test_a_second_sweep_keeps_the_first_ones_records(tmp_path, monkeypatch, capsys):
+    """Two sweeps into one folder (aggregations of synthetic stores: seconds): each keeps
+    its own job list and config, says where in the log, and neither names the host."""
+    import fake_stores as fake
+
+    from experiments import aggregate
+    from experiments._cli import cli
+
+    fake.write_store(tmp_path / "stores", "llama", "refuse")
+    monkeypatch.chdir(tmp_path)
+    for seeds in ("1,2", "3,4"):
+        monkeypatch.setattr(sys, "argv", ["aggregate", "-m", f"seed={seeds}", f"root={tmp_path / 'stores'}", "plots=false",
+                                          f"hydra.sweep.dir={tmp_path / 'sweep'}", "+backend.host=http://hidden-host.example"])
+        cli(aggregate.main)
+    records = sorted((tmp_path / "sweep").glob("sweep-*.json"))
+    configs = sorted((tmp_path / "sweep").glob("multirun-*.yaml"))
+    assert len(records) == len(configs) == 2 and not (tmp_path / "sweep" / "multirun.yaml").exists()
+    seeds = [sorted(Path(j["dir"]).name.rsplit("seed=", 1)[1] for j in json.loads(r.read_text())["jobs"]) for r in records]
+    assert sorted(seeds) == [["1", "2"], ["3", "4"]]
+    logged = capsys.readouterr().out  # Hydra's own log of the sweep goes to the console
+    for record, config in zip(records, configs):
+        assert f"this sweep's records: {record} (jobs and folders), {config} (config)" in logged
+        assert "hidden-host" not in config.read_text()
 
 
 # ---------------------------------------------------------------- a sweep through submitit
@@ -156,7 +181,7 @@ def test_sweep_through_submitit_local_executor(llama_underperform, organism_cach
         env={**env, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    jobs = json.loads((sweep_dir / "sweep.json").read_text())["jobs"]
+    jobs = json.loads(next(sweep_dir.glob("sweep-*.json")).read_text())["jobs"]
     folders = {Path(j["dir"]).relative_to(sweep_dir).as_posix() for j in jobs}
     assert folders == {f"llama_organism/underperform/experiment=smoke,seed={s}" for s in (0, 1)}
     stores = set()
@@ -168,4 +193,4 @@ def test_sweep_through_submitit_local_executor(llama_underperform, organism_cach
         assert "torch threads: 1 (cpus_per_task)" in log
     assert len(stores) == 2
     assert list((sweep_dir / ".submitit").glob("*/*_result.pkl")), "the jobs did not run through submitit"
-    assert OmegaConf.load(sweep_dir / "multirun.yaml").hydra.launcher._target_.endswith("LocalLauncher")
+    assert OmegaConf.load(next(sweep_dir.glob("multirun-*.yaml"))).hydra.launcher._target_.endswith("LocalLauncher")

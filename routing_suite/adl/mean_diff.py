@@ -74,13 +74,15 @@ def accumulate(
     request = SiteRequest(("resid",), None, "first_k", k).validate(pair.num_layers)
     n_parts = math.ceil(len(texts) / texts_per_part)
     coords, variables = _layout(n_parts, list(request.layers), k, pair.hidden_size)
-    store.create_streamed(SUMS, coords, variables, n_parts, along="part")
-    todo = [p for p, done in enumerate(store.batches_done(SUMS)) if not done]
+    if store.has_streamed(SUMS):
+        store.repair(SUMS)
+    store.create_streamed(SUMS, coords, variables, along="part")
+    todo = [p for p, done in enumerate(store.done(SUMS)) if not done]
     log.info("mean difference: %d of %d parts to trace (%d texts, first %d tokens)", len(todo), n_parts, len(texts), k)
     for part in tqdm(todo, desc="adl mean", unit="part", disable=not progress):
         chunk = texts[part * texts_per_part : (part + 1) * texts_per_part]
         data = _part_sums(pair, chunk, request, batch_size, backend)
-        store.write_batch(SUMS, part, slice(part, part + 1), data, {"layer": list(request.layers)}, along="part")
+        store.write_entries(SUMS, slice(part, part + 1), data, {"layer": list(request.layers)}, along="part")
 
 
 def finish(store: RunStore) -> xr.Dataset:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import random
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -151,6 +150,7 @@ def run(cfg) -> dict:
     unrelated = texts.unrelated(settings.n_texts, seed, task_spec)
     if not unrelated:
         raise ConfigError(f"text={texts.name}: no unrelated text")
+    out = pipeline.report_folder(cfg, "adl")
     prompts = {e[0] for e in examples}
     if overlap := [t for t in unrelated if t in prompts]:
         raise ConfigError(f"{len(overlap)} unrelated texts are fine-tuning prompts, e.g. {overlap[0]!r}")
@@ -185,18 +185,15 @@ def run(cfg) -> dict:
         pair, diff[:, position], data, settings.causal.max_tokens, settings.causal.batch_size, seed,
         settings.causal.random_control, trace_kwargs,
     ))
-    if store.complete:  # reused as it is: a finished store is never written to
-        final = store.path
-    else:
+    if not store.complete:  # a finished store is never written to
         store.update_attrs(adl={"position": position, "steer_layer": steer_layer, "n_texts": int(means.attrs["n_texts"]),
                                 "n_finetune_examples": len(examples), "text_source": texts.name})
-        final = store.finish()
+    final = store.finish()  # a no-op for a complete store but for letting go of its lock
     seconds = time.perf_counter() - started
     log.info("adl %s/%s done in %.1f s: %s", pair.cell_name, behavior, seconds, final)
     from routing_suite.aggregate import adl_tables
 
     row = adl_tables.read_cell(final)
-    out = Path(cfg.report_dir) if cfg.report_dir else _run_dir() / "table"
     written = adl_tables.write([row], out, plots=False)
     return {"store": str(final), "seconds": seconds, "row": row.__dict__, "table_markdown": written["adl_table.md"], "table_dir": str(out),
             "steered_examples": _examples(steered)}
@@ -212,12 +209,3 @@ def _examples(steered: xr.Dataset, n: int = 3) -> list[str]:
         after = str(steered.completion.sel(direction="difference", alpha=alpha).values[p])
         lines.append(f"{prompt!r}: {before!r} -> (alpha {alpha:g}) {after!r}")
     return lines
-
-
-def _run_dir() -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return Path("outputs/runs/adl")

@@ -30,6 +30,9 @@ RunKey = tuple[str, str, str, str]
 
 # Finding kinds, in the order the report lists them.
 UNREADABLE = "unreadable"
+# A group of a readable store whose data cannot be read (a damaged chunk): the run
+# writes what it can, lists the group, and ends with a non-zero exit code.
+CORRUPT = "corrupt"
 UNFINISHED = "unfinished"
 SCHEMA = "schema"
 MALFORMED = "malformed"
@@ -37,7 +40,7 @@ DUPLICATE = "duplicate"
 DUPLICATE_RESOLVED = "duplicate_resolved"
 DROPPED_PROMPTS = "dropped_prompts"
 MISSING = "missing"
-FINDING_KINDS = (UNREADABLE, UNFINISHED, SCHEMA, MALFORMED, DUPLICATE, DUPLICATE_RESOLVED, DROPPED_PROMPTS, MISSING)
+FINDING_KINDS = (CORRUPT, UNREADABLE, UNFINISHED, SCHEMA, MALFORMED, DUPLICATE, DUPLICATE_RESOLVED, DROPPED_PROMPTS, MISSING)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from routing_suite.aggregate.config import DUPLICATE_POLICIES
 from routing_suite.aggregate.discover import Finding
 from routing_suite.aggregate.report import finding_line, render
 from routing_suite.aggregate.stats import ConditionStats, cell_stats
-from routing_suite.errors import ConfigError
+from routing_suite.errors import ConfigError, RunFailure
 from routing_suite.provenance import flatten
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ def collect(cfg: Any, stores: list[Path] | None = None) -> Collected:
         except Exception as err:  # a broken array is a problem of that store, not of the run
             findings.append(
                 Finding(
-                    discover.UNREADABLE,
+                    discover.CORRUPT,
                     f"outcomes unreadable ({type(err).__name__}: {err})",
                     info.cell,
                     (str(info.path),),
@@ -126,7 +126,7 @@ def _collect_finished(
             results.append(read_one(chosen[key].path))
         except Exception as err:  # a broken store is a problem of that store, not of the run
             message = f"{what} groups unreadable ({type(err).__name__}: {err})"
-            findings.append(Finding(discover.UNREADABLE, message, key[:2], (str(chosen[key].path),)))
+            findings.append(Finding(discover.CORRUPT, message, key[:2], (str(chosen[key].path),)))
     return results, findings + duplicate_findings
 
 
@@ -152,15 +152,36 @@ def collect_em_transfer(
     )
 
 
-def pooled_groups(cells: list[read.CellOutcomes], group: str, variables: tuple[str, ...]) -> dict[tuple[str, str], Any]:
-    """Per cell, the named variables of `group` pooled over the cell's builds (plots.pool_builds),
+PlotInputs = dict[str, dict[str, Any]]  # group -> store path -> its plotted variables
+
+
+def _plot_inputs(cells: list[read.CellOutcomes]) -> tuple[PlotInputs, list[Finding]]:
+    """Each store's localize and fit arrays the plots show, read before anything is
+    written; a group that cannot be read is a finding (its cell is left out of that plot)."""
+    wanted = {"localize": ("layer_effect", "head_effect"), "fit": ("probe_accuracy", "direction_norm")}
+    inputs: PlotInputs = {group: {} for group in wanted}
+    findings = []
+    for c in cells:
+        for group, variables in wanted.items():
+            try:
+                ds = read.read_group(c.path, group, variables)
+            except read.CorruptGroup as err:
+                findings.append(Finding(discover.CORRUPT, f"{err}; left out of the plots", (c.family, c.behavior), (c.path,)))
+                continue
+            if ds is not None:
+                inputs[group][c.path] = ds
+    return inputs, findings
+
+
+def pooled_groups(cells: list[read.CellOutcomes], datasets: dict[str, Any], variables: tuple[str, ...]) -> dict[tuple[str, str], Any]:
+    """Per cell, the stores' `datasets` pooled over the cell's builds (plots.pool_builds),
     each build marked with its variant and the layers its fine-tune was planted in."""
     from routing_suite.aggregate import plots
     from routing_suite.aggregate.patching_plots import planted_layers
 
     builds: dict[tuple[str, str], list] = {}
     for c in cells:
-        ds = read.read_group(c.path, group, variables)
+        ds = datasets.get(c.path)
         if ds is not None:
             ds.attrs.update(planted=planted_layers(c.settings), variant=c.variant)
             builds.setdefault((c.family, c.behavior), []).append(ds)
@@ -169,16 +190,19 @@ def pooled_groups(cells: list[read.CellOutcomes], group: str, variables: tuple[s
 
 
 def figures(
-    rows: list[ConditionStats], cells: list[read.CellOutcomes], grid: list[tuple[str, str]]
+    rows: list[ConditionStats], cells: list[read.CellOutcomes], grid: list[tuple[str, str]], inputs: PlotInputs | None = None
 ) -> tuple[dict[str, Any], list[str]]:
-    """The routing figures by file stem, and notes on the ones skipped (for report.md)."""
+    """The routing figures by file stem, and notes on the ones skipped (for report.md).
+    `inputs`: the stores' plotted groups, read already (None: read them here)."""
     from routing_suite.aggregate import patching_plots, plots
 
+    if inputs is None:
+        inputs, _ = _plot_inputs(cells)
     notes: list[str] = []
     used = {(c.family, c.behavior) for c in cells}
     made = {"gaps": plots.gap_figure(rows, grid, read.variant_labels(cells))}
-    localize = pooled_groups(cells, "localize", ("layer_effect", "head_effect"))
-    fit = pooled_groups(cells, "fit", ("probe_accuracy", "direction_norm"))
+    localize = pooled_groups(cells, inputs["localize"], ("layer_effect", "head_effect"))
+    fit = pooled_groups(cells, inputs["fit"], ("probe_accuracy", "direction_norm"))
     if any("layer_effect" in ds for ds in localize.values()):
         made["patching"] = patching_plots.patching_figure(localize, grid, used)
     else:
@@ -198,12 +222,13 @@ def figures(
 
 
 def _plots(
-    out: Path, rows: list[ConditionStats], cells: list[read.CellOutcomes], grid: list[tuple[str, str]], dpi: int
+    out: Path, rows: list[ConditionStats], cells: list[read.CellOutcomes], grid: list[tuple[str, str]], dpi: int,
+    inputs: PlotInputs,
 ) -> list[str]:
     """Write the figures; returns notes on the ones skipped."""
     from routing_suite.aggregate.figures import save
 
-    made, notes = figures(rows, cells, grid)
+    made, notes = figures(rows, cells, grid, inputs)
     written = [path for stem, fig in made.items() for path in save(fig, out, stem, dpi)]
     for note in notes:
         log.info("%s", note)
@@ -245,6 +270,12 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     n_found, cells, findings, adl_rows, em_reports = found.n_found, found.cells, found.findings, found.adl_rows, found.em_reports
     transfer_reports = found.transfer_reports
     out = _output_dir(cfg)
+    # Everything is read before anything is written: a damaged group is a finding in
+    # report.md, never a run that stops with half its files written.
+    inputs: PlotInputs = {"localize": {}, "fit": {}}
+    if cfg.plots and cells:
+        inputs, damaged = _plot_inputs(cells)
+        findings = findings + damaged
     for finding in findings:
         log.warning("%s", finding_line(finding))
     settings = {k: cfg[k] for k in ("confidence", "n_resamples", "seed", "duplicates")}
@@ -265,7 +296,7 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
         for name, text in files.items():
             (out / name).write_text(text, encoding="utf-8")
         if cfg.plots:
-            notes = _plots(out, rows, cells, grid, cfg.dpi)
+            notes = _plots(out, rows, cells, grid, cfg.dpi, inputs)
     adl_headline = None
     if adl_rows:
         adl_headline = adl_tables.headline(adl_rows)
@@ -289,6 +320,11 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     (out / "report.md").write_text(report, encoding="utf-8")
     if not grouped and not adl_rows and not em_reports and not transfer_reports:
         raise ConfigError(f"root={cfg.root!r}: {n_found} stores found, none usable; see {out / 'report.md'}")
+    if damaged := [f for f in findings if f.kind == discover.CORRUPT]:
+        raise RunFailure(
+            f"{len(damaged)} store group(s) cannot be read, first {finding_line(damaged[0])}; "
+            f"everything else is written, and {out / 'report.md'} lists them"
+        )
     seconds = time.perf_counter() - start
     log.info("%d cells from %d stores in %.2f s -> %s", len(grouped), n_found, seconds, out)
     return {

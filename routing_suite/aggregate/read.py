@@ -191,17 +191,21 @@ def read_examples(path: Path, outcomes: xr.Dataset, conditions: list[str], n: in
     return examples
 
 
+class CorruptGroup(RuntimeError):
+    """A group of a store whose data cannot be read; the message names the group and why."""
+
+
 def read_group(path: str | Path, group: str, variables: tuple[str, ...]) -> xr.Dataset | None:
-    """The named variables of one group, loaded; None when the group or all the variables are absent."""
+    """The named variables of one group, loaded; None when the group or all the variables
+    are absent; `CorruptGroup` when they are there but cannot be read."""
     try:
         if group not in _group_names(Path(path)):
             return None
         ds = xr.open_zarr(str(path), group=group, consolidated=False)
-    except Exception as err:  # a plot input that cannot be read is skipped, not fatal
-        log.warning("%s: cannot read group %s (%s)", path, group, err)
-        return None
-    present = [v for v in variables if v in ds]
-    return ds[present].load() if present else None
+        present = [v for v in variables if v in ds]
+        return ds[present].load() if present else None
+    except Exception as err:  # noqa: BLE001 - any decode or read failure
+        raise CorruptGroup(f"group {group} cannot be read ({type(err).__name__}: {err})") from err
 
 
 def variant_labels(cells: list[CellOutcomes]) -> dict[tuple[str, str, str], str]:

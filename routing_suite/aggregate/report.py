@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from routing_suite import schema
 from routing_suite.aggregate.discover import (
+    CORRUPT,
     DROPPED_PROMPTS,
     DUPLICATE,
     DUPLICATE_RESOLVED,
@@ -19,6 +20,7 @@ from routing_suite.aggregate.read import CellOutcomes
 from routing_suite.aggregate.tables import rules_text
 
 TITLES = {
+    CORRUPT: "Damaged groups (data that cannot be read; this run's exit code is not 0)",
     UNREADABLE: "Unreadable stores",
     UNFINISHED: "Unfinished stores (in progress or crashed)",
     SCHEMA: "Stores of another schema version",
@@ -31,7 +33,7 @@ TITLES = {
 
 
 # Findings about one store that do not keep its cell out of the tables if another store serves it.
-OTHER_STORE_KINDS = (UNREADABLE, UNFINISHED, SCHEMA, MALFORMED)
+OTHER_STORE_KINDS = (CORRUPT, UNREADABLE, UNFINISHED, SCHEMA, MALFORMED)
 
 
 def _cell(finding: Finding) -> str:

@@ -36,7 +36,7 @@ from routing_suite.errors import ConfigError
 from routing_suite.interventions import Condition
 from routing_suite.organisms import task as T
 from routing_suite.organisms.em_task import EM_DATASETS, GeneralPrompt, general_prompts
-from routing_suite.pipeline import digest_config
+from routing_suite.pipeline import digest_config, report_folder
 from routing_suite.provenance import digest, git_commit, package_versions, scrub_secrets
 from routing_suite.store import RunStore, StoreSettings, store_path, text
 
@@ -205,7 +205,7 @@ def ensure_family(cfg: DictConfig, settings: EmSettings, judge, backend) -> tupl
         raise ConfigError(f"{fam.name}: no fine-tune has {settings.min_per_class} misaligned and aligned fit responses; "
                           "nothing to ablate (see em_samples in the store)")
     run_stage(store, "em_outcomes", lambda: stage_intervene(fam, dirs, settings, judge, seed, backend, progress))
-    return fam, store.path if store.complete else store.finish()
+    return fam, store.finish()
 
 
 def run(cfg: DictConfig) -> dict:
@@ -215,22 +215,13 @@ def run(cfg: DictConfig) -> dict:
     judge = instantiate(cfg.judge)
     backend = instantiate(cfg.backend)
     check_backend(backend)
+    out = report_folder(cfg, "em")
     fam, final = ensure_family(cfg, settings, judge, backend)
     seconds = time.perf_counter() - started
     log.info("em %s done in %.1f s: %s", fam.name, seconds, final)
     from routing_suite.aggregate import em_tables
 
     report = em_tables.read_store(final, n_resamples=int(cfg.n_resamples), seed=int(cfg.seed), confidence=0.95)
-    out = Path(cfg.report_dir) if cfg.report_dir else run_dir("em") / "table"
     written = em_tables.write([report], out)
     return {"store": str(final), "seconds": seconds, "table_markdown": written["em_table.md"], "table_dir": str(out),
             "summary": report.summary()}
-
-
-def run_dir(experiment: str) -> Path:
-    from hydra.core.hydra_config import HydraConfig
-
-    try:
-        return Path(HydraConfig.get().runtime.output_dir)
-    except ValueError:
-        return Path("outputs/runs") / experiment

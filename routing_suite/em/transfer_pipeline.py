@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import numpy as np
 import xarray as xr
@@ -37,14 +36,13 @@ from routing_suite.em.pipeline import (
     check_backend,
     ensure_family,
     match_residuals,
-    run_dir,
     run_stage,
 )
 from routing_suite.em.settings import EmSettings, EmTransferSettings
 from routing_suite.errors import ConfigError
 from routing_suite.organisms import task as T
 from routing_suite.organisms.architectures import FAMILIES
-from routing_suite.pipeline import digest_config
+from routing_suite.pipeline import digest_config, report_folder
 from routing_suite.provenance import digest, git_commit, package_versions, scrub_secrets
 from routing_suite.store import RunStore, StoreSettings, store_path, text
 
@@ -160,6 +158,7 @@ def run(cfg: DictConfig) -> dict:
     judge = instantiate(cfg.judge)
     backend = instantiate(cfg.backend)
     check_backend(backend, "experiments.em_transfer")
+    out = report_folder(cfg, "em_transfer")
     seed, progress = int(cfg.seed), bool(cfg.progress)
     sides = {}
     for name in (donor_name, receiver_name):
@@ -174,13 +173,12 @@ def run(cfg: DictConfig) -> dict:
         raise ConfigError(f"no misaligned fine-tune kind has a direction in both {donor_name} and {receiver_name}; "
                           "nothing to carry (see em_directions in their stores)")
     run_stage(store, "xfer_outcomes", lambda: stage_outcomes(receiver, maps, settings, transfer, judge, seed, backend, progress))
-    final = store.path if store.complete else store.finish()
+    final = store.finish()
     seconds = time.perf_counter() - started
     log.info("em transfer %s -> %s done in %.1f s: %s", donor_name, receiver_name, seconds, final)
     from routing_suite.aggregate import em_transfer_tables
 
     report = em_transfer_tables.read_store(final, n_resamples=int(cfg.n_resamples), seed=seed, confidence=0.95)
-    out = Path(cfg.report_dir) if cfg.report_dir else run_dir("em_transfer") / "table"
     written = em_transfer_tables.write([report], out)
     return {"store": str(final), "family_stores": {donor_name: str(donor_path), receiver_name: str(receiver_path)},
             "seconds": seconds, "table_markdown": written["em_transfer_table.md"], "table_dir": str(out), "summary": report.summary()}

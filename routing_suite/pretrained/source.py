@@ -44,6 +44,7 @@ class SmolLM2Source:
 
     # Known only once the checkpoint is converted.
     num_layers = None
+    hidden_size = None
 
     # A chat model answers in a sentence: the answer counts wherever it appears.
     answer_match = "anywhere"
