@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import urlparse
 
 import torch
@@ -91,6 +91,8 @@ class NdifBackend:
     max_retries: int = 3
     backoff_s: float = 2.0
     simulate: bool = False
+    # The server places the models; a simulated run keeps the local weights on the CPU.
+    device: ClassVar[str] = "cpu"
     # Plain http:// to a host other than this machine sends NDIF_API_KEY (and the
     # traces) unencrypted: refused unless this is set (results are decoded safely
     # either way, see routing_suite.remote).

@@ -103,6 +103,7 @@ def run_patches(nn_model, family: str, plan: list, patches: list[Patch], head_di
         for p_layer, head, values in patches:
             if p_layer != layer or (head is None) != (item == "attn"):
                 continue
+            values = values.to(device=x.device, dtype=x.dtype)  # stored on the CPU in float32
             if head is None:
                 x[:, -1] = values
             else:
@@ -152,10 +153,11 @@ def _performed_token_probs(
                         with tracer.invoke(inputs):
                             run_patches(nn_model, family, plan, patches, head_dim)
                     with tracer.invoke():
-                        chosen = (nn_model.output.logits[:, -1].float().softmax(-1).gather(1, wanted) * used).sum(1).save()
+                        probs = nn_model.output.logits[:, -1].float().softmax(-1)
+                        chosen = (probs.gather(1, wanted.to(probs.device)) * used.to(probs.device)).sum(1).save()
                 backend.record(nn_model, chosen)
                 for j, (i, *_rest) in enumerate(chunk):
-                    found[i].append(chosen[j * len(ids) : (j + 1) * len(ids)].numpy())
+                    found[i].append(chosen[j * len(ids) : (j + 1) * len(ids)].float().cpu().numpy())
         for i, rows in enumerate(found):
             out[i].append(np.stack(rows))
             rows.clear()

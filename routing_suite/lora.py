@@ -126,7 +126,10 @@ def lora_update(nn_model, delta: LoraDelta) -> None:
         node = node[int(part)] if part.isdigit() else getattr(node, part)
     x = node.input
     out = node.output
-    update = (x.to(delta.A.dtype) @ delta.A.T) @ delta.B.T
+    # The factors live on the CPU in float32; the update is computed where the
+    # activation is (a GPU, locally or on the server), in float32, then cast back.
+    a, b = delta.A.to(x.device), delta.B.to(x.device)
+    update = (x.to(a.dtype) @ a.T) @ b.T
     node.output = out + (delta.scale * update).to(out.dtype)
 
 

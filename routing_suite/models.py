@@ -99,6 +99,17 @@ class ModelPair:
     def cell_name(self) -> str:
         return self.label or self.family
 
+    def to(self, device: str) -> ModelPair:
+        """Both models on `device` (before anything wraps them for nnsight); inputs follow
+        (nnsight moves them to the model's device), and every edit, patch and adapter
+        update is made on the device and in the dtype of the activation it changes."""
+        if self.wrappers:
+            raise ValueError("move the pair before it is traced (its nnsight wrappers hold the models)")
+        for model in (self.base, self.finetuned):
+            if model is not None and model.device.type != "meta":
+                model.to(device)
+        return self
+
     def model(self, which: str) -> PreTrainedModel:
         if which not in ("base", "finetuned"):
             raise ValueError(f"model {which!r} is not one of ['base', 'finetuned']")
@@ -220,7 +231,8 @@ def _weights_digest(model: PreTrainedModel) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
-        digest.update(tensor.detach().contiguous().cpu().numpy().tobytes())
+        # The raw bytes (numpy has no bfloat16; float32 bytes are what .numpy() gave).
+        digest.update(tensor.detach().cpu().contiguous().flatten().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:16]
 
 

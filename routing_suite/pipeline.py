@@ -101,6 +101,8 @@ def load_pair(setup: Setup) -> ModelPair:
     """The model pair, placed as the backend wants it, checked against the service."""
     pair = setup.source.load(setup.behavior.name, setup.backend.placement)
     setup.backend.check_pair(pair)
+    if setup.backend.placement.weights == "local" and setup.backend.device != "cpu":
+        pair.to(setup.backend.device)
     return pair
 
 

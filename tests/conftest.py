@@ -25,7 +25,9 @@ torch.set_num_threads(int(os.environ.get("ROUTING_SUITE_THREADS", min(2, os.cpu_
 
 @pytest.fixture(scope="session")
 def organism_cache(tmp_path_factory) -> str:
-    return str(tmp_path_factory.mktemp("organisms"))
+    """A fresh folder, or ROUTING_SUITE_TEST_ORGANISMS to reuse builds across runs (an
+    organism is reused only for the same key: recipe, seed, threads, CPU kernels)."""
+    return os.environ.get("ROUTING_SUITE_TEST_ORGANISMS") or str(tmp_path_factory.mktemp("organisms"))
 
 
 @pytest.fixture(scope="session")

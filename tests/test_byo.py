@@ -191,3 +191,15 @@ def test_the_entry_point_refuses_a_bad_prompt_file_and_leaves_no_run_folder(trai
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"error: data.prompts='{bad}' line 1: missing field(s) ['answer']"), result.stderr
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.*"))
+
+
+def test_a_bfloat16_model_runs_the_cell_with_edits_in_its_dtype(trained, tmp_path):
+    """model.dtype=bfloat16: activations, adapter updates, patches and every edit are made in
+    the activation's dtype (and device: the same casts serve a GPU); the store holds float32."""
+    cfg = _cfg("routing", trained, tmp_path, [f"report_dir={tmp_path / 'table'}", "model.dtype=bfloat16",
+                                              "data.max_fit=24", "data.max_test=8", "control=[random]"])
+    result = routing.run(cfg)
+    outcomes = xr.open_zarr(result["store"], group="outcomes")
+    assert outcomes.perturbation_norm.sel(condition="random") == pytest.approx(float(outcomes.perturbation_norm.sel(condition="clamp")), rel=1e-4)
+    acts = xr.open_zarr(result["store"], group="activations")
+    assert acts.attn.dtype == np.float32 and np.isfinite(acts.attn.values).all()

@@ -40,7 +40,7 @@ def _nothing_written(tmp_path: Path) -> bool:
             ["model=peft_adapter", "model.family=llama", "model.base=./no/such/model", "model.adapter=./no/such/adapter"],
             "error: model.base='./no/such/model' does not exist",
         ),
-        (["model=peft_adapter"], "error: model.family is required and has no value (add model.family=...)"),
+        (["model=peft_adapter"], "error: model.base is required and has no value (add model.base=...)"),
         # Hydra's own errors, shortened: no schema class or `*_schema` option named
         (["foo=1"], "error: foo: no such key (a key of your own needs a leading +, e.g. +foo=...)"),
         (["collect.sitez=[resid]"], "error: collect.sitez: no such key"),

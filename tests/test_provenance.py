@@ -71,7 +71,7 @@ def test_revisions_pin_what_is_downloaded(tmp_path, monkeypatch):
     import huggingface_hub
     import pytest
 
-    from routing_suite import models
+    from routing_suite import user_models
 
     class Asked(Exception):
         """Raised once the download or load under test was asked for."""
@@ -80,9 +80,9 @@ def test_revisions_pin_what_is_downloaded(tmp_path, monkeypatch):
         raise Asked(repo, revision)
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot)
-    monkeypatch.setattr(models, "_tokenizer", lambda base, revision: None)
+    monkeypatch.setattr(user_models, "_tokenizer", lambda base, revision: None)
     for extra, expected in (({}, "base-commit"), ({"adapter_revision": "adapter-tag"}, "adapter-tag")):
-        source = models.PeftSource(family="llama", base=str(tmp_path), adapter="org/adapter", revision="base-commit", **extra)
+        source = user_models.PeftSource(family="llama", base=str(tmp_path), adapter="org/adapter", revision="base-commit", **extra)
         with pytest.raises(Asked) as asked:
             source.load("refuse")
         assert asked.value.args == ("org/adapter", expected)
@@ -92,10 +92,11 @@ def test_revisions_pin_what_is_downloaded(tmp_path, monkeypatch):
             raise Asked(revision)
         return SimpleNamespace(eval=lambda: None)
 
-    monkeypatch.setattr(models.AutoModelForCausalLM, "from_pretrained", from_pretrained)
-    monkeypatch.setattr(models, "_check_checkpoints", lambda *args: None)
+    monkeypatch.setattr(user_models.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    # "base" and "finetuned" stand for Hub ids that are never downloaded here.
+    monkeypatch.setattr(user_models, "_check_source", lambda *args: None)
     for extra, expected in (({}, "r1"), ({"finetuned_revision": "r2"}, "r2")):
-        source = models.CheckpointPairSource(family="llama", base="base", finetuned="finetuned", revision="r1", **extra)
+        source = user_models.CheckpointPairSource(family="llama", base="base", finetuned="finetuned", revision="r1", **extra)
         with pytest.raises(Asked) as asked:
             source.load("refuse")
         assert asked.value.args == (expected,)

@@ -139,7 +139,10 @@ def read_outcomes(path: Path, family: str, behavior: str, variant: str = "", rep
     units = np.array([str(u) for u in ds["cluster"].values]) if "cluster" in ds.coords else None
     layers = tuple(str(x) for x in ds["layers"].isel(condition=order).values) if "layers" in ds.coords else ()
     window = tuple(int(w) for w in ds.attrs.get("window", ()))
-    localize = read_group(path, "localize", ("layer_effect",))
+    try:
+        localize = read_group(path, "localize", ("layer_effect",))
+    except CorruptGroup:  # the plots' reading reports it; the outcomes are whole and still count
+        localize = None
     effects = {}
     if localize is not None and "layer_effect" in localize:
         for source in localize["source"].values:
