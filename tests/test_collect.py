@@ -355,7 +355,8 @@ def _kill_mid_collect(run_dir: Path, extra: list[str]) -> Path:
     return partial
 
 
-@pytest.mark.parametrize("first,rerun", [(8, 8), (32, 8), (8, 32)])
+# (32, 8) in the fast tier; the other two in the slow tier.
+@pytest.mark.parametrize("first,rerun", [pytest.param(8, 8, marks=pytest.mark.slow), (32, 8), pytest.param(8, 32, marks=pytest.mark.slow)])
 def test_kill_9_then_rerun_with_any_batch_size_gives_the_uninterrupted_store(first, rerun, uninterrupted, tmp_path, caplog):
     """SIGKILL mid-collect, then the same command, or with another `backend.batch_size`
     (lowered after running out of memory, or raised): the rerun traces exactly the

@@ -40,6 +40,7 @@ def _cfg(organism_cache: str, root: Path, extra: list[str] = ()):
     )
 
 
+@pytest.mark.slow  # a whole cell twice (about a minute): the slow tier
 def test_simulated_remote_cell_gives_the_local_store(llama_underperform, organism_cache, tmp_path):
     local = routing.run(_cfg(organism_cache, tmp_path / "local"))
     simulated = routing.run(

@@ -111,7 +111,13 @@ def local_store(tiny_cache, tmp_path_factory) -> Path:
 
 @pytest.mark.parametrize(
     "mode,attempts",
-    [("hang_post", RETRIES + 1), ("hang_download", RETRIES + 1), ("http_503", RETRIES + 1), ("close", RETRIES + 1), ("job_error", 1)],
+    [
+        ("hang_post", RETRIES + 1),
+        pytest.param("hang_download", RETRIES + 1, marks=pytest.mark.slow),  # as hang_post, on the other request
+        ("http_503", RETRIES + 1),
+        pytest.param("close", RETRIES + 1, marks=pytest.mark.slow),  # as http_503, another transport fault
+        ("job_error", 1),
+    ],
 )
 def test_a_fault_ends_in_time_with_one_line_and_the_rerun_completes_the_store(
     mode, attempts, server, local_store, tiny_cache, tmp_path, monkeypatch, capsys

@@ -123,6 +123,7 @@ def _collect_cmd(tmp_path: Path, cache: Path) -> list[str]:
     ]
 
 
+@pytest.mark.slow  # two entry-point processes side by side: the slow tier
 def test_two_identical_runs_at_once(tmp_path):
     """A double submission: the second run is refused with one line naming the first,
     while the first holds the store (it is paused, so the two surely overlap); the

@@ -169,6 +169,7 @@ def test_a_second_sweep_keeps_the_first_ones_records(tmp_path, monkeypatch, caps
 # ---------------------------------------------------------------- a sweep through submitit
 
 
+@pytest.mark.slow  # two cells through submitit processes: the slow tier
 def test_sweep_through_submitit_local_executor(llama_underperform, organism_cache, tmp_path):
     sweep_dir = tmp_path / "sweep"
     env = {k: v for k, v in os.environ.items() if k != "ROUTING_SUITE_THREADS"}
