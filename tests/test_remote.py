@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
+from helpers import assert_same_activations
 
 from routing_suite import collect as collect_stage
 from routing_suite import remote, routing
@@ -51,9 +52,7 @@ def test_simulated_remote_cell_gives_the_local_store(llama_underperform, organis
         b = xr.open_zarr(simulated["store"], group=group).load()
         for name in a.data_vars:
             if a[name].dtype.kind == "f":
-                # float32 sums may be ordered differently in the server's process (seen: 1.5e-4 on
-                # a value of 13, relative 6e-5): a relative tolerance as well as an absolute one.
-                np.testing.assert_allclose(b[name].values, a[name].values, rtol=1e-4, atol=1e-4, err_msg=f"{group}/{name}")
+                assert_same_activations(b[name].values, a[name].values, f"{group}/{name}")
             else:
                 np.testing.assert_array_equal(b[name].values, a[name].values, err_msg=f"{group}/{name}")
     assert xr.open_zarr(simulated["store"]).attrs["backend"] == "ndif"

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from helpers import assert_same_activations
 
 pytestmark = pytest.mark.remote
 
@@ -84,7 +85,7 @@ def test_routing_cell_through_the_server_equals_local(server, llama_underperform
     for site in ("resid", "attn", "heads"):
         x = xr.open_zarr(a, group="activations")[site].values
         y = xr.open_zarr(b, group="activations")[site].values
-        assert np.abs(x - y).max() <= 1e-4, site
+        assert_same_activations(y, x, site)
     outcomes_a, outcomes_b = xr.open_zarr(a, group="outcomes"), xr.open_zarr(b, group="outcomes")
     np.testing.assert_array_equal(outcomes_a.performed.values, outcomes_b.performed.values)
     assert xr.open_zarr(a, group="localize").attrs["window"] == xr.open_zarr(b, group="localize").attrs["window"]
@@ -137,4 +138,4 @@ def test_server_stopped_mid_run_then_rerun_completes(server, llama_underperform,
     assert local.returncode == 0, local.stderr
     x = xr.open_zarr(_store(tmp_path), group="activations").resid.values
     y = xr.open_zarr(_store(tmp_path / "local"), group="activations").resid.values
-    assert np.abs(x - y).max() <= 1e-4
+    assert_same_activations(x, y, "resid")
