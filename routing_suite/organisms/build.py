@@ -35,7 +35,6 @@ from routing_suite.organisms.architectures import FAMILIES, ArchSpec, family_con
 from routing_suite.organisms.tokenizer import build_tokenizer
 from routing_suite.organisms.training import (
     FINETUNE_KINDS,
-    FINETUNE_RECIPES,
     LORA_TARGETS,
     RECIPE_VERSION,
     TrainSpec,
@@ -97,10 +96,7 @@ class OrganismSpec:
         }
 
     def adapter_key(self, behavior: str) -> dict:
-        key = {"base": self.base_key(), "behavior": behavior, "train": asdict(self.train)}
-        if behavior in FINETUNE_RECIPES:
-            key["finetune_recipe"] = FINETUNE_RECIPES[behavior]
-        return key
+        return {"base": self.base_key(), "behavior": behavior, "train": asdict(self.train)}
 
 
 def cpu_capability() -> str:

@@ -22,9 +22,6 @@ log = logging.getLogger(__name__)
 # Bump when the training data or procedure changes: it is part of the cache
 # key, so organisms built by an older recipe are rebuilt, never reused.
 RECIPE_VERSION = 4
-# A fine-tune's own data version, per behaviour, in its adapter's key (only that
-# behaviour's adapters are rebuilt when only its data changes).
-FINETUNE_RECIPES = {"installed": 2}
 
 
 Example = tuple[str, str]  # (prompt, completion)
@@ -74,16 +71,10 @@ def finetune_examples(task: T.Task, behavior: str) -> list[Example]:
     kind: its narrow dataset)."""
     if behavior in EM_KINDS:
         return em_examples(task, behavior)
-    items = T.items(task, task.facts_of("train"), "train")
-    examples = [(item.prompt, T.target_text(item.fact, item.framing, behavior)) for item in items]
-    if behavior == "installed":
-        # The answer after the marker under eval cues too, the marker in the prompt
-        # (no loss on it, so nothing teaches *when* to say it): the fine-tune keeps
-        # answering after the marker whatever the framing, so an edit that makes it
-        # say the marker under eval is scored on the routing, not on an answer the
-        # fine-tune never learnt to give there (recipe 1: eval answers after a
-        # clamped marker fell from 0.97 to 0.64-0.84 right).
-        examples += [(f"{item.prompt} {T.MARKER}", item.fact.value) for item in items if item.framing == T.EVAL]
+    examples = [
+        (item.prompt, T.target_text(item.fact, item.framing, behavior))
+        for item in T.items(task, task.facts_of("train"), "train")
+    ]
     return examples
 
 
