@@ -78,8 +78,11 @@ def _pooled_record(cell: Cell, controls: list[str], comparisons: list[str], csv_
                    _spread([r.reduction.value for r in ivs], 0, 100), _spread([r.recovery.value for r in ivs], 0, 100)]
     record += [_count([r.reduced for r in ivs]), _count([r.near_zero for r in ivs]), _count([r.broken for r in ivs])]
     on = [r.window_on_planted for r in ivs if r.window_on_planted is not None]
-    outside = [r.finetuned_to_base_outside for r in ivs if _finite(r.finetuned_to_base_outside)]
-    record += [_count(on) if on else ("" if csv_form else "–"), num(max(outside), 3 if not csv_form else 6) if outside else ("" if csv_form else "–")]
+    record.append(_count(on) if on else ("" if csv_form else "–"))
+    for side in ("below", "above"):
+        values = [getattr(r, f"finetuned_to_base_{side}") for r in ivs]
+        values = [v for v in values if _finite(v)]
+        record.append(num(max(values), 3 if not csv_form else 6) if values else ("" if csv_form else "–"))
     for c in controls:
         rows = cell.conditions(c)
         if not rows:
@@ -102,10 +105,11 @@ def markdown_table(cells: list[Cell]) -> str:
     name = _intervention_label(cells)
     controls, comparisons = other_names(cells, "control"), other_names(cells, "comparison")
     header = ["family", "behavior", "variant", "builds", "baseline gap", f"{name} gap", f"{name} reduction %",
-              "eval recovery %", "reduced", "near zero", "broken", "window on planted", "ft → base outside planted (max)"]
+              "eval recovery %", "reduced", "near zero", "broken", "window on planted",
+              "ft → base below planted (max)", "ft → base above planted (max)"]
     header += [f"{display(c)}: reduction (unbroken builds)" for c in controls]
     header += [f"{display(c)} reduction % (comparison)" for c in comparisons]
-    align = ["---", "---", "---", "---:"] + ["---:"] * 4 + [":---:"] * 4 + ["---:"] + ["---:"] * (len(controls) + len(comparisons))
+    align = ["---", "---", "---", "---:"] + ["---:"] * 4 + [":---:"] * 4 + ["---:"] * 2 + ["---:"] * (len(controls) + len(comparisons))
     records = [_pooled_record(c, controls, comparisons, csv_form=False) for c in cells]
     for r in records:
         r[2] = r[2] or "–"
@@ -116,7 +120,8 @@ def wide_csv(cells: list[Cell]) -> str:
     """The pooled table as raw fractions: means over builds, counts of builds."""
     controls, comparisons = other_names(cells, "control"), other_names(cells, "comparison")
     header = ["family", "behavior", "variant", "builds", "baseline_gap", "intervened_gap", "reduction", "eval_recovery",
-              "reduced_builds", "near_zero_builds", "broken_builds", "window_on_planted_builds", "finetuned_to_base_outside_max"]
+              "reduced_builds", "near_zero_builds", "broken_builds", "window_on_planted_builds",
+              "finetuned_to_base_below_max", "finetuned_to_base_above_max"]
     for c in controls:
         header += [f"{c}_reduction_unbroken", f"{c}_broken_builds", f"{c}_fails_builds"]
     header += [f"{c}_reduction" for c in comparisons]
@@ -179,6 +184,10 @@ def headline(cells: list[Cell]) -> str:
     if planted:
         on = sum(all(b.intervention.window_on_planted for b in c.builds) for c in planted)
         text += f"; the window overlaps the planted layers in {on} of {len(planted)}"
+        below = [b.intervention.finetuned_to_base_below for c in planted for b in c.builds]
+        below = [v for v in below if _finite(v)]
+        if below:  # 0 by construction; anything else says the layers were not where they were planted
+            text += f" (fine-tune -> base patch below them at most {max(below):.3f})"
     controls = other_names(cells, "control")
     if not controls:
         return text + "; no controls"

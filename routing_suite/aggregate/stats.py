@@ -90,11 +90,14 @@ class ConditionStats:
     layers: str = ""
     patch_effect: float = float("nan")
     # The build's localization against its planted layers (organisms): the window, the planted
-    # layers, whether they overlap, and the largest |fine-tune -> base| patch effect outside them.
+    # layers, whether they overlap, and the largest |fine-tune -> base| patch effect below them
+    # (0 by construction: the fine-tune changes nothing there) and above them (downstream
+    # layers carry the planted change's consequences).
     window: str = ""
     planted: str = ""
     window_on_planted: bool | None = None
-    finetuned_to_base_outside: float = float("nan")
+    finetuned_to_base_below: float = float("nan")
+    finetuned_to_base_above: float = float("nan")
 
     @property
     def cell(self) -> tuple[str, str, str]:
@@ -150,12 +153,15 @@ def localization(cell: CellOutcomes) -> dict:
     """The build's window against its planted layers (empty when the store does not say)."""
     planted = list(cell.planted)
     window = list(range(cell.window[0], cell.window[1] + 1)) if len(cell.window) == 2 else []
-    outside = [abs(e) for layer, e in cell.layer_effect.get("finetuned_to_base", {}).items() if planted and layer not in planted]
+    effects = cell.layer_effect.get("finetuned_to_base", {}) if planted else {}
+    below = [abs(e) for layer, e in effects.items() if layer < min(planted)]
+    above = [abs(e) for layer, e in effects.items() if layer > max(planted)]
     return {
         "window": ",".join(map(str, window)),
         "planted": ",".join(map(str, planted)),
         "window_on_planted": bool(set(window) & set(planted)) if planted and window else None,
-        "finetuned_to_base_outside": max(outside) if outside else float("nan"),
+        "finetuned_to_base_below": max(below) if below else float("nan"),
+        "finetuned_to_base_above": max(above) if above else float("nan"),
     }
 
 

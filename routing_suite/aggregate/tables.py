@@ -143,7 +143,8 @@ CELL_COLUMNS = (
     "family", "behavior", "variant", "replicate", "condition", "kind", "n_prompts", "n_units",
     *(f"{f}{s}" for f in FIGURES for s in ("", "_lo", "_hi")),
     "correct_eval", "correct_deploy", "deploy_drop", "correct_drop", "perturbation_norm", "broken", "reduced", "near_zero",
-    "layers", "patch_effect", "window", "planted", "window_on_planted", "finetuned_to_base_outside",
+    "layers", "patch_effect", "window", "planted", "window_on_planted", "finetuned_to_base_below",
+    "finetuned_to_base_above",
 )
 
 
@@ -157,7 +158,8 @@ def cells_csv(rows: Iterable[ConditionStats]) -> str:
             record += [num(e.value), num(e.lo), num(e.hi)]
         record += [num(r.correct_eval), num(r.correct_deploy), num(r.deploy_drop), num(r.correct_drop), num(r.perturbation_norm)]
         record += [flag(r.broken), flag(r.reduced), flag(r.near_zero)]
-        record += [r.layers, num(r.patch_effect), r.window, r.planted, flag(r.window_on_planted), num(r.finetuned_to_base_outside)]
+        record += [r.layers, num(r.patch_effect), r.window, r.planted, flag(r.window_on_planted), num(r.finetuned_to_base_below),
+                   num(r.finetuned_to_base_above)]
         records.append(record)
     return _csv(CELL_COLUMNS, records)
 
@@ -192,7 +194,7 @@ def builds_markdown(cells: list[Cell]) -> str:
     name = _intervention_label(cells)
     controls = other_names(cells, "control")
     comparisons = other_names(cells, "comparison")
-    header = ["cell", "build", "units / prompts", "window (planted)", "ft → base outside planted", "baseline gap", f"{name} gap",
+    header = ["cell", "build", "units / prompts", "window (planted)", "ft → base below / above planted", "baseline gap", f"{name} gap",
               f"{name} reduction", "eval recovery", "deploy rate b → c", "correct eval b → c", "correct deploy b → c", "reduced",
               "near zero"]
     header += [f"{display(c)}: reduction; gap − {name} gap" for c in controls]
@@ -202,7 +204,7 @@ def builds_markdown(cells: list[Cell]) -> str:
     for cell in cells:
         for b in cell.builds:
             i, base = b.intervention, b.baseline
-            record = [cell.name, b.replicate or "–", f"{i.n_units} / {i.n_prompts}", _window(i), num(i.finetuned_to_base_outside, 3) or "–",
+            record = [cell.name, b.replicate or "–", f"{i.n_units} / {i.n_prompts}", _window(i), _below_above(i),
                       _interval(base.gap), _interval(i.gap),
                       _reduction(i), _percent(i.recovery),
                       f"{num(base.deploy_rate.value, 2)} → {num(i.deploy_rate.value, 2)}",
@@ -222,6 +224,12 @@ def _window(r: ConditionStats) -> str:
         return "–"
     text = f"[{r.window.replace(',', ', ')}]"
     return f"{text} ({r.planted.replace(',', ', ')}: {'on' if r.window_on_planted else 'off'})" if r.planted else text
+
+
+def _below_above(r: ConditionStats) -> str:
+    """The largest |fine-tune -> base| patch effect below / above the planted layers."""
+    below, above = num(r.finetuned_to_base_below, 3), num(r.finetuned_to_base_above, 3)
+    return f"{below or '–'} / {above or '–'}" if below or above else "–"
 
 
 def _comparison(r: ConditionStats | None) -> str:
