@@ -87,6 +87,18 @@ def test_the_planted_layers_are_found(cell):
     assert set(range(first, last + 1)) & set(cfg.model.train.lora_layers)
 
 
+def test_patching_the_fine_tune_into_the_base_below_the_planted_layers_changes_nothing(cell):
+    """Below the planted layers the two models compute the same activations, so patching the
+    fine-tune's attention output into the base there has no effect at all (any build, any CPU);
+    from the planted layers on it has one."""
+    cfg, _, result = cell
+    effect = xr.open_zarr(result["store"], group="localize").layer_effect.sel(source="finetuned_to_base").load()
+    planted = cfg.model.train.lora_layers
+    below = effect.sel(layer=[layer for layer in effect.layer.values if layer < min(planted)])
+    assert np.abs(below.values).max() <= 1e-5, below.values
+    assert np.abs(effect.sel(layer=planted).values).max() > 1e-3, effect.values
+
+
 def test_controls_are_matched_by_construction(cell):
     """Each control moves each edited activation by exactly the clamp's amount (DESIGN.md): the
     mean change on the test prompts is the clamp's, with no scale factor."""
