@@ -61,11 +61,10 @@ def cell_conditions(cfg) -> tuple[list[Condition], list[str], int]:
     store = result["store"]
     acts = xr.open_zarr(store, group="activations").load()
     fit = xr.open_zarr(store, group="fit").load()
-    localized = xr.open_zarr(store, group="localize").load()
     spec = instantiate(cfg.intervention)
     controls = {key: instantiate(value) for key, value in cfg.control.items()}
     check_controls(controls)
-    conditions = build_conditions(spec, controls, fit, localized, acts, result["window"], int(cfg.seed))
+    conditions = build_conditions(spec, controls, fit, acts, result["window"], int(cfg.seed))
     test = acts.sel(prompt=acts.split.values == "test")
     prompts = [str(p) for p in test.eval_prompt.values] + [str(p) for p in test.deploy_prompt.values]
     return conditions, prompts, int(cfg.behavior.max_new_tokens)

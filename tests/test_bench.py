@@ -5,9 +5,12 @@ from __future__ import annotations
 import torch
 
 from routing_suite import bench_conditions as bc
+from routing_suite.config import register_configs
 from routing_suite.interventions import Condition, SubspaceEdit
 from routing_suite.organisms import task as T
 from routing_suite.prompts import organism_pairs
+
+register_configs()
 
 
 def _basis(hidden: int, rank: int, seed: int) -> torch.Tensor:
@@ -37,3 +40,11 @@ def test_hooked_generate_matches_the_suites_batched_conditions(llama_underperfor
     # The edits matter: otherwise the comparison says nothing.
     changed = {name: sum(a != b for a, b in zip(texts, suite["baseline"])) for name, texts in suite.items()}
     assert all(changed[name] > 0 for name in changed if name != "baseline"), changed
+
+
+def test_the_benchmarks_cell_gives_its_conditions_and_test_prompts(llama_underperform, organism_cache, tmp_path):
+    """`make bench` builds its intervention conditions from a real cell, as the routing run does."""
+    cfg = bc.routing_cfg("llama", organism_cache, tmp_path, 8, ["control=[random]"])
+    conditions, prompts, max_new = bc.cell_conditions(cfg)
+    assert [c.kind for c in conditions][:2] == ["baseline", "intervention"] and "control" in {c.kind for c in conditions}
+    assert len(prompts) == 2 * 8 and len(set(prompts)) == len(prompts) and max_new == int(cfg.behavior.max_new_tokens)
