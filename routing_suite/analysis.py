@@ -78,11 +78,6 @@ def random_subspace(d: int, rank: int, rng: np.random.Generator, avoid: Array | 
     return q.T.astype(np.float32)
 
 
-def clamp_change(h: Array, basis: Array, target: Array) -> Array:
-    """The change a clamp of h's coordinates (in `basis`) to `target` makes: (n, d)."""
-    return (target[None, :] - h @ basis.T) @ basis
-
-
 def mean_change_norm(change: Array) -> float:
     return float(np.linalg.norm(change, axis=-1).mean())
 

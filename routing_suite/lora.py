@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
@@ -152,20 +151,3 @@ def plan_layer_steps(sites: list[tuple[int, str]], lora: LoraAdapter | None, num
                 steps.append(("site", layer, site))
         steps += [("lora", layer, d) for d in pending]
     return steps
-
-
-def run_lora_steps(nn_model, steps: list[tuple[str, int, Any]]) -> None:
-    """Inside a trace: apply every update of `steps` (for invokes that read no site)."""
-    for kind, _, item in steps:
-        if kind == "lora":
-            lora_update(nn_model, item)
-
-
-def to_device(adapter: LoraAdapter | None, device: torch.device | str) -> LoraAdapter | None:
-    if adapter is None:
-        return None
-    moved = {
-        layer: [LoraDelta(d.layer, d.module, d.A.to(device), d.B.to(device), d.scale) for d in deltas]
-        for layer, deltas in adapter.deltas.items()
-    }
-    return LoraAdapter(moved, adapter.source)

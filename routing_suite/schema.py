@@ -172,10 +172,7 @@ SCHEMA_VERSION = 1
 
 MODELS = ("base", "finetuned")
 FRAMINGS = ("eval", "deploy")
-GROUPS = ("activations", "fit", "localize", "outcomes")
 STAGES = ("collect", "fit", "localize", "intervene")
-EXPERIMENTS = ("routing", "adl", "em", "em_transfer")
-ADL_GROUPS = ("adl_sums", "adl_mean", "adl_readout", "adl_steer", "adl_causal")
 ADL_STAGES = ("adl_mean", "adl_readout", "adl_steer", "adl_causal")
 EM_STAGES = ("em_samples", "em_activations", "em_directions", "em_outcomes")
 EM_TRANSFER_STAGES = ("xfer_maps", "xfer_outcomes")

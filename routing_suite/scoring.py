@@ -227,21 +227,3 @@ def greedy_completions(
         new = generated[:, enc["input_ids"].shape[1] :]
         out += tokenizer.batch_decode(new, skip_special_tokens=True)
     return out
-
-
-@torch.no_grad()
-def first_token_probs(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], tokens: list[str], batch_size: int = 64
-) -> torch.Tensor:
-    """P(first completion token == tokens[i] | prompts[i]) for every prompt."""
-    tokenizer.padding_side = "left"
-    # A leading space gives the id a completion would start with, for word-level
-    # and byte-level BPE tokenizers alike.
-    ids = torch.tensor([tokenizer(" " + t, add_special_tokens=False)["input_ids"][0] for t in tokens])
-    probs = []
-    for start in range(0, len(prompts), batch_size):
-        enc = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-        logits = model(**enc).logits[:, -1].float()
-        p = logits.softmax(-1)
-        probs.append(p.gather(1, ids[start : start + batch_size, None])[:, 0])
-    return torch.cat(probs)

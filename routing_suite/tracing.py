@@ -18,7 +18,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from routing_suite.errors import ConfigError
-from routing_suite.families import SITES, family_paths, site_path
+from routing_suite.families import SITES, site_path
 from routing_suite.lora import lora_update, plan_layer_steps
 from routing_suite.models import Traced
 
@@ -220,7 +220,3 @@ def _stack(values: dict, request: SiteRequest, num_heads: int) -> dict[str, Tens
             stacked = stacked.view(*stacked.shape[:3], num_heads, -1)
         out[site] = stacked
     return out
-
-
-def final_norm_path(family: str) -> str:
-    return family_paths(family).final_norm
