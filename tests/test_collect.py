@@ -146,16 +146,23 @@ def _prompt_chunk(store: RunStore, site: str, chunk: int) -> Path:
     return store.path / collect_stage.GROUP / site / "c" / "/".join("0" * 2 + str(chunk) + "0" * (ndim - 3))
 
 
-def test_a_record_that_disagrees_with_the_data_is_repaired(tmp_path, tiny_cache, caplog):
-    """Prompts recorded done whose values are gone (a lost chunk) are traced again, with one line saying so."""
+def _clean_and_damaged(tmp_path: Path, tiny_cache, sites: tuple[str, ...], batch_size: int):
+    """Six prompt pairs collected twice (chunks of two prompts): a store left clean and one a
+    test damages; the pair, items and request to collect again with."""
     source = tiny_source(tiny_cache)
     pair = source.load("refuse")
     items = _items(T.make_task(source.spec.task), 6)
-    request, settings = SiteRequest(("resid", "attn")), StoreSettings(chunk_prompts=2)
-    clean = _open(tmp_path / "clean", settings, {"t": 1})
-    collect_stage.collect(pair, items, request, clean, LocalBackend(batch_size=4), progress=False)
-    store = _open(tmp_path / "lost", settings, {"t": 1})
-    collect_stage.collect(pair, items, request, store, LocalBackend(batch_size=4), progress=False)
+    request, settings = SiteRequest(sites), StoreSettings(chunk_prompts=2)
+    stores = []
+    for name in ("clean", "damaged"):
+        stores.append(_open(tmp_path / name, settings, {"t": 1}))
+        collect_stage.collect(pair, items, request, stores[-1], LocalBackend(batch_size=batch_size), progress=False)
+    return pair, items, request, settings, *stores
+
+
+def test_a_record_that_disagrees_with_the_data_is_repaired(tmp_path, tiny_cache, caplog):
+    """Prompts recorded done whose values are gone (a lost chunk) are traced again, with one line saying so."""
+    pair, items, request, _, clean, store = _clean_and_damaged(tmp_path, tiny_cache, ("resid", "attn"), 4)
     _prompt_chunk(store, "attn", 1).unlink()  # prompts 2 and 3 of the smaller variable
     with caplog.at_level(logging.INFO):
         collect_stage.collect(pair, items, request, store, LocalBackend(batch_size=2), progress=False)
@@ -182,19 +189,12 @@ def test_a_routing_store_with_lost_activations_redoes_collect_and_every_later_st
 def test_a_store_of_the_per_batch_layout_is_read_from_its_data(tmp_path, tiny_cache, caplog):
     """A store made before completion was kept per prompt (one `batch_done` flag per batch),
     even one poisoned by a rerun at another batch size (flags set, values missing), resumes."""
-    source = tiny_source(tiny_cache)
-    pair = source.load("refuse")
-    items = _items(T.make_task(source.spec.task), 6)
-    request, settings = SiteRequest(("resid",)), StoreSettings(chunk_prompts=2)
-    clean = _open(tmp_path / "clean", settings, {"t": 1})
-    collect_stage.collect(pair, items, request, clean, LocalBackend(batch_size=2), progress=False)
-    store = _open(tmp_path / "old", settings, {"t": 1})
-    collect_stage.collect(pair, items, request, store, LocalBackend(batch_size=2), progress=False)
+    pair, items, request, settings, clean, store = _clean_and_damaged(tmp_path, tiny_cache, ("resid",), 2)
     group = zarr.open_group(str(store.path), path=collect_stage.GROUP, mode="r+")
     del group["done"]
     group.create_array("batch_done", shape=(3,), dtype="bool", fill_value=False, dimension_names=("batch",))[:] = True
     _prompt_chunk(store, "resid", 2).unlink()
-    store = _open(tmp_path / "old", settings, {"t": 1})
+    store = _open(tmp_path / "damaged", settings, {"t": 1})
     with caplog.at_level(logging.INFO):
         collect_stage.collect(pair, items, request, store, LocalBackend(batch_size=4), progress=False)
     assert "recorded per batch (older layout); 4 of 6 entries found written" in caplog.text
