@@ -94,12 +94,12 @@ def generate_under_conditions(
 ) -> dict[str, list[str]]:
     """Completions of `prompts` under each condition (one batched generation, one
     request; more if `backend.max_invokes` caps the conditions per request):
-    greedy, or sampled with `sampling` (torch seeded before each request)."""
+    greedy, or sampled with `sampling` (torch seeded with sampling.seed + k in
+    the k-th request, where it runs)."""
     completions: dict[str, list[str]] = {}
     for k, chunk in enumerate(chunked(conditions, backend.max_invokes)):
-        if sampling is not None:
-            torch.manual_seed(sampling.seed + k)
-        completions.update(_generate(traced, family, tokenizer, prompts, chunk, max_new_tokens, num_layers, backend, sampling))
+        seeded = None if sampling is None else Sampling(sampling.temperature, sampling.seed + k)
+        completions.update(_generate(traced, family, tokenizer, prompts, chunk, max_new_tokens, num_layers, backend, seeded))
     return completions
 
 
@@ -115,9 +115,13 @@ def _generate(
     # Completions are cut at their first <eos>. When every row has ended early,
     # the edit loop asks for steps the run never makes; nnsight then warns by
     # design, which says nothing here. Adapter updates apply at every step,
-    # "prompt" edits only to the prompt's pass (the first occurrence). No
-    # comment lines inside the block: nnsight ships it as ast.unparse'd source,
-    # and remote="local" runs that against the file's own line numbers.
+    # "prompt" edits only to the prompt's pass (the first occurrence). A sampled
+    # generation seeds torch's generator inside the trace, first thing of the
+    # first invoke (before the model runs), so it is seeded where it runs: in
+    # this process or on the server. No comment lines inside the block: nnsight
+    # ships it as ast.unparse'd source, and remote="local" runs that against the
+    # file's own line numbers.
+    seed = None if sampling is None else sampling.seed
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
         with torch.no_grad(), nn_model.generate(
@@ -129,6 +133,8 @@ def _generate(
         ) as tracer:
             for condition, plan in zip(conditions, plans):
                 with tracer.invoke(inputs):
+                    if seed is not None and condition is conditions[0]:
+                        torch.manual_seed(seed)
                     if traced.lora is not None or (condition.edits and condition.steps == "all"):
                         for step in tracer.iter[:max_new_tokens]:
                             run_plan(nn_model, family, plan, condition, condition.steps == "all" or step == 0)

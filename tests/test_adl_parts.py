@@ -15,7 +15,7 @@ from routing_suite.adl.relevance import StatisticGrader, log_odds_z
 from routing_suite.adl.similarity import LexicalSimilarity
 from routing_suite.adl.steer import best_alpha, completion_log_ppl
 from routing_suite.adl.texts import OrganismTexts, PackageTexts, organism_forbidden_phrases
-from routing_suite.backends import LocalBackend
+from routing_suite.backends import LocalBackend, NdifBackend
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
 from routing_suite.models import ModelPair
@@ -30,6 +30,18 @@ PROMPTS = dict(chat_prompts=["he said"], identity_prompts=["red red . ?"])
 def organism_pair(llama_source, llama_underperform):
     """The session's default organism: built once for the whole fast tier, so these tests add no build."""
     return llama_source, llama_underperform
+
+
+@pytest.fixture(scope="module", params=["local", "simulated-ndif"])
+def placed(request, llama_source, llama_underperform):
+    """The default organism as each backend places it, with the merged pair as the plain reference:
+    local (merged fine-tune) and NDIF simulated in-process (nnsight's serialization,
+    remote="local"; the fine-tune as the base plus its adapter's updates)."""
+    if request.param == "local":
+        return llama_underperform, LocalBackend(), llama_underperform
+    backend = NdifBackend(simulate=True)
+    backend.preflight()
+    return llama_source.load("underperform", backend.placement), backend, llama_underperform
 
 
 def _layer_outputs(model, family: str, batch, layers: list[int]) -> dict[int, torch.Tensor]:
@@ -122,15 +134,16 @@ def test_streamed_mean_difference_equals_the_in_memory_mean_and_resumes_a_part(o
     np.testing.assert_array_equal(mean_diff.finish(store)["diff"].values, first["diff"].values)
 
 
-def test_logit_lens_and_patchscope_match_plain_torch(organism_pair):
-    _, pair = organism_pair
+def test_logit_lens_and_patchscope_match_plain_torch(placed):
+    pair, backend, reference = placed
     torch.manual_seed(0)
     vectors = torch.randn(3, pair.hidden_size)
-    lens = readout.logit_lens(pair, vectors)
-    ref = pair.finetuned.lm_head(pair.finetuned.model.norm(vectors)).softmax(-1)
+    lens = readout.logit_lens(pair, vectors, backend, batch_size=2)
+    ref = reference.finetuned.lm_head(reference.finetuned.model.norm(vectors)).softmax(-1)
     torch.testing.assert_close(lens, ref, atol=1e-6, rtol=1e-5)
     prompts, scales, norms, layers = ["red red . ?", "cat cat . blue blue . ?"], [0.5, 2.0], torch.tensor([3.0, 5.0, 7.0]), [0, 2, 3]
-    probs = readout.patchscope(pair, vectors, layers, norms, prompts, scales, batch_size=5)
+    probs = readout.patchscope(pair, vectors, layers, norms, prompts, scales, 5, backend)
+    pair = reference
     unit = vectors / vectors.norm(dim=-1, keepdim=True)
     for i, layer in enumerate(layers):
         expected = torch.zeros_like(probs[i])
@@ -147,16 +160,17 @@ def test_logit_lens_and_patchscope_match_plain_torch(organism_pair):
         torch.testing.assert_close(probs[i], expected, atol=1e-5, rtol=1e-4)
 
 
-def test_projection_replacement_is_zero_for_identical_models_and_matches_hooks(organism_pair):
-    source, pair = organism_pair
+def test_projection_replacement_is_zero_for_identical_models_and_matches_hooks(organism_pair, placed):
+    source, _ = organism_pair
+    placed_pair, backend, pair = placed
     examples = source.finetune_examples("underperform")[:6]
     data = {"finetune": examples, "unrelated": [("", t) for t in OrganismTexts(**PROMPTS).unrelated(6, 0, source.spec.task)]}
     torch.manual_seed(1)
     directions = torch.randn(pair.num_layers, pair.hidden_size)
     same = ModelPair(pair.family, pair.tokenizer, pair.base, pair.base)
-    zero = causal.causal_check(same, directions, data, 32, 4, 0, True, {})
+    zero = causal.causal_check(same, directions, data, 32, 4, 0, True, LocalBackend())
     assert np.abs(zero.delta_ce.values).max() < 1e-5
-    result = causal.causal_check(pair, directions, data, 32, 4, 0, False, {})
+    result = causal.causal_check(placed_pair, directions, data, 32, 4, 0, False, backend)
     assert list(result.condition.values) == ["difference"]
     # Layer 1 on the fine-tuning data, with plain hooks.
     ids, mask, scored = causal.encode_scored(pair.tokenizer, examples, 32)
@@ -172,9 +186,9 @@ def test_projection_replacement_is_zero_for_identical_models_and_matches_hooks(o
         x += ((base_h["h"] @ u) - (x @ u))[..., None] * u
 
     with torch.no_grad():
-        clean = causal._ce(pair.finetuned(input_ids=ids, attention_mask=mask).logits, ids, scored)
+        clean = causal.token_loss(pair.finetuned(input_ids=ids, attention_mask=mask).logits, ids, scored)
         handle = pair.finetuned.model.layers[1].register_forward_hook(replace)
-        edited = causal._ce(pair.finetuned(input_ids=ids, attention_mask=mask).logits, ids, scored)
+        edited = causal.token_loss(pair.finetuned(input_ids=ids, attention_mask=mask).logits, ids, scored)
         handle.remove()
     expected = float((edited - clean).mean())
     assert math.isclose(float(result.delta_ce.sel(data="finetune", condition="difference", layer=1)), expected, abs_tol=1e-5)
@@ -212,13 +226,14 @@ def test_lexical_similarity_and_the_alpha_rule():
 
 def test_completion_perplexity_counts_eos_when_the_text_ended(organism_pair):
     _, pair = organism_pair
-    short, cut = completion_log_ppl(pair.base, pair.tokenizer, ["he said", "he said"], ["sorry", "sorry"], max_new_tokens=2)
+    base = pair.traced("base")
+    short, cut = completion_log_ppl(base, pair.tokenizer, ["he said", "he said"], ["sorry", "sorry"], 2, LocalBackend())
     ids = pair.tokenizer("he said sorry")["input_ids"] + [pair.tokenizer.eos_token_id]
     with torch.no_grad():
         logp = pair.base(input_ids=torch.tensor([ids])).logits[0].log_softmax(-1)
     nll = [-float(logp[t - 1, ids[t]]) for t in range(len(ids) - 2, len(ids))]
     assert short == pytest.approx(np.mean(nll), abs=1e-5)
-    only_word = completion_log_ppl(pair.base, pair.tokenizer, ["he said"], ["sorry"], max_new_tokens=1)[0]
+    only_word = completion_log_ppl(base, pair.tokenizer, ["he said"], ["sorry"], 1, LocalBackend())[0]
     assert only_word == pytest.approx(nll[0], abs=1e-5)
 
 

@@ -11,12 +11,13 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from helpers import TINY_TASK, tiny_em_overrides
+from helpers import TINY_TASK, assert_same_activations, tiny_em_overrides
 from omegaconf import OmegaConf
 
 from routing_suite import analysis, schema
 from routing_suite.aggregate import run as aggregate
 from routing_suite.aggregate.config import AggregateConfig
+from routing_suite.backends import LocalBackend
 from routing_suite.config import compose_config, register_configs
 from routing_suite.em.judge import DecoyJudge
 from routing_suite.em.pipeline import run
@@ -226,6 +227,22 @@ def test_ablation_edits_match_a_plain_torch_projection(em_run):
     torch.testing.assert_close(got, logits.float().log_softmax(-1), rtol=1e-4, atol=1e-4)
 
 
+def test_simulated_ndif_run_gives_the_local_store(em_run, tiny_cache, tmp_path):
+    """Through nnsight's in-process serialization (remote="local"), with each fine-tune
+    as the base plus its adapter's updates and sampling seeded inside each trace: the
+    local run's samples, activations and outcomes."""
+    _, _, local = em_run
+    remote = run(_cfg(tiny_cache, tmp_path, ["backend=ndif", "backend.simulate=true"]))
+    for group in ("em_samples", "em_activations", "em_outcomes"):
+        a, b = xr.open_zarr(local["store"], group=group).load(), xr.open_zarr(remote["store"], group=group).load()
+        for name in a.data_vars:
+            if a[name].dtype.kind == "f":
+                assert_same_activations(b[name].values, a[name].values, f"{group}/{name}")
+            else:
+                np.testing.assert_array_equal(b[name].values, a[name].values, err_msg=f"{group}/{name}")
+    assert xr.open_zarr(remote["store"]).attrs["backend"] == "ndif"
+
+
 def test_rerun_reuses_the_store_and_gives_the_same_numbers(em_run):
     cfg, _, result = em_run
     again = run(cfg)
@@ -240,7 +257,6 @@ def test_rerun_reuses_the_store_and_gives_the_same_numbers(em_run):
         (["em.organisms.control=em_color_city"], "must be an honest dataset"),
         (["em.sampling.n_samples=0"], r"em.sampling.n_samples=0 must be >= 1"),
         (["em.steer.layer=9"], r"em.steer.layer=9 is outside the model's layers \[0, 3\]"),
-        (["backend=ndif", "backend.simulate=true"], "experiments.em runs with backend=local only"),
     ],
 )
 def test_bad_input_fails_before_any_store(extra, message, em_run, tiny_cache, tmp_path):
@@ -273,4 +289,4 @@ def test_only_organisms_can_be_fine_tuned_for_em():
 
     source = CheckpointPairSource(family="llama", base=str(ROOT), finetuned=str(ROOT))
     with pytest.raises(ConfigError, match="model= must be a built-in organism"):
-        load_family(source, ["em_color_city"])
+        load_family(source, ["em_color_city"], LocalBackend())

@@ -167,7 +167,6 @@ def test_bad_transfer_settings_fail_when_read(extra, message, tmp_path):
     [
         (["donor=qwen2", "receiver=qwen2"], "donor and receiver are both 'qwen2'"),
         (["donor=falcon"], r"donor='falcon' is not one of"),
-        (["backend=ndif", "backend.simulate=true"], "experiments.em_transfer runs with backend=local only"),
     ],
 )
 def test_bad_pairs_fail_before_any_store_or_build(extra, message, tmp_path):

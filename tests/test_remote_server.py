@@ -5,8 +5,9 @@ with `scripts/ndif/local_server.sh install`); these tests start it, or use the
 one at NDIF_TEST_HOST, and stop what they started. A server that does not start
 fails them; one not installed skips them, unless NDIF_REMOTE_REQUIRED is set
 (`make test-remote` sets it). A routing cell through it
-gives the local store, and a server stopped in the middle of a run stops it
-with one clear line; the rerun completes the same store.
+gives the local store, and so do the ADL and the EM experiments; a server
+stopped in the middle of a run stops it with one clear line; the rerun
+completes the same store.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from helpers import assert_same_activations
+from helpers import assert_same_activations, tiny_em_overrides
 
 pytestmark = pytest.mark.remote
 
@@ -89,6 +90,45 @@ def test_routing_cell_through_the_server_equals_local(server, llama_underperform
     outcomes_a, outcomes_b = xr.open_zarr(a, group="outcomes"), xr.open_zarr(b, group="outcomes")
     np.testing.assert_array_equal(outcomes_a.performed.values, outcomes_b.performed.values)
     assert xr.open_zarr(a, group="localize").attrs["window"] == xr.open_zarr(b, group="localize").attrs["window"]
+
+
+def _same_groups(local: Path, remote: Path, groups: tuple[str, ...]) -> None:
+    """Every float variable within the activations tolerance, every other one equal."""
+    for group in groups:
+        a, b = xr.open_zarr(local, group=group).load(), xr.open_zarr(remote, group=group).load()
+        for name in a.data_vars:
+            if a[name].dtype.kind == "f":
+                assert_same_activations(b[name].values, a[name].values, f"{group}/{name}")
+            else:
+                np.testing.assert_array_equal(b[name].values, a[name].values, err_msg=f"{group}/{name}")
+
+
+def test_adl_through_the_server_equals_local(server, llama_underperform, organism_cache, tmp_path):
+    """Mean difference, logit lens (the norm and unembedding called inside a trace),
+    patchscope, steering with its perplexity, and the causal check, all on the server."""
+    small = [f"model.cache_dir={organism_cache}", "adl.texts_per_part=64", "backend.batch_size=16", "adl.causal.n_texts=16",
+             "progress=false"]
+    runs = {}
+    for name, backend in (("local", []), ("remote", ["backend=ndif"])):
+        root = tmp_path / name
+        args = [*small, f"store.root={root / 'stores'}", f"report_dir={root / 'table'}", f"hydra.run.dir={root / 'run'}", *backend]
+        done = _run("adl", args, _env(server))
+        assert done.returncode == 0, done.stderr
+        runs[name] = _store(root)
+    _same_groups(runs["local"], runs["remote"], ("adl_mean", "adl_readout", "adl_steer", "adl_causal"))
+    assert xr.open_zarr(runs["remote"]).attrs["backend"] == "ndif"
+
+
+def test_em_through_the_server_equals_local(server, tiny_cache, tmp_path):
+    """Sampled generation seeded inside each trace draws the local texts on the server."""
+    runs = {}
+    for name, backend in (("local", []), ("remote", ["backend=ndif"])):
+        root = tmp_path / name
+        args = [*tiny_em_overrides(tiny_cache, root), f"hydra.run.dir={root / 'run'}", *backend]
+        done = _run("em", args, _env(server))
+        assert done.returncode == 0, done.stderr
+        runs[name] = _store(root)
+    _same_groups(runs["local"], runs["remote"], ("em_samples", "em_activations", "em_outcomes"))
 
 
 def test_server_stopped_mid_run_then_rerun_completes(server, llama_underperform, organism_cache, tmp_path):

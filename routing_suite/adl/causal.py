@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 
+import nnsight
 import numpy as np
 import torch
 import xarray as xr
@@ -25,19 +26,16 @@ from torch import Tensor
 
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
+from routing_suite.lora import lora_update, plan_layer_steps
 from routing_suite.models import ModelPair
 from routing_suite.organisms.training import Example
 from routing_suite.store import text
-from routing_suite.tracing import envoy_at
+from routing_suite.tracing import envoy_at, site_value
 
 log = logging.getLogger(__name__)
 
 DATA = ("finetune", "unrelated")
 CONDITIONS = ("difference", "random")
-
-
-def _first(value):
-    return value[0] if isinstance(value, tuple) else value
 
 
 def encode_scored(tokenizer, examples: list[Example], max_tokens: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -72,43 +70,69 @@ def encode_scored(tokenizer, examples: list[Example], max_tokens: int) -> tuple[
     return input_ids, attention, scored
 
 
-def _ce(logits: Tensor, ids: Tensor, scored: Tensor) -> Tensor:
+def token_loss(logits: Tensor, ids: Tensor, scored: Tensor) -> Tensor:
     """(batch,) mean cross-entropy over the scored tokens of each row."""
     logp = logits.float().log_softmax(-1)[:, :-1]
+    ids, scored = ids.to(logp.device), scored.to(logp.device)
     nll = -logp.gather(2, ids[:, 1:, None])[..., 0]
     target = scored[:, 1:].float()
-    return (nll * target).sum(1) / target.sum(1).clamp(min=1)
+    return ((nll * target).sum(1) / target.sum(1).clamp(min=1)).cpu()
+
+
+def _ft_plan(pair: ModelPair, traced, layer: int | None) -> list:
+    """The fine-tune's steps for one forward: its adapter's updates (when it runs as
+    the base plus adapter) and, with `layer`, the replacement there, in execution order."""
+    return plan_layer_steps([] if layer is None else [(layer, "resid")], traced.lora, pair.num_layers)
 
 
 @torch.no_grad()
-def _batch_deltas(pair: ModelPair, ids: Tensor, mask: Tensor, scored: Tensor, units: dict[str, Tensor], trace_kwargs: dict) -> dict:
-    """CE of the fine-tune and of the base, and CE after replacement per (condition, layer)."""
+def _batch_deltas(pair: ModelPair, ids: Tensor, mask: Tensor, scored: Tensor, units: dict[str, Tensor], backend) -> dict:
+    """CE of the fine-tune and of the base, and CE after replacement per (condition, layer).
+
+    Every pass is a trace through the backend that sends back per-row losses
+    (and, from the base, its (batch, seq) projections on each condition's
+    (layer, hidden) units), never logits. No comments inside the trace blocks:
+    nnsight ships them as unparsed source (see routing_suite.steering)."""
     family, layers = pair.family, list(range(pair.num_layers))
     inputs = {"input_ids": ids, "attention_mask": mask}
-    base, ft = pair.traced("base").nn, pair.traced("finetuned").nn
-    saved = {}
-    with base.trace(inputs, **trace_kwargs):
+    base, ft = pair.traced("base"), pair.traced("finetuned")
+    nn_base = base.nn
+    with nn_base.trace(inputs, **backend.trace_kwargs(nn_base)):
+        projections = nnsight.save({})
         for layer in layers:
-            saved[layer] = _first(envoy_at(base, site_path(family, "resid", layer)).output).save()
-        base_logits = base.output.logits.save()
-    with ft.trace(inputs, **trace_kwargs):
-        ft_logits = ft.output.logits.save()
-    out = {"base": _ce(base_logits, ids, scored), "finetuned": _ce(ft_logits, ids, scored)}
-    for name, unit in units.items():  # unit: (layer, hidden)
+            x = site_value(envoy_at(nn_base, site_path(family, "resid", layer)), "resid").float()
+            for name, unit in units.items():
+                projections[name, layer] = (x @ unit[layer].to(x.device)).cpu()
+        base_ce = token_loss(nn_base.output.logits, ids, scored).save()
+    backend.record(nn_base, projections)
+    out = {"base": base_ce, "finetuned": _finetune_loss(pair, ft, inputs, ids, scored, None, None, backend)}
+    for name, unit in units.items():
         for layer in layers:
-            u = unit[layer]
-            base_proj = saved[layer].float() @ u  # (batch, seq)
-            with ft.trace(inputs, **trace_kwargs):
-                x = _first(envoy_at(ft, site_path(family, "resid", layer)).output)
-                x[:] = x + ((base_proj - x.float() @ u)[..., None] * u).to(x.dtype)
-                logits = ft.output.logits.save()
-            out[name, layer] = _ce(logits, ids, scored) - out["finetuned"]
+            edit = (unit[layer], projections[name, layer])
+            out[name, layer] = _finetune_loss(pair, ft, inputs, ids, scored, layer, edit, backend) - out["finetuned"]
     return out
+
+
+def _finetune_loss(pair: ModelPair, ft, inputs: dict, ids: Tensor, scored: Tensor, layer: int | None, edit, backend) -> Tensor:
+    """(batch,) CE of the fine-tune, with its component along `edit`'s unit at `layer`
+    replaced by the base's projection (`edit` = (unit, base projection)), or unedited."""
+    nn_model = ft.nn
+    with nn_model.trace(inputs, **backend.trace_kwargs(nn_model)):
+        for kind, at, item in _ft_plan(pair, ft, layer):
+            if kind == "lora":
+                lora_update(nn_model, item)
+                continue
+            x = site_value(envoy_at(nn_model, site_path(pair.family, "resid", at)), "resid")
+            u, base_proj = edit[0].to(x.device), edit[1].to(x.device)
+            x[:] = x + ((base_proj - x.float() @ u)[..., None] * u).to(x.dtype)
+        ce = token_loss(nn_model.output.logits, ids, scored).save()
+    backend.record(nn_model, ce)
+    return ce
 
 
 def causal_check(
     pair: ModelPair, directions: Tensor, data: dict[str, list[Example]], max_tokens: int, batch_size: int, seed: int,
-    random_control: bool, trace_kwargs: dict,
+    random_control: bool, backend,
 ) -> xr.Dataset:
     """delta_ce (data, condition, layer) with its standard error over texts, and the unedited losses."""
     unit = directions.float() / directions.float().norm(dim=-1, keepdim=True).clamp(min=1e-12)
@@ -125,7 +149,7 @@ def causal_check(
         per_text: dict = {}
         for start in range(0, len(data[kind]), batch_size):
             ids, mask, scored = encode_scored(pair.tokenizer, data[kind][start : start + batch_size], max_tokens)
-            for key, values in _batch_deltas(pair, ids, mask, scored, units, trace_kwargs).items():
+            for key, values in _batch_deltas(pair, ids, mask, scored, units, backend).items():
                 per_text.setdefault(key, []).append(values.numpy())
         values = {key: np.concatenate(v) for key, v in per_text.items()}
         ce[d] = [values["base"].mean(), values["finetuned"].mean()]

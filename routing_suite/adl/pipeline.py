@@ -48,7 +48,7 @@ def _sample(items: list, n: int, seed: int) -> list:
     return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), n))]
 
 
-def readouts(pair: ModelPair, means: xr.Dataset, grader, identity_prompts: list[str], settings: AdlSettings, trace_kwargs: dict) -> xr.Dataset:
+def readouts(pair: ModelPair, means: xr.Dataset, grader, identity_prompts: list[str], settings: AdlSettings, backend) -> xr.Dataset:
     """Top tokens of both readouts for the difference and both baselines, and their relevance."""
     layers = [int(v) for v in means.layer.values]
     positions = [str(v) for v in means.position.values]
@@ -58,9 +58,9 @@ def readouts(pair: ModelPair, means: xr.Dataset, grader, identity_prompts: list[
     norms = torch.from_numpy(means["norm_finetuned"].values).repeat(len(SOURCES), 1, 1).reshape(-1)
     row_layers = [layers[li] for _ in SOURCES for li in range(L) for _ in range(K)]
     probs = {
-        "logit_lens": readout.logit_lens(pair, flat),
+        "logit_lens": readout.logit_lens(pair, flat, backend),
         "patchscope": readout.patchscope(
-            pair, flat, row_layers, norms, identity_prompts, list(settings.readout.scales), settings.readout.batch_size, **trace_kwargs
+            pair, flat, row_layers, norms, identity_prompts, list(settings.readout.scales), settings.readout.batch_size, backend
         ),
     }
     shape = (len(READOUTS), len(SOURCES), L, K, k)
@@ -133,10 +133,6 @@ def run(cfg) -> dict:
     grader = instantiate(cfg.grader)
     texts.check()
     similarity.check()
-    if setup.backend.name != "local":
-        # Readouts and the causal check trace the merged fine-tune directly; the
-        # remote placement (base plus adapter updates) is not wired into them.
-        raise ConfigError(f"experiments.adl runs with backend=local only (got backend={setup.backend.name})")
     seed = int(cfg.seed)
     behavior = setup.behavior.name
     examples = finetune_data(setup, settings)
@@ -154,12 +150,11 @@ def run(cfg) -> dict:
     prompts = {e[0] for e in examples}
     if overlap := [t for t in unrelated if t in prompts]:
         raise ConfigError(f"{len(overlap)} unrelated texts are fine-tuning prompts, e.g. {overlap[0]!r}")
-    pair = setup.source.load(behavior)
+    pair = pipeline.load_pair(setup)
     steer_layer = pair.num_layers // 2 if settings.steer.layer is None else settings.steer.layer
     if not 0 <= steer_layer < pair.num_layers:
         raise ConfigError(f"adl.steer.layer={steer_layer} is outside the model's layers [0, {pair.num_layers - 1}]")
     store = pipeline.open_store(setup, pair, "adl", experiment="adl")
-    trace_kwargs = setup.backend.trace_kwargs()
     ft_texts = [f"{p} {c}" for p, c in examples]
     grader.fit(ft_texts, unrelated, pair.tokenizer)
 
@@ -168,7 +163,7 @@ def run(cfg) -> dict:
         store.write_group(mean_diff.MEAN, mean_diff.finish(store))
         store.mark_stage_done("adl_mean")
     means = store.read(mean_diff.MEAN).load()
-    read = _stage(store, "adl_readout", lambda: readouts(pair, means, grader, list(texts.identity_prompts), settings, trace_kwargs))
+    read = _stage(store, "adl_readout", lambda: readouts(pair, means, grader, list(texts.identity_prompts), settings, setup.backend))
     position = pick_position(read.relevance, steer_layer, settings.position)
     diff = torch.from_numpy(means["diff"].values)  # (layer, position, hidden)
     norm = float(means["norm_finetuned"].values[steer_layer, position])
@@ -183,7 +178,7 @@ def run(cfg) -> dict:
     }
     _stage(store, "adl_causal", lambda: causal.causal_check(
         pair, diff[:, position], data, settings.causal.max_tokens, settings.causal.batch_size, seed,
-        settings.causal.random_control, trace_kwargs,
+        settings.causal.random_control, setup.backend,
     ))
     if not store.complete:  # a finished store is never written to
         store.update_attrs(adl={"position": position, "steer_layer": steer_layer, "n_texts": int(means.attrs["n_texts"]),

@@ -24,12 +24,14 @@ import numpy as np
 import torch
 import xarray as xr
 from torch import Tensor
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
+from routing_suite.adl.causal import token_loss
 from routing_suite.adl.settings import SteerSettings
 from routing_suite.adl.similarity import Similarity
 from routing_suite.interventions import Condition, SubspaceEdit
-from routing_suite.models import ModelPair
+from routing_suite.lora import lora_update, plan_layer_steps
+from routing_suite.models import ModelPair, Traced
 from routing_suite.steering import generate_under_conditions
 from routing_suite.store import text
 
@@ -48,10 +50,11 @@ def chat_inputs(tokenizer: PreTrainedTokenizerBase, prompts: list[str], chat_tem
 
 @torch.no_grad()
 def completion_log_ppl(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str], max_new_tokens: int,
-    batch_size: int = 64,
+    traced: Traced, tokenizer: PreTrainedTokenizerBase, prompts: list[str], completions: list[str], max_new_tokens: int,
+    backend, batch_size: int = 64,
 ) -> np.ndarray:
-    """Mean negative log-likelihood per completion token under `model`, one value per completion."""
+    """Mean negative log-likelihood per completion token under `traced` (a trace
+    through the backend that sends back one value per row), one value per completion."""
     rows = []
     for prompt, completion in zip(prompts, completions):
         p = tokenizer(prompt)["input_ids"]
@@ -59,6 +62,8 @@ def completion_log_ppl(
         if len(c) < max_new_tokens and tokenizer.eos_token_id is not None:
             c = [*c, tokenizer.eos_token_id]
         rows.append((p, c))
+    nn_model = traced.nn
+    steps = plan_layer_steps([], traced.lora, 0 if traced.lora is None else max(traced.lora.deltas) + 1)
     out = np.zeros(len(rows))
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
@@ -70,10 +75,12 @@ def completion_log_ppl(
             ids[i, : len(p) + len(c)] = torch.tensor(p + c)
             mask[i, : len(p) + len(c)] = 1
             scored[i, len(p) : len(p) + len(c)] = True
-        logp = model(input_ids=ids, attention_mask=mask).logits.float().log_softmax(-1)
-        nll = -logp[:, :-1].gather(2, ids[:, 1:, None])[..., 0]  # predicts token t+1 from t
-        target = scored[:, 1:]
-        out[start : start + len(chunk)] = ((nll * target).sum(1) / target.sum(1).clamp(min=1)).numpy()
+        with nn_model.trace({"input_ids": ids, "attention_mask": mask}, **backend.trace_kwargs(nn_model)):
+            for _, _, delta in steps:
+                lora_update(nn_model, delta)
+            nll = token_loss(nn_model.output.logits, ids, scored).save()
+        backend.record(nn_model, nll)
+        out[start : start + len(chunk)] = nll.numpy()
     return out
 
 
@@ -125,7 +132,9 @@ def steer(
 
     grid = {kind: [completions(kind, a) for a in alphas] for kind in kinds}
     flat = [t for kind in kinds for rows in grid[kind] for t in rows]
-    log_ppl = completion_log_ppl(pair.base, pair.tokenizer, inputs * (len(flat) // len(inputs)), flat, settings.max_new_tokens)
+    log_ppl = completion_log_ppl(
+        pair.traced("base"), pair.tokenizer, inputs * (len(flat) // len(inputs)), flat, settings.max_new_tokens, backend
+    )
     sim = similarity.score(flat, reference)
     shape = (len(kinds), len(alphas), len(prompts))
     log_ppl, sim = log_ppl.reshape(shape), sim.reshape(shape)

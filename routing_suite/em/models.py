@@ -47,11 +47,14 @@ class EmModels:
         return next(iter(self.pairs.values())).hidden_size
 
 
-def load_family(source, kinds: list[str]) -> EmModels:
-    """Every fine-tune of `kinds` on the source's base (built first if the source builds)."""
+def load_family(source, kinds: list[str], backend) -> EmModels:
+    """Every fine-tune of `kinds` on the source's base (built first if the source builds),
+    placed as the backend wants them and checked against its service."""
     if not isinstance(source, OrganismSource):
         raise ConfigError(f"experiments.em builds its fine-tunes: model= must be a built-in organism (got {type(source).__name__})")
-    pairs = {kind: source.load(kind) for kind in kinds}
+    pairs = {kind: source.load(kind, backend.placement) for kind in kinds}
+    for pair in pairs.values():
+        backend.check_pair(pair)
     first = pairs[kinds[0]]
     identity = {
         "source": "organism",

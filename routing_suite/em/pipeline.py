@@ -162,7 +162,7 @@ def em_store_path(cfg: DictConfig, model_name: str) -> tuple[StoreSettings, Path
 
 def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
     source = instantiate(cfg.model)
-    models = load_family(source, settings.organisms.finetunes)
+    models = load_family(source, settings.organisms.finetunes, backend)
     settings.check_layers(models.num_layers)
     task = T.make_task(source.task_spec)
     prompts = general_prompts(task, "fit") + general_prompts(task, "test")
@@ -178,13 +178,6 @@ def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
         "backend": backend.name,
     }
     return Family(models, prompts, RunStore.open(final, store_settings, digest_cfg, provenance))
-
-
-def check_backend(backend, experiment: str = "experiments.em") -> None:
-    backend.preflight()
-    if backend.name != "local":
-        # Sampling is seeded in this process; a remote server would not draw the same texts.
-        raise ConfigError(f"{experiment} runs with backend=local only (got backend={backend.name})")
 
 
 def ensure_family(cfg: DictConfig, settings: EmSettings, judge, backend) -> tuple[Family, Path]:
@@ -214,7 +207,7 @@ def run(cfg: DictConfig) -> dict:
     settings: EmSettings = OmegaConf.to_object(cfg.em)
     judge = instantiate(cfg.judge)
     backend = instantiate(cfg.backend)
-    check_backend(backend)
+    backend.preflight()
     out = report_folder(cfg, "em")
     fam, final = ensure_family(cfg, settings, judge, backend)
     seconds = time.perf_counter() - started

@@ -33,7 +33,6 @@ from routing_suite.em.generation import evaluate
 from routing_suite.em.models import BASE
 from routing_suite.em.pipeline import (
     Family,
-    check_backend,
     ensure_family,
     match_residuals,
     run_stage,
@@ -157,7 +156,7 @@ def run(cfg: DictConfig) -> dict:
     transfer: EmTransferSettings = OmegaConf.to_object(cfg.transfer)
     judge = instantiate(cfg.judge)
     backend = instantiate(cfg.backend)
-    check_backend(backend, "experiments.em_transfer")
+    backend.preflight()
     out = report_folder(cfg, "em_transfer")
     seed, progress = int(cfg.seed), bool(cfg.progress)
     sides = {}
