@@ -22,7 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from routing_suite.config import register_configs
 from routing_suite.errors import ConfigError, RunFailure
-from routing_suite.store import StoreBusy
+from routing_suite.store_lock import StoreBusy
 
 register_configs()
 log = logging.getLogger(__name__)

@@ -32,7 +32,8 @@ from routing_suite.families import site_path
 from routing_suite.models import ModelPair, OrganismSource
 from routing_suite.organisms import task as T
 from routing_suite.prompts import organism_pairs
-from routing_suite.store import RunStore, StoreSettings
+from routing_suite.store import RunStore
+from routing_suite.store_settings import StoreSettings
 from routing_suite.tracing import SiteRequest, make_batch, select_positions, trace_sites
 
 log = logging.getLogger(__name__)

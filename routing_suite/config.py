@@ -22,7 +22,7 @@ from routing_suite.errors import ConfigError
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.pretrained.specs import ChatTaskSpec, ChatTrainSpec
 from routing_suite.settings import FitSettings, InterventionSpec, LocalizeSettings
-from routing_suite.store import StoreSettings
+from routing_suite.store_settings import StoreSettings
 from routing_suite.sweeps import register_launcher_stand_ins, register_resolvers
 
 # ---------------------------------------------------------------- model

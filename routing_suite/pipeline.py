@@ -29,7 +29,8 @@ from routing_suite.provenance import (
     scrub_secrets,
 )
 from routing_suite.scoring import Behavior
-from routing_suite.store import RunStore, StoreSettings, check_writable, store_path
+from routing_suite.store import RunStore
+from routing_suite.store_settings import StoreSettings, check_writable, store_path
 from routing_suite.tracing import SiteRequest
 
 log = logging.getLogger(__name__)

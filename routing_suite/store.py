@@ -13,39 +13,28 @@ live process holds (`StoreLock`) with that process's id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
-import fcntl
 import json
 import logging
-import math
-import os
 import re
 import shutil
-import socket
-import sys
-import tempfile
 import warnings
-import weakref
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xarray as xr
 import zarr
-from zarr.codecs import BloscCodec, ZstdCodec
 from zarr.core.sync import sync as zarr_sync
 
 from routing_suite import schema
 from routing_suite.errors import ConfigError
 from routing_suite.provenance import differing_keys, digest
+from routing_suite.store_lock import StoreLock
+from routing_suite.store_settings import STORED_DTYPES, StoreSettings, check_writable
 
 log = logging.getLogger(__name__)
 
-# bfloat16 has no numpy dtype; float32 holds every bfloat16 value exactly.
-STORED_DTYPES = {"float32": "float32", "float16": "float16", "bfloat16": "float32"}
-COMPRESSORS = ("zstd", "blosc", "none")
 # A streamed group's completion record, one flag per entry of its streamed dimension
 # (prompt, part or batch row); stores made before it kept one flag per batch.
 DONE = "done"
@@ -79,161 +68,8 @@ class NonFiniteActivation(RuntimeError):
     """A NaN or Inf about to be stored; the message says where it came from."""
 
 
-@dataclass
-class StoreSettings:
-    root: str = "outputs/stores"
-    dtype: str = "float32"
-    # Prompts per chunk; 0 picks them so that the largest variable's chunks
-    # hold about `chunk_mb` MiB (zarr's per-chunk cost is fixed: small chunks
-    # make writes slow, huge ones make reads of a few prompts slow).
-    chunk_prompts: int = 0
-    chunk_mb: float = 1.0
-    compressor: str = "blosc"
-    compression_level: int = 3
-    overwrite: bool = False
-
-    def __post_init__(self) -> None:
-        if self.dtype not in STORED_DTYPES:
-            raise ConfigError(f"store.dtype={self.dtype!r} is not one of {list(STORED_DTYPES)}")
-        if self.compressor not in COMPRESSORS:
-            raise ConfigError(f"store.compressor={self.compressor!r} is not one of {list(COMPRESSORS)}")
-        if self.chunk_prompts < 0:
-            raise ConfigError(f"store.chunk_prompts={self.chunk_prompts} must be >= 1 (or 0: from store.chunk_mb)")
-        if not self.chunk_mb > 0:
-            raise ConfigError(f"store.chunk_mb={self.chunk_mb} must be > 0")
-
-    def prompts_per_chunk(self, variables: dict[str, tuple[tuple[str, ...], tuple[int, ...]]], batch_size: int = 1) -> int:
-        """Prompts per chunk for a group of prompt-streamed `variables` (name -> (dims, shape)):
-        `chunk_prompts`, or from `chunk_mb` rounded down to whole batches, so
-        that groups of batches fill whole chunks."""
-        if self.chunk_prompts:
-            return self.chunk_prompts
-        itemsize = np.dtype(STORED_DTYPES[self.dtype]).itemsize
-        per_prompt = max(
-            itemsize * math.prod(n for d, n in zip(dims, shape) if d != "prompt") for dims, shape in variables.values()
-        )
-        prompts = int(self.chunk_mb * 2**20 // per_prompt)
-        return max(batch_size, prompts // batch_size * batch_size)
-
-    def codecs(self) -> list:
-        if self.compressor == "zstd":
-            return [ZstdCodec(level=self.compression_level)]
-        if self.compressor == "blosc":
-            # lz4 after a byte shuffle: on activations it compressed more than zstd
-            # (1.19x vs 1.08x on the organisms' float32) at about twice zstd's speed.
-            return [BloscCodec(cname="lz4", clevel=self.compression_level, shuffle="shuffle")]
-        return []
-
-
-def store_path(settings: StoreSettings, model: str, behavior: str, label: str, config_digest: str) -> Path:
-    """Where a run's store lives: named by content, so a rerun finds it."""
-    return Path(settings.root) / model / behavior / f"{label}-{config_digest[:10]}{schema.STORE_SUFFIX}"
-
-
 def _partial(final: Path) -> Path:
     return final.with_name(final.name.removesuffix(schema.STORE_SUFFIX) + schema.PARTIAL_SUFFIX)
-
-
-def check_writable(directory: Path, key: str, keep: bool = True) -> None:
-    """A folder this run can create and write to, or a ConfigError naming `key`; before
-    any work. Folders made for the check are removed again unless `keep`."""
-    directory = Path(directory)
-    missing = [d for d in (directory, *directory.parents) if not d.exists()]
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-        # A name of this process's own: two runs probing one folder must not remove each other's probe.
-        with tempfile.NamedTemporaryFile(dir=directory, prefix=".write-probe-"):
-            pass
-    except OSError as err:
-        raise ConfigError(f"{key}: cannot write to {str(directory)!r} ({err.strerror})") from err
-    finally:
-        if not keep:
-            for made in missing:  # innermost first
-                with contextlib.suppress(OSError):
-                    made.rmdir()
-
-
-class StoreBusy(ConfigError):
-    """Another live process holds the store's lock."""
-
-
-class StoreLock:
-    """An exclusive lock on one store, `<store>.lock` beside it (the store itself is renamed
-    when it completes), held from `RunStore.open` until `finish`, or until every
-    RunStore of it in this process is gone, or the process ends.
-
-    `flock`: the kernel drops the lock of a process that dies (even by SIGKILL), so
-    a lock left by a dead process is simply taken over; the file only says who
-    holds it, for the refusal's message. A process that opens a store it already
-    holds shares its lock."""
-
-    _held: weakref.WeakValueDictionary[Path, StoreLock] = weakref.WeakValueDictionary()
-
-    def __init__(self, path: Path, handle) -> None:
-        self.path, self.handle = path, handle
-
-    @classmethod
-    def acquire(cls, store: Path) -> StoreLock:
-        path = store.with_name(store.name + ".lock").absolute()
-        held = cls._held.get(path)
-        if held is not None and held.handle is not None:
-            return held
-        while True:
-            handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the lock's life
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                owner = _owner(handle.read())
-                handle.close()
-                raise StoreBusy(
-                    f"store {str(store)!r} is in use by {owner}; wait for that run to end, or stop it "
-                    "(a lock whose process has died is taken over by the next run)"
-                ) from None
-            try:  # its last holder may have removed the file between our open and our lock: lock the new one
-                if os.stat(path).st_ino == os.fstat(handle.fileno()).st_ino:
-                    break
-            except FileNotFoundError:
-                pass
-            handle.close()
-        handle.seek(0)
-        if previous := handle.read().strip():
-            log.info("store %s: taking over the lock left by %s, which is no longer running", store, _owner(previous))
-        handle.seek(0)
-        handle.truncate()
-        main = sys.modules.get("__main__")
-        entry = getattr(getattr(main, "__spec__", None), "name", None) or Path(sys.argv[0]).name
-        started = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "entry": entry, "since": started}))
-        handle.flush()
-        lock = cls(path, handle)
-        cls._held[path] = lock
-        return lock
-
-    def release(self) -> None:
-        if self.handle is None:
-            return
-        with contextlib.suppress(OSError):
-            if os.stat(self.path).st_ino == os.fstat(self.handle.fileno()).st_ino:
-                self.path.unlink()  # removed while still locked: whoever opened it meanwhile locks a fresh one
-        self.handle.close()  # closing drops the flock
-        self.handle = None
-
-    def __del__(self) -> None:
-        try:
-            self.release()
-        except Exception:  # noqa: BLE001 - at interpreter exit the modules it needs may be gone; the kernel lets go anyway
-            pass
-
-
-def _owner(text: str) -> str:
-    """Who holds a lock, from what its file says (the machine's name only when it is not this one)."""
-    try:
-        info = json.loads(text)
-    except ValueError:
-        return "another process"
-    where = "" if info.get("host") == socket.gethostname() else f" on {info.get('host')}"
-    return f"process {info.get('pid')}{where} ({info.get('entry')}, since {info.get('since')})"
 
 
 class RunStore:

@@ -20,7 +20,8 @@ from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
 from routing_suite.models import ModelPair
 from routing_suite.organisms import task as T
-from routing_suite.store import RunStore, StoreSettings
+from routing_suite.store import RunStore
+from routing_suite.store_settings import StoreSettings
 from routing_suite.tracing import SiteRequest, make_batch
 
 PROMPTS = dict(chat_prompts=["he said"], identity_prompts=["red red . ?"])

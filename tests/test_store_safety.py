@@ -15,7 +15,9 @@ import pytest
 import xarray as xr
 import zarr
 
-from routing_suite.store import RunStore, StoreBusy, StoreLock, StoreSettings
+from routing_suite.store import RunStore
+from routing_suite.store_lock import StoreBusy, StoreLock
+from routing_suite.store_settings import StoreSettings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +86,7 @@ def test_one_process_shares_its_lock_and_lets_go_when_finished(tmp_path):
 _HOLD = """
 import sys, time
 from pathlib import Path
-from routing_suite.store import StoreLock
+from routing_suite.store_lock import StoreLock
 lock = StoreLock.acquire(Path(sys.argv[1]))
 print("held", flush=True)
 time.sleep(600)
