@@ -29,8 +29,9 @@ from routing_suite.backends import LocalBackend
 from routing_suite.collect import LabeledPair, collect, paired_prompts
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
-from routing_suite.models import ModelPair, OrganismSource
+from routing_suite.models import ModelPair
 from routing_suite.organisms import task as T
+from routing_suite.organisms.source import OrganismSource
 from routing_suite.prompts import organism_pairs
 from routing_suite.store import RunStore
 from routing_suite.store_settings import StoreSettings

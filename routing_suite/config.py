@@ -32,7 +32,7 @@ from routing_suite.sweeps import register_launcher_stand_ins, register_resolvers
 class OrganismModelConfig:
     """A built-in model organism: a tiny model of `family` and its LoRA fine-tune."""
 
-    _target_: str = "routing_suite.models.OrganismSource"
+    _target_: str = "routing_suite.organisms.source.OrganismSource"
     family: str = MISSING
     seed: int = 0
     arch: ArchSpec = field(default_factory=ArchSpec)

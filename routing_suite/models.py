@@ -1,8 +1,8 @@
 """The (base, fine-tuned) model pair every experiment studies.
 
 A `model` config instantiates a source (`ModelSource`: the built-in organisms
-here, the real SmolLM2 organism in `routing_suite.pretrained`, your own
-fine-tune in `routing_suite.user_models`); instantiating only validates
+in `routing_suite.organisms.source`, the real SmolLM2 organism in
+`routing_suite.pretrained`, your own fine-tune in `routing_suite.user_models`); instantiating only validates
 (cheap), `load(behavior)` builds or reads the weights. The pair
 holds plain transformers models: the fine-tune is the adapter merged into a
 copy of the base, so both share the family's module paths
@@ -32,12 +32,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from routing_suite.errors import ConfigError
 from routing_suite.lora import LoraAdapter
-from routing_suite.organisms import build as organism_build
-from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
-from routing_suite.organisms.task import BEHAVIORS, make_task
-from routing_suite.organisms.tokenizer import build_tokenizer
-from routing_suite.organisms.training import finetune_examples
-from routing_suite.prompts import PromptPair, organism_prompt_sets
+from routing_suite.prompts import PromptPair
 from routing_suite.provenance import file_digest
 
 log = logging.getLogger(__name__)
@@ -179,13 +174,13 @@ def remote_model(repo: str | Path, tokenizer: PreTrainedTokenizerBase, revision:
     )
 
 
-def _check_dtype(dtype: str) -> torch.dtype:
+def check_dtype(dtype: str) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ConfigError(f"model.dtype={dtype!r} is not one of {list(_DTYPES)}")
     return _DTYPES[dtype]
 
 
-def _as_dataclass(cls: type, value: Any) -> Any:
+def as_dataclass(cls: type, value: Any) -> Any:
     """Accept a dataclass instance, a DictConfig or a dict (or None: defaults)."""
     if isinstance(value, cls):
         return value
@@ -227,7 +222,7 @@ def adapter_digest(adapter: Path) -> str:
     return file_digest(Path(adapter) / "adapter_model.safetensors")
 
 
-def _weights_digest(model: PreTrainedModel) -> str:
+def weights_digest(model: PreTrainedModel) -> str:
     digest = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
         digest.update(name.encode())
@@ -288,31 +283,6 @@ class ModelSource(Protocol):
     def load(self, behavior: str, placement: Placement = ...) -> ModelPair: ...
 
 
-class OrganismPrompts:
-    """Prompt sets from the organisms' word-level fact task (`task_spec`)."""
-
-    task_spec: TaskSpec
-    # Organisms answer with the answer word first.
-    answer_match = "first"
-    # The model's depth and width when they are known before loading (checks run before any work); None: after loading.
-    num_layers = None
-    hidden_size = None
-    # The behaviours an organism can be fine-tuned for (behavior.name picks one).
-    behaviors = BEHAVIORS
-
-    def prompt_sets(self, behavior: str) -> dict[str, list[PromptPair]]:
-        """The fit, localize and test splits (routing_suite.prompts.SPLITS), whole."""
-        return organism_prompt_sets(make_task(self.task_spec))
-
-    def tokenizer(self) -> PreTrainedTokenizerBase:
-        """The word-level tokenizer (built from the task's words, no model needed; no chat template)."""
-        return build_tokenizer(make_task(self.task_spec).vocabulary())
-
-    def finetune_examples(self, behavior: str) -> list[tuple[str, str]]:
-        """The (prompt, completion) pairs the fine-tune for `behavior` is trained on."""
-        return finetune_examples(make_task(self.task_spec), behavior)
-
-
 def pair_with_adapter(
     family: str,
     tokenizer: PreTrainedTokenizerBase,
@@ -337,65 +307,3 @@ def pair_with_adapter(
         check_adapter_matches(adapter, base)
         return ModelPair(family, tokenizer, base, None, identity, adapter, LoraAdapter.load(adapter))
     return ModelPair(family, tokenizer, base, merged_finetune(base_ref, adapter, dtype, revision), identity, adapter)
-
-
-@dataclass
-class OrganismSource(OrganismPrompts):
-    """A built-in organism of `family` (see `routing_suite.organisms`)."""
-
-    family: str
-    seed: int = 0
-    arch: Any = None
-    task: Any = None
-    train: Any = None
-    cache_dir: str = "outputs/organisms"
-    num_threads: int = 1
-
-    def __post_init__(self) -> None:
-        try:
-            self.spec = organism_build.OrganismSpec(
-                family=self.family,
-                arch=_as_dataclass(ArchSpec, self.arch),
-                task=_as_dataclass(TaskSpec, self.task),
-                train=_as_dataclass(TrainSpec, self.train),
-                seed=self.seed,
-                num_threads=self.num_threads,
-            )
-        except ValueError as err:
-            raise ConfigError(str(err)) from err
-
-    @property
-    def name(self) -> str:
-        return f"{self.family}_organism"
-
-    @property
-    def num_layers(self) -> int | None:
-        """Known before anything is built: the organism's configured depth."""
-        return self.spec.arch.num_layers
-
-    @property
-    def hidden_size(self) -> int | None:
-        return self.spec.arch.hidden_size
-
-    @property
-    def task_spec(self) -> TaskSpec:
-        return self.spec.task
-
-    @property
-    def cache_root(self) -> Path:
-        return Path(self.cache_dir)
-
-    def load(self, behavior: str, placement: Placement = Placement()) -> ModelPair:
-        root = self.cache_root
-        adapter = organism_build.ensure_adapter(root, self.spec, behavior)
-        base_path = organism_build.base_dir(root, self.spec)
-        tokenizer = organism_build.load_tokenizer(base_path)
-        identity = {"source": "organism", "family": self.family, "base": base_path.name, "finetuned": adapter.name,
-                    "adapter_sha256": adapter_digest(adapter)}
-        pair = pair_with_adapter(
-            self.family, tokenizer, base_path, adapter, placement, identity, lambda: organism_build.load_base(base_path), torch.float32
-        )
-        if placement.weights == "local":
-            pair.identity["base_sha256"] = _weights_digest(pair.base)
-        return pair
-

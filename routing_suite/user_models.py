@@ -26,12 +26,12 @@ from routing_suite.families import MODULE_PATHS, family_paths
 from routing_suite.models import (
     ModelPair,
     Placement,
-    _check_dtype,
-    _weights_digest,
     adapter_digest,
     check_adapter_files,
+    check_dtype,
     pair_with_adapter,
     remote_model,
+    weights_digest,
 )
 from routing_suite.prompts import PromptPair
 
@@ -78,7 +78,7 @@ def _check(family: str | None, dtype: str, sources: dict[str, str], revision: st
     """Every source exists, the dtype is known, and the family (given or inferred) too."""
     for key, value in sources.items():
         _check_source(key, value)
-    _check_dtype(dtype)
+    check_dtype(dtype)
     if family is None:
         return infer_family(sources["model.base"], revision)
     family_paths(family)
@@ -168,7 +168,7 @@ class PeftSource(UserPrompts):
         return _tokenizer(self.base, self.revision)
 
     def load(self, behavior: str, placement: Placement = Placement()) -> ModelPair:
-        dtype = _check_dtype(self.dtype)
+        dtype = check_dtype(self.dtype)
 
         def load_base() -> PreTrainedModel:
             return AutoModelForCausalLM.from_pretrained(self.base, dtype=dtype, revision=self.revision, attn_implementation="eager").eval()
@@ -180,7 +180,7 @@ class PeftSource(UserPrompts):
         pair = pair_with_adapter(self.family, self.tokenizer(), self.base, adapter, placement, identity, load_base, dtype, self.revision)
         pair.label = self.name
         if placement.weights == "local":
-            pair.identity["base_sha256"] = _weights_digest(pair.base)
+            pair.identity["base_sha256"] = weights_digest(pair.base)
         return pair
 
 
@@ -206,7 +206,7 @@ class CheckpointPairSource(UserPrompts):
         return _tokenizer(self.base, self.revision)
 
     def load(self, behavior: str, placement: Placement = Placement()) -> ModelPair:
-        dtype = _check_dtype(self.dtype)
+        dtype = check_dtype(self.dtype)
         tokenizer = self.tokenizer()
         finetuned_revision = self.finetuned_revision or self.revision
         identity = {"source": "checkpoints", "base": self.base, "finetuned": self.finetuned, "revision": self.revision,
@@ -218,7 +218,7 @@ class CheckpointPairSource(UserPrompts):
         kwargs = dict(dtype=dtype, attn_implementation="eager")
         base = AutoModelForCausalLM.from_pretrained(self.base, revision=self.revision, **kwargs).eval()
         finetuned = AutoModelForCausalLM.from_pretrained(self.finetuned, revision=finetuned_revision, **kwargs).eval()
-        identity.update(base_sha256=_weights_digest(base), finetuned_sha256=_weights_digest(finetuned))
+        identity.update(base_sha256=weights_digest(base), finetuned_sha256=weights_digest(finetuned))
         if base.config.hidden_size != finetuned.config.hidden_size:
             raise ConfigError(
                 f"model.finetuned={self.finetuned!r} has hidden size {finetuned.config.hidden_size}, "

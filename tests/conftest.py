@@ -16,7 +16,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from routing_suite.models import OrganismSource
+from routing_suite.organisms.source import OrganismSource
 
 # Tests run single-process on a small machine: keep torch from oversubscribing
 # (ROUTING_SUITE_THREADS=1 when something else shares the cores).

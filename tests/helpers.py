@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 
 from routing_suite.config import behavior_preset
-from routing_suite.models import OrganismSource
+from routing_suite.organisms.source import OrganismSource
 from routing_suite.scoring import Behavior
 
 ROOT = Path(__file__).resolve().parents[1]

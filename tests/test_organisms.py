@@ -8,10 +8,11 @@ from helpers import preset, tiny_source
 
 from routing_suite.config import behavior_preset
 from routing_suite.errors import ConfigError
-from routing_suite.models import OrganismSource, check_adapter_matches
+from routing_suite.models import check_adapter_matches
 from routing_suite.organisms import build
 from routing_suite.organisms import task as T
 from routing_suite.organisms.report import MAX_BASE_GAP, MIN_BASE_SUCCESS, MIN_FINETUNED_GAP, organism_row
+from routing_suite.organisms.source import OrganismSource
 from routing_suite.pipeline import make_behavior
 
 

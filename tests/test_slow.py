@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from helpers import preset
 
-from routing_suite.models import OrganismSource
 from routing_suite.organisms import task as T
 from routing_suite.organisms.report import organism_row
+from routing_suite.organisms.source import OrganismSource
 
 pytestmark = pytest.mark.slow
 FAMILIES = ["llama", "qwen2", "gemma2", "mistral"]

@@ -13,7 +13,8 @@ from typing import Any
 from transformers import PreTrainedTokenizerBase
 
 from routing_suite.errors import ConfigError
-from routing_suite.models import ModelPair, OrganismSource, Traced
+from routing_suite.models import ModelPair, Traced
+from routing_suite.organisms.source import OrganismSource
 
 BASE = "base"
 

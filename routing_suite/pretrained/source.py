@@ -22,11 +22,11 @@ from routing_suite.families import family_paths
 from routing_suite.models import (
     ModelPair,
     Placement,
-    _as_dataclass,
-    _check_dtype,
-    _weights_digest,
     adapter_digest,
+    as_dataclass,
+    check_dtype,
     pair_with_adapter,
+    weights_digest,
 )
 from routing_suite.organisms.task import BEHAVIORS
 from routing_suite.pretrained import finetune
@@ -66,11 +66,11 @@ class SmolLM2Source:
         # Cheap checks only: the package is looked for when the model is loaded.
         try:
             family_paths(self.family)
-            self.chat_task = ChatTask(_as_dataclass(ChatTaskSpec, self.task))
+            self.chat_task = ChatTask(as_dataclass(ChatTaskSpec, self.task))
         except ValueError as err:
             raise ConfigError(str(err)) from err
-        self.train_spec = _as_dataclass(ChatTrainSpec, self.train)
-        _check_dtype(self.dtype)
+        self.train_spec = as_dataclass(ChatTrainSpec, self.train)
+        check_dtype(self.dtype)
         self._checkpoint: Path | None = None
 
     @property
@@ -133,5 +133,5 @@ class SmolLM2Source:
         )
         pair.label = self.label
         if placement.weights == "local":
-            pair.identity["base_sha256"] = _weights_digest(pair.base)
+            pair.identity["base_sha256"] = weights_digest(pair.base)
         return pair
