@@ -8,6 +8,7 @@ import fake_stores as fake
 import numpy as np
 import pytest
 import xarray as xr
+from helpers import run_entry_point
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -150,16 +151,6 @@ def test_steering_finds_a_coherent_strength_above_zero(adl_run):
     assert np.isfinite(steer.log_ppl.values).all()
 
 
-def test_entry_point_bad_value_gives_one_line_and_exit_2(tmp_path):
-    import os
-    import subprocess
-    import sys
-
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.adl", "adl.steer.alphas=[1,2]"], cwd=tmp_path, env=env, capture_output=True, text=True,
-        timeout=120,
-    )
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr
-    assert lines[0] == "error: adl.steer.alphas=[1.0, 2.0] must be ascending and start at 0 (unsteered)"
+def test_entry_point_bad_value_gives_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
+    code, lines = run_entry_point("adl", ["adl.steer.alphas=[1,2]"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and lines == ["error: adl.steer.alphas=[1.0, 2.0] must be ascending and start at 0 (unsteered)"], lines

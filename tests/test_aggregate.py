@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -19,6 +17,7 @@ import fake_stores as fake
 import numpy as np
 import pytest
 import xarray as xr
+from helpers import run_entry_point
 from omegaconf import OmegaConf
 from scipy import stats
 
@@ -407,30 +406,22 @@ def test_no_usable_store_is_an_error_with_a_report(tmp_path):
 # ---------------------------------------------------------------- the entry point
 
 
-def _cli(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.aggregate", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+def test_entry_point_prints_the_headline(grid, tmp_path, monkeypatch, capsys):
+    from experiments._cli import cli
+    from experiments.aggregate import main
 
-
-def test_entry_point_prints_the_headline(grid, tmp_path):
-    result = _cli([f"root={grid}", f"out={tmp_path / 'tables'}", "plots=false"], tmp_path)
-    assert result.returncode == 0, result.stderr
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["aggregate", f"root={grid}", f"out={tmp_path / 'tables'}", "plots=false"])
+    capsys.readouterr()
+    cli(main)
     headline = (tmp_path / "tables" / "headline.txt").read_text().strip()
     assert headline.startswith("clamping reduces the gap in ") and "controls, mean reduction over unbroken builds" in headline
-    assert headline in result.stdout.splitlines()
+    assert headline in capsys.readouterr().out.splitlines()
 
 
-def test_entry_point_with_no_stores_gives_one_line_and_exit_2(tmp_path):
+def test_entry_point_with_no_stores_gives_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     (tmp_path / "empty").mkdir()
-    result = _cli([f"root={tmp_path / 'empty'}"], tmp_path)
-    assert result.returncode == 2
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: root=") and "holds no run stores" in lines[0], result.stderr
+    code, lines = run_entry_point("aggregate", [f"root={tmp_path / 'empty'}"], tmp_path, monkeypatch, capsys)
+    assert code == 2
+    assert len(lines) == 1 and lines[0].startswith("error: root=") and "holds no run stores" in lines[0], lines
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.*"))

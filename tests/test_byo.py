@@ -6,10 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import fake_stores as fake
@@ -17,7 +14,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from helpers import BYO_PROMPTS, ROOT
+from helpers import BYO_PROMPTS, ROOT, run_entry_point
 from omegaconf import OmegaConf
 
 from experiments._cli import guarded
@@ -180,16 +177,11 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(trained, tmp_path, cap
     assert not stores.exists()
 
 
-def test_the_entry_point_refuses_a_bad_prompt_file_and_leaves_no_run_folder(trained, tmp_path):
+def test_the_entry_point_refuses_a_bad_prompt_file_and_leaves_no_run_folder(trained, tmp_path, monkeypatch, capsys):
     bad = _bad_jsonl(tmp_path / "bad.jsonl", drop="answer")
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0"}
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.routing", *_model(trained)[:-1], f"data.prompts={bad}", *BEHAVIOR],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
-    )
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(f"error: data.prompts='{bad}' line 1: missing field(s) ['answer']"), result.stderr
+    code, lines = run_entry_point("routing", [*_model(trained)[:-1], f"data.prompts={bad}", *BEHAVIOR], tmp_path, monkeypatch, capsys)
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith(f"error: data.prompts='{bad}' line 1: missing field(s) ['answer']"), lines
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.*"))
 
 

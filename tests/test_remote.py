@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import subprocess
-import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from helpers import assert_same_activations
+from helpers import assert_same_activations, run_entry_point
 
 from routing_suite import collect as collect_stage
 from routing_suite import remote, routing
@@ -67,12 +64,6 @@ def test_simulated_remote_cell_gives_the_local_store(llama_underperform, organis
     assert "ndif.example.invalid" not in saved and "NDIF_API_KEY" not in saved
 
 
-def _cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", **env}
-    env = {k: v for k, v in env.items() if v is not None}
-    return subprocess.run([sys.executable, "-m", "experiments.collect", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize(
     "args,env,expected",
     [
@@ -85,11 +76,16 @@ def _cli(args: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
         (["backend=ndif", "backend.max_invokes=0"], {}, "error: backend.max_invokes=0 must be >= 1"),
     ],
 )
-def test_bad_remote_settings_give_one_line_before_any_work(args, env, expected, tmp_path):
-    result = _cli(args, tmp_path, env)
-    assert result.returncode == 2, result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+def test_bad_remote_settings_give_one_line_before_any_work(args, env, expected, tmp_path, monkeypatch, capsys):
+    """Through the entry point's guard in this process (tests/test_cli.py runs two real processes)."""
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+    code, lines = run_entry_point("collect", args, tmp_path, monkeypatch, capsys)
+    assert code == 2, lines
+    assert len(lines) == 1 and lines[0].startswith(expected), lines
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.zarr*"))
 
 

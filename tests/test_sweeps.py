@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_entry_point
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
@@ -24,14 +25,6 @@ register_configs()
 
 def _hydra_cfg(primary: str, overrides: list[str]):
     return compose_config(primary, overrides, return_hydra_config=True)
-
-
-def _run(args: list[str], cwd: Path, timeout: int = 120, **env: str) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), "HYDRA_FULL_ERROR": "0", "OMP_NUM_THREADS": "1", **env}
-    return subprocess.run(
-        [sys.executable, "-m", "experiments.routing", *args], cwd=cwd, env=full_env, capture_output=True, text=True,
-        timeout=timeout,
-    )
 
 
 # ---------------------------------------------------------------- folder names
@@ -133,11 +126,9 @@ def test_a_bad_thread_count_is_refused():
         ),
     ],
 )
-def test_a_bad_sweep_fails_before_any_job_starts(args, expected, tmp_path):
-    result = _run(["-m", *args], tmp_path)
-    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1
-    assert expected in result.stderr, result.stderr
-    assert "Traceback" not in result.stderr
+def test_a_bad_sweep_fails_before_any_job_starts(args, expected, tmp_path, monkeypatch, capsys):
+    code, lines = run_entry_point("routing", ["-m", *args], tmp_path, monkeypatch, capsys)
+    assert code == 2 and len(lines) == 1 and expected in lines[0], lines
     assert not (tmp_path / "outputs").exists(), "a job started"
 
 
