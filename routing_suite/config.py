@@ -7,6 +7,7 @@ composed, naming the full key. Components are built from `_target_`.
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,6 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from routing_suite.adl.settings import AdlSettings
-from routing_suite.em.settings import EmSettings, EmTransferSettings
 from routing_suite.errors import ConfigError
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.pretrained.specs import ChatTaskSpec, ChatTrainSpec
@@ -276,117 +275,6 @@ class RoutingExperimentConfig:
 
 
 @dataclass
-class OrganismTextConfig:
-    """Unrelated text from the organisms' own pretraining text (no fine-tuning phrase)."""
-
-    _target_: str = "routing_suite.adl.texts.OrganismTexts"
-    chat_prompts: list[str] = MISSING
-    identity_prompts: list[str] = MISSING
-    chat_template: bool = False
-
-
-@dataclass
-class PackageTextConfig:
-    """Unrelated text from a corpus file that ships inside an installable package."""
-
-    _target_: str = "routing_suite.adl.texts.PackageTexts"
-    package: str = MISSING
-    resource: str = MISSING
-    split: str = "sentences"
-    min_words: int = 6
-    install_hint: str = ""
-    chat_prompts: list[str] = MISSING
-    identity_prompts: list[str] = MISSING
-    chat_template: bool = True
-
-
-@dataclass
-class FileTextConfig:
-    """Unrelated text from a plain text file of your own."""
-
-    _target_: str = "routing_suite.adl.texts.FileTexts"
-    path: str = MISSING
-    split: str = "lines"
-    min_words: int = 6
-    chat_prompts: list[str] = MISSING
-    identity_prompts: list[str] = MISSING
-    chat_template: bool = True
-
-
-@dataclass
-class SimilarityConfig:
-    """How similar generated text is to the fine-tuning data (lexical or embedding)."""
-
-    _target_: str = MISSING
-
-
-@dataclass
-class GraderConfig:
-    """Which readout tokens count as relevant to the fine-tuning data."""
-
-    _target_: str = "routing_suite.adl.relevance.StatisticGrader"
-    z_min: float = 1.96
-    prior_weight: float = 100.0
-
-
-@dataclass
-class AdlExperimentConfig:
-    """`experiments.adl`: the Activation Difference Lens on one model pair."""
-
-    model: Any = MISSING
-    backend: Any = MISSING
-    behavior: BehaviorConfig = MISSING
-    text: Any = MISSING
-    similarity: Any = MISSING
-    grader: Any = MISSING
-    store: StoreSettings = field(default_factory=StoreSettings)
-    # data.prompts: a prompt file whose fit items carry completions is the fine-tuning data.
-    data: DataConfig = field(default_factory=DataConfig)
-    adl: AdlSettings = field(default_factory=AdlSettings)
-    seed: int = 0
-    progress: bool = True
-    # Where the ADL table goes; null: a `table` folder in the run folder.
-    report_dir: str | None = None
-
-
-@dataclass
-class JudgeConfig:
-    """Labels a sampled EM response misaligned / aligned / other, and coherent or not."""
-
-    _target_: str = MISSING
-
-
-@dataclass
-class EmExperimentConfig:
-    """`experiments.em`: emergent-misalignment directions on one family's organisms."""
-
-    model: Any = MISSING
-    backend: Any = MISSING
-    judge: JudgeConfig = MISSING
-    store: StoreSettings = field(default_factory=StoreSettings)
-    em: EmSettings = field(default_factory=EmSettings)
-    seed: int = 0
-    progress: bool = True
-    # Bootstrap resamples of the run's table.
-    n_resamples: int = 2000
-    # Where the EM table goes; null: a `table` folder in the run folder.
-    report_dir: str | None = None
-
-
-@dataclass
-class EmTransferExperimentConfig(EmExperimentConfig):
-    """`experiments.em_transfer`: a donor family's EM directions carried into a receiver family.
-
-    `model` holds the organism settings both sides share (its `family` is
-    replaced by `donor` and by `receiver`); each side's EM store is the one
-    `experiments.em` writes with the same settings."""
-
-    donor: str = "llama"
-    receiver: str = "qwen2"
-    transfer: EmTransferSettings = field(default_factory=EmTransferSettings)
-
-
-@dataclass
 class BenchConfig:
     """`experiments.bench`: ratios against plain baselines, measured side by side."""
 
@@ -410,6 +298,9 @@ class BenchConfig:
     remote: bool = True
     num_threads: int = 2
 
+
+# The study packages whose `register_schemas(cs)` adds their experiments' schemas.
+STUDY_SCHEMAS = ("routing_suite.adl.config", "routing_suite.em.config", "routing_suite.aggregate.config")
 
 # The repository's config folder (the package is installed from the checkout).
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -456,15 +347,7 @@ def register_configs() -> None:
     cs.store(name="pretrained_schema", node=PretrainedReportConfig)
     cs.store(name="collect_schema", node=CollectExperimentConfig)
     cs.store(name="bench_schema", node=BenchConfig)
-    cs.store(group="text", name="organism_text_schema", node=OrganismTextConfig)
-    cs.store(group="text", name="package_text_schema", node=PackageTextConfig)
-    cs.store(group="text", name="file_text_schema", node=FileTextConfig)
-    cs.store(group="similarity", name="similarity_schema", node=SimilarityConfig)
-    cs.store(group="grader", name="grader_schema", node=GraderConfig)
-    cs.store(name="adl_schema", node=AdlExperimentConfig)
-    cs.store(group="judge", name="judge_schema", node=JudgeConfig)
-    cs.store(name="em_schema", node=EmExperimentConfig)
-    cs.store(name="em_transfer_schema", node=EmTransferExperimentConfig)
-    from routing_suite.aggregate.config import AggregateConfig
-
-    cs.store(name="aggregate_schema", node=AggregateConfig)
+    # Each study package registers its own experiment's schemas; imported here, not at
+    # the top, because their schemas build on this module's (model, behavior, data).
+    for module in STUDY_SCHEMAS:
+        importlib.import_module(module).register_schemas(cs)

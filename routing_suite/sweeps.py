@@ -252,8 +252,8 @@ def prebuild_organisms(job_configs: Sequence[DictConfig]) -> int:
     from hydra.utils import instantiate
 
     from routing_suite.callbacks import usable_cores
-    from routing_suite.organisms.source import OrganismSource
     from routing_suite.organisms.build import build_all
+    from routing_suite.organisms.source import OrganismSource
 
     wanted = []
     for cfg in job_configs:

@@ -29,3 +29,8 @@ class AggregateConfig:
     plots: bool = True
     # Fixed so that the same inputs give the same image bytes.
     dpi: int = 150
+
+
+def register_schemas(cs) -> None:
+    """Called by `routing_suite.config.register_configs`."""
+    cs.store(name="aggregate_schema", node=AggregateConfig)
