@@ -47,6 +47,7 @@ test-remote: setup
 
 lint: setup
 	$(VENV)/bin/ruff check routing_suite experiments tests hydra_plugins examples
+	$(VENV)/bin/lint-imports
 
 organisms: setup
 	$(PY) -m experiments.organisms
