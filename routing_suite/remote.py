@@ -12,12 +12,9 @@ attempt it raises `RemoteFailure`, whose message says what failed and that a
 rerun resumes from the last finished batch. So a request ends within
 `timeout_s x (max_retries + 1)` plus the waits between attempts.
 
-Results are decoded with `safe_load`: nnsight loads them with
-`torch.load(weights_only=False)`, so a hostile server (or anyone on a plain
-http:// path) could run code here. `safe_load` unpickles only tensors, their
-storages and dtypes, plain containers and nnsight's status enum, at any pickle
-protocol (torch's own `weights_only=True` refuses the protocol-4 frames nnsight
-sends); anything else is refused, not retried.
+Results are decoded with `routing_suite.safe_results.safe_load` (nnsight's own
+loader would unpickle whatever a server sent); anything but tensors and plain
+data is refused, not retried.
 
 `RequestStats` counts requests and bytes for whichever backend ran them, so
 cells can be compared with and without grouping.
@@ -28,11 +25,9 @@ from __future__ import annotations
 import io
 import json
 import logging
-import pickle
 import socket
 import sys
 import time
-import types
 from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
@@ -44,6 +39,7 @@ from nnsight.intervention.backends.remote import RemoteBackend, RemoteError
 from nnsight.schema.response import ResponseModel, Status
 
 from routing_suite.errors import ConfigError, RunFailure
+from routing_suite.safe_results import UnsafeResult, safe_load
 
 log = logging.getLogger(__name__)
 
@@ -54,49 +50,6 @@ class RemoteFailure(RunFailure):
 
 class RemoteTimeout(TimeoutError):
     """No result within the backend's deadline."""
-
-
-class UnsafeResult(pickle.UnpicklingError):
-    """A result holding something other than tensors and plain data: loading it could run code."""
-
-
-# ---------------------------------------------------------------- decoding results without running code
-
-# What a result may name: tensors are rebuilt by these (their storages torch.load
-# resolves itself), a few plain containers, and the status of a job.
-_ALLOWED_GLOBALS = {
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_tensor_v3"),
-    ("torch._tensor", "_rebuild_from_type_v2"),
-    ("torch", "Tensor"),
-    ("torch", "Size"),
-    ("collections", "OrderedDict"),
-    ("builtins", "set"),
-    ("builtins", "frozenset"),
-    ("builtins", "slice"),
-    ("builtins", "complex"),
-    ("builtins", "bytearray"),
-    ("_codecs", "encode"),  # how protocol 2 writes bytes (as torch's own weights_only loader allows)
-    ("nnsight.schema.response", "Status"),
-}
-
-
-class _SafeUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in _ALLOWED_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
-            return super().find_class(module, name)
-        raise UnsafeResult(f"it names {module}.{name}")
-
-
-# torch.load takes a pickle module: this one's unpickler refuses every other global.
-_SAFE_PICKLE = types.ModuleType("routing_suite_safe_pickle")
-_SAFE_PICKLE.Unpickler = _SafeUnpickler
-_SAFE_PICKLE.load = lambda file, **kwargs: _SafeUnpickler(file, **kwargs).load()
-
-
-def safe_load(content: bytes) -> Any:
-    """`torch.load` of a result that unpickles only tensors and plain data (UnsafeResult otherwise)."""
-    return torch.load(io.BytesIO(content), map_location="cpu", weights_only=False, pickle_module=_SAFE_PICKLE)
 
 
 @dataclass

@@ -25,7 +25,7 @@ from helpers import TINY_OVERRIDES, run_entry_point, tiny_source
 from routing_suite.backends import NdifBackend
 from routing_suite.errors import ConfigError
 from routing_suite.models import Placement
-from routing_suite.remote import UnsafeResult, safe_load
+from routing_suite.safe_results import UnsafeResult, safe_load
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S, RETRIES, BACKOFF_S = 2.0, 1, 0.1
