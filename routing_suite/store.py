@@ -12,7 +12,6 @@ live process holds (`StoreLock`) with that process's id.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import json
 import logging
@@ -30,25 +29,20 @@ from zarr.core.sync import sync as zarr_sync
 from routing_suite import schema
 from routing_suite.errors import ConfigError
 from routing_suite.provenance import differing_keys, digest
+from routing_suite.store_layout import (
+    DONE,
+    LEGACY_DONE,
+    STREAMED_DIMS,
+    check_finite,
+    chunk_length_along,
+    done_array,
+    gather,
+    lay_out,
+)
 from routing_suite.store_lock import StoreLock
 from routing_suite.store_settings import STORED_DTYPES, StoreSettings, check_writable
 
 log = logging.getLogger(__name__)
-
-# A streamed group's completion record, one flag per entry of its streamed dimension
-# (prompt, part or batch row); stores made before it kept one flag per batch.
-DONE = "done"
-LEGACY_DONE = "batch_done"
-STREAMED_DIMS = ("prompt", "part", "batch")
-
-
-def _chunk_length(dim: str, n: int, along: str, prompts_per_chunk: int) -> int:
-    """Prompts are chunked `prompts_per_chunk` at a time; any other streamed dimension
-    (ADL partial sums, per-batch reductions) one entry per chunk, written once each."""
-    if dim != along:
-        return n
-    return min(prompts_per_chunk, n) if along == "prompt" else 1
-
 
 def text(values) -> np.ndarray:
     """Strings as an object array: zarr v3 stores them as variable-length UTF-8,
@@ -62,10 +56,6 @@ class StoreMismatch(ConfigError):
 
 class StoreCorrupt(ConfigError):
     """Part of a store cannot be read; the message says which and what to do."""
-
-
-class NonFiniteActivation(RuntimeError):
-    """A NaN or Inf about to be stored; the message says where it came from."""
 
 
 def _partial(final: Path) -> Path:
@@ -203,7 +193,7 @@ class RunStore:
         arrays = {
             name: {
                 "shape": shape,
-                "chunks": tuple(_chunk_length(d, n, along, per_chunk) for d, n in zip(dims, shape)),
+                "chunks": tuple(chunk_length_along(d, n, along, per_chunk) for d, n in zip(dims, shape)),
                 "dtype": STORED_DTYPES[self.settings.dtype],
                 "fill_value": np.nan,
                 "compressors": self.settings.codecs(),
@@ -213,7 +203,7 @@ class RunStore:
             for name, (dims, shape) in variables.items()
         }
         n = next(shape[dims.index(along)] for dims, shape in variables.values() if along in dims)
-        zarr_sync(_lay_out(str(self.path), group, coords, arrays, _done_array(along, n)))
+        zarr_sync(lay_out(str(self.path), group, coords, arrays, done_array(along, n)))
 
     def done(self, group: str) -> np.ndarray:
         """Per entry of the streamed dimension: whether its values are written.
@@ -265,7 +255,7 @@ class RunStore:
             writes.append(arrays[name].async_array.setitem(index, values.astype(arrays[name].dtype, copy=False)))
         # Every variable's region in one trip to zarr's event loop: their chunk
         # encodes and file writes overlap instead of queueing one array at a time.
-        zarr_sync(_gather(writes))
+        zarr_sync(gather(writes))
         # Marked done only after every value is on disk.
         arrays[DONE][region] = True
 
@@ -312,7 +302,7 @@ class RunStore:
         along, _ = self._streamed_variables(group)
         written = self._has_values(group)
         g = zarr.open_group(str(self.path), path=group, mode="r+")
-        record = g.create_array(DONE, **_done_array(along, len(written)))
+        record = g.create_array(DONE, **done_array(along, len(written)))
         record[:] = written
         del g[LEGACY_DONE]
         self.__dict__.pop("_open_arrays", None)
@@ -349,55 +339,6 @@ def _remove_interrupted_writes(path: Path) -> None:
     for leftover in path.rglob("*.partial"):
         if leftover.is_file() and _INTERRUPTED_WRITE.search(leftover.name):
             leftover.unlink()
-
-
-async def _gather(coroutines: list) -> None:
-    await asyncio.gather(*coroutines)
-
-
-def _done_array(along: str, n: int) -> dict:
-    # One chunk: marking a region rewrites one small file, not one per entry.
-    return {"shape": (n,), "chunks": (n,), "dtype": "bool", "fill_value": False, "compressors": [],
-            "dimension_names": (along,), "attributes": {"meaning": f"true once every value of that {along} is written"}}
-
-
-async def _lay_out(path: str, group: str, coords: dict[str, Any], arrays: dict[str, dict], done: dict) -> None:
-    """A streamed group as xarray would lay out `xr.Dataset(coords=coords)`
-    plus `arrays` (name -> create_array keywords), in one trip to zarr's event
-    loop: dozens of small files at once instead of one after another (a test
-    checks it reads back as xarray's own). An existing group, a layout torn by
-    a crash before the completion record was made, is replaced."""
-    root = await zarr.api.asynchronous.open_group(path, mode="r+")
-    g = await root.create_group(group, overwrite=True)
-    values: dict[str, tuple[tuple[str, ...], np.ndarray]] = {}
-    for name, value in coords.items():
-        dims, data = ((name,), value) if not isinstance(value, tuple) else ((value[0],), value[1])
-        values[name] = (dims, np.asarray(data))
-    other = " ".join(sorted(name for name, (dims, _) in values.items() if dims != (name,)))
-    if other:  # how xarray tells non-index coordinates from data variables
-        await g.update_attributes({"coordinates": other})
-
-    async def coordinate(name: str, dims: tuple[str, ...], data: np.ndarray) -> None:
-        dtype = str if data.dtype == object else data.dtype
-        array = await g.create_array(name, shape=data.shape, chunks=data.shape, dtype=dtype, dimension_names=dims)
-        await array.setitem(slice(None), data)
-
-    await asyncio.gather(
-        *(coordinate(name, dims, data) for name, (dims, data) in values.items()),
-        *(g.create_array(name, **kwargs) for name, kwargs in arrays.items()),
-    )
-    await g.create_array(DONE, **done)  # created last: its presence says the layout is whole
-
-
-def check_finite(name: str, values: np.ndarray, dims: tuple[str, ...], labels: dict[str, list]) -> None:
-    """Refuse NaN or Inf, naming where the first one is (model, framing, prompt, layer, ...)."""
-    finite = np.isfinite(values)
-    if finite.all():
-        return
-    where = np.argwhere(~finite)[0]
-    place = {dim: labels[dim][i] if dim in labels else int(i) for dim, i in zip(dims, where)}
-    location = ", ".join(f"{k}={v}" for k, v in place.items() if k not in ("hidden", "head_dim"))
-    raise NonFiniteActivation(f"{name}: {int((~finite).sum())} non-finite value(s), first at {location}")
 
 
 def read_store_attrs(path: Path) -> dict[str, Any]:

@@ -25,7 +25,8 @@ from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
 from routing_suite.organisms import task as T
 from routing_suite.prompts import organism_pairs
-from routing_suite.store import NonFiniteActivation, RunStore, StoreCorrupt, StoreMismatch, check_finite
+from routing_suite.store import RunStore, StoreCorrupt, StoreMismatch
+from routing_suite.store_layout import NonFiniteActivation, check_finite
 from routing_suite.store_settings import StoreSettings
 from routing_suite.tracing import SiteRequest, make_batch, select_positions
 
