@@ -11,7 +11,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from helpers import TINY_TASK, assert_same_activations, tiny_em_overrides
+from helpers import TINY_TASK, assert_same_groups, tiny_em_overrides
 from omegaconf import OmegaConf
 
 from routing_suite import analysis, schema
@@ -233,13 +233,7 @@ def test_simulated_ndif_run_gives_the_local_store(em_run, tiny_cache, tmp_path):
     local run's samples, activations and outcomes."""
     _, _, local = em_run
     remote = run(_cfg(tiny_cache, tmp_path, ["backend=ndif", "backend.simulate=true"]))
-    for group in ("em_samples", "em_activations", "em_outcomes"):
-        a, b = xr.open_zarr(local["store"], group=group).load(), xr.open_zarr(remote["store"], group=group).load()
-        for name in a.data_vars:
-            if a[name].dtype.kind == "f":
-                assert_same_activations(b[name].values, a[name].values, f"{group}/{name}")
-            else:
-                np.testing.assert_array_equal(b[name].values, a[name].values, err_msg=f"{group}/{name}")
+    assert_same_groups(local["store"], remote["store"], ("em_samples", "em_activations", "em_outcomes"))
     assert xr.open_zarr(remote["store"]).attrs["backend"] == "ndif"
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from helpers import assert_same_activations, run_entry_point
+from helpers import assert_same_groups, run_entry_point
 
 from routing_suite import collect as collect_stage
 from routing_suite import remote, routing
@@ -44,14 +44,7 @@ def test_simulated_remote_cell_gives_the_local_store(llama_underperform, organis
     simulated = routing.run(
         _cfg(organism_cache, tmp_path / "sim", ["backend=ndif", "backend.simulate=true", "backend.host=http://ndif.example.invalid"])
     )
-    for group in ("activations", "localize", "outcomes"):
-        a = xr.open_zarr(local["store"], group=group).load()
-        b = xr.open_zarr(simulated["store"], group=group).load()
-        for name in a.data_vars:
-            if a[name].dtype.kind == "f":
-                assert_same_activations(b[name].values, a[name].values, f"{group}/{name}")
-            else:
-                np.testing.assert_array_equal(b[name].values, a[name].values, err_msg=f"{group}/{name}")
+    assert_same_groups(local["store"], simulated["store"], ("activations", "localize", "outcomes"))
     assert xr.open_zarr(simulated["store"]).attrs["backend"] == "ndif"
     # One request per batch and stage: both models, every patch set, every condition grouped
     # (localize: one unpatched pass that finds where the fine-tune departs, then the patches).

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from helpers import assert_same_activations, tiny_em_overrides
+from helpers import assert_same_activations, assert_same_groups, tiny_em_overrides
 
 pytestmark = pytest.mark.remote
 
@@ -92,17 +92,6 @@ def test_routing_cell_through_the_server_equals_local(server, llama_underperform
     assert xr.open_zarr(a, group="localize").attrs["window"] == xr.open_zarr(b, group="localize").attrs["window"]
 
 
-def _same_groups(local: Path, remote: Path, groups: tuple[str, ...]) -> None:
-    """Every float variable within the activations tolerance, every other one equal."""
-    for group in groups:
-        a, b = xr.open_zarr(local, group=group).load(), xr.open_zarr(remote, group=group).load()
-        for name in a.data_vars:
-            if a[name].dtype.kind == "f":
-                assert_same_activations(b[name].values, a[name].values, f"{group}/{name}")
-            else:
-                np.testing.assert_array_equal(b[name].values, a[name].values, err_msg=f"{group}/{name}")
-
-
 def test_adl_through_the_server_equals_local(server, llama_underperform, organism_cache, tmp_path):
     """Mean difference, logit lens (the norm and unembedding called inside a trace),
     patchscope, steering with its perplexity, and the causal check, all on the server."""
@@ -115,7 +104,7 @@ def test_adl_through_the_server_equals_local(server, llama_underperform, organis
         done = _run("adl", args, _env(server))
         assert done.returncode == 0, done.stderr
         runs[name] = _store(root)
-    _same_groups(runs["local"], runs["remote"], ("adl_mean", "adl_readout", "adl_steer", "adl_causal"))
+    assert_same_groups(runs["local"], runs["remote"], ("adl_mean", "adl_readout", "adl_steer", "adl_causal"))
     assert xr.open_zarr(runs["remote"]).attrs["backend"] == "ndif"
 
 
@@ -128,7 +117,7 @@ def test_em_through_the_server_equals_local(server, tiny_cache, tmp_path):
         done = _run("em", args, _env(server))
         assert done.returncode == 0, done.stderr
         runs[name] = _store(root)
-    _same_groups(runs["local"], runs["remote"], ("em_samples", "em_activations", "em_outcomes"))
+    assert_same_groups(runs["local"], runs["remote"], ("em_samples", "em_activations", "em_outcomes"))
 
 
 def test_server_stopped_mid_run_then_rerun_completes(server, llama_underperform, organism_cache, tmp_path):
