@@ -82,14 +82,6 @@ def mean_change_norm(change: Array) -> float:
     return float(np.linalg.norm(change, axis=-1).mean())
 
 
-def matching_scale(reference_norm: float, change: Array) -> float:
-    """The factor that makes the mean L2 norm of `change` equal `reference_norm`."""
-    norm = mean_change_norm(change)
-    if norm == 0:
-        raise ValueError("a control that changes nothing cannot be matched in magnitude")
-    return reference_norm / norm
-
-
 # ---------------------------------------------------------------- unpaired classes (EM responses)
 
 

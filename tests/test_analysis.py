@@ -53,15 +53,6 @@ def test_random_subspace_within_orthogonal_complement():
     np.testing.assert_allclose(other @ other.T, np.eye(3), atol=1e-5)
 
 
-def test_matched_scale_equalises_mean_change_norm():
-    rng = np.random.default_rng(0)
-    change = rng.standard_normal((50, 8))
-    scale = analysis.matching_scale(2.5, change)
-    assert analysis.mean_change_norm(scale * change) == pytest.approx(2.5)
-    with pytest.raises(ValueError, match="changes nothing"):
-        analysis.matching_scale(1.0, np.zeros((3, 8)))
-
-
 def test_edits_clamp_ablate_steer():
     basis = torch.eye(6)[:2]
     h = torch.randn(5, 6)
