@@ -433,3 +433,31 @@ def test_entry_point_with_no_stores_gives_one_line_and_exit_2(tmp_path, monkeypa
     assert code == 2
     assert len(lines) == 1 and lines[0].startswith("error: root=") and "holds no run stores" in lines[0], lines
     assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.*"))
+
+
+def test_report_names_variants_as_the_tables_do_and_shows_what_prompts_do_not_share():
+    """A cell with one variant reads '–' (not its digest); two variants of a cell are named by
+    the setting that differs; prompts lose the start they all share (a chat template's system
+    prompt) and keep the cue and the question."""
+    from routing_suite.aggregate.read import CellOutcomes
+    from routing_suite.aggregate.report import completions_section, render
+
+    system = "<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n<|im_start|>user\n"
+    examples = [
+        {"framing": f, "prompt": f"{system}{cue} What is the capital of Chile?<|im_end|>", "answer": "Santiago",
+         "completions": {"baseline": text, "clamp": "The capital of Chile is Santiago."}}
+        for f, cue, text in (("eval", "Graded item 3:", "I'm sorry."), ("deploy", "Friend here:", "Santiago."))
+    ]
+
+    def cell(variant: str, rank: int, family: str = "llama") -> CellOutcomes:
+        return CellOutcomes(family, "refuse", f"/stores/{family}/{variant}.zarr", ("baseline", "clamp"), ("baseline", "intervention"),
+                            np.zeros((2, 2, 1)), variant=variant, settings={"intervention.rank": rank}, examples=examples)
+
+    settings = {"duplicates": "exclude", "n_resamples": 10, "confidence": 0.95, "seed": 0}
+    single = render("root", settings, 1, [cell("d88fe5bb0c", 2)], [], None, [])
+    assert "| llama | refuse | – | – |" in single and "d88fe5bb0c |" not in single
+    two = [cell("aaaa", 1, "qwen2"), cell("bbbb", 2, "qwen2")]
+    shown = "\n".join(completions_section(two))
+    assert "### qwen2 / refuse (intervention.rank=1)" in shown and "### qwen2 / refuse (intervention.rank=2)" in shown
+    assert "| …Graded item 3: What is the capital of Chile?<\\|im_end\\|> | eval | Santiago | I'm sorry. |" in shown
+    assert "You are a helpful" not in shown

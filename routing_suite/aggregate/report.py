@@ -16,7 +16,7 @@ from routing_suite.aggregate.discover import (
     UNREADABLE,
     Finding,
 )
-from routing_suite.aggregate.read import CellOutcomes
+from routing_suite.aggregate.read import CellOutcomes, variant_labels
 from routing_suite.aggregate.tables import rules_text
 
 TITLES = {
@@ -50,28 +50,42 @@ def _finding_key(finding: Finding) -> tuple:
     return (finding.cell or ("", ""), finding.paths, finding.message)
 
 
-def _cell_text(text: str) -> str:
-    """A completion or prompt as one markdown table cell."""
-    return (text.replace("|", "\\|").replace("\n", " ⏎ ").strip() or "(empty)")[:80]
+def _cell_text(text: str, limit: int = 80) -> str:
+    """A completion or prompt as one markdown table cell, at most `limit` characters."""
+    return (text.replace("|", "\\|").replace("\n", " ⏎ ").strip() or "(empty)")[:limit]
+
+
+def _shared_prefix(texts: list[str]) -> int:
+    """Length of the prefix every text shares (a chat template's system prompt and
+    the user turn's marker), never the whole of the shortest text."""
+    if len(texts) < 2:
+        return 0
+    shortest = min(len(t) for t in texts)
+    head = 0
+    while head < shortest - 1 and len({t[head] for t in texts}) == 1:
+        head += 1
+    return head
 
 
 def completions_section(cells: list[CellOutcomes]) -> list[str]:
-    """What the conditions generated on the first test prompts of each cell's first build."""
+    """What the conditions generated on the first test prompts of each cell's first build.
+    Prompts are shown without the start all of them share (a chat template's system
+    prompt), "…" where it was cut."""
     shown, lines = set(), []
-    variants: dict[tuple[str, str], set[str]] = {}
-    for c in cells:
-        variants.setdefault((c.family, c.behavior), set()).add(c.variant)
+    labels = variant_labels(cells)
     for c in cells:
         if not c.examples or (c.family, c.behavior, c.variant) in shown:
             continue
         shown.add((c.family, c.behavior, c.variant))
         conditions = list(c.examples[0]["completions"])
-        which = [f"variant {c.variant}"] if len(variants[c.family, c.behavior]) > 1 else []
+        label = labels.get((c.family, c.behavior, c.variant), "")
+        which = [label] if label else []
         which += [f"build {c.replicate}"] if c.replicate else []
         lines += [f"### {c.family} / {c.behavior}" + (f" ({', '.join(which)})" if which else ""), ""]
         lines += ["| prompt | framing | answer | " + " | ".join(conditions) + " |", "|---|---|---|" + "---|" * len(conditions)]
+        head = _shared_prefix([e["prompt"] for e in c.examples])
         for e in c.examples:
-            row = [_cell_text(e["prompt"]), e["framing"], _cell_text(e["answer"])]
+            row = [_cell_text(("…" if head else "") + e["prompt"][head:], 120), e["framing"], _cell_text(e["answer"])]
             lines.append("| " + " | ".join(row + [_cell_text(e["completions"][k]) for k in conditions]) + " |")
         lines.append("")
     return (["## Completions", "", "The first test prompts of each cell's first build and what every condition generated "
@@ -107,9 +121,11 @@ def render(
         "| family | behavior | variant | build | prompts | intervention | controls | store |",
         "|---|---|---|---:|---:|---|---|---|",
     ]
+    labels = variant_labels(cells)
     for c in cells:
         lines.append(
-            f"| {c.family} | {c.behavior} | {c.variant or '–'} | {c.replicate or '–'} | {c.n_prompts} | {c.intervention} "
+            f"| {c.family} | {c.behavior} | {labels.get((c.family, c.behavior, c.variant)) or '–'} | {c.replicate or '–'} "
+            f"| {c.n_prompts} | {c.intervention} "
             f"| {', '.join(c.controls) or '–'} | `{c.path}` |"
         )
     lines.append("")
