@@ -34,7 +34,7 @@ from routing_suite.models import ModelPair, Traced
 from routing_suite.scoring import Behavior
 from routing_suite.settings import LocalizeSettings
 from routing_suite.steering import encode
-from routing_suite.tracing import chunked, envoy_at, group_by_model
+from routing_suite.tracing import chunked, envoy_at, group_by_model, site_value
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +97,7 @@ def run_patches(nn_model, family: str, plan: list, patches: list[Patch], head_di
         if kind == "lora":
             lora_update(nn_model, item)
             continue
-        envoy = envoy_at(nn_model, site_path(family, item, layer))
-        x = envoy.inputs[0][0] if item == "heads" else envoy.output
-        x = x[0] if isinstance(x, tuple) else x
+        x = site_value(envoy_at(nn_model, site_path(family, item, layer)), item)
         for p_layer, head, values in patches:
             if p_layer != layer or (head is None) != (item == "attn"):
                 continue

@@ -22,7 +22,7 @@ from routing_suite.families import site_path
 from routing_suite.interventions import Condition
 from routing_suite.lora import lora_update, plan_layer_steps
 from routing_suite.models import Traced
-from routing_suite.tracing import chunked, envoy_at
+from routing_suite.tracing import chunked, envoy_at, site_value
 
 
 @dataclass(frozen=True)
@@ -40,11 +40,6 @@ class Sampling:
     def kwargs(self) -> dict[str, Any]:
         # top_k=0: transformers would otherwise sample from the top 50 only.
         return {"do_sample": True, "temperature": self.temperature, "top_k": 0}
-
-
-def _site_tensor(envoy) -> Tensor:
-    out = envoy.output
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _edit(x: Tensor, edit, positions: str) -> None:
@@ -69,7 +64,7 @@ def run_plan(nn_model, family: str, plan: list, condition: Condition, edit: bool
         if kind == "lora":
             lora_update(nn_model, item)
         elif edit:
-            x = _site_tensor(envoy_at(nn_model, site_path(family, item, layer)))
+            x = site_value(envoy_at(nn_model, site_path(family, item, layer)), item)
             for e in edits[layer]:
                 _edit(x, e, condition.positions)
 
