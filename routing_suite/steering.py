@@ -11,7 +11,7 @@ base plus its adapter applies the adapter's updates at every step. Edits apply a
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -93,7 +93,7 @@ def generate_under_conditions(
     the k-th request, where it runs)."""
     completions: dict[str, list[str]] = {}
     for k, chunk in enumerate(chunked(conditions, backend.max_invokes)):
-        seeded = None if sampling is None else Sampling(sampling.temperature, sampling.seed + k)
+        seeded = None if sampling is None else replace(sampling, seed=sampling.seed + k)
         completions.update(_generate(traced, family, tokenizer, prompts, chunk, max_new_tokens, num_layers, backend, seeded))
     return completions
 

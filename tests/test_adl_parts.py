@@ -144,7 +144,6 @@ def test_logit_lens_and_patchscope_match_plain_torch(placed):
     torch.testing.assert_close(lens, ref, atol=1e-6, rtol=1e-5)
     prompts, scales, norms, layers = ["red red . ?", "cat cat . blue blue . ?"], [0.5, 2.0], torch.tensor([3.0, 5.0, 7.0]), [0, 2, 3]
     probs = readout.patchscope(pair, vectors, layers, norms, prompts, scales, 5, backend)
-    pair = reference
     unit = vectors / vectors.norm(dim=-1, keepdim=True)
     for i, layer in enumerate(layers):
         expected = torch.zeros_like(probs[i])
@@ -153,9 +152,9 @@ def test_logit_lens_and_patchscope_match_plain_torch(placed):
                 def hook(module, args, output, value=s * norms[i] * unit[i]):
                     x = output[0] if isinstance(output, tuple) else output
                     x[:, -1] = value
-                handle = pair.finetuned.model.layers[layer].register_forward_hook(hook)
+                handle = reference.finetuned.model.layers[layer].register_forward_hook(hook)
                 with torch.no_grad():
-                    logits = pair.finetuned(**pair.tokenizer([p], return_tensors="pt")).logits[0, -1]
+                    logits = reference.finetuned(**reference.tokenizer([p], return_tensors="pt")).logits[0, -1]
                 handle.remove()
                 expected += logits.softmax(-1) / (len(scales) * len(prompts))
         torch.testing.assert_close(probs[i], expected, atol=1e-5, rtol=1e-4)

@@ -79,12 +79,6 @@ def token_loss(logits: Tensor, ids: Tensor, scored: Tensor) -> Tensor:
     return ((nll * target).sum(1) / target.sum(1).clamp(min=1)).cpu()
 
 
-def _ft_plan(pair: ModelPair, traced, layer: int | None) -> list:
-    """The fine-tune's steps for one forward: its adapter's updates (when it runs as
-    the base plus adapter) and, with `layer`, the replacement there, in execution order."""
-    return plan_layer_steps([] if layer is None else [(layer, "resid")], traced.lora, pair.num_layers)
-
-
 @torch.no_grad()
 def _batch_deltas(pair: ModelPair, ids: Tensor, mask: Tensor, scored: Tensor, units: dict[str, Tensor], backend) -> dict:
     """CE of the fine-tune and of the base, and CE after replacement per (condition, layer).
@@ -117,8 +111,10 @@ def _finetune_loss(pair: ModelPair, ft, inputs: dict, ids: Tensor, scored: Tenso
     """(batch,) CE of the fine-tune, with its component along `edit`'s unit at `layer`
     replaced by the base's projection (`edit` = (unit, base projection)), or unedited."""
     nn_model = ft.nn
+    # The adapter's updates (a fine-tune run as the base plus adapter) and the replacement, in execution order.
+    steps = plan_layer_steps([] if layer is None else [(layer, "resid")], ft.lora, pair.num_layers)
     with nn_model.trace(inputs, **backend.trace_kwargs(nn_model)):
-        for kind, at, item in _ft_plan(pair, ft, layer):
+        for kind, at, item in steps:
             if kind == "lora":
                 lora_update(nn_model, item)
                 continue

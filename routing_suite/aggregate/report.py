@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from routing_suite import schema
 from routing_suite.aggregate.discover import (
     CORRUPT,
@@ -60,11 +62,7 @@ def _shared_prefix(texts: list[str]) -> int:
     the user turn's marker), never the whole of the shortest text."""
     if len(texts) < 2:
         return 0
-    shortest = min(len(t) for t in texts)
-    head = 0
-    while head < shortest - 1 and len({t[head] for t in texts}) == 1:
-        head += 1
-    return head
+    return min(len(os.path.commonprefix(texts)), min(len(t) for t in texts) - 1)
 
 
 def completions_section(cells: list[CellOutcomes]) -> list[str]:
