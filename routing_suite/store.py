@@ -88,6 +88,11 @@ class RunStore:
         for existing in (final, partial):
             if not existing.exists():
                 continue
+            if existing == partial and not (partial / "zarr.json").exists():
+                # Stopped before the root metadata's one write: nothing in it can be trusted or used.
+                log.warning("store %s was stopped before its first write; starting it anew", partial)
+                shutil.rmtree(partial)
+                continue
             attrs = dict(zarr.open_group(str(existing), mode="r").attrs)
             if settings.overwrite:
                 log.info("store.overwrite=true: removing %s", existing)
@@ -105,17 +110,11 @@ class RunStore:
                 store.finish()
             log.info("%s store %s", "reusing complete" if store.path == final else "resuming", store.path)
             return store
-        root = zarr.open_group(str(partial), mode="w", zarr_format=3)
-        root.attrs.update(
-            {
-                "schema_version": schema.SCHEMA_VERSION,
-                "config_digest": wanted,
-                "digest_config": digest_config,
-                "stages_done": [],
-                "complete": False,
-                **provenance,
-            }
-        )
+        # The root metadata in one write: zarr's `attrs.update` rewrites the file once per
+        # key, and a kill between two of those writes left a store without its cell or provenance.
+        attributes = {"schema_version": schema.SCHEMA_VERSION, "config_digest": wanted, "digest_config": digest_config,
+                      "stages_done": [], "complete": False, **provenance}
+        zarr.create_group(str(partial), zarr_format=3, overwrite=True, attributes=attributes)
         return cls(partial, final, settings, lock)
 
     # ------------------------------------------------------------ state
@@ -125,7 +124,8 @@ class RunStore:
         return dict(zarr.open_group(str(self.path), mode="r").attrs)
 
     def update_attrs(self, **values: Any) -> None:
-        zarr.open_group(str(self.path), mode="r+").attrs.update(values)
+        # One write for all of them (see `open`).
+        zarr.open_group(str(self.path), mode="r+").update_attributes(values)
 
     @property
     def complete(self) -> bool:

@@ -68,6 +68,38 @@ def test_a_finish_stopped_at_any_step_is_completed_by_the_next_open(step, tmp_pa
     assert again.finish() == again.path  # finishing twice changes nothing
 
 
+PROVENANCE = {"cell": {"family": "llama", "behavior": "refuse"}, "experiment": "routing", "seed": 0}
+
+
+def test_a_kill_at_any_write_of_the_root_metadata_leaves_all_of_it_or_none(tmp_path, monkeypatch, caplog):
+    """Every state a kill can leave: the root metadata as each write leaves it (zarr writes a
+    file whole, by rename). A partial store without its cell or provenance would be resumed
+    and finished without them; one stopped before any write is started anew."""
+    seen: list[dict] = []
+    real_put = zarr.storage._local._put
+
+    def put(path, value, **kwargs):
+        written = real_put(path, value, **kwargs)
+        if path == tmp_path / "run.zarr.partial" / "zarr.json":
+            seen.append(json.loads(path.read_text())["attributes"])
+        return written
+
+    monkeypatch.setattr(zarr.storage._local, "_put", put)
+    store = RunStore.open(tmp_path / "run.zarr", StoreSettings(), {"a": 1}, PROVENANCE)
+    store.update_attrs(stages_done=["fit"], note="two keys")
+    assert len(seen) == 2, "one write to create, one to update"
+    for attrs in seen:
+        assert {k: attrs[k] for k in PROVENANCE} == PROVENANCE and attrs["config_digest"] and "complete" in attrs
+    assert seen[1]["stages_done"] == ["fit"] and seen[1]["note"] == "two keys"
+    store.lock.release()
+
+    caplog.set_level(logging.WARNING)
+    (tmp_path / "run.zarr.partial" / "zarr.json").unlink()  # a kill after the folder, before its metadata
+    again = RunStore.open(tmp_path / "run.zarr", StoreSettings(), {"a": 1}, PROVENANCE)
+    assert "was stopped before its first write; starting it anew" in caplog.text
+    assert {k: again.attrs[k] for k in PROVENANCE} == PROVENANCE and again.attrs["stages_done"] == []
+
+
 def test_a_leftover_partial_beside_a_complete_store_is_removed(tmp_path):
     _filled(tmp_path).finish()
     (tmp_path / "run.zarr.partial").mkdir()
