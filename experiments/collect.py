@@ -6,7 +6,7 @@
 import hydra
 
 from experiments._cli import CONF, cli, guarded
-from routing_suite import collect
+from routing_suite.routing import collect
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="collect")

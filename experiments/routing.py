@@ -9,14 +9,14 @@ import sys
 import hydra
 
 from experiments._cli import CONF, cli, guarded
-from routing_suite import routing
+from routing_suite.routing import cell
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="routing")
 @guarded
 def main(cfg) -> float:
     """Returns the intervention's gap reduction (the metric an optimizing sweep would use)."""
-    result = routing.run(cfg)
+    result = cell.run(cfg)
     for warning in result["warnings"]:
         print(f"warning: {warning}", file=sys.stderr)
     print(result["table_markdown"])

@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 import xarray as xr
 
-from routing_suite import routing
 from routing_suite.backends import LocalBackend
 from routing_suite.config import compose_config
 from routing_suite.families import site_path
 from routing_suite.interventions import Condition
 from routing_suite.models import ModelPair
+from routing_suite.routing import cell
 from routing_suite.steering import encode, generate_under_conditions, until_eos
 
 
@@ -54,10 +54,10 @@ def cell_conditions(cfg) -> tuple[list[Condition], list[str], int]:
     """Run (or reuse) the cell; its conditions, held-out eval+deploy prompts, and max_new_tokens."""
     from hydra.utils import instantiate
 
-    from routing_suite.controls import check_controls
-    from routing_suite.intervene import build_conditions
+    from routing_suite.routing.controls import check_controls
+    from routing_suite.routing.intervene import build_conditions
 
-    result = routing.run(cfg)
+    result = cell.run(cfg)
     store = result["store"]
     acts = xr.open_zarr(store, group="activations").load()
     fit = xr.open_zarr(store, group="fit").load()
@@ -154,7 +154,7 @@ def remote_figures(family: str, cache_dir: str, root: Path, n_test: int) -> dict
     figures: dict = {}
     for label, extra in (("grouped", []), ("ungrouped", ["backend.max_invokes=1"])):
         cfg = routing_cfg(family, cache_dir, root / label, n_test, ["backend=ndif", "backend.simulate=true", *extra])
-        stats = routing.run(cfg)["requests"]
+        stats = cell.run(cfg)["requests"]
         for key, value in _flatten(stats).items():
             figures[f"remote_{label}_{key}"] = value
     return figures

@@ -20,7 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from routing_suite.errors import ConfigError
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.pretrained.specs import ChatTaskSpec, ChatTrainSpec
-from routing_suite.settings import FitSettings, InterventionSpec, LocalizeSettings
+from routing_suite.routing.settings import FitSettings, InterventionSpec, LocalizeSettings
 from routing_suite.store_settings import StoreSettings
 from routing_suite.sweeps import register_launcher_stand_ins, register_resolvers
 
@@ -174,7 +174,7 @@ class NdifBackendConfig:
 class InterventionConfig(InterventionSpec):
     """An intervention on a subspace of one site, in a window of layers."""
 
-    _target_: str = "routing_suite.settings.InterventionSpec"
+    _target_: str = "routing_suite.routing.settings.InterventionSpec"
 
 
 @dataclass

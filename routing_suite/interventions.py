@@ -21,7 +21,7 @@ was the previous design's failure).
 
 A `Condition` is what one row group of a batched generation runs under: a
 name, its kind (baseline, intervention or control) and its edits.
-`InterventionSpec` (routing_suite.settings) is the `intervention` config.
+`InterventionSpec` (routing_suite.routing.settings) is the `intervention` config.
 """
 
 from __future__ import annotations
@@ -29,8 +29,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import Tensor
-
-from routing_suite.settings import InterventionSpec  # noqa: F401  (the config side of an intervention)
 
 
 @dataclass

@@ -49,6 +49,14 @@ class PromptPair:
 SPLITS = ("fit", "localize", "test")
 
 
+@dataclass
+class LabeledPair:
+    """A prompt pair and the split it belongs to ('fit', 'localize' or 'test')."""
+
+    pair: PromptPair
+    split: str
+
+
 def organism_pairs(task: T.Task, fact_split: str, cue_split: str) -> list[PromptPair]:
     """Facts of `fact_split` x cue pairs of `cue_split` (`Task.facts_of`, `Task.cues`).
 

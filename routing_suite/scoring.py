@@ -162,7 +162,7 @@ class Behavior:
     max_new_tokens: int = 6
     performed: Any = field(default_factory=Performed)
     # How an answer is found in a completion (`is_correct`); None: `first`, the organisms'
-    # rule (a run passes its model source's, `pipeline.make_behavior`).
+    # rule (a run passes its model source's, `runs.make_behavior`).
     answer_match: str | None = None
     # The starts of a completion that performs it, as they follow the prompt; "{answer}"
     # is the pair's expected answer. Localize reads P(first token in this set), unless the

@@ -185,7 +185,7 @@ class RunStore:
         streamed dimension is `prompt` (chunked by `prompts_per_chunk`, whole
         batches of `batch_size`) or another one with one chunk per entry: `part`
         (partial sums, see `routing_suite.adl.mean_diff`) or `batch` (rows of
-        `routing_suite.reduce`).
+        `routing_suite.routing.reduce`).
         """
         if self.has_streamed(group):
             return

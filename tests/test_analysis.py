@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from routing_suite import analysis
-from routing_suite.controls import RandomControl, check_controls
 from routing_suite.errors import ConfigError
 from routing_suite.interventions import SubspaceEdit
-from routing_suite.localize import pick_window, windows
-from routing_suite.settings import InterventionSpec, LocalizeSettings
+from routing_suite.routing.controls import RandomControl, check_controls
+from routing_suite.routing.localize import pick_window, windows
+from routing_suite.routing.settings import InterventionSpec, LocalizeSettings
 
 
 def _paired(n=40, d=16, shift=3.0, seed=0):

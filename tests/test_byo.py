@@ -18,11 +18,13 @@ from helpers import BYO_PROMPTS, ROOT, run_entry_point
 from omegaconf import OmegaConf
 
 from experiments._cli import guarded
-from routing_suite import collect, pipeline, routing
 from routing_suite.adl.pipeline import run as run_adl
 from routing_suite.aggregate import run as aggregate
 from routing_suite.aggregate.config import AggregateConfig
 from routing_suite.config import compose_config
+from routing_suite.routing import cell as routing_cell
+from routing_suite.routing import collect
+from routing_suite.runs import build_components, cell_of, digest_config
 
 NAME = "tiny-chat+decline-lora"
 # The user's behaviour: answers, and does not decline with the user's own phrase.
@@ -60,7 +62,7 @@ def runs(trained, tmp_path_factory) -> dict:
         "collect": _cfg("collect", trained, tmp),
         "adl": _cfg("adl", trained, tmp, [f"report_dir={tmp / 'adl'}", *ADL]),
     }
-    runners = {"routing": routing.run, "collect": collect.run, "adl": run_adl}
+    runners = {"routing": routing_cell.run, "collect": collect.run, "adl": run_adl}
     return {kind: (cfgs[kind], guarded(runners[kind])(cfgs[kind])) for kind in cfgs}
 
 
@@ -78,7 +80,7 @@ def test_the_routing_cell_scores_the_users_behaviour_on_the_users_prompts(runs):
     assert "exam question : what is two plus three ?" in eval_prompts[0]
     assert sorted(set(map(str, acts.topic.values))) == ["capitals", "sums"]
     # Every outcome is the user's matcher applied to the stored completion.
-    behavior = pipeline.build_components(cfg).behavior
+    behavior = build_components(cfg).behavior
     outcomes = xr.open_zarr(store, group="outcomes").load()
     answers = acts.answer.values[acts.split.values == "test"]
     for condition in outcomes.condition.values:
@@ -118,9 +120,9 @@ def test_two_adapters_and_two_ranks_are_four_rows(trained, tmp_path):
     for adapter in (trained[1], second):
         for rank in (1, 2):
             cfg = compose_config("routing", [*_model(trained, adapter), *BEHAVIOR, f"intervention.rank={rank}"])
-            setup = pipeline.build_components(cfg)
-            digest_cfg = pipeline.digest_config(cfg)
-            cell = pipeline.cell_of(setup, setup.source.name, digest_cfg)
+            setup = build_components(cfg)
+            digest_cfg = digest_config(cfg)
+            cell = cell_of(setup, setup.source.name, digest_cfg)
             fake.write_store(tmp_path / "stores", cell["family"], cell["behavior"], replicate=cell["replicate"],
                              variant=cell["variant"], settings=digest_cfg, groups=("outcomes",))
     result = aggregate(OmegaConf.structured(AggregateConfig(root=str(tmp_path / "stores"), out=str(tmp_path / "out"), plots=False)))
@@ -166,7 +168,7 @@ def test_bad_input_is_one_line_exit_2_and_nothing_written(trained, tmp_path, cap
     ]
     for overrides, message in cases:
         cfg = compose_config("routing", [*_model(trained), *BEHAVIOR, f"store.root={stores}", *overrides])
-        line = _refused(routing.run, cfg, capsys)
+        line = _refused(routing_cell.run, cfg, capsys)
         assert line.startswith("error: ") and message in line, (overrides, line)
     # ADL with your own adapter: your unrelated text and your fine-tuning data, never the organisms'.
     adl = [*_model(trained), *BEHAVIOR, f"store.root={stores}"]
@@ -190,7 +192,7 @@ def test_a_bfloat16_model_runs_the_cell_with_edits_in_its_dtype(trained, tmp_pat
     the activation's dtype (and device: the same casts serve a GPU); the store holds float32."""
     cfg = _cfg("routing", trained, tmp_path, [f"report_dir={tmp_path / 'table'}", "model.dtype=bfloat16",
                                               "data.max_fit=24", "data.max_test=8", "control=[random]"])
-    result = routing.run(cfg)
+    result = routing_cell.run(cfg)
     outcomes = xr.open_zarr(result["store"], group="outcomes")
     assert outcomes.perturbation_norm.sel(condition="random") == pytest.approx(float(outcomes.perturbation_norm.sel(condition="clamp")), rel=1e-4)
     acts = xr.open_zarr(result["store"], group="activations")

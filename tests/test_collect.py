@@ -17,14 +17,13 @@ import xarray as xr
 import zarr
 from helpers import tiny_source
 
-from routing_suite import collect as collect_stage
 from routing_suite.backends import LocalBackend
-from routing_suite.collect import LabeledPair
 from routing_suite.config import compose_config, register_configs
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
 from routing_suite.organisms import task as T
-from routing_suite.prompts import organism_pairs
+from routing_suite.prompts import LabeledPair, organism_pairs
+from routing_suite.routing import collect as collect_stage
 from routing_suite.store import RunStore, StoreCorrupt, StoreMismatch
 from routing_suite.store_layout import NonFiniteActivation, check_finite
 from routing_suite.store_settings import StoreSettings
@@ -174,7 +173,7 @@ def test_a_record_that_disagrees_with_the_data_is_repaired(tmp_path, tiny_cache,
 
 
 def test_a_routing_store_with_lost_activations_redoes_collect_and_every_later_stage(tmp_path, tiny_cache):
-    from routing_suite.routing import stages_to_run
+    from routing_suite.routing.cell import stages_to_run
 
     source = tiny_source(tiny_cache)
     pair = source.load("refuse")
@@ -367,7 +366,7 @@ def test_kill_9_then_rerun_with_any_batch_size_gives_the_uninterrupted_store(fir
     (tmp_path / "organisms").symlink_to(uninterrupted / "organisms")
     partial = _kill_mid_collect(tmp_path, [*_SMALL_CHUNKS, f"backend.batch_size={first}"])
     left = int((~zarr.open_array(str(partial), path="activations/done", mode="r")[:]).sum())
-    with caplog.at_level(logging.INFO, logger="routing_suite.collect"):
+    with caplog.at_level(logging.INFO, logger="routing_suite.routing.collect"):
         _collect_here(tmp_path, [*_SMALL_CHUNKS, f"backend.batch_size={rerun}"])
     assert f"collect: {left} of " in caplog.text, caplog.text  # exactly the prompts not yet done
     a = xr.open_zarr(next((tmp_path / "stores").rglob("*.zarr")), group="activations").load()

@@ -8,7 +8,8 @@ import torch
 import xarray as xr
 
 from routing_suite import analysis
-from routing_suite.controls import (
+from routing_suite.interventions import SubspaceEdit
+from routing_suite.routing.controls import (
     ControlContext,
     NonRoutingControl,
     OrthogonalControl,
@@ -17,9 +18,8 @@ from routing_suite.controls import (
     SemanticControl,
     clamp_edits,
 )
-from routing_suite.fit import NON_ROUTING_MAX_PROBE, non_routing_subspace
-from routing_suite.interventions import SubspaceEdit
-from routing_suite.settings import InterventionSpec
+from routing_suite.routing.fit import NON_ROUTING_MAX_PROBE, non_routing_subspace
+from routing_suite.routing.settings import InterventionSpec
 
 D, RANK, LAYERS = 16, 2, 6
 

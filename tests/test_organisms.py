@@ -13,7 +13,7 @@ from routing_suite.organisms import build
 from routing_suite.organisms import task as T
 from routing_suite.organisms.report import MAX_BASE_GAP, MIN_BASE_SUCCESS, MIN_FINETUNED_GAP, organism_row
 from routing_suite.organisms.source import OrganismSource
-from routing_suite.pipeline import make_behavior
+from routing_suite.runs import make_behavior
 
 
 def _digest(directory: Path) -> str:

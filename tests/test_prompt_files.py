@@ -15,11 +15,11 @@ from hydra.utils import instantiate
 from routing_suite import prompt_files
 from routing_suite.config import compose_config, register_configs
 from routing_suite.errors import ConfigError
-from routing_suite.fit import semantic_pairs
-from routing_suite.pipeline import digest_config
 from routing_suite.prompts import SPLITS, check_disjoint
 from routing_suite.provenance import digest
-from routing_suite.routing import never_performed
+from routing_suite.routing.cell import never_performed
+from routing_suite.routing.fit import semantic_pairs
+from routing_suite.runs import digest_config
 from routing_suite.scoring import Behavior, choice_letter, is_correct
 
 register_configs()

@@ -7,8 +7,8 @@ from types import SimpleNamespace
 from omegaconf import OmegaConf
 
 from routing_suite.config import compose_config, register_configs
-from routing_suite.pipeline import digest_config
 from routing_suite.provenance import digest, is_secret_key, scrub_secrets
+from routing_suite.runs import digest_config
 
 register_configs()
 

@@ -16,13 +16,14 @@ import pytest
 import xarray as xr
 from helpers import assert_same_groups, run_entry_point
 
-from routing_suite import collect as collect_stage
-from routing_suite import remote, routing
+from routing_suite import remote
 from routing_suite.backends import NdifBackend
 from routing_suite.config import compose_config, register_configs
 from routing_suite.errors import ConfigError
 from routing_suite.models import Traced
 from routing_suite.remote import RemoteFailure, RequestStats, RetryingRemote, is_transient
+from routing_suite.routing import cell
+from routing_suite.routing import collect as collect_stage
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -40,8 +41,8 @@ def _cfg(organism_cache: str, root: Path, extra: list[str] = ()):
 
 @pytest.mark.slow  # a whole cell twice (about a minute): the slow tier
 def test_simulated_remote_cell_gives_the_local_store(llama_underperform, organism_cache, tmp_path):
-    local = routing.run(_cfg(organism_cache, tmp_path / "local"))
-    simulated = routing.run(
+    local = cell.run(_cfg(organism_cache, tmp_path / "local"))
+    simulated = cell.run(
         _cfg(organism_cache, tmp_path / "sim", ["backend=ndif", "backend.simulate=true", "backend.host=http://ndif.example.invalid"])
     )
     assert_same_groups(local["store"], simulated["store"], ("activations", "localize", "outcomes"))
@@ -187,10 +188,9 @@ class _DropsOut(NdifBackend):
 def test_a_run_stopped_by_a_failing_service_resumes_from_its_last_batch(tmp_path, tiny_cache):
     from helpers import tiny_source
 
-    from routing_suite.collect import LabeledPair
     from routing_suite.models import Placement
     from routing_suite.organisms import task as T
-    from routing_suite.prompts import organism_pairs
+    from routing_suite.prompts import LabeledPair, organism_pairs
     from routing_suite.store import RunStore, StoreSettings
     from routing_suite.tracing import SiteRequest
 
@@ -227,11 +227,10 @@ def test_request_counts_come_from_results():
 def test_paired_sums_give_the_difference_of_means_with_less_coming_back(tmp_path, tiny_cache):
     from helpers import tiny_source
 
-    from routing_suite.collect import LabeledPair
     from routing_suite.models import Placement
     from routing_suite.organisms import task as T
-    from routing_suite.prompts import organism_pairs
-    from routing_suite.reduce import GROUP, collect_paired_sums, mean_difference
+    from routing_suite.prompts import LabeledPair, organism_pairs
+    from routing_suite.routing.reduce import GROUP, collect_paired_sums, mean_difference
     from routing_suite.store import RunStore, StoreSettings
     from routing_suite.tracing import SiteRequest
 

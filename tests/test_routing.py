@@ -11,9 +11,9 @@ import xarray as xr
 import zarr
 from hydra.errors import InstantiationException
 
-from routing_suite import routing
 from routing_suite.config import compose_config, register_configs
 from routing_suite.errors import ConfigError
+from routing_suite.routing import cell as routing_cell
 
 register_configs()
 
@@ -37,7 +37,7 @@ def _cfg(organism_cache: str, tmp_path: Path, extra: list[str] = ()):
 def cell(llama_underperform, organism_cache, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("routing")
     cfg = _cfg(organism_cache, tmp)
-    return cfg, tmp, routing.run(cfg)
+    return cfg, tmp, routing_cell.run(cfg)
 
 
 def test_cell_runs_every_stage_and_completes_the_store(cell):
@@ -136,7 +136,7 @@ def _answers(result) -> np.ndarray:
 
 def test_rerun_skips_every_stage_and_gives_the_same_outcomes(cell):
     cfg, _, result = cell
-    again = routing.run(cfg)
+    again = routing_cell.run(cfg)
     assert again["store"] == result["store"]
     assert result["stages_run"] == ["collect", "fit", "localize", "intervene"]
     assert again["stages_run"] == []
@@ -152,7 +152,7 @@ def test_a_finish_cut_short_is_completed_by_the_rerun(cell, organism_cache, tmp_
     partial = tmp_path / "stores" / final.parent.relative_to(final.parents[2]) / final.name.replace(".zarr", ".zarr.partial")
     shutil.copytree(final, partial)
     assert zarr.open_group(str(partial), mode="r").attrs["complete"]
-    again = routing.run(_cfg(organism_cache, tmp_path))
+    again = routing_cell.run(_cfg(organism_cache, tmp_path))
     assert again["stages_run"] == [] and again["store"].endswith(".zarr") and Path(again["store"]).exists()
     assert not list((tmp_path / "stores").rglob("*.partial")) and (tmp_path / "table" / "table.md").exists()
 
@@ -173,6 +173,6 @@ def test_bad_input_fails_before_compute(extra, message, tmp_path):
     """Nothing is built or written: the organism cache stays empty too."""
     # Hydra wraps what a component's constructor raises; the entry point's guard unwraps it.
     with pytest.raises((ConfigError, ValueError, InstantiationException), match=message):
-        routing.run(_cfg(str(tmp_path / "organisms"), tmp_path, extra))
+        routing_cell.run(_cfg(str(tmp_path / "organisms"), tmp_path, extra))
     assert not (tmp_path / "stores").exists() or not list((tmp_path / "stores").rglob("*.zarr*"))
     assert not (tmp_path / "organisms").exists() or not list((tmp_path / "organisms").rglob("organism.json"))

@@ -16,10 +16,10 @@ import pytest
 import xarray as xr
 from helpers import preset
 
-from routing_suite import routing
 from routing_suite.config import compose_config, register_configs
 from routing_suite.pretrained import report
 from routing_suite.pretrained.source import SmolLM2Source
+from routing_suite.routing import cell
 
 ROOT = Path(__file__).resolve().parents[1]
 CACHE = ROOT / "outputs" / "pretrained"
@@ -94,7 +94,7 @@ def test_routing_cell_runs_end_to_end(smollm2_refuse, tmp_path):
             "progress=false",
         ],
     )
-    result = routing.run(cfg)
+    result = cell.run(cfg)
     outcomes = xr.open_zarr(result["store"], group="outcomes")
     assert {"baseline", "clamp", "random", "semantic"} <= set(outcomes.condition.values)
     assert "| smollm2_135m | refuse |" in result["table_markdown"]

@@ -25,7 +25,7 @@ import xarray as xr
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from routing_suite import pipeline
+from routing_suite import runs
 from routing_suite.adl import causal, mean_diff, readout
 from routing_suite.adl.relevance import StatisticGrader
 from routing_suite.adl.settings import AdlSettings
@@ -99,7 +99,7 @@ def pick_position(relevance: xr.DataArray, layer: int, fixed: int | None) -> int
     return int(np.argmax(scores))  # the first of equals
 
 
-def finetune_data(setup: pipeline.Setup, settings: AdlSettings) -> list[tuple[str, str]]:
+def finetune_data(setup: runs.Setup, settings: AdlSettings) -> list[tuple[str, str]]:
     """What the fine-tune was trained on: adl.finetune_file, else the completions of the
     prompt file's fit pairs, else the model source's own; refused when none of them has any."""
     if settings.finetune_file is not None:
@@ -126,7 +126,7 @@ def _stage(store: RunStore, name: str, compute) -> xr.Dataset:
 def run(cfg) -> dict:
     """One model pair through every ADL stage; returns the store, the summary row and the table."""
     started = time.perf_counter()
-    setup = pipeline.build_components(cfg)
+    setup = runs.build_components(cfg)
     settings: AdlSettings = OmegaConf.to_object(cfg.adl)
     texts = instantiate(cfg.text)
     similarity = instantiate(cfg.similarity)
@@ -146,15 +146,15 @@ def run(cfg) -> dict:
     unrelated = texts.unrelated(settings.n_texts, seed, task_spec)
     if not unrelated:
         raise ConfigError(f"text={texts.name}: no unrelated text")
-    out = pipeline.report_folder(cfg, "adl")
+    out = runs.report_folder(cfg, "adl")
     prompts = {e[0] for e in examples}
     if overlap := [t for t in unrelated if t in prompts]:
         raise ConfigError(f"{len(overlap)} unrelated texts are fine-tuning prompts, e.g. {overlap[0]!r}")
-    pair = pipeline.load_pair(setup)
+    pair = runs.load_pair(setup)
     steer_layer = pair.num_layers // 2 if settings.steer.layer is None else settings.steer.layer
     if not 0 <= steer_layer < pair.num_layers:
         raise ConfigError(f"adl.steer.layer={steer_layer} is outside the model's layers [0, {pair.num_layers - 1}]")
-    store = pipeline.open_store(setup, pair, "adl", experiment="adl")
+    store = runs.open_store(setup, pair, "adl", experiment="adl")
     ft_texts = [f"{p} {c}" for p, c in examples]
     grader.fit(ft_texts, unrelated, pair.tokenizer)
 

@@ -36,8 +36,8 @@ from routing_suite.errors import ConfigError
 from routing_suite.interventions import Condition
 from routing_suite.organisms import task as T
 from routing_suite.organisms.em_task import EM_DATASETS, GeneralPrompt, general_prompts
-from routing_suite.pipeline import digest_config, report_folder
 from routing_suite.provenance import digest, git_commit, package_versions, scrub_secrets
+from routing_suite.runs import digest_config, report_folder
 from routing_suite.store import RunStore, text
 from routing_suite.store_settings import StoreSettings, store_path
 

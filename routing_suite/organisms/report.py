@@ -103,7 +103,7 @@ def run(cfg) -> dict:
 
     from routing_suite.config import behavior_preset
     from routing_suite.organisms.build import adapter_dir, base_dir
-    from routing_suite.pipeline import make_behavior
+    from routing_suite.runs import make_behavior
 
     rows = []
     for family in cfg.families:

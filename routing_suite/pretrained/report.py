@@ -78,7 +78,7 @@ def run(cfg) -> dict:
     from hydra.utils import instantiate
 
     from routing_suite.errors import ConfigError
-    from routing_suite.pipeline import make_behavior
+    from routing_suite.runs import make_behavior
 
     bad = [s for s in cfg.splits if s not in SPLITS]
     if bad or not cfg.splits:

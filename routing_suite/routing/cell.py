@@ -15,20 +15,20 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from routing_suite import pipeline, schema
-from routing_suite.collect import collect
-from routing_suite.controls import SemanticControl, check_controls
+from routing_suite import runs, schema
 from routing_suite.errors import ConfigError
-from routing_suite.fit import fit, fit_topics
-from routing_suite.intervene import build_conditions, intervene
-from routing_suite.localize import LocalizeSettings, localize
+from routing_suite.routing.collect import collect
+from routing_suite.routing.controls import SemanticControl, check_controls
+from routing_suite.routing.fit import fit, fit_topics
+from routing_suite.routing.intervene import build_conditions, intervene
+from routing_suite.routing.localize import LocalizeSettings, localize
 
 log = logging.getLogger(__name__)
 
 # The cell's table goes to <run folder>/table unless report_dir says otherwise
-# (`pipeline.report_folder`), with a record of the store it came from (a sweep's
+# (`runs.report_folder`), with a record of the store it came from (a sweep's
 # aggregation reads it).
-TABLE_DIR = pipeline.TABLE_DIR
+TABLE_DIR = runs.TABLE_DIR
 CELL_RECORD = "cell.json"
 
 
@@ -68,12 +68,12 @@ def never_performed(outcomes, behavior: str) -> str | None:
 def run(cfg) -> dict:
     """`experiments.routing`: one cell end to end; returns the paths and the table."""
     started = time.perf_counter()
-    setup = pipeline.build_components(cfg)
+    setup = runs.build_components(cfg)
     spec = instantiate(cfg.intervention)
     controls = {key: instantiate(value) for key, value in cfg.control.items()}
     check_controls(controls)
     localize_settings = LocalizeSettings(**OmegaConf.to_container(cfg.localize, resolve=True))
-    request = pipeline.site_request(cfg)
+    request = runs.site_request(cfg)
     if cfg.collect.reduce != "none":
         raise ConfigError(f"collect.reduce={cfg.collect.reduce!r}: the routing cell needs every prompt's activations ('none')")
     if spec.site not in request.sites:
@@ -89,17 +89,17 @@ def run(cfg) -> dict:
             f"collect.layers={list(request.layers)} has gaps: the window path patching picks (intervention.window=null) "
             "may span a layer not collected; collect contiguous layers or give intervention.window"
         )
-    items = pipeline.prompt_items(setup)
+    items = runs.prompt_items(setup)
     check_topics(controls, [it.pair.topic for it in items if it.split == "fit"])
     n_fit = sum(it.split == "fit" for it in items)
     _check_rank(spec.rank, cfg.fit.max_rank, n_fit, setup.source.hidden_size)
-    out = pipeline.report_folder(cfg, "routing")
-    pair = pipeline.load_pair(setup)
+    out = runs.report_folder(cfg, "routing")
+    pair = runs.load_pair(setup)
     request = request.validate(pair.num_layers)
     spec.check_window(pair.num_layers)
     _check_rank(spec.rank, cfg.fit.max_rank, n_fit, pair.hidden_size)
 
-    store = pipeline.open_store(setup, pair, spec.name)
+    store = runs.open_store(setup, pair, spec.name)
     stats = setup.backend.stats
     ran = stages_to_run(store)
     if "collect" in ran:

@@ -36,7 +36,8 @@ import xarray as xr
 
 from routing_suite import analysis
 from routing_suite.errors import ConfigError
-from routing_suite.interventions import Condition, InterventionSpec, SubspaceEdit
+from routing_suite.interventions import Condition, SubspaceEdit
+from routing_suite.routing.settings import InterventionSpec
 
 log = logging.getLogger(__name__)
 

@@ -13,16 +13,15 @@ import logging
 import queue
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import zarr
 from tqdm.auto import tqdm
 
-from routing_suite import schema
+from routing_suite import runs, schema
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
-from routing_suite.prompts import PromptPair
+from routing_suite.prompts import LabeledPair
 from routing_suite.store import RunStore, StoreMismatch, text
 from routing_suite.tracing import SiteRequest, make_batch, trace_sites
 
@@ -31,14 +30,6 @@ log = logging.getLogger(__name__)
 GROUP = "activations"
 _SITE_DIMS = ("model", "framing", "prompt", "layer", "position", "hidden")
 _HEAD_DIMS = ("model", "framing", "prompt", "layer", "position", "head", "head_dim")
-
-
-@dataclass
-class LabeledPair:
-    """A prompt pair and the split it belongs to ('fit', 'localize' or 'test')."""
-
-    pair: PromptPair
-    split: str
 
 
 class BackgroundWriter:
@@ -222,22 +213,20 @@ def check_prompts(store: RunStore, items: list[LabeledPair]) -> None:
 
 def run(cfg) -> dict:
     """`experiments.collect`: fill (or resume, or reuse) the run's store."""
-    from routing_suite import pipeline
-
-    setup = pipeline.build_components(cfg)
-    items = pipeline.prompt_items(setup)
-    request = pipeline.site_request(cfg)
-    pair = pipeline.load_pair(setup)
+    setup = runs.build_components(cfg)
+    items = runs.prompt_items(setup)
+    request = runs.site_request(cfg)
+    pair = runs.load_pair(setup)
     request.validate(pair.num_layers)  # bad layers or sites fail before any store or trace
     reduce = cfg.collect.reduce
     if reduce not in ("none", "paired_sums"):
         raise ConfigError(f"collect.reduce={reduce!r} is not one of ['none', 'paired_sums']")
-    store = pipeline.open_store(setup, pair, "collect" if reduce == "none" else reduce)
+    store = runs.open_store(setup, pair, "collect" if reduce == "none" else reduce)
     if not store.complete:
         if reduce == "none":
             collect(pair, items, request, store, setup.backend, progress=cfg.progress)
         else:
-            from routing_suite.reduce import collect_paired_sums
+            from routing_suite.routing.reduce import collect_paired_sums
 
             collect_paired_sums(pair, items, request, store, setup.backend, progress=cfg.progress)
         store.mark_stage_done("collect")

@@ -2,7 +2,7 @@
 
 Conditions: the no-op baseline, the intervention (e.g. clamp), the base
 model's own subspace applied the same way in the fine-tune (installed vs
-inherited: kind "comparison"), and each control (routing_suite.controls).
+inherited: kind "comparison"), and each control (routing_suite.routing.controls).
 Each batch of test prompts runs once, every condition as an invoke of the
 same batched generation. Outcomes and completions are stored per prompt,
 with the prompt's sampling unit (`cluster`), which the aggregator resamples.
@@ -18,10 +18,11 @@ import xarray as xr
 from tqdm.auto import tqdm
 
 from routing_suite import analysis, schema
-from routing_suite.controls import ControlContext, clamp_edits
 from routing_suite.errors import ConfigError
-from routing_suite.interventions import Condition, InterventionSpec
+from routing_suite.interventions import Condition
 from routing_suite.models import ModelPair
+from routing_suite.routing.controls import ControlContext, clamp_edits
+from routing_suite.routing.settings import InterventionSpec
 from routing_suite.scoring import Behavior
 from routing_suite.steering import generate_under_conditions
 from routing_suite.store import text

@@ -14,12 +14,11 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from routing_suite import prompt_files
-from routing_suite.collect import LabeledPair
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
 from routing_suite.organisms.build import cpu_capability
 from routing_suite.prompt_files import PromptFile
-from routing_suite.prompts import SPLITS, check_disjoint, subsample
+from routing_suite.prompts import SPLITS, LabeledPair, check_disjoint, subsample
 from routing_suite.provenance import (
     digest,
     git_commit,
