@@ -1,6 +1,6 @@
 """The layering of the library, checked by import-linter against the contracts in
 pyproject.toml ([tool.importlinter]): the core knows no study and no model source,
-and the ADL and EM studies do not import each other."""
+the ADL and EM studies do not import each other, and the routing study imports neither."""
 
 from __future__ import annotations
 
