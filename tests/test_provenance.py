@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 from types import SimpleNamespace
 
 from omegaconf import OmegaConf
 
 from routing_suite.config import compose_config, register_configs
-from routing_suite.provenance import digest, is_secret_key, scrub_secrets
+from routing_suite.provenance import digest, is_secret_key, result_config, scrub_secrets
 from routing_suite.runs import digest_config
 
 register_configs()
@@ -48,6 +49,21 @@ def test_the_suites_own_import_paths_are_not_in_the_digest():
     user = digest_config(compose_config("routing", ["+behavior.judge._target_=mypackage.judges.Strict"]))
     assert user["behavior"]["judge"]["_target_"] == "mypackage.judges.Strict"
 
+
+
+def test_a_store_made_before_the_routing_package_keeps_its_digest():
+    """Issue 17 moved the routing study's stages into routing_suite.routing: the same config
+    with the old module paths (routing_suite.settings, routing_suite.controls) has the same
+    digest, so stores made before the move are still found and reused."""
+    new = OmegaConf.to_container(compose_config("routing", []), resolve=True)
+    assert new["intervention"]["_target_"] == "routing_suite.routing.settings.InterventionSpec"
+    assert new["control"]["random"]["_target_"] == "routing_suite.routing.controls.RandomControl"
+    old = copy.deepcopy(new)
+    for node in (old["intervention"], *old["control"].values()):
+        node["_target_"] = node["_target_"].replace("routing_suite.routing.", "routing_suite.")
+    assert old["intervention"]["_target_"] == "routing_suite.settings.InterventionSpec"
+    assert digest(result_config(old)) == digest(result_config(new))
+    assert result_config(new)["intervention"]["_target_"] == "InterventionSpec"
 
 def test_secret_keys_are_whole_words_not_substrings():
     for secret in ("key", "api_key", "NDIF_API_KEY", "host", "ndif_host", "hf_token", "token", "password", "client-secret"):
