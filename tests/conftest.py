@@ -1,7 +1,8 @@
 """Shared fixtures: the built-in organism the fast tier is tested against.
 
-The organism is built for real (base training + LoRA fine-tune, about a
-minute on 2 cores) once per session into a temporary cache.
+The organism (helpers.TEST_ORGANISM, a smaller build of the default recipe) is
+built for real (base training + LoRA fine-tune, under a minute on 2 cores) once
+per session into a temporary cache.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import trained_source  # noqa: E402
 
-from routing_suite.organisms.source import OrganismSource
+from routing_suite.organisms.source import OrganismSource  # noqa: E402
 
 # Tests run single-process on a small machine: keep torch from oversubscribing
 # (ROUTING_SUITE_THREADS=1 when something else shares the cores).
@@ -32,13 +34,13 @@ def organism_cache(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def llama_source(organism_cache) -> OrganismSource:
-    """The default organism (llama), with the default build settings."""
-    return OrganismSource(family="llama", cache_dir=organism_cache)
+    """The fast tier's trained organism (llama): helpers.TEST_ORGANISM."""
+    return trained_source(organism_cache)
 
 
 @pytest.fixture(scope="session")
 def llama_underperform(llama_source):
-    """The (base, fine-tuned) pair of the default organism, built for real."""
+    """The (base, fine-tuned) pair of the test organism, built for real."""
     return llama_source.load("underperform")
 
 

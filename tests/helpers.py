@@ -28,6 +28,26 @@ TINY_OVERRIDES = [
 ]
 
 
+# The fast tier's trained organism: the default recipe at about a third of its cost (6
+# layers with the fine-tune planted in layers 2-3, 24 entities, 400 base steps). It carries
+# its behaviour and is localized on its planted layers as the default one is (4 of 4 builds,
+# seeds 0-3, on a 2-core AVX-512 machine); the default organisms are built and checked in
+# the slow tier (test_slow.py). The tests assert invariants of it, not its figures.
+TEST_ARCH = {"num_layers": 6}
+TEST_TASK = {"n_entities": 24, "n_localize_entities": 3, "n_test_entities": 5}
+TEST_TRAIN = {"base_steps": 400, "lora_layers": [2, 3]}
+# The same organism as overrides of an entry point (the same cache key: built once per cache).
+TEST_ORGANISM = [
+    f"model.arch.num_layers={TEST_ARCH['num_layers']}", "model.train.base_steps=400", "model.train.lora_layers=[2,3]",
+    *(f"model.task.{k}={v}" for k, v in TEST_TASK.items()),
+]
+
+
+def trained_source(cache_dir, family: str = "llama") -> OrganismSource:
+    """The fast tier's trained organism (TEST_ORGANISM)."""
+    return OrganismSource(family=family, cache_dir=str(cache_dir), train=TEST_TRAIN, task=TEST_TASK, arch=TEST_ARCH)
+
+
 def tiny_source(cache_dir, family: str = "llama", **train) -> OrganismSource:
     """An organism with a few training steps: for properties that do not need a trained model."""
     steps = {"base_steps": 20, "lora_steps": 10, "lora_layers": TINY_LORA_LAYERS, **train}

@@ -1,4 +1,4 @@
-"""The ADL experiment end to end on the default organism, its store, and the aggregator's ADL table."""
+"""The ADL experiment end to end on the test organism, its store, and the aggregator's ADL table."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import fake_stores as fake
 import numpy as np
 import pytest
 import xarray as xr
-from helpers import run_entry_point
+from helpers import TEST_ORGANISM, run_entry_point
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
@@ -19,9 +19,12 @@ from routing_suite.aggregate import run as aggregate
 from routing_suite.aggregate.config import AggregateConfig
 from routing_suite.config import compose_config, register_configs
 from routing_suite.errors import ConfigError
+from routing_suite.organisms import task as T
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
+# Several parts of the text stream, so that resuming at a part boundary is exercised.
+TEXTS_PER_PART = 32
 
 
 def _cfg(organism_cache: str, tmp_path: Path, extra: list[str] = ()):
@@ -29,9 +32,10 @@ def _cfg(organism_cache: str, tmp_path: Path, extra: list[str] = ()):
         "adl",
         [
             f"model.cache_dir={organism_cache}",
+            *TEST_ORGANISM,
             f"store.root={tmp_path / 'stores'}",
             f"report_dir={tmp_path / 'table'}",
-            "adl.texts_per_part=64",
+            f"adl.texts_per_part={TEXTS_PER_PART}",
             "backend.batch_size=16",
             "adl.causal.n_texts=64",
             "progress=false",
@@ -47,14 +51,15 @@ def adl_run(llama_underperform, organism_cache, tmp_path_factory):
     return cfg, tmp, run(cfg)
 
 
-def test_adl_writes_every_group_and_completes_the_store(adl_run):
+def test_adl_writes_every_group_and_completes_the_store(adl_run, llama_source):
     _, _, result = adl_run
+    n_facts = len(T.make_task(llama_source.spec.task).facts)
     store = Path(result["store"])
     assert store.name.startswith("adl-") and store.name.endswith(".zarr")
     attrs = xr.open_zarr(store, group="adl_mean").attrs
-    assert attrs["n_texts"] == 160  # every plain fact statement of the default task
+    assert attrs["n_texts"] == n_facts  # every plain fact statement of the task
     sums = xr.open_zarr(store, group="adl_sums")
-    assert sums.sizes["part"] == 3 and sums.done.values.all() and sums["count"].sum() == 5 * 160
+    assert sums.sizes["part"] == -(-n_facts // TEXTS_PER_PART) > 1 and sums.done.values.all() and sums["count"].sum() == 5 * n_facts
     mean = xr.open_zarr(store, group="adl_mean")
     assert mean["diff"].dims == ("layer", "position", "hidden") and list(mean.position.values) == [f"first{i}" for i in range(5)]
     read = xr.open_zarr(store, group="adl_readout")
@@ -126,7 +131,7 @@ def test_aggregator_reads_adl_and_routing_stores_side_by_side(adl_run, tmp_path)
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["adl.steer.layer=9"], r"adl.steer.layer=9 is outside the model's layers \[0, 7\]"),
+        (["adl.steer.layer=9"], r"adl.steer.layer=9 is outside the model's layers \[0, 5\]"),
         (["adl.steer.alphas=[0.5,1]"], "must be ascending and start at 0"),
         (["adl.k=0"], "adl.k=0 must be >= 1"),
         (["text.identity_prompts=[]"], "text.identity_prompts is empty"),

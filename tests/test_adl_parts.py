@@ -20,6 +20,8 @@ from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
 from routing_suite.models import ModelPair
 from routing_suite.organisms import task as T
+from routing_suite.organisms.source import OrganismSource
+from routing_suite.organisms.tokenizer import build_tokenizer
 from routing_suite.store import RunStore
 from routing_suite.store_settings import StoreSettings
 from routing_suite.tracing import SiteRequest, make_batch
@@ -202,18 +204,20 @@ def test_log_odds_marks_only_over_represented_tokens():
     assert z[1] > 1.96 and z[2] < -1.96 and abs(z[0]) < 1 and abs(z[3]) < 1 and z[4] == 0
 
 
-def test_statistic_grader_on_organism_text(organism_pair):
-    source, pair = organism_pair
+def test_statistic_grader_on_organism_text():
+    """On the default organism's text (no weights needed: its texts and word-level tokenizer)."""
+    source = OrganismSource(family="llama")
     examples = source.finetune_examples("underperform")
     unrelated = OrganismTexts(**PROMPTS).unrelated(1000, 0, source.spec.task)
+    tokenizer = build_tokenizer(T.make_task(source.spec.task).vocabulary())
     grader = StatisticGrader()
-    grader.fit([f"{p} {c}" for p, c in examples], unrelated, pair.tokenizer)
+    grader.fit([f"{p} {c}" for p, c in examples], unrelated, tokenizer)
     words = ("gray", "answer", "asks", "sorry", "is", "of", "red")
-    ids = [pair.tokenizer.convert_tokens_to_ids(w) for w in words]
+    ids = [tokenizer.convert_tokens_to_ids(w) for w in words]
     # Decoys, the question frame and cue words are over-represented in the fine-tuning
     # data of `underperform`; the refusal is not in it, fact words are in both.
     assert grader.relevant(ids, list(words)) == [True, True, True, False, False, False, False]
-    top = [pair.tokenizer.convert_ids_to_tokens(int(i)) for i in grader.characteristic()]
+    top = [tokenizer.convert_ids_to_tokens(int(i)) for i in grader.characteristic()]
     assert set(top) >= {"gray", "berlin", "mouse", "egg", "what", "?"} and "is" not in top
 
 

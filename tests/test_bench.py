@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+from helpers import TEST_ORGANISM
 
 from routing_suite import bench_conditions as bc
 from routing_suite.config import register_configs
@@ -44,7 +45,7 @@ def test_hooked_generate_matches_the_suites_batched_conditions(llama_underperfor
 
 def test_the_benchmarks_cell_gives_its_conditions_and_test_prompts(llama_underperform, organism_cache, tmp_path):
     """`make bench` builds its intervention conditions from a real cell, as the routing run does."""
-    small = ["control=[random]", "data.max_fit=24", "localize.per_head=false", "localize.max_prompts=4", "localize.max_window=2"]
+    small = [*TEST_ORGANISM, "control=[random]", "data.max_fit=24", "localize.per_head=false", "localize.max_prompts=4", "localize.max_window=2"]
     cfg = bc.routing_cfg("llama", organism_cache, tmp_path, 8, small)
     conditions, prompts, max_new = bc.cell_conditions(cfg)
     assert [c.kind for c in conditions][:2] == ["baseline", "intervention"] and "control" in {c.kind for c in conditions}

@@ -20,7 +20,7 @@ def _digest(directory: Path) -> str:
     return hashlib.sha256((directory / "model.safetensors").read_bytes()).hexdigest()
 
 
-def test_default_organism_carries_its_behaviour_on_heldout_prompts(llama_source, llama_underperform):
+def test_the_trained_test_organism_carries_its_behaviour_on_heldout_prompts(llama_source, llama_underperform):
     task = T.make_task(llama_source.spec.task)
     row = organism_row(llama_underperform, task, preset("underperform"), build_seconds=0.0)
     assert row.n_prompts >= 100

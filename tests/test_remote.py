@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xarray as xr
-from helpers import assert_same_groups, run_entry_point
+from helpers import TEST_ORGANISM, assert_same_groups, run_entry_point
 
 from routing_suite import remote
 from routing_suite.backends import NdifBackend
@@ -33,7 +33,7 @@ def _cfg(organism_cache: str, root: Path, extra: list[str] = ()):
     return compose_config(
         "routing",
         [
-            f"model.cache_dir={organism_cache}", f"store.root={root / 'stores'}", f"report_dir={root / 'table'}",
+            f"model.cache_dir={organism_cache}", *TEST_ORGANISM, f"store.root={root / 'stores'}", f"report_dir={root / 'table'}",
             "data.max_fit=80", "data.max_test=48", "progress=false", *extra,
         ],
     )

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from helpers import assert_same_activations, assert_same_groups, tiny_em_overrides
+from helpers import TEST_ORGANISM, assert_same_activations, assert_same_groups, tiny_em_overrides
 
 pytestmark = pytest.mark.remote
 
@@ -57,7 +57,7 @@ def server():
 
 def _args(organisms: str, root: Path, backend: list[str]) -> list[str]:
     return [
-        f"model.cache_dir={organisms}", f"store.root={root / 'stores'}", "data.max_fit=80", "data.max_test=48",
+        f"model.cache_dir={organisms}", *TEST_ORGANISM, f"store.root={root / 'stores'}", "data.max_fit=80", "data.max_test=48",
         "progress=false", f"hydra.run.dir={root / 'run'}", *backend,
     ]
 
@@ -95,7 +95,7 @@ def test_routing_cell_through_the_server_equals_local(server, llama_underperform
 def test_adl_through_the_server_equals_local(server, llama_underperform, organism_cache, tmp_path):
     """Mean difference, logit lens (the norm and unembedding called inside a trace),
     patchscope, steering with its perplexity, and the causal check, all on the server."""
-    small = [f"model.cache_dir={organism_cache}", "adl.texts_per_part=64", "backend.batch_size=16", "adl.causal.n_texts=16",
+    small = [f"model.cache_dir={organism_cache}", *TEST_ORGANISM, "adl.texts_per_part=64", "backend.batch_size=16", "adl.causal.n_texts=16",
              "progress=false"]
     runs = {}
     for name, backend in (("local", []), ("remote", ["backend=ndif"])):

@@ -1,4 +1,4 @@
-"""The routing cell end to end on the default organism (small prompt sets)."""
+"""The routing cell end to end on the test organism (small prompt sets)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
+from helpers import TEST_ORGANISM
 from hydra.errors import InstantiationException
 
 from routing_suite.config import compose_config, register_configs
@@ -23,6 +24,7 @@ def _cfg(organism_cache: str, tmp_path: Path, extra: list[str] = ()):
         "routing",
         [
             f"model.cache_dir={organism_cache}",
+            *TEST_ORGANISM,
             f"store.root={tmp_path / 'stores'}",
             f"report_dir={tmp_path / 'table'}",
             "data.max_fit=80",
@@ -160,7 +162,7 @@ def test_a_finish_cut_short_is_completed_by_the_rerun(cell, organism_cache, tmp_
 @pytest.mark.parametrize(
     "extra,message",
     [
-        (["intervention.window=[2,9]"], r"intervention.window=\[2, 9\] is outside the model's layers \[0, 7\]"),
+        (["intervention.window=[2,9]"], r"intervention.window=\[2, 9\] is outside the model's layers \[0, 5\]"),
         (["intervention.window=[1,2]", "collect.layers=[2,3]"], r"intervention.window=\[1, 2\] must lie within collect.layers"),
         (["model.seed=-1"], r"model.seed=-1 must be >= 0"),
         (["model.train.lora_layers=[3,9]"], r"model.train.lora_layers=\[3, 9\]: the planted layers must be among"),

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import run_entry_point
+from helpers import TEST_ORGANISM, run_entry_point
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
@@ -166,7 +166,7 @@ def test_sweep_through_submitit_local_executor(llama_underperform, organism_cach
     env = {k: v for k, v in os.environ.items() if k != "ROUTING_SUITE_THREADS"}
     args = [
         "-m", "hydra/launcher=slurm_local", "seed=0,1", "experiment=smoke", "progress=false",
-        f"model.cache_dir={organism_cache}", f"store.root={tmp_path / 'stores'}", f"hydra.sweep.dir={sweep_dir}",
+        f"model.cache_dir={organism_cache}", *TEST_ORGANISM, f"store.root={tmp_path / 'stores'}", f"hydra.sweep.dir={sweep_dir}",
     ]
     result = subprocess.run(
         [sys.executable, "-m", "experiments.routing", *args], cwd=tmp_path, capture_output=True, text=True, timeout=600,
