@@ -21,7 +21,6 @@ from routing_suite.families import site_path
 from routing_suite.models import ModelPair
 from routing_suite.organisms import task as T
 from routing_suite.organisms.source import OrganismSource
-from routing_suite.organisms.tokenizer import build_tokenizer
 from routing_suite.store import RunStore
 from routing_suite.store_settings import StoreSettings
 from routing_suite.tracing import SiteRequest, make_batch
@@ -209,7 +208,7 @@ def test_statistic_grader_on_organism_text():
     source = OrganismSource(family="llama")
     examples = source.finetune_examples("underperform")
     unrelated = OrganismTexts(**PROMPTS).unrelated(1000, 0, source.spec.task)
-    tokenizer = build_tokenizer(T.make_task(source.spec.task).vocabulary())
+    tokenizer = source.tokenizer()
     grader = StatisticGrader()
     grader.fit([f"{p} {c}" for p, c in examples], unrelated, tokenizer)
     words = ("gray", "answer", "asks", "sorry", "is", "of", "red")

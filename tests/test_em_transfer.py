@@ -176,6 +176,8 @@ def test_bad_pairs_fail_before_any_store_or_build(extra, message, tmp_path):
 
 
 # ---------------------------------------------------------------- the run end to end
+# Two families' EM runs and the transfer (about 45 s of CPU): the slow tier. The fast tier
+# keeps the parts above, on synthetic data and plain tensors.
 
 
 @pytest.fixture(scope="module")
@@ -189,6 +191,7 @@ def _open(path, group: str) -> xr.Dataset:
     return xr.open_zarr(str(path), group=group).load()
 
 
+@pytest.mark.slow
 def test_family_stores_are_the_ones_experiments_em_writes(transfer_run, tiny_cache):
     cfg, tmp, result = transfer_run
     for family in ("llama", "qwen2"):
@@ -199,6 +202,7 @@ def test_family_stores_are_the_ones_experiments_em_writes(transfer_run, tiny_cac
         assert attrs["complete"] and attrs["stages_done"] == list(schema.EM_STAGES)
 
 
+@pytest.mark.slow
 def test_transfer_store_layout(transfer_run):
     _, _, result = transfer_run
     store = Path(result["store"])
@@ -226,6 +230,7 @@ def _hook_residuals(model, tok, texts: list[str], layer: int) -> np.ndarray:
     return np.concatenate(rows)
 
 
+@pytest.mark.slow
 def test_maps_and_mapped_directions_against_plain_hooks(transfer_run):
     """The stored held-out R^2 of one layer's map, recomputed from forward hooks on both bases;
     the mapped direction is the donor's direction through that map; native is the receiver's own."""
@@ -255,6 +260,7 @@ def test_maps_and_mapped_directions_against_plain_hooks(transfer_run):
         np.testing.assert_allclose(native_sep, receiver_dirs.separation_accuracy.sel(finetune=kind).values, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_controls_are_matched_to_the_mapped_ablation(transfer_run):
     _, _, result = transfer_run
     maps, outcomes = _open(result["store"], "xfer_maps"), _open(result["store"], "xfer_outcomes")
@@ -272,6 +278,7 @@ def test_controls_are_matched_to_the_mapped_ablation(transfer_run):
         assert norm[f"base/steer/{kind}/x4/native"] == pytest.approx(4 * native_norm, rel=1e-5)
 
 
+@pytest.mark.slow
 def test_the_table_reports_specificity_consistently(transfer_run):
     """Per control, "beaten" is the paired difference's interval lying above 0; "specific" is
     that for every control and a mapped reduction whose interval lies above 0."""
@@ -298,6 +305,7 @@ def test_the_table_reports_specificity_consistently(transfer_run):
         assert s["specific"] == (lo > 0 and all(s["beats"].values()))
 
 
+@pytest.mark.slow
 def test_rerun_reuses_every_store_and_gives_the_same_table(transfer_run):
     cfg, _, result = transfer_run
     again = run(cfg)
@@ -305,6 +313,7 @@ def test_rerun_reuses_every_store_and_gives_the_same_table(transfer_run):
     assert again["table_markdown"] == result["table_markdown"]
 
 
+@pytest.mark.slow
 def test_aggregator_writes_the_transfer_table_and_the_plots(transfer_run, tmp_path):
     _, _, result = transfer_run
     root = tmp_path / "stores"
