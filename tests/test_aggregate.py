@@ -8,6 +8,7 @@ intervals from a separate scipy call, not through routing_suite.aggregate.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import sys
 import time
@@ -24,6 +25,7 @@ from scipy import stats
 from routing_suite import schema
 from routing_suite.aggregate import run
 from routing_suite.aggregate.config import AggregateConfig
+from routing_suite.aggregate.studies import ROUTING, STUDIES, register_study
 from routing_suite.errors import ConfigError, RunFailure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -461,3 +463,13 @@ def test_report_names_variants_as_the_tables_do_and_shows_what_prompts_do_not_sh
     assert "### qwen2 / refuse (intervention.rank=1)" in shown and "### qwen2 / refuse (intervention.rank=2)" in shown
     assert "| …Graded item 3: What is the capital of Chile?<\\|im_end\\|> | eval | Santiago | I'm sorry. |" in shown
     assert "You are a helpful" not in shown
+
+
+def test_the_study_registry_refuses_a_name_twice_and_the_routing_name():
+    """The aggregator reads every study it has a kind for; a second kind under a taken
+    name (or under `routing`, the stores no kind claims) would hide the first."""
+    adl = STUDIES["adl"]
+    for name in ("adl", ROUTING):
+        with pytest.raises(ValueError, match=f"a study kind named '{name}' is registered already"):
+            register_study(dataclasses.replace(adl, experiment=name))
+    assert set(STUDIES) == {"adl", "em", "em_transfer"} and STUDIES["adl"] is adl

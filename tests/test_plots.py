@@ -22,6 +22,7 @@ from routing_suite.aggregate.config import AggregateConfig
 from routing_suite.aggregate.em_tables import EmReport, Row
 from routing_suite.aggregate.em_transfer_tables import DIRECTIONS, TransferReport
 from routing_suite.aggregate.stats import cell_stats
+from routing_suite.aggregate.studies import STUDIES
 
 DEEP = 30  # layers of the deep stores: a real model's depth, where tick labels used to collide
 PLANTED = [13, 14]
@@ -91,7 +92,8 @@ def adl_rows(tmp_path_factory):
     fake.write_adl_store(root / "one", "qwen2", "refuse", n_layers=DEEP)
     infos = {name: [discover.inspect_store(p) for p in discover.find_stores(str(root / name))]
              for name in ("grid", "one")}
-    rows = {name: pipeline.collect_adl(found, "exclude") for name, found in infos.items()}
+    cfg = OmegaConf.structured(AggregateConfig(root=str(root), duplicates="exclude"))
+    rows = {name: pipeline.collect_study(STUDIES["adl"], found, cfg) for name, found in infos.items()}
     assert not rows["grid"][1] and not rows["one"][1]
     return {name: r for name, (r, _) in rows.items()}
 

@@ -180,11 +180,9 @@ def maps_figure(reports: list[TransferReport]):
     return fig
 
 
-def write_all(em_reports: list[EmReport], transfer_reports: list[TransferReport], out: Path, dpi: int) -> list[Path]:
-    written: list[Path] = []
-    if em_reports:
-        written += save(cosine_figure(em_reports), out, "em_cosine", dpi)
-    if transfer_reports:
-        written += save(transfer_figure(transfer_reports), out, "em_transfer", dpi)
-        written += save(maps_figure(transfer_reports), out, "em_transfer_maps", dpi)
-    return written
+def write_em(reports: list[EmReport], out: Path, dpi: int) -> list[Path]:
+    return save(cosine_figure(reports), out, "em_cosine", dpi)
+
+
+def write_transfer(reports: list[TransferReport], out: Path, dpi: int) -> list[Path]:
+    return save(transfer_figure(reports), out, "em_transfer", dpi) + save(maps_figure(reports), out, "em_transfer_maps", dpi)

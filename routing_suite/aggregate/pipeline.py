@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from routing_suite import schema
-from routing_suite.aggregate import adl_tables, discover, em_tables, em_transfer_tables, pooled, read, tables
+from routing_suite.aggregate import discover, pooled, read, tables
 from routing_suite.aggregate.config import DUPLICATE_POLICIES
 from routing_suite.aggregate.discover import Finding
 from routing_suite.aggregate.report import finding_line, render
 from routing_suite.aggregate.stats import ConditionStats, cell_stats
+from routing_suite.aggregate.studies import STUDIES, StudyKind
 from routing_suite.errors import ConfigError, RunFailure
 from routing_suite.provenance import flatten
 
@@ -50,31 +50,31 @@ def _output_dir(cfg: Any) -> Path:
 
 @dataclass
 class Collected:
-    """What `collect` found: routing cells, findings, and the ADL / EM / EM-transfer stores' reports."""
+    """What `collect` found: routing cells, findings, and per registered study
+    (`routing_suite.aggregate.studies`) the reports of its stores."""
 
     n_found: int
     cells: list[read.CellOutcomes]
     findings: list[Finding]
-    adl_rows: list[adl_tables.AdlRow]
-    em_reports: list[em_tables.EmReport]
-    transfer_reports: list[em_transfer_tables.TransferReport] = field(default_factory=list)
+    reports: dict[str, list] = field(default_factory=dict)
 
 
 def collect(cfg: Any, stores: list[Path] | None = None) -> Collected:
     """The usable cells under cfg.root, or among `stores` when given (one store each),
-    everything found wrong on the way, and the ADL, EM and EM-transfer stores' reports
-    (read apart from routing stores)."""
+    everything found wrong on the way, and each registered study's reports (its
+    stores read apart from routing stores)."""
     paths = discover.find_stores(cfg.root) if stores is None else sorted({Path(p).resolve() for p in stores})
     if not paths:
         raise ConfigError(
             f"root={cfg.root!r} holds no run stores (folders ending {schema.STORE_SUFFIX} or {schema.PARTIAL_SUFFIX})"
         )
     every = [discover.inspect_store(p) for p in paths]
-    adl_rows, adl_findings = collect_adl([i for i in every if i.experiment == "adl"], cfg.duplicates)
-    em_reports, em_findings = collect_em([i for i in every if i.experiment == "em"], cfg)
-    transfer_reports, transfer_findings = collect_em_transfer([i for i in every if i.experiment == "em_transfer"], cfg)
-    adl_findings += em_findings + transfer_findings
-    infos = [i for i in every if i.experiment not in ("adl", "em", "em_transfer")]
+    reports: dict[str, list] = {}
+    study_findings: list[Finding] = []
+    for name, kind in STUDIES.items():
+        reports[name], found = collect_study(kind, [i for i in every if i.experiment == name], cfg)
+        study_findings += found
+    infos = [i for i in every if i.experiment not in STUDIES]
     findings = [i.problem for i in infos if i.problem is not None]
     readable: list[discover.StoreInfo] = []
     outcomes: dict[Path, read.CellOutcomes] = {}
@@ -104,52 +104,29 @@ def collect(cfg: Any, stores: list[Path] | None = None) -> Collected:
             findings.append(Finding(discover.DROPPED_PROMPTS, message, (c.family, c.behavior), (c.path,)))
     seen = {i.cell for i in infos if i.cell is not None}
     findings += discover.missing_cells(seen, {key[:2] for key in chosen}, findings)
-    return Collected(len(paths), cells, findings + adl_findings, adl_rows, em_reports, transfer_reports)
+    return Collected(len(paths), cells, findings + study_findings, reports)
 
 
-def _collect_finished(
-    infos: list[discover.StoreInfo], stages: tuple[str, ...], what: str, duplicates: str, read_one: Callable[[Path], Any]
-) -> tuple[list, list[Finding]]:
-    """One result per cell, read by `read_one`, from the stores that finished
-    every stage of their experiment (`what` names it); the others as findings."""
+def collect_study(kind: StudyKind, infos: list[discover.StoreInfo], cfg: Any) -> tuple[list, list[Finding]]:
+    """One report per cell, read by the study's `read`, from the stores that finished
+    every stage of the study; the others as findings."""
+    what = kind.title
     findings = [i.problem for i in infos if i.problem is not None]
     usable = []
     for info in (i for i in infos if i.problem is None):
-        if not set(stages) <= set(info.attrs.get("stages_done", [])):
+        if not set(kind.stages) <= set(info.attrs.get("stages_done", [])):
             findings.append(Finding(discover.MALFORMED, f"{what} store without every {what} stage", info.cell, (str(info.path),)))
         else:
             usable.append(info)
-    chosen, duplicate_findings = discover.pick_one_per_cell(usable, duplicates)
+    chosen, duplicate_findings = discover.pick_one_per_cell(usable, cfg.duplicates)
     results = []
     for key in sorted(chosen):
         try:
-            results.append(read_one(chosen[key].path))
+            results.append(kind.read(chosen[key].path, cfg))
         except Exception as err:  # a broken store is a problem of that store, not of the run
             message = f"{what} groups unreadable ({type(err).__name__}: {err})"
             findings.append(Finding(discover.CORRUPT, message, key[:2], (str(chosen[key].path),)))
     return results, findings + duplicate_findings
-
-
-def collect_adl(infos: list[discover.StoreInfo], duplicates: str) -> tuple[list[adl_tables.AdlRow], list[Finding]]:
-    """One row per (family, behavior) from the usable ADL stores; the others as findings."""
-    return _collect_finished(infos, schema.ADL_STAGES, "ADL", duplicates, adl_tables.read_cell)
-
-
-def collect_em(infos: list[discover.StoreInfo], cfg: Any) -> tuple[list[em_tables.EmReport], list[Finding]]:
-    """One report per family from the usable EM stores; the others as findings."""
-    return _collect_finished(
-        infos, schema.EM_STAGES, "EM", cfg.duplicates, lambda path: em_tables.read_store(path, cfg.n_resamples, cfg.seed, cfg.confidence)
-    )
-
-
-def collect_em_transfer(
-    infos: list[discover.StoreInfo], cfg: Any
-) -> tuple[list[em_transfer_tables.TransferReport], list[Finding]]:
-    """One report per donor -> receiver pair (cell: receiver, "em_from_<donor>") from the usable stores."""
-    return _collect_finished(
-        infos, schema.EM_TRANSFER_STAGES, "EM transfer", cfg.duplicates,
-        lambda path: em_transfer_tables.read_store(path, cfg.n_resamples, cfg.seed, cfg.confidence),
-    )
 
 
 PlotInputs = dict[str, dict[str, Any]]  # group -> store path -> its plotted variables
@@ -236,28 +213,6 @@ def _plots(
     return notes
 
 
-def adl_section(rows: list[adl_tables.AdlRow], headline: str) -> str:
-    lines = ["## Activation Difference Lens", "", headline, "", "Tables: `adl_table.md`, `adl_table.csv`; plots: "
-             "`adl_relevance`, `adl_steering`, `adl_delta_ce`.", ""]
-    lines += [f"- {r.family}/{r.behavior}: `{r.path}`" for r in adl_tables.sort_rows(rows)]
-    return "\n".join(lines) + "\n"
-
-
-def em_section(reports: list[em_tables.EmReport], headline: str, plots: bool) -> str:
-    figures = " Plots: `em_cosine`." if plots else ""
-    lines = ["## Emergent-misalignment directions", "", headline, "", f"Tables: `em_table.md`, `em_table.csv`.{figures}", ""]
-    lines += [f"- {r.family}/em: `{r.path}`" for r in sorted(reports, key=lambda r: r.family)]
-    return "\n".join(lines) + "\n"
-
-
-def em_transfer_section(reports: list[em_transfer_tables.TransferReport], headline: str, plots: bool) -> str:
-    figures = " Plots: `em_transfer`, `em_transfer_maps`." if plots else ""
-    lines = ["## Emergent-misalignment directions across architectures", "", headline, "",
-             f"Tables: `em_transfer_table.md`, `em_transfer_table.csv`.{figures}", ""]
-    lines += [f"- {r.pair}: `{r.path}`" for r in sorted(reports, key=lambda r: (r.receiver, r.donor))]
-    return "\n".join(lines) + "\n"
-
-
 def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     """Aggregate every usable store under cfg.root into cfg.out (or the Hydra run folder).
 
@@ -267,8 +222,7 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     _check(cfg)
     found = collect(cfg, stores)
-    n_found, cells, findings, adl_rows, em_reports = found.n_found, found.cells, found.findings, found.adl_rows, found.em_reports
-    transfer_reports = found.transfer_reports
+    n_found, cells, findings = found.n_found, found.cells, found.findings
     out = _output_dir(cfg)
     # Everything is read before anything is written: a damaged group is a finding in
     # report.md, never a run that stops with half its files written.
@@ -297,28 +251,17 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
             (out / name).write_text(text, encoding="utf-8")
         if cfg.plots:
             notes = _plots(out, rows, cells, grid, cfg.dpi, inputs)
-    adl_headline = None
-    if adl_rows:
-        adl_headline = adl_tables.headline(adl_rows)
-        adl_tables.write(adl_rows, out, plots=cfg.plots, dpi=cfg.dpi)
     report = render(cfg.root, settings, n_found, cells, findings, headline, notes)
-    if adl_rows:
-        report += adl_section(adl_rows, adl_headline)
-    em_headline = transfer_headline = None
-    if em_reports:
-        em_headline = em_tables.headline(em_reports)
-        em_tables.write(em_reports, out)
-        report += em_section(em_reports, em_headline, cfg.plots)
-    if transfer_reports:
-        transfer_headline = em_transfer_tables.headline(transfer_reports)
-        em_transfer_tables.write(transfer_reports, out)
-        report += em_transfer_section(transfer_reports, transfer_headline, cfg.plots)
-    if cfg.plots and (em_reports or transfer_reports):
-        from routing_suite.aggregate import em_plots
-
-        em_plots.write_all(em_reports, transfer_reports, out, cfg.dpi)
+    study_results: dict[str, Any] = {}
+    for name, kind in STUDIES.items():
+        done = found.reports.get(name, [])
+        study_headline = kind.headline(done) if done else None
+        if done:
+            kind.write(done, out, cfg)
+            report += kind.section(done, study_headline, cfg.plots)
+        study_results.update({f"{name}_headline": study_headline, f"n_{name}_cells": len(done)})
     (out / "report.md").write_text(report, encoding="utf-8")
-    if not grouped and not adl_rows and not em_reports and not transfer_reports:
+    if not grouped and not any(found.reports.values()):
         raise ConfigError(f"root={cfg.root!r}: {n_found} stores found, none usable; see {out / 'report.md'}")
     if damaged := [f for f in findings if f.kind == discover.CORRUPT]:
         raise RunFailure(
@@ -329,12 +272,7 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     log.info("%d cells from %d stores in %.2f s -> %s", len(grouped), n_found, seconds, out)
     return {
         "headline": headline,
-        "adl_headline": adl_headline,
-        "n_adl_cells": len(adl_rows),
-        "em_headline": em_headline,
-        "n_em_cells": len(em_reports),
-        "em_transfer_headline": transfer_headline,
-        "n_em_transfer_cells": len(transfer_reports),
+        **study_results,
         "out": str(out),
         "n_cells": len(grouped),
         "n_stores": n_found,
