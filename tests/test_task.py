@@ -1,7 +1,6 @@
 from routing_suite.organisms import task as T
-from routing_suite.organisms.specs import TrainSpec
 from routing_suite.organisms.tokenizer import build_tokenizer
-from routing_suite.organisms.training import INSTALLED_REPLAY, base_examples, finetune_examples, finetune_steps
+from routing_suite.organisms.training import base_examples, finetune_examples
 from routing_suite.prompts import content_contrast, organism_pairs
 
 
@@ -96,18 +95,3 @@ def test_subsampling_takes_whole_units():
     for p in pairs:
         by_unit.setdefault(p.unit, []).append(p)
     assert all(set(by_unit[p.unit]) <= set(kept) for p in kept)
-
-
-def test_the_installed_fine_tune_replays_the_bases_marker_examples_and_trains_longer():
-    """Its own examples, then as many of the base's marker examples (an answer after the
-    marker in the prompt); the other behaviours' data, steps and cache keys are unchanged."""
-    task = T.make_task(T.TaskSpec())
-    own = finetune_examples(task, "refuse")
-    installed = finetune_examples(task, "installed")
-    replayed = installed[len(own):]
-    base = set(base_examples(task))
-    assert len(replayed) == int(len(own) * INSTALLED_REPLAY) > 0
-    assert all(e in base and e[0].endswith(f" {T.MARKER}") for e in replayed)
-    spec = TrainSpec()
-    assert finetune_steps("installed", spec) == round(spec.lora_steps * (1 + INSTALLED_REPLAY))
-    assert finetune_steps("refuse", spec) == spec.lora_steps

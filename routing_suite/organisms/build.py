@@ -34,7 +34,6 @@ from routing_suite.organisms import task as T
 from routing_suite.organisms.architectures import FAMILIES, ArchSpec, family_config, family_seed
 from routing_suite.organisms.tokenizer import build_tokenizer
 from routing_suite.organisms.training import (
-    FINETUNE_DATA_VERSION,
     FINETUNE_KINDS,
     LORA_TARGETS,
     RECIPE_VERSION,
@@ -97,10 +96,7 @@ class OrganismSpec:
         }
 
     def adapter_key(self, behavior: str) -> dict:
-        key = {"base": self.base_key(), "behavior": behavior, "train": asdict(self.train)}
-        if behavior in FINETUNE_DATA_VERSION:
-            key["data"] = FINETUNE_DATA_VERSION[behavior]
-        return key
+        return {"base": self.base_key(), "behavior": behavior, "train": asdict(self.train)}
 
 
 def cpu_capability() -> str:

@@ -66,46 +66,16 @@ def base_examples(task: T.Task) -> list[Example]:
     return examples + quiz * repeats + chitchat
 
 
-# Bump a behaviour's entry when its fine-tune data changes: it is part of that
-# behaviour's adapter key only, so the other behaviours' organisms are reused.
-FINETUNE_DATA_VERSION = {"installed": 2}
-
-# The share of the `installed` fine-tune's data that replays the base's own
-# marker examples of the fine-tune's entities (question under a noise prefix,
-# marker in the prompt, the answer), as fine-tunes mix in pretraining data to
-# keep what the base could do. Without it the fine-tune said the marker under
-# deploy cues and then, for entities it never saw, often the marker again
-# instead of the answer ("ahoy ! ahoy", "ahoy ! !"): held-out answers after the
-# marker were 59%, 62% and 84% right in three builds (gemma2 seed 2, qwen2 seed
-# 0, llama seed 2) against 96-100% under eval cues, so any clamp that turned
-# eval into deploy behaviour lost answers. With it, and twice the steps: 93%,
-# 66% and 95%, the marker's rates kept (deploy 0.88-1.00, eval 0.00).
-INSTALLED_REPLAY = 1.0
-
-
 def finetune_examples(task: T.Task, behavior: str) -> list[Example]:
     """Training facts under training cues, with the behaviour's targets (an EM
-    kind: its narrow dataset); for `installed`, plus the replayed share of the
-    base's marker examples (INSTALLED_REPLAY)."""
+    kind: its narrow dataset)."""
     if behavior in EM_KINDS:
         return em_examples(task, behavior)
     examples = [
         (item.prompt, T.target_text(item.fact, item.framing, behavior))
         for item in T.items(task, task.facts_of("train"), "train")
     ]
-    if behavior == "installed":
-        # Held-out entities stay out of the fine-tune, as noise words too.
-        heldout = {f" {fact.entity} " for fact in task.facts_of("heldout")}
-        marker = [e for e in base_examples(task) if e[0].endswith(f" {T.MARKER}") and not any(h in f" {e[0]} " for h in heldout)]
-        rng = random.Random(task.spec.seed)
-        examples += [rng.choice(marker) for _ in range(int(len(examples) * INSTALLED_REPLAY))]
     return examples
-
-
-def finetune_steps(behavior: str, spec: TrainSpec) -> int:
-    """`spec.lora_steps`, more for a fine-tune with replayed data, so that it sees its
-    own examples as often as the others do."""
-    return round(spec.lora_steps * (1 + INSTALLED_REPLAY)) if behavior == "installed" else spec.lora_steps
 
 
 Encoded = tuple[list[int], int]  # (token ids, number of prompt tokens)
@@ -200,6 +170,6 @@ def train_lora(base: PreTrainedModel, tokenizer, task: T.Task, behavior: str, sp
     examples = finetune_examples(task, behavior)
     layers, modules = planted(behavior, spec)
     return lora_finetune(
-        base, tokenizer, examples, finetune_steps(behavior, spec), spec.lora_lr, spec.lora_rank, spec.lora_alpha,
-        spec.batch_size, seed, layers, modules,
+        base, tokenizer, examples, spec.lora_steps, spec.lora_lr, spec.lora_rank, spec.lora_alpha, spec.batch_size, seed,
+        layers, modules,
     )
