@@ -93,16 +93,12 @@ def _group_names(path: Path) -> set[str]:
     return {name for name, _ in root.groups()}
 
 
-def read_outcomes(path: Path, family: str, behavior: str, variant: str = "", replicate: str = "") -> CellOutcomes:
-    """The `outcomes` group of a finished store; StoreFormatError says what is wrong with it."""
-    if "outcomes" not in _group_names(path):
-        raise StoreFormatError("no outcomes group (the intervene stage never wrote)")
-    ds = xr.open_zarr(str(path), group="outcomes", consolidated=False)
+def _checked_conditions(ds: xr.Dataset) -> tuple[list[str], list[str]]:
+    """The outcomes group's condition names and kinds, once its layout is checked."""
     if "performed" not in ds:
         raise StoreFormatError("outcomes has no variable performed")
-    performed = ds["performed"]
-    if set(performed.dims) != {"condition", "framing", "prompt"}:
-        raise StoreFormatError(f"outcomes/performed has dims {performed.dims}, expected (condition, framing, prompt)")
+    if set(ds["performed"].dims) != {"condition", "framing", "prompt"}:
+        raise StoreFormatError(f"outcomes/performed has dims {ds['performed'].dims}, expected (condition, framing, prompt)")
     if "kind" not in ds.coords:
         raise StoreFormatError("outcomes has no kind coordinate on condition")
     names = [str(c) for c in ds["condition"].values]
@@ -117,6 +113,31 @@ def read_outcomes(path: Path, family: str, behavior: str, variant: str = "", rep
     for kind in ("baseline", "intervention"):
         if kinds.count(kind) != 1:
             raise StoreFormatError(f"{kinds.count(kind)} conditions of kind {kind!r}, expected exactly 1")
+    return names, kinds
+
+
+def _layer_effects(path: Path) -> dict[str, dict[int, float]]:
+    """Per patching source, each layer's effect from the localize group ({} when absent)."""
+    try:
+        localize = read_group(path, "localize", ("layer_effect",))
+    except CorruptGroup:  # the plots' reading reports it; the outcomes are whole and still count
+        return {}
+    if localize is None or "layer_effect" not in localize:
+        return {}
+    effects = {}
+    for source in localize["source"].values:
+        row = localize["layer_effect"].sel(source=source)
+        effects[str(source)] = {int(layer): float(v) for layer, v in zip(row["layer"].values, row.values)}
+    return effects
+
+
+def read_outcomes(path: Path, family: str, behavior: str, variant: str = "", replicate: str = "") -> CellOutcomes:
+    """The `outcomes` group of a finished store; StoreFormatError says what is wrong with it."""
+    if "outcomes" not in _group_names(path):
+        raise StoreFormatError("no outcomes group (the intervene stage never wrote)")
+    ds = xr.open_zarr(str(path), group="outcomes", consolidated=False)
+    names, kinds = _checked_conditions(ds)
+    performed = ds["performed"]
     order = sorted(range(len(names)), key=lambda i: condition_key(names[i], kinds[i]))
     values = (
         performed.transpose("condition", "framing", "prompt")
@@ -139,15 +160,7 @@ def read_outcomes(path: Path, family: str, behavior: str, variant: str = "", rep
     units = np.array([str(u) for u in ds["cluster"].values]) if "cluster" in ds.coords else None
     layers = tuple(str(x) for x in ds["layers"].isel(condition=order).values) if "layers" in ds.coords else ()
     window = tuple(int(w) for w in ds.attrs.get("window", ()))
-    try:
-        localize = read_group(path, "localize", ("layer_effect",))
-    except CorruptGroup:  # the plots' reading reports it; the outcomes are whole and still count
-        localize = None
-    effects = {}
-    if localize is not None and "layer_effect" in localize:
-        for source in localize["source"].values:
-            row = localize["layer_effect"].sel(source=source)
-            effects[str(source)] = {int(layer): float(v) for layer, v in zip(row["layer"].values, row.values)}
+    effects = _layer_effects(path)
     return CellOutcomes(
         family=family,
         behavior=behavior,
