@@ -238,6 +238,7 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     headline = pooled.headline(grouped) if grouped else None
     grid = sorted({(c.family, c.behavior) for c in cells} | {f.cell for f in findings if f.kind == discover.MISSING})
     notes: list[str] = []
+    files: dict[str, str] = {}
     if grouped:
         files = {
             "cells.csv": tables.cells_csv(rows),
@@ -272,6 +273,7 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     log.info("%d cells from %d stores in %.2f s -> %s", len(grouped), n_found, seconds, out)
     return {
         "headline": headline,
+        "table_markdown": files["table.md"] if grouped else None,
         **study_results,
         "out": str(out),
         "n_cells": len(grouped),

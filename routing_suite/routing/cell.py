@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from routing_suite import runs, schema
+from routing_suite.aggregate.config import AggregateConfig
 from routing_suite.errors import ConfigError
 from routing_suite.routing.collect import collect
 from routing_suite.routing.controls import SemanticControl, check_controls
@@ -33,14 +34,11 @@ CELL_RECORD = "cell.json"
 
 
 def _summary_table(store_path: Path, out: Path, seed: int) -> dict:
-    """The cell's gap-reduction table, through the aggregator (the same code as for a grid)."""
+    """The cell's gap-reduction table, through the aggregator (the same code as for a
+    grid, at the aggregator's own defaults but the bootstrap's seed)."""
     from routing_suite.aggregate import run as aggregate
 
-    cfg = OmegaConf.create(
-        {"root": str(store_path), "out": str(out), "n_resamples": 2000, "seed": seed, "confidence": 0.95,
-         "duplicates": "exclude", "plots": True, "dpi": 150}
-    )
-    return aggregate(cfg)
+    return aggregate(OmegaConf.structured(AggregateConfig(root=str(store_path), out=str(out), seed=seed)))
 
 
 def check_topics(controls: dict, fit_topics_seen: list[str]) -> None:
@@ -137,11 +135,10 @@ def run(cfg) -> dict:
     record = {"store": str(Path(final).resolve()), "family": pair.cell_name, "behavior": setup.behavior.name,
               "model": setup.model_name, "window": window}
     (out / CELL_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    table = (out / "table.md").read_text(encoding="utf-8")
     log.info("requests: %s", stats.as_dict())
     reduction = next((r["reduction"]["value"] for r in summary["rows"] if r["kind"] == "intervention"), float("nan"))
     return {"store": str(final), "reduction": reduction, "window": window, "seconds": seconds, "stages_run": ran, "requests": stats.as_dict(),
-            "table_dir": str(out), "table_markdown": table, "warnings": warnings, **summary}
+            "table_dir": str(out), "warnings": warnings, **summary}
 
 
 def stages_to_run(store) -> list[str]:
