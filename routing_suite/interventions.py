@@ -72,8 +72,3 @@ class Condition:
     @property
     def layers(self) -> list[int]:
         return sorted({e.layer for e in self.edits})
-
-
-def mean_change_norm(edit: SubspaceEdit, h: Tensor) -> float:
-    """Mean L2 norm over vectors of the change `edit` makes to h (n, hidden)."""
-    return edit.change(h).norm(dim=-1).mean().item()
