@@ -175,8 +175,8 @@ def test_sweep_through_submitit_local_executor(llama_underperform, organism_cach
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     jobs = json.loads(next(sweep_dir.glob("sweep-*.json")).read_text())["jobs"]
     folders = {Path(j["dir"]).relative_to(sweep_dir).as_posix() for j in jobs}
-    # Each job's folder is named by its overrides (the sweep's value of seed among them).
-    per_job = [[f"seed={s}" if a == "seed=0,1" else a for a in args[1:]] for s in (0, 1)]
+    # Each job's folder is named by its task overrides (the sweep's value of seed among them; Hydra's own are not).
+    per_job = [[f"seed={s}" if a == "seed=0,1" else a for a in args[1:] if not a.startswith("hydra")] for s in (0, 1)]
     assert folders == {f"llama_organism/underperform/{sweeps.leaf_name(o)}" for o in per_job} and len(folders) == 2
     stores = set()
     for folder in folders:
