@@ -17,15 +17,21 @@ ROOT = Path(__file__).resolve().parents[1]
 BYO_PROMPTS = ROOT / "examples" / "byo" / "prompts.yaml"
 MC_PROMPTS = ROOT / "examples" / "prompts" / "mc_sandbagging.jsonl"
 
+def organism_overrides(arch: dict, task: dict, train: dict) -> list[str]:
+    """An organism's settings as overrides of an entry point: the same cache key as an
+    `OrganismSource` given them (so it is built once per cache)."""
+    def value(v) -> str:
+        return f"[{','.join(map(str, v))}]" if isinstance(v, list) else str(v)
+
+    groups = {"arch": arch, "task": task, "train": train}
+    return [f"model.{group}.{k}={value(v)}" for group, settings in groups.items() for k, v in settings.items()]
+
+
 # A small task and a 4-layer network (the fine-tune planted in layers 1-2) for the tiny organisms.
 TINY_TASK = {"n_entities": 13, "n_localize_entities": 2, "n_test_entities": 3}
 TINY_ARCH = {"num_layers": 4}
-TINY_LORA_LAYERS = [1, 2]
-# The same organism as overrides of an entry point (the same cache key: built once per cache).
-TINY_OVERRIDES = [
-    "model.train.base_steps=20", "model.train.lora_steps=10", "model.train.lora_layers=[1,2]",
-    *(f"model.task.{k}={v}" for k, v in TINY_TASK.items()), f"model.arch.num_layers={TINY_ARCH['num_layers']}",
-]
+TINY_TRAIN = {"base_steps": 20, "lora_steps": 10, "lora_layers": [1, 2]}
+TINY_OVERRIDES = organism_overrides(TINY_ARCH, TINY_TASK, TINY_TRAIN)
 
 
 # The fast tier's trained organism: the default recipe at about a third of its cost (6
@@ -36,11 +42,7 @@ TINY_OVERRIDES = [
 TEST_ARCH = {"num_layers": 6}
 TEST_TASK = {"n_entities": 24, "n_localize_entities": 3, "n_test_entities": 5}
 TEST_TRAIN = {"base_steps": 400, "lora_layers": [2, 3]}
-# The same organism as overrides of an entry point (the same cache key: built once per cache).
-TEST_ORGANISM = [
-    f"model.arch.num_layers={TEST_ARCH['num_layers']}", "model.train.base_steps=400", "model.train.lora_layers=[2,3]",
-    *(f"model.task.{k}={v}" for k, v in TEST_TASK.items()),
-]
+TEST_ORGANISM = organism_overrides(TEST_ARCH, TEST_TASK, TEST_TRAIN)
 
 
 def trained_source(cache_dir, family: str = "llama") -> OrganismSource:
@@ -50,8 +52,7 @@ def trained_source(cache_dir, family: str = "llama") -> OrganismSource:
 
 def tiny_source(cache_dir, family: str = "llama", **train) -> OrganismSource:
     """An organism with a few training steps: for properties that do not need a trained model."""
-    steps = {"base_steps": 20, "lora_steps": 10, "lora_layers": TINY_LORA_LAYERS, **train}
-    return OrganismSource(family=family, cache_dir=str(cache_dir), train=steps, task=TINY_TASK, arch=TINY_ARCH)
+    return OrganismSource(family=family, cache_dir=str(cache_dir), train={**TINY_TRAIN, **train}, task=TINY_TASK, arch=TINY_ARCH)
 
 
 def tiny_em_overrides(cache, tmp_path) -> list[str]:

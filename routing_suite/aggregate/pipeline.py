@@ -273,7 +273,7 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     log.info("%d cells from %d stores in %.2f s -> %s", len(grouped), n_found, seconds, out)
     return {
         "headline": headline,
-        "table_markdown": files["table.md"] if grouped else None,
+        "table_markdown": files.get("table.md"),
         **study_results,
         "out": str(out),
         "n_cells": len(grouped),

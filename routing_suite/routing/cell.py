@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from routing_suite import runs, schema
+from routing_suite.aggregate import run as aggregate
 from routing_suite.aggregate.config import AggregateConfig
 from routing_suite.errors import ConfigError
 from routing_suite.routing.collect import collect
@@ -36,8 +37,6 @@ CELL_RECORD = "cell.json"
 def _summary_table(store_path: Path, out: Path, seed: int) -> dict:
     """The cell's gap-reduction table, through the aggregator (the same code as for a
     grid, at the aggregator's own defaults but the bootstrap's seed)."""
-    from routing_suite.aggregate import run as aggregate
-
     return aggregate(OmegaConf.structured(AggregateConfig(root=str(store_path), out=str(out), seed=seed)))
 
 
