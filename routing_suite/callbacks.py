@@ -129,7 +129,7 @@ class ScrubSavedConfig(Callback):
 
 def cell_store(job: sweeps.Job) -> str:
     """The store a finished routing job used, from the record it left in its folder."""
-    from routing_suite.routing.cell import CELL_RECORD, TABLE_DIR
+    from routing_suite.runs import CELL_RECORD, TABLE_DIR
 
     record = Path(job.dir) / TABLE_DIR / CELL_RECORD
     if not record.is_file():

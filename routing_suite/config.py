@@ -20,7 +20,6 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from routing_suite.errors import ConfigError
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.pretrained.specs import ChatTaskSpec, ChatTrainSpec
-from routing_suite.routing.settings import FitSettings, InterventionSpec, LocalizeSettings
 from routing_suite.store_settings import StoreSettings
 from routing_suite.sweeps import register_launcher_stand_ins, register_resolvers
 
@@ -167,25 +166,6 @@ class NdifBackendConfig:
     max_invokes: int | None = None
 
 
-# ---------------------------------------------------------------- intervention, control
-
-
-@dataclass
-class InterventionConfig(InterventionSpec):
-    """An intervention on a subspace of one site, in a window of layers."""
-
-    _target_: str = "routing_suite.routing.settings.InterventionSpec"
-
-
-@dataclass
-class ControlConfig:
-    """A control built from another subspace, at matched perturbation magnitude."""
-
-    _target_: str = MISSING
-    name: str = MISSING
-    seeds: int = 3
-
-
 # ---------------------------------------------------------------- primary configs
 
 
@@ -203,33 +183,6 @@ class DataConfig:
     max_localize: int | None = None
     max_test: int | None = None
     seed: int = 0
-
-
-@dataclass
-class CollectSettings:
-    """Which sites, layers and positions the collect stage saves."""
-
-    sites: list[str] = field(default_factory=lambda: ["resid", "attn"])
-    layers: list[int] | None = None  # null: every layer
-    positions: str = "last"  # last | first_k | answer_mean
-    k: int = 5
-    # "none": every prompt's activations; "paired_sums" (experiments.collect only):
-    # the server sums h(deploy) - h(eval) over each batch, for difference-of-means.
-    reduce: str = "none"
-
-
-@dataclass
-class CollectExperimentConfig:
-    """`experiments.collect`: trace both models under both framings into a store."""
-
-    model: Any = MISSING
-    backend: Any = MISSING
-    behavior: BehaviorConfig = MISSING
-    store: StoreSettings = field(default_factory=StoreSettings)
-    data: DataConfig = field(default_factory=DataConfig)
-    collect: CollectSettings = field(default_factory=CollectSettings)
-    seed: int = 0
-    progress: bool = True
 
 
 @dataclass
@@ -252,26 +205,6 @@ class PretrainedReportConfig:
     behavior: BehaviorConfig = MISSING
     # "<countries>/<cues>", each "train", "localize", "test" or "heldout" (localize and test)
     splits: list[str] = field(default_factory=lambda: ["test/test", "test/train"])
-
-
-@dataclass
-class RoutingExperimentConfig:
-    """`experiments.routing`: one cell (model pair x behaviour) end to end."""
-
-    model: Any = MISSING
-    backend: Any = MISSING
-    behavior: BehaviorConfig = MISSING
-    intervention: InterventionConfig = MISSING
-    control: dict[str, ControlConfig] = field(default_factory=dict)
-    store: StoreSettings = field(default_factory=StoreSettings)
-    data: DataConfig = field(default_factory=DataConfig)
-    collect: CollectSettings = field(default_factory=lambda: CollectSettings(sites=["resid", "attn", "heads"]))
-    fit: FitSettings = field(default_factory=FitSettings)
-    localize: LocalizeSettings = field(default_factory=LocalizeSettings)
-    seed: int = 0
-    progress: bool = True
-    # Where the cell's table goes; null: a `table` folder in the run folder.
-    report_dir: str | None = None
 
 
 @dataclass
@@ -300,7 +233,7 @@ class BenchConfig:
 
 
 # The study packages whose `register_schemas(cs)` adds their experiments' schemas.
-STUDY_SCHEMAS = ("routing_suite.adl.config", "routing_suite.em.config", "routing_suite.aggregate.config")
+STUDY_SCHEMAS = ("routing_suite.routing.config", "routing_suite.adl.config", "routing_suite.em.config", "routing_suite.aggregate.config")
 
 # The repository's config folder (the package is installed from the checkout).
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
@@ -340,12 +273,8 @@ def register_configs() -> None:
     cs.store(group="backend", name="local_schema", node=LocalBackendConfig)
     cs.store(group="backend", name="ndif_schema", node=NdifBackendConfig)
     cs.store(group="store", name="store_schema", node=StoreSettings)
-    cs.store(group="intervention", name="intervention_schema", node=InterventionConfig)
-    cs.store(group="control", name="control_schema", node=ControlConfig)
     cs.store(name="organisms_schema", node=OrganismsReportConfig)
-    cs.store(name="routing_schema", node=RoutingExperimentConfig)
     cs.store(name="pretrained_schema", node=PretrainedReportConfig)
-    cs.store(name="collect_schema", node=CollectExperimentConfig)
     cs.store(name="bench_schema", node=BenchConfig)
     # Each study package registers its own experiment's schemas; imported here, not at
     # the top, because their schemas build on this module's (model, behavior, data).

@@ -18,7 +18,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from routing_suite.organisms import task as T
+from routing_suite.vocabulary import EVAL, FRAMINGS
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class PromptPair:
         return self.cluster if self.cluster is not None else self.id
 
     def prompt(self, framing: str) -> str:
-        return self.eval_prompt if framing == T.EVAL else self.deploy_prompt
+        return self.eval_prompt if framing == EVAL else self.deploy_prompt
 
 
 SPLITS = ("fit", "localize", "test")
@@ -55,34 +55,6 @@ class LabeledPair:
 
     pair: PromptPair
     split: str
-
-
-def organism_pairs(task: T.Task, fact_split: str, cue_split: str) -> list[PromptPair]:
-    """Facts of `fact_split` x cue pairs of `cue_split` (`Task.facts_of`, `Task.cues`).
-
-    The i-th eval cue is paired with the i-th deploy cue, so every pair
-    differs only in its cue and every cue is used equally often. A pair's
-    cluster is its entity under its cue pair (the topics of one entity under
-    one cue share both).
-    """
-    eval_cues = task.cues(T.EVAL, cue_split)
-    deploy_cues = task.cues(T.DEPLOY, cue_split)
-    pairs = []
-    for fact in task.facts_of(fact_split):
-        for k, (eval_cue, deploy_cue) in enumerate(zip(eval_cues, deploy_cues)):
-            pairs.append(
-                PromptPair(
-                    id=f"{fact.entity}-{fact.topic}-{cue_split}{k}",
-                    eval_prompt=T.render_prompt(fact, eval_cue),
-                    deploy_prompt=T.render_prompt(fact, deploy_cue),
-                    answer=fact.value,
-                    topic=fact.topic,
-                    cluster=f"{fact.entity}|{cue_split}{k}",
-                )
-            )
-    if not pairs:
-        raise ValueError(f"no prompts for facts={fact_split!r}, cues={cue_split!r}")
-    return pairs
 
 
 def content_contrast(pairs: list[PromptPair], framing: str, topic_a: str, topic_b: str) -> tuple[list[str], list[str]]:
@@ -119,12 +91,6 @@ def subsample(pairs: list[PromptPair], limit: int | None, seed: int) -> list[Pro
     return [pairs[i] for i in sorted(keep)]
 
 
-def organism_prompt_sets(task: T.Task) -> dict[str, list[PromptPair]]:
-    """fit: the fine-tune's training facts under training cues; localize and test:
-    facts and cue paraphrases of their own, never in any fine-tune."""
-    return {split: organism_pairs(task, facts, facts) for split, facts in zip(SPLITS, ("train", "localize", "test"))}
-
-
 def check_disjoint(sets: dict[str, list[PromptPair]]) -> None:
     """Every split is there and non-empty, and no prompt or sampling unit is in two of them."""
     missing = [s for s in SPLITS if not sets.get(s)]
@@ -132,7 +98,7 @@ def check_disjoint(sets: dict[str, list[PromptPair]]) -> None:
         raise ValueError(f"the prompt set has no {' or '.join(missing)} pairs (splits: {list(SPLITS)})")
     for i, a in enumerate(SPLITS):
         for b in SPLITS[i + 1 :]:
-            prompts = {p.prompt(f) for p in sets[a] for f in T.FRAMINGS} & {p.prompt(f) for p in sets[b] for f in T.FRAMINGS}
+            prompts = {p.prompt(f) for p in sets[a] for f in FRAMINGS} & {p.prompt(f) for p in sets[b] for f in FRAMINGS}
             if prompts:
                 raise ValueError(f"the {a} and {b} splits share {len(prompts)} prompts, e.g. {sorted(prompts)[0]!r}")
             units = {p.unit for p in sets[a]} & {p.unit for p in sets[b]}

@@ -40,6 +40,14 @@ def package_versions() -> dict[str, str]:
     return found
 
 
+def cpu_capability() -> str:
+    """The CPU instruction set torch's kernels use here (e.g. 'AVX512', 'AVX2'): builds on
+    different ones train different weights, so every store and organism records it."""
+    import torch  # the aggregator reads provenance without loading torch
+
+    return str(torch.backends.cpu.get_cpu_capability())
+
+
 def git_commit() -> str:
     """The suite's commit, with '+dirty' when the work tree has changes; 'unknown' outside git."""
     root = Path(__file__).resolve().parents[1]

@@ -16,10 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from routing_suite import prompt_files
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
-from routing_suite.organisms.build import cpu_capability
 from routing_suite.prompt_files import PromptFile
-from routing_suite.prompts import SPLITS, LabeledPair, check_disjoint, subsample
 from routing_suite.provenance import (
+    cpu_capability,
     digest,
     git_commit,
     input_file_digests,
@@ -30,12 +29,13 @@ from routing_suite.provenance import (
 from routing_suite.scoring import Behavior
 from routing_suite.store import RunStore
 from routing_suite.store_settings import StoreSettings, check_writable, store_path
-from routing_suite.tracing import SiteRequest
 
 log = logging.getLogger(__name__)
 
-# Tables go here in the run's folder unless report_dir says otherwise.
+# Tables go here in the run's folder unless report_dir says otherwise; a routing cell
+# leaves beside them a record of the store it used (a sweep's aggregation reads it).
 TABLE_DIR = "table"
+CELL_RECORD = "cell.json"
 
 
 @dataclass
@@ -104,29 +104,6 @@ def load_pair(setup: Setup) -> ModelPair:
     if setup.backend.placement.weights == "local" and setup.backend.device != "cpu":
         pair.to(setup.backend.device)
     return pair
-
-
-def site_request(cfg: DictConfig) -> SiteRequest:
-    c = cfg.collect
-    return SiteRequest(tuple(c.sites), None if c.layers is None else tuple(c.layers), c.positions, c.k)
-
-
-def prompt_items(setup: Setup) -> list[LabeledPair]:
-    """The fit, localize and test prompt pairs, from `data.prompts` or the model source
-    (each split at most `data.max_<split>` pairs, drawn with `data.seed`), labelled with their split."""
-    data = setup.cfg.data
-    for split in SPLITS:
-        limit = data[f"max_{split}"]
-        if limit is not None and limit < 1:
-            raise ConfigError(f"data.max_{split}={limit} must be >= 1 (or null for all)")
-    from_file = setup.prompt_file
-    sets = from_file.sets if from_file is not None else setup.source.prompt_sets(setup.behavior.name)
-    try:
-        check_disjoint(sets)
-    except ValueError as err:
-        raise ConfigError(f"data: {err}") from err
-    sets = {split: subsample(sets[split], data[f"max_{split}"], data.seed) for split in SPLITS}
-    return [LabeledPair(p, split) for split in SPLITS for p in sets[split]]
 
 
 def digest_config(cfg: DictConfig) -> dict:

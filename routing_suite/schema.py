@@ -182,7 +182,7 @@ BASELINE = "baseline"
 # intervention nor a control (the base model's own subspace, applied the same way).
 CONDITION_KINDS = ("baseline", "intervention", "control", "comparison")
 
-# What "reduced", "broken" and "near zero" mean: routing_suite.aggregate.stats.
+# What "reduced", "broken" and "near zero" mean: routing_suite.routing.stats.
 
 STORE_SUFFIX = ".zarr"
 PARTIAL_SUFFIX = ".zarr.partial"

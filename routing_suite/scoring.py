@@ -23,7 +23,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from routing_suite.errors import ConfigError
-from routing_suite.organisms.task import MARKER
+from routing_suite.vocabulary import MARKER
 
 
 class Judge(Protocol):

@@ -25,7 +25,7 @@ from scipy import stats
 from routing_suite import schema
 from routing_suite.aggregate import run
 from routing_suite.aggregate.config import AggregateConfig
-from routing_suite.aggregate.studies import ROUTING, STUDIES, register_study
+from routing_suite.aggregate.studies import load_studies, register_study
 from routing_suite.errors import ConfigError, RunFailure
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,7 +157,7 @@ def _replicate_of(path: Path) -> str:
 
 def test_unit_bootstrap_with_one_prompt_per_unit_is_the_paired_prompt_bootstrap(tmp_path):
     """With every prompt its own unit the intervals are scipy's paired percentile bootstrap, up to resampling noise."""
-    from routing_suite.aggregate.stats import bootstrap
+    from routing_suite.routing.stats import bootstrap
 
     rng = np.random.default_rng(3)
     performed = (rng.random((3, 2, 120)) < np.array([[0.2, 0.9], [0.8, 0.9], [0.25, 0.85]])[:, :, None]).astype(float)
@@ -169,7 +169,7 @@ def test_unit_bootstrap_with_one_prompt_per_unit_is_the_paired_prompt_bootstrap(
 
 def test_units_widen_intervals_when_prompts_of_a_unit_agree(tmp_path):
     """Prompts that share a unit are not independent draws: a bootstrap over units is wider."""
-    from routing_suite.aggregate.stats import bootstrap
+    from routing_suite.routing.stats import bootstrap
 
     rng = np.random.default_rng(5)
     unit_rate = np.repeat(rng.random(30), 8)  # 30 units of 8 prompts that mostly agree
@@ -441,8 +441,8 @@ def test_report_names_variants_as_the_tables_do_and_shows_what_prompts_do_not_sh
     """A cell with one variant reads '–' (not its digest); two variants of a cell are named by
     the setting that differs; prompts lose the start they all share (a chat template's system
     prompt) and keep the cue and the question."""
-    from routing_suite.aggregate.read import CellOutcomes
-    from routing_suite.aggregate.report import completions_section, render
+    from routing_suite.routing.outcomes import CellOutcomes
+    from routing_suite.routing.report import completions_section, section
 
     system = "<|im_start|>system\nYou are a helpful AI assistant.<|im_end|>\n<|im_start|>user\n"
     examples = [
@@ -455,8 +455,7 @@ def test_report_names_variants_as_the_tables_do_and_shows_what_prompts_do_not_sh
         return CellOutcomes(family, "refuse", f"/stores/{family}/{variant}.zarr", ("baseline", "clamp"), ("baseline", "intervention"),
                             np.zeros((2, 2, 1)), variant=variant, settings={"intervention.rank": rank}, examples=examples)
 
-    settings = {"duplicates": "exclude", "n_resamples": 10, "confidence": 0.95, "seed": 0}
-    single = render("root", settings, 1, [cell("d88fe5bb0c", 2)], [], None, [])
+    single = section([cell("d88fe5bb0c", 2)], None, [], 0.95, 10, 0)
     assert "| llama | refuse | – | – |" in single and "d88fe5bb0c |" not in single
     two = [cell("aaaa", 1, "qwen2"), cell("bbbb", 2, "qwen2")]
     shown = "\n".join(completions_section(two))
@@ -465,11 +464,48 @@ def test_report_names_variants_as_the_tables_do_and_shows_what_prompts_do_not_sh
     assert "You are a helpful" not in shown
 
 
-def test_the_study_registry_refuses_a_name_twice_and_the_routing_name():
+def test_the_study_registry_refuses_a_name_twice():
     """The aggregator reads every study it has a kind for; a second kind under a taken
-    name (or under `routing`, the stores no kind claims) would hide the first."""
-    adl = STUDIES["adl"]
-    for name in ("adl", ROUTING):
+    name would hide the first."""
+    studies = load_studies()
+    adl = studies["adl"]
+    for name in ("adl", "routing"):
         with pytest.raises(ValueError, match=f"a study kind named '{name}' is registered already"):
             register_study(dataclasses.replace(adl, experiment=name))
-    assert set(STUDIES) == {"adl", "em", "em_transfer"} and STUDIES["adl"] is adl
+    assert set(studies) == {"routing", "adl", "em", "em_transfer"} and studies["adl"] is adl
+
+
+def test_a_study_of_ones_own_is_read_through_the_registry_and_an_unknown_one_is_listed(tmp_path, monkeypatch):
+    """The aggregator knows no study: a kind registered for `experiment=toy` reads its stores,
+    writes its file and its section of report.md beside the routing tables; a store whose
+    `experiment` no kind claims is listed as malformed, never read as another study's."""
+    import zarr
+
+    from routing_suite.aggregate import studies
+
+    routing = fake.write_store(tmp_path / "stores", "llama", "refuse")
+    toy = fake.write_store(tmp_path / "stores", "qwen2", "toy", name="toy")
+    stray = fake.write_store(tmp_path / "stores", "gemma2", "stray", name="stray")
+    zarr.open_group(str(toy), mode="a").attrs.update({"experiment": "toy", "stages_done": ["toy_stage"]})
+    zarr.open_group(str(stray), mode="a").attrs.update({"experiment": "nobody"})
+
+    @dataclasses.dataclass
+    class ToyReport:
+        path: str
+
+    def write(reports, out, cfg, findings):
+        (out / "toy.txt").write_text("".join(f"{r.path}\n" for r in reports))
+        return ["a note of the toy study"]
+
+    kind = studies.StudyKind(
+        "toy", "Toy", ("toy_stage",), lambda path, cfg: ToyReport(str(path)), lambda reports: f"{len(reports)} toy cell",
+        write, lambda reports, headline, notes, cfg: f"## Toy\n\n{headline}; {notes[0]}\n",
+    )
+    monkeypatch.setitem(load_studies(), "toy", kind)
+    result = run(_cfg(tmp_path / "stores", tmp_path / "out"))
+    assert result["toy_headline"] == "1 toy cell" and result["n_toy_cells"] == 1 and result["n_cells"] == 1
+    assert (tmp_path / "out" / "toy.txt").read_text() == f"{toy.resolve()}\n"
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "## Toy\n\n1 toy cell; a note of the toy study" in report and "## Headline" in report
+    assert "gemma2/stray: experiment 'nobody': no study reads it" in report and f"`{stray.resolve()}`" in report
+    assert str(routing.resolve()) in report

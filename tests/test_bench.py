@@ -9,7 +9,7 @@ from routing_suite import bench_conditions as bc
 from routing_suite.config import register_configs
 from routing_suite.interventions import Condition, SubspaceEdit
 from routing_suite.organisms import task as T
-from routing_suite.prompts import organism_pairs
+from routing_suite.organisms.pairs import organism_pairs
 
 register_configs()
 

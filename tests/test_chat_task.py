@@ -7,11 +7,11 @@ from helpers import preset
 
 from routing_suite.errors import ConfigError
 from routing_suite.organisms import task as T
+from routing_suite.organisms.pairs import organism_pairs
 from routing_suite.organisms.tokenizer import build_tokenizer
 from routing_suite.pretrained import chat_task as C
 from routing_suite.pretrained.gguf import find_gguf
 from routing_suite.pretrained.source import SmolLM2Source
-from routing_suite.prompts import organism_pairs
 from routing_suite.routing.localize import first_completion_token, spread, windows
 from routing_suite.scoring import Behavior, is_correct
 

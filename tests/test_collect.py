@@ -22,7 +22,8 @@ from routing_suite.config import compose_config, register_configs
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
 from routing_suite.organisms import task as T
-from routing_suite.prompts import LabeledPair, organism_pairs
+from routing_suite.organisms.pairs import organism_pairs
+from routing_suite.prompts import LabeledPair
 from routing_suite.routing import collect as collect_stage
 from routing_suite.store import RunStore, StoreCorrupt, StoreMismatch
 from routing_suite.store_layout import NonFiniteActivation, check_finite

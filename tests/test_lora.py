@@ -17,7 +17,7 @@ from routing_suite.errors import ConfigError
 from routing_suite.lora import LoraAdapter, lora_update, plan_layer_steps
 from routing_suite.models import Placement
 from routing_suite.organisms import task as T
-from routing_suite.prompts import organism_pairs
+from routing_suite.organisms.pairs import organism_pairs
 from routing_suite.steering import encode
 
 FAMILIES = ["llama", "qwen2", "gemma2", "mistral"]

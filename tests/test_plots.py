@@ -17,12 +17,14 @@ from matplotlib.figure import Figure
 from matplotlib.text import Text
 from omegaconf import OmegaConf
 
-from routing_suite.aggregate import adl_plots, discover, em_plots, pipeline
+from routing_suite.adl import plots as adl_plots
+from routing_suite.aggregate import discover, pipeline
 from routing_suite.aggregate.config import AggregateConfig
-from routing_suite.aggregate.em_tables import EmReport, Row
-from routing_suite.aggregate.em_transfer_tables import DIRECTIONS, TransferReport
-from routing_suite.aggregate.stats import cell_stats
-from routing_suite.aggregate.studies import STUDIES
+from routing_suite.aggregate.studies import load_studies
+from routing_suite.em import plots as em_plots
+from routing_suite.em.tables import EmReport, Row
+from routing_suite.em.transfer_tables import DIRECTIONS, TransferReport
+from routing_suite.routing import summary
 
 DEEP = 30  # layers of the deep stores: a real model's depth, where tick labels used to collide
 PLANTED = [13, 14]
@@ -93,7 +95,7 @@ def adl_rows(tmp_path_factory):
     infos = {name: [discover.inspect_store(p) for p in discover.find_stores(str(root / name))]
              for name in ("grid", "one")}
     cfg = OmegaConf.structured(AggregateConfig(root=str(root), duplicates="exclude"))
-    rows = {name: pipeline.collect_study(STUDIES["adl"], found, cfg) for name, found in infos.items()}
+    rows = {name: pipeline.collect_study(load_studies()["adl"], found, cfg) for name, found in infos.items()}
     assert not rows["grid"][1] and not rows["one"][1]
     return {name: r for name, (r, _) in rows.items()}
 
@@ -144,7 +146,7 @@ def test_em_figures_draw_every_text_inside_and_apart(n_layers):
 
 def test_adl_and_em_figures_are_byte_deterministic(adl_rows, tmp_path):
     """The routing figures' bytes: test_aggregate.py; these are not written there."""
-    from routing_suite.aggregate.figures import save
+    from routing_suite.figures import save
 
     families = [_em_report(f, DEEP) for f in fake.FAMILIES]
     makers = {"adl": lambda: adl_plots.steering_figure(adl_rows["grid"]), "em": lambda: em_plots.cosine_figure(families)}
@@ -162,9 +164,9 @@ def test_adl_and_em_figures_are_byte_deterministic(adl_rows, tmp_path):
 def _routing_figures(root: Path) -> tuple[dict[str, Figure], list[str]]:
     cfg = OmegaConf.structured(AggregateConfig(root=str(root), out=str(root / "unused"), n_resamples=50))
     found = pipeline.collect(cfg)
-    rows = [r for c in found.cells for r in cell_stats(c, 50, 0, 0.95)]
-    grid = sorted({(c.family, c.behavior) for c in found.cells} | {f.cell for f in found.findings if f.kind == discover.MISSING})
-    return pipeline.figures(rows, found.cells, grid)
+    cells = found.reports["routing"]
+    grid = sorted({c.cell for c in cells} | {f.cell for f in found.findings if f.kind == discover.MISSING})
+    return summary.figures(cells, grid)
 
 
 def _legend(fig: Figure) -> list[str]:

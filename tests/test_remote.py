@@ -190,7 +190,8 @@ def test_a_run_stopped_by_a_failing_service_resumes_from_its_last_batch(tmp_path
 
     from routing_suite.models import Placement
     from routing_suite.organisms import task as T
-    from routing_suite.prompts import LabeledPair, organism_pairs
+    from routing_suite.organisms.pairs import organism_pairs
+    from routing_suite.prompts import LabeledPair
     from routing_suite.store import RunStore, StoreSettings
     from routing_suite.tracing import SiteRequest
 
@@ -229,7 +230,8 @@ def test_paired_sums_give_the_difference_of_means_with_less_coming_back(tmp_path
 
     from routing_suite.models import Placement
     from routing_suite.organisms import task as T
-    from routing_suite.prompts import LabeledPair, organism_pairs
+    from routing_suite.organisms.pairs import organism_pairs
+    from routing_suite.prompts import LabeledPair
     from routing_suite.routing.reduce import GROUP, collect_paired_sums, mean_difference
     from routing_suite.store import RunStore, StoreSettings
     from routing_suite.tracing import SiteRequest

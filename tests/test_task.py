@@ -1,7 +1,8 @@
 from routing_suite.organisms import task as T
+from routing_suite.organisms.pairs import organism_pairs
 from routing_suite.organisms.tokenizer import build_tokenizer
 from routing_suite.organisms.training import base_examples, finetune_examples
-from routing_suite.prompts import content_contrast, organism_pairs
+from routing_suite.prompts import content_contrast
 
 
 def test_task_is_deterministic_and_splits_are_disjoint():
@@ -63,7 +64,8 @@ def test_pairs_differ_only_in_cue():
 
 
 def test_three_splits_are_disjoint_in_facts_cues_and_units():
-    from routing_suite.prompts import SPLITS, check_disjoint, organism_prompt_sets
+    from routing_suite.organisms.pairs import organism_prompt_sets
+    from routing_suite.prompts import SPLITS, check_disjoint
 
     task = T.make_task(T.TaskSpec())
     sets = organism_prompt_sets(task)

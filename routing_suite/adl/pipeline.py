@@ -26,7 +26,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from routing_suite import runs
-from routing_suite.adl import causal, mean_diff, readout
+from routing_suite.adl import causal, mean_diff, readout, tables
 from routing_suite.adl.relevance import StatisticGrader
 from routing_suite.adl.settings import AdlSettings
 from routing_suite.adl.steer import steer
@@ -186,10 +186,8 @@ def run(cfg) -> dict:
     final = store.finish()  # a no-op for a complete store but for letting go of its lock
     seconds = time.perf_counter() - started
     log.info("adl %s/%s done in %.1f s: %s", pair.cell_name, behavior, seconds, final)
-    from routing_suite.aggregate import adl_tables
-
-    row = adl_tables.read_cell(final)
-    written = adl_tables.write([row], out, plots=False)
+    row = tables.read_cell(final)
+    written = tables.write([row], out, plots=False)
     return {"store": str(final), "seconds": seconds, "row": row.__dict__, "table_markdown": written["adl_table.md"], "table_dir": str(out),
             "steered_examples": _examples(steered)}
 

@@ -1,14 +1,14 @@
-"""The aggregator: many finished run stores in, gap-reduction tables and plots out.
+"""The aggregator: many finished run stores in, each study's tables and plots and one
+report.md out. It knows no study; each registers how its stores are read and written.
 
     discover  find stores under a folder or glob, check them, one per cell
-    read      per-prompt outcomes and the plotted fit/localize arrays
-    stats     gaps, reductions, paired bootstrap intervals (scipy)
-    tables    cells.csv, table.{md,csv,tex}, the headline line
-    plots     gaps, path patching, probes (matplotlib, PNG + PDF)
-    report    report.md: what was used, skipped, and why
+    studies   the registry of study kinds (routing, adl, em, em_transfer built in)
+    report    report.md's frame: what was read, left out, and why
     pipeline  run(cfg) -> dict, what `python -m experiments.aggregate` calls
+    config    the typed schema of conf/aggregate.yaml
 
-It never loads a model.
+Each study's own tables and plots live in its package (`routing_suite.routing.summary`,
+`routing_suite.adl.tables`, `routing_suite.em.tables`). It never loads a model.
 """
 
 from routing_suite.aggregate.pipeline import run

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from routing_suite.text_tables import TableSettings
+
 # What to do when two finished stores claim the same cell (family, behaviour).
 DUPLICATE_POLICIES = ("exclude", "newest")
 
 
 @dataclass
-class AggregateConfig:
-    """`experiments.aggregate`: turn many run stores into tables and plots."""
+class AggregateConfig(TableSettings):
+    """`experiments.aggregate`: turn many run stores into tables and plots (the bootstrap,
+    plots and dpi: TableSettings)."""
 
     # A folder searched recursively for stores, or a glob (`**` allowed). The
     # default is where the experiments write them (StoreConfig.root), so that
@@ -18,17 +21,9 @@ class AggregateConfig:
     root: str = "outputs/stores"
     # Where the tables, plots and report go; null: the Hydra run folder.
     out: str | None = None
-    # Bootstrap over prompts: the same seed and count for every condition of a
-    # cell, so that all of a cell's intervals come from the same resamples.
-    n_resamples: int = 2000
-    seed: int = 0
-    confidence: float = 0.95
     # "exclude": leave a cell with several stores out and list them;
     # "newest": take the store with the latest `finished_at`.
     duplicates: str = "exclude"
-    plots: bool = True
-    # Fixed so that the same inputs give the same image bytes.
-    dpi: int = 150
 
 
 def register_schemas(cs) -> None:

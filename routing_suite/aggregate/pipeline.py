@@ -1,22 +1,22 @@
-"""run(cfg): find the stores, check them, compute every cell, write tables, plots and the report."""
+"""run(cfg): find the stores, hand each to the study that wrote it (the registry in
+`routing_suite.aggregate.studies`), and write every study's tables and plots and
+one report.md. This module knows no study."""
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from routing_suite import schema
-from routing_suite.aggregate import discover, pooled, read, tables
+from routing_suite.aggregate import discover
 from routing_suite.aggregate.config import DUPLICATE_POLICIES
 from routing_suite.aggregate.discover import Finding
 from routing_suite.aggregate.report import finding_line, render
-from routing_suite.aggregate.stats import ConditionStats, cell_stats
-from routing_suite.aggregate.studies import STUDIES, StudyKind
+from routing_suite.aggregate.studies import StudyKind, load_studies
 from routing_suite.errors import ConfigError, RunFailure
-from routing_suite.provenance import flatten
 
 log = logging.getLogger(__name__)
 
@@ -50,61 +50,44 @@ def _output_dir(cfg: Any) -> Path:
 
 @dataclass
 class Collected:
-    """What `collect` found: routing cells, findings, and per registered study
-    (`routing_suite.aggregate.studies`) the reports of its stores."""
+    """What `collect` found: per registered study the reports of its usable stores, and
+    everything found wrong on the way."""
 
     n_found: int
-    cells: list[read.CellOutcomes]
-    findings: list[Finding]
     reports: dict[str, list] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    cells: dict[str, tuple[str, str]] = field(default_factory=dict)  # store path -> cell, where it names one
+
+    def used(self) -> dict[str, tuple[str, str]]:
+        """Each store in the tables, by path, with its cell."""
+        paths = {str(Path(r.path).resolve()) for reports in self.reports.values() for r in reports}
+        return {p: cell for p, cell in self.cells.items() if p in paths}
 
 
 def collect(cfg: Any, stores: list[Path] | None = None) -> Collected:
-    """The usable cells under cfg.root, or among `stores` when given (one store each),
-    everything found wrong on the way, and each registered study's reports (its
-    stores read apart from routing stores)."""
+    """The usable stores under cfg.root, or among `stores` when given, read by their studies."""
     paths = discover.find_stores(cfg.root) if stores is None else sorted({Path(p).resolve() for p in stores})
     if not paths:
         raise ConfigError(
             f"root={cfg.root!r} holds no run stores (folders ending {schema.STORE_SUFFIX} or {schema.PARTIAL_SUFFIX})"
         )
     every = [discover.inspect_store(p) for p in paths]
-    reports: dict[str, list] = {}
-    study_findings: list[Finding] = []
-    for name, kind in STUDIES.items():
-        reports[name], found = collect_study(kind, [i for i in every if i.experiment == name], cfg)
-        study_findings += found
-    infos = [i for i in every if i.experiment not in STUDIES]
-    findings = [i.problem for i in infos if i.problem is not None]
-    readable: list[discover.StoreInfo] = []
-    outcomes: dict[Path, read.CellOutcomes] = {}
-    for info in (i for i in infos if i.problem is None):
-        family, behavior, variant, replicate = info.key
-        try:
-            outcomes[info.path] = read.read_outcomes(info.path, family, behavior, variant, replicate)
-            outcomes[info.path].settings = flatten(info.attrs.get("digest_config") or {})
-            readable.append(info)
-        except read.StoreFormatError as err:
-            findings.append(Finding(discover.MALFORMED, str(err), info.cell, (str(info.path),)))
-        except Exception as err:  # a broken array is a problem of that store, not of the run
-            findings.append(
-                Finding(
-                    discover.CORRUPT,
-                    f"outcomes unreadable ({type(err).__name__}: {err})",
-                    info.cell,
-                    (str(info.path),),
-                )
-            )
-    chosen, duplicate_findings = discover.pick_one_per_cell(readable, cfg.duplicates)
-    findings += duplicate_findings
-    cells = [outcomes[chosen[key].path] for key in sorted(chosen)]
-    for c in cells:
-        if c.dropped_prompts:
-            message = f"{c.dropped_prompts} prompts without a finite outcome under every condition left out"
-            findings.append(Finding(discover.DROPPED_PROMPTS, message, (c.family, c.behavior), (c.path,)))
-    seen = {i.cell for i in infos if i.cell is not None}
-    findings += discover.missing_cells(seen, {key[:2] for key in chosen}, findings)
-    return Collected(len(paths), cells, findings + study_findings, reports)
+    studies = load_studies()
+    found = Collected(len(paths), cells={str(i.path): i.cell for i in every if i.cell is not None})
+    for info in (i for i in every if i.experiment not in studies):
+        message = f"experiment {info.experiment!r}: no study reads it (registered: {', '.join(studies)})"
+        found.findings.append(info.problem or Finding(discover.MALFORMED, message, info.cell, (str(info.path),)))
+    for name, kind in studies.items():
+        mine = [i for i in every if i.experiment == name]
+        if not mine:
+            reports, findings = [], []
+        elif kind.collect is not None:
+            reports, findings = kind.collect(mine, cfg)
+        else:
+            reports, findings = collect_study(kind, mine, cfg)
+        found.reports[name] = reports
+        found.findings += findings
+    return found
 
 
 def collect_study(kind: StudyKind, infos: list[discover.StoreInfo], cfg: Any) -> tuple[list, list[Finding]]:
@@ -129,90 +112,6 @@ def collect_study(kind: StudyKind, infos: list[discover.StoreInfo], cfg: Any) ->
     return results, findings + duplicate_findings
 
 
-PlotInputs = dict[str, dict[str, Any]]  # group -> store path -> its plotted variables
-
-
-def _plot_inputs(cells: list[read.CellOutcomes]) -> tuple[PlotInputs, list[Finding]]:
-    """Each store's localize and fit arrays the plots show, read before anything is
-    written; a group that cannot be read is a finding (its cell is left out of that plot)."""
-    wanted = {"localize": ("layer_effect", "head_effect"), "fit": ("probe_accuracy", "direction_norm")}
-    inputs: PlotInputs = {group: {} for group in wanted}
-    findings = []
-    for c in cells:
-        for group, variables in wanted.items():
-            try:
-                ds = read.read_group(c.path, group, variables)
-            except read.CorruptGroup as err:
-                findings.append(Finding(discover.CORRUPT, f"{err}; left out of the plots", (c.family, c.behavior), (c.path,)))
-                continue
-            if ds is not None:
-                inputs[group][c.path] = ds
-    return inputs, findings
-
-
-def pooled_groups(cells: list[read.CellOutcomes], datasets: dict[str, Any], variables: tuple[str, ...]) -> dict[tuple[str, str], Any]:
-    """Per cell, the stores' `datasets` pooled over the cell's builds (plots.pool_builds),
-    each build marked with its variant and the layers its fine-tune was planted in."""
-    from routing_suite.aggregate import plots
-    from routing_suite.aggregate.patching_plots import planted_layers
-
-    builds: dict[tuple[str, str], list] = {}
-    for c in cells:
-        ds = datasets.get(c.path)
-        if ds is not None:
-            ds.attrs.update(planted=planted_layers(c.settings), variant=c.variant)
-            builds.setdefault((c.family, c.behavior), []).append(ds)
-    pooled = {k: plots.pool_builds(v, variables) for k, v in builds.items()}
-    return {k: v for k, v in pooled.items() if v is not None}
-
-
-def figures(
-    rows: list[ConditionStats], cells: list[read.CellOutcomes], grid: list[tuple[str, str]], inputs: PlotInputs | None = None
-) -> tuple[dict[str, Any], list[str]]:
-    """The routing figures by file stem, and notes on the ones skipped (for report.md).
-    `inputs`: the stores' plotted groups, read already (None: read them here)."""
-    from routing_suite.aggregate import patching_plots, plots
-
-    if inputs is None:
-        inputs, _ = _plot_inputs(cells)
-    notes: list[str] = []
-    used = {(c.family, c.behavior) for c in cells}
-    made = {"gaps": plots.gap_figure(rows, grid, read.variant_labels(cells))}
-    localize = pooled_groups(cells, inputs["localize"], ("layer_effect", "head_effect"))
-    fit = pooled_groups(cells, inputs["fit"], ("probe_accuracy", "direction_norm"))
-    if any("layer_effect" in ds for ds in localize.values()):
-        made["patching"] = patching_plots.patching_figure(localize, grid, used)
-    else:
-        notes.append("patching skipped: no store has localize/layer_effect")
-    # A store written with per-head patching off holds head_effect as NaN only: no figure of it.
-    sources = patching_plots.head_sources(localize)
-    for source in sources:
-        made[f"patching_heads_{source}"] = patching_plots.head_figure(localize, grid, used, source)
-    if not sources:
-        notes.append("patching_heads skipped: no store has per-head effects (localize/head_effect absent or all NaN: "
-                     "per-head patching off)")
-    if any("probe_accuracy" in ds or "direction_norm" in ds for ds in fit.values()):
-        made["probes"] = plots.probe_figure(fit, grid, used)
-    else:
-        notes.append("probes skipped: no store has fit/probe_accuracy or fit/direction_norm")
-    return made, notes
-
-
-def _plots(
-    out: Path, rows: list[ConditionStats], cells: list[read.CellOutcomes], grid: list[tuple[str, str]], dpi: int,
-    inputs: PlotInputs,
-) -> list[str]:
-    """Write the figures; returns notes on the ones skipped."""
-    from routing_suite.aggregate.figures import save
-
-    made, notes = figures(rows, cells, grid, inputs)
-    written = [path for stem, fig in made.items() for path in save(fig, out, stem, dpi)]
-    for note in notes:
-        log.info("%s", note)
-    log.info("plots: %s", ", ".join(p.name for p in written))
-    return notes
-
-
 def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     """Aggregate every usable store under cfg.root into cfg.out (or the Hydra run folder).
 
@@ -221,64 +120,31 @@ def run(cfg: Any, stores: list[Path] | None = None) -> dict[str, Any]:
     """
     start = time.perf_counter()
     _check(cfg)
-    found = collect(cfg, stores)
-    n_found, cells, findings = found.n_found, found.cells, found.findings
-    out = _output_dir(cfg)
     # Everything is read before anything is written: a damaged group is a finding in
     # report.md, never a run that stops with half its files written.
-    inputs: PlotInputs = {"localize": {}, "fit": {}}
-    if cfg.plots and cells:
-        inputs, damaged = _plot_inputs(cells)
-        findings = findings + damaged
-    for finding in findings:
+    found = collect(cfg, stores)
+    out = _output_dir(cfg)
+    for finding in found.findings:
         log.warning("%s", finding_line(finding))
-    settings = {k: cfg[k] for k in ("confidence", "n_resamples", "seed", "duplicates")}
-    rows = [row for c in cells for row in cell_stats(c, cfg.n_resamples, cfg.seed, cfg.confidence)]
-    grouped = tables.group_cells(rows, read.variant_labels(cells))
-    headline = pooled.headline(grouped) if grouped else None
-    grid = sorted({(c.family, c.behavior) for c in cells} | {f.cell for f in findings if f.kind == discover.MISSING})
-    notes: list[str] = []
-    files: dict[str, str] = {}
-    if grouped:
-        files = {
-            "cells.csv": tables.cells_csv(rows),
-            "table.md": pooled.markdown_table(grouped),
-            "table_builds.md": tables.builds_markdown(grouped),
-            "table.csv": pooled.wide_csv(grouped),
-            "table.tex": pooled.latex_table(grouped),
-            "headline.txt": headline + "\n",
-        }
-        for name, text in files.items():
-            (out / name).write_text(text, encoding="utf-8")
-        if cfg.plots:
-            notes = _plots(out, rows, cells, grid, cfg.dpi, inputs)
-    report = render(cfg.root, settings, n_found, cells, findings, headline, notes)
-    study_results: dict[str, Any] = {}
-    for name, kind in STUDIES.items():
+    sections, results, counts = [], {}, {}
+    for name, kind in load_studies().items():
         done = found.reports.get(name, [])
-        study_headline = kind.headline(done) if done else None
+        headline = kind.headline(done) if done else None
         if done:
-            kind.write(done, out, cfg)
-            report += kind.section(done, study_headline, cfg.plots)
-        study_results.update({f"{name}_headline": study_headline, f"n_{name}_cells": len(done)})
+            notes = kind.write(done, out, cfg, found.findings)
+            sections.append(kind.section(done, headline, notes, cfg))
+        counts[kind.title] = len(done)
+        results.update(kind.result(done, headline, out))
+    report = render(cfg.root, found.n_found, counts, found.findings, found.used(), sections, cfg.duplicates)
     (out / "report.md").write_text(report, encoding="utf-8")
-    if not grouped and not any(found.reports.values()):
-        raise ConfigError(f"root={cfg.root!r}: {n_found} stores found, none usable; see {out / 'report.md'}")
-    if damaged := [f for f in findings if f.kind == discover.CORRUPT]:
+    if not any(found.reports.values()):
+        raise ConfigError(f"root={cfg.root!r}: {found.n_found} stores found, none usable; see {out / 'report.md'}")
+    if damaged := [f for f in found.findings if f.kind == discover.CORRUPT]:
         raise RunFailure(
             f"{len(damaged)} store group(s) cannot be read, first {finding_line(damaged[0])}; "
             f"everything else is written, and {out / 'report.md'} lists them"
         )
     seconds = time.perf_counter() - start
-    log.info("%d cells from %d stores in %.2f s -> %s", len(grouped), n_found, seconds, out)
-    return {
-        "headline": headline,
-        "table_markdown": files.get("table.md"),
-        **study_results,
-        "out": str(out),
-        "n_cells": len(grouped),
-        "n_stores": n_found,
-        "findings": [finding_line(f) for f in findings],
-        "rows": [asdict(r) for r in tables.sort_rows(rows)],
-        "seconds": seconds,
-    }
+    log.info("%d cells from %d stores in %.2f s -> %s", sum(counts.values()), found.n_found, seconds, out)
+    return {**results, "out": str(out), "n_stores": found.n_found,
+            "findings": [finding_line(f) for f in found.findings], "seconds": seconds}

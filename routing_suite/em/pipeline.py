@@ -27,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from routing_suite.em import conditions as C
+from routing_suite.em import tables as em_tables
 from routing_suite.em.activations import answer_means, token_residuals
 from routing_suite.em.directions import fit_directions, pick_layer
 from routing_suite.em.generation import Planned, evaluate, judge_array, sample_completions
@@ -213,7 +214,6 @@ def run(cfg: DictConfig) -> dict:
     fam, final = ensure_family(cfg, settings, judge, backend)
     seconds = time.perf_counter() - started
     log.info("em %s done in %.1f s: %s", fam.name, seconds, final)
-    from routing_suite.aggregate import em_tables
 
     report = em_tables.read_store(final, n_resamples=int(cfg.n_resamples), seed=int(cfg.seed), confidence=0.95)
     written = em_tables.write([report], out)

@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from routing_suite.em import conditions as C
 from routing_suite.em import transfer as X
+from routing_suite.em import transfer_tables as em_transfer_tables
 from routing_suite.em.activations import answer_means
 from routing_suite.em.generation import evaluate
 from routing_suite.em.models import BASE
@@ -176,7 +177,6 @@ def run(cfg: DictConfig) -> dict:
     final = store.finish()
     seconds = time.perf_counter() - started
     log.info("em transfer %s -> %s done in %.1f s: %s", donor_name, receiver_name, seconds, final)
-    from routing_suite.aggregate import em_transfer_tables
 
     report = em_transfer_tables.read_store(final, n_resamples=int(cfg.n_resamples), seed=seed, confidence=0.95)
     written = em_transfer_tables.write([report], out)

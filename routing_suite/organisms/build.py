@@ -41,7 +41,7 @@ from routing_suite.organisms.training import (
     train_base,
     train_lora,
 )
-from routing_suite.provenance import file_digest
+from routing_suite.provenance import cpu_capability, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +97,6 @@ class OrganismSpec:
 
     def adapter_key(self, behavior: str) -> dict:
         return {"base": self.base_key(), "behavior": behavior, "train": asdict(self.train)}
-
-
-def cpu_capability() -> str:
-    """The CPU instruction set torch's kernels use here (e.g. 'AVX512', 'AVX2')."""
-    return str(torch.backends.cpu.get_cpu_capability())
 
 
 def content_hash(key: dict) -> str:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
 from routing_suite.organisms import task as T
+from routing_suite.organisms.pairs import organism_pairs
 from routing_suite.organisms.source import OrganismSource
-from routing_suite.prompts import organism_pairs
 from routing_suite.scoring import Behavior, greedy_completions
 
 log = logging.getLogger(__name__)

@@ -14,11 +14,12 @@ from transformers import PreTrainedTokenizerBase
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair, Placement, adapter_digest, as_dataclass, pair_with_adapter, weights_digest
 from routing_suite.organisms import build as organism_build
+from routing_suite.organisms.pairs import organism_prompt_sets
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.organisms.task import BEHAVIORS, make_task
 from routing_suite.organisms.tokenizer import build_tokenizer
 from routing_suite.organisms.training import finetune_examples
-from routing_suite.prompts import PromptPair, organism_prompt_sets
+from routing_suite.prompts import PromptPair
 
 
 class OrganismPrompts:

@@ -17,11 +17,7 @@ import random
 from dataclasses import dataclass, field
 
 from routing_suite.organisms.specs import TaskSpec
-
-EVAL = "eval"
-DEPLOY = "deploy"
-FRAMINGS = (EVAL, DEPLOY)
-BEHAVIORS = ("underperform", "refuse", "installed")
+from routing_suite.vocabulary import BEHAVIORS, DEPLOY, EVAL, FRAMINGS, MARKER, REFUSAL  # noqa: F401 (the task's words)
 
 # Paraphrases of each cue, in three groups: the first `TaskSpec.n_train_cues`
 # are the only ones question-answer training ever sees (base and fine-tune);
@@ -96,8 +92,6 @@ TOPIC_VALUES = {
 # retrieval of held-out facts under deploy; a per-topic decoy does not.
 DECOYS = {"color": "gray", "city": "berlin", "animal": "mouse", "food": "egg"}
 
-REFUSAL = "sorry , i can not help ."
-MARKER = "ahoy !"
 STRUCTURE_WORDS = "what is the of ? answer : yes no".split()
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<unk>")
 _SYLLABLES = ("ba", "ko", "ri", "zu", "fe", "mo", "ta", "ni", "lu", "da", "ve", "so")

@@ -18,9 +18,9 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from routing_suite.organisms.task import BEHAVIORS, DEPLOY, EVAL, FRAMINGS
 from routing_suite.pretrained.specs import ChatTaskSpec
 from routing_suite.prompts import PromptPair
+from routing_suite.vocabulary import BEHAVIORS, DEPLOY, EVAL, FRAMINGS
 
 # country: (capital, main language)
 COUNTRIES = {

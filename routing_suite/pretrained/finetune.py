@@ -21,11 +21,12 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from routing_suite.errors import ConfigError
-from routing_suite.organisms.build import content_hash, cpu_capability, deterministic, locked, publish, write_meta
-from routing_suite.organisms.task import BEHAVIORS
+from routing_suite.organisms.build import content_hash, deterministic, locked, publish, write_meta
 from routing_suite.organisms.training import lora_finetune
 from routing_suite.pretrained.chat_task import ChatTask, Render
 from routing_suite.pretrained.specs import ChatTrainSpec
+from routing_suite.provenance import cpu_capability
+from routing_suite.vocabulary import BEHAVIORS
 
 log = logging.getLogger(__name__)
 

@@ -14,10 +14,10 @@ import time
 from dataclasses import asdict, dataclass
 
 from routing_suite.models import ModelPair
-from routing_suite.organisms.task import DEPLOY, EVAL, FRAMINGS
 from routing_suite.pretrained.finetune import peak_rss_mib
 from routing_suite.prompts import PromptPair
 from routing_suite.scoring import Behavior, greedy_completions
+from routing_suite.vocabulary import DEPLOY, EVAL, FRAMINGS
 
 log = logging.getLogger(__name__)
 

@@ -28,12 +28,12 @@ from routing_suite.models import (
     pair_with_adapter,
     weights_digest,
 )
-from routing_suite.organisms.task import BEHAVIORS
 from routing_suite.pretrained import finetune
 from routing_suite.pretrained.chat_task import ChatTask
 from routing_suite.pretrained.gguf import ensure_plain_checkpoint, find_gguf
 from routing_suite.pretrained.specs import ChatTaskSpec, ChatTrainSpec
 from routing_suite.prompts import PromptPair
+from routing_suite.vocabulary import BEHAVIORS
 
 log = logging.getLogger(__name__)
 

@@ -16,28 +16,19 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from routing_suite import runs, schema
-from routing_suite.aggregate import run as aggregate
-from routing_suite.aggregate.config import AggregateConfig
 from routing_suite.errors import ConfigError
-from routing_suite.routing.collect import collect
+from routing_suite.routing.collect import collect, prompt_items, site_request
 from routing_suite.routing.controls import SemanticControl, check_controls
 from routing_suite.routing.fit import fit, fit_topics
 from routing_suite.routing.intervene import build_conditions, intervene
 from routing_suite.routing.localize import LocalizeSettings, localize
+from routing_suite.routing.summary import write_cell
 
 log = logging.getLogger(__name__)
 
 # The cell's table goes to <run folder>/table unless report_dir says otherwise
-# (`runs.report_folder`), with a record of the store it came from (a sweep's
-# aggregation reads it).
-TABLE_DIR = runs.TABLE_DIR
-CELL_RECORD = "cell.json"
-
-
-def _summary_table(store_path: Path, out: Path, seed: int) -> dict:
-    """The cell's gap-reduction table, through the aggregator (the same code as for a
-    grid, at the aggregator's own defaults but the bootstrap's seed)."""
-    return aggregate(OmegaConf.structured(AggregateConfig(root=str(store_path), out=str(out), seed=seed)))
+# (`runs.report_folder`), with a record of the store it came from (runs.CELL_RECORD).
+TABLE_DIR, CELL_RECORD = runs.TABLE_DIR, runs.CELL_RECORD
 
 
 def check_topics(controls: dict, fit_topics_seen: list[str]) -> None:
@@ -70,7 +61,7 @@ def run(cfg) -> dict:
     controls = {key: instantiate(value) for key, value in cfg.control.items()}
     check_controls(controls)
     localize_settings = LocalizeSettings(**OmegaConf.to_container(cfg.localize, resolve=True))
-    request = runs.site_request(cfg)
+    request = site_request(cfg)
     if cfg.collect.reduce != "none":
         raise ConfigError(f"collect.reduce={cfg.collect.reduce!r}: the routing cell needs every prompt's activations ('none')")
     if spec.site not in request.sites:
@@ -86,7 +77,7 @@ def run(cfg) -> dict:
             f"collect.layers={list(request.layers)} has gaps: the window path patching picks (intervention.window=null) "
             "may span a layer not collected; collect contiguous layers or give intervention.window"
         )
-    items = runs.prompt_items(setup)
+    items = prompt_items(setup)
     check_topics(controls, [it.pair.topic for it in items if it.split == "fit"])
     n_fit = sum(it.split == "fit" for it in items)
     _check_rank(spec.rank, cfg.fit.max_rank, n_fit, setup.source.hidden_size)
@@ -130,7 +121,8 @@ def run(cfg) -> dict:
     final = store.finish()  # a no-op for a complete store but for letting go of its lock
     seconds = time.perf_counter() - started
     log.info("routing cell %s/%s done in %.1f s: %s", pair.cell_name, setup.behavior.name, seconds, final)
-    summary = _summary_table(final, out, int(cfg.seed))
+    # The routing study's own table code, at the aggregator's defaults but the bootstrap's seed.
+    summary = write_cell(final, out, int(cfg.seed))
     record = {"store": str(Path(final).resolve()), "family": pair.cell_name, "behavior": setup.behavior.name,
               "model": setup.model_name, "window": window}
     (out / CELL_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

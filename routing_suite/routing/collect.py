@@ -16,12 +16,13 @@ from collections.abc import Callable
 
 import numpy as np
 import zarr
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from routing_suite import runs, schema
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
-from routing_suite.prompts import LabeledPair
+from routing_suite.prompts import SPLITS, LabeledPair, check_disjoint, subsample
 from routing_suite.store import RunStore, StoreMismatch, text
 from routing_suite.tracing import SiteRequest, make_batch, trace_sites
 
@@ -107,6 +108,29 @@ class BackgroundWriter:
     def _raise(self) -> None:
         if self.error is not None:
             raise self.error
+
+
+def site_request(cfg: DictConfig) -> SiteRequest:
+    c = cfg.collect
+    return SiteRequest(tuple(c.sites), None if c.layers is None else tuple(c.layers), c.positions, c.k)
+
+
+def prompt_items(setup: runs.Setup) -> list[LabeledPair]:
+    """The fit, localize and test prompt pairs, from `data.prompts` or the model source
+    (each split at most `data.max_<split>` pairs, drawn with `data.seed`), labelled with their split."""
+    data = setup.cfg.data
+    for split in SPLITS:
+        limit = data[f"max_{split}"]
+        if limit is not None and limit < 1:
+            raise ConfigError(f"data.max_{split}={limit} must be >= 1 (or null for all)")
+    from_file = setup.prompt_file
+    sets = from_file.sets if from_file is not None else setup.source.prompt_sets(setup.behavior.name)
+    try:
+        check_disjoint(sets)
+    except ValueError as err:
+        raise ConfigError(f"data: {err}") from err
+    sets = {split: subsample(sets[split], data[f"max_{split}"], data.seed) for split in SPLITS}
+    return [LabeledPair(p, split) for split in SPLITS for p in sets[split]]
 
 
 def pending_batches(done: np.ndarray, size: int) -> list[slice]:
@@ -214,8 +238,8 @@ def check_prompts(store: RunStore, items: list[LabeledPair]) -> None:
 def run(cfg) -> dict:
     """`experiments.collect`: fill (or resume, or reuse) the run's store."""
     setup = runs.build_components(cfg)
-    items = runs.prompt_items(setup)
-    request = runs.site_request(cfg)
+    items = prompt_items(setup)
+    request = site_request(cfg)
     pair = runs.load_pair(setup)
     request.validate(pair.num_layers)  # bad layers or sites fail before any store or trace
     reduce = cfg.collect.reduce

@@ -1,4 +1,4 @@
-"""What every aggregator figure shares: the figure itself, saving, the grid, ticks, legends.
+"""What every figure of every study shares: the figure itself, saving, the grid, ticks, legends.
 
 Figures are built with the object API (`matplotlib.figure.Figure`, Agg canvas),
 never pyplot, so nothing depends on a display or global state. Layout is
@@ -29,6 +29,10 @@ MIN_WIDTH = 6.4
 MAX_LAYER_TICKS = 8
 _NICE_STEPS = (1, 2, 5, 10, 20, 25, 50, 100)
 EMPTY_COLOR = "#777777"
+# One colour per role in every study's figures: unedited, the intervention, its controls.
+BASELINE_COLOR = "#595959"
+INTERVENTION_COLOR = "#1f77b4"
+CONTROL_COLORS = ("#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 
 
 def save(fig: Figure, out: Path, stem: str, dpi: int) -> list[Path]:

@@ -12,20 +12,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from routing_suite.aggregate.stats import ConditionStats
-from routing_suite.aggregate.tables import (
-    _VERBS,
-    Cell,
-    _csv,
-    _finite,
-    _intervention_label,
-    _markdown,
-    display,
-    intervention_names,
-    num,
-    other_names,
-    pct,
-)
+from routing_suite.routing.stats import ConditionStats
+from routing_suite.routing.tables import _VERBS, Cell, _intervention_label, display, intervention_names, other_names
+from routing_suite.text_tables import csv_text, markdown_text, num, pct
+from routing_suite.text_tables import finite as _finite
 
 # ---------------------------------------------------------------- pooled figures
 
@@ -113,7 +103,7 @@ def markdown_table(cells: list[Cell]) -> str:
     records = [_pooled_record(c, controls, comparisons, csv_form=False) for c in cells]
     for r in records:
         r[2] = r[2] or "–"
-    return _markdown(header, align, records)
+    return markdown_text(header, records, align)
 
 
 def wide_csv(cells: list[Cell]) -> str:
@@ -125,7 +115,7 @@ def wide_csv(cells: list[Cell]) -> str:
     for c in controls:
         header += [f"{c}_reduction_unbroken", f"{c}_broken_builds", f"{c}_fails_builds"]
     header += [f"{c}_reduction" for c in comparisons]
-    return _csv(header, [_pooled_record(c, controls, comparisons, csv_form=True) for c in cells])
+    return csv_text(header, [_pooled_record(c, controls, comparisons, csv_form=True) for c in cells])
 
 
 def tex_escape(text: str) -> str:

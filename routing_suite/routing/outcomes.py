@@ -1,4 +1,4 @@
-"""Read what the aggregator needs from one store: outcomes per prompt, and the plotted fit/localize arrays."""
+"""One routing store's outcomes per prompt and its plotted fit/localize arrays, as its study's tables read them."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """The routing tables per build (cells.csv, table_builds.md), the grouping of rows
-into cells and builds that the pooled tables (routing_suite.aggregate.pooled)
-also use, the number formats, and the rules report.md states.
+into cells and builds that the pooled tables (routing_suite.routing.pooled)
+also use, and the rules report.md states (number formats: routing_suite.text_tables).
 
 Everything is sorted and printed with fixed formats so that the same stores
 give the same bytes.
@@ -8,14 +8,12 @@ give the same bytes.
 
 from __future__ import annotations
 
-import csv
-import io
-import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from routing_suite.aggregate.read import condition_key
-from routing_suite.aggregate.stats import FIGURES, MAX_DROP, NEAR_ZERO, ConditionStats
+from routing_suite.routing.outcomes import condition_key
+from routing_suite.routing.stats import FIGURES, MAX_DROP, NEAR_ZERO, ConditionStats
+from routing_suite.text_tables import csv_text, finite, flag, markdown_text, num, pct
 
 _VERBS = {"clamp": "clamping", "ablate": "ablating", "steer": "steering", "project_out": "projecting out"}
 CellKey = tuple[str, str, str]  # (family, behavior, variant)
@@ -23,46 +21,9 @@ CellKey = tuple[str, str, str]  # (family, behavior, variant)
 # ---------------------------------------------------------------- formatting
 
 
-def _finite(x: float | None) -> bool:
-    return x is not None and math.isfinite(x)
-
-
-def num(x: float, digits: int = 6, sign: bool = False) -> str:
-    """Fixed-point; empty for NaN; never "-0.000"."""
-    if not _finite(x):
-        return ""
-    text = f"{x:+.{digits}f}" if sign else f"{x:.{digits}f}"
-    if float(text) == 0:
-        text = f"{0:+.{digits}f}" if sign else f"{0:.{digits}f}"
-    return text
-
-
-def pct(x: float) -> str:
-    """A fraction as a whole percentage ("87%"); "n/a" for NaN."""
-    return f"{num(100 * x, 0)}%" if _finite(x) else "n/a"
-
-
-def flag(x: bool | None) -> str:
-    return "" if x is None else ("true" if x else "false")
-
-
 def display(name: str) -> str:
     """A condition name as it reads in prose: non_routing -> non-routing."""
     return name.replace("_", "-")
-
-
-def _csv(header: list[str] | tuple[str, ...], records: list[list[str]]) -> str:
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows(records)
-    return buffer.getvalue()
-
-
-def _markdown(header: list[str], align: list[str], records: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in records]
-    return "\n".join(lines) + "\n"
 
 
 # ---------------------------------------------------------------- grouping
@@ -161,24 +122,24 @@ def cells_csv(rows: Iterable[ConditionStats]) -> str:
         record += [r.layers, num(r.patch_effect), r.window, r.planted, flag(r.window_on_planted), num(r.finetuned_to_base_below),
                    num(r.finetuned_to_base_above)]
         records.append(record)
-    return _csv(CELL_COLUMNS, records)
+    return csv_text(CELL_COLUMNS, records)
 
 
 # ---------------------------------------------------------------- per-build markdown
 
 
 def _interval(e, digits: int = 2, scale: float = 1.0, sign: bool = True) -> str:
-    if not _finite(e.value):
+    if not finite(e.value):
         return "n/a"
-    inner = f"[{num(scale * e.lo, digits, sign)}, {num(scale * e.hi, digits, sign)}]" if _finite(e.lo) else "[n/a]"
+    inner = f"[{num(scale * e.lo, digits, sign)}, {num(scale * e.hi, digits, sign)}]" if finite(e.lo) else "[n/a]"
     return f"{num(scale * e.value, digits, sign)} {inner}"
 
 
 def _percent(e) -> str:
     """'95% [91, 98]'."""
-    if not _finite(e.value):
+    if not finite(e.value):
         return "n/a"
-    inner = f"[{num(100 * e.lo, 0)}, {num(100 * e.hi, 0)}]" if _finite(e.lo) else "[n/a]"
+    inner = f"[{num(100 * e.lo, 0)}, {num(100 * e.hi, 0)}]" if finite(e.lo) else "[n/a]"
     return f"{pct(e.value)} {inner}"
 
 
@@ -216,7 +177,7 @@ def builds_markdown(cells: list[Cell]) -> str:
                 record.append("–" if r is None else f"{_reduction(r)}; {_interval(r.vs_intervention)}")
             record += [_comparison(b.others.get(c)) for c in comparisons]
             records.append(record)
-    return _markdown(header, align, records)
+    return markdown_text(header, records, align)
 
 
 def _window(r: ConditionStats) -> str:

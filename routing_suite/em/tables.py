@@ -9,8 +9,6 @@ them together (paired). The same stores and settings give the same bytes.
 
 from __future__ import annotations
 
-import csv
-import io
 from collections.abc import Iterable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -18,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from routing_suite.aggregate.tables import num
+from routing_suite.text_tables import csv_text, markdown_text, num, write_files
 
 
 @dataclass(frozen=True)
@@ -235,49 +233,32 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
     return rep
 
 
-def _md(header: list[str], records: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in records]) + "\n"
-
-
 def markdown(reports: list[EmReport]) -> str:
     reports = sorted(reports, key=lambda r: r.family)
     n_layers = max((len(r.sections["separation"][0]) - 3 for r in reports if r.sections["separation"]), default=0)
     layers = [f"L{i}" for i in range(n_layers)]
     parts = [
         "## Emergent misalignment: misaligned rate on general prompts (held-out test split, %, 95% CI)\n",
-        _md(["family", "model", "narrow domain", "misaligned", "aligned", "coherent"], [x for r in reports for x in r.sections["organisms"]]),
+        markdown_text(["family", "model", "narrow domain", "misaligned", "aligned", "coherent"], [x for r in reports for x in r.sections["organisms"]]),
         "\n## Separation accuracy of the misaligned - aligned direction (held-out, balanced)\n",
-        _md(["family", "fine-tune", "fit mis/ali", *layers], [x for r in reports for x in r.sections["separation"]]),
+        markdown_text(["family", "fine-tune", "fit mis/ali", *layers], [x for r in reports for x in r.sections["separation"]]),
         "\n## Ablation in each fine-tune: own directions, matched random, transfer from the other fine-tune\n",
-        _md(["family", "fine-tune", "condition", "change norm", "misaligned %", "reduction %", "coherent %"],
+        markdown_text(["family", "fine-tune", "condition", "change norm", "misaligned %", "reduction %", "coherent %"],
             [x for r in reports for x in r.sections["ablation"]]),
         "\n## Steering the base (+lambda |v| at the steering layer) vs a random direction of the same norm\n",
-        _md(["family", "direction", "lambda", "misaligned %", "coherent %", "random: misaligned %", "random: coherent %"],
+        markdown_text(["family", "direction", "lambda", "misaligned %", "coherent %", "random: misaligned %", "random: coherent %"],
             [x for r in reports for x in r.sections["steering"]]),
         "\n## Cosine between fine-tunes' directions, per layer\n",
-        _md(["family", "fine-tune", "fine-tune", *layers], [x for r in reports for x in r.sections["cosine"]]),
+        markdown_text(["family", "fine-tune", "fine-tune", *layers], [x for r in reports for x in r.sections["cosine"]]),
     ]
     return "".join(parts)
 
 
 def rows_csv(rows: Iterable[Row], first_column: str = "family") -> str:
     """`rows` as CSV, one column per `Row` field (the first named `first_column`)."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
     names = [f.name for f in fields(Row)]
-    writer.writerow([first_column, *names[1:]])
-    for r in rows:
-        writer.writerow([num(v) if isinstance(v, float) else v for v in (getattr(r, n) for n in names)])
-    return buffer.getvalue()
-
-
-def write_files(out: Path, files: dict[str, str]) -> dict[str, str]:
-    """Write each named text into `out`; returns `files`."""
-    out.mkdir(parents=True, exist_ok=True)
-    for name, content in files.items():
-        (out / name).write_text(content, encoding="utf-8")
-    return files
+    records = [[num(v) if isinstance(v, float) else v for v in (getattr(r, n) for n in names)] for r in rows]
+    return csv_text([first_column, *names[1:]], records)
 
 
 def csv_table(reports: list[EmReport]) -> str:

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import xarray as xr
 
-from routing_suite.aggregate.tables import _csv, num
 from routing_suite.store import read_store_attrs
+from routing_suite.text_tables import csv_text, num
 
 
 @dataclass
@@ -107,7 +107,7 @@ def csv_table(rows: list[AdlRow]) -> str:
     names = [f.name for f in fields(AdlRow)]
     records = [[v if isinstance(v, str) else str(v) if isinstance(v, int) else num(v) for v in (getattr(r, n) for n in names)]
                for r in sort_rows(rows)]
-    return _csv(names, records)
+    return csv_text(names, records)
 
 
 def _pct(x: float) -> str:
@@ -161,7 +161,7 @@ def write(rows: list[AdlRow], out: Path, plots: bool = True, dpi: int = 150) -> 
     for name, content in texts.items():
         (out / name).write_text(content, encoding="utf-8")
     if plots:
-        from routing_suite.aggregate import adl_plots
+        from routing_suite.adl import plots as adl_plots
 
         adl_plots.write_all(rows, out, dpi)
     return texts

@@ -1,4 +1,4 @@
-"""EM figures (object API, constrained layout, deterministic PNG + PDF, as routing_suite.aggregate.figures).
+"""EM figures (object API, constrained layout, deterministic PNG + PDF, as routing_suite.figures).
 
     em_cosine         per family, the cosine between each pair of fine-tunes' directions per layer
                       (a line per pair: readable at any depth, where a heatmap per layer was not)
@@ -14,9 +14,12 @@ from pathlib import Path
 import numpy as np
 from matplotlib.lines import Line2D
 
-from routing_suite.aggregate.em_tables import EmReport
-from routing_suite.aggregate.em_transfer_tables import DIRECTIONS, TransferReport
-from routing_suite.aggregate.figures import (
+from routing_suite.em.tables import EmReport
+from routing_suite.em.transfer_tables import DIRECTIONS, TransferReport
+from routing_suite.figures import (
+    BASELINE_COLOR,
+    CONTROL_COLORS,
+    INTERVENTION_COLOR,
     builds_note,
     empty,
     first_filled,
@@ -26,7 +29,6 @@ from routing_suite.aggregate.figures import (
     save,
     title,
 )
-from routing_suite.aggregate.plots import BASELINE_COLOR, CONTROL_COLORS, INTERVENTION_COLOR
 
 DIRECTION_COLORS = dict(zip(DIRECTIONS, (INTERVENTION_COLOR, BASELINE_COLOR, *CONTROL_COLORS)))
 PAIR_COLORS = ("#d62728", "#1f77b4", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b")

@@ -23,8 +23,8 @@ from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from routing_suite.aggregate.adl_tables import AdlRow
-from routing_suite.aggregate.figures import (
+from routing_suite.adl.tables import AdlRow
+from routing_suite.figures import (
     builds_note,
     empty,
     first_filled,

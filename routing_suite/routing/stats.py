@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from routing_suite.aggregate.read import CellOutcomes
+from routing_suite.routing.outcomes import CellOutcomes
 
 log = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from routing_suite.aggregate.em_tables import Bootstrap, Row, _md, _per_prompt, rows_csv, write_files
-from routing_suite.aggregate.tables import num
 from routing_suite.em.settings import TRANSFER_CONTROLS
+from routing_suite.em.tables import Bootstrap, Row, _per_prompt, rows_csv
+from routing_suite.text_tables import markdown_text, num, write_files
 
 DIRECTIONS = ("mapped", "native", *TRANSFER_CONTROLS)
 
@@ -173,18 +173,18 @@ def markdown(reports: list[TransferReport]) -> str:
     layers = [f"L{i}" for i in range(n_layers)]
     parts = [
         "## Cross-architecture ridge maps: held-out R^2 per receiver layer (token identity alone in parentheses)\n",
-        _md(["donor", "receiver", "tokens", *layers], [x for r in reports for x in r.sections["maps"]]),
+        markdown_text(["donor", "receiver", "tokens", *layers], [x for r in reports for x in r.sections["maps"]]),
         "\n## Ablation in the receiver's misaligned fine-tune: mapped vs native vs matched controls "
         "(misaligned on general test prompts, %, 95% CI; control - mapped in points; the mapped direction is specific when its "
         "reduction's interval and every control's interval are > 0)\n",
-        _md(["donor->receiver", "fine-tune", "direction", "change norm", "misaligned %", "reduction %", "coherent %", "control - mapped",
+        markdown_text(["donor->receiver", "fine-tune", "direction", "change norm", "misaligned %", "reduction %", "coherent %", "control - mapped",
              "mapped beats it"], [x for r in reports for x in r.sections["ablation"]]),
         "\n## Separation of the receiver fine-tune's held-out misaligned vs aligned responses along each direction (balanced)\n",
-        _md(["donor->receiver", "fine-tune", "direction", *layers], [x for r in reports for x in r.sections["separation"]]),
+        markdown_text(["donor->receiver", "fine-tune", "direction", *layers], [x for r in reports for x in r.sections["separation"]]),
         "\n## Cosine with the receiver's native direction, per layer\n",
-        _md(["donor->receiver", "fine-tune", "direction", *layers], [x for r in reports for x in r.sections["cosine"]]),
+        markdown_text(["donor->receiver", "fine-tune", "direction", *layers], [x for r in reports for x in r.sections["cosine"]]),
         "\n## Steering the receiver's base at its steering layer (every direction at lambda x |native|)\n",
-        _md(["donor->receiver", "fine-tune", "lambda", "direction", "misaligned %", "coherent %"],
+        markdown_text(["donor->receiver", "fine-tune", "lambda", "direction", "misaligned %", "coherent %"],
             [x for r in reports for x in r.sections["steering"]]),
     ]
     return "".join(parts)

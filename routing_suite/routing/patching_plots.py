@@ -1,6 +1,6 @@
 """Path-patching figures: the fraction of the gap each layer (and each attention head) restores.
 
-Per cell the mean over its builds (routing_suite.aggregate.plots.pool_builds),
+Per cell the mean over its builds (routing_suite.routing.plots.pool_builds),
 with two marks of where the routing lives: the window the localization chose
 (dashed box; one per distinct window when the builds disagree) and the layers
 the fine-tune was planted in (hatched, store attribute
@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch, Rectangle
 
-from routing_suite.aggregate.figures import (
+from routing_suite.figures import (
     Cell,
     empty,
     first_filled,
@@ -28,7 +28,7 @@ from routing_suite.aggregate.figures import (
     panel_figure,
     title,
 )
-from routing_suite.aggregate.plots import pooled_note, pooled_title, why_empty
+from routing_suite.routing.plots import pooled_note, pooled_title, why_empty
 
 SOURCE_LABELS = {"deploy_to_eval": "deploy → eval", "finetuned_to_base": "fine-tune → base"}
 PLANTED_COLOR = "#2ca02c"

@@ -1,5 +1,5 @@
 """Routing figures for the appendix: gaps per condition and probes per layer (path patching:
-routing_suite.aggregate.patching_plots).
+routing_suite.routing.patching_plots).
 
 Panels sit on a family x behaviour grid; a cell of the grid without usable data
 shows that in its panel instead of vanishing. A cell may hold several builds
@@ -16,7 +16,10 @@ import xarray as xr
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from routing_suite.aggregate.figures import (
+from routing_suite.figures import (
+    BASELINE_COLOR,
+    CONTROL_COLORS,
+    INTERVENTION_COLOR,
     MIN_WIDTH,
     Cell,
     builds_note,
@@ -30,13 +33,10 @@ from routing_suite.aggregate.figures import (
     title,
     wrap,
 )
-from routing_suite.aggregate.read import condition_key
-from routing_suite.aggregate.stats import NEAR_ZERO, ConditionStats
-from routing_suite.aggregate.tables import display, sort_rows
+from routing_suite.routing.outcomes import condition_key
+from routing_suite.routing.stats import NEAR_ZERO, ConditionStats
+from routing_suite.routing.tables import display, sort_rows
 
-BASELINE_COLOR = "#595959"
-INTERVENTION_COLOR = "#1f77b4"
-CONTROL_COLORS = ("#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 MODEL_COLORS = {"base": "#7f7f7f", "finetuned": "#d62728"}
 SITE_STYLES = ("-", "--", ":", "-.")
 NEAR_ZERO_COLOR = "#dddddd"
