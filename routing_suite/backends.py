@@ -46,9 +46,7 @@ class LocalBackend:
     stats: RequestStats = field(default_factory=RequestStats, repr=False)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"backend.batch_size={self.batch_size} must be >= 1")
-        _check_max_invokes(self.max_invokes)
+        _check_batching(self.batch_size, self.max_invokes)
 
     @property
     def name(self) -> str:
@@ -103,9 +101,7 @@ class NdifBackend:
     stats: RequestStats = field(default_factory=RequestStats, repr=False)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ConfigError(f"backend.batch_size={self.batch_size} must be >= 1")
-        _check_max_invokes(self.max_invokes)
+        _check_batching(self.batch_size, self.max_invokes)
         if self.host is not None and urlparse(self.host).scheme not in ("http", "https"):
             raise ConfigError(f"backend.host={self.host!r} must be an http(s) URL")
         if self.timeout_s <= 0 or self.max_retries < 0 or self.backoff_s < 0:
@@ -190,9 +186,11 @@ class NdifBackend:
             self.stats.add(result_bytes(saved))
 
 
-def _check_max_invokes(value: int | None) -> None:
-    if value is not None and value < 1:
-        raise ConfigError(f"backend.max_invokes={value} must be >= 1 (or null: no limit)")
+def _check_batching(batch_size: int, max_invokes: int | None) -> None:
+    if batch_size < 1:
+        raise ConfigError(f"backend.batch_size={batch_size} must be >= 1")
+    if max_invokes is not None and max_invokes < 1:
+        raise ConfigError(f"backend.max_invokes={max_invokes} must be >= 1 (or null: no limit)")
 
 
 def _is_loopback(host: str) -> bool:

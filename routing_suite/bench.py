@@ -32,8 +32,8 @@ from routing_suite.models import ModelPair
 from routing_suite.organisms import task as T
 from routing_suite.organisms.pairs import organism_pairs
 from routing_suite.organisms.source import OrganismSource
-from routing_suite.prompts import LabeledPair
-from routing_suite.routing.collect import collect, paired_prompts
+from routing_suite.prompts import LabeledPair, paired_prompts
+from routing_suite.routing.collect import collect
 from routing_suite.store import RunStore
 from routing_suite.store_settings import StoreSettings
 from routing_suite.tracing import SiteRequest, make_batch, select_positions, trace_sites

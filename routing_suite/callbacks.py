@@ -30,14 +30,6 @@ log = logging.getLogger(__name__)
 THREADS_ENV = "ROUTING_SUITE_THREADS"
 
 
-def usable_cores() -> int:
-    """Cores this process may run on (its affinity mask, which cgroups and taskset narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def job_threads(launcher: Mapping[str, Any], env: Mapping[str, str], cores: int) -> tuple[int | None, str]:
     """Torch threads for one job, and why: ROUTING_SUITE_THREADS, else what the launcher implies.
 
@@ -68,7 +60,7 @@ class JobSetup(Callback):
     def on_job_start(self, config: DictConfig, **kwargs: Any) -> None:
         import torch
 
-        threads, why = job_threads(config.hydra.launcher, os.environ, usable_cores())
+        threads, why = job_threads(config.hydra.launcher, os.environ, sweeps.usable_cores())
         if threads is not None:
             torch.set_num_threads(threads)
         # warn_only: on GPUs a few kernels have no deterministic version; they warn instead of failing.

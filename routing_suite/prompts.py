@@ -91,6 +91,12 @@ def subsample(pairs: list[PromptPair], limit: int | None, seed: int) -> list[Pro
     return [pairs[i] for i in sorted(keep)]
 
 
+def paired_prompts(chunk: list[LabeledPair]) -> list[str]:
+    """A batch's rows: every pair's eval prompt, then every pair's deploy prompt
+    (the order the store's reshape and `trace_sites(paired_sum=True)` rely on)."""
+    return [it.pair.eval_prompt for it in chunk] + [it.pair.deploy_prompt for it in chunk]
+
+
 def check_disjoint(sets: dict[str, list[PromptPair]]) -> None:
     """Every split is there and non-empty, and no prompt or sampling unit is in two of them."""
     missing = [s for s in SPLITS if not sets.get(s)]

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import xarray as xr
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
@@ -148,16 +150,33 @@ def open_store(setup: Setup, pair: ModelPair, label: str, experiment: str = "rou
     if weights:
         digest_cfg["weights"] = weights
     final = store_path(setup.store_settings, setup.model_name, setup.behavior.name, label, digest(digest_cfg))
-    provenance = {
+    return RunStore.open(final, setup.store_settings, digest_cfg,
+                         provenance(setup.cfg, experiment, cell, pair.identity, setup.backend.name))
+
+
+def provenance(cfg: DictConfig, experiment: str, cell: dict, identity: dict, backend: str, **extra: Any) -> dict:
+    """What every study's store records about how it was made (beside its digest): the
+    machine's CPU kernels and torch threads (both change trained weights), the config
+    without secrets, versions, commit, seed and backend."""
+    return {
         "cell": cell,
         "cpu_capability": cpu_capability(),
         "torch_threads": torch.get_num_threads(),
         "experiment": experiment,
-        "config": scrub_secrets(OmegaConf.to_container(setup.cfg, resolve=True)),
+        "config": scrub_secrets(OmegaConf.to_container(cfg, resolve=True)),
         "versions": package_versions(),
-        "model_identity": pair.identity,
-        "seed": int(setup.cfg.seed),
+        "model_identity": identity,
+        "seed": int(cfg.seed),
         "git_commit": git_commit(),
-        "backend": setup.backend.name,
+        "backend": backend,
+        **extra,
     }
-    return RunStore.open(final, setup.store_settings, digest_cfg, provenance)
+
+
+def run_stage(store: RunStore, name: str, compute: Callable[[], xr.Dataset]) -> xr.Dataset:
+    """A small group computed once: `compute()` written as group `name` unless the store
+    has done that stage already; the group as stored, loaded."""
+    if not store.stage_done(name):
+        store.write_group(name, compute())
+        store.mark_stage_done(name)
+    return store.read(name).load()

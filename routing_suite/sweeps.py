@@ -242,6 +242,14 @@ def as_job(num: int, overrides: Sequence[str], job_config: DictConfig) -> Job:
     return Job(num, list(overrides), str(folder))
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, which cgroups and taskset narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
 # ---------------------------------------------------------------- organisms first
 
 
@@ -251,7 +259,6 @@ def prebuild_organisms(job_configs: Sequence[DictConfig]) -> int:
     weights are those a job would build). Jobs with another model source are left alone."""
     from hydra.utils import instantiate
 
-    from routing_suite.callbacks import usable_cores
     from routing_suite.organisms.build import build_all
     from routing_suite.organisms.source import OrganismSource
 

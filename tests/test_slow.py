@@ -24,8 +24,8 @@ def every_organism(organism_cache):
     """All 12 organisms, built side by side (one per core) before the tests read them."""
     from pathlib import Path
 
-    from routing_suite.callbacks import usable_cores
     from routing_suite.organisms.build import build_all
+    from routing_suite.sweeps import usable_cores
 
     wanted = [(Path(organism_cache), OrganismSource(family=f, cache_dir=organism_cache).spec, b) for f in FAMILIES for b in T.BEHAVIORS]
     build_all(wanted, workers=usable_cores())

@@ -33,7 +33,7 @@ from routing_suite.adl.steer import steer
 from routing_suite.adl.texts import read_finetune_file
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
-from routing_suite.store import RunStore, text
+from routing_suite.store import text
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +116,6 @@ def finetune_data(setup: runs.Setup, settings: AdlSettings) -> list[tuple[str, s
     return own
 
 
-def _stage(store: RunStore, name: str, compute) -> xr.Dataset:
-    if not store.stage_done(name):
-        store.write_group(name, compute())
-        store.mark_stage_done(name)
-    return store.read(name).load()
-
-
 def run(cfg) -> dict:
     """One model pair through every ADL stage; returns the store, the summary row and the table."""
     started = time.perf_counter()
@@ -163,12 +156,12 @@ def run(cfg) -> dict:
         store.write_group(mean_diff.MEAN, mean_diff.finish(store))
         store.mark_stage_done("adl_mean")
     means = store.read(mean_diff.MEAN).load()
-    read = _stage(store, "adl_readout", lambda: readouts(pair, means, grader, list(texts.identity_prompts), settings, setup.backend))
+    read = runs.run_stage(store, "adl_readout", lambda: readouts(pair, means, grader, list(texts.identity_prompts), settings, setup.backend))
     position = pick_position(read.relevance, steer_layer, settings.position)
     diff = torch.from_numpy(means["diff"].values)  # (layer, position, hidden)
     norm = float(means["norm_finetuned"].values[steer_layer, position])
     reference = _sample(ft_texts, settings.steer.n_reference, seed)
-    steered = _stage(store, "adl_steer", lambda: steer(
+    steered = runs.run_stage(store, "adl_steer", lambda: steer(
         pair, diff[steer_layer, position], steer_layer, norm, settings.steer, list(texts.chat_prompts), reference, similarity,
         texts.chat_template, seed, setup.backend,
     ))
@@ -176,7 +169,7 @@ def run(cfg) -> dict:
         "finetune": _sample(examples, settings.causal.n_texts, seed),
         "unrelated": [("", t) for t in _sample(unrelated, settings.causal.n_texts, seed)],
     }
-    _stage(store, "adl_causal", lambda: causal.causal_check(
+    runs.run_stage(store, "adl_causal", lambda: causal.causal_check(
         pair, diff[:, position], data, settings.causal.max_tokens, settings.causal.batch_size, seed,
         settings.causal.random_control, setup.backend,
     ))
@@ -187,7 +180,7 @@ def run(cfg) -> dict:
     seconds = time.perf_counter() - started
     log.info("adl %s/%s done in %.1f s: %s", pair.cell_name, behavior, seconds, final)
     row = tables.read_cell(final)
-    written = tables.write([row], out, plots=False)
+    written = tables.write([row], out)
     return {"store": str(final), "seconds": seconds, "row": row.__dict__, "table_markdown": written["adl_table.md"], "table_dir": str(out),
             "steered_examples": _examples(steered)}
 

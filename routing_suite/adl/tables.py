@@ -154,14 +154,10 @@ def headline(rows: list[AdlRow]) -> str:
             f"(ft data up, unrelated down) in {ce} of {n}")
 
 
-def write(rows: list[AdlRow], out: Path, plots: bool = True, dpi: int = 150) -> dict[str, str]:
-    """adl_table.{md,csv}, adl_headline.txt and (with plots) the ADL figures; returns the texts written."""
+def write(rows: list[AdlRow], out: Path) -> dict[str, str]:
+    """adl_table.{md,csv} and adl_headline.txt (figures: routing_suite.adl.plots); returns the texts written."""
     out.mkdir(parents=True, exist_ok=True)
     texts = {"adl_table.md": markdown_table(rows), "adl_table.csv": csv_table(rows), "adl_headline.txt": headline(rows) + "\n"}
     for name, content in texts.items():
         (out / name).write_text(content, encoding="utf-8")
-    if plots:
-        from routing_suite.adl import plots as adl_plots
-
-        adl_plots.write_all(rows, out, dpi)
     return texts

@@ -97,8 +97,21 @@ def read_pieces(path: Path, split: str, min_words: int, name: str) -> list[str]:
     return kept
 
 
+class _CorpusChecks:
+    """The checks of a text corpus's settings: its split and its prompts."""
+
+    split: str
+    chat_prompts: list[str]
+    identity_prompts: list[str]
+
+    def __post_init__(self) -> None:
+        if self.split not in SPLITS:
+            raise ConfigError(f"text.split={self.split!r} is not one of {list(SPLITS)}")
+        _check_prompts(self.chat_prompts, self.identity_prompts)
+
+
 @dataclass
-class FileTexts:
+class FileTexts(_CorpusChecks):
     """Unrelated text from a plain text file (`path`), cut into sentences or lines
     (`split`); pieces of fewer than `min_words` words are dropped."""
 
@@ -108,11 +121,6 @@ class FileTexts:
     chat_prompts: list[str] = field(default_factory=list)
     identity_prompts: list[str] = field(default_factory=list)
     chat_template: bool = True
-
-    def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise ConfigError(f"text.split={self.split!r} is not one of {list(SPLITS)}")
-        _check_prompts(self.chat_prompts, self.identity_prompts)
 
     @property
     def name(self) -> str:
@@ -131,7 +139,7 @@ class FileTexts:
 
 
 @dataclass
-class PackageTexts:
+class PackageTexts(_CorpusChecks):
     """A text corpus that ships inside an installed Python package (offline).
 
     `resource` is a path inside the package's folder; the file is split into
@@ -147,11 +155,6 @@ class PackageTexts:
     chat_prompts: list[str] = field(default_factory=list)
     identity_prompts: list[str] = field(default_factory=list)
     chat_template: bool = True
-
-    def __post_init__(self) -> None:
-        if self.split not in SPLITS:
-            raise ConfigError(f"text.split={self.split!r} is not one of {list(SPLITS)}")
-        _check_prompts(self.chat_prompts, self.identity_prompts)
 
     @property
     def name(self) -> str:

@@ -64,6 +64,18 @@ def load_studies() -> dict[str, StudyKind]:
     return STUDIES
 
 
+def tables_then_plots(tables: Callable[[list, Path], Any], plots: Callable[[list, Path, int], Any]):
+    """A kind's `write` for a study that writes its tables, and with plots=true its figures."""
+
+    def write(reports: list, out: Path, cfg: Any, findings: list[Finding]) -> list[str]:
+        tables(reports, out)
+        if cfg.plots:
+            plots(reports, out, cfg.dpi)
+        return []
+
+    return write
+
+
 def section(title: str, headline: str, files: str, entries: list[str]) -> str:
     """The usual section of a study in report.md: headline, its files, one line per store."""
     return "\n".join([f"## {title}", "", headline, "", files, "", *entries]) + "\n"

@@ -26,6 +26,7 @@ import xarray as xr
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from routing_suite import runs
 from routing_suite.em import conditions as C
 from routing_suite.em import tables as em_tables
 from routing_suite.em.activations import answer_means, token_residuals
@@ -37,8 +38,8 @@ from routing_suite.errors import ConfigError
 from routing_suite.interventions import Condition
 from routing_suite.organisms import task as T
 from routing_suite.organisms.em_task import EM_DATASETS, GeneralPrompt, general_prompts
-from routing_suite.provenance import digest, git_commit, package_versions, scrub_secrets
-from routing_suite.runs import digest_config, report_folder
+from routing_suite.provenance import digest
+from routing_suite.runs import digest_config, report_folder, run_stage
 from routing_suite.store import RunStore, text
 from routing_suite.store_settings import StoreSettings, store_path
 
@@ -148,13 +149,6 @@ def stage_intervene(fam: Family, directions: xr.Dataset, settings: EmSettings, j
     return outcomes
 
 
-def run_stage(store: RunStore, name: str, compute) -> xr.Dataset:
-    if not store.stage_done(name):
-        store.write_group(name, compute())
-        store.mark_stage_done(name)
-    return store.read(name).load()
-
-
 def em_store_path(cfg: DictConfig, model_name: str) -> tuple[StoreSettings, Path, dict]:
     """Store settings, the final path and the digested config of a family's EM store."""
     store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))
@@ -169,16 +163,8 @@ def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
     task = T.make_task(source.task_spec)
     prompts = general_prompts(task, "fit") + general_prompts(task, "test")
     store_settings, final, digest_cfg = em_store_path(cfg, source.name)
-    provenance = {
-        "cell": {"family": models.family, "behavior": BEHAVIOR, "model": source.name},
-        "experiment": "em",
-        "config": scrub_secrets(OmegaConf.to_container(cfg, resolve=True)),
-        "versions": package_versions(),
-        "model_identity": models.identity,
-        "seed": int(cfg.seed),
-        "git_commit": git_commit(),
-        "backend": backend.name,
-    }
+    cell = {"family": models.family, "behavior": BEHAVIOR, "model": source.name}
+    provenance = runs.provenance(cfg, "em", cell, models.identity, backend.name)
     return Family(models, prompts, RunStore.open(final, store_settings, digest_cfg, provenance))
 
 

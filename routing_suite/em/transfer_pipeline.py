@@ -26,24 +26,20 @@ import xarray as xr
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from routing_suite import runs
 from routing_suite.em import conditions as C
 from routing_suite.em import transfer as X
 from routing_suite.em import transfer_tables as em_transfer_tables
 from routing_suite.em.activations import answer_means
 from routing_suite.em.generation import evaluate
 from routing_suite.em.models import BASE
-from routing_suite.em.pipeline import (
-    Family,
-    ensure_family,
-    match_residuals,
-    run_stage,
-)
+from routing_suite.em.pipeline import Family, ensure_family, match_residuals
 from routing_suite.em.settings import EmSettings, EmTransferSettings
 from routing_suite.errors import ConfigError
 from routing_suite.organisms import task as T
 from routing_suite.organisms.architectures import FAMILIES
-from routing_suite.provenance import digest, git_commit, package_versions, scrub_secrets
-from routing_suite.runs import digest_config, report_folder
+from routing_suite.provenance import digest
+from routing_suite.runs import digest_config, report_folder, run_stage
 from routing_suite.store import RunStore, text
 from routing_suite.store_settings import StoreSettings, store_path
 
@@ -135,18 +131,10 @@ def open_store(cfg: DictConfig, donor: Family, receiver: Family, family_stores: 
     digest_cfg = digest_config(cfg)
     digest_cfg["model"] = {k: v for k, v in digest_cfg["model"].items() if k != "family"}  # each side has its own
     final = store_path(store_settings, f"{receiver.name}_organism", BEHAVIOR, f"from-{donor.name}", digest(digest_cfg))
-    provenance = {
-        "cell": {"family": receiver.name, "behavior": f"em_from_{donor.name}", "donor": donor.name, "receiver": receiver.name,
-                 "model": f"{receiver.name}_organism"},
-        "experiment": "em_transfer",
-        "config": scrub_secrets(OmegaConf.to_container(cfg, resolve=True)),
-        "versions": package_versions(),
-        "model_identity": {"donor": donor.models.identity, "receiver": receiver.models.identity},
-        "family_stores": family_stores,
-        "seed": int(cfg.seed),
-        "git_commit": git_commit(),
-        "backend": backend.name,
-    }
+    cell = {"family": receiver.name, "behavior": f"em_from_{donor.name}", "donor": donor.name, "receiver": receiver.name,
+            "model": f"{receiver.name}_organism"}
+    identity = {"donor": donor.models.identity, "receiver": receiver.models.identity}
+    provenance = runs.provenance(cfg, "em_transfer", cell, identity, backend.name, family_stores=family_stores)
     return RunStore.open(final, store_settings, digest_cfg, provenance)
 
 

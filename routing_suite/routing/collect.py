@@ -22,7 +22,8 @@ from tqdm.auto import tqdm
 from routing_suite import runs, schema
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
-from routing_suite.prompts import SPLITS, LabeledPair, check_disjoint, subsample
+from routing_suite.prompts import SPLITS, LabeledPair, check_disjoint, paired_prompts, subsample
+from routing_suite.routing.reduce import collect_paired_sums
 from routing_suite.store import RunStore, StoreMismatch, text
 from routing_suite.tracing import SiteRequest, make_batch, trace_sites
 
@@ -173,12 +174,6 @@ def layout(items: list[LabeledPair], request: SiteRequest, pair: ModelPair) -> t
     return coords, variables
 
 
-def paired_prompts(chunk: list[LabeledPair]) -> list[str]:
-    """A batch's rows: every pair's eval prompt, then every pair's deploy prompt
-    (the order the store's reshape and `trace_sites(paired_sum=True)` rely on)."""
-    return [it.pair.eval_prompt for it in chunk] + [it.pair.deploy_prompt for it in chunk]
-
-
 def collect(
     pair: ModelPair, items: list[LabeledPair], request: SiteRequest, store: RunStore, backend, progress: bool = True
 ) -> None:
@@ -250,8 +245,6 @@ def run(cfg) -> dict:
         if reduce == "none":
             collect(pair, items, request, store, setup.backend, progress=cfg.progress)
         else:
-            from routing_suite.routing.reduce import collect_paired_sums
-
             collect_paired_sums(pair, items, request, store, setup.backend, progress=cfg.progress)
         store.mark_stage_done("collect")
     store.finish()

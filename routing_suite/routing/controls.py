@@ -96,28 +96,27 @@ class RandomControl:
     name: str = "random"
     seeds: int = 3
 
-    def build(self, ctx: ControlContext) -> list[Condition]:
-        d = ctx.acts.sizes["hidden"]
-        return [
-            ctx.condition(self.name, [ctx.matched(layer, analysis.random_subspace(d, ctx.spec.rank, ctx.rng)) for layer in ctx.window_layers], s)
-            for s in range(self.seeds)
-        ]
-
-
-@dataclass
-class OrthogonalControl:
-    """Random subspaces within the orthogonal complement of the routing subspace."""
-
-    name: str = "orthogonal"
-    seeds: int = 3
+    def avoided(self, ctx: ControlContext, layer: int) -> np.ndarray | None:
+        """Rows the random subspace at `layer` must be orthogonal to (None: anywhere)."""
+        return None
 
     def build(self, ctx: ControlContext) -> list[Condition]:
         d = ctx.acts.sizes["hidden"]
 
         def basis(layer: int) -> np.ndarray:
-            return analysis.random_subspace(d, ctx.spec.rank, ctx.rng, avoid=ctx.fitted("subspace", layer))
+            return analysis.random_subspace(d, ctx.spec.rank, ctx.rng, avoid=self.avoided(ctx, layer))
 
         return [ctx.condition(self.name, [ctx.matched(layer, basis(layer)) for layer in ctx.window_layers], s) for s in range(self.seeds)]
+
+
+@dataclass
+class OrthogonalControl(RandomControl):
+    """Random subspaces within the orthogonal complement of the routing subspace."""
+
+    name: str = "orthogonal"
+
+    def avoided(self, ctx: ControlContext, layer: int) -> np.ndarray | None:
+        return ctx.fitted("subspace", layer)
 
 
 @dataclass

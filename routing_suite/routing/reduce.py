@@ -32,8 +32,7 @@ from tqdm.auto import tqdm
 from routing_suite import schema
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
-from routing_suite.prompts import LabeledPair
-from routing_suite.routing.collect import paired_prompts
+from routing_suite.prompts import LabeledPair, paired_prompts
 from routing_suite.store import RunStore, text
 from routing_suite.tracing import SiteRequest, make_batch, trace_sites
 
