@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 import xarray as xr
+from hydra.utils import instantiate
 
 from routing_suite.backends import LocalBackend
 from routing_suite.config import compose_config
@@ -30,6 +31,8 @@ from routing_suite.families import site_path
 from routing_suite.interventions import Condition
 from routing_suite.models import ModelPair
 from routing_suite.routing import cell
+from routing_suite.routing.controls import check_controls
+from routing_suite.routing.intervene import build_conditions
 from routing_suite.steering import encode, generate_under_conditions, until_eos
 
 
@@ -52,11 +55,6 @@ def routing_cfg(family: str, cache_dir: str, root: Path, n_test: int, extra: lis
 
 def cell_conditions(cfg) -> tuple[list[Condition], list[str], int]:
     """Run (or reuse) the cell; its conditions, held-out eval+deploy prompts, and max_new_tokens."""
-    from hydra.utils import instantiate
-
-    from routing_suite.routing.controls import check_controls
-    from routing_suite.routing.intervene import build_conditions
-
     result = cell.run(cfg)
     store = result["store"]
     acts = xr.open_zarr(store, group="activations").load()

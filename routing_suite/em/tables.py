@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
+import zarr
 
 from routing_suite.text_tables import csv_text, markdown_text, num, write_files
 
@@ -218,7 +219,6 @@ def _cosine(rep: EmReport, directions: xr.Dataset) -> None:
 
 def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> EmReport:
     """Every EM table of one finished store."""
-    import zarr
 
     family = str(dict(zarr.open_group(str(path), mode="r").attrs)["cell"]["family"])
     group = {g: xr.open_zarr(str(path), group=g).load() for g in ("em_samples", "em_directions", "em_outcomes")}

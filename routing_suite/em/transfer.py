@@ -34,6 +34,7 @@ import xarray as xr
 
 from routing_suite import analysis
 from routing_suite.em import conditions as C
+from routing_suite.em.activations import token_residuals
 from routing_suite.em.directions import class_rows
 from routing_suite.em.generation import Planned
 from routing_suite.em.judge import ALIGNED, MISALIGNED
@@ -65,7 +66,6 @@ class TokenResiduals:
 
 
 def text_residuals(models: EmModels, model: str, texts: list[str], backend) -> TokenResiduals:
-    from routing_suite.em.activations import token_residuals
 
     values = token_residuals(models, model, texts, backend)
     tok = models.tokenizer

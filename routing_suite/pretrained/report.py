@@ -13,9 +13,13 @@ import logging
 import time
 from dataclasses import asdict, dataclass
 
+from hydra.utils import instantiate
+
+from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
 from routing_suite.pretrained.finetune import peak_rss_mib
 from routing_suite.prompts import PromptPair
+from routing_suite.runs import make_behavior
 from routing_suite.scoring import Behavior, greedy_completions
 from routing_suite.vocabulary import DEPLOY, EVAL, FRAMINGS
 
@@ -75,11 +79,6 @@ def format_table(rows: list[ChatRow], behavior: str) -> str:
 
 def run(cfg) -> dict:
     """`experiments.pretrained`: load (convert, fine-tune: cached) and score on every split."""
-    from hydra.utils import instantiate
-
-    from routing_suite.errors import ConfigError
-    from routing_suite.runs import make_behavior
-
     bad = [s for s in cfg.splits if s not in SPLITS]
     if bad or not cfg.splits:
         raise ConfigError(f"splits={list(cfg.splits)} must be a non-empty subset of {list(SPLITS)}")

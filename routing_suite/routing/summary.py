@@ -13,8 +13,9 @@ from typing import Any
 
 import xarray as xr
 
+from routing_suite.figures import save
 from routing_suite.provenance import flatten
-from routing_suite.routing import pooled, report, tables
+from routing_suite.routing import patching_plots, plots, pooled, report, tables
 from routing_suite.routing.outcomes import CellOutcomes, CorruptGroup, read_group, read_outcomes, variant_labels
 from routing_suite.routing.stats import ConditionStats, cell_stats
 from routing_suite.store import read_store_attrs
@@ -91,14 +92,11 @@ def table_files(cells: list[RoutingCell]) -> dict[str, str]:
 def pooled_groups(cells: list[RoutingCell], group: str) -> dict[tuple[str, str], xr.Dataset]:
     """Per cell, the stores' `group` pooled over the cell's builds (plots.pool_builds),
     each build marked with its variant and the layers its fine-tune was planted in."""
-    from routing_suite.routing import plots
-    from routing_suite.routing.patching_plots import planted_layers
-
     builds: dict[tuple[str, str], list] = {}
     for c in cells:
         ds = c.plotted.get(group)
         if ds is not None:
-            ds.attrs.update(planted=planted_layers(c.outcomes.settings), variant=c.outcomes.variant)
+            ds.attrs.update(planted=patching_plots.planted_layers(c.outcomes.settings), variant=c.outcomes.variant)
             builds.setdefault(c.cell, []).append(ds)
     pooled_builds = {k: plots.pool_builds(v, PLOTTED[group]) for k, v in builds.items()}
     return {k: v for k, v in pooled_builds.items() if v is not None}
@@ -106,8 +104,6 @@ def pooled_groups(cells: list[RoutingCell], group: str) -> dict[tuple[str, str],
 
 def figures(cells: list[RoutingCell], grid: list[tuple[str, str]]) -> tuple[dict[str, Any], list[str]]:
     """The routing figures by file stem, and notes on the ones skipped (for report.md)."""
-    from routing_suite.routing import patching_plots, plots  # matplotlib only when plotting
-
     notes: list[str] = []
     used = {c.cell for c in cells}
     made = {"gaps": plots.gap_figure(_rows(cells), grid, variant_labels([c.outcomes for c in cells]))}
@@ -136,8 +132,6 @@ def write(cells: list[RoutingCell], out: Path, settings: Any, grid: list[tuple[s
     write_files(out, table_files(cells))
     if not settings.plots:
         return []
-    from routing_suite.figures import save
-
     made, notes = figures(cells, grid or sorted({c.cell for c in cells}))
     written = [path for stem, fig in made.items() for path in save(fig, out, stem, settings.dpi)]
     for note in notes:
