@@ -7,13 +7,14 @@
 import hydra
 
 from experiments._cli import CONF, cli, guarded
+from routing_suite.config import behavior_preset
 from routing_suite.organisms import report
 
 
 @hydra.main(version_base="1.3", config_path=CONF, config_name="organisms")
 @guarded
 def main(cfg) -> bool:
-    result = report.run(cfg)
+    result = report.run(cfg, behavior_preset)
     print(result["table"])
     return result["all_ok"]
 

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
 
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
 from routing_suite.organisms import task as T
+from routing_suite.organisms.build import adapter_dir, base_dir
 from routing_suite.organisms.pairs import organism_pairs
 from routing_suite.organisms.source import OrganismSource
+from routing_suite.runs import make_behavior
 from routing_suite.scoring import Behavior, greedy_completions
 
 log = logging.getLogger(__name__)
@@ -97,14 +103,9 @@ def format_table(rows: list[OrganismRow]) -> str:
     return "\n".join(lines)
 
 
-def run(cfg) -> dict:
-    """Build (or reuse) every organism in cfg.families x cfg.behaviors and score it."""
-    from hydra.utils import instantiate
-
-    from routing_suite.config import behavior_preset
-    from routing_suite.organisms.build import adapter_dir, base_dir
-    from routing_suite.runs import make_behavior
-
+def run(cfg, behavior_preset: Callable[[str], DictConfig]) -> dict:
+    """Build (or reuse) every organism in cfg.families x cfg.behaviors and score it, each
+    behaviour by its preset (`behavior_preset(name)`: the launch layer reads conf/behavior)."""
     rows = []
     for family in cfg.families:
         source = instantiate(cfg.model, family=family)
