@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from routing_suite import schema
+from routing_suite import store_format
 from routing_suite.backends import LocalBackend
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
@@ -82,7 +82,7 @@ class _Capture:
 def hooks_and_numpy(pair: ModelPair, items: list[LabeledPair], request: SiteRequest, size: int, out: Path) -> float:
     """The baseline: plain forward passes with hooks, arrays saved with numpy. Seconds."""
     started = time.perf_counter()
-    for which in schema.MODELS:
+    for which in store_format.MODELS:
         model = pair.model(which)
         capture = _Capture(model, pair.family, request)
         try:
@@ -101,7 +101,7 @@ def hooks_and_numpy(pair: ModelPair, items: list[LabeledPair], request: SiteRequ
 
 def traces_only(pair: ModelPair, items: list[LabeledPair], request: SiteRequest, size: int) -> float:
     """The same nnsight traces as `collect`, with nothing written. Seconds."""
-    models = [pair.traced(which) for which in schema.MODELS]
+    models = [pair.traced(which) for which in store_format.MODELS]
     backend = LocalBackend(batch_size=size)
     started = time.perf_counter()
     for _, prompts in _batches(items, size):

@@ -28,12 +28,12 @@ from hydra.utils import instantiate
 from routing_suite.backends import LocalBackend
 from routing_suite.config import compose_config
 from routing_suite.families import site_path
+from routing_suite.generation import encode, generate_under_conditions, until_eos
 from routing_suite.interventions import Condition
 from routing_suite.models import ModelPair
 from routing_suite.routing import cell
 from routing_suite.routing.controls import check_controls
 from routing_suite.routing.intervene import build_conditions
-from routing_suite.steering import encode, generate_under_conditions, until_eos
 
 
 def routing_cfg(family: str, cache_dir: str, root: Path, n_test: int, extra: list[str] = ()):

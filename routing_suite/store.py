@@ -1,4 +1,4 @@
-"""One zarr v3 store per run, written through xarray (layout: `routing_suite.schema`).
+"""One zarr v3 store per run, written through xarray (layout: `routing_suite.store_format`).
 
 The store is created under `<name>.zarr.partial`, filled prompt by prompt
 and stage by stage, and renamed to `<name>.zarr` when the run completes. A
@@ -26,7 +26,7 @@ import xarray as xr
 import zarr
 from zarr.core.sync import sync as zarr_sync
 
-from routing_suite import schema
+from routing_suite import store_format
 from routing_suite.errors import ConfigError
 from routing_suite.provenance import differing_keys, digest
 from routing_suite.store_layout import (
@@ -59,7 +59,7 @@ class StoreCorrupt(ConfigError):
 
 
 def _partial(final: Path) -> Path:
-    return final.with_name(final.name.removesuffix(schema.STORE_SUFFIX) + schema.PARTIAL_SUFFIX)
+    return final.with_name(final.name.removesuffix(store_format.STORE_SUFFIX) + store_format.PARTIAL_SUFFIX)
 
 
 class RunStore:
@@ -112,7 +112,7 @@ class RunStore:
             return store
         # The root metadata in one write: zarr's `attrs.update` rewrites the file once per
         # key, and a kill between two of those writes left a store without its cell or provenance.
-        attributes = {"schema_version": schema.SCHEMA_VERSION, "config_digest": wanted, "digest_config": digest_config,
+        attributes = {"schema_version": store_format.SCHEMA_VERSION, "config_digest": wanted, "digest_config": digest_config,
                       "stages_done": [], "complete": False, **provenance}
         zarr.create_group(str(partial), zarr_format=3, overwrite=True, attributes=attributes)
         return cls(partial, final, settings, lock)
@@ -250,7 +250,7 @@ class RunStore:
         writes = []
         for name, values in data.items():
             dims = arrays[name].metadata.dimension_names
-            check_finite(name, values, dims, {"model": list(schema.MODELS), "framing": list(schema.FRAMINGS), **labels})
+            check_finite(name, values, dims, {"model": list(store_format.MODELS), "framing": list(store_format.FRAMINGS), **labels})
             index = tuple(region if d == along else slice(None) for d in dims)
             writes.append(arrays[name].async_array.setitem(index, values.astype(arrays[name].dtype, copy=False)))
         # Every variable's region in one trip to zarr's event loop: their chunk

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from routing_suite import schema
+from routing_suite import store_format
 from routing_suite.errors import ConfigError
 
 # bfloat16 has no numpy dtype; float32 holds every bfloat16 value exactly.
@@ -67,7 +67,7 @@ class StoreSettings:
 
 def store_path(settings: StoreSettings, model: str, behavior: str, label: str, config_digest: str) -> Path:
     """Where a run's store lives: named by content, so a rerun finds it."""
-    return Path(settings.root) / model / behavior / f"{label}-{config_digest[:10]}{schema.STORE_SUFFIX}"
+    return Path(settings.root) / model / behavior / f"{label}-{config_digest[:10]}{store_format.STORE_SUFFIX}"
 
 
 def check_writable(directory: Path, key: str, keep: bool = True) -> None:

@@ -1,4 +1,4 @@
-"""Synthetic run stores, laid out exactly as routing_suite/schema.py describes.
+"""Synthetic run stores, laid out exactly as routing_suite/store_format.py describes.
 
 No model is involved: per-prompt outcomes are seeded 0/1 draws around rates
 that look like a real routing study (a large fine-tuned gap that the clamp
@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from routing_suite import schema
+from routing_suite import store_format
 
 FAMILIES = ("llama", "qwen2", "gemma2", "mistral")
 BEHAVIORS = ("underperform", "refuse", "installed")
@@ -82,7 +82,7 @@ def outcomes_dataset(
         coords={
             "condition": list(conditions),
             "kind": ("condition", kinds),
-            "framing": list(schema.FRAMINGS),
+            "framing": list(store_format.FRAMINGS),
             "prompt": [f"p{i:04d}" for i in range(n_prompts)],
             "cluster": ("prompt", [f"u{i // UNIT_SIZE:03d}" for i in range(n_prompts)]),
         },
@@ -115,7 +115,7 @@ def fit_dataset(family: str, behavior: str, seed: int = 0, replicate: str = "0",
             "cos_base_finetuned": (("site", "layer"), rng.uniform(-0.2, 0.3, (len(SITES), n_layers)).astype("float32")),
             "diff_change_norm": (("site", "layer"), rng.uniform(0, 2, (len(SITES), n_layers)).astype("float32")),
         },
-        coords={"model": list(schema.MODELS), "site": list(SITES), "layer": layers},
+        coords={"model": list(store_format.MODELS), "site": list(SITES), "layer": layers},
     )
 
 
@@ -160,7 +160,7 @@ def write_store(
     seed: int = 0,
     complete: bool | None = True,
     partial: bool = False,
-    schema_version: int = schema.SCHEMA_VERSION,
+    schema_version: int = store_format.SCHEMA_VERSION,
     finished_at: str | None = "2025-06-01T12:00:00+00:00",
     name: str | None = None,
     groups: tuple[str, ...] = ("fit", "localize", "outcomes"),
@@ -176,7 +176,7 @@ def write_store(
     `n_layers`: the fit / localize groups' depth (default N_LAYERS); `per_head` false: head_effect
     all NaN; `planted`: the fine-tune's layers, stored as digest_config.model.train.lora_layers."""
     digest = name or f"{_seed(family, behavior, seed, n_prompts, replicate, variant):08x}"
-    suffix = schema.PARTIAL_SUFFIX if partial else schema.STORE_SUFFIX
+    suffix = store_format.PARTIAL_SUFFIX if partial else store_format.STORE_SUFFIX
     path = Path(root) / f"{family}_organism" / behavior / f"{digest}{suffix}"
     path.parent.mkdir(parents=True, exist_ok=True)
     makers = {
@@ -204,7 +204,7 @@ def write_store(
         "model_identity": {"base": f"{family}-tiny", "adapter": f"{family}-{behavior}-lora"},
         "seed": seed,
         "git_commit": "unknown",
-        "stages_done": list(schema.STAGES) if complete else list(schema.STAGES[:2]),
+        "stages_done": list(store_format.STAGES) if complete else list(store_format.STAGES[:2]),
     }
     if complete is not None:  # None: a crashed run that never wrote the attribute
         attrs["complete"] = complete
@@ -258,14 +258,14 @@ def write_adl_store(root: Path, family: str, behavior: str, *, n_layers: int | N
              "delta_ce_se": (("data", "condition", "layer"), np.full(delta.shape, 0.02, "float32"))},
             coords={"data": ["finetune", "unrelated"], "condition": ["difference", "random"], "layer": layers}),
     }
-    path = Path(root) / f"{family}_organism" / behavior / f"adl-{_seed('adl', family, behavior, seed, replicate):08x}{schema.STORE_SUFFIX}"
+    path = Path(root) / f"{family}_organism" / behavior / f"adl-{_seed('adl', family, behavior, seed, replicate):08x}{store_format.STORE_SUFFIX}"
     path.parent.mkdir(parents=True, exist_ok=True)
     for group, ds in groups.items():
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="The data type .* does not have a Zarr V3 specification")
             ds.to_zarr(path, group=group, mode="a", zarr_format=3, consolidated=False)
     zarr.open_group(str(path), mode="a", zarr_format=3).attrs.update({
-        "schema_version": schema.SCHEMA_VERSION, "experiment": "adl", "complete": True, "stages_done": list(schema.ADL_STAGES),
+        "schema_version": store_format.SCHEMA_VERSION, "experiment": "adl", "complete": True, "stages_done": list(store_format.ADL_STAGES),
         "finished_at": "2025-06-01T12:00:00+00:00",
         "cell": {"family": family, "behavior": behavior, "model": f"{family}_organism", "variant": "v1", "replicate": replicate},
         "adl": {"steer_layer": int(n_layers // 2), "position": 1, "n_texts": 100, "text": "organism"},

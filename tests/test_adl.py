@@ -13,7 +13,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from routing_suite import schema
+from routing_suite import store_format
 from routing_suite.adl.pipeline import run
 from routing_suite.aggregate import run as aggregate
 from routing_suite.aggregate.config import AggregateConfig
@@ -73,7 +73,7 @@ def test_adl_writes_every_group_and_completes_the_store(adl_run, llama_source):
     import zarr
 
     top = dict(zarr.open_group(str(store), mode="r").attrs)
-    assert top["experiment"] == "adl" and top["complete"] and top["stages_done"] == list(schema.ADL_STAGES)
+    assert top["experiment"] == "adl" and top["complete"] and top["stages_done"] == list(store_format.ADL_STAGES)
     assert "| llama | underperform |" in result["table_markdown"]
 
 

@@ -22,7 +22,7 @@ from helpers import run_entry_point
 from omegaconf import OmegaConf
 from scipy import stats
 
-from routing_suite import schema
+from routing_suite import store_format
 from routing_suite.aggregate import run
 from routing_suite.aggregate.config import AggregateConfig
 from routing_suite.aggregate.studies import load_studies, register_study
@@ -258,7 +258,7 @@ def _messy(root: Path) -> dict[str, Path]:
     paths["partial"] = fake.write_store(root, "gemma2", "refuse", partial=True, complete=False)
     paths["complete_false"] = fake.write_store(root, "gemma2", "underperform", complete=False)
     paths["complete_absent"] = fake.write_store(root, "mistral", "refuse", complete=None)
-    paths["old_schema"] = fake.write_store(root, "mistral", "underperform", schema_version=schema.SCHEMA_VERSION - 1)
+    paths["old_schema"] = fake.write_store(root, "mistral", "underperform", schema_version=store_format.SCHEMA_VERSION - 1)
     paths["dup_old"] = fake.write_store(
         root, "llama", "installed", name="aaaa", finished_at="2025-05-01T10:00:00+00:00"
     )
@@ -300,7 +300,7 @@ def test_bad_inputs_are_reported_and_valid_cells_still_written(messy, tmp_path):
         assert f"`{paths[key].resolve()}`" in report, key
     assert "in progress or crashed" in report
     assert "attribute complete is false" in report and "attribute complete is absent" in report
-    assert f"schema_version {schema.SCHEMA_VERSION - 1}" in report
+    assert f"schema_version {store_format.SCHEMA_VERSION - 1}" in report
     assert "llama/installed: 2 stores for one cell; cell excluded" in report
     assert "no outcomes group" in report
     for cell in (

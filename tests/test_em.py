@@ -14,7 +14,7 @@ import zarr
 from helpers import TINY_TASK, assert_same_groups, tiny_em_overrides
 from omegaconf import OmegaConf
 
-from routing_suite import analysis, schema
+from routing_suite import analysis, store_format
 from routing_suite.aggregate import run as aggregate
 from routing_suite.aggregate.config import AggregateConfig
 from routing_suite.backends import LocalBackend
@@ -95,7 +95,7 @@ def test_em_writes_every_group_and_completes_the_store(em_run):
     store = Path(result["store"])
     assert store.name.startswith("em-") and store.name.endswith(".zarr") and store.parent.name == "em"
     top = dict(zarr.open_group(str(store), mode="r").attrs)
-    assert top["experiment"] == "em" and top["complete"] and top["stages_done"] == list(schema.EM_STAGES)
+    assert top["experiment"] == "em" and top["complete"] and top["stages_done"] == list(store_format.EM_STAGES)
     assert top["cell"] == {"family": "llama", "behavior": "em", "model": "llama_organism"}
     samples = _open(result, "em_samples")
     assert list(samples.model.values) == ["base", "em_color_city", "em_animal_food", "em_honest_color_city"]
@@ -195,7 +195,7 @@ def test_ablation_edits_match_a_plain_torch_projection(em_run):
 
     from routing_suite.backends import LocalBackend
     from routing_suite.em import conditions as C
-    from routing_suite.steering import first_token_logprobs_under_conditions
+    from routing_suite.generation import first_token_logprobs_under_conditions
 
     dirs = _open(result, "em_directions")
     pair = instantiate(cfg.model).load("em_animal_food")
@@ -217,7 +217,7 @@ def test_ablation_edits_match_a_plain_torch_projection(em_run):
 
     hooks = [layer.register_forward_hook(project(k)) for k, layer in enumerate(pair.finetuned.model.layers)]
     try:
-        from routing_suite.steering import encode
+        from routing_suite.generation import encode
 
         with torch.no_grad():
             logits = pair.finetuned(**encode(pair.tokenizer, prompts)).logits[:, -1]

@@ -15,7 +15,7 @@ import zarr
 from helpers import tiny_em_overrides
 from omegaconf import OmegaConf
 
-from routing_suite import analysis, schema
+from routing_suite import analysis, store_format
 from routing_suite.aggregate import run as aggregate
 from routing_suite.aggregate.config import AggregateConfig
 from routing_suite.config import compose_config, register_configs
@@ -199,7 +199,7 @@ def test_family_stores_are_the_ones_experiments_em_writes(transfer_run, tiny_cac
         assert OmegaConf.to_container(family_cfg(cfg, family)) == OmegaConf.to_container(em_cfg, resolve=True)
         assert result["family_stores"][family] == str(em_store_path(em_cfg, f"{family}_organism")[1])
         attrs = dict(zarr.open_group(result["family_stores"][family], mode="r").attrs)
-        assert attrs["complete"] and attrs["stages_done"] == list(schema.EM_STAGES)
+        assert attrs["complete"] and attrs["stages_done"] == list(store_format.EM_STAGES)
 
 
 @pytest.mark.slow
@@ -208,7 +208,7 @@ def test_transfer_store_layout(transfer_run):
     store = Path(result["store"])
     assert store.name.startswith("from-llama-") and store.parent.name == "em_transfer" and store.parent.parent.name == "qwen2_organism"
     top = dict(zarr.open_group(str(store), mode="r").attrs)
-    assert top["experiment"] == "em_transfer" and top["complete"] and top["stages_done"] == list(schema.EM_TRANSFER_STAGES)
+    assert top["experiment"] == "em_transfer" and top["complete"] and top["stages_done"] == list(store_format.EM_TRANSFER_STAGES)
     assert top["cell"] == {"family": "qwen2", "behavior": "em_from_llama", "donor": "llama", "receiver": "qwen2", "model": "qwen2_organism"}
     assert top["family_stores"] == result["family_stores"]
     maps = _open(store, "xfer_maps")

@@ -14,11 +14,11 @@ from safetensors.torch import save_file
 
 from routing_suite.backends import register_suite
 from routing_suite.errors import ConfigError
+from routing_suite.generation import encode
 from routing_suite.lora import LoraAdapter, lora_update, plan_layer_steps
 from routing_suite.models import Placement
 from routing_suite.organisms import task as T
 from routing_suite.organisms.pairs import organism_pairs
-from routing_suite.steering import encode
 
 FAMILIES = ["llama", "qwen2", "gemma2", "mistral"]
 

@@ -86,7 +86,7 @@ def _batch_deltas(pair: ModelPair, ids: Tensor, mask: Tensor, scored: Tensor, un
     Every pass is a trace through the backend that sends back per-row losses
     (and, from the base, its (batch, seq) projections on each condition's
     (layer, hidden) units), never logits. No comments inside the trace blocks:
-    nnsight ships them as unparsed source (see routing_suite.steering)."""
+    nnsight ships them as unparsed source (see routing_suite.generation)."""
     family, layers = pair.family, list(range(pair.num_layers))
     inputs = {"input_ids": ids, "attention_mask": mask}
     base, ft = pair.traced("base"), pair.traced("finetuned")

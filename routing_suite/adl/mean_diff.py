@@ -20,7 +20,7 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from routing_suite import schema
+from routing_suite import store_format
 from routing_suite.models import ModelPair
 from routing_suite.store import RunStore, text
 from routing_suite.tracing import SiteRequest, make_batch, trace_sites
@@ -47,11 +47,11 @@ def _part_sums(pair: ModelPair, texts: list[str], request: SiteRequest, batch_si
     sums = {name: torch.zeros(L, k, d, dtype=torch.float64) for name in _VECTORS}
     norm = torch.zeros(L, k, dtype=torch.float64)
     count = torch.zeros(k, dtype=torch.float64)
-    models = [pair.traced(which) for which in schema.MODELS]
+    models = [pair.traced(which) for which in store_format.MODELS]
     for start in range(0, len(texts), batch_size):
         batch = make_batch(pair.tokenizer, texts[start : start + batch_size], request, truncate=True)
         traced = trace_sites(models, pair.family, batch, request, pair.num_heads, backend)
-        h = {w: t["resid"] for w, t in zip(schema.MODELS, traced)}
+        h = {w: t["resid"] for w, t in zip(store_format.MODELS, traced)}
         valid = batch.valid.to(torch.float64)[:, None, :, None]  # (batch, 1, k, 1)
         base, ft = h["base"].double() * valid, h["finetuned"].double() * valid
         sums["mean_base"] += base.sum(0)

@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from routing_suite.families import family_paths, site_path
+from routing_suite.generation import encode
 from routing_suite.lora import lora_update, plan_layer_steps
 from routing_suite.models import ModelPair
-from routing_suite.steering import encode
 from routing_suite.tracing import envoy_at, site_value
 
 

@@ -29,10 +29,10 @@ from transformers import PreTrainedTokenizerBase
 from routing_suite.adl.causal import token_loss
 from routing_suite.adl.settings import SteerSettings
 from routing_suite.adl.similarity import Similarity
+from routing_suite.generation import generate_under_conditions
 from routing_suite.interventions import Condition, SubspaceEdit
 from routing_suite.lora import lora_update, plan_layer_steps
 from routing_suite.models import ModelPair, Traced
-from routing_suite.steering import generate_under_conditions
 from routing_suite.store import text
 
 log = logging.getLogger(__name__)

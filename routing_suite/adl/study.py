@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from routing_suite import schema
+from routing_suite import store_format
 from routing_suite.adl import plots, tables
 from routing_suite.aggregate.studies import StudyKind, register_study, section, tables_then_plots
 
@@ -17,6 +17,6 @@ def _section(rows: list[tables.AdlRow], headline: str, notes: list[str], cfg: An
 
 
 register_study(StudyKind(
-    "adl", "ADL", schema.ADL_STAGES, lambda path, cfg: tables.read_cell(path), tables.headline,
+    "adl", "ADL", store_format.ADL_STAGES, lambda path, cfg: tables.read_cell(path), tables.headline,
     tables_then_plots(tables.write, plots.write_all), _section,
 ))

@@ -1,7 +1,7 @@
 """The ADL table: per model pair, token relevance vs baselines, steering and delta-CE.
 
 Read from finished ADL stores (root attribute experiment = "adl"; groups in
-`routing_suite/schema.py`). Relevance is read at the steering layer (the
+`routing_suite/store_format.py`). Relevance is read at the steering layer (the
 middle layer unless configured), best over the first k positions, for the
 difference and for each baseline alike. Same stores, same bytes.
 """

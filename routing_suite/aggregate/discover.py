@@ -17,7 +17,7 @@ from typing import Any
 
 import zarr
 
-from routing_suite import schema
+from routing_suite import store_format
 from routing_suite.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,7 @@ class StoreInfo:
 
 
 def _is_store_name(path: str) -> bool:
-    return path.endswith(schema.STORE_SUFFIX) or path.endswith(schema.PARTIAL_SUFFIX)
+    return path.endswith(store_format.STORE_SUFFIX) or path.endswith(store_format.PARTIAL_SUFFIX)
 
 
 def find_stores(root: str) -> list[Path]:
@@ -123,18 +123,18 @@ def inspect_store(path: Path) -> StoreInfo:
     try:
         info.attrs = dict(zarr.open_group(str(path), mode="r").attrs.asdict())
     except Exception as err:  # any zarr/OS error means the same thing here
-        if str(path).endswith(schema.PARTIAL_SUFFIX):
+        if str(path).endswith(store_format.PARTIAL_SUFFIX):
             info.problem = Finding(UNFINISHED, "in progress or crashed (name ends .zarr.partial)", None, where)
         else:
             info.problem = Finding(UNREADABLE, f"not a readable zarr store ({type(err).__name__})", None, where)
         return info
     info.cell = _cell_of(info.attrs)
     version = info.attrs.get("schema_version")
-    if str(path).endswith(schema.PARTIAL_SUFFIX):
+    if str(path).endswith(store_format.PARTIAL_SUFFIX):
         info.problem = Finding(UNFINISHED, "in progress or crashed (name ends .zarr.partial)", info.cell, where)
-    elif version != schema.SCHEMA_VERSION:
+    elif version != store_format.SCHEMA_VERSION:
         info.problem = Finding(
-            SCHEMA, f"schema_version {version!r}, this aggregator reads {schema.SCHEMA_VERSION}", info.cell, where
+            SCHEMA, f"schema_version {version!r}, this aggregator reads {store_format.SCHEMA_VERSION}", info.cell, where
         )
     elif info.attrs.get("complete") is not True:
         state = "false" if "complete" in info.attrs else "absent"

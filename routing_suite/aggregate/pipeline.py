@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from routing_suite import schema
+from routing_suite import store_format
 from routing_suite.aggregate import discover
 from routing_suite.aggregate.config import DUPLICATE_POLICIES
 from routing_suite.aggregate.discover import Finding
@@ -69,7 +69,7 @@ def collect(cfg: Any, stores: list[Path] | None = None) -> Collected:
     paths = discover.find_stores(cfg.root) if stores is None else sorted({Path(p).resolve() for p in stores})
     if not paths:
         raise ConfigError(
-            f"root={cfg.root!r} holds no run stores (folders ending {schema.STORE_SUFFIX} or {schema.PARTIAL_SUFFIX})"
+            f"root={cfg.root!r} holds no run stores (folders ending {store_format.STORE_SUFFIX} or {store_format.PARTIAL_SUFFIX})"
         )
     every = [discover.inspect_store(p) for p in paths]
     studies = load_studies()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from routing_suite import schema
+from routing_suite import store_format
 from routing_suite.aggregate.discover import (
     CORRUPT,
     DROPPED_PROMPTS,
@@ -82,4 +82,4 @@ def render(
         lines.append("")
     text = "\n".join(lines) + "\n" + "".join(sections)
     return text + (f"\nduplicates={duplicates} (two stores are duplicates when cell, variant and build agree); "
-                   f"schema_version read: {schema.SCHEMA_VERSION}.\n")
+                   f"schema_version read: {store_format.SCHEMA_VERSION}.\n")

@@ -9,5 +9,5 @@
     conditions   steering, ablation, transfer ablation and matched random controls
     pipeline     run(cfg): one family's store, stage by stage, then its EM table
 
-Layout of the groups it writes: routing_suite/schema.py.
+Layout of the groups it writes: routing_suite/store_format.py.
 """

@@ -34,7 +34,7 @@ def class_rows(samples: xr.Dataset, finetune: str, values: np.ndarray) -> dict[t
 
 
 def fit_directions(samples: xr.Dataset, acts: xr.Dataset, min_per_class: int) -> xr.Dataset:
-    """The `em_directions` group (layout in routing_suite/schema.py)."""
+    """The `em_directions` group (layout in routing_suite/store_format.py)."""
     finetunes = [str(f) for f in acts.finetune.values]
     layers = [int(x) for x in acts.layer.values]
     d = acts.sizes["hidden"]

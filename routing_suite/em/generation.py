@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 from routing_suite.em.judge import ALIGNED, MISALIGNED, EmJudge
 from routing_suite.em.models import EmModels
 from routing_suite.em.settings import EmSampling
+from routing_suite.generation import Sampling, generate_under_conditions
 from routing_suite.interventions import Condition
 from routing_suite.organisms.em_task import GeneralPrompt
-from routing_suite.steering import Sampling, generate_under_conditions
 from routing_suite.store import text
 
 # baseline: no edit; steer / ablate: a model's own directions; transfer: another

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from routing_suite import schema
+from routing_suite import store_format
 from routing_suite.aggregate.studies import StudyKind, register_study, section, tables_then_plots
 from routing_suite.em import plots, tables, transfer_tables
 
@@ -32,10 +32,10 @@ def _read_transfer(path, cfg):
 
 
 register_study(StudyKind(
-    "em", "EM", schema.EM_STAGES, _read_em, tables.headline, tables_then_plots(tables.write, plots.write_em), _em_section,
+    "em", "EM", store_format.EM_STAGES, _read_em, tables.headline, tables_then_plots(tables.write, plots.write_em), _em_section,
 ))
 # One report per donor -> receiver pair (cell: receiver, "em_from_<donor>").
 register_study(StudyKind(
-    "em_transfer", "EM transfer", schema.EM_TRANSFER_STAGES, _read_transfer, transfer_tables.headline,
+    "em_transfer", "EM transfer", store_format.EM_TRANSFER_STAGES, _read_transfer, transfer_tables.headline,
     tables_then_plots(transfer_tables.write, plots.write_transfer), _transfer_section,
 ))

@@ -13,7 +13,7 @@ stage by stage, each skipped when a rerun finds it done:
    separation of the receiver fine-tune's held-out responses.
 2. `xfer_outcomes`: sampled responses on the receiver's test split: ablation of each
    direction in the receiver's misaligned fine-tune of the same kind, and steering
-   of the receiver's base (layout: routing_suite/schema.py).
+   of the receiver's base (layout: routing_suite/store_format.py).
 """
 
 from __future__ import annotations

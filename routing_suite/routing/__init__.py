@@ -9,5 +9,5 @@
     intervene  generation on held-out prompts under every condition
     cell       run(cfg): one cell end to end, what `python -m experiments.routing` calls
 
-Layout of the groups it writes: routing_suite/schema.py.
+Layout of the groups it writes: routing_suite/store_format.py.
 """

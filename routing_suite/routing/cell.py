@@ -15,7 +15,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from routing_suite import runs, schema
+from routing_suite import runs, store_format
 from routing_suite.errors import ConfigError
 from routing_suite.routing.collect import collect, prompt_items, site_request
 from routing_suite.routing.controls import SemanticControl, check_controls
@@ -138,8 +138,8 @@ def stages_to_run(store) -> list[str]:
     poisoned by an older version) collects them again and redoes every stage that
     read them."""
     if not store.complete and store.stage_done("collect") and store.repair("activations"):
-        store.undo_stages(schema.STAGES)
-    return [stage for stage in schema.STAGES if not store.stage_done(stage)]
+        store.undo_stages(store_format.STAGES)
+    return [stage for stage in store_format.STAGES if not store.stage_done(stage)]
 
 
 def _check_rank(rank: int, max_rank: int, n_fit: int, hidden: int | None) -> None:

@@ -19,7 +19,7 @@ import zarr
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from routing_suite import runs, schema
+from routing_suite import runs, store_format
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
 from routing_suite.prompts import SPLITS, LabeledPair, check_disjoint, paired_prompts, subsample
@@ -148,8 +148,8 @@ def layout(items: list[LabeledPair], request: SiteRequest, pair: ModelPair) -> t
     """Coordinates and variable shapes of the activations group."""
     n, layers, positions = len(items), list(request.layers), request.position_labels()
     coords = {
-        "model": text(schema.MODELS),
-        "framing": text(schema.FRAMINGS),
+        "model": text(store_format.MODELS),
+        "framing": text(store_format.FRAMINGS),
         "prompt": text(it.pair.id for it in items),
         "layer": layers,
         "position": text(positions),
@@ -201,16 +201,16 @@ def collect(
         return
     todo = sum(b.stop - b.start for b in batches)
     log.info("collect: %d of %d prompt pairs to trace, in %d batches of up to %d", todo, len(items), len(batches), size)
-    models = [pair.traced(which) for which in schema.MODELS]
+    models = [pair.traced(which) for which in store_format.MODELS]
     writer = BackgroundWriter(store, GROUP, chunk=chunk, threaded=backend.threaded_writes, prepare=prepare)
     try:
         for prompts in tqdm(batches, desc="collect", unit="batch", disable=not progress):
             chunk_items = items[prompts]
             batch = make_batch(pair.tokenizer, paired_prompts(chunk_items), request)
-            traced = dict(zip(schema.MODELS, trace_sites(models, pair.family, batch, request, pair.num_heads, backend)))
+            traced = dict(zip(store_format.MODELS, trace_sites(models, pair.family, batch, request, pair.num_heads, backend)))
             # (2 * batch, ...) rows are eval then deploy: -> (model, framing, prompt, ...)
             data = {
-                site: np.stack([traced[w][site].numpy().reshape(2, len(chunk_items), *traced[w][site].shape[1:]) for w in schema.MODELS])
+                site: np.stack([traced[w][site].numpy().reshape(2, len(chunk_items), *traced[w][site].shape[1:]) for w in store_format.MODELS])
                 for site in variables
             }
             labels = {"prompt": [it.pair.id for it in chunk_items], "layer": list(request.layers)}

@@ -4,7 +4,7 @@ Everything is fit on the `fit` split at the last prompt token; probe
 accuracies are measured on the `localize` split (choices made from them, such
 as the non-routing subspace, never see the `test` split the interventions are
 scored on). Results go to the store's `fit` group (layout in
-`routing_suite.schema`).
+`routing_suite.store_format`).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import logging
 import numpy as np
 import xarray as xr
 
-from routing_suite import analysis, schema
+from routing_suite import analysis, store_format
 from routing_suite.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -121,7 +121,7 @@ def fit(acts: xr.Dataset, max_rank: int) -> xr.Dataset:
         raise ConfigError(f"intervention.rank={max_rank} is larger than the number of fit pairs ({n_fit})")
     layers = acts.layer.values
     d = acts.sizes["hidden"]
-    models = list(schema.MODELS)
+    models = list(store_format.MODELS)
     shape_dir = (len(models), len(sites), len(layers))
     direction = np.zeros((*shape_dir, d), np.float32)
     probe = np.zeros(shape_dir, np.float32)

@@ -17,14 +17,14 @@ import torch
 import xarray as xr
 from tqdm.auto import tqdm
 
-from routing_suite import analysis, schema
+from routing_suite import analysis, store_format
 from routing_suite.errors import ConfigError
+from routing_suite.generation import generate_under_conditions
 from routing_suite.interventions import Condition
 from routing_suite.models import ModelPair
 from routing_suite.routing.controls import ControlContext, clamp_edits
 from routing_suite.routing.settings import InterventionSpec
 from routing_suite.scoring import Behavior
-from routing_suite.steering import generate_under_conditions
 from routing_suite.store import text
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def build_conditions(
     layers = list(range(window[0], window[1] + 1))
     fit_acts = _last(acts[spec.site].sel(prompt=acts.split.values == "fit"))
     main = Condition(spec.name, "intervention", spec.site, spec.positions, clamp_edits(spec, fit, fit_acts, layers, spec.fit_model), steps=spec.steps)
-    conditions = [Condition(schema.BASELINE, "baseline"), main]
+    conditions = [Condition(store_format.BASELINE, "baseline"), main]
     if spec.fit_model == "finetuned":
         base_edits = clamp_edits(spec, fit, fit_acts, layers, "base")
         conditions.append(Condition(f"{spec.name}_base_subspace", "comparison", spec.site, spec.positions, base_edits, steps=spec.steps))
@@ -69,7 +69,7 @@ def intervene(
     test = acts.sel(prompt=acts.split.values == "test")
     prompt_ids = [str(p) for p in test.prompt.values]
     answers = [str(a) for a in test.answer.values]
-    texts = {f: [str(p) for p in test[f"{f}_prompt"].values] for f in schema.FRAMINGS}
+    texts = {f: [str(p) for p in test[f"{f}_prompt"].values] for f in store_format.FRAMINGS}
     names = list(dict.fromkeys(c.name for c in conditions))
     kinds = [next(c.kind for c in conditions if c.name == n) for n in names]
     performed = np.zeros((len(names), 2, len(prompt_ids)), np.float32)
@@ -100,7 +100,7 @@ def intervene(
     # at the last prompt token (both framings): matched controls equal the intervention.
     site = next(c.site for c in conditions if c.edits) if any(c.edits for c in conditions) else "attn"
     h = _last(test[site].sel(model="finetuned"))
-    h_by_layer = {int(layer): np.concatenate([h.sel(layer=layer, framing=f).values for f in schema.FRAMINGS]) for layer in h.layer.values}
+    h_by_layer = {int(layer): np.concatenate([h.sel(layer=layer, framing=f).values for f in store_format.FRAMINGS]) for layer in h.layer.values}
     norms = [np.mean([_norm(c, h_by_layer) for c in conditions if c.name == n]) for n in names]
     layers = {n: next(c.layers for c in conditions if c.name == n) for n in names}
     return xr.Dataset(
@@ -114,7 +114,7 @@ def intervene(
         coords={
             "condition": text(names),
             "kind": ("condition", text(kinds)),
-            "framing": text(schema.FRAMINGS),
+            "framing": text(store_format.FRAMINGS),
             "prompt": text(prompt_ids),
             "cluster": ("prompt", text(str(c) for c in test.cluster.values)),
             "layers": ("condition", text(",".join(map(str, layers[n])) for n in names)),

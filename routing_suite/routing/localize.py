@@ -29,11 +29,11 @@ import xarray as xr
 
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
+from routing_suite.generation import encode
 from routing_suite.lora import lora_update, plan_layer_steps
 from routing_suite.models import ModelPair, Traced
 from routing_suite.routing.settings import LocalizeSettings
 from routing_suite.scoring import Behavior
-from routing_suite.steering import encode
 from routing_suite.tracing import chunked, envoy_at, group_by_model, site_value
 
 log = logging.getLogger(__name__)

@@ -10,17 +10,17 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from routing_suite import schema
+from routing_suite import store_format
 
 log = logging.getLogger(__name__)
 
 # The controls' column order in every table and plot; others follow alphabetically.
 CONTROL_ORDER = ("random", "orthogonal", "non_routing", "semantic", "other_layer")
-KIND_ORDER = {kind: i for i, kind in enumerate(schema.CONDITION_KINDS)}
+KIND_ORDER = {kind: i for i, kind in enumerate(store_format.CONDITION_KINDS)}
 
 
 class StoreFormatError(ValueError):
-    """A finished store whose outcomes do not follow routing_suite/schema.py."""
+    """A finished store whose outcomes do not follow routing_suite/store_format.py."""
 
 
 def condition_key(name: str, kind: str) -> tuple[int, int, str]:
@@ -106,10 +106,10 @@ def _checked_conditions(ds: xr.Dataset) -> tuple[list[str], list[str]]:
     framings = {str(f) for f in ds["framing"].values}
     if len(set(names)) != len(names):
         raise StoreFormatError(f"condition names repeat: {names}")
-    if not set(schema.FRAMINGS) <= framings:
-        raise StoreFormatError(f"framing holds {sorted(framings)}, needs {list(schema.FRAMINGS)}")
-    if unknown := sorted(set(kinds) - set(schema.CONDITION_KINDS)):
-        raise StoreFormatError(f"kind values {unknown} are not among {list(schema.CONDITION_KINDS)}")
+    if not set(store_format.FRAMINGS) <= framings:
+        raise StoreFormatError(f"framing holds {sorted(framings)}, needs {list(store_format.FRAMINGS)}")
+    if unknown := sorted(set(kinds) - set(store_format.CONDITION_KINDS)):
+        raise StoreFormatError(f"kind values {unknown} are not among {list(store_format.CONDITION_KINDS)}")
     for kind in ("baseline", "intervention"):
         if kinds.count(kind) != 1:
             raise StoreFormatError(f"{kinds.count(kind)} conditions of kind {kind!r}, expected exactly 1")
@@ -141,7 +141,7 @@ def read_outcomes(path: Path, family: str, behavior: str, variant: str = "", rep
     order = sorted(range(len(names)), key=lambda i: condition_key(names[i], kinds[i]))
     values = (
         performed.transpose("condition", "framing", "prompt")
-        .sel(framing=list(schema.FRAMINGS))
+        .sel(framing=list(store_format.FRAMINGS))
         .isel(condition=order)
         .values.astype("float64")
     )
@@ -153,7 +153,7 @@ def read_outcomes(path: Path, family: str, behavior: str, variant: str = "", rep
     def ordered(name: str) -> np.ndarray | None:
         if name not in ds:
             return None
-        return ds[name].transpose("condition", "framing", "prompt").sel(framing=list(schema.FRAMINGS)).isel(condition=order).values
+        return ds[name].transpose("condition", "framing", "prompt").sel(framing=list(store_format.FRAMINGS)).isel(condition=order).values
 
     correct = ordered("correct")
     norms = ds["perturbation_norm"].isel(condition=order).values.astype("float64") if "perturbation_norm" in ds else None
@@ -197,7 +197,7 @@ def read_examples(path: Path, outcomes: xr.Dataset, conditions: list[str], n: in
         i = index.get(pid)
         if i is None:
             continue
-        for framing in schema.FRAMINGS:
+        for framing in store_format.FRAMINGS:
             texts = outcomes["completion"].sel(prompt=pid, framing=framing).isel(draw=0)
             examples.append({
                 "prompt_id": pid, "framing": framing, "prompt": str(acts[f"{framing}_prompt"].values[i]),

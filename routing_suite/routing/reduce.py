@@ -29,7 +29,7 @@ import xarray as xr
 import zarr
 from tqdm.auto import tqdm
 
-from routing_suite import schema
+from routing_suite import store_format
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
 from routing_suite.prompts import LabeledPair, paired_prompts
@@ -57,7 +57,7 @@ def collect_paired_sums(
         per_row = backend.batch_size
         n_rows = math.ceil(len(items) / per_row)
         positions = request.position_labels()
-        coords = {"model": text(schema.MODELS), "layer": list(request.layers), "position": text(positions)}
+        coords = {"model": text(store_format.MODELS), "layer": list(request.layers), "position": text(positions)}
         variables = {}
         for site in request.sites:
             tail = (pair.num_heads, pair.head_dim) if site == "heads" else (pair.hidden_size,)
@@ -67,7 +67,7 @@ def collect_paired_sums(
         store.create_streamed(GROUP, coords, variables, along="batch")
         zarr.open_group(str(store.path), path=GROUP, mode="r+").attrs["prompts_per_row"] = per_row
     todo = np.flatnonzero(~store.done(GROUP))
-    models = [pair.traced(which) for which in schema.MODELS]
+    models = [pair.traced(which) for which in store_format.MODELS]
     size = backend.batch_size
     for row in tqdm(todo, desc="paired sums", unit="row", disable=not progress):
         row_items = items[row * per_row : (row + 1) * per_row]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from routing_suite import schema
+from routing_suite import store_format
 from routing_suite.aggregate import discover
 from routing_suite.aggregate.discover import Finding, StoreInfo
 from routing_suite.aggregate.studies import StudyKind, register_study
@@ -66,6 +66,6 @@ def _write(cells: list[RoutingCell], out: Path, cfg: Any, findings: list[Finding
 
 
 register_study(StudyKind(
-    "routing", "routing", schema.STAGES, lambda path, cfg: summary.read_cell(path), summary.headline, _write,
+    "routing", "routing", store_format.STAGES, lambda path, cfg: summary.read_cell(path), summary.headline, _write,
     summary.section, summary.results, collect,
 ))
