@@ -344,8 +344,13 @@ def _kill_mid_collect(run_dir: Path, extra: list[str]) -> Path:
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         found = list((run_dir / "stores").rglob("*.zarr.partial"))
-        if found and (found[0] / "activations" / "done").exists():
-            done = zarr.open_array(str(found[0]), path="activations/done", mode="r")[:]
+        # The array's folder appears before its metadata (zarr.json): poll until it is readable.
+        if found and (found[0] / "activations" / "done" / "zarr.json").exists():
+            try:
+                done = zarr.open_array(str(found[0]), path="activations/done", mode="r")[:]
+            except (zarr.errors.ArrayNotFoundError, FileNotFoundError):
+                time.sleep(0.02)
+                continue
             if 3 <= done.sum() < len(done) // 2:
                 partial = found[0]
                 proc.send_signal(signal.SIGKILL)
