@@ -122,3 +122,15 @@ def assert_same_groups(local, remote, groups) -> None:
             else:
                 np.testing.assert_array_equal(b[name].values, a[name].values, err_msg=f"{group}/{name}")
 
+
+def done_record(store: Path):
+    """A store's `activations/done` while another process writes it, or None while the
+    array is not readable yet (its folder appears before its metadata)."""
+    import zarr
+
+    if not (Path(store) / "activations" / "done" / "zarr.json").exists():
+        return None
+    try:
+        return zarr.open_array(str(store), path="activations/done", mode="r")[:]
+    except (zarr.errors.ArrayNotFoundError, FileNotFoundError):
+        return None

@@ -15,7 +15,7 @@ import pytest
 import torch
 import xarray as xr
 import zarr
-from helpers import tiny_source
+from helpers import done_record, tiny_source
 
 from routing_suite.backends import LocalBackend
 from routing_suite.config import compose_config, register_configs
@@ -344,17 +344,11 @@ def _kill_mid_collect(run_dir: Path, extra: list[str]) -> Path:
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         found = list((run_dir / "stores").rglob("*.zarr.partial"))
-        # The array's folder appears before its metadata (zarr.json): poll until it is readable.
-        if found and (found[0] / "activations" / "done" / "zarr.json").exists():
-            try:
-                done = zarr.open_array(str(found[0]), path="activations/done", mode="r")[:]
-            except (zarr.errors.ArrayNotFoundError, FileNotFoundError):
-                time.sleep(0.02)
-                continue
-            if 3 <= done.sum() < len(done) // 2:
-                partial = found[0]
-                proc.send_signal(signal.SIGKILL)
-                break
+        done = done_record(found[0]) if found else None
+        if done is not None and 3 <= done.sum() < len(done) // 2:
+            partial = found[0]
+            proc.send_signal(signal.SIGKILL)
+            break
         time.sleep(0.02)
     proc.wait()
     assert partial is not None, "the collect finished before it could be killed"

@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import xarray as xr
 import zarr
-from helpers import TEST_ORGANISM, assert_same_activations, assert_same_groups, tiny_em_overrides
+from helpers import TEST_ORGANISM, assert_same_activations, assert_same_groups, done_record, tiny_em_overrides
 
 pytestmark = pytest.mark.remote
 
@@ -136,12 +136,11 @@ def test_server_stopped_mid_run_then_rerun_completes(server, llama_underperform,
     deadline = time.time() + 600
     while time.time() < deadline and proc.poll() is None:
         found = list((tmp_path / "stores").rglob("*.zarr.partial"))
-        if found and (found[0] / "activations" / "done").exists():
-            done = zarr.open_array(str(found[0]), path="activations/done", mode="r")[:]
-            if done.sum() >= 3 * 4:
-                _server("stop")
-                stopped = True
-                break
+        done = done_record(found[0]) if found else None
+        if done is not None and done.sum() >= 3 * 4:
+            _server("stop")
+            stopped = True
+            break
         time.sleep(0.2)
     try:
         _, stderr = proc.communicate(timeout=300)
