@@ -21,6 +21,7 @@ from routing_suite.errors import ConfigError
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.pretrained.specs import ChatTaskSpec, ChatTrainSpec
 from routing_suite.store_settings import StoreSettings
+from routing_suite.study_schemas import BehaviorConfig
 from routing_suite.sweeps import register_launcher_stand_ins, register_resolvers
 
 # ---------------------------------------------------------------- model
@@ -104,38 +105,6 @@ class GgufChatModelConfig:
 
 
 @dataclass
-class PerformedConfig:
-    """When a completion performs the behaviour (`scoring.Performed`): every test set holds."""
-
-    # The expected answer is in the completion (found by behavior.answer_match).
-    answer: bool = False
-    # Word sequences anywhere in the completion, or at its start; null: none.
-    phrases: list[str] | None = None
-    start_phrases: list[str] | None = None
-    # A Python regular expression searched in the raw completion; null: none.
-    regex: str | None = None
-    # What a phrase or regex match means: performed (a marker) or not_performed (a refusal).
-    match_means: str = "performed"
-
-
-@dataclass
-class BehaviorConfig:
-    """A behaviour and how to score it; conf/behavior/*.yaml are presets (see routing_suite/scoring.py)."""
-
-    _target_: str = "routing_suite.scoring.Behavior"
-    name: str = MISSING
-    max_new_tokens: int = 6
-    performed: PerformedConfig = field(default_factory=PerformedConfig)
-    # first | anywhere | normalized | substring | choice; null: the model source's
-    # (first for the organisms, anywhere for a chat model or your own).
-    answer_match: str | None = None
-    # Completion starts path patching reads ("{answer}": the pair's expected answer).
-    first_tokens: list[str] = field(default_factory=lambda: [" {answer}"])
-    # A class by _target_ deciding `performed` instead (scoring.Judge); null: none.
-    judge: Any = None
-
-
-@dataclass
 class LocalBackendConfig:
     _target_: str = "routing_suite.backends.LocalBackend"
     device: str = "cpu"
@@ -167,22 +136,6 @@ class NdifBackendConfig:
 
 
 # ---------------------------------------------------------------- primary configs
-
-
-@dataclass
-class DataConfig:
-    """Where the prompt pairs come from, and how many of each split (null: all), drawn with `seed`."""
-
-    # A prompt file (JSONL, CSV or a YAML template; routing_suite/prompt_files.py)
-    # used with any model source; null: the source's own prompt sets.
-    prompts: str | None = None
-    # Render the file's prompts through the tokenizer's chat template: auto (when
-    # the tokenizer has one), true (it must have one) or false.
-    chat_template: str = "auto"
-    max_fit: int | None = None
-    max_localize: int | None = None
-    max_test: int | None = None
-    seed: int = 0
 
 
 @dataclass

@@ -10,8 +10,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from routing_suite.adl.settings import AdlSettings
-from routing_suite.config import BehaviorConfig, DataConfig
 from routing_suite.store_settings import StoreSettings
+from routing_suite.study_schemas import BehaviorConfig, DataConfig
 
 
 @dataclass

@@ -9,9 +9,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from routing_suite.config import BehaviorConfig, DataConfig
 from routing_suite.routing.settings import FitSettings, InterventionSpec, LocalizeSettings
 from routing_suite.store_settings import StoreSettings
+from routing_suite.study_schemas import BehaviorConfig, DataConfig
 
 
 @dataclass
