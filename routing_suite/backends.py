@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 from urllib.parse import urlparse
 
 import torch
@@ -24,6 +24,38 @@ from routing_suite.models import ModelPair, Placement
 from routing_suite.remote import RequestStats, RetryingRemote, check_service, hosted_models, model_repo, result_bytes
 
 log = logging.getLogger(__name__)
+
+
+class Backend(Protocol):
+    """What every `backend` config instantiates (LocalBackend, NdifBackend): the one
+    interface the stages use to run traces, whatever runs them."""
+
+    name: str  # "local" | "ndif": stores record it
+    device: str  # where the models run
+    batch_size: int  # prompts per trace (per request remotely)
+    max_invokes: int | None  # at most this many invokes per trace; None: no limit
+    stats: RequestStats  # requests and bytes, counted by `record`
+
+    @property
+    def placement(self) -> Placement:
+        """How the model pair is placed (local weights or the base on the server; the
+        fine-tune merged or as adapter updates)."""
+
+    @property
+    def threaded_writes(self) -> bool:
+        """Whether stores may be written from a background thread during traces."""
+
+    def preflight(self) -> None:
+        """Checks made before any model is loaded (a device that exists, a service that answers)."""
+
+    def check_pair(self, pair: ModelPair) -> None:
+        """Checks of the loaded pair against where it runs (the service hosts its base)."""
+
+    def trace_kwargs(self, nn_model=None) -> dict[str, Any]:
+        """nnsight's keyword arguments for a trace of `nn_model` (`remote=` and its backend)."""
+
+    def record(self, nn_model, saved: Any) -> None:
+        """One trace ran and returned `saved`: count it."""
 
 
 def _tensor_bytes(value: Any) -> int:

@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from routing_suite import prompt_files
+from routing_suite.backends import Backend
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair
 from routing_suite.prompt_files import PromptFile
@@ -45,7 +46,7 @@ class Setup:
     cfg: DictConfig
     source: Any
     behavior: Behavior
-    backend: Any
+    backend: Backend
     store_settings: StoreSettings
 
     @property
