@@ -16,6 +16,10 @@ from typing import Any
 # sweep folder's name.
 NOT_RESULT_SHAPING = ("backend", "store", "hydra", "progress", "report_dir", "n_resamples")
 NOT_RESULT_SHAPING_MODEL = ("cache_dir",)
+# Keys added after stores were written, each with the value that does what those
+# stores did: at that value the key is left out of the digest, so a store written
+# before the key existed keeps its digest and is reused.
+ADDED_AT_DEFAULT = {("localize", "method"): "exact", ("localize", "confirm"): 2}
 # The suite's own classes are named in a digest by class name only, so that moving
 # a module does not rename every cached store; a user's `_target_` stays whole.
 _OWN_PACKAGE = "routing_suite."
@@ -94,9 +98,13 @@ def _short_target(node: Any) -> Any:
 
 def result_config(resolved: dict) -> dict:
     """What of a resolved config shapes a run's results: everything but where things
-    run and are kept (NOT_RESULT_SHAPING, model.cache_dir), with the suite's own
-    `_target_`s named by class only. A store's digest is a hash of this."""
+    run and are kept (NOT_RESULT_SHAPING, model.cache_dir) and keys added later at the
+    value older stores had (ADDED_AT_DEFAULT), with the suite's own `_target_`s named
+    by class only. A store's digest is a hash of this."""
     kept = {k: v for k, v in resolved.items() if k not in NOT_RESULT_SHAPING}
+    for (group, key), default in ADDED_AT_DEFAULT.items():
+        if isinstance(kept.get(group), dict) and kept[group].get(key, default) == default:
+            kept[group] = {k: v for k, v in kept[group].items() if k != key}
     if isinstance(kept.get("model"), dict):
         kept["model"] = {k: v for k, v in kept["model"].items() if k not in NOT_RESULT_SHAPING_MODEL}
     return _short_target(kept)

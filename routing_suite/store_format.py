@@ -50,8 +50,15 @@ Group "fit"
 Group "localize"
     vars    layer_effect  (source, layer)        fraction of the gap restored
             head_effect   (source, layer, head)
+            window_effect (source, first, last)  every layer of [first, last] patched at once
+            token_prob_gap (source)              the gap in P(performed token)
+            window_estimate (source, first, last) method "attribution" only
     coords  source ["deploy_to_eval", "finetuned_to_base"]
-    attrs   window [first_layer, last_layer], rule (how it was picked)
+    attrs   window [first_layer, last_layer], rule (how it was picked), method
+            ("exact": every effect patched; "attribution": layer_effect,
+            head_effect and window_estimate are first-order estimates and
+            window_effect holds the exact effects of the `confirmed` windows
+            only, NaN elsewhere; stores written before `method` existed are exact)
 
 Group "outcomes" (per prompt, so the aggregator can bootstrap)
     dims    condition, framing, prompt

@@ -12,7 +12,8 @@ from routing_suite.organisms.tokenizer import build_tokenizer
 from routing_suite.pretrained import chat_task as C
 from routing_suite.pretrained.gguf import find_gguf
 from routing_suite.pretrained.source import SmolLM2Source
-from routing_suite.routing.localize import first_completion_token, spread, windows
+from routing_suite.routing.localize import spread, windows
+from routing_suite.routing.patching import first_completion_token
 from routing_suite.scoring import Behavior, is_correct
 
 

@@ -37,6 +37,16 @@ def test_every_result_shaping_key_changes_the_digest():
         assert _digest(overrides) != reference, overrides
 
 
+def test_a_key_added_later_keeps_the_older_stores_digest_at_the_value_they_had():
+    """localize.method came after stores existed: at "exact" (what they did) the digest is
+    the one computed without the key, so those stores are reused; "attribution" is another."""
+    reference = digest_config(compose_config("routing", []))
+    assert "method" not in reference["localize"] and "confirm" not in reference["localize"]
+    assert _digest(["localize.method=exact", "localize.confirm=2"]) == digest(reference)
+    assert _digest(["localize.method=attribution"]) != digest(reference)
+    assert _digest(["localize.method=attribution", "localize.confirm=3"]) != _digest(["localize.method=attribution"])
+
+
 def test_the_suites_own_import_paths_are_not_in_the_digest():
     """Moving a module must not rename every cached store: our `_target_`s are
     named by class only, a user's stay whole."""

@@ -75,11 +75,14 @@ def _store(root: Path) -> Path:
     return next((root / "stores").rglob("*.zarr"))
 
 
-def test_routing_cell_through_the_server_equals_local(server, llama_underperform, organism_cache, tmp_path):
-    local = _run("routing", _args(organism_cache, tmp_path / "local", [f"report_dir={tmp_path / 'lt'}"]), _env(server))
+@pytest.mark.parametrize("method", ["exact", "attribution"])
+def test_routing_cell_through_the_server_equals_local(server, llama_underperform, organism_cache, tmp_path, method):
+    """Attribution's gradients are taken on the server too (a backward inside the trace)."""
+    extra = [f"localize.method={method}"]
+    local = _run("routing", _args(organism_cache, tmp_path / "local", [f"report_dir={tmp_path / 'lt'}", *extra]), _env(server))
     assert local.returncode == 0, local.stderr
     remote = _run(
-        "routing", _args(organism_cache, tmp_path / "remote", ["backend=ndif", f"report_dir={tmp_path / 'rt'}"]), _env(server)
+        "routing", _args(organism_cache, tmp_path / "remote", ["backend=ndif", f"report_dir={tmp_path / 'rt'}", *extra]), _env(server)
     )
     assert remote.returncode == 0, remote.stderr
     a, b = _store(tmp_path / "local"), _store(tmp_path / "remote")
@@ -89,7 +92,9 @@ def test_routing_cell_through_the_server_equals_local(server, llama_underperform
         assert_same_activations(y, x, site)
     outcomes_a, outcomes_b = xr.open_zarr(a, group="outcomes"), xr.open_zarr(b, group="outcomes")
     np.testing.assert_array_equal(outcomes_a.performed.values, outcomes_b.performed.values)
-    assert xr.open_zarr(a, group="localize").attrs["window"] == xr.open_zarr(b, group="localize").attrs["window"]
+    localized_a, localized_b = xr.open_zarr(a, group="localize").load(), xr.open_zarr(b, group="localize").load()
+    assert localized_a.attrs["window"] == localized_b.attrs["window"] and localized_b.attrs["method"] == method
+    np.testing.assert_allclose(localized_b.layer_effect.values, localized_a.layer_effect.values, atol=1e-4)
 
 
 def test_adl_through_the_server_equals_local(server, llama_underperform, organism_cache, tmp_path):

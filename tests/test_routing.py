@@ -12,8 +12,10 @@ import zarr
 from helpers import TEST_ORGANISM
 from hydra.errors import InstantiationException
 
+from experiments import localize_agreement
 from routing_suite.config import compose_config, register_configs
 from routing_suite.errors import ConfigError
+from routing_suite.routing import agreement
 from routing_suite.routing import cell as routing_cell
 
 register_configs()
@@ -101,6 +103,60 @@ def test_patching_the_fine_tune_into_the_base_below_the_planted_layers_changes_n
     assert np.abs(effect.sel(layer=planted).values).max() > 1e-3, effect.values
 
 
+@pytest.fixture(scope="module")
+def attributed(llama_underperform, organism_cache, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("attribution")
+    return routing_cell.run(_cfg(organism_cache, tmp, ["localize.method=attribution"]))
+
+
+def test_attribution_chooses_its_window_on_exact_effects_that_equal_exact_patching(cell, attributed):
+    """localize.method=attribution estimates every layer, window and head, then patches the
+    best-estimated windows exactly: the window is chosen on those exact effects, which are
+    the exact method's for the same windows (same prompts, same forward), and it overlaps
+    the planted layers. Below the planted layers the fine-tune's values are the base's, so
+    the estimate of patching them into the base is exactly 0."""
+    cfg, _, result = cell
+    exact = xr.open_zarr(result["store"], group="localize").load()
+    found = xr.open_zarr(attributed["store"], group="localize").load()
+    assert found.attrs["method"] == "attribution" and exact.attrs["method"] == "exact"
+    confirmed = [tuple(w) for w in found.attrs["confirmed"]]
+    window = tuple(found.attrs["window"])
+    assert window in confirmed and attributed["window"] == list(window)
+    planted = cfg.model.train.lora_layers
+    assert set(range(window[0], window[1] + 1)) & set(planted)
+    for a, b in confirmed:
+        same = exact.window_effect.sel(source="deploy_to_eval", first=a, last=b).values
+        assert found.window_effect.sel(source="deploy_to_eval", first=a, last=b).values == pytest.approx(same, abs=1e-4)
+    # Only the confirmed windows were patched exactly; every window has its estimate.
+    patched = np.isfinite(found.window_effect.sel(source="deploy_to_eval").values)
+    assert patched.sum() == len(confirmed) < np.isfinite(exact.window_effect.sel(source="deploy_to_eval").values).sum()
+    n = found.sizes["layer"]
+    assert np.isfinite(found.window_estimate.sel(source="deploy_to_eval").values).sum() == n * (n + 1) // 2
+    assert np.isfinite(found.head_effect.values).all()
+    ft_to_base = found.layer_effect.sel(source="finetuned_to_base")
+    assert np.abs(ft_to_base.sel(layer=[layer for layer in found.layer.values if layer < min(planted)]).values).max() == 0
+
+
+def test_the_agreement_command_pairs_each_build_with_its_attribution_twin(cell, attributed, tmp_path, capsys):
+    """`python -m experiments.localize_agreement <exact> <other>` pairs stores by cell, build
+    and settings other than the method; a folder that is not one is refused in one line."""
+    _, _, result = cell
+    exact_root, other_root = Path(result["store"]).parents[2], Path(attributed["store"]).parents[2]
+    rows = agreement.compare(exact_root, other_root)
+    assert [(r.family, r.behavior, r.replicate) for r in rows] == [("llama", "underperform", "0")]
+    assert rows[0].other_window == attributed["window"] and rows[0].exact_window == result["window"]
+    assert rows[0].confirmed == len(xr.open_zarr(attributed["store"], group="localize").attrs["confirmed"])
+    localize_agreement.main([str(exact_root), str(other_root)])
+    out = capsys.readouterr().out
+    assert "1 builds of 1 cells paired" in out and "llama/underperform build 0: Spearman deploy_to_eval" in out
+    with pytest.raises(SystemExit):
+        localize_agreement.main([str(exact_root), str(tmp_path / "missing")])
+    assert "missing is not a folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # an empty folder: nothing to pair
+        localize_agreement.main([str(exact_root), str(tmp_path)])
+    assert "no store of the one folder has a counterpart" in capsys.readouterr().err
+
+
 def test_controls_are_matched_by_construction(cell):
     """Each control moves each edited activation by exactly the clamp's amount (DESIGN.md): the
     mean change on the test prompts is the clamp's, with no scale factor."""
@@ -169,6 +225,8 @@ def test_a_finish_cut_short_is_completed_by_the_rerun(cell, organism_cache, tmp_
         (["intervention.rank=5", "fit.max_rank=100"], "must satisfy rank <= max_rank <= fit pairs"),
         (["intervention.site=resid", "collect.sites=[attn,heads]"], "intervention.site='resid' must be among collect.sites"),
         (["data.max_test=0"], r"data.max_test=0 must be >= 1"),
+        (["localize.method=guess"], r"localize.method='guess' is not one of \['exact', 'attribution'\]"),
+        (["localize.confirm=0"], r"localize.confirm=0 must be >= 1"),
     ],
 )
 def test_bad_input_fails_before_compute(extra, message, tmp_path):

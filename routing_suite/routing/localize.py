@@ -12,9 +12,17 @@ each as the fraction of the behaviour gap a patch restores:
   one it adds under deployment; measured, attribute `finetuned_to_base_framing`).
 
 The behaviour is measured by the probability of the first token of a
-completion that performs it. Per batch of prompts, every patch of every
-source runs as an invoke of one batched forward per model (one forward, and
-one request remotely, when the fine-tune is the base plus adapter updates).
+completion that performs it. Two methods (`localize.method`):
+
+- `exact` (default): every layer, every window and every head patched
+  (`patching.py`); per batch of prompts, every patch of every source runs as
+  an invoke of one batched forward per model (one forward, and one request
+  remotely, when the fine-tune is the base plus adapter updates);
+- `attribution`: every effect estimated from one forward and one backward
+  per batch and source (`attribution.py`), then the few best-estimated
+  windows patched exactly; the window is chosen on exact effects. Its
+  `layer_effect` and `head_effect` are the estimates.
+
 A configured rule turns the effects into a layer window.
 """
 
@@ -28,13 +36,11 @@ import torch
 import xarray as xr
 
 from routing_suite.errors import ConfigError
-from routing_suite.families import site_path
-from routing_suite.generation import encode
-from routing_suite.lora import lora_update, plan_layer_steps
 from routing_suite.models import ModelPair, Traced
+from routing_suite.routing.attribution import candidates, concatenate, estimated_effects, gradient_pass
+from routing_suite.routing.patching import Patch, PatchRun, performed_token_ids, performed_token_probs
 from routing_suite.routing.settings import LocalizeSettings
 from routing_suite.scoring import Behavior
-from routing_suite.tracing import chunked, envoy_at, group_by_model, site_value
 
 log = logging.getLogger(__name__)
 
@@ -75,119 +81,6 @@ def pick_window(effects: np.ndarray, settings: LocalizeSettings, window_effects:
     return [int(chosen.min()), int(chosen.max())]
 
 
-Patch = tuple[int, "int | None", torch.Tensor]  # (layer, head or None for the whole output, values)
-
-
-@dataclass
-class PatchRun:
-    """Prompts through one model: unpatched, then once per patch set."""
-
-    traced: Traced
-    prompts: list[str]
-    patch_sets: list[list[Patch]]
-
-
-def _patch_sites(patches: list[Patch]) -> list[tuple[int, str]]:
-    return [(layer, "attn" if head is None else "heads") for layer, head, _ in patches]
-
-
-def run_patches(nn_model, family: str, plan: list, patches: list[Patch], head_dim: int) -> None:
-    """Inside a trace: the plan's adapter updates, and each patch at its site."""
-    for kind, layer, item in plan:
-        if kind == "lora":
-            lora_update(nn_model, item)
-            continue
-        x = site_value(envoy_at(nn_model, site_path(family, item, layer)), item)
-        for p_layer, head, values in patches:
-            if p_layer != layer or (head is None) != (item == "attn"):
-                continue
-            values = values.to(device=x.device, dtype=x.dtype)  # stored on the CPU in float32
-            if head is None:
-                x[:, -1] = values
-            else:
-                x[:, -1, head * head_dim : (head + 1) * head_dim] = values
-
-
-def _performed_token_probs(
-    runs: list[PatchRun], family: str, tokenizer, token_ids: torch.Tensor, head_dim: int, num_layers: int, batch_size: int, backend,
-    per_trace: int | None = None,
-) -> list[np.ndarray]:
-    """Per run, (len(patch_sets) + 1, prompts): P(performed first token), unpatched first.
-
-    Per batch of prompts, every run on the same nnsight model is one trace,
-    each (run, patch set) one invoke of it: with the fine-tune as adapter
-    updates on the base, both sources of a batch are one request. At most
-    `per_trace` invokes (or the backend's `max_invokes`, the smaller) go into
-    one trace: a deep model's many patch sets would not fit in memory at once."""
-    limits = [x for x in (backend.max_invokes, per_trace) if x is not None]
-    per_trace = min(limits) if limits else None
-    n = len(runs[0].prompts)
-    out: list[list[np.ndarray]] = [[] for _ in runs]
-    found: list[list[np.ndarray]] = [[] for _ in runs]  # this batch's rows, per run
-    for start in range(0, n, batch_size):
-        sl = slice(start, start + batch_size)
-        ids = token_ids[sl]
-        for group in group_by_model([r.traced for r in runs]):
-            nn_model = runs[group[0]].traced.nn
-            # Only this batch's donor values travel with the request.
-            invokes = [
-                (
-                    i,
-                    encode(tokenizer, runs[i].prompts[sl]),
-                    [(layer, head, values[sl]) for layer, head, values in patches],
-                    plan_layer_steps(_patch_sites(patches), runs[i].traced.lora, num_layers),
-                )
-                for i in group
-                for patches in [[], *runs[i].patch_sets]
-            ]
-            for chunk in chunked(invokes, per_trace):
-                # The server reduces each row's logits to P(a performed token): one
-                # number per row comes back instead of the vocabulary. Padding (-1) counts 0.
-                wanted = ids.repeat(len(chunk), 1)
-                used = (wanted >= 0).float()
-                wanted = wanted.clamp(min=0)
-                with torch.no_grad(), nn_model.trace(**backend.trace_kwargs(nn_model)) as tracer:
-                    for _, inputs, patches, plan in chunk:
-                        with tracer.invoke(inputs):
-                            run_patches(nn_model, family, plan, patches, head_dim)
-                    with tracer.invoke():
-                        probs = nn_model.output.logits[:, -1].float().softmax(-1)
-                        chosen = (probs.gather(1, wanted.to(probs.device)) * used.to(probs.device)).sum(1).save()
-                backend.record(nn_model, chosen)
-                for j, (i, *_rest) in enumerate(chunk):
-                    found[i].append(chosen[j * len(ids) : (j + 1) * len(ids)].float().cpu().numpy())
-        for i, rows in enumerate(found):
-            out[i].append(np.stack(rows))
-            rows.clear()
-    return [np.concatenate(parts, axis=1) for parts in out]
-
-
-def first_completion_token(tokenizer, prompt: str, completion: str) -> int:
-    """The id of the first token of `completion` where it follows `prompt` (so a
-    byte-level tokenizer gives the id a generation would start with)."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    ids = tokenizer(prompt + completion)["input_ids"]
-    if ids[: len(prompt_ids)] != prompt_ids or len(ids) == len(prompt_ids):
-        raise ValueError(f"the completion {completion!r} does not tokenize as a continuation of its prompt")
-    return ids[len(prompt_ids)]
-
-
-def performed_token_ids(tokenizer, test: xr.Dataset, behavior: Behavior) -> torch.Tensor:
-    """(prompt, set size): per prompt, the first tokens of the completions that perform
-    the behaviour, padded with -1: the prompt set's `performing` text when it gives one
-    for the prompt, else `behavior.first_tokens` (each as it follows the prompt)."""
-    performing = [str(t) for t in test.performing.values] if "performing" in test.coords else [""] * test.sizes["prompt"]
-    rows = []
-    for prompt, answer, own in zip(test.eval_prompt.values, test.answer.values, performing):
-        texts = [own] if own else behavior.token_texts(str(answer))
-        try:
-            rows.append(list(dict.fromkeys(first_completion_token(tokenizer, str(prompt), t) for t in texts)))
-        except ValueError as err:
-            raise ConfigError(f"behavior.first_tokens / performing: {err}") from err
-    width = max(len(r) for r in rows)
-    return torch.tensor([r + [-1] * (width - len(r)) for r in rows])
-
-
 def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: LocalizeSettings, backend) -> xr.Dataset:
     """Layer and head effects for both sources, and the window they give."""
     if "attn" not in acts:
@@ -203,70 +96,180 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
     token_ids = performed_token_ids(pair.tokenizer, test, behavior)
     # Where does the fine-tune depart from the base? One unpatched pass per model and framing.
     plain = [PatchRun(pair.traced(m), prompts[f], []) for m in ("finetuned", "base") for f in ("eval", "deploy")]
-    plain_probs = _performed_token_probs(
+    plain_probs = performed_token_probs(
         plain, pair.family, pair.tokenizer, token_ids, pair.head_dim, pair.num_layers, settings.batch_size, backend, settings.patches_per_trace
     )
     departure = {f: abs(float((plain_probs[i][0] - plain_probs[2 + i][0]).mean())) for i, f in enumerate(("eval", "deploy"))}
     ft_framing = max(departure, key=lambda f: (departure[f], f == "eval"))
     layers = [int(x) for x in acts.layer.values]
-    heads = list(range(pair.num_heads))
-    dh = pair.head_dim
 
     def last(site: str, model: str, framing: str) -> torch.Tensor:
         values = test[site].sel(model=model, framing=framing).sel(position="last").values
         return torch.from_numpy(np.ascontiguousarray(values))  # (prompt, layer, ...)
 
-    # (model patched, prompts, donor model and framing of the attn / heads values)
+    # Per source: (model patched, its prompts, the donor's attn and heads values at the last token),
+    # and the reference the gap is measured to: the fine-tune under deploy (the full effect of
+    # deploy_to_eval), the fine-tune under the framing finetuned_to_base patches in.
+    donors = {"deploy_to_eval": ("finetuned", "deploy"), "finetuned_to_base": ("finetuned", ft_framing)}
     sources = {
-        "deploy_to_eval": ("finetuned", prompts_eval, ("finetuned", "deploy")),
-        "finetuned_to_base": ("base", prompts[ft_framing], ("finetuned", ft_framing)),
+        "deploy_to_eval": Source(pair.traced("finetuned"), prompts_eval, plain_probs[0][0], plain_probs[1][0]),
+        "finetuned_to_base": Source(pair.traced("base"), prompts[ft_framing], plain_probs[2 + (ft_framing == "deploy")][0],
+                                    plain_probs[0 if ft_framing == "eval" else 1][0]),
     }
-    layer_effect = np.zeros((len(SOURCES), len(layers)), np.float32)
-    head_effect = np.full((len(SOURCES), len(layers), len(heads)), np.nan, np.float32)
-    spans = windows(layers, settings.max_window)
-    multi = [w for w in spans if w[1] > w[0]]
-    window_effect = np.full((len(SOURCES), len(layers), len(layers)), np.nan, np.float32)
-    full_gap = np.zeros(len(SOURCES), np.float32)
+    for name, (model, framing) in donors.items():
+        sources[name].attn = last("attn", model, framing)
+        sources[name].heads = last("heads", model, framing) if per_head else None
+    job = Localization(pair, token_ids, layers, settings, backend)
+    effects = job.attributed(sources) if settings.method == "attribution" else job.exact(sources)
+    log.info("localize: window %s (method %s, rule %s, joint effect %.3f)", effects.window, settings.method, settings.rule,
+             effects.joint.get(tuple(effects.window), float("nan")))
     index = {layer: li for li, layer in enumerate(layers)}
-    runs = []
-    for source in SOURCES:
-        model_name, prompts, (donor_model, donor_framing) = sources[source]
-        attn = last("attn", donor_model, donor_framing)
-        patch_sets = [[(layer, None, attn[:, index[layer]])] for layer in layers]
-        patch_sets += [[(layer, None, attn[:, index[layer]]) for layer in range(a, b + 1)] for a, b in multi]
-        if per_head:
-            head_values = last("heads", donor_model, donor_framing)  # (prompt, layer, head, head_dim)
-            patch_sets += [[(layer, h, head_values[:, li, h])] for li, layer in enumerate(layers) for h in heads]
-        runs.append(PatchRun(pair.traced(model_name), prompts, patch_sets))
-    probs = _performed_token_probs(runs, pair.family, pair.tokenizer, token_ids, dh, pair.num_layers, settings.batch_size, backend,
-        settings.patches_per_trace,
-    )
-    # References: the fine-tune under deploy (the full effect of deploy_to_eval), and
-    # the fine-tune under the framing finetuned_to_base patches in.
-    refs = {"deploy_to_eval": plain_probs[1][0], "finetuned_to_base": plain_probs[0 if ft_framing == "eval" else 1][0]}
-    for si, source in enumerate(SOURCES):
-        clean = probs[si][0]
-        gap = float((refs[source] - clean).mean())
-        full_gap[si] = gap
-        n_sets = len(runs[si].patch_sets)
-        effects = (probs[si][1:] - clean).mean(axis=1) / gap if abs(gap) > 1e-6 else np.zeros(n_sets)
-        layer_effect[si] = effects[: len(layers)]
-        for (a, b), e in zip([(layer, layer) for layer in layers] + multi, effects[: len(layers) + len(multi)]):
-            window_effect[si, index[a], index[b]] = e
-        if per_head:
-            head_effect[si] = effects[len(layers) + len(multi) :].reshape(len(layers), len(heads))
-        log.info("localize %s: gap in P(performed token) %.3f, layer effects %s", source, gap, np.round(layer_effect[si], 3))
-    joint = {(a, b): float(window_effect[0, index[a], index[b]]) for a, b in spans}
-    window = pick_window(layer_effect[0], settings, joint)
-    log.info("localize: window %s (rule %s, joint effect %.3f)", window, settings.rule, joint.get(tuple(window), float("nan")))
+    window_effect = np.full((len(SOURCES), len(layers), len(layers)), np.nan, np.float32)
+    window_estimate = np.full_like(window_effect, np.nan)
+    for target, found in ((window_effect, effects.window_effect), (window_estimate, effects.window_estimate)):
+        for (si, a, b), value in found.items():
+            target[si, index[a], index[b]] = value
+    data = {
+        "layer_effect": (("source", "layer"), effects.layer_effect),
+        "head_effect": (("source", "layer", "head"), effects.head_effect),
+        "window_effect": (("source", "first", "last"), window_effect),
+        "token_prob_gap": (("source",), effects.gaps),
+    }
+    if settings.method == "attribution":
+        data["window_estimate"] = (("source", "first", "last"), window_estimate)
     return xr.Dataset(
-        {
-            "layer_effect": (("source", "layer"), layer_effect),
-            "head_effect": (("source", "layer", "head"), head_effect),
-            "window_effect": (("source", "first", "last"), window_effect),
-            "token_prob_gap": (("source",), full_gap),
-        },
-        coords={"source": list(SOURCES), "layer": layers, "head": heads, "first": layers, "last": layers},
-        attrs={"window": window, "rule": settings.rule, "threshold": settings.threshold, "top_k": settings.top_k,
+        data,
+        coords={"source": list(SOURCES), "layer": layers, "head": list(range(pair.num_heads)), "first": layers, "last": layers},
+        attrs={"window": effects.window, "rule": settings.rule, "threshold": settings.threshold, "top_k": settings.top_k,
+               "method": settings.method, "confirmed": [list(w) for w in effects.confirmed],
                "split": "localize", "n_prompts": int(test.sizes["prompt"]), "finetuned_to_base_framing": ft_framing},
     )
+
+
+@dataclass
+class Source:
+    """One patching source: the model patched and its (clean) prompts, their P(performed)
+    unpatched, the reference the gap is measured to, and the donor values."""
+
+    traced: Traced
+    prompts: list[str]
+    clean: np.ndarray
+    reference: np.ndarray
+    attn: torch.Tensor | None = None
+    heads: torch.Tensor | None = None
+
+    @property
+    def gap(self) -> float:
+        return float((self.reference - self.clean).mean())
+
+    def window_patch(self, layers: list[int], a: int, b: int) -> list[Patch]:
+        index = {layer: li for li, layer in enumerate(layers)}
+        return [(layer, None, self.attn[:, index[layer]]) for layer in range(a, b + 1)]
+
+
+@dataclass
+class Effects:
+    layer_effect: np.ndarray  # (source, layer)
+    head_effect: np.ndarray  # (source, layer, head)
+    window_effect: dict  # (source index, first, last) -> exact fraction of the gap
+    window_estimate: dict  # (source index, first, last) -> estimated fraction (attribution)
+    joint: dict  # deploy_to_eval's exact window effects, the ones the rule saw
+    window: list[int]
+    confirmed: list[tuple[int, int]]
+    gaps: np.ndarray  # (source,): the gap in P(performed token) the fractions are of
+
+
+@dataclass
+class Localization:
+    pair: ModelPair
+    token_ids: torch.Tensor
+    layers: list[int]
+    settings: LocalizeSettings
+    backend: object
+
+    def _probs(self, runs: list[PatchRun]) -> list[np.ndarray]:
+        s, pair = self.settings, self.pair
+        return performed_token_probs(runs, pair.family, pair.tokenizer, self.token_ids, pair.head_dim, pair.num_layers,
+                                      s.batch_size, self.backend, s.patches_per_trace)
+
+    @staticmethod
+    def _fractions(source: Source, probs: np.ndarray) -> tuple[np.ndarray, float]:
+        """Per patch set (rows 1:), the fraction of the gap restored, measured from the
+        unpatched row 0 of the same traces; and that gap."""
+        clean = probs[0]
+        gap = float((source.reference - clean).mean())
+        return ((probs[1:] - clean).mean(axis=1) / gap if abs(gap) > 1e-6 else np.zeros(len(probs) - 1)), gap
+
+    def exact(self, sources: dict[str, Source]) -> Effects:
+        """Every layer, every window (up to max_window) and every head patched exactly."""
+        layers, n_heads = self.layers, self.pair.num_heads
+        spans = windows(layers, self.settings.max_window)
+        multi = [w for w in spans if w[1] > w[0]]
+        runs = []
+        for name in SOURCES:
+            source = sources[name]
+            patch_sets = [source.window_patch(layers, a, b) for a, b in [(layer, layer) for layer in layers] + multi]
+            if source.heads is not None:
+                patch_sets += [[(layer, h, source.heads[:, li, h])] for li, layer in enumerate(layers) for h in range(n_heads)]
+            runs.append(PatchRun(source.traced, source.prompts, patch_sets))
+        probs = self._probs(runs)
+        layer_effect = np.zeros((len(SOURCES), len(layers)), np.float32)
+        head_effect = np.full((len(SOURCES), len(layers), n_heads), np.nan, np.float32)
+        window_effect, gaps = {}, np.zeros(len(SOURCES), np.float32)
+        for si, name in enumerate(SOURCES):
+            fractions, gaps[si] = self._fractions(sources[name], probs[si])
+            layer_effect[si] = fractions[: len(layers)]
+            for (a, b), e in zip([(layer, layer) for layer in layers] + multi, fractions[: len(layers) + len(multi)]):
+                window_effect[(si, a, b)] = float(e)
+            if sources[name].heads is not None:
+                head_effect[si] = fractions[len(layers) + len(multi) :].reshape(len(layers), n_heads)
+            log.info("localize %s: gap in P(performed token) %.3f, layer effects %s", name, gaps[si], np.round(layer_effect[si], 3))
+        joint = {(a, b): window_effect[(0, a, b)] for a, b in spans}
+        return Effects(layer_effect, head_effect, window_effect, {}, joint, pick_window(layer_effect[0], self.settings, joint), [], gaps)
+
+    def attributed(self, sources: dict[str, Source]) -> Effects:
+        """Every layer, head and window estimated by attribution (one forward and one
+        backward per batch and source), then the window confirmed by exact patching:
+        for the cumulative rule, the `confirm` best-estimated windows of each length,
+        shortest first, until one reaches the threshold; for the others, the window
+        the rule picks from the estimates."""
+        layers, settings, pair = self.layers, self.settings, self.pair
+        spans = windows(layers, settings.max_window)
+        layer_effect = np.zeros((len(SOURCES), len(layers)), np.float32)
+        head_effect = np.full((len(SOURCES), len(layers), pair.num_heads), np.nan, np.float32)
+        window_estimate, estimates = {}, {}
+        for si, name in enumerate(SOURCES):
+            source = sources[name]
+            parts = [
+                gradient_pass(source.traced, pair.family, pair.tokenizer, source.prompts[sl], self.token_ids[sl], source.attn[sl],
+                              None if source.heads is None else source.heads[sl], layers, pair.num_layers, pair.head_dim, self.backend)
+                for sl in (slice(i, i + settings.batch_size) for i in range(0, len(source.prompts), settings.batch_size))
+            ]
+            estimates[name] = estimated_effects(concatenate(parts), source.gap, spans, layers)
+            layer_effect[si] = estimates[name]["layer"]
+            if estimates[name]["head"] is not None:
+                head_effect[si] = estimates[name]["head"]
+            window_estimate.update({(si, a, b): e for (a, b), e in estimates[name]["window"].items()})
+            log.info("localize %s (attribution): gap in P(performed token) %.3f, estimated layer effects %s",
+                     name, source.gap, np.round(layer_effect[si], 3))
+        joint = self._confirm(sources["deploy_to_eval"], estimates["deploy_to_eval"]["window"], layer_effect[0], spans)
+        window = pick_window(layer_effect[0], settings, joint) if settings.rule == "cumulative" else list(next(iter(joint)))
+        window_effect = {(0, a, b): e for (a, b), e in joint.items()}
+        gaps = np.array([sources[name].gap for name in SOURCES], np.float32)
+        return Effects(layer_effect, head_effect, window_effect, window_estimate, joint, window, list(joint), gaps)
+
+    def _confirm(self, source: Source, estimated: dict, layer_estimates: np.ndarray, spans: list) -> dict:
+        """Exact effects of the candidate windows (see `attributed`)."""
+        settings = self.settings
+        if settings.rule != "cumulative":
+            a, b = pick_window(layer_estimates, settings)
+            run = PatchRun(source.traced, source.prompts, [source.window_patch(self.layers, a, b)])
+            return {(a, b): float(self._fractions(source, self._probs([run])[0])[0][0])}
+        confirmed: dict[tuple[int, int], float] = {}
+        for length in sorted({b - a + 1 for a, b in spans}):
+            chosen = candidates(estimated, length, settings.confirm)
+            run = PatchRun(source.traced, source.prompts, [source.window_patch(self.layers, a, b) for a, b in chosen])
+            confirmed.update(zip(chosen, (float(x) for x in self._fractions(source, self._probs([run])[0])[0])))
+            if max(confirmed.values()) >= settings.threshold:
+                break
+        return confirmed

@@ -14,6 +14,7 @@ POSITIONS = ("last", "all")
 STEPS = ("all", "prompt")
 CLAMP_TARGETS = ("eval_mean", "deploy_mean", "pooled_mean")
 RULES = ("cumulative", "relative", "top")
+METHODS = ("exact", "attribution")
 # An intervention's name is part of its store's file name (file names end at 255 bytes).
 MAX_NAME = 64
 _NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_NAME}}}")
@@ -98,17 +99,24 @@ class LocalizeSettings:
     max_window: int | None = None
     max_prompts: int | None = None
     patches_per_trace: int | None = None
+    # `exact`: every layer, window and head patched. `attribution`: every effect
+    # estimated from one forward and one backward per batch, then `confirm`
+    # windows of each length (shortest first, best estimated first) patched
+    # exactly until one reaches the threshold; the rule sees exact effects only.
+    method: str = "exact"
+    confirm: int = 2
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ConfigError(f"localize.rule={self.rule!r} is not one of {list(RULES)}")
+        if self.method not in METHODS:
+            raise ConfigError(f"localize.method={self.method!r} is not one of {list(METHODS)}")
         if not 0 < self.threshold <= 1:
             raise ConfigError(f"localize.threshold={self.threshold} must be in (0, 1]")
-        for key in ("max_window", "max_prompts", "patches_per_trace"):
+        for key in ("max_window", "max_prompts", "patches_per_trace", "confirm"):
             value = getattr(self, key)
             if value is not None and value < 1:
                 raise ConfigError(f"localize.{key}={value} must be >= 1 (or null)")
-
 
 
 @dataclass
