@@ -7,7 +7,8 @@ same work, measured in the same process on the same model and prompts.
 - overlap: `collect` vs the same nnsight traces with nothing written;
 - memory: peak RSS of a collect over N and over 8N prompts, each in a fresh
   process;
-- interventions and remote: see `routing_suite.bench_conditions`.
+- interventions and remote: see `routing_suite.bench_conditions`;
+- localize: exact patching vs attribution, see `routing_suite.bench_localize`.
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from routing_suite import bench_conditions as bc
 from routing_suite import store_format
 from routing_suite.backends import LocalBackend
+from routing_suite.bench_conditions import routing_cfg
+from routing_suite.bench_localize import localize_figures
+from routing_suite.config import compose_config
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
 from routing_suite.models import ModelPair
@@ -150,7 +155,7 @@ def _pair_and_items(cfg) -> tuple[ModelPair, list[LabeledPair], str]:
     if cfg.pair != "smollm2":
         raise ConfigError(f"pair={cfg.pair!r} is not one of ['organism', 'smollm2']")
     if cfg.memory or cfg.interventions or cfg.remote:
-        raise ConfigError("pair=smollm2 measures collection only: set memory=false interventions=false remote=false")
+        raise ConfigError("pair=smollm2 measures collection and localize only: set memory=false interventions=false remote=false")
     from routing_suite.pretrained.source import SmolLM2Source
 
     source = SmolLM2Source(cache_dir=cfg.pretrained_cache_dir)
@@ -204,17 +209,29 @@ def run(cfg) -> dict:
         figures.update({"peak_rss_mb_N": round(small, 1), "peak_rss_mb_8N": round(large, 1), "memory_ratio": round(large / small, 3),
                         "memory_N": cfg.memory_prompts})
     if cfg.interventions or cfg.remote:
-        from routing_suite import bench_conditions as bc
-
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             if cfg.interventions:
-                conditions, prompts, max_new = bc.cell_conditions(bc.routing_cfg(cfg.family, cfg.cache_dir, root, cfg.interventions_pairs))
+                conditions, prompts, max_new = bc.cell_conditions(routing_cfg(cfg.family, cfg.cache_dir, root, cfg.interventions_pairs))
                 figures.update(bc.intervention_figures(pair, conditions, prompts, max_new, cfg.repeats))
             if cfg.remote:
                 figures.update(bc.remote_figures(cfg.family, cfg.cache_dir, root / "remote", cfg.interventions_pairs))
         torch.set_num_threads(cfg.num_threads)  # a routing cell sets its own
+    if cfg.localize:
+        with tempfile.TemporaryDirectory() as tmp:
+            figures.update(localize_figures(_localize_cfg(cfg, Path(tmp)), cfg.repeats))
     return figures
+
+
+def _localize_cfg(cfg, root: Path):
+    """The routing config whose localize stage is benchmarked, with the bench's bounds."""
+    bounds = [f"localize.per_head={str(cfg.localize_per_head).lower()}",
+              f"localize.max_window={'null' if cfg.localize_max_window is None else cfg.localize_max_window}",
+              f"localize.max_prompts={'null' if cfg.localize_max_prompts is None else cfg.localize_max_prompts}"]
+    if cfg.pair == "smollm2":
+        return compose_config("routing", ["experiment=smollm2", f"model.cache_dir={cfg.pretrained_cache_dir}",
+                                          f"store.root={root / 'stores'}", "progress=false", *bounds])
+    return routing_cfg(cfg.family, cfg.cache_dir, root, 16, bounds)
 
 
 def write(figures: dict, out: Path) -> Path:

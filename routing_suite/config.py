@@ -182,6 +182,14 @@ class BenchConfig:
     interventions_pairs: int = 16
     # Requests and bytes of one routing cell through the simulated remote path.
     remote: bool = True
+    # The localize stage by exact patching and by attribution on the same activations
+    # (the benchmark's routing cell: the organism's, or experiment=smollm2's for the
+    # real model), with these bounds; and the exact method's plain-forward floor.
+    # Attribution always estimates every head; exact patches heads when asked.
+    localize: bool = True
+    localize_per_head: bool = False
+    localize_max_window: int | None = 3
+    localize_max_prompts: int | None = None
     num_threads: int = 2
 
 
