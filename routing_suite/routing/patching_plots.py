@@ -28,7 +28,7 @@ from routing_suite.figures import (
     panel_figure,
     title,
 )
-from routing_suite.routing.plots import pooled_note, pooled_title, why_empty
+from routing_suite.routing.plots import estimated_note, pooled_note, pooled_title, why_empty
 
 SOURCE_LABELS = {"deploy_to_eval": "deploy → eval", "finetuned_to_base": "fine-tune → base"}
 PLANTED_COLOR = "#2ca02c"
@@ -121,7 +121,7 @@ def patching_figure(data: dict[Cell, xr.Dataset], grid: list[Cell], used: set[Ce
         fig.colorbar(image, ax=[ax for row in axes for ax in row], label=GAP_LABEL, shrink=0.9, aspect=30)
     legend(fig, _legend_handles(any_planted))
     title(fig, "Path patching per layer: the fraction of the eval/deploy gap patching one layer's attention output "
-               "restores" + pooled_title(data.values()))
+               "restores" + pooled_title(data.values()) + estimated_note(data.values()))
     return fig
 
 
@@ -171,5 +171,5 @@ def head_figure(data: dict[Cell, xr.Dataset], grid: list[Cell], used: set[Cell],
     legend(fig, _legend_handles(any_planted))
     label = SOURCE_LABELS.get(source, source)
     title(fig, f"Path patching per attention head, patching {label}: the fraction of the gap each head restores"
-               + pooled_title(picked.values()))
+               + pooled_title(picked.values()) + estimated_note(picked.values()))
     return fig

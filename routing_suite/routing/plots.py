@@ -78,12 +78,23 @@ def pool_builds(builds: Sequence[xr.Dataset], variables: Sequence[str]) -> xr.Da
     out.attrs["n_variants"] = len({ds.attrs.get("variant", "") for ds in builds})
     out.attrs["windows"] = [[int(w) for w in ds.attrs["window"]] for ds in builds if len(ds.attrs.get("window") or ()) == 2]
     out.attrs["planted"] = sorted({int(v) for ds in builds for v in ds.attrs.get("planted") or ()})
+    # How a localize group's effects were found (stores from before `method` existed: exact).
+    out.attrs["methods"] = sorted({ds.attrs.get("method", "exact") for ds in builds if "window" in ds.attrs})
     return out
 
 
 def pooled_note(ds: xr.Dataset | None) -> str:
     """A panel title's note on what `pool_builds` pooled."""
     return "" if ds is None else builds_note(ds.attrs.get("n_builds", 1), ds.attrs.get("n_variants", 1))
+
+
+def estimated_note(data) -> str:
+    """A patching figure title's note when some of its effects are attribution estimates."""
+    methods = [set(ds.attrs.get("methods") or ()) for ds in data]
+    if not any("attribution" in m for m in methods):
+        return ""
+    every = all(m == {"attribution"} for m in methods)
+    return "; first-order estimates (localize.method=attribution)" + ("" if every else " in some builds")
 
 
 def pooled_title(data) -> str:
