@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from scipy.stats import spearmanr
 
 from routing_suite import runs
 from routing_suite.backends import LocalBackend
@@ -25,7 +26,7 @@ from routing_suite.families import site_path
 from routing_suite.generation import encode
 from routing_suite.models import ModelPair
 from routing_suite.routing.collect import collect, prompt_items, site_request
-from routing_suite.routing.localize import localize, spread, windows
+from routing_suite.routing.localize import SOURCES, localize, spread, windows
 from routing_suite.routing.settings import LocalizeSettings
 from routing_suite.store import RunStore
 from routing_suite.store_settings import StoreSettings
@@ -114,4 +115,7 @@ def localize_figures(cfg, repeats: int) -> dict:
         "localize_exact_window": str(list(found["exact"].attrs["window"])),
         "localize_attribution_window": str(list(found["attribution"].attrs["window"])),
         "localize_attribution_confirmed": len(found["attribution"].attrs["confirmed"]),
+        **{f"localize_spearman_{source}": round(float(spearmanr(*(found[m].layer_effect.sel(source=source).values
+                                                                 for m in ("exact", "attribution"))).statistic), 3)
+           for source in SOURCES},
     }

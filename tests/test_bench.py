@@ -6,6 +6,7 @@ import torch
 from helpers import TEST_ORGANISM
 
 from routing_suite import bench_conditions as bc
+from routing_suite.bench_localize import localize_figures
 from routing_suite.config import register_configs
 from routing_suite.interventions import Condition, SubspaceEdit
 from routing_suite.organisms import task as T
@@ -50,3 +51,22 @@ def test_the_benchmarks_cell_gives_its_conditions_and_test_prompts(llama_underpe
     conditions, prompts, max_new = bc.cell_conditions(cfg)
     assert [c.kind for c in conditions][:2] == ["baseline", "intervention"] and "control" in {c.kind for c in conditions}
     assert len(prompts) == 2 * 8 and len(set(prompts)) == len(prompts) and max_new == int(cfg.behavior.max_new_tokens)
+
+
+def test_the_localize_benchmark_times_both_methods_and_the_floor_on_the_same_activations(llama_underperform, organism_cache, tmp_path):
+    """`make bench`'s localize figures: exact patching (every window up to max_window, no heads)
+    and attribution (every layer and head) on one collect of the localize split, and the
+    exact method's plain-forward floor over the same patch sets."""
+    small = [*TEST_ORGANISM, "localize.per_head=false", "localize.max_prompts=8", "localize.max_window=2"]
+    figures = localize_figures(bc.routing_cfg("llama", organism_cache, tmp_path, 8, small), repeats=1)
+    layers = figures["localize_layers"]
+    assert layers == 6 and figures["localize_prompts"] == 8 and figures["localize_heads"] == llama_underperform.num_heads
+    assert figures["localize_exact_patch_sets_per_source"] == layers + (layers - 1)  # single layers and pairs
+    assert figures["localize_exact_per_head"] is False
+    for key in ("exact", "attribution", "exact_floor"):
+        assert figures[f"localize_{key}_seconds"] > 0
+    assert figures["localize_speedup"] == round(figures["localize_exact_seconds"] / figures["localize_attribution_seconds"], 2)
+    assert 1 <= figures["localize_attribution_confirmed"] <= 2 * 2  # confirm=2 windows of each length up to 2
+    assert figures["localize_exact_window"].startswith("[") and figures["localize_attribution_window"].startswith("[")
+    rho = figures["localize_spearman_deploy_to_eval"]
+    assert rho != rho or -1 <= rho <= 1  # NaN only when one method's effects are all equal
