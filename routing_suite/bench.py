@@ -154,8 +154,8 @@ def _pair_and_items(cfg) -> tuple[ModelPair, list[LabeledPair], str]:
         return pair, _items(T.make_task(source.spec.task), cfg.n_prompts), f"{cfg.family} organism"
     if cfg.pair != "smollm2":
         raise ConfigError(f"pair={cfg.pair!r} is not one of ['organism', 'smollm2']")
-    if cfg.memory or cfg.interventions or cfg.remote:
-        raise ConfigError("pair=smollm2 measures collection and localize only: set memory=false interventions=false remote=false")
+    if cfg.memory or cfg.remote:
+        raise ConfigError("pair=smollm2 measures collection, localize and interventions: set memory=false remote=false")
     from routing_suite.pretrained.source import SmolLM2Source
 
     source = SmolLM2Source(cache_dir=cfg.pretrained_cache_dir)
@@ -212,7 +212,8 @@ def run(cfg) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
             if cfg.interventions:
-                conditions, prompts, max_new = bc.cell_conditions(routing_cfg(cfg.family, cfg.cache_dir, root, cfg.interventions_pairs))
+                cell_root = Path(cfg.cell_store_root) if cfg.cell_store_root else root
+                conditions, prompts, max_new = bc.cell_conditions(_cell_cfg(cfg, cell_root), cfg.interventions_pairs)
                 figures.update(bc.intervention_figures(pair, conditions, prompts, max_new, cfg.repeats))
             if cfg.remote:
                 figures.update(bc.remote_figures(cfg.family, cfg.cache_dir, root / "remote", cfg.interventions_pairs))
@@ -221,6 +222,15 @@ def run(cfg) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             figures.update(localize_figures(_localize_cfg(cfg, Path(tmp)), cfg.repeats))
     return figures
+
+
+def _cell_cfg(cfg, root: Path):
+    """The routing cell the intervention conditions come from: the organism's small one, or
+    SmolLM2's (experiment=smollm2), with `cell_overrides`; its store under `root` (reused)."""
+    if cfg.pair == "smollm2":
+        return compose_config("routing", ["experiment=smollm2", f"model.cache_dir={cfg.pretrained_cache_dir}", f"store.root={root / 'stores'}",
+                                          f"report_dir={root / 'table'}", "progress=false", *cfg.cell_overrides])
+    return routing_cfg(cfg.family, cfg.cache_dir, root, cfg.interventions_pairs, list(cfg.cell_overrides))
 
 
 def _localize_cfg(cfg, root: Path):

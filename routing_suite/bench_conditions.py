@@ -53,8 +53,9 @@ def routing_cfg(family: str, cache_dir: str, root: Path, n_test: int, extra: lis
     )
 
 
-def cell_conditions(cfg) -> tuple[list[Condition], list[str], int]:
-    """Run (or reuse) the cell; its conditions, held-out eval+deploy prompts, and max_new_tokens."""
+def cell_conditions(cfg, n_pairs: int | None = None) -> tuple[list[Condition], list[str], int]:
+    """Run (or reuse) the cell; its conditions, held-out eval+deploy prompts (the first
+    `n_pairs` test pairs, all when None), and max_new_tokens."""
     result = cell.run(cfg)
     store = result["store"]
     acts = xr.open_zarr(store, group="activations").load()
@@ -63,7 +64,7 @@ def cell_conditions(cfg) -> tuple[list[Condition], list[str], int]:
     controls = {key: instantiate(value) for key, value in cfg.control.items()}
     check_controls(controls)
     conditions = build_conditions(spec, controls, fit, acts, result["window"], int(cfg.seed))
-    test = acts.sel(prompt=acts.split.values == "test")
+    test = acts.sel(prompt=acts.split.values == "test").isel(prompt=slice(0, n_pairs))
     prompts = [str(p) for p in test.eval_prompt.values] + [str(p) for p in test.deploy_prompt.values]
     return conditions, prompts, int(cfg.behavior.max_new_tokens)
 

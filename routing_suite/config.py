@@ -177,9 +177,13 @@ class BenchConfig:
     memory: bool = True
     # Peak RSS is compared between collects of N and 8N prompt pairs.
     memory_prompts: int = 88
-    # The routing stage's conditions on held-out pairs (eval + deploy prompts each).
+    # The routing stage's conditions on held-out pairs (eval + deploy prompts each), from a
+    # routing cell run first (the organism's small cell, or experiment=smollm2's with
+    # `cell_overrides`); `cell_store_root`: keep and reuse that cell's store there.
     interventions: bool = True
     interventions_pairs: int = 16
+    cell_store_root: str | None = None
+    cell_overrides: list[str] = field(default_factory=list)
     # Requests and bytes of one routing cell through the simulated remote path.
     remote: bool = True
     # The localize stage by exact patching and by attribution on the same activations
