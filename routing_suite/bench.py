@@ -220,7 +220,9 @@ def run(cfg) -> dict:
         torch.set_num_threads(cfg.num_threads)  # a routing cell sets its own
     if cfg.localize:
         with tempfile.TemporaryDirectory() as tmp:
-            figures.update(localize_figures(_localize_cfg(cfg, Path(tmp)), cfg.repeats))
+            remote = ["backend=ndif", "backend.simulate=true", "backend.host=http://ndif.example.invalid"]
+            remote_cfg = _localize_cfg(cfg, Path(tmp) / "remote", remote) if cfg.localize_remote else None
+            figures.update(localize_figures(_localize_cfg(cfg, Path(tmp)), cfg.repeats, remote_cfg))
     return figures
 
 
@@ -233,11 +235,11 @@ def _cell_cfg(cfg, root: Path):
     return routing_cfg(cfg.family, cfg.cache_dir, root, cfg.interventions_pairs, list(cfg.cell_overrides))
 
 
-def _localize_cfg(cfg, root: Path):
+def _localize_cfg(cfg, root: Path, extra: list[str] = ()):
     """The routing config whose localize stage is benchmarked, with the bench's bounds."""
     bounds = [f"localize.per_head={str(cfg.localize_per_head).lower()}",
               f"localize.max_window={'null' if cfg.localize_max_window is None else cfg.localize_max_window}",
-              f"localize.max_prompts={'null' if cfg.localize_max_prompts is None else cfg.localize_max_prompts}"]
+              f"localize.max_prompts={'null' if cfg.localize_max_prompts is None else cfg.localize_max_prompts}", *extra]
     if cfg.pair == "smollm2":
         return compose_config("routing", ["experiment=smollm2", f"model.cache_dir={cfg.pretrained_cache_dir}",
                                           f"store.root={root / 'stores'}", "progress=false", *bounds])

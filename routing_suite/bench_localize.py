@@ -25,6 +25,7 @@ from routing_suite.backends import LocalBackend
 from routing_suite.families import site_path
 from routing_suite.generation import encode
 from routing_suite.models import ModelPair
+from routing_suite.remote import RequestStats
 from routing_suite.routing.collect import collect, prompt_items, site_request
 from routing_suite.routing.localize import SOURCES, localize, spread, windows
 from routing_suite.routing.settings import LocalizeSettings
@@ -79,7 +80,23 @@ def _writer(values: torch.Tensor):
     return hook
 
 
-def localize_figures(cfg, repeats: int) -> dict:
+def request_counts(remote_cfg, acts) -> dict:
+    """Requests and bytes sent back by localize with each method through the remote path
+    (`remote_cfg`: the same routing config with a remote backend, e.g. nnsight's in-process
+    serialization, `backend=ndif backend.simulate=true`), on the same activations."""
+    setup = runs.build_components(remote_cfg)
+    pair = runs.load_pair(setup)
+    exact = LocalizeSettings(**OmegaConf.to_container(remote_cfg.localize, resolve=True))
+    figures = {}
+    for name, settings in (("exact", replace(exact, method="exact")), ("attribution", replace(exact, method="attribution", per_head=True))):
+        setup.backend.stats = RequestStats()
+        localize(pair, acts, setup.behavior, settings, setup.backend)
+        figures[f"localize_remote_{name}_requests"] = setup.backend.stats.requests
+        figures[f"localize_remote_{name}_bytes_down"] = setup.backend.stats.bytes_down
+    return figures
+
+
+def localize_figures(cfg, repeats: int, remote_cfg=None) -> dict:
     """Seconds of localize with each method (best of `repeats`), their ratio, the
     windows they chose and the exact method's floor. Exact patching patches heads
     only with `localize.per_head`; attribution always estimates every head."""
@@ -92,6 +109,7 @@ def localize_figures(cfg, repeats: int) -> dict:
     backend = LocalBackend(batch_size=exact.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         acts = _activations(cfg, pair, setup, Path(tmp))
+    remote = request_counts(remote_cfg, acts) if remote_cfg is not None else {}
     best, found = {}, {}
     for _ in range(repeats):
         for name, settings in (("exact", exact), ("attribution", attribution)):
@@ -118,4 +136,5 @@ def localize_figures(cfg, repeats: int) -> dict:
         **{f"localize_spearman_{source}": round(float(spearmanr(*(found[m].layer_effect.sel(source=source).values
                                                                  for m in ("exact", "attribution"))).statistic), 3)
            for source in SOURCES},
+        **remote,
     }

@@ -194,6 +194,9 @@ class BenchConfig:
     localize_per_head: bool = False
     localize_max_window: int | None = 3
     localize_max_prompts: int | None = None
+    # Requests and bytes of each method's localize through nnsight's in-process remote
+    # serialization (backend=ndif backend.simulate=true: what a server would be sent).
+    localize_remote: bool = False
     num_threads: int = 2
 
 

@@ -58,7 +58,9 @@ def test_the_localize_benchmark_times_both_methods_and_the_floor_on_the_same_act
     and attribution (every layer and head) on one collect of the localize split, and the
     exact method's plain-forward floor over the same patch sets."""
     small = [*TEST_ORGANISM, "localize.per_head=false", "localize.max_prompts=8", "localize.max_window=2"]
-    figures = localize_figures(bc.routing_cfg("llama", organism_cache, tmp_path, 8, small), repeats=1)
+    remote = bc.routing_cfg("llama", organism_cache, tmp_path / "remote", 8,
+                            [*small, "backend=ndif", "backend.simulate=true", "backend.host=http://ndif.example.invalid"])
+    figures = localize_figures(bc.routing_cfg("llama", organism_cache, tmp_path, 8, small), repeats=1, remote_cfg=remote)
     layers = figures["localize_layers"]
     assert layers == 6 and figures["localize_prompts"] == 8 and figures["localize_heads"] == llama_underperform.num_heads
     assert figures["localize_exact_patch_sets_per_source"] == layers + (layers - 1)  # single layers and pairs
@@ -68,5 +70,9 @@ def test_the_localize_benchmark_times_both_methods_and_the_floor_on_the_same_act
     assert figures["localize_speedup"] == round(figures["localize_exact_seconds"] / figures["localize_attribution_seconds"], 2)
     assert 1 <= figures["localize_attribution_confirmed"] <= 2 * 2  # confirm=2 windows of each length up to 2
     assert figures["localize_exact_window"].startswith("[") and figures["localize_attribution_window"].startswith("[")
+    # Through the remote path: the plain passes and the patches, or the plain passes, one
+    # gradient pass per source and the confirmations; each sends something back.
+    for method in ("exact", "attribution"):
+        assert figures[f"localize_remote_{method}_requests"] >= 1 and figures[f"localize_remote_{method}_bytes_down"] > 0
     rho = figures["localize_spearman_deploy_to_eval"]
     assert rho != rho or -1 <= rho <= 1  # NaN only when one method's effects are all equal
