@@ -220,8 +220,7 @@ def run(cfg) -> dict:
         torch.set_num_threads(cfg.num_threads)  # a routing cell sets its own
     if cfg.localize:
         with tempfile.TemporaryDirectory() as tmp:
-            remote = ["backend=ndif", "backend.simulate=true", "backend.host=http://ndif.example.invalid"]
-            remote_cfg = _localize_cfg(cfg, Path(tmp) / "remote", remote) if cfg.localize_remote else None
+            remote_cfg = _localize_cfg(cfg, Path(tmp) / "remote", list(cfg.localize_remote_backend)) if cfg.localize_remote else None
             figures.update(localize_figures(_localize_cfg(cfg, Path(tmp)), cfg.repeats, remote_cfg))
     return figures
 

@@ -194,9 +194,13 @@ class BenchConfig:
     localize_per_head: bool = False
     localize_max_window: int | None = 3
     localize_max_prompts: int | None = None
-    # Requests and bytes of each method's localize through nnsight's in-process remote
-    # serialization (backend=ndif backend.simulate=true: what a server would be sent).
+    # Requests and bytes of each method's localize through the remote path given by
+    # `localize_remote_backend` (default: nnsight's in-process request serialization; a
+    # real server: ["backend=ndif"] with NDIF_HOST and NDIF_API_KEY set).
     localize_remote: bool = False
+    localize_remote_backend: list[str] = field(
+        default_factory=lambda: ["backend=ndif", "backend.simulate=true", "backend.host=http://ndif.example.invalid"]
+    )
     num_threads: int = 2
 
 
