@@ -114,7 +114,7 @@ def test_attribution_chooses_its_window_on_exact_effects_that_equal_exact_patchi
     best-estimated windows exactly: the window is chosen on those exact effects, which are
     the exact method's for the same windows (same prompts, same forward), and it overlaps
     the planted layers. Below the planted layers the fine-tune's values are the base's, so
-    the estimate of patching them into the base is exactly 0."""
+    the estimate of patching them into the base is 0 (to float rounding)."""
     cfg, _, result = cell
     exact = xr.open_zarr(result["store"], group="localize").load()
     found = xr.open_zarr(attributed["store"], group="localize").load()
@@ -134,7 +134,9 @@ def test_attribution_chooses_its_window_on_exact_effects_that_equal_exact_patchi
     assert np.isfinite(found.window_estimate.sel(source="deploy_to_eval").values).sum() == n * (n + 1) // 2
     assert np.isfinite(found.head_effect.values).all()
     ft_to_base = found.layer_effect.sel(source="finetuned_to_base")
-    assert np.abs(ft_to_base.sel(layer=[layer for layer in found.layer.values if layer < min(planted)]).values).max() == 0
+    # Below the planted layers donor and clean values are the same computation (batched
+    # differently: equal to float rounding), so the estimate is 0 to rounding.
+    assert np.abs(ft_to_base.sel(layer=[layer for layer in found.layer.values if layer < min(planted)]).values).max() <= 1e-5
 
 
 def test_the_agreement_command_pairs_each_build_with_its_attribution_twin(cell, attributed, tmp_path, capsys):
