@@ -225,12 +225,17 @@ def run(cfg) -> dict:
     return figures
 
 
+def _smollm2_cfg(cfg, root: Path, extra: list[str]):
+    """SmolLM2's routing cell (experiment=smollm2), its store and table under `root`."""
+    return compose_config("routing", ["experiment=smollm2", f"model.cache_dir={cfg.pretrained_cache_dir}", f"store.root={root / 'stores'}",
+                                      f"report_dir={root / 'table'}", "progress=false", *extra])
+
+
 def _cell_cfg(cfg, root: Path):
     """The routing cell the intervention conditions come from: the organism's small one, or
     SmolLM2's (experiment=smollm2), with `cell_overrides`; its store under `root` (reused)."""
     if cfg.pair == "smollm2":
-        return compose_config("routing", ["experiment=smollm2", f"model.cache_dir={cfg.pretrained_cache_dir}", f"store.root={root / 'stores'}",
-                                          f"report_dir={root / 'table'}", "progress=false", *cfg.cell_overrides])
+        return _smollm2_cfg(cfg, root, list(cfg.cell_overrides))
     return routing_cfg(cfg.family, cfg.cache_dir, root, cfg.interventions_pairs, list(cfg.cell_overrides))
 
 
@@ -240,8 +245,7 @@ def _localize_cfg(cfg, root: Path, extra: list[str] = ()):
               f"localize.max_window={'null' if cfg.localize_max_window is None else cfg.localize_max_window}",
               f"localize.max_prompts={'null' if cfg.localize_max_prompts is None else cfg.localize_max_prompts}", *extra]
     if cfg.pair == "smollm2":
-        return compose_config("routing", ["experiment=smollm2", f"model.cache_dir={cfg.pretrained_cache_dir}",
-                                          f"store.root={root / 'stores'}", "progress=false", *bounds])
+        return _smollm2_cfg(cfg, root, bounds)
     return routing_cfg(cfg.family, cfg.cache_dir, root, 16, bounds)
 
 

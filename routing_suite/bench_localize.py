@@ -27,7 +27,7 @@ from routing_suite.generation import encode
 from routing_suite.models import ModelPair
 from routing_suite.remote import RequestStats
 from routing_suite.routing.collect import collect, prompt_items, site_request
-from routing_suite.routing.localize import SOURCES, localize, spread, windows
+from routing_suite.routing.localize import SOURCES, localize, localize_prompts, windows
 from routing_suite.routing.settings import LocalizeSettings
 from routing_suite.store import RunStore
 from routing_suite.store_settings import StoreSettings
@@ -47,8 +47,7 @@ def exact_floor_seconds(pair: ModelPair, acts, settings: LocalizeSettings) -> tu
     exact method's deploy_to_eval source (and per head when it patches heads), each with
     a hook writing the deploy values at the last token; the same for the base. Seconds,
     and the number of patch sets per source."""
-    test = acts.sel(prompt=acts.split.values == "localize")
-    test = test.isel(prompt=spread(test.sizes["prompt"], settings.max_prompts))
+    test = localize_prompts(acts, settings)
     layers = [int(x) for x in acts.layer.values]
     spans = windows(layers, settings.max_window)
     heads = range(pair.num_heads) if settings.per_head else range(0)
@@ -80,15 +79,21 @@ def _writer(values: torch.Tensor):
     return hook
 
 
+def method_settings(cfg) -> dict[str, LocalizeSettings]:
+    """The config's localize settings as each method: exact patches heads only with
+    `localize.per_head`; attribution estimates every head at no extra pass, always."""
+    exact = replace(LocalizeSettings(**OmegaConf.to_container(cfg.localize, resolve=True)), method="exact")
+    return {"exact": exact, "attribution": replace(exact, method="attribution", per_head=True)}
+
+
 def request_counts(remote_cfg, acts) -> dict:
     """Requests and bytes sent back by localize with each method through the remote path
     (`remote_cfg`: the same routing config with a remote backend, e.g. nnsight's in-process
     serialization, `backend=ndif backend.simulate=true`), on the same activations."""
     setup = runs.build_components(remote_cfg)
     pair = runs.load_pair(setup)
-    exact = LocalizeSettings(**OmegaConf.to_container(remote_cfg.localize, resolve=True))
     figures = {}
-    for name, settings in (("exact", replace(exact, method="exact")), ("attribution", replace(exact, method="attribution", per_head=True))):
+    for name, settings in method_settings(remote_cfg).items():
         setup.backend.stats = RequestStats()
         localize(pair, acts, setup.behavior, settings, setup.backend)
         figures[f"localize_remote_{name}_requests"] = setup.backend.stats.requests
@@ -102,17 +107,15 @@ def localize_figures(cfg, repeats: int, remote_cfg=None) -> dict:
     only with `localize.per_head`; attribution always estimates every head."""
     setup = runs.build_components(cfg)
     pair = runs.load_pair(setup)
-    exact = LocalizeSettings(**OmegaConf.to_container(cfg.localize, resolve=True))
-    exact = replace(exact, method="exact")
-    # Attribution estimates every head at no extra pass: always on.
-    attribution = replace(exact, method="attribution", per_head=True)
+    methods = method_settings(cfg)
+    exact = methods["exact"]
     backend = LocalBackend(batch_size=exact.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         acts = _activations(cfg, pair, setup, Path(tmp))
     remote = request_counts(remote_cfg, acts) if remote_cfg is not None else {}
     best, found = {}, {}
     for _ in range(repeats):
-        for name, settings in (("exact", exact), ("attribution", attribution)):
+        for name, settings in methods.items():
             started = time.perf_counter()
             found[name] = localize(pair, acts, setup.behavior, settings, backend)
             best[name] = min(best.get(name, float("inf")), time.perf_counter() - started)

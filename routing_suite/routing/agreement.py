@@ -32,7 +32,7 @@ def _key(store: Path) -> tuple | None:
     attrs = zarr.open_group(str(store), mode="r").attrs
     if attrs.get("experiment", "routing") != "routing" or "localize" not in attrs.get("stages_done", []):
         return None
-    settings = json.loads(json.dumps(attrs["digest_config"]))
+    settings = dict(attrs["digest_config"])
     settings["localize"] = {k: v for k, v in settings.get("localize", {}).items() if k not in METHOD_KEYS}
     cell = attrs["cell"]
     return cell["family"], cell["behavior"], str(cell["replicate"]), json.dumps(settings, sort_keys=True)

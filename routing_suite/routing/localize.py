@@ -81,6 +81,12 @@ def pick_window(effects: np.ndarray, settings: LocalizeSettings, window_effects:
     return [int(chosen.min()), int(chosen.max())]
 
 
+def localize_prompts(acts: xr.Dataset, settings: LocalizeSettings) -> xr.Dataset:
+    """The prompts localize patches: the localize split, `max_prompts` of them evenly spread."""
+    found = acts.sel(prompt=acts.split.values == "localize")
+    return found.isel(prompt=spread(found.sizes["prompt"], settings.max_prompts))
+
+
 def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: LocalizeSettings, backend) -> xr.Dataset:
     """Layer and head effects for both sources, and the window they give."""
     if "attn" not in acts:
@@ -88,8 +94,7 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
     per_head = settings.per_head and "heads" in acts
     if "localize" not in set(str(s) for s in acts.split.values):
         raise ConfigError("the store has no localize split: localize chooses the window on prompts of its own")
-    test = acts.sel(prompt=acts.split.values == "localize")
-    test = test.isel(prompt=spread(test.sizes["prompt"], settings.max_prompts))
+    test = localize_prompts(acts, settings)
     prompts_eval = [str(p) for p in test.eval_prompt.values]
     prompts_deploy = [str(p) for p in test.deploy_prompt.values]
     prompts = {"eval": prompts_eval, "deploy": prompts_deploy}
@@ -107,22 +112,23 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
         values = test[site].sel(model=model, framing=framing).sel(position="last").values
         return torch.from_numpy(np.ascontiguousarray(values))  # (prompt, layer, ...)
 
-    # Per source: (model patched, its prompts, the donor's attn and heads values at the last token),
-    # and the reference the gap is measured to: the fine-tune under deploy (the full effect of
-    # deploy_to_eval), the fine-tune under the framing finetuned_to_base patches in.
-    donors = {"deploy_to_eval": ("finetuned", "deploy"), "finetuned_to_base": ("finetuned", ft_framing)}
+    def donor(site: str, framing: str) -> torch.Tensor | None:
+        return last(site, "finetuned", framing) if site == "attn" or per_head else None
+
+    # Per source: the model patched and its prompts, their P(performed) unpatched, the reference
+    # the gap is measured to (the fine-tune under deploy: the full effect of deploy_to_eval; the
+    # fine-tune under the framing finetuned_to_base patches in), and the fine-tune's values.
+    ft = {"eval": plain_probs[0][0], "deploy": plain_probs[1][0]}
     sources = {
-        "deploy_to_eval": Source(pair.traced("finetuned"), prompts_eval, plain_probs[0][0], plain_probs[1][0]),
+        "deploy_to_eval": Source(pair.traced("finetuned"), prompts_eval, ft["eval"], ft["deploy"],
+                                 donor("attn", "deploy"), donor("heads", "deploy")),
         "finetuned_to_base": Source(pair.traced("base"), prompts[ft_framing], plain_probs[2 + (ft_framing == "deploy")][0],
-                                    plain_probs[0 if ft_framing == "eval" else 1][0]),
+                                    ft[ft_framing], donor("attn", ft_framing), donor("heads", ft_framing)),
     }
-    for name, (model, framing) in donors.items():
-        sources[name].attn = last("attn", model, framing)
-        sources[name].heads = last("heads", model, framing) if per_head else None
     job = Localization(pair, token_ids, layers, settings, backend)
     effects = job.attributed(sources) if settings.method == "attribution" else job.exact(sources)
     log.info("localize: window %s (method %s, rule %s, joint effect %.3f)", effects.window, settings.method, settings.rule,
-             effects.joint.get(tuple(effects.window), float("nan")))
+             effects.window_effect.get((0, *effects.window), float("nan")))
     index = {layer: li for li, layer in enumerate(layers)}
     window_effect = np.full((len(SOURCES), len(layers), len(layers)), np.nan, np.float32)
     window_estimate = np.full_like(window_effect, np.nan)
@@ -155,8 +161,8 @@ class Source:
     prompts: list[str]
     clean: np.ndarray
     reference: np.ndarray
-    attn: torch.Tensor | None = None
-    heads: torch.Tensor | None = None
+    attn: torch.Tensor  # (prompt, layer, hidden)
+    heads: torch.Tensor | None  # (prompt, layer, head, head_dim), None without per-head patching
 
     @property
     def gap(self) -> float:
@@ -173,7 +179,6 @@ class Effects:
     head_effect: np.ndarray  # (source, layer, head)
     window_effect: dict  # (source index, first, last) -> exact fraction of the gap
     window_estimate: dict  # (source index, first, last) -> estimated fraction (attribution)
-    joint: dict  # deploy_to_eval's exact window effects, the ones the rule saw
     window: list[int]
     confirmed: list[tuple[int, int]]
     gaps: np.ndarray  # (source,): the gap in P(performed token) the fractions are of
@@ -225,7 +230,7 @@ class Localization:
                 head_effect[si] = fractions[len(layers) + len(multi) :].reshape(len(layers), n_heads)
             log.info("localize %s: gap in P(performed token) %.3f, layer effects %s", name, gaps[si], np.round(layer_effect[si], 3))
         joint = {(a, b): window_effect[(0, a, b)] for a, b in spans}
-        return Effects(layer_effect, head_effect, window_effect, {}, joint, pick_window(layer_effect[0], self.settings, joint), [], gaps)
+        return Effects(layer_effect, head_effect, window_effect, {}, pick_window(layer_effect[0], self.settings, joint), [], gaps)
 
     def attributed(self, sources: dict[str, Source]) -> Effects:
         """Every layer, head and window estimated by attribution (one forward and one
@@ -256,7 +261,7 @@ class Localization:
         window = pick_window(layer_effect[0], settings, joint) if settings.rule == "cumulative" else list(next(iter(joint)))
         window_effect = {(0, a, b): e for (a, b), e in joint.items()}
         gaps = np.array([sources[name].gap for name in SOURCES], np.float32)
-        return Effects(layer_effect, head_effect, window_effect, window_estimate, joint, window, list(joint), gaps)
+        return Effects(layer_effect, head_effect, window_effect, window_estimate, window, list(joint), gaps)
 
     def _confirm(self, source: Source, estimated: dict, layer_estimates: np.ndarray, spans: list) -> dict:
         """Exact effects of the candidate windows (see `attributed`)."""
