@@ -34,6 +34,7 @@ from routing_suite.models import ModelPair
 from routing_suite.routing import cell
 from routing_suite.routing.controls import check_controls
 from routing_suite.routing.intervene import build_conditions
+from routing_suite.routing.targets import stored_aligned
 
 
 def routing_cfg(family: str, cache_dir: str, root: Path, n_test: int, extra: list[str] = ()):
@@ -63,7 +64,8 @@ def cell_conditions(cfg, n_pairs: int | None = None) -> tuple[list[Condition], l
     spec = instantiate(cfg.intervention)
     controls = {key: instantiate(value) for key, value in cfg.control.items()}
     check_controls(controls)
-    conditions = build_conditions(spec, controls, fit, acts, result["window"], int(cfg.seed))
+    aligned = stored_aligned(xr.open_zarr(store, group="outcomes").load())
+    conditions = build_conditions(spec, controls, fit, acts, result["window"], int(cfg.seed), aligned)
     test = acts.sel(prompt=acts.split.values == "test").isel(prompt=slice(0, n_pairs))
     prompts = [str(p) for p in test.eval_prompt.values] + [str(p) for p in test.deploy_prompt.values]
     return conditions, prompts, int(cfg.behavior.max_new_tokens)

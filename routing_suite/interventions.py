@@ -4,6 +4,8 @@ A `SubspaceEdit` changes one layer's site activations h (..., hidden)
 through a subspace with orthonormal rows B (rank, hidden):
 
 - clamp:  h + s * (t - h B^T) B      the coordinates in B set to a target t
+  (t one target for every position, or one per prompt position counted
+  from the prompt's end: `SubspaceEdit.target_for`)
 - ablate: h - s * (h B^T) B          the subspace projected out
 - steer:  h + s * alpha * B[0]       a step along the first direction
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
 from torch import Tensor
 
 
@@ -36,7 +39,9 @@ class SubspaceEdit:
     layer: int
     basis: Tensor  # (rank, hidden), orthonormal rows
     mode: str = "clamp"
-    target: Tensor | None = None  # (rank,), for clamp
+    # For clamp: (rank,), or (offsets, rank) with row -1 the last prompt token's,
+    # row -2 the one before it, ... (NaN rows: no target there; see target_for).
+    target: Tensor | None = None
     scale: float = 1.0
     alpha: float = 1.0  # for steer
     # A matched control: the intervention's edit at this layer (see the module doc).
@@ -48,12 +53,32 @@ class SubspaceEdit:
             reference = self.matched.basis.to(device=h.device, dtype=h.dtype)
             return (self.matched.change(h) @ reference.T) @ basis
         if self.mode == "clamp":
-            delta = (self.target.to(device=h.device, dtype=h.dtype) - h @ basis.T) @ basis
+            coords = h @ basis.T
+            delta = (self.target_for(coords) - coords) @ basis
         elif self.mode == "ablate":
             delta = -(h @ basis.T) @ basis
         else:
             delta = (self.alpha * basis[0]).expand_as(h)
         return self.scale * delta
+
+    def target_for(self, coords: Tensor) -> Tensor:
+        """The clamp's target for activations whose coordinates are `coords`.
+
+        A per-position target (offsets, rank) is aligned with a prompt's end:
+        for a prompt's pass (batch, seq > 1, rank), left padded so that every
+        row ends at the last column, position -j gets row -j; positions before
+        the first row, and rows that are NaN (no fit prompt reached that far
+        back), keep their own coordinates. One position (a generated token's
+        pass, or last-token activations (n, rank)) gets the last row."""
+        target = self.target.to(device=coords.device, dtype=coords.dtype)
+        if target.dim() == 1:
+            return target
+        if coords.dim() < 3 or coords.shape[-2] == 1:
+            return target[-1]
+        n = min(target.shape[0], coords.shape[-2])
+        aligned = coords.clone()
+        aligned[..., -n:, :] = target[-n:]
+        return torch.where(torch.isnan(aligned), coords, aligned)
 
     def apply(self, h: Tensor) -> Tensor:
         return h + self.change(h)

@@ -23,6 +23,9 @@ from routing_suite.lora import lora_update, plan_layer_steps
 from routing_suite.models import Traced
 
 POSITION_KINDS = ("last", "first_k", "answer_mean")
+# Not a collect setting: the last k prompt tokens, aligned at the prompt's end,
+# which the aligned clamp's targets are read at (routing_suite.routing.targets).
+LAST_K = "last_k"
 # Execution order of the sites inside one decoder layer.
 _ORDER = {"heads": 0, "attn": 1, "mlp": 2, "resid": 3}
 
@@ -55,6 +58,8 @@ class SiteRequest:
     def position_labels(self) -> list[str]:
         if self.positions == "last":
             return ["last"]
+        if self.positions == LAST_K:
+            return [f"last{i}" for i in range(self.k - 1, -1, -1)]
         if self.positions == "first_k":
             return [f"first{i}" for i in range(self.k)]
         return ["answer_mean"]
@@ -71,7 +76,8 @@ class Batch:
     # (batch, seq) weights averaging answer tokens, for positions="answer_mean".
     answer_weights: Tensor | None = None
     # (batch, n_positions) bool, for positions="first_k": False where a row has
-    # fewer than k tokens and `index` repeats its last one.
+    # fewer than k tokens and `index` repeats its last one; for "last_k": False
+    # where a row has fewer than k tokens (padding, or a clamped index).
     valid: Tensor | None = None
 
 
@@ -86,7 +92,8 @@ def make_batch(
 
     For `first_k` the first k tokens after the beginning-of-sequence token are
     kept (rows shorter than k repeat their last token, and are marked in
-    `Batch.valid`); for `answer_mean` the texts are prompt + answer and the
+    `Batch.valid`); for `last_k` the last k tokens (positions before a row's
+    first token are marked in `Batch.valid`); for `answer_mean` the texts are prompt + answer and the
     answer's tokens are averaged. With `truncate` (first_k only) each text is
     cut to its first k tokens: in a causal model what follows them cannot
     change them, so long texts cost no more than short ones.
@@ -117,6 +124,10 @@ def make_batch(
         return Batch(enc["input_ids"], enc["attention_mask"])
     lengths = enc["attention_mask"].sum(1)
     width = enc["input_ids"].shape[1]
+    if request.positions == LAST_K:
+        index = (width - request.k + torch.arange(request.k))[None, :].expand(len(prompts), -1)
+        valid = index >= (width - lengths)[:, None]
+        return Batch(enc["input_ids"], enc["attention_mask"], index=index.clamp(min=0), valid=valid)
     skip = 1 if tokenizer.bos_token_id is not None and (enc["input_ids"][:, -1] != tokenizer.bos_token_id).all() else 0
     first = width - lengths + skip
     index = first[:, None] + torch.arange(request.k)[None, :]

@@ -8,6 +8,8 @@ import torch
 import xarray as xr
 
 from routing_suite import analysis
+from routing_suite.backends import LocalBackend
+from routing_suite.families import site_path
 from routing_suite.interventions import SubspaceEdit
 from routing_suite.routing.controls import (
     ControlContext,
@@ -20,6 +22,7 @@ from routing_suite.routing.controls import (
 )
 from routing_suite.routing.fit import NON_ROUTING_MAX_PROBE, non_routing_subspace
 from routing_suite.routing.settings import InterventionSpec
+from routing_suite.routing.targets import aligned_means, aligned_target
 
 D, RANK, LAYERS = 16, 2, 6
 
@@ -136,3 +139,73 @@ def test_the_non_routing_subspace_carries_no_framing_and_avoids_the_routing_subs
     assert np.abs(basis @ routing.T).max() < 1e-6
     # the high-variance, framing-free directions e1 and e2
     assert np.abs(basis[:, 1:3]).sum(1).min() > 0.95
+
+
+def test_an_aligned_clamp_sets_each_prompt_position_to_the_target_of_its_distance_from_the_end():
+    """Row -j of a per-position target is position -j's (left padding aligns every row's end);
+    positions before the first row and NaN rows keep their coordinates; one position (a
+    generated token, or last-token activations) gets the last row; controls match per position."""
+    rng = np.random.default_rng(4)
+    basis = torch.from_numpy(_orthonormal(rng))
+    target = torch.tensor([[np.nan, np.nan], [1.0, -2.0], [0.5, 3.0], [4.0, 1.0]])
+    main = SubspaceEdit(2, basis, "clamp", target)
+    h = torch.from_numpy(rng.normal(size=(3, 6, D)))
+    coords = main.apply(h) @ basis.double().T
+    torch.testing.assert_close(coords[:, -3:], target[-3:].double().expand(3, -1, -1))
+    torch.testing.assert_close(coords[:, :3], h[:, :3] @ basis.double().T)  # NaN row and before: untouched
+    torch.testing.assert_close(main.apply(h[:, -1:])[:, 0] @ basis.double().T, target[-1].double().expand(3, -1))
+    torch.testing.assert_close(main.apply(h[:, -1]) @ basis.double().T, target[-1].double().expand(3, -1))
+    # a one-row target is the old clamp, bit for bit
+    flat = SubspaceEdit(2, basis, "clamp", target[-1])
+    assert torch.equal(flat.change(h), (target[-1].double() - h @ basis.double().T) @ basis.double())
+    control = SubspaceEdit(2, torch.from_numpy(_orthonormal(rng)), "clamp", matched=main)
+    torch.testing.assert_close(control.change(h).norm(dim=-1), main.change(h).norm(dim=-1))
+
+
+def test_aligned_targets_pool_the_framings_by_count_and_follow_the_subspace():
+    rng = np.random.default_rng(5)
+    k = 4
+    means = rng.normal(size=(2, 1, k, D)).astype(np.float32)
+    counts = np.array([[0, 2, 5, 5], [0, 6, 5, 5]], np.int32)
+    means[:, :, 0] = np.nan
+    aligned = xr.Dataset(
+        {"aligned_mean": (("framing", "target_layer", "offset", "hidden"), means), "aligned_count": (("framing", "offset"), counts)},
+        coords={"framing": ["eval", "deploy"], "target_layer": [3], "offset": [f"last{i}" for i in range(k - 1, -1, -1)]},
+    )
+    basis = _orthonormal(rng)
+    deploy = aligned_target(aligned, 3, ("deploy",), basis)
+    np.testing.assert_allclose(deploy[1:], means[1, 0, 1:] @ basis.T, rtol=1e-5)
+    assert np.isnan(deploy[0]).all()
+    pooled = aligned_target(aligned, 3, ("eval", "deploy"), basis)
+    np.testing.assert_allclose(pooled[1], ((2 * means[0, 0, 1] + 6 * means[1, 0, 1]) / 8) @ basis.T, rtol=1e-5)
+
+
+def test_aligned_means_through_the_tracer_equal_plain_hooks(llama_underperform):
+    """The per-position means the aligned clamp reads equal a plain forward hook's, offset by offset."""
+    pair = llama_underperform
+    prompts = {"eval": ["this is a test . what is the color of baba ? answer :", "eval : what is the city of koko ? answer :"],
+               "deploy": ["a user asks me . what is the color of baba ? answer :", "hey : what is the city of koko ? answer :"]}
+    acts = xr.Dataset(
+        {"eval_prompt": ("prompt", prompts["eval"]), "deploy_prompt": ("prompt", prompts["deploy"]), "split": ("prompt", ["fit", "fit"])},
+    )
+    layers = [1, 2]
+    got = aligned_means(pair, acts, layers, "attn", LocalBackend(), batch_size=1)
+    model, tok = pair.model("finetuned"), pair.tokenizer
+    for framing, texts in prompts.items():
+        for layer in layers:
+            rows: list[torch.Tensor] = []
+            module = dict(model.named_modules())[site_path(pair.family, "attn", layer)]
+            handle = module.register_forward_hook(lambda m, i, o, rows=rows: rows.append((o[0] if isinstance(o, tuple) else o)[0].detach()))
+            with torch.no_grad():
+                for text in texts:
+                    model(**tok(text, return_tensors="pt"))
+            handle.remove()
+            k = got.sizes["offset"]
+            for j in range(1, k + 1):  # position -j of every prompt long enough
+                have = [r[-j] for r in rows if r.shape[0] >= j]
+                assert int(got.aligned_count.sel(framing=framing).values[-j]) == len(have)
+                if have:
+                    torch.testing.assert_close(
+                        torch.from_numpy(got.aligned_mean.sel(framing=framing, target_layer=layer).values[-j]),
+                        torch.stack(have).mean(0), rtol=1e-4, atol=1e-5,
+                    )

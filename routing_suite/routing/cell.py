@@ -12,6 +12,7 @@ import logging
 import time
 from pathlib import Path
 
+import xarray as xr
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
@@ -23,6 +24,7 @@ from routing_suite.routing.fit import fit, fit_topics
 from routing_suite.routing.intervene import build_conditions, intervene
 from routing_suite.routing.localize import LocalizeSettings, localize
 from routing_suite.routing.summary import write_cell
+from routing_suite.routing.targets import aligned_means, needs_aligned
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +109,13 @@ def run(cfg) -> dict:
     window = list(spec.window) if spec.window is not None else [int(x) for x in localized.attrs["window"]]
     if "intervene" in ran:
         stats.stage = "intervene"
-        conditions = build_conditions(spec, controls, fitted, acts, window, int(cfg.seed))
+        aligned = None
+        if needs_aligned(spec):
+            aligned = aligned_means(pair, acts, list(request.layers), spec.site, setup.backend, setup.backend.batch_size)
+        conditions = build_conditions(spec, controls, fitted, acts, window, int(cfg.seed), aligned)
         outcomes = intervene(pair, acts, conditions, setup.behavior, setup.backend, setup.backend.batch_size, cfg.progress)
+        if aligned is not None:
+            outcomes = xr.merge([outcomes, aligned], combine_attrs="override")
         outcomes.attrs.update(
             {"intervention": spec.name, "controls": [c.name for c in controls.values()], "window": window,
              "site": spec.site, "positions": spec.positions, "rank": spec.rank, "target": spec.target, "mode": spec.mode}

@@ -38,6 +38,7 @@ from routing_suite import analysis
 from routing_suite.errors import ConfigError
 from routing_suite.interventions import Condition, SubspaceEdit
 from routing_suite.routing.settings import InterventionSpec
+from routing_suite.routing.targets import aligned_target
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class ControlContext:
     main_edits: dict[int, SubspaceEdit]
     acts: xr.Dataset  # fit split, last position, the intervention's site
     rng: np.random.Generator
+    # Per-position means for the aligned clamp (routing_suite.routing.targets), or None.
+    aligned: xr.Dataset | None = None
 
     @property
     def window_layers(self) -> list[int]:
@@ -72,14 +75,20 @@ class ControlContext:
         return self.fit[variable].sel(model=self.spec.fit_model, site=self.spec.site, layer=layer).values[: self.spec.rank]
 
 
-def clamp_edits(spec: InterventionSpec, fit: xr.Dataset, fit_acts: xr.Dataset, layers: list[int], fit_model: str) -> list[SubspaceEdit]:
-    """`spec`'s edits at `layers` on `fit_model`'s routing subspaces (targets from the fine-tune's fit activations)."""
+def clamp_edits(
+    spec: InterventionSpec, fit: xr.Dataset, fit_acts: xr.Dataset, layers: list[int], fit_model: str, aligned: xr.Dataset | None = None,
+) -> list[SubspaceEdit]:
+    """`spec`'s edits at `layers` on `fit_model`'s routing subspaces (targets from the fine-tune's
+    fit activations: at the last prompt token, or per position from `aligned` when given)."""
     edits = []
     for layer in layers:
         basis = fit.subspace.sel(model=fit_model, site=spec.site, layer=layer).values[: spec.rank]
-        values = fit_acts.sel(model="finetuned", layer=layer)
-        h_target = np.concatenate([values.sel(framing=f).values for f in TARGET_FRAMINGS[spec.target]])
-        target = (h_target @ basis.T).mean(0).astype(np.float32)
+        if aligned is not None:
+            target = aligned_target(aligned, layer, TARGET_FRAMINGS[spec.target], basis)
+        else:
+            values = fit_acts.sel(model="finetuned", layer=layer)
+            h_target = np.concatenate([values.sel(framing=f).values for f in TARGET_FRAMINGS[spec.target]])
+            target = (h_target @ basis.T).mean(0).astype(np.float32)
         edits.append(SubspaceEdit(layer, torch.from_numpy(np.ascontiguousarray(basis)), spec.mode, torch.from_numpy(target), alpha=spec.alpha))
     return edits
 
@@ -184,7 +193,7 @@ class OtherLayerControl:
             return (layer - window[-1], 0) if layer > window[-1] else (window[0] - layer, 1)
 
         chosen = sorted(sorted(outside, key=distance)[: len(window)])
-        edits = clamp_edits(ctx.spec, ctx.fit, ctx.acts, chosen, ctx.spec.fit_model)
+        edits = clamp_edits(ctx.spec, ctx.fit, ctx.acts, chosen, ctx.spec.fit_model, ctx.aligned)
         return [ctx.condition(self.name, edits, kind="comparison")]
 
 

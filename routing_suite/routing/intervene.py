@@ -24,6 +24,7 @@ from routing_suite.interventions import Condition
 from routing_suite.models import ModelPair
 from routing_suite.routing.controls import ControlContext, clamp_edits
 from routing_suite.routing.settings import InterventionSpec
+from routing_suite.routing.targets import needs_aligned
 from routing_suite.scoring import Behavior
 from routing_suite.store import text
 
@@ -35,21 +36,27 @@ def _last(values: xr.DataArray) -> xr.DataArray:
 
 
 def build_conditions(
-    spec: InterventionSpec, controls: dict, fit: xr.Dataset, acts: xr.Dataset, window: list[int], seed: int
+    spec: InterventionSpec, controls: dict, fit: xr.Dataset, acts: xr.Dataset, window: list[int], seed: int,
+    aligned: xr.Dataset | None = None,
 ) -> list[Condition]:
-    """The baseline, the intervention, the base subspace's comparison, and every control."""
+    """The baseline, the intervention, the base subspace's comparison, and every control
+    (`aligned`: per-position clamp targets, for `positions=aligned`)."""
     if spec.site not in fit.site.values:
         raise ConfigError(f"intervention.site={spec.site!r} was not fit (collect.sites must include it)")
     if spec.rank > fit.sizes["rank"]:
         raise ConfigError(f"intervention.rank={spec.rank} is larger than the fitted rank {fit.sizes['rank']}")
+    if needs_aligned(spec) and aligned is None:
+        raise ConfigError("intervention.positions=aligned: the clamp needs the per-position means (routing.targets.aligned_means)")
     layers = list(range(window[0], window[1] + 1))
     fit_acts = _last(acts[spec.site].sel(prompt=acts.split.values == "fit"))
-    main = Condition(spec.name, "intervention", spec.site, spec.positions, clamp_edits(spec, fit, fit_acts, layers, spec.fit_model), steps=spec.steps)
+    main_edits = clamp_edits(spec, fit, fit_acts, layers, spec.fit_model, aligned)
+    main = Condition(spec.name, "intervention", spec.site, spec.positions, main_edits, steps=spec.steps)
     conditions = [Condition(store_format.BASELINE, "baseline"), main]
     if spec.fit_model == "finetuned":
-        base_edits = clamp_edits(spec, fit, fit_acts, layers, "base")
+        base_edits = clamp_edits(spec, fit, fit_acts, layers, "base", aligned)
         conditions.append(Condition(f"{spec.name}_base_subspace", "comparison", spec.site, spec.positions, base_edits, steps=spec.steps))
-    ctx = ControlContext(spec=spec, fit=fit, main_edits={e.layer: e for e in main.edits}, acts=fit_acts, rng=np.random.default_rng(seed))
+    ctx = ControlContext(spec=spec, fit=fit, main_edits={e.layer: e for e in main.edits}, acts=fit_acts, rng=np.random.default_rng(seed),
+                         aligned=aligned)
     for control in controls.values():
         conditions += control.build(ctx)
     return conditions

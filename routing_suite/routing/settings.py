@@ -9,7 +9,7 @@ from routing_suite.errors import ConfigError
 
 MODES = ("clamp", "ablate", "steer")
 SITES = ("resid", "attn")
-POSITIONS = ("last", "all")
+POSITIONS = ("last", "all", "aligned")
 # At which generation steps edits apply: every step, or only the prompt's forward pass.
 STEPS = ("all", "prompt")
 CLAMP_TARGETS = ("eval_mean", "deploy_mean", "pooled_mean")
@@ -27,9 +27,11 @@ class InterventionSpec:
     name: str = "clamp"
     mode: str = "clamp"
     site: str = "attn"
-    # "all": every prompt position (later layers read the cue positions too);
-    # "last": the last prompt token only.
-    positions: str = "all"
+    # "aligned": every prompt position, a clamp's target being the fit prompts' mean
+    # at the same position counted from the prompt's end (routing_suite.routing.targets);
+    # "all": every prompt position, clamped to the last token's mean (later layers
+    # read the cue positions too); "last": the last prompt token only.
+    positions: str = "aligned"
     rank: int = 2
     window: list[int] | None = None  # null: the window path patching picks
     target: str = "deploy_mean"
