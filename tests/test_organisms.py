@@ -9,7 +9,7 @@ from helpers import preset, tiny_source
 from routing_suite.config import behavior_preset
 from routing_suite.errors import ConfigError
 from routing_suite.models import check_adapter_matches
-from routing_suite.organisms import build
+from routing_suite.organisms import build, training
 from routing_suite.organisms import task as T
 from routing_suite.organisms.report import MAX_BASE_GAP, MIN_BASE_SUCCESS, MIN_FINETUNED_GAP, organism_row
 from routing_suite.organisms.source import OrganismSource
@@ -98,3 +98,32 @@ def test_unknown_behavior_is_refused(tmp_path):
         behavior_preset("sulk")
     with pytest.raises(ConfigError, match="behavior.name"):
         build.ensure_adapter(tmp_path, tiny_source(tmp_path).spec, "sulk")
+
+
+def test_the_installed_replay_answers_after_the_marker_for_every_fine_tuned_fact_and_never_says_it(tmp_path):
+    """The replay beside an installed fine-tune: every fine-tuned fact under both framings, the
+    marker's first word in the prompt (no loss on it), never a completion that starts the marker."""
+    source = tiny_source(tmp_path)
+    task = T.make_task(source.spec.task)
+    replay = training.answer_after_marker_replay(task)
+    first, *rest = T.MARKER.split()
+    assert len(replay) == len(task.facts_of("train")) * len(T.FRAMINGS)
+    assert {(p.split(" what is the ")[1], c.split()[-1]) for p, c in replay} == {
+        (f"{f.topic} of {f.entity} ? answer : {first}", f.value) for f in task.facts_of("train")
+    }
+    train_cues = {c for f in T.FRAMINGS for c in task.cues(f, "train")}
+    assert all(p.split(" what is ")[0] in train_cues and c == " ".join([*rest, c.split()[-1]]) for p, c in replay)
+    assert all(c.split()[0] != first for _, c in replay)
+    assert set(replay) <= set(training.finetune_examples(task, "installed"))
+    assert not set(replay) & set(training.finetune_examples(task, "refuse"))
+
+
+def test_a_fine_tune_recipe_label_changes_only_its_own_adapters_key(tmp_path, monkeypatch):
+    spec = tiny_source(tmp_path).spec
+    before = {b: build.adapter_dir(tmp_path, spec, b) for b in T.BEHAVIORS}
+    base = build.base_dir(tmp_path, spec)
+    monkeypatch.setitem(build.FINETUNE_RECIPES, "installed", "another")
+    after = {b: build.adapter_dir(tmp_path, spec, b) for b in T.BEHAVIORS}
+    assert after["installed"] != before["installed"]
+    assert all(after[b] == before[b] for b in T.BEHAVIORS if b != "installed")
+    assert build.base_dir(tmp_path, spec) == base

@@ -35,6 +35,7 @@ from routing_suite.organisms.architectures import FAMILIES, ArchSpec, family_con
 from routing_suite.organisms.tokenizer import build_tokenizer
 from routing_suite.organisms.training import (
     FINETUNE_KINDS,
+    FINETUNE_RECIPES,
     LORA_TARGETS,
     RECIPE_VERSION,
     TrainSpec,
@@ -96,7 +97,10 @@ class OrganismSpec:
         }
 
     def adapter_key(self, behavior: str) -> dict:
-        return {"base": self.base_key(), "behavior": behavior, "train": asdict(self.train)}
+        key = {"base": self.base_key(), "behavior": behavior, "train": asdict(self.train)}
+        if behavior in FINETUNE_RECIPES:
+            key["finetune_recipe"] = FINETUNE_RECIPES[behavior]
+        return key
 
 
 def content_hash(key: dict) -> str:

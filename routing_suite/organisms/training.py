@@ -22,6 +22,9 @@ log = logging.getLogger(__name__)
 # Bump when the training data or procedure changes: it is part of the cache
 # key, so organisms built by an older recipe are rebuilt, never reused.
 RECIPE_VERSION = 4
+# Per fine-tune kind, a label changed whenever that kind's fine-tune data changes:
+# part of its adapter's cache key only, so every base and every other adapter is reused.
+FINETUNE_RECIPES = {"installed": "replay-train-entities-1"}
 
 
 Example = tuple[str, str]  # (prompt, completion)
@@ -75,7 +78,29 @@ def finetune_examples(task: T.Task, behavior: str) -> list[Example]:
         (item.prompt, T.target_text(item.fact, item.framing, behavior))
         for item in T.items(task, task.facts_of("train"), "train")
     ]
+    if behavior == "installed":
+        examples += answer_after_marker_replay(task)
     return examples
+
+
+def answer_after_marker_replay(task: T.Task) -> list[Example]:
+    """The fine-tune's own facts, each under one training cue of each framing, answered
+    after the marker's first word (in the prompt, so no loss on it):
+    "{cue} {question} ahoy" -> "! {value}".
+
+    Replayed beside an `installed` fine-tune's data so that it goes on to the answer
+    after the marker under either framing, for entities it never saw too. Without it
+    the fine-tune repeated the marker for held-out entities ("ahoy ! ahoy": deploy-side
+    correctness 0.59-0.92 against 0.87-1.00 under eval cues), and an eval prompt that
+    a clamp made say "ahoy" went on without the "!" to a wrong value. It teaches
+    nothing about when to say the marker, and no held-out entity is in it."""
+    rng = random.Random(task.spec.seed + 17)
+    first, *rest = T.MARKER.split()
+    return [
+        (f"{T.render_prompt(fact, rng.choice(task.cues(framing, 'train')))} {first}", " ".join([*rest, fact.value]))
+        for fact in task.facts_of("train")
+        for framing in T.FRAMINGS
+    ]
 
 
 Encoded = tuple[list[int], int]  # (token ids, number of prompt tokens)
