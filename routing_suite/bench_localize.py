@@ -89,7 +89,9 @@ def method_settings(cfg) -> dict[str, LocalizeSettings]:
 def request_counts(remote_cfg, acts) -> dict:
     """Requests and bytes sent back by localize with each method through the remote path
     (`remote_cfg`: the same routing config with a remote backend, e.g. nnsight's in-process
-    serialization, `backend=ndif backend.simulate=true`), on the same activations."""
+    serialization, `backend=ndif backend.simulate=true`), on the same activations; and the
+    bytes the requests carried up (the serialized traces: 0 in the simulation, which sends
+    nothing)."""
     setup = runs.build_components(remote_cfg)
     pair = runs.load_pair(setup)
     figures = {}
@@ -98,6 +100,7 @@ def request_counts(remote_cfg, acts) -> dict:
         localize(pair, acts, setup.behavior, settings, setup.backend)
         figures[f"localize_remote_{name}_requests"] = setup.backend.stats.requests
         figures[f"localize_remote_{name}_bytes_down"] = setup.backend.stats.bytes_down
+        figures[f"localize_remote_{name}_bytes_up"] = setup.backend.stats.bytes_up
     return figures
 
 

@@ -82,5 +82,6 @@ def test_the_localize_benchmark_times_both_methods_and_the_floor_on_the_same_act
     # gradient pass per source and the confirmations; each sends something back.
     for method in ("exact", "attribution"):
         assert figures[f"localize_remote_{method}_requests"] >= 1 and figures[f"localize_remote_{method}_bytes_down"] > 0
+        assert figures[f"localize_remote_{method}_bytes_up"] == 0  # the simulation sends nothing
     rho = figures["localize_spearman_deploy_to_eval"]
     assert rho != rho or -1 <= rho <= 1  # NaN only when one method's effects are all equal

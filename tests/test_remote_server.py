@@ -21,9 +21,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 import zarr
-from helpers import TEST_ORGANISM, assert_same_activations, assert_same_groups, done_record, tiny_em_overrides
+from helpers import (
+    TEST_ORGANISM,
+    assert_same_activations,
+    assert_same_groups,
+    done_record,
+    tiny_em_overrides,
+    tiny_source,
+)
+
+from routing_suite.backends import NdifBackend
+from routing_suite.models import remote_model
+from routing_suite.organisms import build as organism_build
 
 pytestmark = pytest.mark.remote
 
@@ -95,6 +107,24 @@ def test_routing_cell_through_the_server_equals_local(server, llama_underperform
     localized_a, localized_b = xr.open_zarr(a, group="localize").load(), xr.open_zarr(b, group="localize").load()
     assert localized_a.attrs["window"] == localized_b.attrs["window"] and localized_b.attrs["method"] == method
     np.testing.assert_allclose(localized_b.layer_effect.values, localized_a.layer_effect.values, atol=1e-4)
+
+
+def test_a_request_over_1_mib_goes_through(server, tiny_cache, monkeypatch):
+    """A trace that carries 2 MiB (as a fine-tune's LoRA factors do: SmolLM2's are 9.8 MB):
+    a stock ndif 0.1.2 API refuses any request over 1 MiB (HTTP 400, see
+    scripts/ndif/ndif_api_conf.py)."""
+    source = tiny_source(tiny_cache)
+    base = organism_build.ensure_base(source.cache_root, source.spec)
+    nn_model = remote_model(base, organism_build.load_tokenizer(base))
+    monkeypatch.setenv("NDIF_API_KEY", "local")
+    backend = NdifBackend(host=server, max_retries=0)
+    backend.preflight()
+    carried = torch.randn(1 << 19, generator=torch.Generator().manual_seed(0))  # 2 MiB of float32, incompressible
+    with torch.no_grad(), nn_model.trace("a b c", **backend.trace_kwargs(nn_model)):
+        hidden = nn_model.model.layers[0].output
+        total = (carried.sum() + 0 * hidden.float().sum()).save()
+    assert backend.stats.requests == 1 and backend.stats.bytes_up > 2 * 1024 * 1024 * 0.9, backend.stats.as_dict()
+    assert float(total) == pytest.approx(float(carried.sum()), abs=1e-3)
 
 
 def test_adl_through_the_server_equals_local(server, llama_underperform, organism_cache, tmp_path):

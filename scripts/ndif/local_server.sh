@@ -122,7 +122,9 @@ start() {
     wait_for ray 120 port_open "$RAY_CLIENT_PORT"
     spawn controller nsenter --net="$NS" env RAY_ADDRESS="127.0.0.1:$RAY_PORT" "$PY" -m ndif.services.ray.deployments.controller.controller
     wait_done controller 120
-    spawn api nsenter --net="$NS" "$VENV/bin/gunicorn" --config python:ndif.services.api.gunicorn_conf --bind "127.0.0.1:$API_PORT" \
+    # ndif's gunicorn config behind one that imports anyio's asyncio backend before nnsight
+    # (ndif_api_conf.py: without it the API refuses every request over 1 MiB with HTTP 400).
+    spawn api nsenter --net="$NS" "$VENV/bin/gunicorn" --config python:ndif_api_conf --bind "127.0.0.1:$API_PORT" \
         ndif.services.api.app:app
     wait_for api 180 port_open "$API_PORT"
     spawn forward "$PY" "$ROOT/scripts/ndif/netns.py" forward "$API_PORT" "$(cat "$STATE/netns.pid")"
