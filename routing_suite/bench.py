@@ -7,6 +7,7 @@ same work, measured in the same process on the same model and prompts.
 - overlap: `collect` vs the same nnsight traces with nothing written;
 - memory: peak RSS of a collect over N and over 8N prompts, each in a fresh
   process;
+- fit: the stage as a cell runs it vs the same fit on activations in memory;
 - interventions and remote: see `routing_suite.bench_conditions`;
 - localize: exact patching vs attribution, see `routing_suite.bench_localize`.
 """
@@ -38,8 +39,10 @@ from routing_suite.organisms import task as T
 from routing_suite.organisms.pairs import organism_pairs
 from routing_suite.organisms.source import OrganismSource
 from routing_suite.prompts import LabeledPair, paired_prompts
+from routing_suite.routing import cell
 from routing_suite.routing.collect import collect
-from routing_suite.store import RunStore
+from routing_suite.routing.fit import fit
+from routing_suite.store import RunStore, group_dataset
 from routing_suite.store_settings import StoreSettings
 from routing_suite.tracing import SiteRequest, make_batch, select_positions, trace_sites
 
@@ -208,13 +211,15 @@ def run(cfg) -> dict:
         large = peak_rss_mb(8 * cfg.memory_prompts, cfg.batch_size, cfg.cache_dir, cfg.family)
         figures.update({"peak_rss_mb_N": round(small, 1), "peak_rss_mb_8N": round(large, 1), "memory_ratio": round(large / small, 3),
                         "memory_N": cfg.memory_prompts})
-    if cfg.interventions or cfg.remote:
+    if cfg.interventions or cfg.remote or cfg.fit:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
+            cell_root = Path(cfg.cell_store_root) if cfg.cell_store_root else root
             if cfg.interventions:
-                cell_root = Path(cfg.cell_store_root) if cfg.cell_store_root else root
                 conditions, prompts, max_new = bc.cell_conditions(_cell_cfg(cfg, cell_root), cfg.interventions_pairs)
                 figures.update(bc.intervention_figures(pair, conditions, prompts, max_new, cfg.repeats))
+            if cfg.fit:
+                figures.update(fit_figures(_cell_cfg(cfg, cell_root), cfg.repeats))
             if cfg.remote:
                 figures.update(bc.remote_figures(cfg.family, cfg.cache_dir, root / "remote", cfg.interventions_pairs))
         torch.set_num_threads(cfg.num_threads)  # a routing cell sets its own
@@ -222,6 +227,31 @@ def run(cfg) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             remote_cfg = _localize_cfg(cfg, Path(tmp) / "remote", list(cfg.localize_remote_backend)) if cfg.localize_remote else None
             figures.update(localize_figures(_localize_cfg(cfg, Path(tmp)), cfg.repeats, remote_cfg))
+    return figures
+
+
+def fit_figures(cell_cfg, repeats: int) -> dict:
+    """The fit stage as a cell runs it (its activations read from the store, the fit, the
+    group written to a store) against the same fit on activations already in memory. The
+    fit does no model work, so its floor is its own arithmetic: the ratio is what reading
+    and writing the store add. On the cell's store (run first, or reused)."""
+    source = cell.run(cell_cfg)["store"]
+    max_rank = int(cell_cfg.fit.max_rank)
+    acts = group_dataset(source, "activations").load()
+    fit(acts, max_rank)  # warm-up
+    best = {"fit_stage": float("inf"), "fit_compute": float("inf")}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(repeats):
+            started = time.perf_counter()
+            fit(acts, max_rank)
+            best["fit_compute"] = min(best["fit_compute"], time.perf_counter() - started)
+            started = time.perf_counter()
+            out = RunStore.open(Path(tmp) / f"fit{r}.zarr", StoreSettings(), {"bench": "fit", "repeat": r}, {})
+            out.write_group("fit", fit(group_dataset(source, "activations").load(), max_rank))
+            best["fit_stage"] = min(best["fit_stage"], time.perf_counter() - started)
+            out.finish()
+    figures = {f"{k}_seconds": round(v, 3) for k, v in best.items()}
+    figures["fit_ratio"] = round(best["fit_stage"] / best["fit_compute"], 3)
     return figures
 
 

@@ -184,6 +184,8 @@ class BenchConfig:
     interventions_pairs: int = 16
     cell_store_root: str | None = None
     cell_overrides: list[str] = field(default_factory=list)
+    # The fit stage on that cell's store against the same fit in memory (bench.fit_figures).
+    fit: bool = True
     # Requests and bytes of one routing cell through the simulated remote path.
     remote: bool = True
     # The localize stage by exact patching and by attribution on the same activations

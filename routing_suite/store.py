@@ -327,7 +327,12 @@ class RunStore:
         dataset.to_zarr(str(self.path), group=group, mode="w", zarr_format=3, consolidated=False)
 
     def read(self, group: str) -> xr.Dataset:
-        return xr.open_zarr(str(self.path), group=group, zarr_format=3, consolidated=False)
+        return group_dataset(self.path, group)
+
+
+def group_dataset(path: Path | str, group: str) -> xr.Dataset:
+    """A group of a store, lazily (what `RunStore.read` gives, for a store nobody holds)."""
+    return xr.open_zarr(str(path), group=group, zarr_format=3, consolidated=False)
 
 
 # zarr writes a file as `<name>.<uuid4 hex>.partial`, then renames it; a kill

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import TEST_ORGANISM
 
+from routing_suite import bench
 from routing_suite import bench_conditions as bc
 from routing_suite.bench_localize import localize_figures
 from routing_suite.config import register_configs
 from routing_suite.interventions import Condition, SubspaceEdit
 from routing_suite.organisms import task as T
 from routing_suite.organisms.pairs import organism_pairs
+from routing_suite.routing import cell
 
 register_configs()
 
@@ -85,3 +89,16 @@ def test_the_localize_benchmark_times_both_methods_and_the_floor_on_the_same_act
         assert figures[f"localize_remote_{method}_bytes_up"] == 0  # the simulation sends nothing
     rho = figures["localize_spearman_deploy_to_eval"]
     assert rho != rho or -1 <= rho <= 1  # NaN only when one method's effects are all equal
+
+
+def test_the_fit_benchmark_times_the_stage_against_the_same_fit_in_memory_and_leaves_the_cell_alone(llama_underperform, organism_cache, tmp_path):
+    small = [*TEST_ORGANISM, "control=[random]", "data.max_fit=24", "localize.per_head=false", "localize.max_prompts=4", "localize.max_window=2"]
+    cfg = bc.routing_cfg("llama", organism_cache, tmp_path, 8, small)
+    store = Path(cell.run(cfg)["store"])
+    before = {p.relative_to(store): p.read_bytes() for p in sorted((store / "fit").rglob("*")) if p.is_file()}
+    figures = bench.fit_figures(cfg, repeats=2)
+    assert set(figures) == {"fit_stage_seconds", "fit_compute_seconds", "fit_ratio"}
+    assert figures["fit_stage_seconds"] > 0 and figures["fit_compute_seconds"] > 0
+    assert figures["fit_ratio"] == pytest.approx(figures["fit_stage_seconds"] / figures["fit_compute_seconds"], rel=0.05)
+    after = {p.relative_to(store): p.read_bytes() for p in sorted((store / "fit").rglob("*")) if p.is_file()}
+    assert after == before

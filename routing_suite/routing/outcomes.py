@@ -11,6 +11,7 @@ import xarray as xr
 import zarr
 
 from routing_suite import store_format
+from routing_suite.store import group_dataset
 
 log = logging.getLogger(__name__)
 
@@ -217,7 +218,7 @@ def read_group(path: str | Path, group: str, variables: tuple[str, ...]) -> xr.D
     try:
         if group not in _group_names(Path(path)):
             return None
-        ds = xr.open_zarr(str(path), group=group, consolidated=False)
+        ds = group_dataset(path, group)
         present = [v for v in variables if v in ds]
         return ds[present].load() if present else None
     except Exception as err:  # noqa: BLE001 - any decode or read failure
