@@ -214,12 +214,14 @@ def run(cfg) -> dict:
     if cfg.interventions or cfg.remote or cfg.fit:
         with tempfile.TemporaryDirectory() as tmp:
             root = Path(tmp)
-            cell_root = Path(cfg.cell_store_root) if cfg.cell_store_root else root
+            cell_cfg = _cell_cfg(cfg, Path(cfg.cell_store_root) if cfg.cell_store_root else root)
+            # The cell both figures read, run (or reused) once.
+            result = cell.run(cell_cfg) if cfg.interventions or cfg.fit else None
             if cfg.interventions:
-                conditions, prompts, max_new = bc.cell_conditions(_cell_cfg(cfg, cell_root), cfg.interventions_pairs)
+                conditions, prompts, max_new = bc.cell_conditions(cell_cfg, result, cfg.interventions_pairs)
                 figures.update(bc.intervention_figures(pair, conditions, prompts, max_new, cfg.repeats))
             if cfg.fit:
-                figures.update(fit_figures(_cell_cfg(cfg, cell_root), cfg.repeats))
+                figures.update(fit_figures(result["store"], int(cell_cfg.fit.max_rank), cfg.repeats))
             if cfg.remote:
                 figures.update(bc.remote_figures(cfg.family, cfg.cache_dir, root / "remote", cfg.interventions_pairs))
         torch.set_num_threads(cfg.num_threads)  # a routing cell sets its own
@@ -230,13 +232,11 @@ def run(cfg) -> dict:
     return figures
 
 
-def fit_figures(cell_cfg, repeats: int) -> dict:
-    """The fit stage as a cell runs it (its activations read from the store, the fit, the
-    group written to a store) against the same fit on activations already in memory. The
-    fit does no model work, so its floor is its own arithmetic: the ratio is what reading
-    and writing the store add. On the cell's store (run first, or reused)."""
-    source = cell.run(cell_cfg)["store"]
-    max_rank = int(cell_cfg.fit.max_rank)
+def fit_figures(source: str | Path, max_rank: int, repeats: int) -> dict:
+    """The fit stage as a cell runs it (its activations read from the cell's store `source`,
+    the fit, the group written to a store) against the same fit on activations already in
+    memory. The fit does no model work, so its floor is its own arithmetic: the ratio is
+    what reading and writing the store add."""
     acts = group_dataset(source, "activations").load()
     fit(acts, max_rank)  # warm-up
     best = {"fit_stage": float("inf"), "fit_compute": float("inf")}

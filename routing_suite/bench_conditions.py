@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 import torch
-import xarray as xr
 from hydra.utils import instantiate
 
 from routing_suite.backends import LocalBackend
@@ -35,6 +34,7 @@ from routing_suite.routing import cell
 from routing_suite.routing.controls import check_controls
 from routing_suite.routing.intervene import build_conditions
 from routing_suite.routing.targets import stored_aligned
+from routing_suite.store import group_dataset
 
 
 def routing_cfg(family: str, cache_dir: str, root: Path, n_test: int, extra: list[str] = ()):
@@ -54,17 +54,16 @@ def routing_cfg(family: str, cache_dir: str, root: Path, n_test: int, extra: lis
     )
 
 
-def cell_conditions(cfg, n_pairs: int | None = None) -> tuple[list[Condition], list[str], int]:
-    """Run (or reuse) the cell; its conditions, held-out eval+deploy prompts (the first
-    `n_pairs` test pairs, all when None), and max_new_tokens."""
-    result = cell.run(cfg)
+def cell_conditions(cfg, result: dict, n_pairs: int | None = None) -> tuple[list[Condition], list[str], int]:
+    """The conditions of the cell `cfg` ran into `result` (`cell.run`), its held-out
+    eval+deploy prompts (the first `n_pairs` test pairs, all when None), and max_new_tokens."""
     store = result["store"]
-    acts = xr.open_zarr(store, group="activations").load()
-    fit = xr.open_zarr(store, group="fit").load()
+    acts = group_dataset(store, "activations").load()
+    fit = group_dataset(store, "fit").load()
     spec = instantiate(cfg.intervention)
     controls = {key: instantiate(value) for key, value in cfg.control.items()}
     check_controls(controls)
-    aligned = stored_aligned(xr.open_zarr(store, group="outcomes").load())
+    aligned = stored_aligned(group_dataset(store, "outcomes").load())
     conditions = build_conditions(spec, controls, fit, acts, result["window"], int(cfg.seed), aligned)
     test = acts.sel(prompt=acts.split.values == "test").isel(prompt=slice(0, n_pairs))
     prompts = [str(p) for p in test.eval_prompt.values] + [str(p) for p in test.deploy_prompt.values]

@@ -57,7 +57,7 @@ def test_the_benchmarks_cell_gives_its_conditions_and_test_prompts(llama_underpe
     """`make bench` builds its intervention conditions from a real cell, as the routing run does."""
     small = [*TEST_ORGANISM, "control=[random]", "data.max_fit=24", "localize.per_head=false", "localize.max_prompts=4", "localize.max_window=2"]
     cfg = bc.routing_cfg("llama", organism_cache, tmp_path, 8, small)
-    conditions, prompts, max_new = bc.cell_conditions(cfg)
+    conditions, prompts, max_new = bc.cell_conditions(cfg, cell.run(cfg))
     assert [c.kind for c in conditions][:2] == ["baseline", "intervention"] and "control" in {c.kind for c in conditions}
     # the stored per-position targets, as the cell clamped (positions=aligned by default)
     assert all(e.target.dim() == 2 for e in conditions[1].edits)
@@ -96,7 +96,7 @@ def test_the_fit_benchmark_times_the_stage_against_the_same_fit_in_memory_and_le
     cfg = bc.routing_cfg("llama", organism_cache, tmp_path, 8, small)
     store = Path(cell.run(cfg)["store"])
     before = {p.relative_to(store): p.read_bytes() for p in sorted((store / "fit").rglob("*")) if p.is_file()}
-    figures = bench.fit_figures(cfg, repeats=2)
+    figures = bench.fit_figures(store, int(cfg.fit.max_rank), repeats=2)
     assert set(figures) == {"fit_stage_seconds", "fit_compute_seconds", "fit_ratio"}
     assert figures["fit_stage_seconds"] > 0 and figures["fit_compute_seconds"] > 0
     assert figures["fit_ratio"] == pytest.approx(figures["fit_stage_seconds"] / figures["fit_compute_seconds"], rel=0.05)
