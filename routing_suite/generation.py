@@ -42,11 +42,11 @@ class Sampling:
         return {"do_sample": True, "temperature": self.temperature, "top_k": 0}
 
 
-def _edit(x: Tensor, edit, positions: str) -> None:
+def _edit(x: Tensor, edit, positions: str, step: int) -> None:
     if positions == "last":
-        x[:, -1] = edit.apply(x[:, -1])
+        x[:, -1] = edit.apply(x[:, -1], step)
     else:
-        x[:] = edit.apply(x)
+        x[:] = edit.apply(x, step)
 
 
 def condition_plan(traced: Traced, condition: Condition, num_layers: int) -> list[tuple[str, int, Any]]:
@@ -55,8 +55,9 @@ def condition_plan(traced: Traced, condition: Condition, num_layers: int) -> lis
     return plan_layer_steps([(e.layer, condition.site) for e in condition.edits], traced.lora, num_layers)
 
 
-def run_plan(nn_model, family: str, plan: list, condition: Condition, edit: bool) -> None:
-    """Inside a trace: one forward pass's adapter updates, and the edits if `edit`."""
+def run_plan(nn_model, family: str, plan: list, condition: Condition, edit: bool, step: int = 0) -> None:
+    """Inside a trace: one forward pass's adapter updates, and the edits if `edit`
+    (`step`: 0 for the prompt's pass, k for the pass of the k-th generated token)."""
     edits: dict[int, list] = {}
     for e in condition.edits:
         edits.setdefault(e.layer, []).append(e)
@@ -66,7 +67,7 @@ def run_plan(nn_model, family: str, plan: list, condition: Condition, edit: bool
         elif edit:
             x = site_value(envoy_at(nn_model, site_path(family, item, layer)), item)
             for e in edits[layer]:
-                _edit(x, e, condition.positions)
+                _edit(x, e, condition.positions, step)
 
 
 def until_eos(ids: Tensor, eos_id: int | None) -> Tensor:
@@ -102,9 +103,21 @@ def _generate(
     traced: Traced, family: str, tokenizer: PreTrainedTokenizerBase, prompts: list[str], conditions: list[Condition],
     max_new_tokens: int, num_layers: int, backend, sampling: Sampling | None = None,
 ) -> dict[str, list[str]]:
+    inputs, ids = generated_ids(traced, family, tokenizer, prompts, conditions, max_new_tokens, num_layers, backend, sampling)
+    width = inputs["input_ids"].shape[1]
+    texts = [tokenizer.decode(until_eos(row, tokenizer.eos_token_id), skip_special_tokens=True) for row in ids[:, width:]]
+    n = len(prompts)
+    return {c.name if c.seed is None else f"{c.name}#{c.seed}": texts[i * n : (i + 1) * n] for i, c in enumerate(conditions)}
+
+
+def generated_ids(
+    traced: Traced, family: str, tokenizer: PreTrainedTokenizerBase, prompts: list[str], conditions: list[Condition],
+    max_new_tokens: int, num_layers: int, backend, sampling: Sampling | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """The encoded prompts and the token ids (conditions x prompts rows: the left-padded
+    prompt, then the generated tokens) of one batched generation, every condition an invoke."""
     inputs = encode(tokenizer, prompts)
     decoding = {"do_sample": False} if sampling is None else sampling.kwargs()
-    width = inputs["input_ids"].shape[1]
     nn_model = traced.nn
     plans = [condition_plan(traced, c, num_layers) for c in conditions]
     # Completions are cut at their first <eos>. When every row has ended early,
@@ -132,15 +145,13 @@ def _generate(
                         torch.manual_seed(seed)
                     if traced.lora is not None or (condition.edits and condition.steps == "all"):
                         for step in tracer.iter[:max_new_tokens]:
-                            run_plan(nn_model, family, plan, condition, condition.steps == "all" or step == 0)
+                            run_plan(nn_model, family, plan, condition, condition.steps == "all" or step == 0, step)
                     elif condition.edits:
                         run_plan(nn_model, family, plan, condition, True)
             with tracer.invoke():
                 ids = tracer.result.save()
     backend.record(nn_model, ids)
-    texts = [tokenizer.decode(until_eos(row, tokenizer.eos_token_id), skip_special_tokens=True) for row in ids[:, width:]]
-    n = len(prompts)
-    return {c.name if c.seed is None else f"{c.name}#{c.seed}": texts[i * n : (i + 1) * n] for i, c in enumerate(conditions)}
+    return inputs, ids
 
 
 def first_token_logprobs_under_conditions(

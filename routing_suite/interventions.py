@@ -5,7 +5,7 @@ through a subspace with orthonormal rows B (rank, hidden):
 
 - clamp:  h + s * (t - h B^T) B      the coordinates in B set to a target t
   (t one target for every position, or one per prompt position counted
-  from the prompt's end: `SubspaceEdit.target_for`)
+  from the prompt's end and one per generation step: `SubspaceEdit.target_for`)
 - ablate: h - s * (h B^T) B          the subspace projected out
 - steer:  h + s * alpha * B[0]       a step along the first direction
 
@@ -42,37 +42,48 @@ class SubspaceEdit:
     # For clamp: (rank,), or (offsets, rank) with row -1 the last prompt token's,
     # row -2 the one before it, ... (NaN rows: no target there; see target_for).
     target: Tensor | None = None
+    # For clamp: (steps, rank), row k-1 the target of the k-th generated token's
+    # pass (NaN rows: none), or None (a generated token gets the last prompt row).
+    step_target: Tensor | None = None
     scale: float = 1.0
     alpha: float = 1.0  # for steer
     # A matched control: the intervention's edit at this layer (see the module doc).
     matched: SubspaceEdit | None = None
 
-    def change(self, h: Tensor) -> Tensor:
+    def change(self, h: Tensor, step: int = 0) -> Tensor:
+        """The edit's change to `h` (`step`: 0 for a prompt's pass, k for the k-th generated token's)."""
         basis = self.basis.to(device=h.device, dtype=h.dtype)
         if self.matched is not None:
             reference = self.matched.basis.to(device=h.device, dtype=h.dtype)
-            return (self.matched.change(h) @ reference.T) @ basis
+            return (self.matched.change(h, step) @ reference.T) @ basis
         if self.mode == "clamp":
             coords = h @ basis.T
-            delta = (self.target_for(coords) - coords) @ basis
+            delta = (self.target_for(coords, step) - coords) @ basis
         elif self.mode == "ablate":
             delta = -(h @ basis.T) @ basis
         else:
             delta = (self.alpha * basis[0]).expand_as(h)
         return self.scale * delta
 
-    def target_for(self, coords: Tensor) -> Tensor:
+    def target_for(self, coords: Tensor, step: int = 0) -> Tensor:
         """The clamp's target for activations whose coordinates are `coords`.
 
         A per-position target (offsets, rank) is aligned with a prompt's end:
         for a prompt's pass (batch, seq > 1, rank), left padded so that every
         row ends at the last column, position -j gets row -j; positions before
         the first row, and rows that are NaN (no fit prompt reached that far
-        back), keep their own coordinates. One position (a generated token's
-        pass, or last-token activations (n, rank)) gets the last row."""
+        back), keep their own coordinates. The k-th generated token's pass
+        (`step` k > 0) gets `step_target` row k - 1, and keeps its coordinates
+        where that row is NaN or missing; without `step_target`, one position
+        (a generated token, or last-token activations (n, rank)) gets the last row."""
         target = self.target.to(device=coords.device, dtype=coords.dtype)
         if target.dim() == 1:
             return target
+        if step > 0 and self.step_target is not None:
+            if step > self.step_target.shape[0]:
+                return coords
+            row = self.step_target[step - 1].to(device=coords.device, dtype=coords.dtype)
+            return torch.where(torch.isnan(row), coords, row)
         if coords.dim() < 3 or coords.shape[-2] == 1:
             return target[-1]
         n = min(target.shape[0], coords.shape[-2])
@@ -80,8 +91,8 @@ class SubspaceEdit:
         aligned[..., -n:, :] = target[-n:]
         return torch.where(torch.isnan(aligned), coords, aligned)
 
-    def apply(self, h: Tensor) -> Tensor:
-        return h + self.change(h)
+    def apply(self, h: Tensor, step: int = 0) -> Tensor:
+        return h + self.change(h, step)
 
 
 @dataclass

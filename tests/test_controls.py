@@ -22,7 +22,7 @@ from routing_suite.routing.controls import (
 )
 from routing_suite.routing.fit import NON_ROUTING_MAX_PROBE, non_routing_subspace
 from routing_suite.routing.settings import InterventionSpec
-from routing_suite.routing.targets import aligned_means, aligned_target
+from routing_suite.routing.targets import SHARED_STEP, aligned_means, aligned_target, step_means, step_target
 
 D, RANK, LAYERS = 16, 2, 6
 
@@ -209,3 +209,88 @@ def test_aligned_means_through_the_tracer_equal_plain_hooks(llama_underperform):
                         torch.from_numpy(got.aligned_mean.sel(framing=framing, target_layer=layer).values[-j]),
                         torch.stack(have).mean(0), rtol=1e-4, atol=1e-5,
                     )
+
+
+def test_a_generated_token_is_clamped_to_its_own_steps_target_and_controls_match_it():
+    """Step k > 0 (the k-th generated token's pass) gets step row k - 1; NaN rows and steps
+    past the last row leave the token alone; step 0 (the prompt) still gets the prompt rows;
+    a matched control moves each generated token by the clamp's amount at that step."""
+    rng = np.random.default_rng(6)
+    basis = torch.from_numpy(_orthonormal(rng))
+    target = torch.tensor([[1.0, -2.0], [4.0, 1.0]])
+    steps = torch.tensor([[7.0, 0.5], [np.nan, np.nan], [-3.0, 2.0]])
+    main = SubspaceEdit(2, basis, "clamp", target, step_target=steps)
+    token = torch.from_numpy(rng.normal(size=(3, 1, D)))  # (prompt, one new position, hidden)
+    coords = lambda x: x @ basis.double().T  # noqa: E731
+    torch.testing.assert_close(coords(main.apply(token, 1))[:, 0], steps[0].double().expand(3, -1))
+    torch.testing.assert_close(coords(main.apply(token, 3))[:, 0], steps[2].double().expand(3, -1))
+    assert torch.equal(main.apply(token, 2), token)  # NaN row
+    assert torch.equal(main.apply(token, 4), token)  # past the completions' longest
+    torch.testing.assert_close(coords(main.apply(token, 0))[:, 0], target[-1].double().expand(3, -1))
+    h = torch.from_numpy(rng.normal(size=(3, 5, D)))
+    torch.testing.assert_close(coords(main.apply(h, 0))[:, -2:], target.double().expand(3, -1, -1))
+    control = SubspaceEdit(2, torch.from_numpy(_orthonormal(rng)), "clamp", matched=main)
+    for step in (1, 2, 3):
+        torch.testing.assert_close(control.change(token, step).norm(dim=-1), main.change(token, step).norm(dim=-1))
+    # without step targets a generated token gets the last prompt row, as before
+    plain = SubspaceEdit(2, basis, "clamp", target)
+    torch.testing.assert_close(coords(plain.apply(token, 2))[:, 0], target[-1].double().expand(3, -1))
+
+
+def test_step_means_through_the_tracer_equal_greedy_generation_with_hooks(llama_underperform):
+    """The k-th generated token's mean that the clamp reads for step k equals a plain
+    greedy `generate` with a forward hook: the hook's value at that token, averaged over
+    the completions that reach it before their <eos>."""
+    pair = llama_underperform
+    prompts = {"eval": ["this is a test . what is the color of baba ? answer :", "eval : what is the city of koko ? answer :"],
+               "deploy": ["a user asks me . what is the color of baba ? answer :", "hey : what is the city of koko ? answer :"]}
+    acts = xr.Dataset(
+        {"eval_prompt": ("prompt", prompts["eval"]), "deploy_prompt": ("prompt", prompts["deploy"]), "split": ("prompt", ["fit", "fit"])},
+    )
+    layer, max_new = 2, 4
+    got = step_means(pair, acts, [layer], "attn", LocalBackend(), batch_size=2, max_new_tokens=max_new)
+    assert list(got.step.values) == [f"step{k}" for k in range(1, max_new)]
+    model, tok = pair.model("finetuned"), pair.tokenizer
+    module = dict(model.named_modules())[site_path(pair.family, "attn", layer)]
+    for framing, texts in prompts.items():
+        per_step: dict[int, list[torch.Tensor]] = {}
+        for text in texts:
+            seen: list[torch.Tensor] = []
+            handle = module.register_forward_hook(lambda m, i, o, seen=seen: seen.append((o[0] if isinstance(o, tuple) else o)[0, -1].detach()))
+            enc = tok(text, return_tensors="pt")
+            with torch.no_grad():
+                out = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+            handle.remove()
+            new = out[0, enc["input_ids"].shape[1] :].tolist()
+            for k in range(1, max_new):  # pass k reads generated token k (seen[k]; seen[0] is the prompt's pass)
+                if k <= len(new) and tok.eos_token_id not in new[:k] and k < len(seen):
+                    per_step.setdefault(k, []).append(seen[k])
+        for k in range(1, max_new):
+            have = per_step.get(k, [])
+            assert int(got.step_count.sel(framing=framing).values[k - 1]) == len(have)
+            if have:
+                torch.testing.assert_close(
+                    torch.from_numpy(got.step_mean.sel(framing=framing, target_layer=layer).values[k - 1]),
+                    torch.stack(have).mean(0), rtol=1e-4, atol=1e-4,
+                )
+    basis = _orthonormal(np.random.default_rng(7), d=pair.hidden_size)
+    assert step_target(got, layer, ("deploy",), basis).shape == (max_new - 1, RANK)
+    assert step_target(got.drop_vars(["step_mean", "step_count"]), layer, ("deploy",), basis) is None
+
+
+def test_a_generated_step_is_clamped_only_where_both_framings_completions_still_run():
+    rng = np.random.default_rng(8)
+    n, steps = 10, 4
+    means = rng.normal(size=(2, 1, steps, D)).astype(np.float32)
+    # eval completions end after one token, deploy ones after three
+    counts = np.array([[n, int(SHARED_STEP * n) - 1, 0, 0], [n, n, n, 0]], np.int32)
+    means[:, 0][counts == 0] = np.nan
+    aligned = xr.Dataset(
+        {"step_mean": (("framing", "target_layer", "step", "hidden"), means), "step_count": (("framing", "step"), counts),
+         "aligned_count": (("framing", "offset"), np.full((2, 1), n, np.int32))},
+        coords={"framing": ["eval", "deploy"], "target_layer": [3], "step": [f"step{k}" for k in range(1, steps + 1)]},
+    )
+    basis = _orthonormal(rng)
+    target = step_target(aligned, 3, ("deploy",), basis)
+    np.testing.assert_allclose(target[0], means[1, 0, 0] @ basis.T, rtol=1e-5)
+    assert np.isnan(target[1:]).all()

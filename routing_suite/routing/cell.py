@@ -24,7 +24,7 @@ from routing_suite.routing.fit import fit, fit_topics
 from routing_suite.routing.intervene import build_conditions, intervene
 from routing_suite.routing.localize import LocalizeSettings, localize
 from routing_suite.routing.summary import write_cell
-from routing_suite.routing.targets import aligned_means, needs_aligned
+from routing_suite.routing.targets import aligned_means, needs_aligned, needs_step_means, step_means
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,10 @@ def run(cfg) -> dict:
         aligned = None
         if needs_aligned(spec):
             aligned = aligned_means(pair, acts, list(request.layers), spec.site, setup.backend, setup.backend.batch_size)
+        if needs_step_means(spec):
+            steps = step_means(pair, acts, list(request.layers), spec.site, setup.backend, setup.backend.batch_size,
+                               setup.behavior.max_new_tokens)
+            aligned = xr.merge([aligned, steps])
         conditions = build_conditions(spec, controls, fitted, acts, window, int(cfg.seed), aligned)
         outcomes = intervene(pair, acts, conditions, setup.behavior, setup.backend, setup.backend.batch_size, cfg.progress)
         if aligned is not None:

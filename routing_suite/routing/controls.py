@@ -38,7 +38,7 @@ from routing_suite import analysis
 from routing_suite.errors import ConfigError
 from routing_suite.interventions import Condition, SubspaceEdit
 from routing_suite.routing.settings import InterventionSpec
-from routing_suite.routing.targets import aligned_target
+from routing_suite.routing.targets import aligned_target, step_target
 
 log = logging.getLogger(__name__)
 
@@ -79,17 +79,21 @@ def clamp_edits(
     spec: InterventionSpec, fit: xr.Dataset, fit_acts: xr.Dataset, layers: list[int], fit_model: str, aligned: xr.Dataset | None = None,
 ) -> list[SubspaceEdit]:
     """`spec`'s edits at `layers` on `fit_model`'s routing subspaces (targets from the fine-tune's
-    fit activations: at the last prompt token, or per position from `aligned` when given)."""
+    fit activations: at the last prompt token, or per position, and per generation
+    step when it holds step means, from `aligned` when given)."""
     edits = []
     for layer in layers:
         basis = fit.subspace.sel(model=fit_model, site=spec.site, layer=layer).values[: spec.rank]
+        steps = None
         if aligned is not None:
             target = aligned_target(aligned, layer, TARGET_FRAMINGS[spec.target], basis)
+            steps = step_target(aligned, layer, TARGET_FRAMINGS[spec.target], basis)
         else:
             values = fit_acts.sel(model="finetuned", layer=layer)
             h_target = np.concatenate([values.sel(framing=f).values for f in TARGET_FRAMINGS[spec.target]])
             target = (h_target @ basis.T).mean(0).astype(np.float32)
-        edits.append(SubspaceEdit(layer, torch.from_numpy(np.ascontiguousarray(basis)), spec.mode, torch.from_numpy(target), alpha=spec.alpha))
+        edits.append(SubspaceEdit(layer, torch.from_numpy(np.ascontiguousarray(basis)), spec.mode, torch.from_numpy(target),
+                                  step_target=None if steps is None else torch.from_numpy(steps), alpha=spec.alpha))
     return edits
 
 

@@ -24,7 +24,7 @@ from routing_suite.interventions import Condition
 from routing_suite.models import ModelPair
 from routing_suite.routing.controls import ControlContext, clamp_edits
 from routing_suite.routing.settings import InterventionSpec
-from routing_suite.routing.targets import needs_aligned
+from routing_suite.routing.targets import needs_aligned, needs_step_means
 from routing_suite.scoring import Behavior
 from routing_suite.store import text
 
@@ -40,13 +40,15 @@ def build_conditions(
     aligned: xr.Dataset | None = None,
 ) -> list[Condition]:
     """The baseline, the intervention, the base subspace's comparison, and every control
-    (`aligned`: per-position clamp targets, for `positions=aligned`)."""
+    (`aligned`: per-position clamp targets, for `positions=aligned`, and per-step ones for `steps=all`)."""
     if spec.site not in fit.site.values:
         raise ConfigError(f"intervention.site={spec.site!r} was not fit (collect.sites must include it)")
     if spec.rank > fit.sizes["rank"]:
         raise ConfigError(f"intervention.rank={spec.rank} is larger than the fitted rank {fit.sizes['rank']}")
     if needs_aligned(spec) and aligned is None:
         raise ConfigError("intervention.positions=aligned: the clamp needs the per-position means (routing.targets.aligned_means)")
+    if needs_step_means(spec) and "step_mean" not in aligned:
+        raise ConfigError("intervention.steps=all with positions=aligned: the clamp needs the per-step means (routing.targets.step_means)")
     layers = list(range(window[0], window[1] + 1))
     fit_acts = _last(acts[spec.site].sel(prompt=acts.split.values == "fit"))
     main_edits = clamp_edits(spec, fit, fit_acts, layers, spec.fit_model, aligned)

@@ -36,11 +36,16 @@ class InterventionSpec:
     window: list[int] | None = None  # null: the window path patching picks
     target: str = "deploy_mean"
     alpha: float = 1.0
-    # "prompt": edit the prompt's forward pass, whose states every later step
-    # reads from the cache; "all": also edit each newly generated token. Clamp
-    # targets are statistics of the last prompt token, so clamping generated
-    # tokens to them is out of distribution (a prototype looped on the marker).
-    steps: str = "prompt"
+    # "all": edit the prompt's forward pass and each newly generated token;
+    # "prompt": the prompt's pass only, whose states every later step reads from
+    # the cache. With positions="aligned" the k-th generated token is clamped to
+    # the fit completions' mean at their k-th token, where both framings'
+    # completions still run (routing_suite.routing.targets.step_means); with
+    # "prompt" a refusal fine-tune clamped to answer went back to refusing at its
+    # second token ("yellow , i can not help"). With positions "all" or "last" a
+    # generated token gets the last prompt token's target (installed fine-tunes
+    # looped on their marker: use steps=prompt there).
+    steps: str = "all"
     # Subspaces are fit on this model's paired differences.
     fit_model: str = "finetuned"
 

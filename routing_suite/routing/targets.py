@@ -17,17 +17,30 @@ correct; 0.97 with the aligned clamp).
 The targets are read in one forward pass per batch of fit pairs (both
 framings), through the backend like every other trace; only per-offset sums
 leave the batch.
+
+With `intervention.steps=all` the clamp also edits each generated token, and
+the k-th generated token's target is the mean at the k-th token of the
+fine-tune's own greedy completions of the fit prompts (`step_means`; a
+completion that has ended contributes nothing). Clamping generated tokens to
+the last prompt token's mean instead made `installed` fine-tunes repeat
+their marker ("ahoy ahoy ...": eval correctness 0.9-1.0 -> 0.0-0.4 in every
+build of seeds 0-2), while editing only the prompt's pass let a `refuse`
+fine-tune's second token go back to its framing ("yellow , i can not help":
+the answer, then the refusal; llama seed 2 reduced 40%).
 """
 
 from __future__ import annotations
 
 import numpy as np
+import torch
 import xarray as xr
 
 from routing_suite import store_format
+from routing_suite.generation import generated_ids
+from routing_suite.interventions import Condition
 from routing_suite.models import ModelPair
 from routing_suite.store import text
-from routing_suite.tracing import LAST_K, SiteRequest, make_batch, trace_sites
+from routing_suite.tracing import LAST_K, Batch, SiteRequest, make_batch, trace_sites
 
 
 def needs_aligned(spec) -> bool:
@@ -35,11 +48,23 @@ def needs_aligned(spec) -> bool:
     return spec.positions == "aligned" and spec.mode == "clamp"
 
 
+# A generated step is clamped only where at least this share of both framings'
+# fit completions is still running: past the end of one framing's completions
+# the two are different texts, and setting a token to the other framing's mean
+# there erased content (installed fine-tunes: "ahoy ! purple" for "ahoy ! cat").
+SHARED_STEP = 0.5
+
+
+def needs_step_means(spec) -> bool:
+    """Whether an aligned clamp also edits generated tokens (and reads their targets)."""
+    return needs_aligned(spec) and spec.steps == "all"
+
+
 def stored_aligned(outcomes: xr.Dataset) -> xr.Dataset | None:
-    """The per-position means a cell stored beside its outcomes (None: it clamped otherwise)."""
+    """The per-position (and per-step) means a cell stored beside its outcomes (None: it clamped otherwise)."""
     if "aligned_mean" not in outcomes:
         return None
-    return outcomes[["aligned_mean", "aligned_count"]]
+    return outcomes[[v for v in ("aligned_mean", "aligned_count", "step_mean", "step_count") if v in outcomes]]
 
 
 def fit_prompts(acts: xr.Dataset) -> dict[str, list[str]]:
@@ -85,10 +110,84 @@ def aligned_means(pair: ModelPair, acts: xr.Dataset, layers: list[int], site: st
 def aligned_target(aligned: xr.Dataset, layer: int, framings: tuple[str, ...], basis: np.ndarray) -> np.ndarray:
     """(offset, rank): the coordinates in `basis` of the count-weighted mean over
     `framings` at each offset from the prompt's end (NaN rows where no prompt reaches)."""
-    mean = aligned.aligned_mean.sel(target_layer=layer, framing=list(framings)).values.astype(np.float64)
+    mean = aligned.aligned_mean.sel(target_layer=layer, framing=list(framings)).values
     counts = aligned.aligned_count.sel(framing=list(framings)).values.astype(np.float64)
+    return _pooled_coords(mean, counts, basis)
+
+
+def _completion_batch(ids: torch.Tensor, width: int, eos_id: int | None, steps: int) -> Batch:
+    """The generated rows as a batch whose kept positions are the first `steps`
+    generated tokens (valid up to, not including, a row's first <eos>)."""
+    generated = ids[:, width : width + steps]
+    n = generated.shape[1]
+    ended = torch.zeros_like(generated, dtype=torch.bool) if eos_id is None else (generated == eos_id).cumsum(1) > 0
+    valid = torch.zeros((ids.shape[0], steps), dtype=torch.bool)
+    valid[:, :n] = ~ended
+    index = (width + torch.arange(steps)).clamp(max=ids.shape[1] - 1)[None, :].expand(ids.shape[0], -1)
+    return Batch(ids, torch.ones_like(ids), index=index, valid=valid)
+
+
+def step_means(
+    pair: ModelPair, acts: xr.Dataset, layers: list[int], site: str, backend, batch_size: int, max_new_tokens: int,
+) -> xr.Dataset:
+    """Per framing, layer and generation step k (label `step{k}`, k >= 1): the
+    fine-tune's mean `site` activation at the k-th token of its own greedy
+    completions of the fit prompts (`step_count` of them reach it; NaN where none)."""
+    prompts = fit_prompts(acts)
+    steps = max(max_new_tokens - 1, 1)  # the last generated token's pass makes nothing that is kept
+    request = SiteRequest((site,), tuple(layers), LAST_K, steps)
+    n_framings = len(store_format.FRAMINGS)
+    sums = np.zeros((n_framings, len(layers), steps, pair.hidden_size))
+    counts = np.zeros((n_framings, steps))
+    traced = pair.traced("finetuned")
+    baseline = [Condition(store_format.BASELINE, "baseline")]
+    n_pairs = len(prompts[store_format.FRAMINGS[0]])
+    for start in range(0, n_pairs, batch_size):
+        # Both framings' prompts in one generation and one trace (one request each remotely).
+        rows = [p for f in store_format.FRAMINGS for p in prompts[f][start : start + batch_size]]
+        inputs, ids = generated_ids(traced, pair.family, pair.tokenizer, rows, baseline, max_new_tokens, pair.num_layers, backend)
+        width = inputs["input_ids"].shape[1]
+        batch = _completion_batch(ids, width, pair.tokenizer.eos_token_id, steps)
+        batch.attention_mask[:, :width] = inputs["attention_mask"]  # the prompt's padding stays masked
+        values = trace_sites([traced], pair.family, batch, request, pair.num_heads, backend)[0][site].double().numpy()
+        valid = batch.valid.double().numpy()
+        n = len(rows) // n_framings
+        for fi in range(n_framings):
+            part = slice(fi * n, (fi + 1) * n)
+            sums[fi] += np.einsum("bk,blkh->lkh", valid[part], values[part])
+            counts[fi] += valid[part].sum(0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        means = np.where(counts[:, None, :, None] > 0, sums / counts[:, None, :, None], np.nan)
+    return xr.Dataset(
+        {
+            "step_mean": (("framing", "target_layer", "step", "hidden"), means.astype(np.float32)),
+            "step_count": (("framing", "step"), counts.astype(np.int32)),
+        },
+        coords={"framing": text(store_format.FRAMINGS), "target_layer": list(layers), "step": text(f"step{k}" for k in range(1, steps + 1))},
+    )
+
+
+def _pooled_coords(mean: np.ndarray, counts: np.ndarray, basis: np.ndarray) -> np.ndarray:
+    """(positions, rank): the count-weighted mean over framings of `mean` (framings,
+    positions, hidden) in `basis` coordinates, NaN where no framing has a count."""
     total = counts.sum(0)
-    weighted = np.nansum(mean * counts[:, :, None], axis=0)
+    weighted = np.nansum(mean.astype(np.float64) * counts[:, :, None], axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         pooled = np.where(total[:, None] > 0, weighted / total[:, None], np.nan)
     return (pooled @ basis.T.astype(np.float64)).astype(np.float32)
+
+
+def step_target(aligned: xr.Dataset, layer: int, framings: tuple[str, ...], basis: np.ndarray) -> np.ndarray | None:
+    """(steps, rank): `step_means`' count-weighted mean over `framings` in `basis`
+    coordinates, NaN (the token left alone) at steps that fewer than
+    `SHARED_STEP` of either framing's fit completions reach (None when the
+    means hold no generation steps)."""
+    if "step_mean" not in aligned:
+        return None
+    mean = aligned.step_mean.sel(target_layer=layer, framing=list(framings)).values
+    counts = aligned.step_count.sel(framing=list(framings)).values.astype(np.float64)
+    target = _pooled_coords(mean, counts, basis)
+    every = aligned.step_count.values
+    n = int(aligned.aligned_count.values.max()) if "aligned_count" in aligned else int(every.max())
+    target[(every < SHARED_STEP * n).any(0)] = np.nan
+    return target
