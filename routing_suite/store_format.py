@@ -66,6 +66,11 @@ Group "outcomes" (per prompt, so the aggregator can bootstrap)
                           control with several seeds stores the mean over seeds
             correct       (condition, framing, prompt) float in [0, 1]
             perturbation_norm (condition) mean L2 norm of the change made
+            aligned_mean, aligned_count (framing, target_layer, offset, hidden)
+                          and (framing, offset): the aligned clamp's per-position
+                          targets (positions=aligned); step_mean, step_count
+                          (framing, target_layer, step, hidden), (framing, step):
+                          its per-generation-step ones (steps=all)
     coords  condition: "baseline", the intervention's name (e.g. "clamp"),
             then the controls ("random", "orthogonal", "non_routing",
             "semantic", ...); kind (condition): "baseline" | "intervention" |

@@ -73,6 +73,37 @@ def fit_prompts(acts: xr.Dataset) -> dict[str, list[str]]:
     return {f: [str(p) for p in fit[f"{f}_prompt"].values] for f in store_format.FRAMINGS}
 
 
+class _FramingMeans:
+    """Per framing, layer and position: running sums and counts of a site's values
+    over batches whose rows are n eval prompts, then their n deploy prompts."""
+
+    def __init__(self, n_layers: int, n_positions: int, hidden: int) -> None:
+        n_framings = len(store_format.FRAMINGS)
+        self.sums = np.zeros((n_framings, n_layers, n_positions, hidden))
+        self.counts = np.zeros((n_framings, n_positions))
+
+    def add(self, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """`values` (rows, layer, position, hidden); `valid` (rows, position): what counts."""
+        values, weights = values.double().numpy(), valid.double().numpy()
+        n = len(values) // len(store_format.FRAMINGS)
+        for fi in range(len(store_format.FRAMINGS)):
+            part = slice(fi * n, (fi + 1) * n)
+            self.sums[fi] += np.einsum("bk,blkh->lkh", weights[part], values[part])
+            self.counts[fi] += weights[part].sum(0)
+
+    def dataset(self, name: str, dim: str, labels: list[str], layers: list[int]) -> xr.Dataset:
+        """`{name}_mean` (framing, target_layer, dim, hidden), NaN where nothing counted, and `{name}_count`."""
+        with np.errstate(invalid="ignore", divide="ignore"):
+            means = np.where(self.counts[:, None, :, None] > 0, self.sums / self.counts[:, None, :, None], np.nan)
+        return xr.Dataset(
+            {
+                f"{name}_mean": (("framing", "target_layer", dim, "hidden"), means.astype(np.float32)),
+                f"{name}_count": (("framing", dim), self.counts.astype(np.int32)),
+            },
+            coords={"framing": text(store_format.FRAMINGS), "target_layer": list(layers), dim: text(labels)},
+        )
+
+
 def aligned_means(pair: ModelPair, acts: xr.Dataset, layers: list[int], site: str, backend, batch_size: int) -> xr.Dataset:
     """Per framing, layer and offset from the prompt's end (offset label `last0` is
     the last token): the fine-tune's mean `site` activation over the fit prompts
@@ -81,30 +112,15 @@ def aligned_means(pair: ModelPair, acts: xr.Dataset, layers: list[int], site: st
     tokenizer = pair.tokenizer
     k = max(len(tokenizer(p)["input_ids"]) for texts in prompts.values() for p in texts)
     request = SiteRequest((site,), tuple(layers), LAST_K, k)
-    n_framings = len(store_format.FRAMINGS)
-    sums = np.zeros((n_framings, len(layers), k, pair.hidden_size))
-    counts = np.zeros((n_framings, k))
+    means = _FramingMeans(len(layers), k, pair.hidden_size)
     traced = pair.traced("finetuned")
     n_pairs = len(prompts[store_format.FRAMINGS[0]])
     for start in range(0, n_pairs, batch_size):
         rows = [p for f in store_format.FRAMINGS for p in prompts[f][start : start + batch_size]]
         batch = make_batch(tokenizer, rows, request)
-        values = trace_sites([traced], pair.family, batch, request, pair.num_heads, backend)[0][site].double().numpy()
-        valid = batch.valid.double().numpy()
-        n = len(rows) // n_framings
-        for fi in range(n_framings):
-            part = slice(fi * n, (fi + 1) * n)
-            sums[fi] += np.einsum("bk,blkh->lkh", valid[part], values[part])
-            counts[fi] += valid[part].sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = np.where(counts[:, None, :, None] > 0, sums / counts[:, None, :, None], np.nan)
-    return xr.Dataset(
-        {
-            "aligned_mean": (("framing", "target_layer", "offset", "hidden"), means.astype(np.float32)),
-            "aligned_count": (("framing", "offset"), counts.astype(np.int32)),
-        },
-        coords={"framing": text(store_format.FRAMINGS), "target_layer": list(layers), "offset": text(request.position_labels())},
-    )
+        values = trace_sites([traced], pair.family, batch, request, pair.num_heads, backend)[0][site]
+        means.add(values, batch.valid)
+    return means.dataset("aligned", "offset", request.position_labels(), layers)
 
 
 def aligned_target(aligned: xr.Dataset, layer: int, framings: tuple[str, ...], basis: np.ndarray) -> np.ndarray:
@@ -136,9 +152,7 @@ def step_means(
     prompts = fit_prompts(acts)
     steps = max(max_new_tokens - 1, 1)  # the last generated token's pass makes nothing that is kept
     request = SiteRequest((site,), tuple(layers), LAST_K, steps)
-    n_framings = len(store_format.FRAMINGS)
-    sums = np.zeros((n_framings, len(layers), steps, pair.hidden_size))
-    counts = np.zeros((n_framings, steps))
+    means = _FramingMeans(len(layers), steps, pair.hidden_size)
     traced = pair.traced("finetuned")
     baseline = [Condition(store_format.BASELINE, "baseline")]
     n_pairs = len(prompts[store_format.FRAMINGS[0]])
@@ -149,22 +163,8 @@ def step_means(
         width = inputs["input_ids"].shape[1]
         batch = _completion_batch(ids, width, pair.tokenizer.eos_token_id, steps)
         batch.attention_mask[:, :width] = inputs["attention_mask"]  # the prompt's padding stays masked
-        values = trace_sites([traced], pair.family, batch, request, pair.num_heads, backend)[0][site].double().numpy()
-        valid = batch.valid.double().numpy()
-        n = len(rows) // n_framings
-        for fi in range(n_framings):
-            part = slice(fi * n, (fi + 1) * n)
-            sums[fi] += np.einsum("bk,blkh->lkh", valid[part], values[part])
-            counts[fi] += valid[part].sum(0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        means = np.where(counts[:, None, :, None] > 0, sums / counts[:, None, :, None], np.nan)
-    return xr.Dataset(
-        {
-            "step_mean": (("framing", "target_layer", "step", "hidden"), means.astype(np.float32)),
-            "step_count": (("framing", "step"), counts.astype(np.int32)),
-        },
-        coords={"framing": text(store_format.FRAMINGS), "target_layer": list(layers), "step": text(f"step{k}" for k in range(1, steps + 1))},
-    )
+        means.add(trace_sites([traced], pair.family, batch, request, pair.num_heads, backend)[0][site], batch.valid)
+    return means.dataset("step", "step", [f"step{k}" for k in range(1, steps + 1)], layers)
 
 
 def _pooled_coords(mean: np.ndarray, counts: np.ndarray, basis: np.ndarray) -> np.ndarray:
