@@ -77,16 +77,20 @@ def suite_generate(pair: ModelPair, prompts: list[str], conditions: list[Conditi
 
 
 def _edit_hook(condition: Condition, edits: list):
+    """A forward hook for one `generate`: its k-th call is generation step k (0: the prompt's pass)."""
+    calls = [0]
+
     def hook(module, args, output):
+        step, calls[0] = calls[0], calls[0] + 1
         x = output[0] if isinstance(output, tuple) else output
-        if condition.steps == "prompt" and x.shape[1] == 1:
+        if condition.steps == "prompt" and step > 0:
             return None  # a generated token's pass: "prompt" edits only touch the prompt's pass
         x = x.clone()
         for e in edits:
             if condition.positions == "last":
-                x[:, -1] = e.apply(x[:, -1])
+                x[:, -1] = e.apply(x[:, -1], step)
             else:
-                x = e.apply(x)
+                x = e.apply(x, step)
         return (x, *output[1:]) if isinstance(output, tuple) else x
 
     return hook

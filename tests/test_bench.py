@@ -37,20 +37,25 @@ def test_hooked_generate_matches_the_suites_batched_conditions(llama_underperfor
     # per position from the prompt's end, a NaN row leaving its position alone
     per_position = torch.tensor([[-20.0, 10.0], [float("nan"), float("nan")], [5.0, -30.0], [30.0, 30.0]])
     aligned = [SubspaceEdit(layer, _basis(d, 2, layer), "clamp", per_position) for layer in (1, 2)]
+    # and per generation step: step 1's row, step 2 left alone (NaN), steps past the rows too
+    per_step = torch.tensor([[25.0, -25.0], [float("nan"), float("nan")], [-30.0, 20.0]])
+    stepped = [SubspaceEdit(layer, _basis(d, 2, layer), "clamp", per_position, step_target=per_step) for layer in (1, 2)]
     conditions = [
         Condition("baseline", "baseline"),
         Condition("clamp_prompt_all", "intervention", "attn", "all", clamp, steps="prompt"),
         Condition("clamp_aligned", "control", "attn", "aligned", aligned, steps="prompt"),
+        Condition("clamp_aligned_steps", "control", "attn", "aligned", stepped, steps="all"),
         Condition("clamp_every_last", "control", "attn", "last", clamp, steps="all", seed=3),
         Condition("steer_resid", "control", "resid", "all", steer, steps="all"),
     ]
     suite = bc.suite_generate(pair, prompts, conditions, max_new_tokens=6)
     hooks = bc.hooks_generate(pair, prompts, conditions, max_new_tokens=6)
-    assert suite.keys() == hooks.keys() == {"baseline", "clamp_prompt_all", "clamp_aligned", "clamp_every_last#3", "steer_resid"}
+    assert suite.keys() == hooks.keys() == {"baseline", "clamp_prompt_all", "clamp_aligned", "clamp_aligned_steps", "clamp_every_last#3", "steer_resid"}
     assert suite == hooks
     # The edits matter: otherwise the comparison says nothing.
     changed = {name: sum(a != b for a, b in zip(texts, suite["baseline"])) for name, texts in suite.items()}
     assert all(changed[name] > 0 for name in changed if name != "baseline"), changed
+    assert suite["clamp_aligned_steps"] != suite["clamp_aligned"]  # the generated steps' edits matter too
 
 
 def test_the_benchmarks_cell_gives_its_conditions_and_test_prompts(llama_underperform, organism_cache, tmp_path):
@@ -59,8 +64,8 @@ def test_the_benchmarks_cell_gives_its_conditions_and_test_prompts(llama_underpe
     cfg = bc.routing_cfg("llama", organism_cache, tmp_path, 8, small)
     conditions, prompts, max_new = bc.cell_conditions(cfg, cell.run(cfg))
     assert [c.kind for c in conditions][:2] == ["baseline", "intervention"] and "control" in {c.kind for c in conditions}
-    # the stored per-position targets, as the cell clamped (positions=aligned by default)
-    assert all(e.target.dim() == 2 for e in conditions[1].edits)
+    # the stored per-position and per-step targets, as the cell clamped (positions=aligned, steps=all by default)
+    assert all(e.target.dim() == 2 and e.step_target is not None for e in conditions[1].edits)
     assert len(prompts) == 2 * 8 and len(set(prompts)) == len(prompts) and max_new == int(cfg.behavior.max_new_tokens)
 
 
