@@ -274,8 +274,10 @@ def test_step_means_through_the_tracer_equal_greedy_generation_with_hooks(llama_
                     torch.stack(have).mean(0), rtol=1e-4, atol=1e-4,
                 )
     basis = _orthonormal(np.random.default_rng(7), d=pair.hidden_size)
-    assert step_target(got, layer, ("deploy",), basis).shape == (max_new - 1, RANK)
-    assert step_target(got.drop_vars(["step_mean", "step_count"]), layer, ("deploy",), basis) is None
+    # as the cell stores them: beside the per-position means
+    both = xr.merge([aligned_means(pair, acts, [layer], "attn", LocalBackend(), batch_size=2), got])
+    assert step_target(both, layer, ("deploy",), basis).shape == (max_new - 1, RANK)
+    assert step_target(both.drop_vars(["step_mean", "step_count"]), layer, ("deploy",), basis) is None
 
 
 def test_a_generated_step_is_clamped_only_where_both_framings_completions_still_run():

@@ -131,16 +131,19 @@ def aligned_target(aligned: xr.Dataset, layer: int, framings: tuple[str, ...], b
     return _pooled_coords(mean, counts, basis)
 
 
-def _completion_batch(ids: torch.Tensor, width: int, eos_id: int | None, steps: int) -> Batch:
-    """The generated rows as a batch whose kept positions are the first `steps`
-    generated tokens (valid up to, not including, a row's first <eos>)."""
+def _completion_batch(ids: torch.Tensor, prompt_mask: torch.Tensor, eos_id: int | None, steps: int) -> Batch:
+    """The generated rows (the left-padded prompts, whose padding `prompt_mask` keeps
+    masked, then every generated token) as a batch whose kept positions are the first
+    `steps` generated tokens (valid up to, not including, a row's first <eos>)."""
+    width = prompt_mask.shape[1]
     generated = ids[:, width : width + steps]
-    n = generated.shape[1]
     ended = torch.zeros_like(generated, dtype=torch.bool) if eos_id is None else (generated == eos_id).cumsum(1) > 0
     valid = torch.zeros((ids.shape[0], steps), dtype=torch.bool)
-    valid[:, :n] = ~ended
+    valid[:, : generated.shape[1]] = ~ended
     index = (width + torch.arange(steps)).clamp(max=ids.shape[1] - 1)[None, :].expand(ids.shape[0], -1)
-    return Batch(ids, torch.ones_like(ids), index=index, valid=valid)
+    mask = torch.ones_like(ids)
+    mask[:, :width] = prompt_mask
+    return Batch(ids, mask, index=index, valid=valid)
 
 
 def step_means(
@@ -160,9 +163,7 @@ def step_means(
         # Both framings' prompts in one generation and one trace (one request each remotely).
         rows = [p for f in store_format.FRAMINGS for p in prompts[f][start : start + batch_size]]
         inputs, ids = generated_ids(traced, pair.family, pair.tokenizer, rows, baseline, max_new_tokens, pair.num_layers, backend)
-        width = inputs["input_ids"].shape[1]
-        batch = _completion_batch(ids, width, pair.tokenizer.eos_token_id, steps)
-        batch.attention_mask[:, :width] = inputs["attention_mask"]  # the prompt's padding stays masked
+        batch = _completion_batch(ids, inputs["attention_mask"], pair.tokenizer.eos_token_id, steps)
         means.add(trace_sites([traced], pair.family, batch, request, pair.num_heads, backend)[0][site], batch.valid)
     return means.dataset("step", "step", [f"step{k}" for k in range(1, steps + 1)], layers)
 
@@ -187,7 +188,6 @@ def step_target(aligned: xr.Dataset, layer: int, framings: tuple[str, ...], basi
     mean = aligned.step_mean.sel(target_layer=layer, framing=list(framings)).values
     counts = aligned.step_count.sel(framing=list(framings)).values.astype(np.float64)
     target = _pooled_coords(mean, counts, basis)
-    every = aligned.step_count.values
-    n = int(aligned.aligned_count.values.max()) if "aligned_count" in aligned else int(every.max())
-    target[(every < SHARED_STEP * n).any(0)] = np.nan
+    n_fit = aligned.aligned_count.values.max()  # every fit prompt has a last token
+    target[(aligned.step_count.values < SHARED_STEP * n_fit).any(0)] = np.nan
     return target
