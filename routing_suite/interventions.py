@@ -5,7 +5,9 @@ through a subspace with orthonormal rows B (rank, hidden):
 
 - clamp:  h + s * (t - h B^T) B      the coordinates in B set to a target t
   (t one target for every position, or one per prompt position counted
-  from the prompt's end and one per generation step: `SubspaceEdit.target_for`)
+  from the prompt's end and one per generation step: `SubspaceEdit.target_for`);
+  with `side` (one-sided, `SubspaceEdit.side`) only the coordinates that lie
+  on the other framing's side of t are set to it, the others are kept
 - ablate: h - s * (h B^T) B          the subspace projected out
 - steer:  h + s * alpha * B[0]       a step along the first direction
 
@@ -45,6 +47,13 @@ class SubspaceEdit:
     # For clamp: (steps, rank), row k-1 the target of the k-th generated token's
     # pass (NaN rows: none), or None (a generated token gets the last prompt row).
     step_target: Tensor | None = None
+    # A one-sided clamp: the sign, per row of `target` (and of `step_target` in
+    # `step_side`) and coordinate, of (other framing's mean - target). A
+    # coordinate on the target's own side of the target is kept, not set to it:
+    # an activation that already reads as the target framing keeps its
+    # variation (NaN or 0: that coordinate is clamped either way). None: two-sided.
+    side: Tensor | None = None
+    step_side: Tensor | None = None
     scale: float = 1.0
     alpha: float = 1.0  # for steer
     # A matched control: the intervention's edit at this layer (see the module doc).
@@ -58,7 +67,11 @@ class SubspaceEdit:
             return (self.matched.change(h, step) @ reference.T) @ basis
         if self.mode == "clamp":
             coords = h @ basis.T
-            delta = (self.target_for(coords, step) - coords) @ basis
+            target = self.target_for(coords, step)
+            if self.side is not None:
+                side = self._rows(self.side, self.step_side, torch.zeros_like(coords), step)
+                target = torch.where((coords - target) * torch.nan_to_num(side) < 0, coords, target)
+            delta = (target - coords) @ basis
         elif self.mode == "ablate":
             delta = -(h @ basis.T) @ basis
         else:
@@ -76,19 +89,25 @@ class SubspaceEdit:
         (`step` k > 0) gets `step_target` row k - 1, and keeps its coordinates
         where that row is NaN or missing; without `step_target`, one position
         (a generated token, or last-token activations (n, rank)) gets the last row."""
-        target = self.target.to(device=coords.device, dtype=coords.dtype)
-        if target.dim() == 1:
-            return target
-        if step > 0 and self.step_target is not None:
-            if step > self.step_target.shape[0]:
+        return self._rows(self.target, self.step_target, coords, step)
+
+    @staticmethod
+    def _rows(table: Tensor, step_table: Tensor | None, coords: Tensor, step: int) -> Tensor:
+        """`table`'s rows placed against `coords` as `target_for` describes, `coords`'
+        own values where a row is NaN or missing (the target's or the side's table)."""
+        table = table.to(device=coords.device, dtype=coords.dtype)
+        if table.dim() == 1:
+            return table.expand_as(coords)
+        if step > 0 and step_table is not None:
+            if step > step_table.shape[0]:
                 return coords
-            row = self.step_target[step - 1].to(device=coords.device, dtype=coords.dtype)
+            row = step_table[step - 1].to(device=coords.device, dtype=coords.dtype)
             return torch.where(torch.isnan(row), coords, row)
         if coords.dim() < 3 or coords.shape[-2] == 1:
-            return target[-1]
-        n = min(target.shape[0], coords.shape[-2])
+            return torch.where(torch.isnan(table[-1]), coords, table[-1])
+        n = min(table.shape[0], coords.shape[-2])
         aligned = coords.clone()
-        aligned[..., -n:, :] = target[-n:]
+        aligned[..., -n:, :] = table[-n:]
         return torch.where(torch.isnan(aligned), coords, aligned)
 
     def apply(self, h: Tensor, step: int = 0) -> Tensor:

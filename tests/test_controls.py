@@ -9,6 +9,7 @@ import xarray as xr
 
 from routing_suite import analysis
 from routing_suite.backends import LocalBackend
+from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
 from routing_suite.interventions import SubspaceEdit
 from routing_suite.routing.controls import (
@@ -296,3 +297,60 @@ def test_a_generated_step_is_clamped_only_where_both_framings_completions_still_
     target = step_target(aligned, 3, ("deploy",), basis)
     np.testing.assert_allclose(target[0], means[1, 0, 0] @ basis.T, rtol=1e-5)
     assert np.isnan(target[1:]).all()
+
+
+def test_a_one_sided_clamp_moves_only_coordinates_on_the_other_framings_side():
+    """bound=one_sided: a coordinate past the target on the target framing's side is
+    kept, one on the other framing's side is set to the target, per position, per
+    generation step and per coordinate; NaN sides clamp either way; a matched
+    control moves each activation by exactly the one-sided clamp's amount."""
+    rng = np.random.default_rng(7)
+    basis = torch.from_numpy(_orthonormal(rng))
+    target = torch.tensor([[1.0, -2.0], [4.0, 1.0]])
+    side = torch.tensor([[1.0, -1.0], [np.nan, 1.0]])  # sign of (other framing's mean - target)
+    steps, step_side = torch.tensor([[0.0, 0.0]]), torch.tensor([[-1.0, 1.0]])
+    edit = SubspaceEdit(2, basis, "clamp", target, step_target=steps, side=side, step_side=step_side)
+    coords = lambda x: x @ basis.double().T  # noqa: E731
+    h = torch.from_numpy(rng.normal(size=(50, 3, D)) * 4)  # (prompt, position, hidden)
+    before, after = coords(h), coords(edit.apply(h))
+    for pos in (-2, -1):
+        for r in range(RANK):
+            other_side = (before[:, pos, r] - target[pos, r]) * torch.nan_to_num(side[pos, r]).double() > 0
+            if torch.isnan(side[pos, r]):
+                other_side = torch.ones_like(other_side)
+            expected = torch.where(other_side | (side[pos, r] == 0), target[pos, r].double(), before[:, pos, r])
+            torch.testing.assert_close(after[:, pos, r], expected)
+            assert 0 < int(other_side.sum()) < 50 or torch.isnan(side[pos, r])  # both sides occur
+    torch.testing.assert_close(after[:, 0], before[:, 0])  # before the first row: untouched
+    token = h[:, :1]
+    stepped = coords(edit.apply(token, 1))[:, 0]
+    for r in range(RANK):
+        moved = (coords(token)[:, 0, r] - steps[0, r]) * step_side[0, r] > 0
+        torch.testing.assert_close(stepped[:, r], torch.where(moved, steps[0, r].double(), coords(token)[:, 0, r]), atol=1e-6, rtol=1e-6)
+    control = SubspaceEdit(2, torch.from_numpy(_orthonormal(rng)), "clamp", matched=edit)
+    torch.testing.assert_close(control.change(h).norm(dim=-1), edit.change(h).norm(dim=-1))
+    torch.testing.assert_close(control.change(token, 1).norm(dim=-1), edit.change(token, 1).norm(dim=-1))
+    # two-sided: every coordinate set to the target
+    two = SubspaceEdit(2, basis, "clamp", target)
+    torch.testing.assert_close(coords(two.apply(h))[:, -2:], target.double().expand(50, -1, -1), atol=1e-6, rtol=1e-6)
+
+
+def test_one_sided_clamp_edits_take_their_sides_from_the_other_framings_mean():
+    rng = np.random.default_rng(8)
+    layer, n = 1, 40
+    basis = _orthonormal(rng)
+    shift = 3 * basis[0] - 2 * basis[1]
+    values = np.stack([rng.normal(size=(n, D)) + shift, rng.normal(size=(n, D))])  # eval, deploy
+    acts = xr.Dataset({"attn": (("model", "framing", "prompt", "layer", "hidden"), values[None, :, :, None].astype(np.float32))},
+                      coords={"model": ["finetuned"], "framing": ["eval", "deploy"], "layer": [layer]})
+    fit = xr.Dataset({"subspace": (("model", "site", "layer", "rank", "hidden"), basis[None, None, None].astype(np.float32))},
+                     coords={"model": ["finetuned"], "site": ["attn"], "layer": [layer]})
+    spec = InterventionSpec(bound="one_sided")
+    (edit,) = clamp_edits(spec, fit, acts.attn, [layer], "finetuned")
+    assert edit.side.tolist() == [1.0, -1.0]  # the eval mean lies at +3, -2 from the deploy mean
+    (plain,) = clamp_edits(InterventionSpec(), fit, acts.attn, [layer], "finetuned")
+    assert plain.side is None
+    torch.testing.assert_close(edit.target, plain.target)
+    for bad in ({"target": "pooled_mean"}, {"mode": "ablate"}):
+        with pytest.raises(ConfigError, match="intervention.bound=one_sided needs mode=clamp"):
+            InterventionSpec(bound="one_sided", **bad)

@@ -122,7 +122,8 @@ def run(cfg) -> dict:
             outcomes = xr.merge([outcomes, aligned], combine_attrs="override")
         outcomes.attrs.update(
             {"intervention": spec.name, "controls": [c.name for c in controls.values()], "window": window,
-             "site": spec.site, "positions": spec.positions, "rank": spec.rank, "target": spec.target, "mode": spec.mode}
+             "site": spec.site, "positions": spec.positions, "rank": spec.rank, "target": spec.target, "mode": spec.mode,
+             "bound": spec.bound}
         )
         store.write_group("outcomes", outcomes)
         store.mark_stage_done("intervene")

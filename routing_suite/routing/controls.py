@@ -43,6 +43,8 @@ from routing_suite.routing.targets import aligned_target, step_target
 log = logging.getLogger(__name__)
 
 TARGET_FRAMINGS = {"eval_mean": ("eval",), "deploy_mean": ("deploy",), "pooled_mean": ("eval", "deploy")}
+# A one-sided clamp's sides: the other framing's mean (InterventionSpec.bound).
+OTHER_FRAMING = {"eval_mean": "deploy_mean", "deploy_mean": "eval_mean"}
 
 
 @dataclass
@@ -82,19 +84,33 @@ def clamp_edits(
     fit activations: at the last prompt token, or per position, and per generation
     step when it holds step means, from `aligned` when given)."""
     edits = []
+    other = OTHER_FRAMING.get(spec.target) if spec.bound == "one_sided" else None
     for layer in layers:
         basis = fit.subspace.sel(model=fit_model, site=spec.site, layer=layer).values[: spec.rank]
-        steps = None
-        if aligned is not None:
-            target = aligned_target(aligned, layer, TARGET_FRAMINGS[spec.target], basis)
-            steps = step_target(aligned, layer, TARGET_FRAMINGS[spec.target], basis)
-        else:
-            values = fit_acts.sel(model="finetuned", layer=layer)
-            h_target = np.concatenate([values.sel(framing=f).values for f in TARGET_FRAMINGS[spec.target]])
-            target = (h_target @ basis.T).mean(0).astype(np.float32)
-        edits.append(SubspaceEdit(layer, torch.from_numpy(np.ascontiguousarray(basis)), spec.mode, torch.from_numpy(target),
-                                  step_target=None if steps is None else torch.from_numpy(steps), alpha=spec.alpha))
+        target, steps = _clamp_targets(spec.target, fit_acts, layer, basis, aligned)
+        side = step_side = None
+        if other is not None:
+            other_target, other_steps = _clamp_targets(other, fit_acts, layer, basis, aligned)
+            side = np.sign(other_target - target)
+            step_side = None if steps is None else np.sign(other_steps - steps)
+        edits.append(SubspaceEdit(layer, _tensor(basis), spec.mode, _tensor(target), step_target=_tensor(steps), alpha=spec.alpha,
+                                  side=_tensor(side), step_side=_tensor(step_side)))
     return edits
+
+
+def _tensor(values: np.ndarray | None) -> torch.Tensor | None:
+    return None if values is None else torch.from_numpy(np.ascontiguousarray(values, dtype=np.float32))
+
+
+def _clamp_targets(target: str, fit_acts: xr.Dataset, layer: int, basis: np.ndarray, aligned: xr.Dataset | None):
+    """`target`'s coordinates in `basis`: per offset and per step from `aligned` when given
+    (steps None without step means), else the fit prompts' last-token mean (steps None)."""
+    if aligned is not None:
+        framings = TARGET_FRAMINGS[target]
+        return aligned_target(aligned, layer, framings, basis), step_target(aligned, layer, framings, basis)
+    values = fit_acts.sel(model="finetuned", layer=layer)
+    h_target = np.concatenate([values.sel(framing=f).values for f in TARGET_FRAMINGS[target]])
+    return (h_target @ basis.T).mean(0).astype(np.float32), None
 
 
 def _complete(basis: np.ndarray) -> bool:

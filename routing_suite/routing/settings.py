@@ -13,6 +13,10 @@ POSITIONS = ("last", "all", "aligned")
 # At which generation steps edits apply: every step, or only the prompt's forward pass.
 STEPS = ("all", "prompt")
 CLAMP_TARGETS = ("eval_mean", "deploy_mean", "pooled_mean")
+# "two_sided": every coordinate set to the target; "one_sided": only the coordinates
+# on the other framing's side of it (the target of one framing's mean: the other
+# framing's mean at the same position says which side that is).
+BOUNDS = ("two_sided", "one_sided")
 RULES = ("cumulative", "relative", "top")
 METHODS = ("exact", "attribution")
 # An intervention's name is part of its store's file name (file names end at 255 bytes).
@@ -46,6 +50,9 @@ class InterventionSpec:
     # generated token gets the last prompt token's target (installed fine-tunes
     # looped on their marker: use steps=prompt there).
     steps: str = "all"
+    # A clamp's bound (BOUNDS). One-sided leaves an activation that already reads
+    # as the target framing as it is (its variation in the subspace kept).
+    bound: str = "two_sided"
     # Subspaces are fit on this model's paired differences.
     fit_model: str = "finetuned"
 
@@ -56,6 +63,7 @@ class InterventionSpec:
             ("positions", self.positions, POSITIONS),
             ("steps", self.steps, STEPS),
             ("target", self.target, CLAMP_TARGETS),
+            ("bound", self.bound, BOUNDS),
             ("fit_model", self.fit_model, ("base", "finetuned")),
         ]
         for key, value, allowed in checks:
@@ -68,6 +76,11 @@ class InterventionSpec:
             )
         if self.rank < 1:
             raise ConfigError(f"intervention.rank={self.rank} must be >= 1")
+        if self.bound == "one_sided" and (self.mode != "clamp" or self.target == "pooled_mean"):
+            raise ConfigError(
+                f"intervention.bound=one_sided needs mode=clamp and a framing's mean as target "
+                f"(got mode={self.mode!r}, target={self.target!r}): the other framing's mean decides the side"
+            )
         if self.window is not None and (len(self.window) != 2 or self.window[0] > self.window[1]):
             raise ConfigError(f"intervention.window={list(self.window)} must be [first_layer, last_layer]")
 
