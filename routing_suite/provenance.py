@@ -52,6 +52,20 @@ def cpu_capability() -> str:
     return str(torch.backends.cpu.get_cpu_capability())
 
 
+def cpu_model() -> str:
+    """The processor's model name ('unknown' where the OS does not say). Recorded beside
+    `cpu_capability`, never keyed on: two AVX-512 machines of different vendors gave
+    different appendix numbers from one commit and config (2026-12-03), so a build's
+    machine is part of what a reader needs to compare two runs."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
 def git_commit() -> str:
     """The suite's commit, with '+dirty' when the work tree has changes; 'unknown' outside git."""
     root = Path(__file__).resolve().parents[1]

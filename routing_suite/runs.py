@@ -22,6 +22,7 @@ from routing_suite.models import ModelPair
 from routing_suite.prompt_files import PromptFile
 from routing_suite.provenance import (
     cpu_capability,
+    cpu_model,
     digest,
     git_commit,
     input_file_digests,
@@ -162,6 +163,7 @@ def provenance(cfg: DictConfig, experiment: str, cell: dict, identity: dict, bac
     return {
         "cell": cell,
         "cpu_capability": cpu_capability(),
+        "cpu_model": cpu_model(),
         "torch_threads": torch.get_num_threads(),
         "experiment": experiment,
         "config": scrub_secrets(OmegaConf.to_container(cfg, resolve=True)),

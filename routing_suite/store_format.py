@@ -21,6 +21,9 @@ Root attributes (provenance and state)
     versions         {package: version} of the stack
     model_identity   what identifies the weights (names, revisions, hashes)
     seed             int
+    cpu_capability   the CPU kernels torch ran (e.g. "AVX512")
+    cpu_model        the processor's model name (recorded, never keyed on)
+    torch_threads    torch's thread count in the run
     git_commit       the suite's commit, or "unknown"
     stages_done      list of finished stage names, in order
     complete         true once every stage of the run has finished

@@ -67,7 +67,7 @@ def test_cell_runs_every_stage_and_completes_the_store(cell):
     gaps = (clamp.sel(framing="deploy") - clamp.sel(framing="eval")).values
     assert result["reduction"] == pytest.approx((gaps[0] - gaps[1]) / gaps[0], abs=1e-6)
     attrs = zarr.open_group(str(store), mode="r").attrs
-    assert attrs["cell"]["replicate"] == "0" and attrs["cpu_capability"]
+    assert attrs["cell"]["replicate"] == "0" and attrs["cpu_capability"] and attrs["cpu_model"]
     assert {"base_sha256", "adapter_sha256"} <= set(attrs["model_identity"]) and attrs["digest_config"]["weights"]
 
 

@@ -42,7 +42,7 @@ from routing_suite.organisms.training import (
     train_base,
     train_lora,
 )
-from routing_suite.provenance import cpu_capability, file_digest
+from routing_suite.provenance import cpu_capability, cpu_model, file_digest
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +144,7 @@ def publish(tmp: Path, final: Path) -> None:
 
 def write_meta(directory: Path, key: dict, seconds: float, final_loss: float | None, **extra: float | str) -> None:
     """`organism.json`: the cache key, the build time and loss, and any `extra` measurements."""
-    meta = {"key": key, "build_seconds": round(seconds, 2), "final_loss": final_loss, **extra}
+    meta = {"key": key, "build_seconds": round(seconds, 2), "final_loss": final_loss, "cpu_model": cpu_model(), **extra}
     (directory / "organism.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
 
 
