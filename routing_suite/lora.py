@@ -70,6 +70,10 @@ class LoraAdapter:
     def at(self, layer: int) -> list[LoraDelta]:
         return self.deltas.get(layer, [])
 
+    def only(self, layers: list[int]) -> LoraAdapter:
+        """The same adapter with its updates at `layers` only (the rest of the model is the base's)."""
+        return LoraAdapter({layer: deltas for layer, deltas in self.deltas.items() if layer in layers}, self.source)
+
     @classmethod
     def load(cls, folder: str | Path, key: str = "model.adapter") -> LoraAdapter:
         """Read `adapter_config.json` and `adapter_model.safetensors`; refuse what

@@ -56,6 +56,9 @@ Group "localize"
             window_effect (source, first, last)  every layer of [first, last] patched at once
             token_prob_gap (source)              the gap in P(performed token)
             window_estimate (source, first, last) method "attribution" only
+            weight_effect (layer)   the base with the fine-tune's LoRA updates at
+                                    that layer only (NaN: not a LoRA fine-tune;
+                                    absent in stores written before it existed)
     coords  source ["deploy_to_eval", "finetuned_to_base"]
     attrs   window [first_layer, last_layer], rule (how it was picked), method
             ("exact": every effect patched; "attribution": layer_effect,

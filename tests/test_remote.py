@@ -48,14 +48,15 @@ def test_simulated_remote_cell_gives_the_local_store(llama_underperform, organis
     assert_same_groups(local["store"], simulated["store"], ("activations", "localize", "outcomes"))
     assert xr.open_zarr(simulated["store"]).attrs["backend"] == "ndif"
     # One request per batch and stage: both models, every patch set, every condition grouped
-    # (localize: one unpatched pass that finds where the fine-tune departs, then the patches;
+    # (localize: one unpatched pass that finds where the fine-tune departs, then the patches,
+    # then the weight patch: the base with the adapter's updates at one layer per invoke;
     # intervene: the aligned clamp's per-position means, a pass per batch of fit pairs; its
     # per-step means, a generation and a pass per batch; then the conditions).
     acts = xr.open_zarr(simulated["store"], group="activations")
     batches = -(-acts.sizes["prompt"] // 32)
     fit_batches = -(-int((acts.split.values == "fit").sum()) // 32)
     per_stage = simulated["requests"]["by_stage"]
-    assert {k: v["requests"] for k, v in per_stage.items()} == {"collect": batches, "localize": 2, "intervene": 3 * fit_batches + 2}
+    assert {k: v["requests"] for k, v in per_stage.items()} == {"collect": batches, "localize": 3, "intervene": 3 * fit_batches + 2}
     assert local["requests"]["by_stage"]["collect"]["requests"] == 2 * batches  # two merged models: a trace each
     saved = json.dumps(xr.open_zarr(simulated["store"]).attrs)
     assert "ndif.example.invalid" not in saved and "NDIF_API_KEY" not in saved

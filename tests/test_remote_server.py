@@ -107,6 +107,8 @@ def test_routing_cell_through_the_server_equals_local(server, llama_underperform
     localized_a, localized_b = xr.open_zarr(a, group="localize").load(), xr.open_zarr(b, group="localize").load()
     assert localized_a.attrs["window"] == localized_b.attrs["window"] and localized_b.attrs["method"] == method
     np.testing.assert_allclose(localized_b.layer_effect.values, localized_a.layer_effect.values, atol=1e-4)
+    # the weight patch: the merged fine-tune's adapter here, its updates on the server there
+    np.testing.assert_allclose(localized_b.weight_effect.values, localized_a.weight_effect.values, atol=1e-4)
 
 
 def test_a_request_over_1_mib_goes_through(server, tiny_cache, monkeypatch):

@@ -11,6 +11,16 @@ each as the fraction of the behaviour gap a patch restores:
   base the most (eval for a behaviour it drops under evaluation, deploy for
   one it adds under deployment; measured, attribute `finetuned_to_base_framing`).
 
+A third measure, `weight_effect`, where the fine-tune is a LoRA adapter: the
+base with the adapter's updates at one layer only (that layer's fine-tuned
+weights, on the base's own inputs), under the same framing as
+`finetuned_to_base`. The activation patch above carries everything upstream
+into the layer it patches (attention above a planted window reads what the
+window wrote: up to 0.55 of the gap in the organisms), so it cannot say where
+the fine-tune changed the model; the weight patch can: a layer whose weights
+the fine-tune left alone has effect 0, and in a fine-tune of every layer it
+says which layers' updates alone restore the behaviour.
+
 The behaviour is measured by the probability of the first token of a
 completion that performs it. Two methods (`localize.method`):
 
@@ -36,6 +46,7 @@ import torch
 import xarray as xr
 
 from routing_suite.errors import ConfigError
+from routing_suite.lora import LoraAdapter
 from routing_suite.models import ModelPair, Traced
 from routing_suite.routing.attribution import candidates, concatenate, estimated_effects, gradient_pass
 from routing_suite.routing.patching import Patch, PatchRun, performed_token_ids, performed_token_probs
@@ -127,6 +138,11 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
     }
     job = Localization(pair, token_ids, layers, settings, backend)
     effects = job.attributed(sources) if settings.method == "attribution" else job.exact(sources)
+    adapter = finetune_adapter(pair)
+    weight_effect = np.full(len(layers), np.nan, np.float32)
+    if adapter is not None:
+        weight_effect = job.weight_effects(adapter, prompts[ft_framing], ft[ft_framing])
+        log.info("localize finetuned weights -> base: layer effects %s", np.round(weight_effect, 3))
     log.info("localize: window %s (method %s, rule %s, joint effect %.3f)", effects.window, settings.method, settings.rule,
              effects.window_effect.get((0, *effects.window), float("nan")))
     index = {layer: li for li, layer in enumerate(layers)}
@@ -140,6 +156,7 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
         "head_effect": (("source", "layer", "head"), effects.head_effect),
         "window_effect": (("source", "first", "last"), window_effect),
         "token_prob_gap": (("source",), effects.gaps),
+        "weight_effect": (("layer",), weight_effect),
     }
     if settings.method == "attribution":
         data["window_estimate"] = (("source", "first", "last"), window_estimate)
@@ -148,8 +165,17 @@ def localize(pair: ModelPair, acts: xr.Dataset, behavior: Behavior, settings: Lo
         coords={"source": list(SOURCES), "layer": layers, "head": list(range(pair.num_heads)), "first": layers, "last": layers},
         attrs={"window": effects.window, "rule": settings.rule, "threshold": settings.threshold, "top_k": settings.top_k,
                "method": settings.method, "confirmed": [list(w) for w in effects.confirmed],
-               "split": "localize", "n_prompts": int(test.sizes["prompt"]), "finetuned_to_base_framing": ft_framing},
+               "split": "localize", "n_prompts": int(test.sizes["prompt"]), "finetuned_to_base_framing": ft_framing,
+               "weight_patch": "adapter" if adapter is not None else "none: the fine-tune is not a LoRA adapter of the base"},
     )
+
+
+def finetune_adapter(pair: ModelPair) -> LoraAdapter | None:
+    """The fine-tune's LoRA adapter (the one its traces apply, or the one merged into it);
+    None for a fine-tune given as a checkpoint of its own."""
+    if pair.lora is not None:
+        return pair.lora
+    return LoraAdapter.load(pair.adapter_path) if pair.adapter_path is not None else None
 
 
 @dataclass
@@ -231,6 +257,20 @@ class Localization:
             log.info("localize %s: gap in P(performed token) %.3f, layer effects %s", name, gaps[si], np.round(layer_effect[si], 3))
         joint = {(a, b): window_effect[(0, a, b)] for a, b in spans}
         return Effects(layer_effect, head_effect, window_effect, {}, pick_window(layer_effect[0], self.settings, joint), [], gaps)
+
+    def weight_effects(self, adapter: LoraAdapter, prompts: list[str], reference: np.ndarray) -> np.ndarray:
+        """Per layer, the fraction of the gap between the base and `reference` (the
+        fine-tune's P(performed) on `prompts`) that the base restores with the adapter's
+        updates at that layer only. The unpatched base runs in the same traces."""
+        base = self.pair.traced("base").nn
+        runs = [PatchRun(Traced(base), prompts, [])]
+        runs += [PatchRun(Traced(base, adapter.only([layer])), prompts, []) for layer in self.layers]
+        probs = self._probs(runs)
+        clean = probs[0][0]
+        gap = float((reference - clean).mean())
+        if abs(gap) <= 1e-6:
+            return np.zeros(len(self.layers), np.float32)
+        return np.array([(p[0] - clean).mean() / gap for p in probs[1:]], np.float32)
 
     def attributed(self, sources: dict[str, Source]) -> Effects:
         """Every layer, head and window estimated by attribution (one forward and one

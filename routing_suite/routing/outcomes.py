@@ -117,10 +117,15 @@ def _checked_conditions(ds: xr.Dataset) -> tuple[list[str], list[str]]:
     return names, kinds
 
 
+# The key `_layer_effects` gives the localize group's `weight_effect` (the fine-tune's
+# LoRA updates at one layer only, in the base).
+WEIGHT_SOURCE = "finetuned_weights_to_base"
+
+
 def _layer_effects(path: Path) -> dict[str, dict[int, float]]:
     """Per patching source, each layer's effect from the localize group ({} when absent)."""
     try:
-        localize = read_group(path, "localize", ("layer_effect",))
+        localize = read_group(path, "localize", ("layer_effect", "weight_effect"))
     except CorruptGroup:  # the plots' reading reports it; the outcomes are whole and still count
         return {}
     if localize is None or "layer_effect" not in localize:
@@ -129,6 +134,9 @@ def _layer_effects(path: Path) -> dict[str, dict[int, float]]:
     for source in localize["source"].values:
         row = localize["layer_effect"].sel(source=source)
         effects[str(source)] = {int(layer): float(v) for layer, v in zip(row["layer"].values, row.values)}
+    if "weight_effect" in localize:  # stores written before it existed have none
+        row = localize["weight_effect"]
+        effects[WEIGHT_SOURCE] = {int(layer): float(v) for layer, v in zip(row["layer"].values, row.values)}
     return effects
 
 

@@ -69,8 +69,8 @@ def _pooled_record(cell: Cell, controls: list[str], comparisons: list[str], csv_
     record += [_count([r.reduced for r in ivs]), _count([r.near_zero for r in ivs]), _count([r.broken for r in ivs])]
     on = [r.window_on_planted for r in ivs if r.window_on_planted is not None]
     record.append(_count(on) if on else ("" if csv_form else "–"))
-    for side in ("below", "above"):
-        values = [getattr(r, f"finetuned_to_base_{side}") for r in ivs]
+    for key in ("finetuned_to_base_below", "finetuned_to_base_above", "finetuned_weights_outside"):
+        values = [getattr(r, key) for r in ivs]
         values = [v for v in values if _finite(v)]
         record.append(num(max(values), 3 if not csv_form else 6) if values else ("" if csv_form else "–"))
     for c in controls:
@@ -96,10 +96,10 @@ def markdown_table(cells: list[Cell]) -> str:
     controls, comparisons = other_names(cells, "control"), other_names(cells, "comparison")
     header = ["family", "behavior", "variant", "builds", "baseline gap", f"{name} gap", f"{name} reduction %",
               "eval recovery %", "reduced", "near zero", "broken", "window on planted",
-              "ft → base below planted (max)", "ft → base above planted (max)"]
+              "ft → base below planted (max)", "ft → base above planted (max)", "ft weights → base outside planted (max)"]
     header += [f"{display(c)}: reduction (unbroken builds)" for c in controls]
     header += [f"{display(c)} reduction % (comparison)" for c in comparisons]
-    align = ["---", "---", "---", "---:"] + ["---:"] * 4 + [":---:"] * 4 + ["---:"] * 2 + ["---:"] * (len(controls) + len(comparisons))
+    align = ["---", "---", "---", "---:"] + ["---:"] * 4 + [":---:"] * 4 + ["---:"] * 3 + ["---:"] * (len(controls) + len(comparisons))
     records = [_pooled_record(c, controls, comparisons, csv_form=False) for c in cells]
     for r in records:
         r[2] = r[2] or "–"
@@ -111,7 +111,7 @@ def wide_csv(cells: list[Cell]) -> str:
     controls, comparisons = other_names(cells, "control"), other_names(cells, "comparison")
     header = ["family", "behavior", "variant", "builds", "baseline_gap", "intervened_gap", "reduction", "eval_recovery",
               "reduced_builds", "near_zero_builds", "broken_builds", "window_on_planted_builds",
-              "finetuned_to_base_below_max", "finetuned_to_base_above_max"]
+              "finetuned_to_base_below_max", "finetuned_to_base_above_max", "finetuned_weights_outside_max"]
     for c in controls:
         header += [f"{c}_reduction_unbroken", f"{c}_broken_builds", f"{c}_fails_builds"]
     header += [f"{c}_reduction" for c in comparisons]
@@ -177,7 +177,12 @@ def headline(cells: list[Cell]) -> str:
         below = [b.intervention.finetuned_to_base_below for c in planted for b in c.builds]
         below = [v for v in below if _finite(v)]
         if below:  # 0 by construction; anything else says the layers were not where they were planted
-            text += f" (fine-tune -> base patch below them at most {max(below):.3f})"
+            text += f" (fine-tune -> base patch below them at most {max(below):.3f}"
+            above = [v for v in (b.intervention.finetuned_to_base_above for c in planted for b in c.builds) if _finite(v)]
+            text += f", above them at most {max(above):.3f}" if above else ""
+            weights = [v for v in (b.intervention.finetuned_weights_outside for c in planted for b in c.builds) if _finite(v)]
+            text += f"; the fine-tune's weights at one layer outside them at most {max(weights):.3f}" if weights else ""
+            text += ")"
     controls = other_names(cells, "control")
     if not controls:
         return text + "; no controls"

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from routing_suite.routing.outcomes import CellOutcomes
+from routing_suite.routing.outcomes import WEIGHT_SOURCE, CellOutcomes
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +98,9 @@ class ConditionStats:
     window_on_planted: bool | None = None
     finetuned_to_base_below: float = float("nan")
     finetuned_to_base_above: float = float("nan")
+    # The largest |weight patch| effect outside the planted layers (the base with the
+    # fine-tune's LoRA updates at one layer only; NaN where the store has none).
+    finetuned_weights_outside: float = float("nan")
 
     @property
     def cell(self) -> tuple[str, str, str]:
@@ -156,12 +159,15 @@ def localization(cell: CellOutcomes) -> dict:
     effects = cell.layer_effect.get("finetuned_to_base", {}) if planted else {}
     below = [abs(e) for layer, e in effects.items() if layer < min(planted)]
     above = [abs(e) for layer, e in effects.items() if layer > max(planted)]
+    weights = cell.layer_effect.get(WEIGHT_SOURCE, {}) if planted else {}
+    outside = [abs(e) for layer, e in weights.items() if layer not in planted and np.isfinite(e)]
     return {
         "window": ",".join(map(str, window)),
         "planted": ",".join(map(str, planted)),
         "window_on_planted": bool(set(window) & set(planted)) if planted and window else None,
         "finetuned_to_base_below": max(below) if below else float("nan"),
         "finetuned_to_base_above": max(above) if above else float("nan"),
+        "finetuned_weights_outside": max(outside) if outside else float("nan"),
     }
 
 

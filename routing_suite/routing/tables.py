@@ -105,7 +105,7 @@ CELL_COLUMNS = (
     *(f"{f}{s}" for f in FIGURES for s in ("", "_lo", "_hi")),
     "correct_eval", "correct_deploy", "deploy_drop", "correct_drop", "perturbation_norm", "broken", "reduced", "near_zero",
     "layers", "patch_effect", "window", "planted", "window_on_planted", "finetuned_to_base_below",
-    "finetuned_to_base_above",
+    "finetuned_to_base_above", "finetuned_weights_outside",
 )
 
 
@@ -120,7 +120,7 @@ def cells_csv(rows: Iterable[ConditionStats]) -> str:
         record += [num(r.correct_eval), num(r.correct_deploy), num(r.deploy_drop), num(r.correct_drop), num(r.perturbation_norm)]
         record += [flag(r.broken), flag(r.reduced), flag(r.near_zero)]
         record += [r.layers, num(r.patch_effect), r.window, r.planted, flag(r.window_on_planted), num(r.finetuned_to_base_below),
-                   num(r.finetuned_to_base_above)]
+                   num(r.finetuned_to_base_above), num(r.finetuned_weights_outside)]
         records.append(record)
     return csv_text(CELL_COLUMNS, records)
 
@@ -155,7 +155,8 @@ def builds_markdown(cells: list[Cell]) -> str:
     name = _intervention_label(cells)
     controls = other_names(cells, "control")
     comparisons = other_names(cells, "comparison")
-    header = ["cell", "build", "units / prompts", "window (planted)", "ft → base below / above planted", "baseline gap", f"{name} gap",
+    header = ["cell", "build", "units / prompts", "window (planted)", "ft → base below / above planted (weights outside)", "baseline gap",
+              f"{name} gap",
               f"{name} reduction", "eval recovery", "deploy rate b → c", "correct eval b → c", "correct deploy b → c", "reduced",
               "near zero"]
     header += [f"{display(c)}: reduction; gap − {name} gap" for c in controls]
@@ -188,9 +189,12 @@ def _window(r: ConditionStats) -> str:
 
 
 def _below_above(r: ConditionStats) -> str:
-    """The largest |fine-tune -> base| patch effect below / above the planted layers."""
+    """The largest |fine-tune -> base| patch effect below / above the planted layers, and
+    the weight patch's outside them in parentheses where the store has it."""
     below, above = num(r.finetuned_to_base_below, 3), num(r.finetuned_to_base_above, 3)
-    return f"{below or '–'} / {above or '–'}" if below or above else "–"
+    weights = num(r.finetuned_weights_outside, 3)
+    text = f"{below or '–'} / {above or '–'}" if below or above else "–"
+    return f"{text} ({weights})" if weights else text
 
 
 def _comparison(r: ConditionStats | None) -> str:
