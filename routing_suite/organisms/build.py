@@ -229,12 +229,15 @@ def load_base(path: Path) -> PreTrainedModel:
 # ---------------------------------------------------------------- many at once
 
 
-def _build_one_base(root: str, builds: tuple[tuple[OrganismSpec, str], ...]) -> None:
-    """In a worker process: one base and the adapters on it, one after another, saying what it builds."""
-    spec = builds[0][0]
-    if not logging.getLogger().handlers:  # a spawned worker: its progress goes to the console
-        logging.basicConfig(level=logging.INFO, format=f"[%(asctime)s][organisms {spec.family} seed {spec.seed}] %(message)s")
+def _build_one_base(root: str, builds: tuple[tuple[OrganismSpec, str], ...], worker: bool = False) -> None:
+    """One base and the adapters on it, one after another, saying what it builds (`worker`: in a
+    pool's process, which may be handed several bases; its progress goes to the console)."""
+    if worker and not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO)
     for spec, behavior in builds:
+        if worker:  # a worker builds several organisms in turn: the prefix names the one in progress
+            for handler in logging.getLogger().handlers:
+                handler.setFormatter(logging.Formatter(f"[%(asctime)s][organisms {spec.family}/{behavior} seed {spec.seed}] %(message)s"))
         started = time.perf_counter()
         ensure_adapter(Path(root), spec, behavior)
         log.info("%s/%s (seed %d) ready after %.0f s", spec.family, behavior, spec.seed, time.perf_counter() - started)
@@ -267,7 +270,7 @@ def build_all(wanted: list[tuple[Path, OrganismSpec, str]], workers: int) -> int
 
     # spawn: a fresh interpreter per worker, no inherited torch thread pool.
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_build_one_base, root, tuple(builds)) for (root, _), builds in missing.items()]
+        futures = [pool.submit(_build_one_base, root, tuple(builds), True) for (root, _), builds in missing.items()]
         for future in futures:
             future.result()
     return n
