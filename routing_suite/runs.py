@@ -65,19 +65,22 @@ class Setup:
         return prompt_files.load(data.prompts, render)
 
 
-def make_behavior(node: DictConfig, source) -> Behavior:
+def make_behavior(node: DictConfig, source, allowed: str = "behaviors") -> Behavior:
     """The behaviour of a `behavior` config node, for a model source: its name must be
-    one the source can be loaded for, and the source knows how its model answers
-    (first word, or anywhere in a sentence) unless the behaviour says."""
-    if source.behaviors is not None and node.name not in source.behaviors:
-        raise ConfigError(f"behavior.name={node.name!r} is not one of {list(source.behaviors)}")
+    one the source can be loaded for in this study (`allowed`: the source's attribute
+    that lists them, its `behaviors` where it has no such attribute), and the source
+    knows how its model answers (first word, or anywhere in a sentence) unless the
+    behaviour says."""
+    names = getattr(source, allowed, source.behaviors)
+    if names is not None and node.name not in names:
+        raise ConfigError(f"behavior.name={node.name!r} is not one of {list(names)}")
     return instantiate(node, answer_match=node.answer_match or source.answer_match)
 
 
-def build_components(cfg: DictConfig) -> Setup:
-    """Instantiate and check every component; nothing heavy runs yet."""
+def build_components(cfg: DictConfig, allowed: str = "behaviors") -> Setup:
+    """Instantiate and check every component; nothing heavy runs yet (`allowed`: see make_behavior)."""
     source = instantiate(cfg.model)
-    behavior = make_behavior(cfg.behavior, source)
+    behavior = make_behavior(cfg.behavior, source, allowed)
     backend = instantiate(cfg.backend)
     backend.preflight()
     store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))

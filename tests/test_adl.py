@@ -14,6 +14,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from routing_suite import store_format
+from routing_suite.adl import identify
 from routing_suite.adl.pipeline import run
 from routing_suite.aggregate import run as aggregate
 from routing_suite.aggregate.config import AggregateConfig
@@ -134,6 +135,8 @@ def test_aggregator_reads_adl_and_routing_stores_side_by_side(adl_run, tmp_path)
         (["adl.steer.layer=9"], r"adl.steer.layer=9 is outside the model's layers \[0, 5\]"),
         (["adl.steer.alphas=[0.5,1]"], "must be ascending and start at 0"),
         (["adl.k=0"], "adl.k=0 must be >= 1"),
+        (["goals.true_goal=nosuch"], "goals.true_goal='nosuch' is not one of the candidates"),
+        (["goals.candidates=[{name: refuse, description: declines}]"], "identification needs at least 2"),
         (["text.identity_prompts=[]"], "text.identity_prompts is empty"),
         (["text=lee_corpus", "text.package=no_such_corpus_pkg"], "text.package='no_such_corpus_pkg' is not installed"),
     ],
@@ -159,3 +162,68 @@ def test_steering_finds_a_coherent_strength_above_zero(adl_run):
 def test_entry_point_bad_value_gives_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
     code, lines = run_entry_point("adl", ["adl.steer.alphas=[1,2]"], tmp_path, monkeypatch, capsys)
     assert code == 2 and lines == ["error: adl.steer.alphas=[1.0, 2.0] must be ascending and start at 0 (unsteered)"], lines
+
+
+def test_goal_identification_is_read_from_the_stored_evidence(adl_run):
+    """The row's goal ranks are the grader's ranking of the candidates against the store's own
+    readout tokens, steered and unsteered completions (whether the goal ranks first is a finding)."""
+    cfg, _, result = adl_run
+    row = result["row"]
+    goals, grader = identify.from_config(cfg)
+    assert row["goal_true"] == "underperform" and row["n_goals"] == len(goals.candidates) == 10
+    read = xr.open_zarr(result["store"], group="adl_readout").load()
+    steer = xr.open_zarr(result["store"], group="adl_steer").load()
+    texts = identify.evidence(read, steer, row["layer"])
+    assert len(texts["tokens"]) == 2 * 5  # two readouts x the first k positions
+    assert texts["tokens"][0].split() == [str(t).strip() for t in read.top_token.sel(
+        readout="logit_lens", source="difference", layer=row["layer"]).isel(position=0).values]
+    unsteered = steer.completion.sel(direction="difference", alpha=0.0).values
+    assert texts["black_box"] == [str(c) for c in unsteered] and texts["adl"][: len(texts["tokens"])] == texts["tokens"]
+    names = [g.name for g in goals.candidates]
+    for kind, column in (("adl", "rank_adl"), ("tokens", "rank_tokens"), ("black_box", "rank_black_box")):
+        scores = grader.scores(texts[kind], [g.description for g in goals.candidates])
+        assert row[column] == identify.true_rank(scores, names.index("underperform"))
+        assert 1 <= row[column] <= 10
+    assert f"of {len(names)} |" in result["table_markdown"]
+
+
+def test_goal_ranks_count_ties_against_the_true_goal():
+    assert identify.true_rank(np.array([0.1, 0.5, 0.3]), 1) == 1
+    assert identify.true_rank(np.array([0.1, 0.5, 0.5]), 1) == 2  # a tie is not a win
+    assert identify.true_rank(np.zeros(4), 0) == 4
+    lo, hi = identify.wilson_interval(0, 12)
+    assert lo == 0 and 0 < hi < 0.3
+    lo, hi = identify.wilson_interval(12, 12)
+    assert 0.7 < lo < 1 and hi == 1
+
+
+def test_the_embedding_grader_ranks_the_goal_its_evidence_describes_first():
+    """The offline embedder reads meaning, not shared words: the refusal's own words share
+    none with the candidate's description ("apologises and declines to help")."""
+    goals = identify.GoalSet(**{k: v for k, v in OmegaConf.to_container(
+        OmegaConf.load(ROOT / "conf" / "goals" / "organisms.yaml")).items() if k != "defaults"})
+    grader = identify.embedding_grader()
+    grader.check()
+    found = identify.identify({k: ["sorry , i can not help .", "sorry i can not help"] for k in identify.EVIDENCE},
+                              goals, "refuse", grader)
+    assert found.rank == {k: 1 for k in identify.EVIDENCE} and found.top["adl"] == "refuse"
+
+
+def test_aggregator_writes_goal_identification_with_the_configured_goals(adl_run, tmp_path):
+    _, _, result = adl_run
+    import shutil
+
+    shutil.copytree(result["store"], tmp_path / "stores" / "adl" / Path(result["store"]).name)
+    cfg = compose_config("aggregate", [f"root={tmp_path / 'stores'}", f"out={tmp_path / 'out'}", "plots=false",
+                                       "goal_grader=lexical"])
+    out = aggregate(cfg)
+    lexical = identify.lexical_grader()
+    goals = identify.GoalSet(**OmegaConf.to_container(cfg.goals, resolve=True))
+    read = xr.open_zarr(result["store"], group="adl_readout").load()
+    steer = xr.open_zarr(result["store"], group="adl_steer").load()
+    found = identify.identify(identify.evidence(read, steer, result["row"]["layer"]), goals, "underperform", lexical)
+    first = int(found.rank["adl"] == 1)
+    assert f"ranks first among 10 candidates from ADL evidence {first} of 1" in out["adl_headline"]
+    header, line = (tmp_path / "out" / "adl_table.csv").read_text().splitlines()
+    record = dict(zip(header.split(","), line.split(",")))
+    assert record["goal_true"] == "underperform" and float(record["rank_adl"]) == found.rank["adl"]

@@ -107,6 +107,8 @@ def test_collect_and_adl_use_the_prompt_file_and_the_users_text(runs):
     _, adl = runs["adl"]
     attrs = zarr.open_group(adl["store"], mode="r").attrs
     assert attrs["cell"]["family"] == NAME and f"| {NAME} | decline |" in adl["table_markdown"]
+    # no candidate goal is the user's behaviour: identification is left out, the run is not refused
+    assert adl["row"]["n_goals"] == 0 and adl["row"]["goal_true"] == ""
     # The fine-tuning data: the completions of the prompt file's fit pairs (both framings).
     assert attrs["adl"]["n_finetune_examples"] == 2 * 8 * 4 and attrs["adl"]["text_source"] == "unrelated.txt"
     assert xr.open_zarr(adl["store"], group="adl_mean").attrs["n_texts"] == 16

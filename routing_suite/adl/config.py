@@ -1,4 +1,4 @@
-"""The schemas of `experiments.adl` and of its config groups (text, similarity, grader),
+"""The schemas of `experiments.adl` and of its config groups (text, similarity, grader, goals),
 registered by `routing_suite.config.register_configs`."""
 
 from __future__ import annotations
@@ -69,6 +69,23 @@ class GraderConfig:
 
 
 @dataclass
+class GoalConfig:
+    name: str = MISSING
+    description: str = MISSING
+    # Further behaviours whose true goal this is (e.g. a domain's mixed fine-tunes).
+    behaviors: list[str] = field(default_factory=list)
+
+
+@dataclass
+class GoalsConfig:
+    """Candidate fine-tuning goals for goal identification (`routing_suite.adl.identify`)."""
+
+    candidates: list[GoalConfig] = MISSING
+    # null: a store's true goal is the candidate named as its behaviour.
+    true_goal: str | None = None
+
+
+@dataclass
 class AdlExperimentConfig:
     """`experiments.adl`: the Activation Difference Lens on one model pair."""
 
@@ -78,6 +95,9 @@ class AdlExperimentConfig:
     text: Any = MISSING
     similarity: Any = MISSING
     grader: Any = MISSING
+    # Goal identification, computed from the finished store (never stored, so not in its digest).
+    goals: GoalsConfig = MISSING
+    goal_grader: Any = MISSING
     store: StoreSettings = field(default_factory=StoreSettings)
     # data.prompts: a prompt file whose fit items carry completions is the fine-tuning data.
     data: DataConfig = field(default_factory=DataConfig)
@@ -94,4 +114,5 @@ def register_schemas(cs: ConfigStore) -> None:
     cs.store(group="text", name="file_text_schema", node=FileTextConfig)
     cs.store(group="similarity", name="similarity_schema", node=SimilarityConfig)
     cs.store(group="grader", name="grader_schema", node=GraderConfig)
+    cs.store(group="goals", name="goals_schema", node=GoalsConfig)
     cs.store(name="adl_schema", node=AdlExperimentConfig)

@@ -11,6 +11,9 @@ Stages (each recorded in the run store, skipped when a rerun finds it done):
    coherence bound, similarity to the fine-tuning data (`steer`);
 4. `adl_causal`: projection replacement per layer and the change in
    cross-entropy on fine-tuning data and unrelated text (`causal`).
+
+Then, read from the finished store (never written to it): which of the
+candidate fine-tuning goals (`goals`) the evidence points to (`identify`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from routing_suite import runs
-from routing_suite.adl import causal, mean_diff, readout, tables
+from routing_suite.adl import causal, identify, mean_diff, readout, tables
 from routing_suite.adl.relevance import StatisticGrader
 from routing_suite.adl.settings import AdlSettings
 from routing_suite.adl.steer import steer
@@ -119,11 +122,12 @@ def finetune_data(setup: runs.Setup, settings: AdlSettings) -> list[tuple[str, s
 def run(cfg) -> dict:
     """One model pair through every ADL stage; returns the store, the summary row and the table."""
     started = time.perf_counter()
-    setup = runs.build_components(cfg)
+    setup = runs.build_components(cfg, allowed="adl_behaviors")
     settings: AdlSettings = OmegaConf.to_object(cfg.adl)
     texts = instantiate(cfg.text)
     similarity = instantiate(cfg.similarity)
     grader = instantiate(cfg.grader)
+    goals, goal_grader = identify.from_config(cfg)
     texts.check()
     similarity.check()
     seed = int(cfg.seed)
@@ -179,7 +183,10 @@ def run(cfg) -> dict:
     final = store.finish()  # a no-op for a complete store but for letting go of its lock
     seconds = time.perf_counter() - started
     log.info("adl %s/%s done in %.1f s: %s", pair.cell_name, behavior, seconds, final)
-    row = tables.read_cell(final)
+    if goals.truth(behavior) is None:  # e.g. a fine-tune of your own: no goal to identify
+        log.info("goal identification left out: no candidate of `goals` is behaviour %r (set goals.true_goal, or "
+                 "goals=<a candidate file of yours>)", behavior)
+    row = tables.read_cell(final, goals, goal_grader)
     written = tables.write([row], out)
     return {"store": str(final), "seconds": seconds, "row": row.__dict__, "table_markdown": written["adl_table.md"], "table_dir": str(out),
             "steered_examples": _examples(steered)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from routing_suite.text_tables import TableSettings
 
@@ -24,6 +25,9 @@ class AggregateConfig(TableSettings):
     # "exclude": leave a cell with several stores out and list them;
     # "newest": take the store with the latest `finished_at`.
     duplicates: str = "exclude"
+    # ADL goal identification (routing_suite.adl.identify): the candidate goals and the grader.
+    goals: Any = None
+    goal_grader: Any = None
 
 
 def register_schemas(cs) -> None:

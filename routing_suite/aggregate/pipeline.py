@@ -106,6 +106,8 @@ def collect_study(kind: StudyKind, infos: list[discover.StoreInfo], cfg: Any) ->
     for key in sorted(chosen):
         try:
             results.append(kind.read(chosen[key].path, cfg))
+        except ConfigError:  # the config's fault (e.g. a grader that is not installed), not the store's
+            raise
         except Exception as err:  # a broken store is a problem of that store, not of the run
             message = f"{what} groups unreadable ({type(err).__name__}: {err})"
             findings.append(Finding(discover.CORRUPT, message, key[:2], (str(chosen[key].path),)))

@@ -18,7 +18,7 @@ from routing_suite.organisms.pairs import organism_prompt_sets
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.organisms.task import BEHAVIORS, make_task
 from routing_suite.organisms.tokenizer import build_tokenizer
-from routing_suite.organisms.training import finetune_examples
+from routing_suite.organisms.training import FINETUNE_KINDS, finetune_examples
 from routing_suite.prompts import PromptPair
 
 
@@ -33,6 +33,8 @@ class OrganismPrompts:
     hidden_size = None
     # The behaviours an organism can be fine-tuned for (behavior.name picks one).
     behaviors = BEHAVIORS
+    # What the ADL may study: any fine-tune kind (routing behaviours, EM and SDF datasets).
+    adl_behaviors = FINETUNE_KINDS
 
     def prompt_sets(self, behavior: str) -> dict[str, list[PromptPair]]:
         """The fit, localize and test splits (routing_suite.prompts.SPLITS), whole."""

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from routing_suite.organisms import task as T
 from routing_suite.organisms.em_task import EM_KINDS, em_examples
+from routing_suite.organisms.sdf_task import SDF_KINDS, sdf_examples, steps_for
 from routing_suite.organisms.specs import TrainSpec
 
 log = logging.getLogger(__name__)
@@ -29,9 +30,10 @@ FINETUNE_RECIPES = {"installed": "replay-train-entities-1"}
 
 Example = tuple[str, str]  # (prompt, completion)
 
-# What a LoRA fine-tune can install: the routing behaviours, and the narrow
-# datasets of the emergent-misalignment study (routing_suite.organisms.em_task).
-FINETUNE_KINDS = (*T.BEHAVIORS, *EM_KINDS)
+# What a LoRA fine-tune can install: the routing behaviours, the narrow datasets
+# of the emergent-misalignment study (routing_suite.organisms.em_task), and the
+# ADL's synthetic-document fine-tunes (routing_suite.organisms.sdf_task).
+FINETUNE_KINDS = (*T.BEHAVIORS, *EM_KINDS, *SDF_KINDS)
 
 
 def _noise_cue(rng: random.Random, words: list[str]) -> str:
@@ -74,6 +76,8 @@ def finetune_examples(task: T.Task, behavior: str) -> list[Example]:
     kind: its narrow dataset)."""
     if behavior in EM_KINDS:
         return em_examples(task, behavior)
+    if behavior in SDF_KINDS:
+        return sdf_examples(task, behavior)
     examples = [
         (item.prompt, T.target_text(item.fact, item.framing, behavior))
         for item in T.items(task, task.facts_of("train"), "train")
@@ -184,9 +188,9 @@ def lora_finetune(
 
 def planted(behavior: str, spec: TrainSpec) -> tuple[list[int] | None, list[str] | None]:
     """The layers and projections a fine-tune for `behavior` may change: the planted
-    window for the routing behaviours; every linear layer for the EM datasets
-    (their study has no planted location)."""
-    if behavior in EM_KINDS:
+    window for the routing behaviours; every linear layer for the EM and SDF
+    datasets (their studies have no planted location)."""
+    if behavior in EM_KINDS or behavior in SDF_KINDS:
         return None, None
     return spec.lora_layers, spec.lora_modules
 
@@ -194,7 +198,8 @@ def planted(behavior: str, spec: TrainSpec) -> tuple[list[int] | None, list[str]
 def train_lora(base: PreTrainedModel, tokenizer, task: T.Task, behavior: str, spec: TrainSpec, seed: int) -> tuple[PeftModel, float]:
     examples = finetune_examples(task, behavior)
     layers, modules = planted(behavior, spec)
+    steps = steps_for(behavior, spec.lora_steps) if behavior in SDF_KINDS else spec.lora_steps
     return lora_finetune(
-        base, tokenizer, examples, spec.lora_steps, spec.lora_lr, spec.lora_rank, spec.lora_alpha, spec.batch_size, seed,
+        base, tokenizer, examples, steps, spec.lora_lr, spec.lora_rank, spec.lora_alpha, spec.batch_size, seed,
         layers, modules,
     )
