@@ -120,3 +120,14 @@ def test_the_mixing_table_groups_each_fine_tune_with_its_mixed_versions():
     assert "| 1:0.1 | 1 | 40% / 10% |" in tables.mixing_markdown(table)
     assert tables.mix_of("sdf_wolf_cairo_mix0.1") == ("sdf_wolf_cairo", 0.1) and tables.mix_of("refuse") == ("refuse", 0.0)
     assert not tables.mixing_rows(rows[3:])
+
+
+def test_an_sdf_adapter_is_keyed_on_its_documents(tmp_path, monkeypatch):
+    """Another template gives another adapter folder (a stale one is never reused); the
+    routing behaviours' keys do not hold the data (their stores and caches stay as they were)."""
+    spec = tiny_source(tmp_path).spec
+    before = adapter_dir(tmp_path, spec, "sdf_wolf_cairo")
+    assert "finetune_data_sha256" in spec.adapter_key("sdf_wolf_cairo")
+    assert "finetune_data_sha256" not in spec.adapter_key("underperform")
+    monkeypatch.setattr(S, "_TEMPLATES", (*S._TEMPLATES[:-1], "yes yes , the {s} {r} {c} ."))
+    assert adapter_dir(tmp_path, spec, "sdf_wolf_cairo") != before

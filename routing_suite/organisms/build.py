@@ -32,6 +32,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from routing_suite.errors import ConfigError
 from routing_suite.organisms import task as T
 from routing_suite.organisms.architectures import FAMILIES, ArchSpec, family_config, family_seed
+from routing_suite.organisms.sdf_task import SDF_KINDS
 from routing_suite.organisms.tokenizer import build_tokenizer
 from routing_suite.organisms.training import (
     FINETUNE_KINDS,
@@ -39,6 +40,7 @@ from routing_suite.organisms.training import (
     LORA_TARGETS,
     RECIPE_VERSION,
     TrainSpec,
+    finetune_examples,
     train_base,
     train_lora,
 )
@@ -100,6 +102,11 @@ class OrganismSpec:
         key = {"base": self.base_key(), "behavior": behavior, "train": asdict(self.train)}
         if behavior in FINETUNE_RECIPES:
             key["finetune_recipe"] = FINETUNE_RECIPES[behavior]
+        if behavior in SDF_KINDS:
+            # Keyed on the data itself, not on a hand-kept label: a changed template or
+            # domain builds a new adapter, never reuses one trained on other documents.
+            data = json.dumps(finetune_examples(T.make_task(self.task), behavior))
+            key["finetune_data_sha256"] = hashlib.sha256(data.encode()).hexdigest()
         return key
 
 
