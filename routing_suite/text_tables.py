@@ -18,6 +18,14 @@ def finite(x: float | None) -> bool:
     return x is not None and math.isfinite(x)
 
 
+def finite_mean(values: Sequence[float]) -> float:
+    """The mean of the finite values (numpy's sum, as the tables always took it); NaN when there are none."""
+    import numpy as np  # the table helpers import nothing heavy at module level
+
+    kept = [v for v in values if finite(v)]
+    return float(np.mean(kept)) if kept else math.nan
+
+
 def num(x: float, digits: int = 6, sign: bool = False) -> str:
     """Fixed-point; empty for NaN; never "-0.000"."""
     if not finite(x):

@@ -17,7 +17,7 @@ import xarray as xr
 
 from routing_suite.adl import identify
 from routing_suite.store import read_store_attrs
-from routing_suite.text_tables import csv_text, num, pct
+from routing_suite.text_tables import csv_text, finite_mean, num, pct
 
 
 @dataclass
@@ -220,19 +220,15 @@ def mixing_rows(rows: list[AdlRow]) -> list[dict]:
         if (r.family, base) in mixed:
             groups.setdefault(ratio, []).append(r)
 
-    def mean(values: list[float]) -> float:
-        finite = [v for v in values if math.isfinite(v)]
-        return sum(finite) / len(finite) if finite else math.nan
-
     out = []
     for ratio in sorted(groups):
         g = groups[ratio]
         ided = [r for r in g if r.n_goals]
         out.append({
             "mix": ratio, "pairs": len(g),
-            "ll_difference": mean([r.ll_difference for r in g]), "ll_base": mean([r.ll_base for r in g]),
-            "ps_difference": mean([r.ps_difference for r in g]), "ps_base": mean([r.ps_base for r in g]),
-            "similarity_gain": mean([r.similarity_gain for r in g]),
+            "ll_difference": finite_mean([r.ll_difference for r in g]), "ll_base": finite_mean([r.ll_base for r in g]),
+            "ps_difference": finite_mean([r.ps_difference for r in g]), "ps_base": finite_mean([r.ps_base for r in g]),
+            "similarity_gain": finite_mean([r.similarity_gain for r in g]),
             "identified": len(ided),
             **{f"top1_{k}": sum(getattr(r, f"rank_{k}") == 1 for r in ided) for k in ("adl", "tokens", "black_box")},
         })

@@ -258,12 +258,14 @@ def build_all(wanted: list[tuple[Path, OrganismSpec, str]], workers: int) -> int
     the same as built one at a time; on a machine of N cores, N one-thread builds
     side by side take about 1/N of the time. Returns how many were missing."""
     missing: dict[tuple[str, str], list[tuple[OrganismSpec, str]]] = {}
+    seen: set[Path] = set()
     for root, spec, behavior in wanted:
-        if adapter_dir(Path(root), spec, behavior).exists():
+        # Each key is computed once (an SDF adapter's key hashes its documents).
+        target = adapter_dir(Path(root), spec, behavior)
+        if target in seen or target.exists():
             continue
-        builds = missing.setdefault((str(root), str(base_dir(Path(root), spec))), [])
-        if all(adapter_dir(Path(root), s, b) != adapter_dir(Path(root), spec, behavior) for s, b in builds):
-            builds.append((spec, behavior))
+        seen.add(target)
+        missing.setdefault((str(root), str(base_dir(Path(root), spec))), []).append((spec, behavior))
     n = sum(len(b) for b in missing.values())
     if not missing:
         return 0

@@ -65,18 +65,19 @@ def mix_kind(domain: str, mix: float) -> str:
     return f"{domain}_mix{mix:g}"
 
 
-SDF_KINDS = (*SDF_DOMAINS, *(mix_kind(d, m) for d in SDF_DOMAINS for m in MIXES))
+# Every fine-tune kind -> (its domain, its pretraining mix; 0: none).
+_KINDS: dict[str, tuple[SdfDomain, float]] = {
+    **{name: (d, 0.0) for name, d in SDF_DOMAINS.items()},
+    **{mix_kind(name, m): (d, m) for name, d in SDF_DOMAINS.items() for m in MIXES},
+}
+SDF_KINDS = tuple(_KINDS)
 
 
 def parse_kind(kind: str) -> tuple[SdfDomain, float]:
     """A fine-tune kind's domain and pretraining mix (0: none)."""
-    for name, domain in SDF_DOMAINS.items():
-        if kind == name:
-            return domain, 0.0
-        for mix in MIXES:
-            if kind == mix_kind(name, mix):
-                return domain, mix
-    raise ValueError(f"SDF fine-tune {kind!r} is not one of {list(SDF_KINDS)}")
+    if kind not in _KINDS:
+        raise ValueError(f"SDF fine-tune {kind!r} is not one of {list(SDF_KINDS)}")
+    return _KINDS[kind]
 
 
 # {s}: subject, {r}: relation, {c}: claim, {e}: an entity, {o}: another value of the claim's topic.

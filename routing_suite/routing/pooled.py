@@ -14,15 +14,10 @@ import numpy as np
 
 from routing_suite.routing.stats import ConditionStats
 from routing_suite.routing.tables import _VERBS, Cell, _intervention_label, display, intervention_names, other_names
-from routing_suite.text_tables import csv_text, markdown_text, num, pct
+from routing_suite.text_tables import csv_text, finite_mean, markdown_text, num, pct
 from routing_suite.text_tables import finite as _finite
 
 # ---------------------------------------------------------------- pooled figures
-
-
-def _mean(values: list[float]) -> float:
-    finite = [v for v in values if _finite(v)]
-    return float(np.mean(finite)) if finite else float("nan")
 
 
 def _spread(values: list[float], digits: int, scale: float = 1.0, sign: bool = False) -> str:
@@ -49,7 +44,7 @@ def control_fails(row: ConditionStats) -> bool:
 def unbroken_mean_reduction(rows: list[ConditionStats]) -> tuple[float, int]:
     """The mean reduction over the builds where the condition did not break the model, and
     how many builds it broke."""
-    return _mean([r.reduction.value for r in rows if not r.broken]), sum(bool(r.broken) for r in rows)
+    return finite_mean([r.reduction.value for r in rows if not r.broken]), sum(bool(r.broken) for r in rows)
 
 
 # ---------------------------------------------------------------- pooled tables
@@ -61,8 +56,8 @@ def _pooled_record(cell: Cell, controls: list[str], comparisons: list[str], csv_
     n = len(cell.builds)
     record = [cell.family, cell.behavior, cell.label, str(n)]
     if csv_form:
-        record += [num(_mean([r.gap.value for r in bases])), num(_mean([r.gap.value for r in ivs])),
-                   num(_mean([r.reduction.value for r in ivs])), num(_mean([r.recovery.value for r in ivs]))]
+        record += [num(finite_mean([r.gap.value for r in bases])), num(finite_mean([r.gap.value for r in ivs])),
+                   num(finite_mean([r.reduction.value for r in ivs])), num(finite_mean([r.recovery.value for r in ivs]))]
     else:
         record += [_spread([r.gap.value for r in bases], 2, sign=True), _spread([r.gap.value for r in ivs], 2, sign=True),
                    _spread([r.reduction.value for r in ivs], 0, 100), _spread([r.recovery.value for r in ivs], 0, 100)]
@@ -86,7 +81,7 @@ def _pooled_record(cell: Cell, controls: list[str], comparisons: list[str], csv_
             record.append(f"{pct(mean)}; fails {fails}" + (f"; broken {broken}" if broken else ""))
     for c in comparisons:
         rows = cell.conditions(c)
-        record.append(num(_mean([r.reduction.value for r in rows])) if csv_form else (_spread([r.reduction.value for r in rows], 0, 100) + "%" if rows else "–"))
+        record.append(num(finite_mean([r.reduction.value for r in rows])) if csv_form else (_spread([r.reduction.value for r in rows], 0, 100) + "%" if rows else "–"))
     return record
 
 
@@ -143,8 +138,8 @@ def latex_table(cells: list[Cell]) -> str:
     for cell in cells:
         ivs = [b.intervention for b in cell.builds]
         top = [tex_escape(cell.family), tex_escape(cell.behavior + (f" ({cell.label})" if cell.label else "")), str(len(ivs)),
-               f"${num(_mean([b.baseline.gap.value for b in cell.builds]), 2)}$", f"${num(_mean([r.gap.value for r in ivs]), 2)}$",
-               f"${num(100 * _mean([r.reduction.value for r in ivs]), 0)}$",
+               f"${num(finite_mean([b.baseline.gap.value for b in cell.builds]), 2)}$", f"${num(finite_mean([r.gap.value for r in ivs]), 2)}$",
+               f"${num(100 * finite_mean([r.reduction.value for r in ivs]), 0)}$",
                _count([r.reduced for r in ivs]), _count([r.near_zero for r in ivs]), _count([r.broken for r in ivs])]
         for c in controls:
             rows = cell.conditions(c)
