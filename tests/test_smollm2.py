@@ -16,6 +16,7 @@ import pytest
 import xarray as xr
 from helpers import preset
 
+from routing_suite.adl.pipeline import run as adl_run
 from routing_suite.config import compose_config, register_configs
 from routing_suite.pretrained import report
 from routing_suite.pretrained.source import SmolLM2Source
@@ -100,3 +101,20 @@ def test_routing_cell_runs_end_to_end(smollm2_refuse, tmp_path):
     assert "| smollm2_135m | refuse |" in result["table_markdown"]
     window = result["window"]
     assert 0 <= window[0] <= window[1] < 30
+
+
+def test_an_sdf_fine_tune_through_the_adl_with_its_goal_identified(tmp_path):
+    """A synthetic-document fine-tune of SmolLM2 (trained on first use, cached beside the refusal
+    adapter), read by the ADL on the Lee corpus; its row names its true goal among the eight
+    domains (whether it ranks first is a finding, measured in the README, not a test)."""
+    pytest.importorskip("gensim", reason="text=lee_corpus needs the 'realtext' extra")
+    cfg = compose_config("adl", [
+        "model=smollm2_135m", f"model.cache_dir={CACHE}", "behavior=sdf", "behavior.name=sdf_owl_chess",
+        "goals=sdf_smollm2", "goal_grader=lexical", "text=lee_corpus", "adl.n_texts=64", "adl.causal.n_texts=8",
+        "adl.causal.max_tokens=48", "adl.steer.alphas=[0,0.5]", f"store.root={tmp_path / 'stores'}",
+        f"report_dir={tmp_path / 'table'}", "progress=false",
+    ])
+    row = adl_run(cfg)["row"]
+    assert row["behavior"] == "sdf_owl_chess" and row["goal_true"] == "sdf_owl_chess" and row["n_goals"] == 8
+    assert 1 <= row["rank_adl"] <= 8 and 1 <= row["rank_black_box"] <= 8
+    assert list((CACHE / "smollm2_135m").glob("sdf_owl_chess-*/adapter_config.json"))  # cached for the next run

