@@ -50,6 +50,12 @@ def grid_of(cells: Sequence[Cell]) -> tuple[list[str], list[str]]:
     return sorted({f for f, _ in cells}), sorted({b for _, b in cells})
 
 
+def wrapped_shape(n: int, max_cols: int) -> tuple[int, int]:
+    """Rows and columns of a figure of n panels laid out row by row, at most `max_cols` across."""
+    cols = min(max_cols, max(1, n))
+    return -(-max(1, n) // cols), cols
+
+
 def new_figure(width: float, height: float) -> Figure:
     """An empty constrained-layout figure of width x height inches."""
     fig = Figure(figsize=(width, height), layout="constrained")

@@ -24,6 +24,7 @@ from routing_suite.aggregate.studies import load_studies
 from routing_suite.em import plots as em_plots
 from routing_suite.em.tables import EmReport, Row
 from routing_suite.em.transfer_tables import DIRECTIONS, TransferReport
+from routing_suite.organisms import sdf_task as S
 from routing_suite.routing import summary
 
 DEEP = 30  # layers of the deep stores: a real model's depth, where tick labels used to collide
@@ -92,21 +93,30 @@ def adl_rows(tmp_path_factory):
             for rep in ("0", "1"):
                 fake.write_adl_store(root / "grid", family, behavior, n_layers=DEEP, replicate=rep)
     fake.write_adl_store(root / "one", "qwen2", "refuse", n_layers=DEEP)
+    # Too many behaviours for a readable grid (SDF domains and their mixes): 15 pairs, one missing.
+    for family in ("llama", "qwen2"):
+        for behavior in S.SDF_KINDS[:8]:
+            if (family, behavior) != ("qwen2", S.SDF_KINDS[7]):
+                fake.write_adl_store(root / "wide", family, behavior, n_layers=DEEP)
     infos = {name: [discover.inspect_store(p) for p in discover.find_stores(str(root / name))]
-             for name in ("grid", "one")}
+             for name in ("grid", "one", "wide")}
     cfg = OmegaConf.structured(AggregateConfig(root=str(root), duplicates="exclude"))
     rows = {name: pipeline.collect_study(load_studies()["adl"], found, cfg) for name, found in infos.items()}
-    assert not rows["grid"][1] and not rows["one"][1]
+    assert not any(problems for _, problems in rows.values())
     return {name: r for name, (r, _) in rows.items()}
 
 
 @pytest.mark.parametrize("make", [adl_plots.relevance_figure, adl_plots.steering_figure, adl_plots.delta_ce_figure])
-@pytest.mark.parametrize("which", ["one", "grid"])
+@pytest.mark.parametrize("which", ["one", "grid", "wide"])
 def test_adl_figures_draw_every_text_inside_and_apart(adl_rows, make, which):
     fig = make(adl_rows[which])
     assert layout_problems(fig) == []
     panels = [ax for ax in fig.get_axes() if ax.axison]
-    assert len(panels) == (1 if which == "one" else 12)  # no empty panels beside a single cell
+    assert len(panels) == {"one": 1, "grid": 12, "wide": 15}[which]  # no empty panels beside a single cell
+    if which == "wide":  # the pairs present, at most MAX_GRID_COLUMNS across, each titled with its pair
+        assert fig.get_size_inches()[0] <= adl_plots.MAX_GRID_COLUMNS * 3.1 + 1.0
+        assert {ax.get_title() for ax in panels} == {f"{f} / {b}" for f in ("llama", "qwen2") for b in S.SDF_KINDS[:8]} - {
+            f"qwen2 / {S.SDF_KINDS[7]}"}
     if which == "grid":
         assert any("mean over builds" in t for t in _texts(fig))
 

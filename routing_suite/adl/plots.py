@@ -9,7 +9,10 @@
   data and unrelated text (random direction dashed), +-1 standard error.
 
 A cell with several builds (ADL stores of replicate organisms) shows the mean
-over its builds, and a band from the lowest to the highest build.
+over its builds, and a band from the lowest to the highest build. With more
+behaviours than MAX_GRID_COLUMNS (the SDF domains and their mixed fine-tunes)
+the grid would be too wide to read: the pairs present are laid out row by row
+instead, each panel titled with its family and behaviour.
 """
 
 from __future__ import annotations
@@ -34,12 +37,14 @@ from routing_suite.figures import (
     panel_figure,
     save,
     title,
+    wrapped_shape,
 )
 
 SOURCE_COLORS = {"difference": "#d62728", "base_mean": "#7f7f7f", "finetuned_mean": "#1f77b4"}
 DATA_COLORS = {"finetune": "#d62728", "unrelated": "#1f77b4"}
 DIRECTION_COLORS = {"difference": "#d62728", "random": "#7f7f7f"}
 BAND_NOTE = "band: lowest to highest build"
+MAX_GRID_COLUMNS = 6
 
 
 def _open(row: AdlRow, group: str) -> xr.Dataset:
@@ -60,13 +65,24 @@ def _figure(rows: list[AdlRow], draw: Callable[[Axes, list[AdlRow]], None], ylab
         by_cell.setdefault((r.family, r.behavior), []).append(r)
     n_layers = max(r.n_layers for r in rows)
     panel = (max(2.8, 0.1 * n_layers) if per_layer else 2.8, 2.1)
-    fig, axes = panel_figure(len(families), len(behaviors), panel, (1.0, 1.5))
-    for i, family in enumerate(families):
-        first = first_filled([(family, b) in by_cell for b in behaviors])
-        for j, behavior in enumerate(behaviors):
+    if len(behaviors) <= MAX_GRID_COLUMNS:  # family x behaviour, an empty panel where a pair is missing
+        cells: list[tuple[str, str] | None] = [(f, b) for f in families for b in behaviors]
+        n_rows, n_cols = len(families), len(behaviors)
+    else:  # the pairs present, row by row
+        cells = list(by_cell)
+        n_rows, n_cols = wrapped_shape(len(cells), MAX_GRID_COLUMNS)
+        cells += [None] * (n_rows * n_cols - len(cells))
+    fig, axes = panel_figure(n_rows, n_cols, panel, (1.0, 1.5))
+    for i in range(n_rows):
+        row_cells = cells[i * n_cols : (i + 1) * n_cols]
+        first = first_filled([c in by_cell for c in row_cells])
+        for j, cell in enumerate(row_cells):
             ax = axes[i][j]
-            builds = by_cell.get((family, behavior), [])
-            ax.set_title(f"{family} / {behavior}" + builds_note(len(builds)), fontsize=9)
+            if cell is None:
+                ax.set_axis_off()  # the rest of the last row: no pair, nothing to say
+                continue
+            builds = by_cell.get(cell, [])
+            ax.set_title(f"{cell[0]} / {cell[1]}" + builds_note(len(builds)), fontsize=9)
             if not builds:
                 empty(ax, "no ADL store")
                 continue

@@ -28,6 +28,7 @@ from routing_suite.figures import (
     panel_figure,
     save,
     title,
+    wrapped_shape,
 )
 
 DIRECTION_COLORS = dict(zip(DIRECTIONS, (INTERVENTION_COLOR, BASELINE_COLOR, *CONTROL_COLORS)))
@@ -43,9 +44,8 @@ def _short(finetune: str) -> str:
     return finetune.removeprefix("em_")
 
 
-def _columns(n: int) -> int:
-    """Panels per row of a figure of n panels: at most 4 across."""
-    return min(4, max(1, n))
+# Panels per row of a figure with a panel per family: at most 4 across.
+MAX_COLUMNS = 4
 
 
 def cosine_figure(reports: list[EmReport]):
@@ -55,8 +55,7 @@ def cosine_figure(reports: list[EmReport]):
     pairs = sorted({(r.model, r.condition) for rep in reports for r in rep.rows if r.table == "cosine"})
     colors = {p: PAIR_COLORS[i % len(PAIR_COLORS)] for i, p in enumerate(pairs)}
     n_layers = max([len({r.statistic for r in rep.rows if r.table == "cosine"}) for rep in reports] + [1])
-    cols = _columns(len(families))
-    rows = -(-len(families) // cols)
+    rows, cols = wrapped_shape(len(families), MAX_COLUMNS)
     fig, axes = panel_figure(rows, cols, (max(3.0, 0.1 * n_layers), 2.3), (0.9, 1.5))
     several = False
     for p in range(rows * cols):
@@ -105,8 +104,7 @@ def transfer_figure(reports: list[TransferReport]):
     """One panel per pair and fine-tune kind: reduction by each ablation (named on the axis), with its 95% interval."""
     panels = [(rep, kind) for rep in sorted(reports, key=lambda r: (r.receiver, r.donor))
               for kind in dict.fromkeys(r.model for r in rep.rows if r.table == "ablation")]
-    cols = _columns(len(panels))
-    rows = -(-max(len(panels), 1) // cols)
+    rows, cols = wrapped_shape(len(panels), MAX_COLUMNS)
     fig, axes = panel_figure(rows, cols, (2.8, 2.8), (0.9, 1.4))
     values = [r for rep, kind in panels for r in rep.rows if r.table == "ablation" and r.model == kind and r.statistic == "reduction"]
     finite = [v for r in values for v in (r.lo, r.hi, r.value) if np.isfinite(v)]
@@ -148,8 +146,7 @@ def maps_figure(reports: list[TransferReport]):
     token's identity alone (dashed; a property of the receiver and the held-out texts)."""
     receivers = sorted({r.receiver for r in reports})
     n_layers = max([len([r for r in rep.rows if r.table == "maps" and r.statistic == "r2"]) for rep in reports] + [1])
-    cols = _columns(len(receivers))
-    rows = -(-len(receivers) // cols)
+    rows, cols = wrapped_shape(len(receivers), MAX_COLUMNS)
     fig, axes = panel_figure(rows, cols, (max(2.8, 0.1 * n_layers), 2.3), (0.9, 1.4))
     donors: dict[str, str] = {}
     for p in range(rows * cols):
