@@ -33,6 +33,7 @@ from routing_suite.provenance import (
 from routing_suite.scoring import Behavior
 from routing_suite.store import RunStore
 from routing_suite.store_settings import StoreSettings, check_writable, store_path
+from routing_suite.tracing import bos_named_not_added
 
 log = logging.getLogger(__name__)
 
@@ -144,12 +145,17 @@ def cell_of(setup: Setup, cell_name: str, digest_cfg: dict) -> dict:
             "variant": variant_of(digest_cfg), "replicate": replicate_of(setup.cfg)}
 
 
-def open_store(setup: Setup, pair: ModelPair, label: str, experiment: str = "routing") -> RunStore:
+def open_store(setup: Setup, pair: ModelPair, label: str, experiment: str = "routing", first_k: bool = False) -> RunStore:
     """The run's store, named by content; `experiment` tells the aggregator how to read it.
 
     The digest also holds the weights' hashes (when they are here): an organism
-    rebuilt on another CPU has other weights and gets a store of its own."""
+    rebuilt on another CPU has other weights and gets a store of its own. A run that
+    reads the first k tokens (`first_k`) of a model whose tokenizer names a BOS it does
+    not prepend is marked too: its stores from before the first-k fix (they counted
+    from the second token) are never reused; every other store keeps its digest."""
     digest_cfg = digest_config(setup.cfg)
+    if first_k and bos_named_not_added(pair.tokenizer):
+        digest_cfg["first_k_from"] = "the first token"
     cell = cell_of(setup, pair.cell_name, digest_cfg)
     weights = {k: v for k, v in pair.identity.items() if k.endswith("sha256")}
     if weights:

@@ -81,6 +81,13 @@ class Batch:
     valid: Tensor | None = None
 
 
+def bos_named_not_added(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether the tokenizer names a BOS token but does not prepend it (SmolLM2): where the
+    first-k positions were counted from the second token before that was fixed."""
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] != [bos]
+
+
 def make_batch(
     tokenizer: PreTrainedTokenizerBase,
     prompts: list[str],
@@ -128,8 +135,14 @@ def make_batch(
         index = (width - request.k + torch.arange(request.k))[None, :].expand(len(prompts), -1)
         valid = index >= (width - lengths)[:, None]
         return Batch(enc["input_ids"], enc["attention_mask"], index=index.clamp(min=0), valid=valid)
-    skip = 1 if tokenizer.bos_token_id is not None and (enc["input_ids"][:, -1] != tokenizer.bos_token_id).all() else 0
-    first = width - lengths + skip
+    # Skip a row's first token only where it is the beginning-of-sequence token: a tokenizer
+    # may name a BOS it never prepends (SmolLM2's is <|im_start|>), and skipping there
+    # dropped a real token and, truncated to k, left the k-th position empty.
+    starts = width - lengths
+    first_ids = enc["input_ids"].gather(1, starts.clamp(max=width - 1)[:, None])[:, 0]
+    bos = tokenizer.bos_token_id
+    skip = torch.zeros_like(starts) if bos is None else (first_ids == bos).to(starts.dtype)
+    first = starts + skip
     index = first[:, None] + torch.arange(request.k)[None, :]
     valid = index <= width - 1
     index = torch.minimum(index, torch.full_like(index, width - 1))

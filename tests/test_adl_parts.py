@@ -110,6 +110,31 @@ def test_first_k_batch_marks_short_rows_and_truncation_keeps_values(organism_pai
     torch.testing.assert_close(pick(a, full)[full.valid], pick(b, cut)[cut.valid], atol=1e-5, rtol=0)
 
 
+def test_first_k_counts_from_the_first_token_where_the_tokenizer_prepends_no_bos(organism_pair):
+    """SmolLM2's tokenizer names <|im_start|> as its BOS but never prepends it: the first k
+    positions are then the text's first k tokens (they were counted from the second, and
+    truncated to k the last position was empty). Where the BOS is prepended, it is skipped."""
+    import copy
+
+    from tokenizers import processors
+
+    from routing_suite.tracing import bos_named_not_added
+
+    _, pair = organism_pair
+    request = SiteRequest(("resid",), None, "first_k", 4).validate(pair.num_layers)
+    texts = ["the color of x is red .", "he said"]
+    no_bos = copy.deepcopy(pair.tokenizer)
+    no_bos.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B", special_tokens=[])
+    assert not bos_named_not_added(pair.tokenizer) and bos_named_not_added(no_bos)
+    for tokenizer, skipped in ((pair.tokenizer, 1), (no_bos, 0)):
+        batch = make_batch(tokenizer, texts, request, truncate=True)
+        ids = [tokenizer(t)["input_ids"][skipped:] for t in texts]
+        picked = batch.input_ids.gather(1, batch.index)
+        for row, want in enumerate(ids):
+            n = min(4, len(want))
+            assert picked[row, :n].tolist() == want[:n] and batch.valid[row].tolist() == [True] * n + [False] * (4 - n)
+
+
 def test_streamed_mean_difference_equals_the_in_memory_mean_and_resumes_a_part(organism_pair, tmp_path):
     source, pair = organism_pair
     texts = OrganismTexts(**PROMPTS).unrelated(23, 0, source.spec.task) + ["he said"]  # one short text

@@ -151,7 +151,7 @@ def run(cfg) -> dict:
     steer_layer = pair.num_layers // 2 if settings.steer.layer is None else settings.steer.layer
     if not 0 <= steer_layer < pair.num_layers:
         raise ConfigError(f"adl.steer.layer={steer_layer} is outside the model's layers [0, {pair.num_layers - 1}]")
-    store = runs.open_store(setup, pair, "adl", experiment="adl")
+    store = runs.open_store(setup, pair, "adl", experiment="adl", first_k=True)
     ft_texts = [f"{p} {c}" for p, c in examples]
     grader.fit(ft_texts, unrelated, pair.tokenizer)
 

@@ -240,7 +240,8 @@ def run(cfg) -> dict:
     reduce = cfg.collect.reduce
     if reduce not in ("none", "paired_sums"):
         raise ConfigError(f"collect.reduce={reduce!r} is not one of ['none', 'paired_sums']")
-    store = runs.open_store(setup, pair, "collect" if reduce == "none" else reduce)
+    store = runs.open_store(setup, pair, "collect" if reduce == "none" else reduce,
+                           first_k=cfg.collect.positions == "first_k")
     if not store.complete:
         if reduce == "none":
             collect(pair, items, request, store, setup.backend, progress=cfg.progress)
