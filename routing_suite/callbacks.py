@@ -5,6 +5,8 @@
 - `ScrubSavedConfig` (every run and sweep job): the configs Hydra saved in the
   job's `.hydra/` folder, with every value of a secret key (the NDIF host, a
   key, a token) removed wherever it appears.
+- `StopJobsOnTerm` (every sweep): SIGTERM to the launching process stops the
+  parallel launcher's worker processes too.
 - `AggregateSweep` (conf/experiment/appendix.yaml): when a sweep ends,
   aggregate exactly the stores its jobs used into one folder.
 """
@@ -14,6 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -66,6 +70,25 @@ class JobSetup(Callback):
         # warn_only: on GPUs a few kernels have no deterministic version; they warn instead of failing.
         torch.use_deterministic_algorithms(True, warn_only=True)
         log.info("torch threads: %d (%s); deterministic algorithms on", torch.get_num_threads(), why)
+
+
+def _exit_on_term(signum: int, frame: Any) -> None:
+    sys.stderr.write("error: stopped by SIGTERM: the sweep's jobs are stopped; a rerun resumes them\n")
+    raise SystemExit(128 + signum)
+
+
+class StopJobsOnTerm(Callback):
+    """A sweep stopped by SIGTERM (`kill <pid>`, a scheduler's limit) stops its jobs too.
+
+    Python's default for SIGTERM ends the launching process at once, and the parallel
+    launcher's workers (joblib's loky processes) ran on: they went on building organisms
+    and running cells into a sweep folder that might be gone. Raised as SystemExit(143)
+    in the launching process instead, joblib aborts the sweep and kills its workers
+    before the exit; a cell cut short keeps what its store had finished, and a rerun
+    resumes it. Ctrl-C reaches the whole process group and needs nothing of this."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        signal.signal(signal.SIGTERM, _exit_on_term)
 
 
 def secret_values(config: DictConfig) -> set[str]:

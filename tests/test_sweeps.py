@@ -3,14 +3,17 @@ and a sweep through submitit's local executor."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from helpers import TEST_ORGANISM, run_entry_point
+from helpers import TEST_ORGANISM, TINY_OVERRIDES, run_entry_point
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
@@ -155,6 +158,71 @@ def test_a_second_sweep_keeps_the_first_ones_records(tmp_path, monkeypatch, caps
     for record, config in zip(records, configs):
         assert f"this sweep's records: {record} (jobs and folders), {config} (config)" in logged
         assert "hidden-host" not in config.read_text()
+
+
+# ---------------------------------------------------------------- stopping a parallel sweep
+
+
+def _children() -> dict[int, list[int]]:
+    """Every process's children, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    return children
+
+
+def _descendants(pid: int) -> set[int]:
+    children, found, todo = _children(), set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.mark.slow  # a sweep's processes started and stopped (about a minute): the slow tier
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads processes from /proc (Linux)")
+def test_sigterm_to_a_parallel_sweep_stops_its_workers_too(tiny_cache, tmp_path):
+    """`kill <pid>` of a sweep once left joblib's workers running cells on their own (parent 1)."""
+    sweep_dir = tmp_path / "sweep"
+    args = ["-m", "hydra/launcher=parallel", "seed=0,1,2,3", "experiment=smoke", "progress=false",
+            f"model.cache_dir={tiny_cache}", *TINY_OVERRIDES, f"store.root={tmp_path / 'stores'}", f"hydra.sweep.dir={sweep_dir}"]
+    err_file = tmp_path / "stderr.txt"
+    with open(err_file, "w") as err:  # a file, not a pipe: orphaned workers would hold a pipe open
+        proc = subprocess.Popen([sys.executable, "-m", "experiments.routing", *args], cwd=tmp_path, start_new_session=True,
+                                env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                                stdout=subprocess.DEVNULL, stderr=err)
+    workers: set[int] = set()
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and proc.poll() is None and not list(sweep_dir.glob("*/*/*/routing.log")):
+            time.sleep(0.2)
+        workers = _descendants(proc.pid)
+        assert proc.poll() is None and workers, "no job was running to stop"
+        proc.send_signal(signal.SIGTERM)  # to the launching process only, as `kill <pid>` does
+        proc.wait(timeout=60)
+        err = err_file.read_text()
+        assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, (proc.returncode, err[-2000:])
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and any(_running(pid) for pid in workers):
+            time.sleep(0.2)
+        assert not [pid for pid in workers if _running(pid)], "workers still running after the sweep stopped"
+    finally:
+        for pid in [proc.pid, *_descendants(proc.pid), *(pid for pid in workers if _running(pid))]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        proc.wait()
 
 
 # ---------------------------------------------------------------- a sweep through submitit
