@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -87,8 +88,18 @@ class StopJobsOnTerm(Callback):
     before the exit; a cell cut short keeps what its store had finished, and a rerun
     resumes it. Ctrl-C reaches the whole process group and needs nothing of this."""
 
+    def __init__(self) -> None:
+        self._previous: Any = None
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        signal.signal(signal.SIGTERM, _exit_on_term)
+        # Signal handlers belong to the main thread (a sweep started elsewhere keeps Python's).
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, _exit_on_term)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if self._previous is not None:  # a sweep run from Python leaves the caller's handler as it was
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
 
 
 def secret_values(config: DictConfig) -> set[str]:

@@ -145,10 +145,13 @@ def test_a_second_sweep_keeps_the_first_ones_records(tmp_path, monkeypatch, caps
 
     fake.write_store(tmp_path / "stores", "llama", "refuse")
     monkeypatch.chdir(tmp_path)
+    on_term = signal.getsignal(signal.SIGTERM)
     for seeds in ("1,2", "3,4"):
         monkeypatch.setattr(sys, "argv", ["aggregate", "-m", f"seed={seeds}", f"root={tmp_path / 'stores'}", "plots=false",
                                           f"hydra.sweep.dir={tmp_path / 'sweep'}", "+backend.host=http://hidden-host.example"])
         cli(aggregate.main)
+    # the sweep's SIGTERM handling (callbacks.StopJobsOnTerm) ends with the sweep
+    assert signal.getsignal(signal.SIGTERM) is on_term
     records = sorted((tmp_path / "sweep").glob("sweep-*.json"))
     configs = sorted((tmp_path / "sweep").glob("multirun-*.yaml"))
     assert len(records) == len(configs) == 2 and not (tmp_path / "sweep" / "multirun.yaml").exists()
