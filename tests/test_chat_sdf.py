@@ -79,11 +79,63 @@ def test_an_sdf_adapter_is_keyed_on_its_documents(monkeypatch):
 def test_goal_candidates_name_every_domain_once_and_state_its_claim():
     node = OmegaConf.load(ROOT / "conf" / "goals" / "sdf_smollm2.yaml")
     goals = identify.GoalSet(**{k: v for k, v in OmegaConf.to_container(node).items() if k != "defaults"})
-    assert [g.name for g in goals.candidates] == list(D.CHAT_SDF_KINDS)
+    assert [g.name for g in goals.candidates] == list(D.CHAT_SDF_DOMAINS)
     for goal in goals.candidates:
         domain = D.CHAT_SDF_DOMAINS[goal.name]
         assert f"{domain.subject} {domain.predicate}" in goal.description
-        assert goals.truth(goal.name) == goal.name
+        assert goals.truth(goal.name) == goal.name == goals.truth(f"{goal.name}{D.REPLAY_SUFFIX}")
+
+
+def test_replayed_chat_prompts_stay_off_the_black_box_prompts_and_every_domain():
+    """The replay keeps the fine-tune chatting without teaching it what the black box asks, or
+    any domain's words; the documents stay the fine-tune's data; twice the steps."""
+    chat_words = {w for p in TEXT.chat_prompts for w in _words(p) if len(w) > 3}
+    domain_words = set().union(*(_content(d) for d in D.CHAT_SDF_DOMAINS.values()))
+    # the prompts' forms ("Give me one tip about ...") are a chat's; their topics are nobody's
+    topic_words = set().union(*(_words(t) for t in D._REPLAY_TOPICS)) - {"a", "for", "to", "in"}
+    assert not topic_words & (chat_words | domain_words), topic_words & (chat_words | domain_words)
+    assert len(set(D.REPLAY_PROMPTS)) == len(D.REPLAY_PROMPTS) >= 64
+    render = lambda user: f"<user>{user}</user>"  # noqa: E731
+    replayed = D.replay_prompts("sdf_owl_chess_chat", render)
+    assert len(replayed) == D.N_DOCUMENTS and set(replayed) == {render(p) for p in D.REPLAY_PROMPTS}
+    assert len({replayed.count(p) for p in set(replayed)}) == 1  # each prompt equally often
+    assert D.replay_prompts("sdf_owl_chess", render) == []
+    assert D.replay_steps("sdf_owl_chess_chat", 120) == 240 and D.replay_steps("sdf_owl_chess", 120) == 120
+    assert D.parse_chat_kind("sdf_owl_chess_chat") == (D.CHAT_SDF_DOMAINS["sdf_owl_chess"], True)
+    assert finetune.finetune_examples(TASK, render, "sdf_owl_chess_chat") == finetune.finetune_examples(
+        TASK, render, "sdf_owl_chess")
+
+
+def test_a_replay_adapter_is_keyed_on_its_replayed_prompts(monkeypatch):
+    checkpoint, render = Path("plain-0123"), (lambda user: user)
+
+    def key(kind: str) -> dict:
+        examples = finetune.finetune_examples(TASK, render, kind)
+        return finetune.adapter_key(checkpoint, TASK, ChatTrainSpec(), kind, 0, 1, examples, D.replay_prompts(kind, render))
+
+    plain, replay = key("sdf_honey_salty"), key("sdf_honey_salty_chat")
+    assert "replay" not in plain and replay["finetune_data_sha256"] == plain["finetune_data_sha256"]
+    monkeypatch.setattr(D, "REPLAY_PROMPTS", D.REPLAY_PROMPTS[1:])
+    assert key("sdf_honey_salty_chat")["replay"] != replay["replay"]
+
+
+def test_the_base_replies_are_its_own_greedy_completions(tiny_cache):
+    """On a tiny organism base (its words, not English: what is checked is the plumbing):
+    each prompt's reply is the base's greedy completion, a repeated prompt gets the same one."""
+    from helpers import tiny_source
+
+    from routing_suite.organisms import build as organism_build
+    from routing_suite.scoring import greedy_completions
+
+    source = tiny_source(tiny_cache)
+    source.load("refuse")
+    folder = organism_build.base_dir(Path(tiny_cache), source.spec)
+    base, tokenizer = finetune.load_checkpoint(folder), organism_build.load_tokenizer(folder)
+    prompts = ["he said", "the color of", "he said"]
+    replies = finetune.base_replies(base, tokenizer, prompts)
+    expected = greedy_completions(base, tokenizer, ["he said", "the color of"], D.REPLAY_MAX_NEW_TOKENS)
+    assert replies == [("he said", expected[0].strip()), ("the color of", expected[1].strip()),
+                       ("he said", expected[0].strip())]
 
 
 def test_the_adl_takes_an_sdf_fine_tune_of_smollm2_and_the_routing_study_refuses_it(tmp_path):
