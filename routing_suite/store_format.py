@@ -85,7 +85,8 @@ Group "outcomes" (per prompt, so the aggregator can bootstrap)
 
 ADL stores (experiment "adl", `routing_suite.adl`; stages adl_mean,
 adl_readout, adl_steer, adl_causal; root attribute `adl` holds the chosen
-position, the steering layer, the number of unrelated texts and the text source)
+position, the attention-sink positions never chosen, the steering layer, the
+number of unrelated texts and the text source)
 
 Group "adl_sums" (streamed: one part per `adl.texts_per_part` unrelated texts)
     dims    part, layer, position, hidden
@@ -113,10 +114,12 @@ Group "adl_readout"
 Group "adl_steer"
     dims    direction ["difference", "random"], alpha, prompt
     vars    completion, log_ppl (under the base model), similarity (to the
-            fine-tuning data)  (direction, alpha, prompt); coherent (direction, alpha)
+            fine-tuning data), distinct (distinct token ids / token ids)
+            (direction, alpha, prompt); coherent (direction, alpha)
     coords  prompt_text (prompt)
     attrs   best_alpha, similarity_unsteered, similarity_steered, similarity_gain,
-            similarity_random, log_ppl_bound, layer, norm, similarity_measure
+            similarity_random, log_ppl_bound, distinct_bound, layer, norm,
+            similarity_measure
 
 Group "adl_causal"
     dims    data ["finetune", "unrelated"], condition ["difference", "random"], layer, model

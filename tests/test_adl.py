@@ -157,6 +157,23 @@ def test_steering_finds_a_coherent_strength_above_zero(adl_run):
     alphas = steer.alpha.values
     assert coherent[alphas <= best].all()
     assert np.isfinite(steer.log_ppl.values).all()
+    # Coherent = within the perplexity bound and above the distinct-token bound, both as stored
+    # (float32 values: a mean within 1e-5 of its bound is not checked).
+    ppl, distinct = steer.log_ppl.mean("prompt"), steer.distinct.mean("prompt")
+    rule = (ppl <= steer.attrs["log_ppl_bound"]) & (distinct >= steer.attrs["distinct_bound"])
+    clear = (abs(ppl - steer.attrs["log_ppl_bound"]) > 1e-5) & (abs(distinct - steer.attrs["distinct_bound"]) > 1e-5)
+    assert (steer.coherent == rule).where(clear, True).all()
+    assert steer.attrs["distinct_bound"] == pytest.approx(0.5 * float(steer.distinct.sel(direction="difference", alpha=0.0).mean()))
+
+
+def test_the_steering_position_is_not_an_attention_sink(adl_run):
+    _, _, result = adl_run
+    import zarr
+
+    adl = zarr.open_group(result["store"], mode="r").attrs["adl"]
+    mean = xr.open_zarr(result["store"], group="adl_mean").norm_finetuned.sel(layer=adl["steer_layer"]).values
+    assert adl["sink_positions"] == [p for p in range(len(mean)) if mean[p] > 10 * np.median(mean)]
+    assert adl["position"] not in adl["sink_positions"]
 
 
 def test_entry_point_bad_value_gives_one_line_and_exit_2(tmp_path, monkeypatch, capsys):

@@ -9,11 +9,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+import xarray as xr
 
 from routing_suite.adl import causal, mean_diff, readout
+from routing_suite.adl.pipeline import pick_position, sink_positions
 from routing_suite.adl.relevance import StatisticGrader, log_odds_z
 from routing_suite.adl.similarity import LexicalSimilarity
-from routing_suite.adl.steer import best_alpha, completion_log_ppl
+from routing_suite.adl.steer import best_alpha, completion_log_ppl, distinct_share
 from routing_suite.adl.texts import OrganismTexts, PackageTexts, organism_forbidden_phrases
 from routing_suite.backends import LocalBackend, NdifBackend
 from routing_suite.errors import ConfigError
@@ -250,6 +252,27 @@ def test_lexical_similarity_and_the_alpha_rule():
     assert sim[0] == pytest.approx(1.0) and sim[1] < 0.2 and sim[2] == 0
     assert best_alpha([0, 0.5, 1, 2], np.array([True, True, False, True])) == 0.5
     assert best_alpha([0, 0.5], np.array([True, False])) == 0
+
+
+def test_a_repetition_loop_has_a_low_distinct_share(organism_pair):
+    _, pair = organism_pair
+    share = distinct_share(pair.tokenizer, ["red red red red", "the color of x is red .", ""])
+    assert share[0] == pytest.approx(0.25) and share[1] == 1.0 and share[2] == 1.0
+
+
+def test_an_attention_sink_is_never_the_steering_position():
+    # SmolLM2's norms at layer 15 (no BOS prepended: its first token is the sink)
+    norms = np.array([23027.5, 303.9, 188.6, 183.0, 183.6])
+    assert sink_positions(norms, 10.0) == [0] and sink_positions(norms[1:], 10.0) == []
+    relevance = xr.DataArray(
+        np.array([[[[0.4, 0.1, 0.3, 0.3, 0.0]]]] * 2).reshape(2, 1, 1, 5),
+        dims=("readout", "source", "layer", "position"),
+        coords={"readout": ["logit_lens", "patchscope"], "source": ["difference"], "layer": [15],
+                "position": [f"first{i}" for i in range(5)]},
+    )
+    assert pick_position(relevance, 15, None) == 0
+    assert pick_position(relevance, 15, None, [0]) == 2  # the first of the equals left
+    assert pick_position(relevance, 15, 0, [0]) == 0  # adl.position is taken as it is
 
 
 def test_completion_perplexity_counts_eos_when_the_text_ended(organism_pair):

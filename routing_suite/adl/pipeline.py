@@ -94,11 +94,24 @@ def readouts(pair: ModelPair, means: xr.Dataset, grader, identity_prompts: list[
     return ds
 
 
-def pick_position(relevance: xr.DataArray, layer: int, fixed: int | None) -> int:
-    """The position whose difference reads out as most relevant at `layer` (both readouts averaged)."""
+def sink_positions(norms: np.ndarray, ratio: float) -> list[int]:
+    """Positions whose mean residual norm (at one layer, one value per position) is over
+    `ratio` x the median over positions: attention sinks, which hold a massive activation
+    whatever the text (a model that prepends no BOS makes its first token one)."""
+    median = float(np.median(norms))
+    return [int(p) for p in np.flatnonzero(norms > ratio * median)]
+
+
+def pick_position(relevance: xr.DataArray, layer: int, fixed: int | None, sinks: list[int] = ()) -> int:
+    """The position whose difference reads out as most relevant at `layer` (both readouts
+    averaged), never a sink; `fixed` (adl.position) is taken as it is."""
     if fixed is not None:
+        if fixed in sinks:
+            log.warning("adl.position=%d is an attention sink at layer %d (its norm is over adl.sink_ratio x the "
+                        "median): steering there is scaled by that norm", fixed, layer)
         return fixed
-    scores = relevance.sel(source="difference", layer=layer).mean("readout").values
+    scores = relevance.sel(source="difference", layer=layer).mean("readout").values.astype(float)
+    scores[list(sinks)] = -np.inf
     return int(np.argmax(scores))  # the first of equals
 
 
@@ -161,7 +174,8 @@ def run(cfg) -> dict:
         store.mark_stage_done("adl_mean")
     means = store.read(mean_diff.MEAN).load()
     read = runs.run_stage(store, "adl_readout", lambda: readouts(pair, means, grader, list(texts.identity_prompts), settings, setup.backend))
-    position = pick_position(read.relevance, steer_layer, settings.position)
+    sinks = sink_positions(means["norm_finetuned"].values[steer_layer], settings.sink_ratio)
+    position = pick_position(read.relevance, steer_layer, settings.position, sinks)
     diff = torch.from_numpy(means["diff"].values)  # (layer, position, hidden)
     norm = float(means["norm_finetuned"].values[steer_layer, position])
     reference = _sample(ft_texts, settings.steer.n_reference, seed)
@@ -178,7 +192,7 @@ def run(cfg) -> dict:
         settings.causal.random_control, setup.backend,
     ))
     if not store.complete:  # a finished store is never written to
-        store.update_attrs(adl={"position": position, "steer_layer": steer_layer, "n_texts": int(means.attrs["n_texts"]),
+        store.update_attrs(adl={"position": position, "sink_positions": sinks, "steer_layer": steer_layer, "n_texts": int(means.attrs["n_texts"]),
                                 "n_finetune_examples": len(examples), "text_source": texts.name})
     final = store.finish()  # a no-op for a complete store but for letting go of its lock
     seconds = time.perf_counter() - started

@@ -42,8 +42,12 @@ class SteerSettings:
     # Coherent: mean log-perplexity of the completions under the base model at
     # most log(max_ppl_ratio) above the unsteered completions'. The default 4
     # lets one surprising word in a short completion pass (a single decoy word
-    # costs a tiny organism's base some 4 nats) and stops repetition loops.
+    # costs a tiny organism's base some 4 nats).
     max_ppl_ratio: float = 4.0
+    # Coherent also needs the completions' mean share of distinct tokens at least
+    # min_distinct_ratio x the unsteered completions': a repetition loop (" I I I
+    # I ...") is cheap under the base, so the perplexity bound alone passes it.
+    min_distinct_ratio: float = 0.5
     # A random direction steered at the same strengths, for comparison.
     random_control: bool = True
     # How many fine-tuning examples the similarity compares against.
@@ -54,6 +58,8 @@ class SteerSettings:
             raise ConfigError(f"adl.steer.alphas={list(self.alphas)} must be ascending and start at 0 (unsteered)")
         if self.max_ppl_ratio <= 1:
             raise ConfigError(f"adl.steer.max_ppl_ratio={self.max_ppl_ratio} must be > 1")
+        if not 0 <= self.min_distinct_ratio <= 1:
+            raise ConfigError(f"adl.steer.min_distinct_ratio={self.min_distinct_ratio} must be in [0, 1]")
         if self.max_new_tokens < 1:
             raise ConfigError(f"adl.steer.max_new_tokens={self.max_new_tokens} must be >= 1")
 
@@ -85,6 +91,11 @@ class AdlSettings:
     # The position whose difference steering and the causal check use;
     # null: the one whose difference reads out as most relevant at the steering layer.
     position: int | None = None
+    # An attention sink is never chosen as that position: one whose fine-tune mean
+    # residual norm at the steering layer is over sink_ratio x the median over the
+    # first k positions (SmolLM2, which prepends no BOS, has ~100x at its first
+    # token; steering scaled by that norm wrecks the text at every alpha).
+    sink_ratio: float = 10.0
     # JSONL of {"prompt", "completion"}: the fine-tuning data when it is not the
     # organism task's (null: the task's fine-tune examples for the behaviour).
     finetune_file: str | None = None
@@ -99,5 +110,7 @@ class AdlSettings:
             raise ConfigError(f"adl.k={self.k} must be >= 1")
         if self.texts_per_part < 1:
             raise ConfigError(f"adl.texts_per_part={self.texts_per_part} must be >= 1")
+        if self.sink_ratio <= 1:
+            raise ConfigError(f"adl.sink_ratio={self.sink_ratio} must be > 1")
         if self.position is not None and not 0 <= self.position < self.k:
             raise ConfigError(f"adl.position={self.position} must be in [0, {self.k - 1}]")

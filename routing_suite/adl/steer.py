@@ -10,8 +10,11 @@ generation.
 Coherence is measured offline: the mean log-perplexity of the completions
 under the base model (each completion scored after its prompt, with <eos>
 when it ended before `max_new_tokens`). A strength is coherent when that is at
-most log(max_ppl_ratio) above the unsteered completions'; the chosen alpha is
-the largest of the grid such that it and every smaller one are coherent.
+most log(max_ppl_ratio) above the unsteered completions' and the completions'
+mean share of distinct tokens is at least min_distinct_ratio x the unsteered
+completions' (a repetition loop is cheap under the base: the perplexity alone
+passes " I I I I ..."); the chosen alpha is the largest of the grid such that it
+and every smaller one are coherent.
 Similarity to the fine-tuning data is scored by the configured measure.
 """
 
@@ -84,6 +87,16 @@ def completion_log_ppl(
     return out
 
 
+def distinct_share(tokenizer: PreTrainedTokenizerBase, completions: list[str]) -> np.ndarray:
+    """Per completion, distinct token ids / token ids (1 for an empty completion: nothing repeats)."""
+    out = np.ones(len(completions))
+    for i, t in enumerate(completions):
+        ids = tokenizer(t, add_special_tokens=False)["input_ids"]
+        if ids:
+            out[i] = len(set(ids)) / len(ids)
+    return out
+
+
 def _conditions(direction: Tensor, layer: int, norm: float, alphas: list[float], random: Tensor | None) -> list[Condition]:
     conditions = []
     for a in alphas:
@@ -137,19 +150,22 @@ def steer(
     )
     sim = similarity.score(flat, reference)
     shape = (len(kinds), len(alphas), len(prompts))
+    distinct = distinct_share(pair.tokenizer, flat).reshape(shape)
     log_ppl, sim = log_ppl.reshape(shape), sim.reshape(shape)
     bound = log_ppl[0, 0].mean() + math.log(settings.max_ppl_ratio)
-    coherent = log_ppl.mean(-1) <= bound
+    distinct_bound = settings.min_distinct_ratio * distinct[0, 0].mean()
+    coherent = (log_ppl.mean(-1) <= bound) & (distinct.mean(-1) >= distinct_bound)
     chosen = best_alpha(alphas, coherent[0])
     i = alphas.index(chosen)
     gain = float(sim[0, i].mean() - sim[0, 0].mean())
-    log.info("steer: alpha %g (of %s) keeps the base log-ppl within %.3f; similarity %.3f -> %.3f", chosen, alphas, bound,
-             sim[0, 0].mean(), sim[0, i].mean())
+    log.info("steer: alpha %g (of %s) keeps the base log-ppl within %.3f and the distinct-token share above %.3f; "
+             "similarity %.3f -> %.3f", chosen, alphas, bound, distinct_bound, sim[0, 0].mean(), sim[0, i].mean())
     return xr.Dataset(
         {
             "completion": (("direction", "alpha", "prompt"), text(flat).reshape(shape)),
             "log_ppl": (("direction", "alpha", "prompt"), log_ppl.astype(np.float32)),
             "similarity": (("direction", "alpha", "prompt"), sim.astype(np.float32)),
+            "distinct": (("direction", "alpha", "prompt"), distinct.astype(np.float32)),
             "coherent": (("direction", "alpha"), coherent),
         },
         coords={"direction": text(kinds), "alpha": alphas, "prompt": list(range(len(prompts))), "prompt_text": ("prompt", text(prompts))},
@@ -160,6 +176,7 @@ def steer(
             "similarity_gain": gain,
             "similarity_random": float(sim[1, i].mean()) if random is not None else None,
             "log_ppl_bound": float(bound),
+            "distinct_bound": float(distinct_bound),
             "layer": int(layer),
             "norm": float(norm),
             "similarity_measure": similarity.name,
