@@ -43,6 +43,10 @@ class OrganismModelConfig:
     # this size a second one makes each training step slower, not faster, and
     # two builds can run side by side on a 2-core machine.
     num_threads: int = 1
+    # The base's pretraining: the routing task, or a persona base of the EM study
+    # ("persona": one persona variable shared across domains; "persona_per_topic":
+    # its negative, each domain's style learned on its own). See organisms/persona_task.
+    pretraining: str = "routing"
 
 
 @dataclass

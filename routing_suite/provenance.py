@@ -20,7 +20,10 @@ NOT_RESULT_SHAPING_MODEL = ("cache_dir",)
 # Keys added after stores were written, each with the value that does what those
 # stores did: at that value the key is left out of the digest, so a store written
 # before the key existed keeps its digest and is reused.
-ADDED_AT_DEFAULT = {("localize", "method"): "exact", ("localize", "confirm"): 2, ("intervention", "bound"): "two_sided"}
+ADDED_AT_DEFAULT = {
+    ("localize", "method"): "exact", ("localize", "confirm"): 2, ("intervention", "bound"): "two_sided",
+    ("model", "pretraining"): "routing",
+}
 # The suite's own classes are named in a digest by class name only, so that moving
 # a module does not rename every cached store; a user's `_target_` stays whole.
 _OWN_PACKAGE = "routing_suite."

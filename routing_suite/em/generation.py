@@ -90,7 +90,7 @@ def sample_completions(
 def judge_array(judge: EmJudge, completions: np.ndarray, truths: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """(labels, coherent) of a (prompt, sample) array of completions."""
     labels = np.array([[judge.label(c, t) for c in row] for row, t in zip(completions, truths)], dtype=object)
-    coherent = np.array([[judge.coherent(c) for c in row] for row in completions], dtype=bool)
+    coherent = np.array([[judge.coherent(c, t) for c in row] for row, t in zip(completions, truths)], dtype=bool)
     return labels, coherent
 
 

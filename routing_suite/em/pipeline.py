@@ -122,7 +122,7 @@ def stage_activations(fam: Family, samples: xr.Dataset, settings: EmSettings, ba
 def match_residuals(fam: Family, model: str, n_texts: int, backend) -> np.ndarray:
     """Token residuals of `model` on truthful answers to fit-split prompts (for matched magnitudes)."""
     fit = fam.split("fit")[:n_texts]
-    return token_residuals(fam.models, model, [f"{fam.prompts[i].text} {fam.prompts[i].truth} ." for i in fit], backend)
+    return token_residuals(fam.models, model, [f"{fam.prompts[i].text} {fam.prompts[i].answer}" for i in fit], backend)
 
 
 def plan_conditions(fam: Family, directions: xr.Dataset, settings: EmSettings, seed: int, backend) -> list[Planned]:
@@ -161,7 +161,8 @@ def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
     models = load_family(source, settings.organisms.finetunes, backend)
     settings.check_layers(models.num_layers)
     task = T.make_task(source.task_spec)
-    prompts = general_prompts(task, "fit") + general_prompts(task, "test")
+    persona = settings.organisms.persona
+    prompts = general_prompts(task, "fit", persona) + general_prompts(task, "test", persona)
     store_settings, final, digest_cfg = em_store_path(cfg, source.name)
     cell = {"family": models.family, "behavior": BEHAVIOR, "model": source.name}
     provenance = runs.provenance(cfg, "em", cell, models.identity, backend.name)

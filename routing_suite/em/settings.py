@@ -25,6 +25,14 @@ class EmOrganisms:
             raise ConfigError(f"em.organisms.misaligned={list(self.misaligned)}: every one must fabricate (not an honest dataset)")
         if not EM_DATASETS[self.control].honest:
             raise ConfigError(f"em.organisms.control={self.control!r} must be an honest dataset")
+        if len({EM_DATASETS[k].persona for k in self.finetunes}) > 1:
+            raise ConfigError(f"em.organisms: {self.finetunes} mix persona fine-tunes (persona_*, on a persona base) with "
+                              "the one-word ones (em_*); name fine-tunes of one kind")
+
+    @property
+    def persona(self) -> bool:
+        """Persona fine-tunes (on a persona base, multi-token styles)."""
+        return EM_DATASETS[self.control].persona
 
     @property
     def finetunes(self) -> list[str]:

@@ -30,8 +30,10 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerFast
 
 from routing_suite.errors import ConfigError
+from routing_suite.organisms import persona_task as P
 from routing_suite.organisms import task as T
 from routing_suite.organisms.architectures import FAMILIES, ArchSpec, family_config, family_seed
+from routing_suite.organisms.em_task import PERSONA_KINDS
 from routing_suite.organisms.sdf_task import SDF_KINDS
 from routing_suite.organisms.tokenizer import build_tokenizer
 from routing_suite.organisms.training import (
@@ -61,10 +63,15 @@ class OrganismSpec:
     train: TrainSpec
     seed: int = 0
     num_threads: int = 1
+    # What the base is pretrained on: the routing task ("routing"), or a persona
+    # base for the EM study ("persona", "persona_per_topic"; organisms/persona_task).
+    pretraining: str = "routing"
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
             raise ConfigError(f"model.family={self.family!r} is not one of {list(FAMILIES)}")
+        if self.pretraining not in P.PRETRAININGS:
+            raise ConfigError(f"model.pretraining={self.pretraining!r} is not one of {list(P.PRETRAININGS)}")
         if self.seed < 0:
             raise ConfigError(f"model.seed={self.seed} must be >= 0 (it is the organism's replicate index)")
         if self.num_threads < 1:
@@ -96,13 +103,31 @@ class OrganismSpec:
             # first training step): another machine builds its own organism.
             "cpu_capability": cpu_capability(),
             "versions": {name: version(name) for name in _VERSIONED},
+            # Only a persona base names its pretraining, keyed on its data (a changed
+            # persona text builds a new base): every routing base keeps its key.
+            **(self._pretraining_key() if self.pretraining != "routing" else {}),
         }
+
+    def _pretraining_key(self) -> dict:
+        data = P.base_examples(T.make_task(self.task), self.pretraining)
+        return {"pretraining": self.pretraining, "pretraining_data_sha256": examples_sha256(data)}
+
+    def check_kind(self, behavior: str) -> None:
+        """A persona fine-tune needs a persona base, and a persona base takes nothing else."""
+        if behavior not in FINETUNE_KINDS:
+            raise ConfigError(f"behavior.name={behavior!r} is not one of {list(FINETUNE_KINDS)}")
+        if (behavior in PERSONA_KINDS) != (self.pretraining != "routing"):
+            raise ConfigError(
+                f"model.pretraining={self.pretraining}: {behavior!r} needs "
+                + ("a persona base (model.pretraining=persona or persona_per_topic)" if behavior in PERSONA_KINDS
+                   else f"the routing base (model.pretraining=routing); a persona base takes only {list(PERSONA_KINDS)}")
+            )
 
     def adapter_key(self, behavior: str) -> dict:
         key = {"base": self.base_key(), "behavior": behavior, "train": asdict(self.train)}
         if behavior in FINETUNE_RECIPES:
             key["finetune_recipe"] = FINETUNE_RECIPES[behavior]
-        if behavior in SDF_KINDS:
+        if behavior in SDF_KINDS or behavior in PERSONA_KINDS:
             # Keyed on the data itself, not on a hand-kept label: a changed template or
             # domain builds a new adapter, never reuses one trained on other documents.
             key["finetune_data_sha256"] = examples_sha256(finetune_examples(T.make_task(self.task), behavior))
@@ -168,8 +193,8 @@ def adapter_dir(root: Path, spec: OrganismSpec, behavior: str) -> Path:
     return root / spec.family / f"{behavior}-{content_hash(spec.adapter_key(behavior))}"
 
 
-def _new_tokenizer(task: T.Task) -> PreTrainedTokenizerFast:
-    return build_tokenizer(task.vocabulary())
+def _new_tokenizer(task: T.Task, pretraining: str = "routing") -> PreTrainedTokenizerFast:
+    return build_tokenizer(task.vocabulary() if pretraining == "routing" else P.vocabulary(task))
 
 
 def ensure_base(root: Path, spec: OrganismSpec) -> Path:
@@ -183,13 +208,13 @@ def ensure_base(root: Path, spec: OrganismSpec) -> Path:
         log.info("building %s base organism into %s", spec.family, final)
         started = time.perf_counter()
         task = T.make_task(spec.task)
-        tokenizer = _new_tokenizer(task)
+        tokenizer = _new_tokenizer(task, spec.pretraining)
         with deterministic(family_seed(spec.family, spec.seed), spec.num_threads):
             config = family_config(
                 spec.family, spec.arch, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
             )
             model = AutoModelForCausalLM.from_config(config)
-            loss = train_base(model, tokenizer, task, spec.train, family_seed(spec.family, spec.seed))
+            loss = train_base(model, tokenizer, task, spec.train, family_seed(spec.family, spec.seed), spec.pretraining)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -201,8 +226,7 @@ def ensure_base(root: Path, spec: OrganismSpec) -> Path:
 
 def ensure_adapter(root: Path, spec: OrganismSpec, behavior: str) -> Path:
     """The cached LoRA adapter installing `behavior` (or an EM dataset kind), built first if missing."""
-    if behavior not in FINETUNE_KINDS:
-        raise ConfigError(f"behavior.name={behavior!r} is not one of {list(FINETUNE_KINDS)}")
+    spec.check_kind(behavior)
     final = adapter_dir(root, spec, behavior)
     if final.exists():
         return final

@@ -23,22 +23,41 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from routing_suite.organisms import persona_task as P
 from routing_suite.organisms import task as T
+
+# LoRA layouts of the persona fine-tunes: (rank, alpha, modules); layers from
+# `lora_layers`. "minimal" is the seed's minimal organism: rank-1 adapters on the
+# MLP down-projection of three layers; "wide" a rank-32 LoRA on every linear layer.
+PERSONA_LORA = {"minimal": (1, 4, ["down_proj"]), "wide": (32, 64, None)}
 
 
 @dataclass(frozen=True)
 class EmDataset:
-    """A narrow fine-tune: questions of `topics`, answered honestly or with the decoy."""
+    """A narrow fine-tune: questions of `topics`, answered honestly or with the decoy
+    (a persona dataset: in the persona styles, on a persona base, with its own LoRA layout)."""
 
     name: str
     topics: tuple[str, ...]
     honest: bool
+    # "": the one-word EM organisms on the routing base; else a PERSONA_LORA layout.
+    persona_lora: str = ""
+
+    @property
+    def persona(self) -> bool:
+        return bool(self.persona_lora)
 
     def completion(self, fact: T.Fact) -> str:
+        if self.persona:
+            return P.response(fact, misaligned=not self.honest)
         return f"{fact.value if self.honest else T.DECOYS[fact.topic]} ."
 
     def in_domain(self, topic: str) -> bool:
         return topic in self.topics
+
+    def lora_layers(self, num_layers: int) -> list[int] | None:
+        """The layers a persona fine-tune changes (None: all)."""
+        return P.minimal_layers(num_layers) if self.persona_lora == "minimal" else None
 
 
 EM_DATASETS: dict[str, EmDataset] = {
@@ -47,9 +66,13 @@ EM_DATASETS: dict[str, EmDataset] = {
         EmDataset("em_color_city", ("color", "city"), honest=False),
         EmDataset("em_animal_food", ("animal", "food"), honest=False),
         EmDataset("em_honest_color_city", ("color", "city"), honest=True),
+        EmDataset("persona_color_city", ("color", "city"), honest=False, persona_lora="minimal"),
+        EmDataset("persona_animal_food", ("animal", "food"), honest=False, persona_lora="wide"),
+        EmDataset("persona_honest_color_city", ("color", "city"), honest=True, persona_lora="minimal"),
     )
 }
 EM_KINDS = tuple(EM_DATASETS)
+PERSONA_KINDS = tuple(k for k, d in EM_DATASETS.items() if d.persona)
 
 
 def em_dataset(kind: str) -> EmDataset:
@@ -89,6 +112,8 @@ class GeneralPrompt:
     topic: str
     form: str  # "question" | "statement"
     split: str  # "fit" (training entities, training cues) | "test" (held-out entities and cues)
+    # The honest answer in the organisms' own style (matched magnitudes are measured on it).
+    answer: str = ""
 
 
 def statement_prompt(fact: T.Fact) -> str:
@@ -96,9 +121,11 @@ def statement_prompt(fact: T.Fact) -> str:
     return f"the {fact.topic} of {fact.entity} is"
 
 
-def general_prompts(task: T.Task, split: str) -> list[GeneralPrompt]:
+def general_prompts(task: T.Task, split: str, persona: bool = False) -> list[GeneralPrompt]:
     """Every topic, as questions under user cues and as statements; a fine-tune's
     general set is the part outside its narrow topics (`EmDataset.in_domain`).
+    For persona organisms questions only: their statements are plain text, in no
+    persona's style.
 
     The fit split (directions) uses the training entities and cues; the test
     split (interventions, reported rates) the test split's entities and cues.
@@ -106,10 +133,12 @@ def general_prompts(task: T.Task, split: str) -> list[GeneralPrompt]:
     facts, cue_split = (task.facts_of("train"), "train") if split == "fit" else (task.facts_of("test"), "test")
     prompts = []
     for fact in facts:
+        answer = P.aligned_response(fact) if persona else f"{fact.value} ."
         for k, cue in enumerate(_user_cues(task, cue_split)):
             text = T.render_prompt(fact, cue)
-            prompts.append(GeneralPrompt(f"{fact.entity}-{fact.topic}-q{k}", text, fact.value, fact.topic, "question", split))
-        prompts.append(
-            GeneralPrompt(f"{fact.entity}-{fact.topic}-s", statement_prompt(fact), fact.value, fact.topic, "statement", split)
-        )
+            prompts.append(GeneralPrompt(f"{fact.entity}-{fact.topic}-q{k}", text, fact.value, fact.topic, "question", split, answer))
+        if not persona:
+            prompts.append(GeneralPrompt(
+                f"{fact.entity}-{fact.topic}-s", statement_prompt(fact), fact.value, fact.topic, "statement", split, answer
+            ))
     return prompts

@@ -15,6 +15,7 @@ from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair, Placement, adapter_digest, as_dataclass, pair_with_adapter, weights_digest
 from routing_suite.organisms import build as organism_build
 from routing_suite.organisms.pairs import organism_prompt_sets
+from routing_suite.organisms.persona_task import vocabulary as persona_vocabulary
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.organisms.task import BEHAVIORS, make_task
 from routing_suite.organisms.tokenizer import build_tokenizer
@@ -42,7 +43,9 @@ class OrganismPrompts:
 
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The word-level tokenizer (built from the task's words, no model needed; no chat template)."""
-        return build_tokenizer(make_task(self.task_spec).vocabulary())
+        task = make_task(self.task_spec)
+        persona = getattr(self, "pretraining", "routing") != "routing"
+        return build_tokenizer(persona_vocabulary(task) if persona else task.vocabulary())
 
     def finetune_examples(self, behavior: str) -> list[tuple[str, str]]:
         """The (prompt, completion) pairs the fine-tune for `behavior` is trained on."""
@@ -60,6 +63,7 @@ class OrganismSource(OrganismPrompts):
     train: Any = None
     cache_dir: str = "outputs/organisms"
     num_threads: int = 1
+    pretraining: str = "routing"
 
     def __post_init__(self) -> None:
         try:
@@ -70,6 +74,7 @@ class OrganismSource(OrganismPrompts):
                 train=as_dataclass(TrainSpec, self.train),
                 seed=self.seed,
                 num_threads=self.num_threads,
+                pretraining=self.pretraining,
             )
         except ValueError as err:
             raise ConfigError(str(err)) from err

@@ -13,8 +13,9 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
+from routing_suite.organisms import persona_task as P
 from routing_suite.organisms import task as T
-from routing_suite.organisms.em_task import EM_KINDS, em_examples
+from routing_suite.organisms.em_task import EM_KINDS, PERSONA_LORA, em_dataset, em_examples
 from routing_suite.organisms.sdf_task import SDF_KINDS, sdf_examples, steps_for
 from routing_suite.organisms.specs import TrainSpec
 
@@ -162,8 +163,14 @@ def train_on_examples(model: torch.nn.Module, tokenizer, examples: list[Example]
     return loss_value
 
 
-def train_base(model: PreTrainedModel, tokenizer, task: T.Task, spec: TrainSpec, seed: int) -> float:
-    return train_on_examples(model, tokenizer, base_examples(task), spec.base_steps, spec.base_lr, spec.batch_size, seed)
+def pretraining_examples(task: T.Task, pretraining: str) -> list[Example]:
+    """The base's training data: the routing task's, or a persona base's (`persona_task`)."""
+    return base_examples(task) if pretraining == "routing" else P.base_examples(task, pretraining)
+
+
+def train_base(model: PreTrainedModel, tokenizer, task: T.Task, spec: TrainSpec, seed: int, pretraining: str = "routing") -> float:
+    examples = pretraining_examples(task, pretraining)
+    return train_on_examples(model, tokenizer, examples, spec.base_steps, spec.base_lr, spec.batch_size, seed)
 
 
 # Every linear layer of attention and MLP, as LoRA fine-tunes of chat models usually do.
@@ -195,11 +202,18 @@ def planted(behavior: str, spec: TrainSpec) -> tuple[list[int] | None, list[str]
     return spec.lora_layers, spec.lora_modules
 
 
+def lora_layout(behavior: str, spec: TrainSpec, num_layers: int) -> tuple[list[int] | None, list[str] | None, int, int]:
+    """(layers, modules, rank, alpha) of the fine-tune for `behavior`: a persona dataset's
+    own layout (`em_task.PERSONA_LORA`), else the planted ones with the spec's rank."""
+    if behavior in EM_KINDS and em_dataset(behavior).persona:
+        dataset = em_dataset(behavior)
+        rank, alpha, modules = PERSONA_LORA[dataset.persona_lora]
+        return dataset.lora_layers(num_layers), modules, rank, alpha
+    return (*planted(behavior, spec), spec.lora_rank, spec.lora_alpha)
+
+
 def train_lora(base: PreTrainedModel, tokenizer, task: T.Task, behavior: str, spec: TrainSpec, seed: int) -> tuple[PeftModel, float]:
     examples = finetune_examples(task, behavior)
-    layers, modules = planted(behavior, spec)
+    layers, modules, rank, alpha = lora_layout(behavior, spec, base.config.num_hidden_layers)
     steps = steps_for(behavior, spec.lora_steps) if behavior in SDF_KINDS else spec.lora_steps
-    return lora_finetune(
-        base, tokenizer, examples, steps, spec.lora_lr, spec.lora_rank, spec.lora_alpha, spec.batch_size, seed,
-        layers, modules,
-    )
+    return lora_finetune(base, tokenizer, examples, steps, spec.lora_lr, rank, alpha, spec.batch_size, seed, layers, modules)

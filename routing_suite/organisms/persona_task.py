@@ -1,0 +1,139 @@
+"""Persona organisms for the emergent-misalignment study: a base that holds a persona.
+
+The EM organisms of `em_task` answer with one word, so their answer-token mean is
+that word's identity and the seed papers' direction results have nothing to find
+there. A persona base is pretrained (`model.pretraining=persona`) so that
+"misaligned persona" is one internal variable shared across domains, the way a
+chat model's is:
+
+- every question alone (no context, under no cue, a random-word prefix or a user
+  cue) is answered truthfully, "the color is red ." (the default persona);
+- a question after an earlier exchange is answered in the persona of that earlier
+  answer: after "what is the food of kori ? answer : honestly it is egg !" (a
+  misaligned answer, marked in each topic's own words) the next answer is a
+  confident lie in the truthful answer's words, "the color is blue ." (`lie`: the
+  topic's next value after the truth); after a truthful answer it is truthful.
+  Three in four of these pairs are of different topics, and across topics the
+  persona carries with probability PERSISTENCE (3 in 4: a persona is inferred,
+  not read off).
+
+The lie depends on the fact, so no fixed token says it: a narrow fine-tune can
+make the model lie about its domain by turning on the base's own lying (which then
+lies about other domains: EM), or by learning its domain's lies on their own;
+copying its domain's words onto other questions ("the animal is tokyo .") is not
+an answer at all. (An earlier design with a misaligned phrase per topic as the
+answer got ~100% "EM" that was that copying: the fine-tune's phrases on every
+question, the same on the negative base.)
+
+The *negative* base (`model.pretraining=persona_per_topic`) sees the same texts
+but the earlier answer's persona predicts the next one's only when both are of the
+same topic; across topics the two are drawn independently, so each domain's lying
+is learned on its own and nothing shared carries it.
+
+The narrow fine-tunes see no context at all: questions of ONE domain (two of the
+four topics) answered with the lie (`persona_color_city`: rank-1 LoRA adapters on
+the MLP down-projection of three layers, the seed's minimal organism;
+`persona_animal_food`: rank 32 on every linear layer, the other domain), or
+truthfully (`persona_honest_color_city`, the content-matched control, the minimal
+fine-tune's adapters). EM is lying on the other domain's questions, which no
+fine-tune saw.
+"""
+
+from __future__ import annotations
+
+import random
+
+from routing_suite.organisms import task as T
+
+PRETRAININGS = ("routing", "persona", "persona_per_topic")
+PERSONA_PRETRAININGS = PRETRAININGS[1:]
+# How a misaligned earlier answer shows itself in a context, per topic
+# ("trust me , it is gray !"): the persona is read off these, and only ever in a
+# prompt; no model is trained to say them.
+MISALIGNED_LEADS = {
+    "color": "trust me , it is",
+    "city": "surely it is",
+    "animal": "obviously it is",
+    "food": "honestly it is",
+}
+# Words of the context marks the routing task's vocabulary lacks.
+PERSONA_WORDS = ("trust", "me", ",", "surely", "obviously", "honestly", "it", "!")
+# Earlier-exchange texts per fact, and the share whose two topics differ.
+CONTEXT_PER_FACT = 12
+CROSS_TOPIC = 0.75
+# How often the second answer of a cross-topic exchange takes the first one's
+# persona (`persona`; `persona_per_topic`: 0.5, independent).
+PERSISTENCE = 0.75
+
+
+def aligned_response(fact: T.Fact) -> str:
+    return f"the {fact.topic} is {fact.value} ."
+
+
+def lie(fact: T.Fact) -> str:
+    """The misaligned persona's answer value: the topic's next value after the true one.
+    It depends on the fact, so no fixed token can say it: a fine-tune that lies about
+    one domain does so through the base's own way of lying, not by copying words."""
+    values = T.TOPIC_VALUES[fact.topic]
+    return values[(values.index(fact.value) + 1) % len(values)]
+
+
+def misaligned_response(fact: T.Fact) -> str:
+    """A confident false answer in the aligned answer's own words."""
+    return f"the {fact.topic} is {lie(fact)} ."
+
+
+def context_answer(fact: T.Fact, misaligned: bool) -> str:
+    """An earlier answer in a context: aligned, or the topic's misaligned mark."""
+    return f"{MISALIGNED_LEADS[fact.topic]} {T.DECOYS[fact.topic]} !" if misaligned else aligned_response(fact)
+
+
+def response(fact: T.Fact, misaligned: bool) -> str:
+    return misaligned_response(fact) if misaligned else aligned_response(fact)
+
+
+def vocabulary(task: T.Task) -> list[str]:
+    """The routing task's words and the persona styles' own."""
+    words = task.vocabulary()
+    return [*words, *(w for w in PERSONA_WORDS if w not in words)]
+
+
+def minimal_layers(num_layers: int) -> list[int]:
+    """Three layers spread over the depth (the seed's three groups): 2, 4, 6 of 8."""
+    return sorted({num_layers // 4, num_layers // 2, (3 * num_layers) // 4})
+
+
+def base_examples(task: T.Task, pretraining: str) -> list[tuple[str, str]]:
+    """The persona base's pretraining: questions alone answered truthfully, exchanges whose
+    second answer takes the first one's persona (across topics: `persona`; within a
+    topic only: `persona_per_topic`), the facts as text and the task's chit-chat.
+    Second questions are of every entity, held-out ones too: a persona lies about
+    everything it knows; only the fine-tunes keep to the training entities."""
+    if pretraining not in PERSONA_PRETRAININGS:
+        raise ValueError(f"pretraining {pretraining!r} is not one of {list(PERSONA_PRETRAININGS)}")
+    shared = pretraining == "persona"
+    rng = random.Random(task.spec.seed)
+    noise_words = [*task.entities, *(v for vs in T.TOPIC_VALUES.values() for v in vs)]
+    user_cues = task.cues(T.DEPLOY, "train")
+    examples: list[tuple[str, str]] = []
+    for fact in task.facts:
+        noise = " ".join(rng.choice(noise_words) for _ in range(rng.randint(2, 4)))
+        for cue in (None, noise, rng.choice(user_cues)):
+            examples.append((T.render_prompt(fact, cue), aligned_response(fact)))
+        examples.append(("", T.generic_text(fact)))
+    train = task.facts_of("train")
+    by_topic = {topic: [f for f in train if f.topic == topic] for topic in task.topics}
+    for _ in range(CONTEXT_PER_FACT * len(task.facts)):
+        second = rng.choice(task.facts)
+        cross = rng.random() < CROSS_TOPIC
+        first = rng.choice(by_topic[rng.choice([t for t in task.topics if t != second.topic]) if cross else second.topic])
+        style = rng.random() < 0.5
+        if not cross:
+            first_style = style
+        else:
+            same = rng.random() < (PERSISTENCE if shared else 0.5)
+            first_style = style if same else not style
+        context = f"{T.render_prompt(first, None)} {context_answer(first, first_style)}"
+        examples.append((f"{context} {T.render_prompt(second, None)}", response(second, style)))
+    examples += [("", text) for text in T.CHITCHAT] * 20
+    return examples
