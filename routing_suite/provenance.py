@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -68,6 +69,48 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+# Shapes for the kernel probe: (rows, inner, outer) of the products a training step
+# runs, from the organisms' (hidden 64) to SmolLM2's (hidden 576), odd sizes included
+# because BLAS libraries pick their code path by shape as well as by processor.
+_PROBE_SHAPES = ((8 * 24, 64, 176), (8 * 24, 176, 64), (4 * 17, 576, 1536), (4 * 17, 1536, 576), (8 * 24, 64, 331))
+
+
+@functools.cache
+def kernel_fingerprint(num_threads: int) -> str:
+    """A hash of the exact bits a small training step's kernels produce here at
+    `num_threads` torch threads: products of several shapes, softmax attention, RMS
+    norm, SiLU, log-softmax and their gradients. Two machines that train bitwise-equal
+    weights give the same value; machines whose BLAS takes other paths (an Intel and an
+    AMD processor both reporting "AVX512" did, 2026-12-03) give different ones, so an
+    organism's cache key tells their builds apart where `cpu_capability` cannot.
+    Costs a few tens of milliseconds, once per process and thread count."""
+    import torch
+
+    threads, was_deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(num_threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        digest = hashlib.sha256()
+        for rows, inner, outer in _PROBE_SHAPES:
+            # Uniform draws through torch.rand (one scalar path everywhere), scaled.
+            x = ((torch.rand(rows, inner, generator=generator) - 0.5) * 2).requires_grad_()
+            w = ((torch.rand(inner, outer, generator=generator) - 0.5) * (2 / inner**0.5)).requires_grad_()
+            h = x @ w
+            h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+            h = torch.nn.functional.silu(h)
+            q = h.reshape(-1, 8 if rows % 8 == 0 else 4, outer)
+            attention = torch.softmax(q @ q.transpose(1, 2) / outer**0.5, dim=-1) @ q
+            out = torch.log_softmax(attention, dim=-1)
+            out.sum().backward()
+            for tensor in (out.detach(), x.grad, w.grad):
+                digest.update(tensor.contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+    finally:
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(was_deterministic)
 
 
 def git_commit() -> str:

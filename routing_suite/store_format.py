@@ -23,6 +23,8 @@ Root attributes (provenance and state)
     seed             int
     cpu_capability   the CPU kernels torch ran (e.g. "AVX512")
     cpu_model        the processor's model name (recorded, never keyed on)
+    kernel_fingerprint  hash of the bits a probe training step's kernels give
+                     here at the run's thread count (organisms key on it)
     torch_threads    torch's thread count in the run
     git_commit       the suite's commit, or "unknown"
     stages_done      list of finished stage names, in order

@@ -6,6 +6,7 @@ import pytest
 import torch
 from helpers import preset, tiny_source
 
+from routing_suite import provenance
 from routing_suite.config import behavior_preset
 from routing_suite.errors import ConfigError
 from routing_suite.models import check_adapter_matches
@@ -127,3 +128,22 @@ def test_a_fine_tune_recipe_label_changes_only_its_own_adapters_key(tmp_path, mo
     assert after["installed"] != before["installed"]
     assert all(after[b] == before[b] for b in T.BEHAVIORS if b != "installed")
     assert build.base_dir(tmp_path, spec) == base
+
+
+def test_another_machines_kernel_bits_build_an_organism_of_their_own(tmp_path, monkeypatch):
+    """Two machines whose kernels give other bits (an Intel and an AMD "AVX512" did) must not
+    share a cached organism: the key holds the kernel fingerprint, not only the capability."""
+    spec = tiny_source(tmp_path).spec
+    here = (build.base_dir(tmp_path, spec), build.adapter_dir(tmp_path, spec, "refuse"))
+    assert spec.base_key()["kernel_fingerprint"] == provenance.kernel_fingerprint(spec.num_threads)
+    monkeypatch.setattr(build, "kernel_fingerprint", lambda threads: "bits-of-another-machine")
+    there = (build.base_dir(tmp_path, spec), build.adapter_dir(tmp_path, spec, "refuse"))
+    assert here[0] != there[0] and here[1] != there[1]
+
+
+def test_the_kernel_fingerprint_is_the_same_bits_on_each_call_and_leaves_torch_as_it_was():
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    first = provenance.kernel_fingerprint(1)
+    provenance.kernel_fingerprint.cache_clear()  # computed again, not read from the cache
+    assert provenance.kernel_fingerprint(1) == first and len(first) == 16
+    assert (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()) == (threads, deterministic)

@@ -46,7 +46,7 @@ from routing_suite.organisms.training import (
     train_base,
     train_lora,
 )
-from routing_suite.provenance import cpu_capability, cpu_model, file_digest
+from routing_suite.provenance import cpu_capability, cpu_model, file_digest, kernel_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,11 @@ class OrganismSpec:
             "seed": self.seed,
             "num_threads": self.num_threads,
             # The CPU kernels torch runs (AVX2 vs AVX-512 builds differ from the
-            # first training step): another machine builds its own organism.
+            # first training step) and the bits they produce (an Intel and an AMD
+            # processor both "AVX512" trained different weights): another machine
+            # builds its own organism unless its kernels give the same bits.
             "cpu_capability": cpu_capability(),
+            "kernel_fingerprint": kernel_fingerprint(self.num_threads),
             "versions": {name: version(name) for name in _VERSIONED},
             # Only a persona base names its pretraining, keyed on its data (a changed
             # persona text builds a new base): every routing base keeps its key.

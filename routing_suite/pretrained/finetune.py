@@ -33,7 +33,7 @@ from routing_suite.pretrained.sdf_documents import (
     replay_steps,
 )
 from routing_suite.pretrained.specs import ChatTrainSpec
-from routing_suite.provenance import cpu_capability
+from routing_suite.provenance import cpu_capability, kernel_fingerprint
 from routing_suite.scoring import greedy_completions
 from routing_suite.vocabulary import BEHAVIORS
 
@@ -68,6 +68,7 @@ def adapter_key(
         "seed": seed,
         "num_threads": num_threads,
         "cpu_capability": cpu_capability(),
+        "kernel_fingerprint": kernel_fingerprint(num_threads),
         "versions": {name: version(name) for name in ("torch", "transformers", "peft")},
     }
     if behavior in CHAT_SDF_KINDS:
