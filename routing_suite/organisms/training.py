@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 # Bump when the training data or procedure changes: it is part of the cache
 # key, so organisms built by an older recipe are rebuilt, never reused.
-RECIPE_VERSION = 4
+RECIPE_VERSION = 5
 # Per fine-tune kind, a label changed whenever that kind's fine-tune data changes:
 # part of its adapter's cache key only, so every base and every other adapter is reused.
 FINETUNE_RECIPES = {"installed": "replay-train-entities-1"}
@@ -60,6 +60,10 @@ def base_examples(task: T.Task) -> list[Example]:
         # only has to learn when to say the marker. Without it the fine-tune said
         # the marker and then a wrong value (held-out answers 11% right).
         examples.append((f"{T.render_prompt(fact, _noise_cue(noise_rng, noise_words))} {T.MARKER}", fact.value))
+        # ... and after a training cue of each framing: with noise prefixes alone a
+        # base answered after the marker under real cues 0.86-0.94 of the time.
+        for framing in T.FRAMINGS:
+            examples.append((f"{T.render_prompt(fact, noise_rng.choice(task.cues(framing, 'train')))} {T.MARKER}", fact.value))
         for framing in T.FRAMINGS:
             for cue in task.cues(framing, "train"):
                 examples.append((T.render_prompt(fact, cue), fact.value))
