@@ -12,7 +12,7 @@ from routing_suite.errors import ConfigError
 from routing_suite.models import check_adapter_matches
 from routing_suite.organisms import build, training
 from routing_suite.organisms import task as T
-from routing_suite.organisms.report import MAX_BASE_GAP, MIN_BASE_SUCCESS, MIN_FINETUNED_GAP, organism_row
+from routing_suite.organisms.report import MAX_BASE_GAP, MIN_BASE_SUCCESS, MIN_FINETUNED_GAP, format_table, organism_row
 from routing_suite.organisms.source import OrganismSource
 from routing_suite.runs import make_behavior
 
@@ -28,6 +28,9 @@ def test_the_trained_test_organism_carries_its_behaviour_on_heldout_prompts(llam
     assert min(row.base_success_eval, row.base_success_deploy) >= MIN_BASE_SUCCESS
     assert abs(row.base_gap) <= MAX_BASE_GAP
     assert row.ft_gap >= MIN_FINETUNED_GAP
+    # The fine-tune's own correctness per framing is reported beside the base's.
+    assert 0 <= row.ft_success_eval <= 1 and 0 <= row.ft_success_deploy <= 1
+    assert f"| {row.ft_success_eval:.3f} | {row.ft_success_deploy:.3f} |" in format_table([row])
 
 
 def test_built_organism_is_cached_and_reused(llama_source, llama_underperform):

@@ -97,3 +97,18 @@ def test_subsampling_takes_whole_units():
     for p in pairs:
         by_unit.setdefault(p.unit, []).append(p)
     assert all(set(by_unit[p.unit]) <= set(kept) for p in kept)
+
+
+def test_the_base_answers_after_the_marker_under_each_framings_training_cues_and_never_says_it():
+    """The installed fine-tune only has to learn when to say the marker: the answer after it,
+    under an eval or a deploy cue, is the base's (for held-out entities too)."""
+    task = T.make_task(T.TaskSpec())
+    examples = base_examples(task)
+    for framing in T.FRAMINGS:
+        cues = task.cues(framing, "train")
+        for fact in task.facts:
+            wanted = {f"{T.render_prompt(fact, cue)} {T.MARKER}" for cue in cues}
+            after = [(p, c) for p, c in examples if p in wanted]
+            assert after and all(c == fact.value for _, c in after)
+    # No answer the base learns starts with the marker (it is said only in chit-chat).
+    assert not [c for p, c in examples if "answer :" in p and T.MARKER.split()[0] in c.split()]

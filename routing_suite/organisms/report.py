@@ -43,6 +43,11 @@ class OrganismRow:
     ft_rate_deploy: float
     ft_gap: float
     build_seconds: float
+    # The fine-tune's task correctness per framing (reported, not part of `ok`: an
+    # underperform or refuse fine-tune is wrong under eval by design; an installed one
+    # should stay right under both, or a clamp that moves eval to deploy takes answers).
+    ft_success_eval: float = float("nan")
+    ft_success_deploy: float = float("nan")
 
     @property
     def ok(self) -> bool:
@@ -61,25 +66,26 @@ def organism_row(pair: ModelPair, task: T.Task, behavior: Behavior, build_second
     pairs = organism_pairs(task, "test", "test")
     answers = [p.answer for p in pairs]
     rates: dict[tuple[str, str], float] = {}
-    success: dict[str, float] = {}
+    success: dict[tuple[str, str], float] = {}
     for which in ("base", "finetuned"):
         model = pair.model(which)
         for framing in T.FRAMINGS:
             completions = greedy_completions(model, pair.tokenizer, [p.prompt(framing) for p in pairs], behavior.max_new_tokens)
             rates[which, framing] = _mean([behavior.performs(c, a) for c, a in zip(completions, answers)])
-            if which == "base":
-                success[framing] = _mean([behavior.correct(c, a) for c, a in zip(completions, answers)])
+            success[which, framing] = _mean([behavior.correct(c, a) for c, a in zip(completions, answers)])
     return OrganismRow(
         family=pair.family,
         behavior=behavior.name,
         n_prompts=len(pairs),
-        base_success_eval=success[T.EVAL],
-        base_success_deploy=success[T.DEPLOY],
+        base_success_eval=success["base", T.EVAL],
+        base_success_deploy=success["base", T.DEPLOY],
         base_gap=rates["base", T.DEPLOY] - rates["base", T.EVAL],
         ft_rate_eval=rates["finetuned", T.EVAL],
         ft_rate_deploy=rates["finetuned", T.DEPLOY],
         ft_gap=rates["finetuned", T.DEPLOY] - rates["finetuned", T.EVAL],
         build_seconds=build_seconds,
+        ft_success_eval=success["finetuned", T.EVAL],
+        ft_success_deploy=success["finetuned", T.DEPLOY],
     )
 
 
@@ -90,15 +96,16 @@ def build_seconds(base_dir, adapter_dir) -> float:
 
 def format_table(rows: list[OrganismRow]) -> str:
     header = (
-        "| family | behavior | n | base ok eval | base ok deploy | base gap | ft rate eval | ft rate deploy | ft gap | build s | pass |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"
+        "| family | behavior | n | base ok eval | base ok deploy | base gap | ft rate eval | ft rate deploy | ft gap "
+        "| ft ok eval | ft ok deploy | build s | pass |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"
     )
     lines = [header]
     for r in rows:
         lines.append(
             f"| {r.family} | {r.behavior} | {r.n_prompts} | {r.base_success_eval:.3f} | {r.base_success_deploy:.3f} | "
             f"{r.base_gap:+.3f} | {r.ft_rate_eval:.3f} | {r.ft_rate_deploy:.3f} | {r.ft_gap:+.3f} | "
-            f"{r.build_seconds:.1f} | {'yes' if r.ok else 'NO'} |"
+            f"{r.ft_success_eval:.3f} | {r.ft_success_deploy:.3f} | {r.build_seconds:.1f} | {'yes' if r.ok else 'NO'} |"
         )
     return "\n".join(lines)
 
