@@ -61,8 +61,19 @@ Group "localize"
             weight_effect (layer)   the base with the fine-tune's LoRA updates at
                                     that layer only (NaN: not a LoRA fine-tune;
                                     absent in stores written before it existed)
+            check_first, check_last (candidate)  the window check's tries on the
+                                    localize split (routing.window_check), in order;
+            check_reduction, check_deploy_lost, check_correct_lost, check_lost_upper,
+            check_intact  (candidate)   the clamp's reduction there, the fractions
+                                    of the baseline's successes it loses, the
+                                    larger loss's upper bound, and whether it
+                                    passed (absent when
+                                    localize.check_windows=0, intervention.window
+                                    was given, or in stores from before the check)
     coords  source ["deploy_to_eval", "finetuned_to_base"]
-    attrs   window [first_layer, last_layer], rule (how it was picked), method
+    attrs   window [first_layer, last_layer] (the window the intervention uses:
+            after the check, when it ran), rule_window (the rule's own pick),
+            check ("kept", "moved", "none intact: ..." or "none reducing: ..."), rule (how it was picked), method
             ("exact": every effect patched; "attribution": layer_effect,
             head_effect and window_estimate are first-order estimates and
             window_effect holds the exact effects of the `confirmed` windows

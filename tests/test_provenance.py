@@ -45,6 +45,9 @@ def test_a_key_added_later_keeps_the_older_stores_digest_at_the_value_they_had()
     assert _digest(["localize.method=exact", "localize.confirm=2"]) == digest(reference)
     assert _digest(["localize.method=attribution"]) != digest(reference)
     assert _digest(["localize.method=attribution", "localize.confirm=3"]) != _digest(["localize.method=attribution"])
+    # The window check came later still, on by default: a store from before it is the check off.
+    assert reference["localize"]["check_windows"] == 8
+    assert "check_windows" not in digest_config(compose_config("routing", ["localize.check_windows=0"]))["localize"]
 
 
 def test_the_suites_own_import_paths_are_not_in_the_digest():

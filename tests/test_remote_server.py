@@ -106,6 +106,10 @@ def test_routing_cell_through_the_server_equals_local(server, llama_underperform
     np.testing.assert_array_equal(outcomes_a.performed.values, outcomes_b.performed.values)
     localized_a, localized_b = xr.open_zarr(a, group="localize").load(), xr.open_zarr(b, group="localize").load()
     assert localized_a.attrs["window"] == localized_b.attrs["window"] and localized_b.attrs["method"] == method
+    # The window check's generations on the localize split ran on the server too: the same tries and figures.
+    assert localized_a.attrs["check"] == localized_b.attrs["check"]
+    for name in ("check_first", "check_last", "check_reduction", "check_lost_upper"):
+        np.testing.assert_array_equal(localized_b[name].values, localized_a[name].values)
     np.testing.assert_allclose(localized_b.layer_effect.values, localized_a.layer_effect.values, atol=1e-4)
     # the weight patch: the merged fine-tune's adapter here, its updates on the server there
     np.testing.assert_allclose(localized_b.weight_effect.values, localized_a.weight_effect.values, atol=1e-4)

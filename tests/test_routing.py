@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -83,6 +84,33 @@ def test_the_window_is_chosen_on_prompts_the_clamp_is_never_scored_on(cell):
     assert set(map(str, outcomes.prompt.values)) == {str(p) for p in test.prompt.values}
 
 
+def test_the_window_check_tries_the_clamp_on_the_localize_split_before_taking_a_window(cell):
+    """The rule's window is tried first, then only its sub-windows, never one containing a
+    refused window; the window taken is a try that reduced the gap with the task intact
+    (or the verdict says none did), and it is the window the intervene stage clamped."""
+    _, _, result = cell
+    localized = xr.open_zarr(result["store"], group="localize").load()
+    rule = tuple(localized.attrs["rule_window"])
+    tries = list(zip(localized.check_first.values.tolist(), localized.check_last.values.tolist()))
+    assert tries[0] == rule and all(rule[0] <= a <= b <= rule[1] for a, b in tries)
+    intact = localized.check_intact.values
+    for i, (a, b) in enumerate(tries):
+        assert not any(not intact[j] and a <= tries[j][0] and tries[j][1] <= b for j in range(i))
+    window = tuple(localized.attrs["window"])
+    verdict = localized.attrs["check"]
+    if verdict in ("kept", "moved"):
+        i = tries.index(window)
+        assert intact[i] and localized.check_reduction.values[i] > 0 and i == len(tries) - 1
+        assert (verdict == "kept") == (window == rule)
+    assert localized.attrs["check_prompts"] == localized.attrs["n_prompts"]
+    assert xr.open_zarr(result["store"], group="outcomes").attrs["window"] == list(window) == result["window"]
+    moved = int(window != rule)
+    assert f"the window check moved the rule's window in {moved} of 1 builds" in result["headline"]
+    with open(Path(result["table_dir"]) / "cells.csv", newline="", encoding="utf-8") as f:
+        clamp = next(r for r in csv.DictReader(f) if r["condition"] == "clamp")
+    assert clamp["rule_window"] == ",".join(map(str, range(rule[0], rule[1] + 1))) and clamp["window_check"] == verdict
+
+
 def test_the_planted_layers_are_found(cell):
     """The organism's fine-tune may change only its planted layers (model.train.lora_layers):
     the window path patching picks overlaps them."""
@@ -120,8 +148,8 @@ def test_attribution_chooses_its_window_on_exact_effects_that_equal_exact_patchi
     found = xr.open_zarr(attributed["store"], group="localize").load()
     assert found.attrs["method"] == "attribution" and exact.attrs["method"] == "exact"
     confirmed = [tuple(w) for w in found.attrs["confirmed"]]
-    window = tuple(found.attrs["window"])
-    assert window in confirmed and attributed["window"] == list(window)
+    window = tuple(found.attrs["rule_window"])  # the rule's pick; the window check may take a sub-window of it
+    assert window in confirmed and attributed["window"] == list(found.attrs["window"])
     planted = cfg.model.train.lora_layers
     assert set(range(window[0], window[1] + 1)) & set(planted)
     for a, b in confirmed:

@@ -21,10 +21,11 @@ from routing_suite.errors import ConfigError
 from routing_suite.routing.collect import collect, prompt_items, site_request
 from routing_suite.routing.controls import SemanticControl, check_controls
 from routing_suite.routing.fit import fit, fit_topics
-from routing_suite.routing.intervene import build_conditions, intervene
+from routing_suite.routing.intervene import build_conditions, clamp_condition, intervene
 from routing_suite.routing.localize import LocalizeSettings, localize
 from routing_suite.routing.summary import write_cell
 from routing_suite.routing.targets import aligned_means, needs_aligned, needs_step_means, step_means
+from routing_suite.routing.window_check import check_window
 
 log = logging.getLogger(__name__)
 
@@ -101,21 +102,20 @@ def run(cfg) -> dict:
         store.write_group("fit", fit(acts, cfg.fit.max_rank))
         store.mark_stage_done("fit")
     fitted = store.read("fit").load()
+    targets = ClampTargets(pair, acts, spec, list(request.layers), setup.backend, setup.behavior.max_new_tokens)
     if "localize" in ran:
         stats.stage = "localize"
-        store.write_group("localize", localize(pair, acts, setup.behavior, localize_settings, setup.backend))
+        localized = localize(pair, acts, setup.behavior, localize_settings, setup.backend)
+        if localize_settings.check_windows and spec.window is None:
+            localized = check_window(pair, acts, localized, lambda w: clamp_condition(spec, fitted, acts, w, targets.get()),
+                                     setup.behavior, localize_settings, setup.backend, setup.backend.batch_size, cfg.progress)
+        store.write_group("localize", localized)
         store.mark_stage_done("localize")
     localized = store.read("localize").load()
     window = list(spec.window) if spec.window is not None else [int(x) for x in localized.attrs["window"]]
     if "intervene" in ran:
         stats.stage = "intervene"
-        aligned = None
-        if needs_aligned(spec):
-            aligned = aligned_means(pair, acts, list(request.layers), spec.site, setup.backend, setup.backend.batch_size)
-        if needs_step_means(spec):
-            steps = step_means(pair, acts, list(request.layers), spec.site, setup.backend, setup.backend.batch_size,
-                               setup.behavior.max_new_tokens)
-            aligned = xr.merge([aligned, steps])
+        aligned = targets.get()
         conditions = build_conditions(spec, controls, fitted, acts, window, int(cfg.seed), aligned)
         outcomes = intervene(pair, acts, conditions, setup.behavior, setup.backend, setup.backend.batch_size, cfg.progress)
         if aligned is not None:
@@ -142,6 +142,26 @@ def run(cfg) -> dict:
     reduction = next((r["reduction"]["value"] for r in summary["rows"] if r["kind"] == "intervention"), float("nan"))
     return {"store": str(final), "reduction": reduction, "window": window, "seconds": seconds, "stages_run": ran, "requests": stats.as_dict(),
             "table_dir": str(out), "warnings": warnings, **summary}
+
+
+class ClampTargets:
+    """The per-position (and per-step) clamp targets the intervention needs (None for the
+    last-token clamp), computed at most once: the window check and the intervene stage
+    both clamp."""
+
+    def __init__(self, pair, acts: xr.Dataset, spec, layers: list[int], backend, max_new_tokens: int) -> None:
+        self.args = (pair, acts, spec, layers, backend, max_new_tokens)
+        self.done, self.value = False, None
+
+    def get(self) -> xr.Dataset | None:
+        if not self.done:
+            pair, acts, spec, layers, backend, max_new_tokens = self.args
+            if needs_aligned(spec):
+                self.value = aligned_means(pair, acts, layers, spec.site, backend, backend.batch_size)
+            if needs_step_means(spec):
+                self.value = xr.merge([self.value, step_means(pair, acts, layers, spec.site, backend, backend.batch_size, max_new_tokens)])
+            self.done = True
+        return self.value
 
 
 def stages_to_run(store) -> list[str]:

@@ -51,8 +51,7 @@ def build_conditions(
         raise ConfigError("intervention.steps=all with positions=aligned: the clamp needs the per-step means (routing.targets.step_means)")
     layers = list(range(window[0], window[1] + 1))
     fit_acts = _last(acts[spec.site].sel(prompt=acts.split.values == "fit"))
-    main_edits = clamp_edits(spec, fit, fit_acts, layers, spec.fit_model, aligned)
-    main = Condition(spec.name, "intervention", spec.site, spec.positions, main_edits, steps=spec.steps)
+    main = clamp_condition(spec, fit, acts, window, aligned)
     conditions = [Condition(store_format.BASELINE, "baseline"), main]
     if spec.fit_model == "finetuned":
         base_edits = clamp_edits(spec, fit, fit_acts, layers, "base", aligned)
@@ -64,6 +63,13 @@ def build_conditions(
     return conditions
 
 
+def clamp_condition(spec: InterventionSpec, fit: xr.Dataset, acts: xr.Dataset, window: list[int], aligned: xr.Dataset | None = None) -> Condition:
+    """The intervention at `window` (targets from the fit split's activations, or `aligned`)."""
+    fit_acts = _last(acts[spec.site].sel(prompt=acts.split.values == "fit"))
+    edits = clamp_edits(spec, fit, fit_acts, list(range(window[0], window[1] + 1)), spec.fit_model, aligned)
+    return Condition(spec.name, "intervention", spec.site, spec.positions, edits, steps=spec.steps)
+
+
 def _norm(condition: Condition, h_by_layer: dict[int, np.ndarray]) -> float:
     """Mean L2 norm of a condition's change, over its layers and the given activations (0 for the baseline)."""
     if not condition.edits:
@@ -72,10 +78,12 @@ def _norm(condition: Condition, h_by_layer: dict[int, np.ndarray]) -> float:
 
 
 def intervene(
-    pair: ModelPair, acts: xr.Dataset, conditions: list[Condition], behavior: Behavior, backend, batch_size: int, progress: bool = True
+    pair: ModelPair, acts: xr.Dataset, conditions: list[Condition], behavior: Behavior, backend, batch_size: int, progress: bool = True,
+    split: str = "test",
 ) -> xr.Dataset:
-    """Per-prompt outcomes and completions of every condition on the test split."""
-    test = acts.sel(prompt=acts.split.values == "test")
+    """Per-prompt outcomes and completions of every condition on `split` (the test split;
+    the window check tries the clamp on the localize split)."""
+    test = acts.sel(prompt=acts.split.values == split)
     prompt_ids = [str(p) for p in test.prompt.values]
     answers = [str(a) for a in test.answer.values]
     texts = {f: [str(p) for p in test[f"{f}_prompt"].values] for f in store_format.FRAMINGS}
@@ -88,7 +96,8 @@ def intervene(
     completions = np.full((len(names), int(counts.max()), 2, len(prompt_ids)), "", dtype=object)
     draw = {id(c): sum(o.name == c.name for o in conditions[:i]) for i, c in enumerate(conditions)}
     traced = pair.traced("finetuned")
-    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="intervene", unit="batch", disable=not progress):
+    for start in tqdm(range(0, len(prompt_ids), batch_size), desc="intervene" if split == "test" else f"intervene ({split})",
+                      unit="batch", disable=not progress):
         sl = slice(start, start + batch_size)
         prompts = texts["eval"][sl] + texts["deploy"][sl]
         generated = generate_under_conditions(

@@ -72,17 +72,23 @@ def spread(n: int, k: int | None) -> np.ndarray:
     return np.unique(np.linspace(0, n - 1, k).round().astype(int))
 
 
+def preference_order(window_effects: dict[tuple[int, int], float], threshold: float) -> list[tuple[int, int]]:
+    """Windows in the cumulative rule's order of preference: those whose joint patch reaches
+    `threshold`, shortest first and strongest first among equally short (then earliest);
+    then the rest, strongest first (then shorter, then earlier)."""
+    reaching = sorted((w for w in window_effects if window_effects[w] >= threshold),
+                      key=lambda w: (w[1] - w[0], -window_effects[w], w[0]))
+    rest = sorted((w for w in window_effects if not window_effects[w] >= threshold),
+                  key=lambda w: (-window_effects[w], w[1] - w[0], w[0]))
+    return reaching + rest
+
+
 def pick_window(effects: np.ndarray, settings: LocalizeSettings, window_effects: dict[tuple[int, int], float] | None = None) -> list[int]:
     """[first_layer, last_layer] from per-layer effects (and, for `cumulative`, joint-window effects)."""
     if settings.rule == "cumulative":
         if not window_effects:
             raise ValueError("the cumulative rule needs the joint-window effects")
-        reaching = [w for w in window_effects if window_effects[w] >= settings.threshold]
-        if reaching:
-            shortest = min(b - a for a, b in reaching)
-            best = max((w for w in reaching if w[1] - w[0] == shortest), key=lambda w: (window_effects[w], -w[0]))
-        else:
-            best = max(window_effects, key=lambda w: (window_effects[w], -(w[1] - w[0]), -w[0]))
+        best = preference_order(window_effects, settings.threshold)[0]
         return [int(best[0]), int(best[1])]
     if settings.rule == "relative":
         top = effects.max()

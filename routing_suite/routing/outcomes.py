@@ -58,6 +58,10 @@ class CellOutcomes:
     # Localization: the chosen window, and each source's per-layer patch effect (layer -> fraction of the gap).
     window: tuple[int, ...] = ()
     layer_effect: dict[str, dict[int, float]] = field(default_factory=dict)
+    # The localize rule's own window and the window check's verdict (routing.window_check;
+    # () and "" for a store without the check).
+    rule_window: tuple[int, ...] = ()
+    window_check: str = ""
     # A few test prompts with what each condition generated (report.md shows them).
     examples: list[dict] = field(default_factory=list)
 
@@ -140,6 +144,17 @@ def _layer_effects(path: Path) -> dict[str, dict[int, float]]:
     return effects
 
 
+def _window_check(path: Path) -> tuple[tuple[int, ...], str]:
+    """The localize rule's window and the window check's verdict (() and "" without the check)."""
+    try:
+        localize = read_group(path, "localize", ("layer_effect",))
+    except CorruptGroup:
+        return (), ""
+    if localize is None or "check" not in localize.attrs:
+        return (), ""
+    return tuple(int(w) for w in localize.attrs.get("rule_window", ())), str(localize.attrs["check"])
+
+
 def read_outcomes(path: Path, family: str, behavior: str, variant: str = "", replicate: str = "") -> CellOutcomes:
     """The `outcomes` group of a finished store; StoreFormatError says what is wrong with it."""
     if "outcomes" not in _group_names(path):
@@ -170,6 +185,7 @@ def read_outcomes(path: Path, family: str, behavior: str, variant: str = "", rep
     layers = tuple(str(x) for x in ds["layers"].isel(condition=order).values) if "layers" in ds.coords else ()
     window = tuple(int(w) for w in ds.attrs.get("window", ()))
     effects = _layer_effects(path)
+    rule_window, window_check = _window_check(path)
     return CellOutcomes(
         family=family,
         behavior=behavior,
@@ -186,6 +202,8 @@ def read_outcomes(path: Path, family: str, behavior: str, variant: str = "", rep
         condition_layers=layers,
         window=window,
         layer_effect=effects,
+        rule_window=rule_window,
+        window_check=window_check,
         examples=read_examples(path, ds, [names[i] for i in order]),
     )
 

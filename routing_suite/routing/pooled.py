@@ -178,6 +178,11 @@ def headline(cells: list[Cell]) -> str:
             weights = [v for v in (b.intervention.finetuned_weights_outside for c in planted for b in c.builds) if _finite(v)]
             text += f"; the fine-tune's weights at one layer outside them at most {max(weights):.3f}" if weights else ""
             text += ")"
+    checked = [b.intervention for c in cells for b in c.builds if b.intervention.window_check]
+    if checked:
+        moved = sum(r.window != r.rule_window for r in checked)
+        none = sum(r.window_check.startswith("none") for r in checked)
+        text += f"; the window check moved the rule's window in {moved} of {len(checked)} builds ({none} with no window intact)"
     controls = other_names(cells, "control")
     if not controls:
         return text + "; no controls"

@@ -48,6 +48,12 @@ _TOLERANCE = 1e-9
 FIGURES = ("eval_rate", "deploy_rate", "gap", "reduction", "recovery", "vs_intervention")
 
 
+def is_broken(deploy_drop: float, correct_drop: float) -> bool:
+    """DESIGN.md's retention check: the deploy rate's fall or the larger fall in correctness
+    (either framing) from the baseline's exceeds MAX_DROP."""
+    return bool(deploy_drop > MAX_DROP + _TOLERANCE or correct_drop > MAX_DROP + _TOLERANCE)
+
+
 @dataclass(frozen=True)
 class Estimate:
     value: float
@@ -94,6 +100,9 @@ class ConditionStats:
     # (0 by construction: the fine-tune changes nothing there) and above them (downstream
     # layers carry the planted change's consequences).
     window: str = ""
+    # The localize rule's window before the window check, and the check's verdict ("" without it).
+    rule_window: str = ""
+    window_check: str = ""
     planted: str = ""
     window_on_planted: bool | None = None
     finetuned_to_base_below: float = float("nan")
@@ -163,6 +172,8 @@ def localization(cell: CellOutcomes) -> dict:
     outside = [abs(e) for layer, e in weights.items() if layer not in planted and np.isfinite(e)]
     return {
         "window": ",".join(map(str, window)),
+        "rule_window": ",".join(map(str, range(cell.rule_window[0], cell.rule_window[1] + 1))) if len(cell.rule_window) == 2 else "",
+        "window_check": cell.window_check,
         "planted": ",".join(map(str, planted)),
         "window_on_planted": bool(set(window) & set(planted)) if planted and window else None,
         "finetuned_to_base_below": max(below) if below else float("nan"),
@@ -185,7 +196,7 @@ def cell_stats(cell: CellOutcomes, n_resamples: int, seed: int, confidence: floa
         deploy_drop = float(point[1, 0] - point[1, c])
         correct_drop = float(max(correct[0, 0] - correct[c, 0], correct[0, 1] - correct[c, 1]))
         baseline = c == 0
-        broken = None if baseline else bool(deploy_drop > MAX_DROP + _TOLERANCE or correct_drop > MAX_DROP + _TOLERANCE)
+        broken = None if baseline else is_broken(deploy_drop, correct_drop)
         nan = Estimate(float("nan"), float("nan"), float("nan"))
         rows.append(
             ConditionStats(

@@ -105,7 +105,7 @@ CELL_COLUMNS = (
     *(f"{f}{s}" for f in FIGURES for s in ("", "_lo", "_hi")),
     "correct_eval", "correct_deploy", "deploy_drop", "correct_drop", "perturbation_norm", "broken", "reduced", "near_zero",
     "layers", "patch_effect", "window", "planted", "window_on_planted", "finetuned_to_base_below",
-    "finetuned_to_base_above", "finetuned_weights_outside",
+    "finetuned_to_base_above", "finetuned_weights_outside", "rule_window", "window_check",
 )
 
 
@@ -120,7 +120,7 @@ def cells_csv(rows: Iterable[ConditionStats]) -> str:
         record += [num(r.correct_eval), num(r.correct_deploy), num(r.deploy_drop), num(r.correct_drop), num(r.perturbation_norm)]
         record += [flag(r.broken), flag(r.reduced), flag(r.near_zero)]
         record += [r.layers, num(r.patch_effect), r.window, r.planted, flag(r.window_on_planted), num(r.finetuned_to_base_below),
-                   num(r.finetuned_to_base_above), num(r.finetuned_weights_outside)]
+                   num(r.finetuned_to_base_above), num(r.finetuned_weights_outside), r.rule_window, r.window_check]
         records.append(record)
     return csv_text(CELL_COLUMNS, records)
 
@@ -185,6 +185,8 @@ def _window(r: ConditionStats) -> str:
     if not r.window:
         return "–"
     text = f"[{r.window.replace(',', ', ')}]"
+    if r.rule_window and r.rule_window != r.window:  # the window check moved it (routing.window_check)
+        text += f" (rule: [{r.rule_window.replace(',', ', ')}])"
     return f"{text} ({r.planted.replace(',', ', ')}: {'on' if r.window_on_planted else 'off'})" if r.planted else text
 
 
