@@ -102,7 +102,8 @@ def test_the_window_check_tries_the_clamp_on_the_localize_split_before_taking_a_
         i = tries.index(window)
         assert intact[i] and localized.check_reduction.values[i] > 0 and i == len(tries) - 1
         assert (verdict == "kept") == (window == rule)
-    assert localized.attrs["check_prompts"] == localized.attrs["n_prompts"]
+    acts = xr.open_zarr(result["store"], group="activations")
+    assert localized.attrs["check_prompts"] == int((acts.split.values == "localize").sum())
     assert xr.open_zarr(result["store"], group="outcomes").attrs["window"] == list(window) == result["window"]
     moved = int(window != rule)
     assert f"the window check moved the rule's window in {moved} of 1 builds" in result["headline"]

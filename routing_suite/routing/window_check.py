@@ -27,11 +27,14 @@ upper end of each one's one-sided 95% Wilson interval within MAX_DROP. A
 fall in the deploy rate nets losses against gains: on a localize split whose
 held-out cues put the baseline's deploy rate at 0.80, a clamp that pushed
 weak deploy prompts into the deploy mode hid the ones it broke
-(qwen2/underperform seed 2, [3, 5]: deploy rate +0.03 on the localize split,
-0.16 of its successes lost; on the test split its deploy rate fell by 0.16).
-Over that build's 36 windows, a point loss above MAX_DROP on the localize
-split marked every window whose clamp broke the test split but one; the
-interval's margin is for the split's size (64 prompts in the organisms).
+(qwen2/underperform seed 2, [3, 5], in a diagnostic run that clamped each of
+the build's 36 windows on both splits: deploy rate +0.03 on the localize
+split, 0.16 of its successes lost; on the test split its deploy rate fell by
+0.16). Over the 36 windows, a deploy loss
+above MAX_DROP on the localize split marked all 31 windows whose clamp broke
+the test split and none of the 5 that kept it intact; the fall in the deploy
+rate marked 20 of the 31. The interval's margin is for the split's size (64
+prompts in the organisms).
 
 The tries are stored in the localize group (`check_*` variables over
 `candidate`), with the rule's own window (`rule_window`), so a reader sees
@@ -51,7 +54,7 @@ from routing_suite import store_format
 from routing_suite.interventions import Condition
 from routing_suite.models import ModelPair
 from routing_suite.routing.intervene import intervene
-from routing_suite.routing.localize import SOURCES, localize_prompts, preference_order
+from routing_suite.routing.localize import SOURCES, preference_order
 from routing_suite.routing.settings import LocalizeSettings
 from routing_suite.routing.stats import MAX_DROP
 from routing_suite.scoring import Behavior
@@ -119,7 +122,9 @@ def check_window(
     """`localized` with the window the check takes (attrs `window`, `rule_window`, `check`)
     and its tries (`check_*` over `candidate`). `clamp(window)` builds the intervention's
     condition at that window."""
-    prompts = localize_prompts(acts, settings)
+    # Every localize prompt (not localize.max_prompts, which bounds patching's cost): the
+    # check decides on losses, and a handful of prompts can never show one to be small.
+    prompts = acts.sel(prompt=acts.split.values == "localize")
     baseline = Condition(store_format.BASELINE, "baseline")
 
     def measure(batch: list[tuple[int, int]]) -> list[dict]:
