@@ -107,6 +107,7 @@ def run(cfg) -> dict:
         stats.stage = "localize"
         localized = localize(pair, acts, setup.behavior, localize_settings, setup.backend)
         if localize_settings.check_windows and spec.window is None:
+            stats.stage = "window_check"  # its generations, and the clamp targets they need
             localized = check_window(pair, acts, localized, lambda w: clamp_condition(spec, fitted, acts, w, targets.get()),
                                      setup.behavior, localize_settings, setup.backend, setup.backend.batch_size, cfg.progress)
         store.write_group("localize", localized)
