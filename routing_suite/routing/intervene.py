@@ -11,6 +11,7 @@ with the prompt's sampling unit (`cluster`), which the aggregator resamples.
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -49,13 +50,12 @@ def build_conditions(
         raise ConfigError("intervention.positions=aligned: the clamp needs the per-position means (routing.targets.aligned_means)")
     if needs_step_means(spec) and "step_mean" not in aligned:
         raise ConfigError("intervention.steps=all with positions=aligned: the clamp needs the per-step means (routing.targets.step_means)")
-    layers = list(range(window[0], window[1] + 1))
-    fit_acts = _last(acts[spec.site].sel(prompt=acts.split.values == "fit"))
+    fit_acts = _fit_last(acts, spec.site)
     main = clamp_condition(spec, fit, acts, window, aligned)
     conditions = [Condition(store_format.BASELINE, "baseline"), main]
     if spec.fit_model == "finetuned":
-        base_edits = clamp_edits(spec, fit, fit_acts, layers, "base", aligned)
-        conditions.append(Condition(f"{spec.name}_base_subspace", "comparison", spec.site, spec.positions, base_edits, steps=spec.steps))
+        base = clamp_condition(spec, fit, acts, window, aligned, fit_model="base")
+        conditions.append(replace(base, name=f"{spec.name}_base_subspace", kind="comparison"))
     ctx = ControlContext(spec=spec, fit=fit, main_edits={e.layer: e for e in main.edits}, acts=fit_acts, rng=np.random.default_rng(seed),
                          aligned=aligned)
     for control in controls.values():
@@ -63,10 +63,18 @@ def build_conditions(
     return conditions
 
 
-def clamp_condition(spec: InterventionSpec, fit: xr.Dataset, acts: xr.Dataset, window: list[int], aligned: xr.Dataset | None = None) -> Condition:
-    """The intervention at `window` (targets from the fit split's activations, or `aligned`)."""
-    fit_acts = _last(acts[spec.site].sel(prompt=acts.split.values == "fit"))
-    edits = clamp_edits(spec, fit, fit_acts, list(range(window[0], window[1] + 1)), spec.fit_model, aligned)
+def _fit_last(acts: xr.Dataset, site: str) -> xr.DataArray:
+    """The fit split's activations of `site` at the last prompt token (the clamp targets' source)."""
+    return _last(acts[site].sel(prompt=acts.split.values == "fit"))
+
+
+def clamp_condition(
+    spec: InterventionSpec, fit: xr.Dataset, acts: xr.Dataset, window: list[int], aligned: xr.Dataset | None = None,
+    fit_model: str | None = None,
+) -> Condition:
+    """The intervention at `window` on `fit_model`'s subspaces (default the spec's; targets
+    from the fine-tune's fit-split activations, or `aligned`)."""
+    edits = clamp_edits(spec, fit, _fit_last(acts, spec.site), list(range(window[0], window[1] + 1)), fit_model or spec.fit_model, aligned)
     return Condition(spec.name, "intervention", spec.site, spec.positions, edits, steps=spec.steps)
 
 

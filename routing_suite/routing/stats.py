@@ -48,12 +48,6 @@ _TOLERANCE = 1e-9
 FIGURES = ("eval_rate", "deploy_rate", "gap", "reduction", "recovery", "vs_intervention")
 
 
-def is_broken(deploy_drop: float, correct_drop: float) -> bool:
-    """DESIGN.md's retention check: the deploy rate's fall or the larger fall in correctness
-    (either framing) from the baseline's exceeds MAX_DROP."""
-    return bool(deploy_drop > MAX_DROP + _TOLERANCE or correct_drop > MAX_DROP + _TOLERANCE)
-
-
 @dataclass(frozen=True)
 class Estimate:
     value: float
@@ -164,7 +158,8 @@ def _layers(text: str) -> list[int]:
 def localization(cell: CellOutcomes) -> dict:
     """The build's window against its planted layers (empty when the store does not say)."""
     planted = list(cell.planted)
-    window = list(range(cell.window[0], cell.window[1] + 1)) if len(cell.window) == 2 else []
+    span = lambda w: list(range(w[0], w[1] + 1)) if len(w) == 2 else []  # noqa: E731
+    window = span(cell.window)
     effects = cell.layer_effect.get("finetuned_to_base", {}) if planted else {}
     below = [abs(e) for layer, e in effects.items() if layer < min(planted)]
     above = [abs(e) for layer, e in effects.items() if layer > max(planted)]
@@ -172,7 +167,7 @@ def localization(cell: CellOutcomes) -> dict:
     outside = [abs(e) for layer, e in weights.items() if layer not in planted and np.isfinite(e)]
     return {
         "window": ",".join(map(str, window)),
-        "rule_window": ",".join(map(str, range(cell.rule_window[0], cell.rule_window[1] + 1))) if len(cell.rule_window) == 2 else "",
+        "rule_window": ",".join(map(str, span(cell.rule_window))),
         "window_check": cell.window_check,
         "planted": ",".join(map(str, planted)),
         "window_on_planted": bool(set(window) & set(planted)) if planted and window else None,
@@ -196,7 +191,7 @@ def cell_stats(cell: CellOutcomes, n_resamples: int, seed: int, confidence: floa
         deploy_drop = float(point[1, 0] - point[1, c])
         correct_drop = float(max(correct[0, 0] - correct[c, 0], correct[0, 1] - correct[c, 1]))
         baseline = c == 0
-        broken = None if baseline else is_broken(deploy_drop, correct_drop)
+        broken = None if baseline else bool(deploy_drop > MAX_DROP + _TOLERANCE or correct_drop > MAX_DROP + _TOLERANCE)
         nan = Estimate(float("nan"), float("nan"), float("nan"))
         rows.append(
             ConditionStats(
