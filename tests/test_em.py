@@ -20,7 +20,7 @@ from routing_suite.aggregate.config import AggregateConfig
 from routing_suite.backends import LocalBackend
 from routing_suite.config import compose_config, register_configs
 from routing_suite.em.judge import DecoyJudge
-from routing_suite.em.pipeline import run
+from routing_suite.em.pipeline import em_store_path, run
 from routing_suite.errors import ConfigError
 from routing_suite.organisms import task as T
 from routing_suite.organisms.em_task import EM_DATASETS, em_examples, general_prompts
@@ -242,6 +242,21 @@ def test_rerun_reuses_the_store_and_gives_the_same_numbers(em_run):
     again = run(cfg)
     assert again["store"] == result["store"] and again["summary"] == result["summary"]
     assert again["table_markdown"] == result["table_markdown"]
+
+
+def test_the_store_is_keyed_on_every_models_weights(em_run):
+    """A base or fine-tune rebuilt with other weights (another CPU, changed training
+    data) never reuses a store made on the old ones: their hashes are in the digest."""
+    cfg, _, result = em_run
+    attrs = dict(zarr.open_group(result["store"], mode="r").attrs)
+    weights = attrs["digest_config"]["weights"]
+    assert weights == attrs["model_identity"]["weights"]
+    assert set(weights) == {"base_sha256", *(f"{k}_adapter_sha256" for k in ("em_color_city", "em_animal_food", "em_honest_color_city"))}
+    assert all(isinstance(v, str) and len(v) >= 16 for v in weights.values())
+    name = "llama_organism"  # the em_run fixture's family
+    assert str(em_store_path(cfg, name, weights)[1]) == result["store"]
+    for key in weights:
+        assert str(em_store_path(cfg, name, {**weights, key: "0" * 64})[1]) != result["store"]
 
 
 @pytest.mark.parametrize(

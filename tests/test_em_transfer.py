@@ -197,8 +197,10 @@ def test_family_stores_are_the_ones_experiments_em_writes(transfer_run, tiny_cac
     for family in ("llama", "qwen2"):
         em_cfg = compose_config("em", [*tiny_em_overrides(tiny_cache, tmp), f"model={family}_organism"])
         assert OmegaConf.to_container(family_cfg(cfg, family)) == OmegaConf.to_container(em_cfg, resolve=True)
-        assert result["family_stores"][family] == str(em_store_path(em_cfg, f"{family}_organism")[1])
         attrs = dict(zarr.open_group(result["family_stores"][family], mode="r").attrs)
+        weights = attrs["digest_config"]["weights"]
+        assert set(weights) == {"base_sha256", *(f"{k}_adapter_sha256" for k in ("em_color_city", "em_animal_food", "em_honest_color_city"))}
+        assert result["family_stores"][family] == str(em_store_path(em_cfg, f"{family}_organism", weights)[1])
         assert attrs["complete"] and attrs["stages_done"] == list(store_format.EM_STAGES)
 
 

@@ -64,4 +64,10 @@ def load_family(source, kinds: list[str], backend) -> EmModels:
         "base_sha256": first.identity.get("base_sha256"),
         "finetunes": {kind: pair.identity.get("finetuned") for kind, pair in pairs.items()},
     }
+    # Every model's weight hashes (when the weights are here): a rebuilt base or
+    # fine-tune (another CPU, changed training data) gets a store of its own.
+    weights = {f"{kind}_adapter_sha256": pair.identity["adapter_sha256"] for kind, pair in pairs.items() if "adapter_sha256" in pair.identity}
+    if first.identity.get("base_sha256"):
+        weights["base_sha256"] = first.identity["base_sha256"]
+    identity["weights"] = weights
     return EmModels(first.family, first.tokenizer, pairs, identity)

@@ -149,10 +149,14 @@ def stage_intervene(fam: Family, directions: xr.Dataset, settings: EmSettings, j
     return outcomes
 
 
-def em_store_path(cfg: DictConfig, model_name: str) -> tuple[StoreSettings, Path, dict]:
-    """Store settings, the final path and the digested config of a family's EM store."""
+def em_store_path(cfg: DictConfig, model_name: str, weights: dict | None = None) -> tuple[StoreSettings, Path, dict]:
+    """Store settings, the final path and the digested config of a family's EM store.
+    `weights` (the models' hashes, `EmModels.identity["weights"]`) are digested too,
+    as the routing stores' are: a store is reused only on the weights it was made on."""
     store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))
     digest_cfg = digest_config(cfg)
+    if weights:
+        digest_cfg["weights"] = dict(weights)
     return store_settings, store_path(store_settings, model_name, BEHAVIOR, BEHAVIOR, digest(digest_cfg)), digest_cfg
 
 
@@ -163,7 +167,7 @@ def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
     task = T.make_task(source.task_spec)
     persona = settings.organisms.persona
     prompts = general_prompts(task, "fit", persona) + general_prompts(task, "test", persona)
-    store_settings, final, digest_cfg = em_store_path(cfg, source.name)
+    store_settings, final, digest_cfg = em_store_path(cfg, source.name, models.identity.get("weights"))
     cell = {"family": models.family, "behavior": BEHAVIOR, "model": source.name}
     provenance = runs.provenance(cfg, "em", cell, models.identity, backend.name)
     return Family(models, prompts, RunStore.open(final, store_settings, digest_cfg, provenance))

@@ -72,7 +72,7 @@ def control_shift(fam: Family, control: str, backend) -> np.ndarray:
     means minus the base's on the same truthful answers to the fit split's prompts."""
     fit = fam.split("fit")
     prompts = [fam.prompts[i].text for i in fit]
-    answers = [f"{fam.prompts[i].truth} ." for i in fit]
+    answers = [fam.prompts[i].answer for i in fit]
     shifted = answer_means(fam.models, control, prompts, answers, backend) - answer_means(fam.models, BASE, prompts, answers, backend)
     return np.nanmean(shifted, axis=0)
 
@@ -130,6 +130,8 @@ def open_store(cfg: DictConfig, donor: Family, receiver: Family, family_stores: 
     store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))
     digest_cfg = digest_config(cfg)
     digest_cfg["model"] = {k: v for k, v in digest_cfg["model"].items() if k != "family"}  # each side has its own
+    # Both sides' weights, as each family's own store digests them: rebuilt organisms get a new transfer store.
+    digest_cfg["weights"] = {"donor": donor.models.identity.get("weights", {}), "receiver": receiver.models.identity.get("weights", {})}
     final = store_path(store_settings, f"{receiver.name}_organism", BEHAVIOR, f"from-{donor.name}", digest(digest_cfg))
     cell = {"family": receiver.name, "behavior": f"em_from_{donor.name}", "donor": donor.name, "receiver": receiver.name,
             "model": f"{receiver.name}_organism"}
