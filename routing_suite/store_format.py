@@ -196,7 +196,7 @@ Group "xfer_maps"
 
 Group "xfer_outcomes" (the receiver's test split; layout of "em_outcomes")
     coords  condition names "<ft>/baseline", "<ft>/ablate/<direction>" (controls matched
-            per layer to the mapped ablation's change norm, random draws averaged),
+            at every activation to the mapped ablation's change norm, random draws averaged),
             "base/baseline", "base/steer/<ft>/x<lambda>/<direction>" (all at lambda x
             the native direction's norm)
     attrs   steer_layer, donor, receiver

@@ -187,6 +187,31 @@ def test_controls_are_matched_in_magnitude(em_run):
     assert np.isnan(mis[narrow]).all() and np.isfinite(mis[~narrow]).all()
 
 
+def test_a_random_ablation_control_changes_every_activation_as_much_as_the_ablation():
+    """DESIGN's matched control, by construction: per token (not a pooled mean), the same L2
+    change as the own ablation, along the control's own random direction."""
+    from routing_suite.em import conditions as C
+
+    rng = np.random.default_rng(0)
+    layers, d = 3, 16
+    directions = xr.Dataset(
+        {"direction": (("finetune", "layer", "hidden"), rng.standard_normal((1, layers, d)).astype(np.float32))},
+        coords={"finetune": ["ft"], "layer": np.arange(layers)},
+    )
+    residuals = rng.standard_normal((50, layers, d)).astype(np.float32) * np.linspace(0.1, 10, 50)[:, None, None].astype(np.float32)
+    plans = {p.name: p for p in C.ablation_plans(directions, "ft", ["ft"], 1, residuals, 3, rng)}
+    own = plans["ft/ablate/own"].conditions[0].edits
+    for run_ in plans["ft/ablate/own/random"].conditions:
+        for edit, reference in zip(run_.edits, own):
+            h = torch.from_numpy(residuals[:, edit.layer])
+            change, wanted = edit.change(h), reference.change(h)
+            torch.testing.assert_close(change.norm(dim=-1), wanted.norm(dim=-1), rtol=1e-5, atol=1e-5)
+            u = edit.basis[0]
+            torch.testing.assert_close(change, (change @ u)[:, None] * u[None], rtol=1e-5, atol=1e-5)  # along its own direction
+            assert abs(float(u @ reference.basis[0])) < 0.9  # and not the ablated one
+    assert plans["ft/ablate/own/random"].perturbation_norm == pytest.approx(plans["ft/ablate/own"].perturbation_norm, rel=1e-5)
+
+
 def test_ablation_edits_match_a_plain_torch_projection(em_run):
     """The own-ablation condition through nnsight equals projecting each layer's unit
     direction out of that layer's output with plain forward hooks."""

@@ -8,9 +8,13 @@ position the model computes (the prompt's and each generated token's):
   v (`own`), or one layer's v at every layer (`one_layer`);
 - transfer ablation: another fine-tune's directions projected out, layer-wise;
 - random controls at matched magnitude (DESIGN.md): for steering a random
-  direction of the same norm; for ablation a random direction per layer,
-  scaled so that the mean L2 norm of its change over the model's own token
-  residuals at that layer equals the ablation's.
+  direction of the same norm; for ablation a random direction per layer that
+  changes every activation by exactly the L2 amount the ablation does there
+  (`matched`: the ablation's own change, carried onto the control's direction).
+  (Until 2026-12-04 the control was the random direction projected out and
+  scaled to the ablation's mean change norm over token residuals: a pooled mean
+  rescaled by large factors, which pushed some tokens far and broke the persona
+  organisms' coherence to 12-43%, so its "reduction" was breakage.)
 """
 
 from __future__ import annotations
@@ -51,10 +55,13 @@ def mean_norm(edits: list[SubspaceEdit], residuals: Residuals) -> float:
     return float(np.mean([change_norm(e, residuals) for e in edits]))
 
 
-def matched(edit: SubspaceEdit, residuals: Residuals, reference: float) -> SubspaceEdit:
-    """`edit` scaled so that its mean change norm equals `reference`."""
-    edit.scale = reference / change_norm(edit, residuals)
-    return edit
+def matched(reference: SubspaceEdit, direction: np.ndarray) -> SubspaceEdit:
+    """A control along `direction` matched to `reference` by construction: at every
+    activation (prompt token or generated one) it changes h by exactly the L2 amount
+    `reference` does there, the reference's change in its own direction's coordinate
+    carried onto unit(direction). Nothing is rescaled, so nothing is blown up where
+    the control direction's own projection happens to be small."""
+    return SubspaceEdit(reference.layer, torch.from_numpy(unit(direction)[None]), reference.mode, matched=reference)
 
 
 def condition(name: str, edits: list[SubspaceEdit], seed: int | None = None) -> Condition:
@@ -103,11 +110,7 @@ def ablation_plans(
         Planned(finetune, single, "ablate", [condition(single, everywhere)], finetune, mode="ablate",
                 perturbation_norm=mean_norm(everywhere, residuals)),
     ]
-    references = {e.layer: change_norm(e, residuals) for e in own}
-    randoms = [
-        condition(f"{name}/random", [matched(ablate_edit(layer, rng.standard_normal(d)), residuals, references[layer]) for layer in layers], s)
-        for s in range(seeds)
-    ]
+    randoms = [condition(f"{name}/random", [matched(edit, rng.standard_normal(d)) for edit in own], s) for s in range(seeds)]
     plans.append(Planned(finetune, f"{name}/random", "control", randoms, finetune, control="random", target=name, mode="ablate",
                          perturbation_norm=float(np.mean([mean_norm(c.edits, residuals) for c in randoms]))))
     for source in sources:

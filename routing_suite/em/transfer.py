@@ -215,23 +215,22 @@ def _vectors(directions: xr.Dataset, kind: str, control: str) -> list[tuple[int,
 
 def ablation_plans(directions: xr.Dataset, kind: str, residuals: C.Residuals) -> list[Planned]:
     """In the receiver's fine-tune `kind`: its baseline, the mapped and the native directions
-    ablated layer-wise, and each control ablated layer-wise, matched per layer to the mapped
-    ablation's mean change norm on the fine-tune's own token residuals."""
+    ablated layer-wise, and each control's direction at every layer, matched to the mapped
+    ablation at every activation (`conditions.matched`: the same change norm there)."""
     layers = [int(x) for x in directions.layer.values]
     prefix = f"{kind}/ablate"
     plans = [C.baseline(kind)]
-    references = {}
+    references: list = []
     for name, plan_kind in ((MAPPED, "transfer"), (NATIVE, "ablate")):
         (_, v), = _vectors(directions, kind, name)
         edits = [C.ablate_edit(layer, v[layer]) for layer in layers]
         if name == MAPPED:
-            references = {e.layer: C.change_norm(e, residuals) for e in edits}
+            references = edits
         plans.append(Planned(kind, f"{prefix}/{name}", plan_kind, [C.condition(f"{prefix}/{name}", edits)], name, mode="ablate",
                              perturbation_norm=C.mean_norm(edits, residuals)))
     for control in TRANSFER_CONTROLS:
         conds = [
-            C.condition(f"{prefix}/{control}", [C.matched(C.ablate_edit(layer, v[layer]), residuals, references[layer]) for layer in layers],
-                        max(seed, 0))
+            C.condition(f"{prefix}/{control}", [C.matched(edit, v[edit.layer]) for edit in references], max(seed, 0))
             for seed, v in _vectors(directions, kind, control)
         ]
         plans.append(Planned(kind, f"{prefix}/{control}", "control", conds, control, control=control, target=f"{prefix}/{MAPPED}",
