@@ -212,6 +212,24 @@ def test_a_random_ablation_control_changes_every_activation_as_much_as_the_ablat
     assert plans["ft/ablate/own/random"].perturbation_norm == pytest.approx(plans["ft/ablate/own"].perturbation_norm, rel=1e-5)
 
 
+def test_an_ablation_that_breaks_coherence_is_marked_broken_in_tables_and_headline(em_run):
+    from routing_suite.em import tables as em_tables
+
+    _, _, result = em_run
+    rep = em_tables.read_store(result["store"], n_resamples=200)
+    rows = {(r.model, r.condition, r.statistic): r.value for r in rep.rows if r.table == "ablation"}
+    conditions = {(m, c) for m, c, _ in rows if c != "baseline"}
+    assert conditions and not any((m, "baseline", "broken") in rows for m, _ in conditions)
+    for model, condition in conditions:
+        drop = rows[model, "baseline", "coherent_rate"] - rows[model, condition, "coherent_rate"]
+        assert rows[model, condition, "broken"] == float(drop > em_tables.MAX_COHERENCE_DROP + 1e-9)
+    table = {(r[1], r[2]): r[-1] for r in rep.sections["ablation"]}
+    assert all(table[m, c] == ("yes" if rows[m, c, "broken"] else "no") for m, c in conditions)
+    for model, s in rep.summary().items():
+        line = next(x for x in em_tables.headline([rep]).splitlines() if x.startswith(f"{rep.family}/{model}:"))
+        assert line.count("(broken: coherent") == int(s["broken_own"]) + int(s["broken_random"])
+
+
 def test_ablation_edits_match_a_plain_torch_projection(em_run):
     """The own-ablation condition through nnsight equals projecting each layer's unit
     direction out of that layer's output with plain forward hooks."""

@@ -19,6 +19,10 @@ import zarr
 
 from routing_suite.text_tables import csv_text, markdown_text, num, write_files
 
+# An ablation is *broken* (DESIGN.md: it lowers the rate by breaking the model, it does
+# not reduce it) when its coherent rate falls more than this below its fine-tune's baseline.
+MAX_COHERENCE_DROP = 0.1
+
 
 @dataclass(frozen=True)
 class Estimate:
@@ -126,6 +130,11 @@ class EmReport:
                     "random": self.value("ablation", m, "ablate/own/random", "misaligned_rate"),
                     "reduction_own": self.value("ablation", m, "ablate/own", "reduction"),
                     "reduction_random": self.value("ablation", m, "ablate/own/random", "reduction"),
+                    "coherent_baseline": self.value("ablation", m, "baseline", "coherent_rate"),
+                    "coherent_own": self.value("ablation", m, "ablate/own", "coherent_rate"),
+                    "coherent_random": self.value("ablation", m, "ablate/own/random", "coherent_rate"),
+                    "broken_own": self.value("ablation", m, "ablate/own", "broken") == 1,
+                    "broken_random": self.value("ablation", m, "ablate/own/random", "broken") == 1,
                     "best_separation": max((x.value for x in self.rows if x.table == "separation" and x.model == m), default=float("nan")),
                     "transfer": {x.condition.removeprefix("ablate/from/"): x.value for x in self.rows
                                  if x.table == "ablation" and x.model == m and x.condition.startswith("ablate/from/") and x.statistic == "reduction"},
@@ -176,16 +185,21 @@ def _ablation(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
     models = dict.fromkeys(str(m) for m, k in zip(outcomes.model.values, outcomes.kind.values) if k == "ablate")
     for model in models:
         base = f"{model}/baseline"
+        coherent_base = boot.rate(coh[base]).value
         for name in [base, *(str(c) for c in outcomes.condition.values if str(c).startswith(f"{model}/ablate/"))]:
             label = name.removeprefix(f"{model}/")
             rate, coherence = boot.rate(mis[name]), boot.rate(coh[name])
             red = boot.reduction(mis[name], mis[base]) if name != base else None
-            records.append([rep.family, model, label, num(float(norms[name]), 2), rate.text(), red.text() if red else "–", coherence.text()])
+            broken = None if name == base else bool(coherent_base - coherence.value > MAX_COHERENCE_DROP + 1e-9)
+            records.append([rep.family, model, label, num(float(norms[name]), 2), rate.text(), red.text() if red else "–", coherence.text(),
+                            "–" if broken is None else ("yes" if broken else "no")])
             rep.rows += [Row(rep.family, "ablation", model, label, "misaligned_rate", rate.value, rate.lo, rate.hi),
                          Row(rep.family, "ablation", model, label, "coherent_rate", coherence.value, coherence.lo, coherence.hi),
                          Row(rep.family, "ablation", model, label, "perturbation_norm", float(norms[name]))]
             if red:
                 rep.rows.append(Row(rep.family, "ablation", model, label, "reduction", red.value, red.lo, red.hi))
+            if broken is not None:
+                rep.rows.append(Row(rep.family, "ablation", model, label, "broken", float(broken)))
     rep.sections["ablation"] = records
 
 
@@ -243,7 +257,7 @@ def markdown(reports: list[EmReport]) -> str:
         "\n## Separation accuracy of the misaligned - aligned direction (held-out, balanced)\n",
         markdown_text(["family", "fine-tune", "fit mis/ali", *layers], [x for r in reports for x in r.sections["separation"]]),
         "\n## Ablation in each fine-tune: own directions, matched random, transfer from the other fine-tune\n",
-        markdown_text(["family", "fine-tune", "condition", "change norm", "misaligned %", "reduction %", "coherent %"],
+        markdown_text(["family", "fine-tune", "condition", "change norm", "misaligned %", "reduction %", "coherent %", "broken"],
             [x for r in reports for x in r.sections["ablation"]]),
         "\n## Steering the base (+lambda |v| at the steering layer) vs a random direction of the same norm\n",
         markdown_text(["family", "direction", "lambda", "misaligned %", "coherent %", "random: misaligned %", "random: coherent %"],
@@ -265,6 +279,14 @@ def csv_table(reports: list[EmReport]) -> str:
     return rows_csv(r for rep in sorted(reports, key=lambda r: r.family) for r in rep.rows)
 
 
+def _cut(summary: dict, which: str) -> str:
+    """An ablation's reduction, said to be breakage where it is broken."""
+    text = f"{100 * summary[f'reduction_{which}']:.0f}%"
+    if summary[f"broken_{which}"]:
+        text += f" (broken: coherent {100 * summary[f'coherent_{which}']:.0f}%)"
+    return text
+
+
 def headline(reports: list[EmReport]) -> str:
     lines = []
     for rep in sorted(reports, key=lambda r: r.family):
@@ -272,8 +294,9 @@ def headline(reports: list[EmReport]) -> str:
             transfer = ", ".join(f"from {k} {100 * v:.0f}%" for k, v in s["transfer"].items()) or "none"
             lines.append(
                 f"{rep.family}/{model}: misaligned {100 * s['baseline']:.0f}% on general prompts; separation up to "
-                f"{s['best_separation']:.2f}; ablating its directions cuts it by {100 * s['reduction_own']:.0f}% "
-                f"(matched random {100 * s['reduction_random']:.0f}%); transfer ablation {transfer}."
+                f"{s['best_separation']:.2f}; ablating its directions cuts it by {_cut(s, 'own')}, the matched random "
+                f"direction by {_cut(s, 'random')} (coherent {100 * s['coherent_baseline']:.0f}% before either); "
+                f"transfer ablation {transfer}."
             )
     return "\n".join(lines)
 
