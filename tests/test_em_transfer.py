@@ -282,8 +282,9 @@ def test_controls_are_matched_to_the_mapped_ablation(transfer_run):
 
 @pytest.mark.slow
 def test_the_table_reports_specificity_consistently(transfer_run):
-    """Per control, "beaten" is the paired difference's interval lying above 0; "specific" is
-    that for every control and a mapped reduction whose interval lies above 0."""
+    """Per control, "beaten" is the paired difference's interval lying above 0; "broken" a
+    coherent rate more than 0.1 below the baseline's; "specific" is "beaten" for every
+    control and a mapped reduction whose interval lies above 0, the mapped ablation unbroken."""
     _, _, result = transfer_run
     table = result["table_markdown"]
     assert "| llama | qwen2 |" in table and "| llama->qwen2 | em_color_city | mapped |" in table
@@ -302,9 +303,13 @@ def test_the_table_reports_specificity_consistently(transfer_run):
             # control - mapped is the difference of the two stored misaligned rates.
             diff = float(stat[control, "misaligned_rate"][5]) - float(stat["mapped", "misaligned_rate"][5])
             assert float(stat[control, "minus_mapped"][5]) == pytest.approx(diff, abs=1e-5)
+        coherent = {d: float(stat[d, "coherent_rate"][5]) for d in ("baseline", "mapped", "native", *TRANSFER_CONTROLS)}
+        for d in ("mapped", "native", *TRANSFER_CONTROLS):
+            assert stat[d, "broken"][5] == ("1.000000" if coherent["baseline"] - coherent[d] > 0.1 + 1e-9 else "0.000000")
+            assert s["broken"][d] == (stat[d, "broken"][5] == "1.000000")
         # An empty bound (no baseline misalignment to reduce) is no evidence of specificity.
         lo = float(stat["mapped", "reduction"][6] or "nan")
-        assert s["specific"] == (lo > 0 and all(s["beats"].values()))
+        assert s["specific"] == (lo > 0 and not s["broken"]["mapped"] and all(s["beats"].values()))
 
 
 @pytest.mark.slow

@@ -24,6 +24,10 @@ from routing_suite.text_tables import csv_text, markdown_text, num, write_files
 MAX_COHERENCE_DROP = 0.1
 
 
+def is_broken(coherent_baseline: float, coherent: float) -> bool:
+    return bool(coherent_baseline - coherent > MAX_COHERENCE_DROP + 1e-9)
+
+
 @dataclass(frozen=True)
 class Estimate:
     value: float
@@ -190,7 +194,7 @@ def _ablation(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
             label = name.removeprefix(f"{model}/")
             rate, coherence = boot.rate(mis[name]), boot.rate(coh[name])
             red = boot.reduction(mis[name], mis[base]) if name != base else None
-            broken = None if name == base else bool(coherent_base - coherence.value > MAX_COHERENCE_DROP + 1e-9)
+            broken = None if name == base else is_broken(coherent_base, coherence.value)
             records.append([rep.family, model, label, num(float(norms[name]), 2), rate.text(), red.text() if red else "–", coherence.text(),
                             "–" if broken is None else ("yes" if broken else "no")])
             rep.rows += [Row(rep.family, "ablation", model, label, "misaligned_rate", rate.value, rate.lo, rate.hi),

@@ -7,9 +7,10 @@
   layer (random and orthogonal: the mean over their draws);
 - ablation: in the receiver's misaligned fine-tune, each direction's misaligned
   rate, reduction and coherence, and the paired difference control - mapped
-  (positive: the mapped direction lowers the rate more). The mapped direction is
-  *specific* when its reduction's interval lies above 0 and that difference's
-  interval lies above 0 for every control;
+  (positive: the mapped direction lowers the rate more). An ablation is *broken*
+  when its coherent rate falls more than 0.1 below the baseline's (em_tables).
+  The mapped direction is *specific* when its reduction's interval lies above 0,
+  it is not broken, and that difference's interval lies above 0 for every control;
 - steering: the receiver's base under each direction at the same norm.
 
 Intervals: seeded percentile bootstrap over prompts, paired where two
@@ -25,7 +26,7 @@ import numpy as np
 import xarray as xr
 
 from routing_suite.em.settings import TRANSFER_CONTROLS
-from routing_suite.em.tables import Bootstrap, Row, _per_prompt, rows_csv
+from routing_suite.em.tables import Bootstrap, Row, _per_prompt, is_broken, rows_csv
 from routing_suite.text_tables import markdown_text, num, write_files
 
 DIRECTIONS = ("mapped", "native", *TRANSFER_CONTROLS)
@@ -61,12 +62,14 @@ class TransferReport:
             out[kind] = {
                 "reduction": {d: self.value("ablation", kind, d, "reduction") for d in DIRECTIONS},
                 "beats": {c: self.value("ablation", kind, c, "beaten_by_mapped") == 1.0 for c in TRANSFER_CONTROLS},
+                "broken": {d: self.value("ablation", kind, d, "broken") == 1.0 for d in DIRECTIONS},
                 "cosine_mapped_native": self.value("directions", kind, "mapped", f"cosine_layer{self.steer_layer}"),
             }
             lo = next((r.lo for r in self.rows if (r.table, r.model, r.condition, r.statistic) == ("ablation", kind, "mapped", "reduction")),
                       float("nan"))
-            # Specific: the mapped ablation lowers the rate (interval above 0) and more than every control does.
-            out[kind]["specific"] = bool(lo > 0) and all(out[kind]["beats"].values())
+            # Specific: the mapped ablation lowers the rate (interval above 0) without breaking
+            # the model, and more than every control does.
+            out[kind]["specific"] = bool(lo > 0) and not out[kind]["broken"]["mapped"] and all(out[kind]["beats"].values())
         return out
 
 
@@ -111,14 +114,16 @@ def _ablation(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap) -> Non
     kinds = dict.fromkeys(str(m) for m, mode in zip(outcomes.model.values, outcomes.mode.values) if mode == "ablate")
     for kind in kinds:
         base, mapped = f"{kind}/baseline", f"{kind}/ablate/mapped"
+        coherent_base = boot.rate(coh[base]).value
         for name in ("baseline", *DIRECTIONS):
             cond = base if name == "baseline" else f"{kind}/ablate/{name}"
             rate, coherence = boot.rate(mis[cond]), boot.rate(coh[cond])
             red = boot.reduction(mis[cond], mis[base]) if name != "baseline" else None
             diff = boot.difference(mis[cond], mis[mapped]) if name not in ("baseline", "mapped") else None
             beaten = bool(diff is not None and np.isfinite(diff.lo) and diff.lo > 0)
+            broken = None if name == "baseline" else is_broken(coherent_base, coherence.value)
             records.append([rep.pair, kind, name, num(float(norms[cond]), 2), rate.text(), red.text() if red else "–",
-                            coherence.text(), diff.text(sign=True) if diff else "–",
+                            coherence.text(), "–" if broken is None else ("yes" if broken else "no"), diff.text(sign=True) if diff else "–",
                             ("yes" if beaten else "no") if name in TRANSFER_CONTROLS else "–"])
             rep.rows += [Row(rep.pair, "ablation", kind, name, "misaligned_rate", rate.value, rate.lo, rate.hi),
                          Row(rep.pair, "ablation", kind, name, "coherent_rate", coherence.value, coherence.lo, coherence.hi),
@@ -127,6 +132,8 @@ def _ablation(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap) -> Non
                 rep.rows.append(Row(rep.pair, "ablation", kind, name, "reduction", red.value, red.lo, red.hi))
             if diff:
                 rep.rows.append(Row(rep.pair, "ablation", kind, name, "minus_mapped", diff.value, diff.lo, diff.hi))
+            if broken is not None:
+                rep.rows.append(Row(rep.pair, "ablation", kind, name, "broken", float(broken)))
             if name in TRANSFER_CONTROLS:
                 rep.rows.append(Row(rep.pair, "ablation", kind, name, "beaten_by_mapped", float(beaten)))
     rep.sections["ablation"] = records
@@ -175,9 +182,9 @@ def markdown(reports: list[TransferReport]) -> str:
         "## Cross-architecture ridge maps: held-out R^2 per receiver layer (token identity alone in parentheses)\n",
         markdown_text(["donor", "receiver", "tokens", *layers], [x for r in reports for x in r.sections["maps"]]),
         "\n## Ablation in the receiver's misaligned fine-tune: mapped vs native vs matched controls "
-        "(misaligned on general test prompts, %, 95% CI; control - mapped in points; the mapped direction is specific when its "
-        "reduction's interval and every control's interval are > 0)\n",
-        markdown_text(["donor->receiver", "fine-tune", "direction", "change norm", "misaligned %", "reduction %", "coherent %", "control - mapped",
+        "(misaligned on general test prompts, %, 95% CI; control - mapped in points; broken: coherence more than 0.1 below the "
+        "baseline's; the mapped direction is specific when its reduction's interval and every control's interval are > 0 and it is not broken)\n",
+        markdown_text(["donor->receiver", "fine-tune", "direction", "change norm", "misaligned %", "reduction %", "coherent %", "broken", "control - mapped",
              "mapped beats it"], [x for r in reports for x in r.sections["ablation"]]),
         "\n## Separation of the receiver fine-tune's held-out misaligned vs aligned responses along each direction (balanced)\n",
         markdown_text(["donor->receiver", "fine-tune", "direction", *layers], [x for r in reports for x in r.sections["separation"]]),
@@ -201,11 +208,12 @@ def headline(reports: list[TransferReport]) -> str:
         r2 = ", ".join(f"{v:.2f}" for v in s["map_r2"])
         for kind, k in ((k, v) for k, v in s.items() if k != "map_r2"):
             red = k["reduction"]
-            controls = ", ".join(f"{c} {100 * red[c]:.0f}%" for c in TRANSFER_CONTROLS)
+            mark = {d: " (broken)" if k["broken"][d] else "" for d in DIRECTIONS}
+            controls = ", ".join(f"{c} {100 * red[c]:.0f}%{mark[c]}" for c in TRANSFER_CONTROLS)
             lines.append(
                 f"{rep.pair}/{kind}: map R^2 per layer {r2}; cos(mapped, native) {k['cosine_mapped_native']:+.2f} at layer "
-                f"{rep.steer_layer}; reduction of the misaligned rate by ablating the mapped direction {100 * red['mapped']:.0f}% "
-                f"(native {100 * red['native']:.0f}%; {controls}): {'specific' if k['specific'] else 'not specific'}."
+                f"{rep.steer_layer}; reduction of the misaligned rate by ablating the mapped direction {100 * red['mapped']:.0f}%{mark['mapped']} "
+                f"(native {100 * red['native']:.0f}%{mark['native']}; {controls}): {'specific' if k['specific'] else 'not specific'}."
             )
     return "\n".join(lines)
 
