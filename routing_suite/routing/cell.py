@@ -23,6 +23,7 @@ from routing_suite.routing.controls import SemanticControl, check_controls
 from routing_suite.routing.fit import fit, fit_topics
 from routing_suite.routing.intervene import build_conditions, clamp_condition, intervene
 from routing_suite.routing.localize import LocalizeSettings, localize
+from routing_suite.routing.settings import window_layers
 from routing_suite.routing.summary import write_cell
 from routing_suite.routing.targets import aligned_means, needs_aligned, needs_step_means, step_means
 from routing_suite.routing.window_check import check_window
@@ -73,7 +74,7 @@ def run(cfg) -> dict:
     if known_layers is not None:  # an organism's depth is known from its config: check before building it
         request.validate(known_layers)
         spec.check_window(known_layers)
-    if spec.window is not None and request.layers is not None and not set(range(spec.window[0], spec.window[1] + 1)) <= set(request.layers):
+    if spec.window is not None and request.layers is not None and not set(window_layers(spec.window)) <= set(request.layers):
         raise ConfigError(f"intervention.window={list(spec.window)} must lie within collect.layers={list(request.layers)}")
     if spec.window is None and request.layers is not None and sorted(request.layers) != list(range(min(request.layers), max(request.layers) + 1)):
         raise ConfigError(

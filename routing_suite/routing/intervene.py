@@ -24,7 +24,7 @@ from routing_suite.generation import generate_under_conditions
 from routing_suite.interventions import Condition
 from routing_suite.models import ModelPair
 from routing_suite.routing.controls import ControlContext, clamp_edits
-from routing_suite.routing.settings import InterventionSpec
+from routing_suite.routing.settings import InterventionSpec, window_layers
 from routing_suite.routing.targets import needs_aligned, needs_step_means
 from routing_suite.scoring import Behavior
 from routing_suite.store import text
@@ -74,7 +74,7 @@ def clamp_condition(
 ) -> Condition:
     """The intervention at `window` on `fit_model`'s subspaces (default the spec's; targets
     from the fine-tune's fit-split activations, or `aligned`)."""
-    edits = clamp_edits(spec, fit, _fit_last(acts, spec.site), list(range(window[0], window[1] + 1)), fit_model or spec.fit_model, aligned)
+    edits = clamp_edits(spec, fit, _fit_last(acts, spec.site), window_layers(window), fit_model or spec.fit_model, aligned)
     return Condition(spec.name, "intervention", spec.site, spec.positions, edits, steps=spec.steps)
 
 

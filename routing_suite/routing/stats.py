@@ -33,6 +33,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from routing_suite.routing.outcomes import WEIGHT_SOURCE, CellOutcomes
+from routing_suite.routing.settings import window_layers
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,7 @@ def _layers(text: str) -> list[int]:
 def localization(cell: CellOutcomes) -> dict:
     """The build's window against its planted layers (empty when the store does not say)."""
     planted = list(cell.planted)
-    span = lambda w: list(range(w[0], w[1] + 1)) if len(w) == 2 else []  # noqa: E731
-    window = span(cell.window)
+    window = window_layers(cell.window)
     effects = cell.layer_effect.get("finetuned_to_base", {}) if planted else {}
     below = [abs(e) for layer, e in effects.items() if layer < min(planted)]
     above = [abs(e) for layer, e in effects.items() if layer > max(planted)]
@@ -167,7 +167,7 @@ def localization(cell: CellOutcomes) -> dict:
     outside = [abs(e) for layer, e in weights.items() if layer not in planted and np.isfinite(e)]
     return {
         "window": ",".join(map(str, window)),
-        "rule_window": ",".join(map(str, span(cell.rule_window))),
+        "rule_window": ",".join(map(str, window_layers(cell.rule_window))),
         "window_check": cell.window_check,
         "planted": ",".join(map(str, planted)),
         "window_on_planted": bool(set(window) & set(planted)) if planted and window else None,
