@@ -45,6 +45,11 @@ def flag(x: bool | None) -> str:
     return "" if x is None else ("true" if x else "false")
 
 
+def yes_no(x: bool | None) -> str:
+    """A markdown table's flag: "yes", "no", or "–" where it does not apply."""
+    return "–" if x is None else ("yes" if x else "no")
+
+
 def csv_text(header: Sequence[str], records: Sequence[Sequence[str]]) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from routing_suite.text_tables import csv_text, markdown_text, num, write_files
+from routing_suite.text_tables import csv_text, markdown_text, num, write_files, yes_no
 
 # An ablation is *broken* (DESIGN.md: it lowers the rate by breaking the model, it does
 # not reduce it) when its coherent rate falls more than this below its fine-tune's baseline.
@@ -196,7 +196,7 @@ def _ablation(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
             red = boot.reduction(mis[name], mis[base]) if name != base else None
             broken = None if name == base else is_broken(coherent_base, coherence.value)
             records.append([rep.family, model, label, num(float(norms[name]), 2), rate.text(), red.text() if red else "–", coherence.text(),
-                            "–" if broken is None else ("yes" if broken else "no")])
+                            yes_no(broken)])
             rep.rows += [Row(rep.family, "ablation", model, label, "misaligned_rate", rate.value, rate.lo, rate.hi),
                          Row(rep.family, "ablation", model, label, "coherent_rate", coherence.value, coherence.lo, coherence.hi),
                          Row(rep.family, "ablation", model, label, "perturbation_norm", float(norms[name]))]

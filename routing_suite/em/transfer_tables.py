@@ -27,7 +27,7 @@ import xarray as xr
 
 from routing_suite.em.settings import TRANSFER_CONTROLS
 from routing_suite.em.tables import Bootstrap, Row, _per_prompt, is_broken, rows_csv
-from routing_suite.text_tables import markdown_text, num, write_files
+from routing_suite.text_tables import markdown_text, num, write_files, yes_no
 
 DIRECTIONS = ("mapped", "native", *TRANSFER_CONTROLS)
 
@@ -123,8 +123,8 @@ def _ablation(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap) -> Non
             beaten = bool(diff is not None and np.isfinite(diff.lo) and diff.lo > 0)
             broken = None if name == "baseline" else is_broken(coherent_base, coherence.value)
             records.append([rep.pair, kind, name, num(float(norms[cond]), 2), rate.text(), red.text() if red else "–",
-                            coherence.text(), "–" if broken is None else ("yes" if broken else "no"), diff.text(sign=True) if diff else "–",
-                            ("yes" if beaten else "no") if name in TRANSFER_CONTROLS else "–"])
+                            coherence.text(), yes_no(broken), diff.text(sign=True) if diff else "–",
+                            yes_no(beaten if name in TRANSFER_CONTROLS else None)])
             rep.rows += [Row(rep.pair, "ablation", kind, name, "misaligned_rate", rate.value, rate.lo, rate.hi),
                          Row(rep.pair, "ablation", kind, name, "coherent_rate", coherence.value, coherence.lo, coherence.hi),
                          Row(rep.pair, "ablation", kind, name, "perturbation_norm", float(norms[cond]))]
