@@ -137,6 +137,8 @@ def localize_dataset(
         {
             "layer_effect": (("source", "layer"), layer_effect.astype("float32")),
             "head_effect": (("source", "layer", "head"), head_effect.astype("float32")),
+            # the fine-tune's weights at one layer on the base's inputs (a LoRA fine-tune's third measure)
+            "weight_effect": (("layer",), (0.8 * bump + 0.02 * rng.normal(size=n_layers)).astype("float32")),
         },
         coords={
             "source": ["deploy_to_eval", "finetuned_to_base"],

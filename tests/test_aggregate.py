@@ -194,8 +194,13 @@ def test_pooled_table_counts_builds_and_the_headline_counts_cells(grid_out):
         by_cell.setdefault((r["family"], r["behavior"]), []).append(r)
     reduced = sum(all(r["reduced"] == "true" for r in rs) for rs in by_cell.values())
     closed = sum(all(r["near_zero"] == "true" for r in rs) for rs in by_cell.values())
-    assert result["headline"].startswith(f"clamping reduces the gap in {reduced} of 12 cells on every build")
-    assert f"closes it near zero in {closed};" in result["headline"]
+
+    def per_build(flag: str) -> str:  # cells where the flag holds, build by build
+        return ", ".join(str(sum(r[flag] == "true" for r in clamp if r["replicate"] == rep)) for rep in ("0", "1", "2"))
+
+    assert result["headline"].startswith(f"clamping reduces the gap in {reduced} of 12 cells on every build "
+                                         f"(builds per cell: 3; per build: {per_build('reduced')});")
+    assert f"closes it near zero in {closed} on every build (per build: {per_build('near_zero')});" in result["headline"]
     random = [r for r in rows if r["condition"] == "random"]
     unbroken = [_float(r["reduction"]) for r in random if r["broken"] == "false"]
     assert f"random {round(100 * np.mean(unbroken)):.0f}% (" in result["headline"]
@@ -509,3 +514,22 @@ def test_a_study_of_ones_own_is_read_through_the_registry_and_an_unknown_one_is_
     assert "## Toy\n\n1 toy cell; a note of the toy study" in report and "## Headline" in report
     assert "gemma2/stray: experiment 'nobody': no study reads it" in report and f"`{stray.resolve()}`" in report
     assert str(routing.resolve()) in report
+
+
+def test_the_headline_says_where_the_fine_tune_lives_by_its_weights(tmp_path):
+    """With planted layers, the headline's localization figures are the cells.csv columns'
+    largest values: the weight patch outside the planted layers first (where the fine-tune
+    changed the model), then the activation patch below and above them."""
+    fake.write_grid(tmp_path / "stores", n_prompts=16, replicates=("0", "1"), n_layers=8, planted=[3, 4])
+    result = run(_cfg(tmp_path / "stores", tmp_path / "out", plots=False))
+    clamp = [r for r in _rows(tmp_path / "out") if r["condition"] == "clamp"]
+
+    def most(column: str) -> str:
+        return f"{max(_float(r[column]) for r in clamp):.3f}"
+
+    on = sum(all(r["window_on_planted"] == "true" for r in clamp if (r["family"], r["behavior"]) == key)
+             for key in {(r["family"], r["behavior"]) for r in clamp})
+    assert (f"the window overlaps the planted layers in {on} of 12 (the fine-tune's weights at one layer outside them "
+            f"restore at most {most('finetuned_weights_outside')} of the gap; fine-tune -> base activation patch below "
+            f"them at most {most('finetuned_to_base_below')}, above them (downstream of what they wrote) at most "
+            f"{most('finetuned_to_base_above')})") in result["headline"]
