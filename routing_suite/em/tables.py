@@ -189,11 +189,13 @@ def _ablation(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
     models = dict.fromkeys(str(m) for m, k in zip(outcomes.model.values, outcomes.kind.values) if k == "ablate")
     for model in models:
         base = f"{model}/baseline"
-        coherent_base = boot.rate(coh[base]).value
+        coherent_base = float("nan")  # the baseline comes first: its coherent rate is every ablation's reference
         for name in [base, *(str(c) for c in outcomes.condition.values if str(c).startswith(f"{model}/ablate/"))]:
             label = name.removeprefix(f"{model}/")
             rate, coherence = boot.rate(mis[name]), boot.rate(coh[name])
             red = boot.reduction(mis[name], mis[base]) if name != base else None
+            if name == base:
+                coherent_base = coherence.value
             broken = None if name == base else is_broken(coherent_base, coherence.value)
             records.append([rep.family, model, label, num(float(norms[name]), 2), rate.text(), red.text() if red else "–", coherence.text(),
                             yes_no(broken)])
