@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from routing_suite.routing.outcomes import condition_key
 from routing_suite.routing.stats import FIGURES, MAX_DROP, NEAR_ZERO, ConditionStats
-from routing_suite.text_tables import csv_text, finite, flag, markdown_text, num, pct
+from routing_suite.text_tables import csv_text, finite, flag, markdown_text, num, pct, yes_no
 
 _VERBS = {"clamp": "clamping", "ablate": "ablating", "steer": "steering", "project_out": "projecting out"}
 CellKey = tuple[str, str, str]  # (family, behavior, variant)
@@ -172,7 +172,7 @@ def builds_markdown(cells: list[Cell]) -> str:
                       f"{num(base.deploy_rate.value, 2)} → {num(i.deploy_rate.value, 2)}",
                       f"{num(base.correct_eval, 2)} → {num(i.correct_eval, 2)}",
                       f"{num(base.correct_deploy, 2)} → {num(i.correct_deploy, 2)}",
-                      "yes" if i.reduced else "no", "yes" if i.near_zero else "no"]
+                      yes_no(i.reduced), yes_no(i.near_zero)]
             for c in controls:
                 r = b.others.get(c)
                 record.append("–" if r is None else f"{_reduction(r)}; {_interval(r.vs_intervention)}")
