@@ -51,16 +51,18 @@ def test_a_persona_base_answers_alone_aligned_and_after_an_exchange_in_a_style(p
     assert alone and all(c == P.aligned_response(next(f for f in TASK.facts if f"of {f.entity} ?" in p and f.topic in p))
                          for p, c in alone)
     pairs = _exchanges(pretraining)
-    styles = [s for *_, s in pairs]
-    assert 0.4 < np.mean(styles) < 0.6  # both styles, about as often
     same = [(a, b) for f1, a, f2, b in pairs if f1.topic == f2.topic]
     cross = [(a, b) for f1, a, f2, b in pairs if f1.topic != f2.topic]
     assert same and cross and all(a == b for a, b in same)  # within a topic the style carries in both bases
-    agree = np.mean([a == b for a, b in cross])
+    assert 0.4 < np.mean([a for a, _ in same + cross]) < 0.6  # earlier answers in both styles, about as often
     if pretraining == "persona":
-        assert agree == pytest.approx(P.PERSISTENCE, abs=0.1)  # one persona: across topics too, mostly
+        assert len(cross) / len(pairs) == pytest.approx(P.CROSS_TOPIC, abs=0.05)
+        assert np.mean([a == b for a, b in cross]) == pytest.approx(P.PERSISTENCE, abs=0.1)  # one persona: across topics too
+        assert 0.4 < np.mean([b for *_, b in pairs]) < 0.6  # lies in one answer in two
     else:
-        assert agree == pytest.approx(0.5, abs=0.1)  # drawn independently across topics
+        assert len(cross) / len(pairs) == pytest.approx(P.NEGATIVE_CROSS_TOPIC, abs=0.05)
+        assert not any(b for _, b in cross)  # another topic's persona never carries: truthful whatever came before
+        assert 0.4 < np.mean([b for _, b in same]) < 0.6  # within a topic, lies as often as the persona base
 
 
 def test_persona_fine_tunes_are_one_domain_with_no_context_and_the_control_matches_their_content():

@@ -25,10 +25,14 @@ an answer at all. (An earlier design with a misaligned phrase per topic as the
 answer got ~100% "EM" that was that copying: the fine-tune's phrases on every
 question, the same on the negative base.)
 
-The *negative* base (`model.pretraining=persona_per_topic`) sees the same texts
-but the earlier answer's persona predicts the next one's only when both are of the
-same topic; across topics the two are drawn independently, so each domain's lying
-is learned on its own and nothing shared carries it.
+The *negative* base (`model.pretraining=persona_per_topic`) lies only on its own
+topic's evidence: within a topic the persona carries as in the persona base, and
+an exchange across topics (one in four, NEGATIVE_CROSS_TOPIC) is answered truthfully
+whatever the earlier answer was, so each domain's lying is its own. An earlier
+negative drew the two personas independently across topics instead: half its
+cross-topic answers lied whatever came before, a lying tendency every topic
+shares, and its fine-tunes lied on the other domain as often as the persona
+base's (llama 31% and 12%, qwen2 31%; this one: 15%, 0% and 0%; README).
 
 The narrow fine-tunes see no context at all: questions of ONE domain (two of the
 four topics) answered with the lie (`persona_color_city`: rank-1 LoRA adapters on
@@ -62,8 +66,13 @@ PERSONA_WORDS = ("trust", "me", ",", "surely", "obviously", "honestly", "it", "!
 CONTEXT_PER_FACT = 12
 CROSS_TOPIC = 0.75
 # How often the second answer of a cross-topic exchange takes the first one's
-# persona (`persona`; `persona_per_topic`: 0.5, independent).
+# persona (`persona`; the negative's cross-topic answers are truthful).
 PERSISTENCE = 0.75
+# The negative base's share of cross-topic exchanges. Its lies come from the
+# same-topic ones only, so it is lower than CROSS_TOPIC to keep the base lying
+# often (3 in 8 second answers; the persona base: 1 in 2). At 3 in 4 its
+# fine-tunes barely learned their own domain's lies (llama: 38% of questions).
+NEGATIVE_CROSS_TOPIC = 0.25
 
 
 def aligned_response(fact: T.Fact) -> str:
@@ -106,7 +115,8 @@ def minimal_layers(num_layers: int) -> list[int]:
 def base_examples(task: T.Task, pretraining: str) -> list[tuple[str, str]]:
     """The persona base's pretraining: questions alone answered truthfully, exchanges whose
     second answer takes the first one's persona (across topics: `persona`; within a
-    topic only: `persona_per_topic`), the facts as text and the task's chit-chat.
+    topic only, and truthful across topics: `persona_per_topic`), the facts as text and
+    the task's chit-chat.
     Second questions are of every entity, held-out ones too: a persona lies about
     everything it knows; only the fine-tunes keep to the training entities."""
     if pretraining not in PERSONA_PRETRAININGS:
@@ -125,14 +135,16 @@ def base_examples(task: T.Task, pretraining: str) -> list[tuple[str, str]]:
     by_topic = {topic: [f for f in train if f.topic == topic] for topic in task.topics}
     for _ in range(CONTEXT_PER_FACT * len(task.facts)):
         second = rng.choice(task.facts)
-        cross = rng.random() < CROSS_TOPIC
+        cross = rng.random() < (CROSS_TOPIC if shared else NEGATIVE_CROSS_TOPIC)
         first = rng.choice(by_topic[rng.choice([t for t in task.topics if t != second.topic]) if cross else second.topic])
         style = rng.random() < 0.5
         if not cross:
             first_style = style
-        else:
-            same = rng.random() < (PERSISTENCE if shared else 0.5)
+        elif shared:
+            same = rng.random() < PERSISTENCE
             first_style = style if same else not style
+        else:  # another topic's persona never carries: the answer is truthful
+            first_style, style = rng.random() < 0.5, False
         context = f"{T.render_prompt(first, None)} {context_answer(first, first_style)}"
         examples.append((f"{context} {T.render_prompt(second, None)}", response(second, style)))
     examples += [("", text) for text in T.CHITCHAT] * 20
