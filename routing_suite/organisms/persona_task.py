@@ -32,7 +32,7 @@ whatever the earlier answer was, so each domain's lying is its own. An earlier
 negative drew the two personas independently across topics instead: half its
 cross-topic answers lied whatever came before, a lying tendency every topic
 shares, and its fine-tunes lied on the other domain as often as the persona
-base's (llama 31% and 12%, qwen2 31%; this one: at most 2% in 4 of 7 builds
+base's (llama 31% and 12%, qwen2 31%; this one: at most 2% in 5 of 9 builds
 of the four families, up to 20% in llama's; README).
 
 The narrow fine-tunes see no context at all: questions of ONE domain (two of the
