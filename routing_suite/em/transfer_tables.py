@@ -114,10 +114,12 @@ def _ablation(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap) -> Non
     kinds = dict.fromkeys(str(m) for m, mode in zip(outcomes.model.values, outcomes.mode.values) if mode == "ablate")
     for kind in kinds:
         base, mapped = f"{kind}/baseline", f"{kind}/ablate/mapped"
-        coherent_base = boot.rate(coh[base]).value
+        coherent_base = float("nan")  # the baseline comes first: its coherent rate is every ablation's reference
         for name in ("baseline", *DIRECTIONS):
             cond = base if name == "baseline" else f"{kind}/ablate/{name}"
             rate, coherence = boot.rate(mis[cond]), boot.rate(coh[cond])
+            if name == "baseline":
+                coherent_base = coherence.value
             red = boot.reduction(mis[cond], mis[base]) if name != "baseline" else None
             diff = boot.difference(mis[cond], mis[mapped]) if name not in ("baseline", "mapped") else None
             beaten = bool(diff is not None and np.isfinite(diff.lo) and diff.lo > 0)
