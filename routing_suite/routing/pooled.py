@@ -172,13 +172,11 @@ def headline(cells: list[Cell]) -> str:
     reduced = sum(all(b.intervention.reduced for b in c.builds) for c in cells)
     closed = sum(all(b.intervention.near_zero for b in c.builds) for c in cells)
     broken = sum(any(b.intervention.broken for b in c.builds) for c in cells)
-    if n_builds == [1]:
-        text = (f"{verb} reduces the gap in {reduced} of {len(cells)} cells {every}; closes it near zero in {closed}; "
-                f"breaks the model in {broken}")
-    else:
-        text = (f"{verb} reduces the gap in {reduced} of {len(cells)} cells {every} (builds per cell: "
-                f"{', '.join(map(str, n_builds))}; per build: {per_build(cells, 'reduced')}); closes it near zero in "
-                f"{closed} on every build (per build: {per_build(cells, 'near_zero')}); breaks the model in {broken}")
+    several = n_builds != [1]
+    builds = f" (builds per cell: {', '.join(map(str, n_builds))}; per build: {per_build(cells, 'reduced')})" if several else ""
+    closed_builds = f" {every} (per build: {per_build(cells, 'near_zero')})" if several else ""
+    text = (f"{verb} reduces the gap in {reduced} of {len(cells)} cells {every}{builds}; closes it near zero in {closed}"
+            f"{closed_builds}; breaks the model in {broken}")
     planted = [c for c in cells if all(b.intervention.window_on_planted is not None for b in c.builds)]
     if planted:
         on = sum(all(b.intervention.window_on_planted for b in c.builds) for c in planted)
@@ -186,9 +184,10 @@ def headline(cells: list[Cell]) -> str:
         # Where the fine-tune changed the model is said by the weight patch (a layer's fine-tuned
         # weights on the base's own inputs); the activation patch above the planted layers carries
         # what they wrote downstream, so it is reported beside it, not as the localization's test.
-        weights = [v for v in (b.intervention.finetuned_weights_outside for c in planted for b in c.builds) if _finite(v)]
-        below = [v for v in (b.intervention.finetuned_to_base_below for c in planted for b in c.builds) if _finite(v)]
-        above = [v for v in (b.intervention.finetuned_to_base_above for c in planted for b in c.builds) if _finite(v)]
+        def measured(figure: str) -> list[float]:
+            return [v for v in (getattr(b.intervention, figure) for c in planted for b in c.builds) if _finite(v)]
+
+        weights, below, above = (measured(f) for f in ("finetuned_weights_outside", "finetuned_to_base_below", "finetuned_to_base_above"))
         notes = [f"the fine-tune's weights at one layer outside them restore at most {max(weights):.3f} of the gap"] if weights else []
         if below:  # 0 by construction; anything else says the layers were not where they were planted
             notes.append(f"fine-tune -> base activation patch below them at most {max(below):.3f}"
