@@ -24,10 +24,10 @@ MAX_NAME = 64
 _NAME = re.compile(rf"[A-Za-z0-9_.-]{{1,{MAX_NAME}}}")
 
 
-
 def window_layers(window) -> list[int]:
     """Every layer of a [first_layer, last_layer] window; [] for none (an empty or unset window)."""
     return list(range(window[0], window[1] + 1)) if window is not None and len(window) == 2 else []
+
 
 @dataclass
 class InterventionSpec:
