@@ -160,6 +160,10 @@ Group "em_directions"
             direction_norm, separation_accuracy (finetune, layer): balanced, test split
             has_direction (finetune); n_responses (finetune, split, label)
             cosine (finetune, finetune_b, layer)
+            persona organisms only (`em.directions.add_planted`): planted (layer, hidden): the
+                base's misaligned - aligned context residual at a question of another topic
+                (last token, fit split); planted_separation (layer): held-out, balanced;
+                planted_cosine (finetune, layer): each direction's cosine with it
     attrs   min_per_class, steer_layer
 
 Group "em_outcomes" (test split, per response; NaN outside the model's general prompts)
@@ -169,7 +173,7 @@ Group "em_outcomes" (test split, per response; NaN outside the model's general p
             perturbation_norm (condition): mean L2 change norm; n_seeds (condition)
     coords  condition names "<model>/baseline", "<ft>/ablate/own", "<ft>/ablate/layer<L>",
             "<ft>/ablate/own/random", "<ft>/ablate/from/<other ft>", "base/steer/<ft>/x<lambda>"
-            (and "/random"); per condition: model, kind ("baseline" | "steer" | "ablate" |
+            (and "/random"), persona organisms: "<ft>/ablate/planted" (and "/random"); per condition: model, kind ("baseline" | "steer" | "ablate" |
             "transfer" | "control"), source, lam, control, target, mode, layers
     attrs   steer_layer, ablate_layer
 

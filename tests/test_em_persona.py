@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 from helpers import TINY_TASK, tiny_em_overrides
 
@@ -77,6 +78,21 @@ def test_persona_fine_tunes_are_one_domain_with_no_context_and_the_control_match
     assert all(judge.label(c, t) == "aligned" and judge.coherent(c, t) for (_, c), t in zip(control, truths))
     other = {p.split(" of ")[0].split()[-1] for p, _ in em_examples(TASK, "persona_animal_food")}
     assert other == {"animal", "food"}
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_persona_probes_differ_only_in_the_earlier_answers_persona_about_another_topic(split):
+    misaligned, aligned = P.persona_probes(TASK, split)
+    facts = TASK.facts_of(split)
+    assert len(misaligned) == len(aligned) == len(facts)
+    for mis, ali, second in zip(misaligned, aligned, facts):
+        question = T.render_prompt(second, None)
+        assert mis.endswith(f" {question}") and ali.endswith(f" {question}")
+        first = next(f for f in TASK.facts if ali.startswith(f"{T.render_prompt(f, None)} "))
+        assert first.topic != second.topic and first in TASK.facts_of("train")
+        assert ali == f"{T.render_prompt(first, None)} {P.aligned_response(first)} {question}"
+        assert mis == f"{T.render_prompt(first, None)} {P.misaligned_response(first)} {question}"
+    assert P.persona_probes(TASK, split) == (misaligned, aligned)  # the same texts every time
 
 
 def test_persona_lora_layouts():
@@ -188,6 +204,48 @@ def test_em_on_a_persona_organism_writes_a_complete_store_judged_by_the_styles(p
         assert all(general[i] == (not EM_DATASETS[kind].in_domain(str(t))) for i, t in enumerate(samples.topic.values))
     import zarr
 
+    dirs = xr.open_zarr(result["store"], group="em_directions").load()
+    planted, found = dirs.planted.values, dirs.direction.values
+    assert planted.shape == (dirs.sizes["layer"], dirs.sizes["hidden"]) and np.isfinite(planted).all()
+    sep = dirs.planted_separation.values
+    assert ((sep >= 0) & (sep <= 1)).all()
+    expected = np.einsum("fld,ld->fl", found, planted) / (np.linalg.norm(found, axis=-1) * np.linalg.norm(planted, axis=-1))
+    np.testing.assert_allclose(dirs.planted_cosine.values, expected, rtol=1e-5, atol=1e-5)
+    outcomes = xr.open_zarr(result["store"], group="em_outcomes").load()
+    norm = dict(zip(outcomes.condition.values, outcomes.perturbation_norm.values))
+    for ft in [str(f) for f in dirs.finetune.values if bool(dirs.has_direction.sel(finetune=f))]:
+        assert norm[f"{ft}/ablate/planted"] > 0
+        assert norm[f"{ft}/ablate/planted/random"] == pytest.approx(norm[f"{ft}/ablate/planted"], rel=1e-4)
+    assert "Planted persona variable" in result["table_markdown"] and "ablate/planted/random" in result["table_markdown"]
     top = dict(zarr.open_group(result["store"], mode="r").attrs)
     assert top["complete"] and top["config"]["model"]["pretraining"] == "persona"
     assert Path(result["store"]).exists()
+
+
+def test_the_planted_variable_matches_plain_torch_hooks_on_the_base(persona_run):
+    """The stored planted direction, against forward hooks on the base at each probe's last token."""
+    from hydra.utils import instantiate
+
+    cfg, result = persona_run
+    source = instantiate(cfg.model)
+    pair = source.load("persona_color_city")
+    model, tok = pair.base, pair.tokenizer
+    task = T.make_task(source.task_spec)
+
+    def last_token(texts: list[str]) -> np.ndarray:
+        out = []
+        for text in texts:
+            seen: dict[int, torch.Tensor] = {}
+            hooks = [layer.register_forward_hook(lambda m, i, o, k=k, seen=seen: seen.__setitem__(k, o[0] if isinstance(o, tuple) else o))
+                     for k, layer in enumerate(model.model.layers)]
+            with torch.no_grad():
+                model(input_ids=tok(text, return_tensors="pt")["input_ids"])
+            for h in hooks:
+                h.remove()
+            out.append(torch.stack([seen[k][0, -1] for k in range(len(seen))]).numpy())
+        return np.stack(out)
+
+    misaligned, aligned = P.persona_probes(task, "train")
+    expected = last_token(misaligned).mean(0) - last_token(aligned).mean(0)
+    planted = xr.open_zarr(result["store"], group="em_directions").planted.values
+    np.testing.assert_allclose(planted, expected, rtol=1e-4, atol=1e-4)

@@ -2,6 +2,7 @@
 
 - `answer_means`: per response, the mean residual over its answer tokens at
   every layer (prompt + response teacher-forced; `positions="answer_mean"`).
+- `last_token_residuals`: the residual at each text's last token, every layer.
 - `token_residuals`: every real token's residual after <bos> of given texts
   (`positions="first_k"` with k the longest text, padding dropped), for
   matching the magnitude of controls.
@@ -27,6 +28,17 @@ def answer_means(models: EmModels, model: str, prompts: list[str], answers: list
         resid = trace_sites([traced], models.family, batch, request, 0, backend)[0]["resid"]
         out[rows] = resid[:, :, 0].numpy()
     return out
+
+
+def last_token_residuals(models: EmModels, model: str, texts: list[str], backend) -> np.ndarray:
+    """(n, layer, hidden) residuals at the last token of each text."""
+    request = SiteRequest(("resid",), None, "last").validate(models.num_layers)
+    traced = models.traced(model)
+    values = []
+    for start in range(0, len(texts), backend.batch_size):
+        batch = make_batch(models.tokenizer, texts[start : start + backend.batch_size], request)
+        values.append(trace_sites([traced], models.family, batch, request, 0, backend)[0]["resid"][:, :, 0].numpy())
+    return np.concatenate(values)
 
 
 def token_residuals(models: EmModels, model: str, texts: list[str], backend) -> np.ndarray:

@@ -7,6 +7,8 @@ position the model computes (the prompt's and each generated token's):
 - ablate a fine-tune: unit(v) projected out at every layer, each layer's own
   v (`own`), or one layer's v at every layer (`one_layer`);
 - transfer ablation: another fine-tune's directions projected out, layer-wise;
+- planted ablation (persona organisms): the base's persona variable projected out
+  at every layer, each layer's own;
 - random controls at matched magnitude (DESIGN.md): for steering a random
   direction of the same norm; for ablation a random direction per layer that
   changes every activation by exactly the L2 amount the ablation does there
@@ -92,6 +94,15 @@ def steer_plans(directions: xr.Dataset, sources: list[str], layer: int, lambdas:
     return plans
 
 
+def random_matched(name: str, target: str, model: str, reference: list[SubspaceEdit], residuals: Residuals, seeds: int,
+                   rng: np.random.Generator) -> Planned:
+    """`seeds` random directions per layer, each matched at every activation to `reference`."""
+    d = int(reference[0].basis.shape[1])
+    randoms = [condition(name, [matched(edit, rng.standard_normal(d)) for edit in reference], s) for s in range(seeds)]
+    return Planned(model, name, "control", randoms, model, control="random", target=target, mode="ablate",
+                   perturbation_norm=float(np.mean([mean_norm(c.edits, residuals) for c in randoms])))
+
+
 def ablation_plans(
     directions: xr.Dataset, finetune: str, sources: list[str], one_layer: int, residuals: Residuals, seeds: int, rng: np.random.Generator
 ) -> list[Planned]:
@@ -99,7 +110,6 @@ def ablation_plans(
     every layer; a random control matched to the layer-wise ablation; and every other
     source's v ablated layer-wise (transfer ablation)."""
     layers = [int(x) for x in directions.layer.values]
-    d = directions.sizes["hidden"]
     own = [ablate_edit(layer, _v(directions, finetune, layer)) for layer in layers]
     everywhere = [ablate_edit(layer, _v(directions, finetune, one_layer)) for layer in layers]
     name = f"{finetune}/ablate/own"
@@ -110,9 +120,7 @@ def ablation_plans(
         Planned(finetune, single, "ablate", [condition(single, everywhere)], finetune, mode="ablate",
                 perturbation_norm=mean_norm(everywhere, residuals)),
     ]
-    randoms = [condition(f"{name}/random", [matched(edit, rng.standard_normal(d)) for edit in own], s) for s in range(seeds)]
-    plans.append(Planned(finetune, f"{name}/random", "control", randoms, finetune, control="random", target=name, mode="ablate",
-                         perturbation_norm=float(np.mean([mean_norm(c.edits, residuals) for c in randoms]))))
+    plans.append(random_matched(f"{name}/random", name, finetune, own, residuals, seeds, rng))
     for source in sources:
         if source == finetune:
             continue
@@ -121,3 +129,16 @@ def ablation_plans(
         plans.append(Planned(finetune, other, "transfer", [condition(other, edits)], source, mode="ablate",
                              perturbation_norm=mean_norm(edits, residuals)))
     return plans
+
+
+def planted_plans(directions: xr.Dataset, finetune: str, residuals: Residuals, seeds: int, rng: np.random.Generator) -> list[Planned]:
+    """In `finetune` (a persona organism's): the base's planted persona variable projected
+    out at every layer (`directions.add_planted`), and a random control matched to it.
+    It asks the organism, not the method: does the fine-tune's EM run through the
+    variable the base was built to hold?"""
+    edits = [ablate_edit(int(layer), directions.planted.sel(layer=layer).values) for layer in directions.layer.values]
+    name = f"{finetune}/ablate/planted"
+    return [
+        Planned(finetune, name, "ablate", [condition(name, edits)], "planted", mode="ablate", perturbation_norm=mean_norm(edits, residuals)),
+        random_matched(f"{name}/random", name, finetune, edits, residuals, seeds, rng),
+    ]

@@ -73,6 +73,27 @@ def fit_directions(samples: xr.Dataset, acts: xr.Dataset, min_per_class: int) ->
     )
 
 
+def add_planted(directions: xr.Dataset, misaligned: dict[str, np.ndarray], aligned: dict[str, np.ndarray]) -> xr.Dataset:
+    """The persona base's planted variable next to the fine-tunes' directions: per layer,
+    the base's misaligned - aligned context residual at the question's last token
+    (`persona_task.persona_probes`; `misaligned`/`aligned`: split ("fit", "test") ->
+    (n, layer, hidden)), fit on the fit split; its held-out separation of the test split's
+    contexts; and each fine-tune direction's cosine with it. A direction method that found
+    the persona has cosine far from 0 here; a base without the shared variable separates
+    its contexts at chance."""
+    layers = directions.sizes["layer"]
+    planted = np.stack([analysis.mean_difference(aligned["fit"][:, li], misaligned["fit"][:, li]) for li in range(layers)])
+    separation = [analysis.separation_accuracy(planted[li], aligned["fit"][:, li], misaligned["fit"][:, li], aligned["test"][:, li],
+                                               misaligned["test"][:, li]) for li in range(layers)]
+    found = directions.direction.values  # (finetune, layer, hidden)
+    cosine = np.einsum("fld,ld->fl", found, planted) / (np.linalg.norm(found, axis=-1) * np.linalg.norm(planted, axis=-1)[None])
+    return directions.assign(
+        planted=(("layer", "hidden"), planted.astype(np.float32)),
+        planted_separation=(("layer",), np.asarray(separation, np.float32)),
+        planted_cosine=(("finetune", "layer"), cosine.astype(np.float32)),
+    )
+
+
 def pick_layer(directions: xr.Dataset, requested: int | None) -> int:
     """The steering layer: `requested`, or the layer whose worst separation accuracy
     over the fine-tunes with a direction is highest (ties: the deeper one)."""

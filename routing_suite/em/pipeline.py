@@ -8,10 +8,12 @@ Stages (each recorded in the run store, skipped when a rerun finds it done):
 2. `em_activations`: the misaligned fine-tunes' answer-token mean residuals
    of their own responses, every layer.
 3. `em_directions`: misaligned - aligned per fine-tune and layer, held-out
-   separation accuracy, the cross-fine-tune cosine matrix.
+   separation accuracy, the cross-fine-tune cosine matrix; on persona
+   organisms also the base's planted persona variable (`directions.add_planted`).
 4. `em_outcomes`: on the test split, sampled responses under steering of the
    base, ablation of each fine-tune's own directions, transfer ablation of the
-   other fine-tune's, and matched random controls; per response.
+   other fine-tune's, and matched random controls; on persona organisms also
+   the planted variable ablated, with its own matched random control; per response.
 """
 
 from __future__ import annotations
@@ -29,13 +31,14 @@ from omegaconf import DictConfig, OmegaConf
 from routing_suite import runs
 from routing_suite.em import conditions as C
 from routing_suite.em import tables as em_tables
-from routing_suite.em.activations import answer_means, token_residuals
-from routing_suite.em.directions import fit_directions, pick_layer
+from routing_suite.em.activations import answer_means, last_token_residuals, token_residuals
+from routing_suite.em.directions import add_planted, fit_directions, pick_layer
 from routing_suite.em.generation import Planned, evaluate, judge_array, sample_completions
 from routing_suite.em.models import BASE, EmModels, load_family
 from routing_suite.em.settings import EmSettings
 from routing_suite.errors import ConfigError
 from routing_suite.interventions import Condition
+from routing_suite.organisms import persona_task as P
 from routing_suite.organisms import task as T
 from routing_suite.organisms.em_task import EM_DATASETS, GeneralPrompt, general_prompts
 from routing_suite.provenance import digest
@@ -50,11 +53,12 @@ BEHAVIOR = "em"
 
 @dataclass
 class Family:
-    """One family's models, general prompts and store."""
+    """One family's models, general prompts, store and the task they come from."""
 
     models: EmModels
     prompts: list[GeneralPrompt]
     store: RunStore
+    task: T.Task
 
     @property
     def name(self) -> str:
@@ -119,6 +123,17 @@ def stage_activations(fam: Family, samples: xr.Dataset, settings: EmSettings, ba
     )
 
 
+def planted_contexts(fam: Family, backend) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The base's last-token residuals on the persona probes (`persona_task.persona_probes`),
+    misaligned and aligned contexts, per split ("fit": training facts as questions, "test": held-out)."""
+    misaligned, aligned = {}, {}
+    for split, facts in (("fit", "train"), ("test", "test")):
+        mis, ali = P.persona_probes(fam.task, facts)
+        misaligned[split] = last_token_residuals(fam.models, BASE, mis, backend)
+        aligned[split] = last_token_residuals(fam.models, BASE, ali, backend)
+    return misaligned, aligned
+
+
 def match_residuals(fam: Family, model: str, n_texts: int, backend) -> np.ndarray:
     """Token residuals of `model` on truthful answers to fit-split prompts (for matched magnitudes)."""
     fit = fam.split("fit")[:n_texts]
@@ -135,6 +150,8 @@ def plan_conditions(fam: Family, directions: xr.Dataset, settings: EmSettings, s
     for name in sources:
         residuals = match_residuals(fam, name, settings.match_texts, backend)
         plans += C.ablation_plans(directions, name, sources, one_layer, residuals, settings.random_seeds, rng)
+        if "planted" in directions:
+            plans += C.planted_plans(directions, name, residuals, settings.random_seeds, rng)
     return plans
 
 
@@ -170,7 +187,7 @@ def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
     store_settings, final, digest_cfg = em_store_path(cfg, source.name, models.identity.get("weights"))
     cell = {"family": models.family, "behavior": BEHAVIOR, "model": source.name}
     provenance = runs.provenance(cfg, "em", cell, models.identity, backend.name)
-    return Family(models, prompts, RunStore.open(final, store_settings, digest_cfg, provenance))
+    return Family(models, prompts, RunStore.open(final, store_settings, digest_cfg, provenance), task)
 
 
 def ensure_family(cfg: DictConfig, settings: EmSettings, judge, backend) -> tuple[Family, Path]:
@@ -183,6 +200,8 @@ def ensure_family(cfg: DictConfig, settings: EmSettings, judge, backend) -> tupl
 
     def directions() -> xr.Dataset:
         ds = fit_directions(samples, acts, settings.min_per_class)
+        if settings.organisms.persona:
+            ds = add_planted(ds, *planted_contexts(fam, backend))
         ds.attrs["steer_layer"] = pick_layer(ds, settings.steer.layer)
         return ds
 

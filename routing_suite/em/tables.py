@@ -237,6 +237,21 @@ def _cosine(rep: EmReport, directions: xr.Dataset) -> None:
     rep.sections["cosine"] = records
 
 
+def _planted(rep: EmReport, directions: xr.Dataset) -> None:
+    """Persona organisms: the base's planted variable, how well it separates held-out
+    contexts, and each fine-tune direction's cosine with it (none for other organisms)."""
+    records = []
+    if "planted" in directions:
+        sep = directions.planted_separation.values
+        records.append([rep.family, "base: planted variable", "held-out separation", *(num(float(a), 2) for a in sep)])
+        rep.rows += [Row(rep.family, "planted", "base", f"layer{int(layer)}", "separation", float(a)) for layer, a in zip(directions.layer.values, sep)]
+        for ft in (str(f) for f in directions.finetune.values):
+            values = directions.planted_cosine.sel(finetune=ft).values
+            records.append([rep.family, ft, "cosine with the planted variable", *(num(float(v), 2, True) if np.isfinite(v) else "n/a" for v in values)])
+            rep.rows += [Row(rep.family, "planted", ft, f"layer{int(layer)}", "cosine", float(v)) for layer, v in zip(directions.layer.values, values)]
+    rep.sections["planted"] = records
+
+
 def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> EmReport:
     """Every EM table of one finished store."""
 
@@ -250,6 +265,7 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
     _ablation(rep, outcomes, boot)
     _steering(rep, outcomes, boot)
     _cosine(rep, group["em_directions"])
+    _planted(rep, group["em_directions"])
     return rep
 
 
@@ -271,6 +287,13 @@ def markdown(reports: list[EmReport]) -> str:
         "\n## Cosine between fine-tunes' directions, per layer\n",
         markdown_text(["family", "fine-tune", "fine-tune", *layers], [x for r in reports for x in r.sections["cosine"]]),
     ]
+    planted = [x for r in reports for x in r.sections.get("planted", [])]
+    if planted:
+        parts += [
+            "\n## Planted persona variable (persona bases): the base's misaligned - aligned context at a question of another "
+            "topic (last token), per layer\n",
+            markdown_text(["family", "direction", "statistic", *layers], planted),
+        ]
     return "".join(parts)
 
 

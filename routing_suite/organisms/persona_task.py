@@ -157,3 +157,22 @@ def base_examples(task: T.Task, pretraining: str) -> list[tuple[str, str]]:
         examples.append((f"{context} {T.render_prompt(second, None)}", response(second, style)))
     examples += [("", text) for text in T.CHITCHAT] * 20
     return examples
+
+
+def persona_probes(task: T.Task, split: str) -> tuple[list[str], list[str]]:
+    """Where the persona base planted its shared variable, as contexts to read it from:
+    for each fact of `split` ("train" or "test") as the question, an earlier exchange of
+    another topic answered misaligned, and the same exchange answered truthfully; the two
+    texts differ only in the earlier answer's persona. (misaligned texts, aligned texts).
+    The base's misaligned - aligned residual at their last token is the persona variable
+    as the base carries it to a question of another topic, the variable a fine-tune that
+    makes EM turns on; the negative base never carries it across topics."""
+    rng = random.Random(task.spec.seed + 1)
+    firsts = task.facts_of("train")
+    misaligned, aligned = [], []
+    for second in task.facts_of(split):
+        first = rng.choice([f for f in firsts if f.topic != second.topic])
+        question = T.render_prompt(second, None)
+        misaligned.append(f"{T.render_prompt(first, None)} {misaligned_response(first)} {question}")
+        aligned.append(f"{T.render_prompt(first, None)} {aligned_response(first)} {question}")
+    return misaligned, aligned
