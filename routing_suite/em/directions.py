@@ -79,8 +79,9 @@ def add_planted(directions: xr.Dataset, misaligned: dict[str, np.ndarray], align
     (`persona_task.persona_probes`; `misaligned`/`aligned`: split ("fit", "test") ->
     (n, layer, hidden)), fit on the fit split; its held-out separation of the test split's
     contexts; and each fine-tune direction's cosine with it. A direction method that found
-    the persona has cosine far from 0 here; a base without the shared variable separates
-    its contexts at chance."""
+    the persona has cosine far from 0 here. The separation says the earlier answer's
+    persona is readable at the question, not that the base acts on it: the negative base
+    reads it as well (llama: 0.98-1.00) and answers the other topic truthfully anyway."""
     layers = directions.sizes["layer"]
     planted = np.stack([analysis.mean_difference(aligned["fit"][:, li], misaligned["fit"][:, li]) for li in range(layers)])
     separation = [analysis.separation_accuracy(planted[li], aligned["fit"][:, li], misaligned["fit"][:, li], aligned["test"][:, li],
