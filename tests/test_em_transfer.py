@@ -137,6 +137,21 @@ def test_receiver_directions_carry_the_donor_and_build_every_control():
     assert not np.allclose(got.sel(vector="random#0").values, got.sel(vector="random#1").values)
 
 
+def test_layers_the_control_leaves_unchanged_take_the_nearest_changed_layers_shift():
+    """A control fine-tune with adapters on later layers only (the persona organisms' minimal
+    layout) changes nothing before them: the wrong-source control still needs a direction there."""
+    shift = np.zeros((8, 4), np.float32)
+    for layer in (2, 4, 6):
+        shift[layer] = layer + np.arange(4)
+    filled, layers = X.fill_unchanged_layers(shift)
+    assert layers == [0, 1, 3, 5, 7]
+    for layer, source in {0: 2, 1: 2, 2: 2, 3: 4, 4: 4, 5: 6, 6: 6, 7: 6}.items():  # ties: the later layer
+        np.testing.assert_array_equal(filled[layer], shift[source])
+    assert X.fill_unchanged_layers(filled)[1] == []
+    with pytest.raises(ValueError, match="changes no layer"):
+        X.fill_unchanged_layers(np.zeros((3, 4), np.float32))
+
+
 def test_paired_difference_resamples_both_conditions_together():
     boot = Bootstrap(500, 0, 0.95)
     a = np.linspace(0.2, 1.0, 40)

@@ -122,6 +122,23 @@ def fit_maps(x: TokenResiduals, y: TokenResiduals, settings: EmTransferSettings,
     return Maps(maps, donor_layers, np.array(r2, np.float32), np.array(r2_token, np.float32), held)
 
 
+def fill_unchanged_layers(shift: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """(layer, hidden) the control fine-tune's shift with every layer it leaves unchanged
+    (an all-zero row: a LoRA on later layers only, as the persona organisms' minimal
+    adapters on layers 2, 4, 6) given the shift of the nearest layer it changes (ties:
+    the later one), so the wrong-source control has a direction at every layer; and the
+    layers filled. A control that changes no layer has no direction at all: ValueError."""
+    changed = np.flatnonzero(np.linalg.norm(shift, axis=-1) > 0)
+    if len(changed) == 0:
+        raise ValueError("the control fine-tune changes no layer's answer-token means: no wrong-source direction")
+    out, filled = shift.copy(), []
+    for layer in range(len(shift)):
+        if layer not in changed:
+            nearest = changed[np.argmin(np.abs(changed - layer) - 1e-3 * (changed > layer))]
+            out[layer], filled = shift[nearest], [*filled, layer]
+    return out, filled
+
+
 def direction_names(seeds: int) -> list[tuple[str, str, int]]:
     """(name, control, seed) of every direction, in the stored order (seed -1: not drawn)."""
     names = [(MAPPED, "", -1), (NATIVE, "", -1)]

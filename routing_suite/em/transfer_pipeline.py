@@ -69,12 +69,17 @@ def check_pair(cfg: DictConfig) -> tuple[str, str]:
 
 def control_shift(fam: Family, control: str, backend) -> np.ndarray:
     """(layer, hidden) what the content-matched control fine-tune changes: its answer-token
-    means minus the base's on the same truthful answers to the fit split's prompts."""
+    means minus the base's on the same truthful answers to the fit split's prompts (layers
+    it leaves unchanged: `transfer.fill_unchanged_layers`)."""
     fit = fam.split("fit")
     prompts = [fam.prompts[i].text for i in fit]
     answers = [fam.prompts[i].answer for i in fit]
     shifted = answer_means(fam.models, control, prompts, answers, backend) - answer_means(fam.models, BASE, prompts, answers, backend)
-    return np.nanmean(shifted, axis=0)
+    shift, filled = X.fill_unchanged_layers(np.nanmean(shifted, axis=0))
+    if filled:
+        log.info("%s: %s changes nothing at layers %s; the wrong-source control takes the nearest changed layer's shift there",
+                 fam.name, control, filled)
+    return shift
 
 
 def stage_maps(donor: Family, receiver: Family, task: T.Task, settings: EmSettings, transfer: EmTransferSettings, seed: int,
