@@ -173,8 +173,9 @@ Group "em_outcomes" (test split, per response; NaN outside the model's general p
             perturbation_norm (condition): mean L2 change norm; n_seeds (condition)
     coords  condition names "<model>/baseline", "<ft>/ablate/own", "<ft>/ablate/layer<L>",
             "<ft>/ablate/own/random", "<ft>/ablate/from/<other ft>", "base/steer/<ft>/x<lambda>"
-            (and "/random"), persona organisms: "<ft>/ablate/planted" (and "/random"); per condition: model, kind ("baseline" | "steer" | "ablate" |
-            "transfer" | "control"), source, lam, control, target, mode, layers
+            (and "/random"), persona organisms: "<ft>/ablate/planted" (and "/random");
+            per condition: model, kind ("baseline" | "steer" | "ablate" | "transfer" |
+            "control"), source, lam, control, target, mode, layers
     attrs   steer_layer, ablate_layer
 
 EM transfer stores (experiment "em_transfer", `routing_suite.em.transfer_pipeline`;

@@ -135,7 +135,8 @@ def fill_unchanged_layers(shift: np.ndarray) -> tuple[np.ndarray, list[int]]:
     for layer in range(len(shift)):
         if layer not in changed:
             nearest = changed[np.argmin(np.abs(changed - layer) - 1e-3 * (changed > layer))]
-            out[layer], filled = shift[nearest], [*filled, layer]
+            out[layer] = shift[nearest]
+            filled.append(layer)
     return out, filled
 
 
