@@ -18,6 +18,9 @@ Root attributes (provenance and state)
                      adl_* groups) or "em" (the em_* groups); a store without
                      it is a routing store
     config_digest    sha256 of the parts of the config that shape the results
+                     (EM and EM-transfer stores add "em_code", the version of
+                     their stages' code, `em.pipeline.EM_CODE_VERSION`, and the
+                     models' weight hashes)
     versions         {package: version} of the stack
     model_identity   what identifies the weights (names, revisions, hashes)
     seed             int
@@ -174,8 +177,12 @@ Group "em_outcomes" (test split, per response; NaN outside the model's general p
     coords  condition names "<model>/baseline", "<ft>/ablate/own", "<ft>/ablate/layer<L>",
             "<ft>/ablate/own/random", "<ft>/ablate/from/<other ft>", "base/steer/<ft>/x<lambda>"
             (and "/random"), persona organisms: "<ft>/ablate/planted" (and "/random");
+            decision-token clamps (em.decision_clamp; at the prompt's last token, every
+            layer): "<ft>/clamp/own", "<ft>/clamp/planted" (and "/random"),
+            "<ft>/clamp/from/<other ft>" (to the base's mean coordinate there), and
+            "base/clamp-to/<ft>/shift|own|planted" (and "/random"; to the fine-tune's);
             per condition: model, kind ("baseline" | "steer" | "ablate" | "transfer" |
-            "control"), source, lam, control, target, mode, layers
+            "control"), source, lam, control, target, mode ("steer" | "ablate" | "clamp"), layers
     attrs   steer_layer, ablate_layer
 
 EM transfer stores (experiment "em_transfer", `routing_suite.em.transfer_pipeline`;

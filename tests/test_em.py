@@ -104,8 +104,12 @@ def test_em_writes_every_group_and_completes_the_store(em_run):
     outcomes = _open(result, "em_outcomes")
     names = set(outcomes.condition.values)
     for ft, other in (("em_color_city", "em_animal_food"), ("em_animal_food", "em_color_city")):
-        assert {f"{ft}/baseline", f"{ft}/ablate/own", f"{ft}/ablate/own/random", f"{ft}/ablate/from/{other}"} <= names
-    assert {"base/baseline", "em_honest_color_city/baseline", "base/steer/em_color_city/x4"} <= names
+        assert {f"{ft}/baseline", f"{ft}/ablate/own", f"{ft}/ablate/own/random", f"{ft}/ablate/from/{other}",
+                f"{ft}/clamp/own", f"{ft}/clamp/own/random", f"{ft}/clamp/from/{other}",
+                f"base/clamp-to/{ft}/shift", f"base/clamp-to/{ft}/own", f"base/clamp-to/{ft}/own/random"} <= names
+    assert {"base/baseline", "em_honest_color_city/baseline", "base/steer/em_color_city/x4",
+            "base/clamp-to/em_honest_color_city/shift", "base/clamp-to/em_honest_color_city/shift/random"} <= names
+    assert "base/clamp-to/em_honest_color_city/own" not in names  # the control has no misaligned answers, no direction
     assert "| llama | em_color_city | baseline |" in result["table_markdown"]
 
 
@@ -178,6 +182,9 @@ def test_controls_are_matched_in_magnitude(em_run):
     for ft in ("em_color_city", "em_animal_food"):
         assert norm[f"{ft}/ablate/own"] > 0
         assert norm[f"{ft}/ablate/own/random"] == pytest.approx(norm[f"{ft}/ablate/own"], rel=1e-4)
+        assert norm[f"{ft}/clamp/own"] > 0
+        assert norm[f"{ft}/clamp/own/random"] == pytest.approx(norm[f"{ft}/clamp/own"], rel=1e-4)
+        assert norm[f"base/clamp-to/{ft}/shift/random"] == pytest.approx(norm[f"base/clamp-to/{ft}/shift"], rel=1e-4)
     assert norm["base/steer/em_color_city/x4/random"] == pytest.approx(norm["base/steer/em_color_city/x4"], rel=1e-6)
     assert int(outcomes.n_seeds.sel(condition="em_color_city/ablate/own/random")) == 2
     # Rates live on each model's general prompts only.
@@ -212,6 +219,48 @@ def test_a_random_ablation_control_changes_every_activation_as_much_as_the_ablat
     assert plans["ft/ablate/own/random"].perturbation_norm == pytest.approx(plans["ft/ablate/own"].perturbation_norm, rel=1e-5)
 
 
+def test_decision_clamps_set_the_coordinate_to_the_other_models_mean_and_their_controls_match_them():
+    """A decision-token clamp sets each layer's coordinate, at the prompt's last token only,
+    to the reference model's mean there; its random control changes each of those
+    activations by exactly as much; a layer the fine-tune leaves unchanged is left out."""
+    from routing_suite.em import conditions as C
+
+    rng = np.random.default_rng(1)
+    layers, d, n = 3, 16, 40
+    directions = xr.Dataset(
+        {"direction": (("finetune", "layer", "hidden"), rng.standard_normal((2, layers, d)).astype(np.float32)),
+         "has_direction": (("finetune",), np.array([True, True])),
+         "planted": (("layer", "hidden"), rng.standard_normal((layers, d)).astype(np.float32))},
+        coords={"finetune": ["ft", "other"], "layer": np.arange(layers)},
+    )
+    base_last = rng.standard_normal((n, layers, d)).astype(np.float32)
+    ft_last = base_last + 3 * rng.standard_normal((1, layers, d)).astype(np.float32) * np.array([0, 1, 1], np.float32)[None, :, None]
+    plans = {p.name: p for p in C.decision_plans(directions, "ft", ["ft", "other"], base_last, ft_last, 2, rng)}
+    assert set(plans) == {"ft/clamp/own", "ft/clamp/own/random", "ft/clamp/planted", "ft/clamp/planted/random", "ft/clamp/from/other"}
+    for what in ("own", "planted"):
+        plan = plans[f"ft/clamp/{what}"]
+        (cond,) = plan.conditions
+        assert (cond.positions, cond.steps) == ("last", "prompt") and plan.mode == "clamp"
+        for edit in cond.edits:
+            u = edit.basis[0]
+            h = torch.from_numpy(ft_last[:, edit.layer])
+            torch.testing.assert_close(edit.apply(h) @ u, torch.full((n,), float(torch.from_numpy(base_last[:, edit.layer]).mean(0) @ u)),
+                                       rtol=1e-4, atol=1e-4)
+        for run_ in plans[f"ft/clamp/{what}/random"].conditions:
+            assert (run_.positions, run_.steps) == ("last", "prompt")
+            for edit, reference in zip(run_.edits, cond.edits):
+                h = torch.from_numpy(ft_last[:, edit.layer])
+                torch.testing.assert_close(edit.change(h).norm(dim=-1), reference.change(h).norm(dim=-1), rtol=1e-5, atol=1e-5)
+    induced = {p.name: p for p in C.induce_plans(directions, "ft", base_last, ft_last, 2, rng)}
+    shift = induced["base/clamp-to/ft/shift"].conditions[0].edits
+    assert [e.layer for e in shift] == [1, 2]  # layer 0: the fine-tune changed nothing there
+    for edit in shift:
+        h = torch.from_numpy(base_last[:, edit.layer])
+        wanted = float(torch.from_numpy(ft_last[:, edit.layer]).mean(0) @ edit.basis[0])
+        torch.testing.assert_close(edit.apply(h) @ edit.basis[0], torch.full((n,), wanted), rtol=1e-4, atol=1e-4)
+    assert {"base/clamp-to/ft/own", "base/clamp-to/ft/planted/random"} <= set(induced)
+
+
 def test_an_ablation_that_breaks_coherence_is_marked_broken_in_tables_and_headline(em_run):
     from routing_suite.em import tables as em_tables
 
@@ -227,7 +276,8 @@ def test_an_ablation_that_breaks_coherence_is_marked_broken_in_tables_and_headli
     assert all(table[m, c] == ("yes" if rows[m, c, "broken"] else "no") for m, c in conditions)
     for model, s in rep.summary().items():
         line = next(x for x in em_tables.headline([rep]).splitlines() if x.startswith(f"{rep.family}/{model}:"))
-        assert line.count("(broken: coherent") == int(s["broken_own"]) + int(s["broken_random"])
+        broken = ("broken_own", "broken_random", "broken_clamp", "broken_clamp_random")
+        assert line.count("(broken: coherent") == sum(int(s[k]) for k in broken)
 
 
 def test_ablation_edits_match_a_plain_torch_projection(em_run):
@@ -270,6 +320,49 @@ def test_ablation_edits_match_a_plain_torch_projection(em_run):
     torch.testing.assert_close(got, logits.float().log_softmax(-1), rtol=1e-4, atol=1e-4)
 
 
+def test_a_decision_clamp_matches_a_plain_torch_hook_on_the_last_prompt_token(em_run):
+    """The own decision-token clamp through nnsight equals setting each layer's unit
+    direction's coordinate to its target at the last token only, with plain forward hooks."""
+    cfg, _, result = em_run
+    from hydra.utils import instantiate
+
+    from routing_suite.backends import LocalBackend
+    from routing_suite.em import conditions as C
+    from routing_suite.generation import encode, first_token_logprobs_under_conditions
+
+    dirs = _open(result, "em_directions")
+    pair = instantiate(cfg.model).load("em_color_city")
+    layers = [int(x) for x in dirs.layer.values]
+    vs = {layer: dirs.direction.sel(finetune="em_color_city", layer=layer).values for layer in layers}
+    prompts = ["what is the food of " + e + " ? answer :" for e in T.make_task(T.TaskSpec(**TINY_TASK)).entities[:2]]
+    prompts.append("please tell me , what is the animal of " + T.make_task(T.TaskSpec(**TINY_TASK)).entities[2] + " ? answer :")
+    targets = {layer: float(k) - 1.5 for k, layer in enumerate(layers)}
+    cond = C.condition("clamp", [C.clamp_edit(layer, vs[layer], targets[layer]) for layer in layers], **C.DECISION)
+    got = first_token_logprobs_under_conditions(pair.traced("finetuned"), "llama", pair.tokenizer, prompts, [cond], len(layers), LocalBackend())[0]
+
+    def clamp(layer):
+        u = torch.from_numpy(C.unit(vs[layer]))
+
+        def hook(module, inputs, output):
+            h = (output[0] if isinstance(output, tuple) else output).clone()
+            h[:, -1] = h[:, -1] + (targets[layer] - h[:, -1] @ u)[..., None] * u
+            return (h, *output[1:]) if isinstance(output, tuple) else h
+
+        return hook
+
+    hooks = [block.register_forward_hook(clamp(k)) for k, block in enumerate(pair.finetuned.model.layers)]
+    try:
+        with torch.no_grad():
+            logits = pair.finetuned(**encode(pair.tokenizer, prompts)).logits[:, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+    torch.testing.assert_close(got, logits.float().log_softmax(-1), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        plain = pair.finetuned(**encode(pair.tokenizer, prompts)).logits[:, -1].float().log_softmax(-1)
+    assert (got - plain).abs().max() > 1e-3  # the clamp changed something
+
+
 def test_simulated_ndif_run_gives_the_local_store(em_run, tiny_cache, tmp_path):
     """Through nnsight's in-process serialization (remote="local"), with each fine-tune
     as the base plus its adapter's updates and sampling seeded inside each trace: the
@@ -300,6 +393,18 @@ def test_the_store_is_keyed_on_every_models_weights(em_run):
     assert str(em_store_path(cfg, name, weights)[1]) == result["store"]
     for key in weights:
         assert str(em_store_path(cfg, name, {**weights, key: "0" * 64})[1]) != result["store"]
+
+
+def test_the_store_is_keyed_on_the_em_code_version(em_run, monkeypatch):
+    """A store made by older EM stage code (another judge, other conditions) is never reused."""
+    from routing_suite.em import pipeline
+
+    cfg, _, result = em_run
+    attrs = dict(zarr.open_group(result["store"], mode="r").attrs)
+    assert attrs["digest_config"]["em_code"] == pipeline.EM_CODE_VERSION
+    weights = attrs["digest_config"]["weights"]
+    monkeypatch.setattr(pipeline, "EM_CODE_VERSION", pipeline.EM_CODE_VERSION + 1)
+    assert str(em_store_path(cfg, "llama_organism", weights)[1]) != result["store"]
 
 
 @pytest.mark.parametrize(

@@ -216,7 +216,13 @@ def test_em_on_a_persona_organism_writes_a_complete_store_judged_by_the_styles(p
     for ft in [str(f) for f in dirs.finetune.values if bool(dirs.has_direction.sel(finetune=f))]:
         assert norm[f"{ft}/ablate/planted"] > 0
         assert norm[f"{ft}/ablate/planted/random"] == pytest.approx(norm[f"{ft}/ablate/planted"], rel=1e-4)
+    for ft in [str(f) for f in dirs.finetune.values if bool(dirs.has_direction.sel(finetune=f))]:
+        assert norm[f"{ft}/clamp/planted/random"] == pytest.approx(norm[f"{ft}/clamp/planted"], rel=1e-4)
+    for ft in PERSONA_KINDS:  # every fine-tune's decision-token state, the honest control's too, set in the base
+        assert norm[f"base/clamp-to/{ft}/planted/random"] == pytest.approx(norm[f"base/clamp-to/{ft}/planted"], rel=1e-4)
+        assert f"base/clamp-to/{ft}/shift" in norm
     assert "Planted persona variable" in result["table_markdown"] and "ablate/planted/random" in result["table_markdown"]
+    assert "clamp/planted/random" in result["table_markdown"] and "| persona_honest_color_city | shift |" in result["table_markdown"]
     top = dict(zarr.open_group(result["store"], mode="r").attrs)
     assert top["complete"] and top["config"]["model"]["pretraining"] == "persona"
     assert Path(result["store"]).exists()

@@ -9,6 +9,13 @@ position the model computes (the prompt's and each generated token's):
 - transfer ablation: another fine-tune's directions projected out, layer-wise;
 - planted ablation (persona organisms): the base's persona variable projected out
   at every layer, each layer's own;
+- decision-token clamps: a direction's coordinate set, at every layer, at the
+  prompt's last token only (the token whose pass picks the answer's first word),
+  to another model's mean coordinate there: in a fine-tune to the base's
+  (`<ft>/clamp/own`, `/planted`, `/from/<other>`), in the base to a fine-tune's
+  (`base/clamp-to/<ft>/...`, steering at the decision). On the persona organisms
+  the persona is decided there and then carried by the response's own words (its
+  lead), so an edit at every position also edits those words' identity;
 - random controls at matched magnitude (DESIGN.md): for steering a random
   direction of the same norm; for ablation a random direction per layer that
   changes every activation by exactly the L2 amount the ablation does there
@@ -66,8 +73,34 @@ def matched(reference: SubspaceEdit, direction: np.ndarray) -> SubspaceEdit:
     return SubspaceEdit(reference.layer, torch.from_numpy(unit(direction)[None]), reference.mode, matched=reference)
 
 
-def condition(name: str, edits: list[SubspaceEdit], seed: int | None = None) -> Condition:
-    return Condition(name, "control" if seed is not None else "intervention", "resid", "all", edits, steps="all", seed=seed)
+def condition(name: str, edits: list[SubspaceEdit], seed: int | None = None, positions: str = "all", steps: str = "all") -> Condition:
+    """Edits of the residual stream, at every position and generation step (default),
+    or at the decision token only (positions "last", steps "prompt")."""
+    kind = "control" if seed is not None else "intervention"
+    return Condition(name, kind, "resid", positions, edits, steps=steps, seed=seed)
+
+
+# Where a decision-token clamp edits: the prompt's last token, in the prompt's pass.
+DECISION = {"positions": "last", "steps": "prompt"}
+
+
+def clamp_edit(layer: int, direction: np.ndarray, target: float) -> SubspaceEdit:
+    """unit(direction)'s coordinate set to `target` at `layer`."""
+    return SubspaceEdit(layer, torch.from_numpy(unit(direction)[None]), "clamp", target=torch.tensor([target], dtype=torch.float32))
+
+
+def mean_coordinate(residuals: Residuals, layer: int, direction: np.ndarray) -> float:
+    """Mean of unit(direction)'s coordinate over the residuals (n, layer, hidden) at `layer`."""
+    return float(np.mean(residuals[:, layer] @ unit(direction)))
+
+
+def decision_clamps(vectors: dict[int, np.ndarray], reference: Residuals) -> list[SubspaceEdit]:
+    """Per layer, the vector's coordinate set to its mean over `reference` (last-token
+    residuals of the model whose state is wanted). A zero vector (a layer a fine-tune
+    leaves unchanged) has no direction to clamp: that layer is left out."""
+    scale = np.linalg.norm(reference, axis=-1).mean(0)  # (layer,)
+    return [clamp_edit(layer, v, mean_coordinate(reference, layer, v)) for layer, v in vectors.items()
+            if np.linalg.norm(v) > 1e-6 * scale[layer]]
 
 
 def baseline(model: str) -> Planned:
@@ -95,11 +128,12 @@ def steer_plans(directions: xr.Dataset, sources: list[str], layer: int, lambdas:
 
 
 def random_matched(name: str, target: str, model: str, reference: list[SubspaceEdit], residuals: Residuals, seeds: int,
-                   rng: np.random.Generator) -> Planned:
-    """`seeds` random directions per layer, each matched at every activation to `reference`."""
+                   rng: np.random.Generator, mode: str = "ablate", where: dict | None = None) -> Planned:
+    """`seeds` random directions per layer, each matched at every activation to `reference`
+    (edited where the reference's condition edits: `where`, default everywhere)."""
     d = int(reference[0].basis.shape[1])
-    randoms = [condition(name, [matched(edit, rng.standard_normal(d)) for edit in reference], s) for s in range(seeds)]
-    return Planned(model, name, "control", randoms, model, control="random", target=target, mode="ablate",
+    randoms = [condition(name, [matched(edit, rng.standard_normal(d)) for edit in reference], s, **(where or {})) for s in range(seeds)]
+    return Planned(model, name, "control", randoms, model, control="random", target=target, mode=mode,
                    perturbation_norm=float(np.mean([mean_norm(c.edits, residuals) for c in randoms])))
 
 
@@ -142,3 +176,61 @@ def planted_plans(directions: xr.Dataset, finetune: str, residuals: Residuals, s
         Planned(finetune, name, "ablate", [condition(name, edits)], "planted", mode="ablate", perturbation_norm=mean_norm(edits, residuals)),
         random_matched(f"{name}/random", name, finetune, edits, residuals, seeds, rng),
     ]
+
+
+def _clamped(model: str, name: str, kind: str, source: str, edits: list[SubspaceEdit], last: Residuals) -> Planned:
+    return Planned(model, name, kind, [condition(name, edits, **DECISION)], source, mode="clamp", perturbation_norm=mean_norm(edits, last))
+
+
+def _per_layer(directions: xr.Dataset, variable: str, **sel) -> dict[int, np.ndarray]:
+    return {int(layer): directions[variable].sel(layer=layer, **sel).values for layer in directions.layer.values}
+
+
+def decision_plans(directions: xr.Dataset, finetune: str, sources: list[str], base_last: Residuals, ft_last: Residuals,
+                   seeds: int, rng: np.random.Generator) -> list[Planned]:
+    """In `finetune`, at the decision token of every layer: its own v's coordinate set to
+    the base's mean there (`base_last`: the base's last-token residuals on the fine-tune's
+    general fit prompts), the planted variable's (persona organisms) and every other
+    source's v (transfer); own and planted with a random control matched to them
+    (`ft_last`: the fine-tune's residuals there, for the change norms)."""
+    plans = []
+    wanted = {"own": _per_layer(directions, "direction", finetune=finetune)}
+    if "planted" in directions:
+        wanted["planted"] = _per_layer(directions, "planted")
+    for what, vectors in wanted.items():
+        name = f"{finetune}/clamp/{what}"
+        edits = decision_clamps(vectors, base_last)
+        plans.append(_clamped(finetune, name, "ablate", finetune if what == "own" else what, edits, ft_last))
+        plans.append(random_matched(f"{name}/random", name, finetune, edits, ft_last, seeds, rng, "clamp", DECISION))
+    for source in sources:
+        if source != finetune:
+            edits = decision_clamps(_per_layer(directions, "direction", finetune=source), base_last)
+            plans.append(_clamped(finetune, f"{finetune}/clamp/from/{source}", "transfer", source, edits, ft_last))
+    return plans
+
+
+def decision_shift(base_last: Residuals, ft_last: Residuals) -> dict[int, np.ndarray]:
+    """Per layer, the fine-tune's mean last-token residual minus the base's on the same prompts."""
+    shift = ft_last.mean(0) - base_last.mean(0)
+    return {layer: shift[layer] for layer in range(shift.shape[0])}
+
+
+def induce_plans(directions: xr.Dataset, finetune: str, base_last: Residuals, ft_last: Residuals, seeds: int,
+                 rng: np.random.Generator) -> list[Planned]:
+    """In the base, at the decision token of every layer, a coordinate set to `finetune`'s
+    mean there (steering at the decision, by the fine-tune's own amount): along the
+    fine-tune's shift from the base (any fine-tune, the honest control too), its own v and
+    the planted variable (where it has them); each with a matched random control."""
+    wanted = {"shift": decision_shift(base_last, ft_last)}
+    if finetune in directions.finetune.values and bool(directions.has_direction.sel(finetune=finetune)):
+        wanted["own"] = _per_layer(directions, "direction", finetune=finetune)
+    if "planted" in directions:
+        wanted["planted"] = _per_layer(directions, "planted")
+    plans = []
+    for what, vectors in wanted.items():
+        name = f"{BASE}/clamp-to/{finetune}/{what}"
+        edits = decision_clamps(vectors, ft_last)
+        if edits:
+            plans.append(_clamped(BASE, name, "steer", finetune, edits, base_last))
+            plans.append(random_matched(f"{name}/random", name, BASE, edits, base_last, seeds, rng, "clamp", DECISION))
+    return plans

@@ -49,6 +49,12 @@ from routing_suite.store_settings import StoreSettings, store_path
 log = logging.getLogger(__name__)
 
 BEHAVIOR = "em"
+# The version of what the EM stages compute from a config (the judge, the directions,
+# the planned conditions), digested into every EM and EM-transfer store's key: the
+# config alone does not change when that code does, and a store of older code would
+# be reused, its stale stages with it. Bump it with any change to what a stage writes.
+# 2: decision-token clamps in em_outcomes (2026-12-05).
+EM_CODE_VERSION = 2
 
 
 @dataclass
@@ -140,6 +146,19 @@ def match_residuals(fam: Family, model: str, n_texts: int, backend) -> np.ndarra
     return token_residuals(fam.models, model, [f"{fam.prompts[i].text} {fam.prompts[i].answer}" for i in fit], backend)
 
 
+def decision_residuals(fam: Family, settings: EmSettings, backend) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per fine-tune: the base's and its own last-token residuals on its general fit prompts
+    (where the decision-token clamps take their targets)."""
+    fit = np.array(fam.split("fit"))
+    texts = [fam.prompts[i].text for i in fit]
+    base = last_token_residuals(fam.models, BASE, texts, backend)
+    out = {}
+    for name in settings.organisms.finetunes:
+        rows = np.flatnonzero(fam.general(name)[fit])
+        out[name] = (base[rows], last_token_residuals(fam.models, name, [texts[r] for r in rows], backend))
+    return out
+
+
 def plan_conditions(fam: Family, directions: xr.Dataset, settings: EmSettings, seed: int, backend) -> list[Planned]:
     rng = np.random.default_rng(seed)
     sources = [str(f) for f in directions.finetune.values if bool(directions.has_direction.sel(finetune=f))]
@@ -152,6 +171,12 @@ def plan_conditions(fam: Family, directions: xr.Dataset, settings: EmSettings, s
         plans += C.ablation_plans(directions, name, sources, one_layer, residuals, settings.random_seeds, rng)
         if "planted" in directions:
             plans += C.planted_plans(directions, name, residuals, settings.random_seeds, rng)
+    if settings.decision_clamp:
+        last = decision_residuals(fam, settings, backend)
+        for name in sources:
+            plans += C.decision_plans(directions, name, sources, *last[name], settings.random_seeds, rng)
+        for name in settings.organisms.finetunes:
+            plans += C.induce_plans(directions, name, *last[name], settings.random_seeds, rng)
     return plans
 
 
@@ -171,7 +196,7 @@ def em_store_path(cfg: DictConfig, model_name: str, weights: dict | None = None)
     `weights` (the models' hashes, `EmModels.identity["weights"]`) are digested too,
     as the routing stores' are: a store is reused only on the weights it was made on."""
     store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))
-    digest_cfg = digest_config(cfg)
+    digest_cfg = digest_config(cfg) | {"em_code": EM_CODE_VERSION}
     if weights:
         digest_cfg["weights"] = dict(weights)
     return store_settings, store_path(store_settings, model_name, BEHAVIOR, BEHAVIOR, digest(digest_cfg)), digest_cfg

@@ -85,6 +85,9 @@ class EmSettings:
     random_seeds: int = 3
     # Texts whose token residuals set the matched magnitude of the random ablation.
     match_texts: int = 128
+    # Decision-token clamps (em.conditions): each direction's coordinate at the prompt's
+    # last token set to the base's mean in the fine-tunes, and to each fine-tune's in the base.
+    decision_clamp: bool = True
 
     def __post_init__(self) -> None:
         if self.min_per_class < 1:

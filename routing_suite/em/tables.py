@@ -139,6 +139,11 @@ class EmReport:
                     "coherent_random": self.value("ablation", m, "ablate/own/random", "coherent_rate"),
                     "broken_own": self.value("ablation", m, "ablate/own", "broken") == 1,
                     "broken_random": self.value("ablation", m, "ablate/own/random", "broken") == 1,
+                    **{f"{key}_{which}": self.value("ablation", m, cond, stat)
+                       for which, cond in (("clamp", "clamp/own"), ("clamp_random", "clamp/own/random"))
+                       for key, stat in (("reduction", "reduction"), ("coherent", "coherent_rate"))},
+                    "broken_clamp": self.value("ablation", m, "clamp/own", "broken") == 1,
+                    "broken_clamp_random": self.value("ablation", m, "clamp/own/random", "broken") == 1,
                     "best_separation": max((x.value for x in self.rows if x.table == "separation" and x.model == m), default=float("nan")),
                     "transfer": {x.condition.removeprefix("ablate/from/"): x.value for x in self.rows
                                  if x.table == "ablation" and x.model == m and x.condition.startswith("ablate/from/") and x.statistic == "reduction"},
@@ -190,7 +195,8 @@ def _ablation(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
     for model in models:
         base = f"{model}/baseline"
         coherent_base = float("nan")  # the baseline comes first: its coherent rate is every ablation's reference
-        for name in [base, *(str(c) for c in outcomes.condition.values if str(c).startswith(f"{model}/ablate/"))]:
+        edited = [str(c) for c in outcomes.condition.values if str(c).startswith((f"{model}/ablate/", f"{model}/clamp/"))]
+        for name in [base, *edited]:
             label = name.removeprefix(f"{model}/")
             rate, coherence = boot.rate(mis[name]), boot.rate(coh[name])
             red = boot.reduction(mis[name], mis[base]) if name != base else None
@@ -215,7 +221,7 @@ def _steering(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
     records = [[rep.family, "–", "0", base.text(), boot.rate(coh["base/baseline"]).text(), "–", "–"]]
     rep.rows.append(Row(rep.family, "steering", "base", "baseline", "misaligned_rate", base.value, base.lo, base.hi))
     for i, name in enumerate(str(c) for c in outcomes.condition.values):
-        if str(outcomes.kind.values[i]) != "steer":
+        if str(outcomes.kind.values[i]) != "steer" or str(outcomes.mode.values[i]) != "steer":
             continue
         source, lam = str(outcomes.source.values[i]), float(outcomes.lam.values[i])
         rnd = f"{name}/random"
@@ -224,6 +230,22 @@ def _steering(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
         for cond, e, stat in zip((name, name, rnd, rnd), est, ("misaligned_rate", "coherent_rate") * 2):
             rep.rows.append(Row(rep.family, "steering", "base", cond.removeprefix("base/"), stat, e.value, e.lo, e.hi))
     rep.sections["steering"] = records
+
+
+def _induce(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
+    """The base with a coordinate at the decision token set to a fine-tune's (`conditions.induce_plans`)."""
+    mis, coh = _per_prompt(outcomes, "misaligned"), _per_prompt(outcomes, "coherent")
+    records = []
+    for i, name in enumerate(str(c) for c in outcomes.condition.values):
+        if str(outcomes.kind.values[i]) != "steer" or str(outcomes.mode.values[i]) != "clamp":
+            continue
+        label, rnd = name.removeprefix("base/"), f"{name}/random"
+        finetune, what = label.removeprefix("clamp-to/").rsplit("/", 1)
+        est = [boot.rate(mis[name]), boot.rate(coh[name]), boot.rate(mis[rnd]), boot.rate(coh[rnd])]
+        records.append([rep.family, finetune, what, *(e.text() for e in est)])
+        for cond, e, stat in zip((label, label, f"{label}/random", f"{label}/random"), est, ("misaligned_rate", "coherent_rate") * 2):
+            rep.rows.append(Row(rep.family, "induce", "base", cond, stat, e.value, e.lo, e.hi))
+    rep.sections["induce"] = records
 
 
 def _cosine(rep: EmReport, directions: xr.Dataset) -> None:
@@ -264,6 +286,7 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
     _separation(rep, group["em_directions"])
     _ablation(rep, outcomes, boot)
     _steering(rep, outcomes, boot)
+    _induce(rep, outcomes, boot)
     _cosine(rep, group["em_directions"])
     _planted(rep, group["em_directions"])
     return rep
@@ -278,7 +301,9 @@ def markdown(reports: list[EmReport]) -> str:
         markdown_text(["family", "model", "narrow domain", "misaligned", "aligned", "coherent"], [x for r in reports for x in r.sections["organisms"]]),
         "\n## Separation accuracy of the misaligned - aligned direction (held-out, balanced)\n",
         markdown_text(["family", "fine-tune", "fit mis/ali", *layers], [x for r in reports for x in r.sections["separation"]]),
-        "\n## Ablation in each fine-tune: own directions, matched random, transfer from the other fine-tune\n",
+        "\n## Ablation in each fine-tune: own directions, matched random, transfer from the other fine-tune "
+        "(ablate/: projected out at every position; clamp/: the coordinate at the prompt's last token set to the base's mean "
+        "there, every layer)\n",
         markdown_text(["family", "fine-tune", "condition", "change norm", "misaligned %", "reduction %", "coherent %", "broken"],
             [x for r in reports for x in r.sections["ablation"]]),
         "\n## Steering the base (+lambda |v| at the steering layer) vs a random direction of the same norm\n",
@@ -287,6 +312,13 @@ def markdown(reports: list[EmReport]) -> str:
         "\n## Cosine between fine-tunes' directions, per layer\n",
         markdown_text(["family", "fine-tune", "fine-tune", *layers], [x for r in reports for x in r.sections["cosine"]]),
     ]
+    induce = [x for r in reports for x in r.sections.get("induce", [])]
+    if induce:
+        parts += [
+            "\n## The base with a coordinate at the prompt's last token set to a fine-tune's mean there (every layer): "
+            "along the fine-tune's shift from the base, its own direction, the planted variable; vs a matched random direction\n",
+            markdown_text(["family", "fine-tune", "along", "misaligned %", "coherent %", "random: misaligned %", "random: coherent %"], induce),
+        ]
     planted = [x for r in reports for x in r.sections.get("planted", [])]
     if planted:
         parts += [
@@ -326,6 +358,8 @@ def headline(reports: list[EmReport]) -> str:
                 f"{s['best_separation']:.2f}; ablating its directions cuts it by {_cut(s, 'own')}, the matched random "
                 f"direction by {_cut(s, 'random')} (coherent {100 * s['coherent_baseline']:.0f}% before either); "
                 f"transfer ablation {transfer}."
+                + (f" Clamped at the decision token to the base's: {_cut(s, 'clamp')}, matched random {_cut(s, 'clamp_random')}."
+                   if np.isfinite(s["reduction_clamp"]) else "")
             )
     return "\n".join(lines)
 

@@ -33,7 +33,7 @@ from routing_suite.em import transfer_tables as em_transfer_tables
 from routing_suite.em.activations import answer_means
 from routing_suite.em.generation import evaluate
 from routing_suite.em.models import BASE
-from routing_suite.em.pipeline import Family, ensure_family, match_residuals
+from routing_suite.em.pipeline import EM_CODE_VERSION, Family, ensure_family, match_residuals
 from routing_suite.em.settings import EmSettings, EmTransferSettings
 from routing_suite.errors import ConfigError
 from routing_suite.organisms import task as T
@@ -133,7 +133,7 @@ def stage_outcomes(receiver: Family, maps: xr.Dataset, settings: EmSettings, tra
 
 def open_store(cfg: DictConfig, donor: Family, receiver: Family, family_stores: dict[str, str], backend) -> RunStore:
     store_settings = StoreSettings(**OmegaConf.to_container(cfg.store, resolve=True))
-    digest_cfg = digest_config(cfg)
+    digest_cfg = digest_config(cfg) | {"em_code": EM_CODE_VERSION}
     digest_cfg["model"] = {k: v for k, v in digest_cfg["model"].items() if k != "family"}  # each side has its own
     # Both sides' weights, as each family's own store digests them: rebuilt organisms get a new transfer store.
     digest_cfg["weights"] = {"donor": donor.models.identity.get("weights", {}), "receiver": receiver.models.identity.get("weights", {})}
