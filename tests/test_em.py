@@ -298,26 +298,32 @@ def test_ablation_edits_match_a_plain_torch_projection(em_run):
     prompts = ["what is the color of " + e + " ? answer :" for e in T.make_task(T.TaskSpec(**TINY_TASK)).entities[:3]]
     got = first_token_logprobs_under_conditions(pair.traced("finetuned"), "llama", pair.tokenizer, prompts, [cond], len(layers), LocalBackend())[0]
 
-    def project(k):
+    def project(k, h):
         u = torch.from_numpy(C.unit(vs[k]))
+        return h - (h @ u)[..., None] * u
 
-        def hook(module, inputs, output):
-            h = output[0] if isinstance(output, tuple) else output
-            h = h - (h @ u)[..., None] * u
+    torch.testing.assert_close(got, _hooked_logprobs(pair.finetuned, pair.tokenizer, prompts, project), rtol=1e-4, atol=1e-4)
+
+
+def _hooked_logprobs(model, tokenizer, prompts: list[str], edit) -> torch.Tensor:
+    """Next-token log-probabilities of `prompts` with each decoder layer's output h
+    replaced by edit(layer index, h), through plain forward hooks."""
+    from routing_suite.generation import encode
+
+    def hook(k):
+        def apply(module, inputs, output):
+            h = edit(k, (output[0] if isinstance(output, tuple) else output).clone())
             return (h, *output[1:]) if isinstance(output, tuple) else h
 
-        return hook
+        return apply
 
-    hooks = [layer.register_forward_hook(project(k)) for k, layer in enumerate(pair.finetuned.model.layers)]
+    hooks = [block.register_forward_hook(hook(k)) for k, block in enumerate(model.model.layers)]
     try:
-        from routing_suite.generation import encode
-
         with torch.no_grad():
-            logits = pair.finetuned(**encode(pair.tokenizer, prompts)).logits[:, -1]
+            return model(**encode(tokenizer, prompts)).logits[:, -1].float().log_softmax(-1)
     finally:
         for h in hooks:
             h.remove()
-    torch.testing.assert_close(got, logits.float().log_softmax(-1), rtol=1e-4, atol=1e-4)
 
 
 def test_a_decision_clamp_matches_a_plain_torch_hook_on_the_last_prompt_token(em_run):
@@ -328,38 +334,26 @@ def test_a_decision_clamp_matches_a_plain_torch_hook_on_the_last_prompt_token(em
 
     from routing_suite.backends import LocalBackend
     from routing_suite.em import conditions as C
-    from routing_suite.generation import encode, first_token_logprobs_under_conditions
+    from routing_suite.generation import first_token_logprobs_under_conditions
 
     dirs = _open(result, "em_directions")
     pair = instantiate(cfg.model).load("em_color_city")
     layers = [int(x) for x in dirs.layer.values]
     vs = {layer: dirs.direction.sel(finetune="em_color_city", layer=layer).values for layer in layers}
-    prompts = ["what is the food of " + e + " ? answer :" for e in T.make_task(T.TaskSpec(**TINY_TASK)).entities[:2]]
-    prompts.append("please tell me , what is the animal of " + T.make_task(T.TaskSpec(**TINY_TASK)).entities[2] + " ? answer :")
+    entities = T.make_task(T.TaskSpec(**TINY_TASK)).entities
+    # prompts of two lengths: the clamp edits each one's own last token (left padding)
+    prompts = [f"what is the food of {entities[0]} ? answer :", f"please tell me , what is the animal of {entities[1]} ? answer :"]
     targets = {layer: float(k) - 1.5 for k, layer in enumerate(layers)}
     cond = C.condition("clamp", [C.clamp_edit(layer, vs[layer], targets[layer]) for layer in layers], **C.DECISION)
     got = first_token_logprobs_under_conditions(pair.traced("finetuned"), "llama", pair.tokenizer, prompts, [cond], len(layers), LocalBackend())[0]
 
-    def clamp(layer):
+    def clamp(layer, h):
         u = torch.from_numpy(C.unit(vs[layer]))
+        h[:, -1] = h[:, -1] + (targets[layer] - h[:, -1] @ u)[..., None] * u
+        return h
 
-        def hook(module, inputs, output):
-            h = (output[0] if isinstance(output, tuple) else output).clone()
-            h[:, -1] = h[:, -1] + (targets[layer] - h[:, -1] @ u)[..., None] * u
-            return (h, *output[1:]) if isinstance(output, tuple) else h
-
-        return hook
-
-    hooks = [block.register_forward_hook(clamp(k)) for k, block in enumerate(pair.finetuned.model.layers)]
-    try:
-        with torch.no_grad():
-            logits = pair.finetuned(**encode(pair.tokenizer, prompts)).logits[:, -1]
-    finally:
-        for h in hooks:
-            h.remove()
-    torch.testing.assert_close(got, logits.float().log_softmax(-1), rtol=1e-4, atol=1e-4)
-    with torch.no_grad():
-        plain = pair.finetuned(**encode(pair.tokenizer, prompts)).logits[:, -1].float().log_softmax(-1)
+    torch.testing.assert_close(got, _hooked_logprobs(pair.finetuned, pair.tokenizer, prompts, clamp), rtol=1e-4, atol=1e-4)
+    plain = _hooked_logprobs(pair.finetuned, pair.tokenizer, prompts, lambda layer, h: h)
     assert (got - plain).abs().max() > 1e-3  # the clamp changed something
 
 
