@@ -209,7 +209,9 @@ Group "xfer_maps"
 Group "xfer_outcomes" (the receiver's test split; layout of "em_outcomes")
     coords  condition names "<ft>/baseline", "<ft>/ablate/<direction>" (controls matched
             at every activation to the mapped ablation's change norm, random draws averaged),
-            "base/baseline", "base/steer/<ft>/x<lambda>/<direction>" (all at lambda x
+            "<ft>/clamp/<direction>" (decision-token clamps, em.decision_clamp: the coordinate
+            at the prompt's last token set to the receiver base's mean there; controls
+            matched to the mapped clamp), "base/baseline", "base/steer/<ft>/x<lambda>/<direction>" (all at lambda x
             the native direction's norm)
     attrs   steer_layer, donor, receiver
 """

@@ -137,6 +137,38 @@ def test_receiver_directions_carry_the_donor_and_build_every_control():
     assert not np.allclose(got.sel(vector="random#0").values, got.sel(vector="random#1").values)
 
 
+def test_decision_clamps_of_the_mapped_direction_and_controls_matched_to_it():
+    """In the receiver fine-tune, at the prompt's last token only: mapped and native set to the
+    receiver base's mean coordinate, every control moving each edited activation by exactly
+    as much as the mapped clamp."""
+    from routing_suite.em import conditions as C
+
+    kinds = ["em_color_city"]
+    rng = np.random.default_rng(4)
+    donor, receiver = _directions(kinds, [True], seed=1), _directions(kinds, [True], seed=2)
+    maps = X.Maps([analysis.RidgeMap(rng.normal(size=(6, 6)).astype(np.float32), np.zeros(6), np.zeros(6), 1.0) for _ in range(4)],
+                  [0, 1, 2, 3], np.ones(4), np.zeros(4), np.array([0]))
+    ds = X.receiver_directions(donor, receiver, rng.normal(size=(4, 6)).astype(np.float32), maps, kinds,
+                               EmTransferSettings(random_seeds=2, wrong_layer_shift=1), rng)
+    base_last = rng.normal(size=(30, 4, 6)).astype(np.float32)
+    ft_last = base_last + rng.normal(size=(1, 4, 6)).astype(np.float32)
+    plans = {p.name: p for p in X.decision_plans(ds, "em_color_city", base_last, ft_last)}
+    assert set(plans) == {f"em_color_city/clamp/{d}" for d in ("mapped", "native", *TRANSFER_CONTROLS)}
+    mapped = plans["em_color_city/clamp/mapped"].conditions[0].edits
+    for edit in mapped:
+        u = edit.basis[0]
+        torch.testing.assert_close(edit.apply(torch.from_numpy(ft_last[:, edit.layer])) @ u,
+                                   torch.full((30,), float(torch.from_numpy(base_last[:, edit.layer]).mean(0) @ u)), rtol=1e-4, atol=1e-4)
+    for control in TRANSFER_CONTROLS:
+        plan = plans[f"em_color_city/clamp/{control}"]
+        assert plan.target == "em_color_city/clamp/mapped" and len(plan.conditions) == (2 if control in ("random", "orthogonal") else 1)
+        for cond in plan.conditions:
+            assert (cond.positions, cond.steps) == (C.DECISION["positions"], C.DECISION["steps"])
+            for edit, reference in zip(cond.edits, mapped):
+                h = torch.from_numpy(ft_last[:, edit.layer])
+                torch.testing.assert_close(edit.change(h).norm(dim=-1), reference.change(h).norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
 def test_layers_the_control_leaves_unchanged_take_the_nearest_changed_layers_shift():
     """A control fine-tune with adapters on later layers only (the persona organisms' minimal
     layout) changes nothing before them: the wrong-source control still needs a direction there."""
@@ -289,6 +321,8 @@ def test_controls_are_matched_to_the_mapped_ablation(transfer_run):
         for control in TRANSFER_CONTROLS:
             assert norm[f"{kind}/ablate/{control}"] == pytest.approx(norm[f"{kind}/ablate/mapped"], rel=1e-4), control
             assert norm[f"base/steer/{kind}/x4/{control}"] == pytest.approx(norm[f"base/steer/{kind}/x4/mapped"], rel=1e-6)
+        for control in TRANSFER_CONTROLS:  # the decision-token clamps' controls, matched to the mapped clamp
+            assert norm[f"{kind}/clamp/{control}"] == pytest.approx(norm[f"{kind}/clamp/mapped"], rel=1e-4), control
         assert int(outcomes.n_seeds.sel(condition=f"{kind}/ablate/random")) == 2
         assert int(outcomes.n_seeds.sel(condition=f"{kind}/ablate/wrong_source")) == 1
         native_norm = float(maps.direction_norm.sel(finetune=kind, vector="native", layer=maps.attrs["steer_layer"]))
@@ -307,10 +341,10 @@ def test_the_table_reports_specificity_consistently(transfer_run):
     assert rows[0] == ["pair", "table", "model", "condition", "statistic", "value", "lo", "hi"]
     kinds = [k for k in result["summary"] if k != "map_r2"]
     assert kinds
-    for kind in kinds:
-        s = result["summary"][kind]
+    for kind, table in ((k, t) for k in kinds for t in ("ablation", "clamp")):
+        s = result["summary"][kind] if table == "ablation" else result["summary"][kind]["clamp"]
         assert set(s["reduction"]) == {"mapped", "native", *TRANSFER_CONTROLS}
-        stat = {(r[3], r[4]): r for r in rows if r[1] == "ablation" and r[2] == kind}
+        stat = {(r[3], r[4]): r for r in rows if r[1] == table and r[2] == kind}
         for control in TRANSFER_CONTROLS:
             lo = float(stat[control, "minus_mapped"][6] or "nan")
             assert stat[control, "beaten_by_mapped"][5] == ("1.000000" if lo > 0 else "0.000000")

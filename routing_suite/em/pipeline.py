@@ -53,7 +53,7 @@ BEHAVIOR = "em"
 # the planned conditions), digested into every EM and EM-transfer store's key: the
 # config alone does not change when that code does, and a store of older code would
 # be reused, its stale stages with it. Bump it with any change to what a stage writes.
-# 2: decision-token clamps in em_outcomes (2026-12-05).
+# 2: decision-token clamps in em_outcomes and xfer_outcomes (2026-12-05).
 EM_CODE_VERSION = 2
 
 

@@ -256,6 +256,30 @@ def ablation_plans(directions: xr.Dataset, kind: str, residuals: C.Residuals) ->
     return plans
 
 
+def decision_plans(directions: xr.Dataset, kind: str, base_last: C.Residuals, ft_last: C.Residuals) -> list[Planned]:
+    """In the receiver's fine-tune `kind`, at the decision token (`conditions.DECISION`): the
+    mapped and the native directions' coordinates set to the receiver base's mean there
+    (`base_last`: its last-token residuals on the fine-tune's general fit prompts), and each
+    control's direction matched to the mapped clamp at every edited activation."""
+    prefix = f"{kind}/clamp"
+    plans, references = [], []
+    for name, plan_kind in ((MAPPED, "transfer"), (NATIVE, "ablate")):
+        (_, v), = _vectors(directions, kind, name)
+        edits = C.decision_clamps(dict(enumerate(v)), base_last)
+        if name == MAPPED:
+            references = edits
+        plans.append(Planned(kind, f"{prefix}/{name}", plan_kind, [C.condition(f"{prefix}/{name}", edits, **C.DECISION)], name,
+                             mode="clamp", perturbation_norm=C.mean_norm(edits, ft_last)))
+    for control in TRANSFER_CONTROLS:
+        conds = [
+            C.condition(f"{prefix}/{control}", [C.matched(edit, v[edit.layer]) for edit in references], max(seed, 0), **C.DECISION)
+            for seed, v in _vectors(directions, kind, control)
+        ]
+        plans.append(Planned(kind, f"{prefix}/{control}", "control", conds, control, control=control, target=f"{prefix}/{MAPPED}",
+                             mode="clamp", perturbation_norm=float(np.mean([C.mean_norm(c.edits, ft_last) for c in conds]))))
+    return plans
+
+
 def steering_plans(directions: xr.Dataset, kind: str, layer: int, lambdas: list[float]) -> list[Planned]:
     """The receiver's base steered at `layer` with each direction at lambda times the norm of the
     receiver's own direction there: mapped, native and every control at that same norm."""

@@ -33,7 +33,7 @@ from routing_suite.em import transfer_tables as em_transfer_tables
 from routing_suite.em.activations import answer_means
 from routing_suite.em.generation import evaluate
 from routing_suite.em.models import BASE
-from routing_suite.em.pipeline import EM_CODE_VERSION, Family, ensure_family, match_residuals
+from routing_suite.em.pipeline import EM_CODE_VERSION, Family, decision_residuals, ensure_family, match_residuals
 from routing_suite.em.settings import EmSettings, EmTransferSettings
 from routing_suite.errors import ConfigError
 from routing_suite.organisms import task as T
@@ -121,6 +121,10 @@ def stage_outcomes(receiver: Family, maps: xr.Dataset, settings: EmSettings, tra
     plans = [C.baseline(BASE)] if transfer.steer_lambdas else []
     for kind in kinds:
         plans += X.ablation_plans(maps, kind, match_residuals(receiver, kind, settings.match_texts, backend))
+    if settings.decision_clamp:
+        last = decision_residuals(receiver, settings, backend)
+        for kind in kinds:
+            plans += X.decision_plans(maps, kind, *last[kind])
     for kind in kinds:
         plans += X.steering_plans(maps, kind, layer, list(transfer.steer_lambdas))
     test = receiver.split("test")

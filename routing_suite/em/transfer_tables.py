@@ -7,6 +7,8 @@
   layer (random and orthogonal: the mean over their draws);
 - ablation: in the receiver's misaligned fine-tune, each direction's misaligned
   rate, reduction and coherence, and the paired difference control - mapped
+  (the same for the decision-token clamps, `clamp`: each direction's coordinate
+  at the prompt's last token set to the receiver base's mean there)
   (positive: the mapped direction lowers the rate more). An ablation is *broken*
   when its coherent rate falls more than 0.1 below the baseline's (em_tables).
   The mapped direction is *specific* when its reduction's interval lies above 0,
@@ -59,17 +61,25 @@ class TransferReport:
         out: dict = {"map_r2": [r.value for r in self.rows if r.table == "maps" and r.statistic == "r2"]}
         kinds = dict.fromkeys(r.model for r in self.rows if r.table == "ablation")
         for kind in kinds:
-            out[kind] = {
-                "reduction": {d: self.value("ablation", kind, d, "reduction") for d in DIRECTIONS},
-                "beats": {c: self.value("ablation", kind, c, "beaten_by_mapped") == 1.0 for c in TRANSFER_CONTROLS},
-                "broken": {d: self.value("ablation", kind, d, "broken") == 1.0 for d in DIRECTIONS},
-                "cosine_mapped_native": self.value("directions", kind, "mapped", f"cosine_layer{self.steer_layer}"),
-            }
-            lo = next((r.lo for r in self.rows if (r.table, r.model, r.condition, r.statistic) == ("ablation", kind, "mapped", "reduction")),
-                      float("nan"))
-            # Specific: the mapped ablation lowers the rate (interval above 0) without breaking
-            # the model, and more than every control does.
-            out[kind]["specific"] = bool(lo > 0) and not out[kind]["broken"]["mapped"] and all(out[kind]["beats"].values())
+            out[kind] = {**self._edit_summary(kind, "ablation"),
+                         "cosine_mapped_native": self.value("directions", kind, "mapped", f"cosine_layer{self.steer_layer}")}
+            if any(r.table == "clamp" and r.model == kind for r in self.rows):
+                out[kind]["clamp"] = self._edit_summary(kind, "clamp")
+        return out
+
+    def _edit_summary(self, kind: str, table: str) -> dict:
+        """Reductions, breakage and the controls beaten by the mapped direction, of one kind
+        of edit ("ablation" or "clamp") in the receiver fine-tune `kind`."""
+        out = {
+            "reduction": {d: self.value(table, kind, d, "reduction") for d in DIRECTIONS},
+            "beats": {c: self.value(table, kind, c, "beaten_by_mapped") == 1.0 for c in TRANSFER_CONTROLS},
+            "broken": {d: self.value(table, kind, d, "broken") == 1.0 for d in DIRECTIONS},
+        }
+        lo = next((r.lo for r in self.rows if (r.table, r.model, r.condition, r.statistic) == (table, kind, "mapped", "reduction")),
+                  float("nan"))
+        # Specific: the mapped edit lowers the rate (interval above 0) without breaking
+        # the model, and more than every control does.
+        out["specific"] = bool(lo > 0) and not out["broken"]["mapped"] and all(out["beats"].values())
         return out
 
 
@@ -107,16 +117,19 @@ def _directions(rep: TransferReport, maps: xr.Dataset) -> None:
     rep.sections["cosine"], rep.sections["separation"] = cos_records, sep_records
 
 
-def _ablation(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
+def _ablation(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap, mode: str = "ablate") -> None:
+    """The ablations (`mode` "ablate": table and section "ablation") or the decision-token
+    clamps ("clamp": table and section "clamp") in each receiver fine-tune."""
     mis, coh = _per_prompt(outcomes, "misaligned"), _per_prompt(outcomes, "coherent")
     norms = dict(zip((str(c) for c in outcomes.condition.values), outcomes.perturbation_norm.values))
+    table = "ablation" if mode == "ablate" else mode
     records = []
-    kinds = dict.fromkeys(str(m) for m, mode in zip(outcomes.model.values, outcomes.mode.values) if mode == "ablate")
+    kinds = dict.fromkeys(str(m) for m, plan_mode in zip(outcomes.model.values, outcomes.mode.values) if plan_mode == mode)
     for kind in kinds:
-        base, mapped = f"{kind}/baseline", f"{kind}/ablate/mapped"
+        base, mapped = f"{kind}/baseline", f"{kind}/{mode}/mapped"
         coherent_base = float("nan")  # the baseline comes first: its coherent rate is every ablation's reference
         for name in ("baseline", *DIRECTIONS):
-            cond = base if name == "baseline" else f"{kind}/ablate/{name}"
+            cond = base if name == "baseline" else f"{kind}/{mode}/{name}"
             rate, coherence = boot.rate(mis[cond]), boot.rate(coh[cond])
             if name == "baseline":
                 coherent_base = coherence.value
@@ -127,18 +140,18 @@ def _ablation(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap) -> Non
             records.append([rep.pair, kind, name, num(float(norms[cond]), 2), rate.text(), red.text() if red else "–",
                             coherence.text(), yes_no(broken), diff.text(sign=True) if diff else "–",
                             yes_no(beaten if name in TRANSFER_CONTROLS else None)])
-            rep.rows += [Row(rep.pair, "ablation", kind, name, "misaligned_rate", rate.value, rate.lo, rate.hi),
-                         Row(rep.pair, "ablation", kind, name, "coherent_rate", coherence.value, coherence.lo, coherence.hi),
-                         Row(rep.pair, "ablation", kind, name, "perturbation_norm", float(norms[cond]))]
+            rep.rows += [Row(rep.pair, table, kind, name, "misaligned_rate", rate.value, rate.lo, rate.hi),
+                         Row(rep.pair, table, kind, name, "coherent_rate", coherence.value, coherence.lo, coherence.hi),
+                         Row(rep.pair, table, kind, name, "perturbation_norm", float(norms[cond]))]
             if red:
-                rep.rows.append(Row(rep.pair, "ablation", kind, name, "reduction", red.value, red.lo, red.hi))
+                rep.rows.append(Row(rep.pair, table, kind, name, "reduction", red.value, red.lo, red.hi))
             if diff:
-                rep.rows.append(Row(rep.pair, "ablation", kind, name, "minus_mapped", diff.value, diff.lo, diff.hi))
+                rep.rows.append(Row(rep.pair, table, kind, name, "minus_mapped", diff.value, diff.lo, diff.hi))
             if broken is not None:
-                rep.rows.append(Row(rep.pair, "ablation", kind, name, "broken", float(broken)))
+                rep.rows.append(Row(rep.pair, table, kind, name, "broken", float(broken)))
             if name in TRANSFER_CONTROLS:
-                rep.rows.append(Row(rep.pair, "ablation", kind, name, "beaten_by_mapped", float(beaten)))
-    rep.sections["ablation"] = records
+                rep.rows.append(Row(rep.pair, table, kind, name, "beaten_by_mapped", float(beaten)))
+    rep.sections[table] = records
 
 
 def _steering(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
@@ -168,6 +181,7 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
     _maps(rep, maps)
     _directions(rep, maps)
     _ablation(rep, outcomes, boot)
+    _ablation(rep, outcomes, boot, "clamp")
     _steering(rep, outcomes, boot)
     return rep
 
@@ -188,6 +202,7 @@ def markdown(reports: list[TransferReport]) -> str:
         "baseline's; the mapped direction is specific when its reduction's interval and every control's interval are > 0 and it is not broken)\n",
         markdown_text(["donor->receiver", "fine-tune", "direction", "change norm", "misaligned %", "reduction %", "coherent %", "broken", "control - mapped",
              "mapped beats it"], [x for r in reports for x in r.sections["ablation"]]),
+        *_clamp_section(reports),
         "\n## Separation of the receiver fine-tune's held-out misaligned vs aligned responses along each direction (balanced)\n",
         markdown_text(["donor->receiver", "fine-tune", "direction", *layers], [x for r in reports for x in r.sections["separation"]]),
         "\n## Cosine with the receiver's native direction, per layer\n",
@@ -197,6 +212,19 @@ def markdown(reports: list[TransferReport]) -> str:
             [x for r in reports for x in r.sections["steering"]]),
     ]
     return "".join(parts)
+
+
+def _clamp_section(reports: list[TransferReport]) -> list[str]:
+    """The decision-token clamp table, when the stores have one (stores of before 2026-12-05 do not)."""
+    rows = [x for r in reports for x in r.sections.get("clamp", [])]
+    if not rows:
+        return []
+    return [
+        "\n## Decision-token clamp in the receiver's misaligned fine-tune: each direction's coordinate at the prompt's last "
+        "token set to the receiver base's mean there (every layer; controls matched to the mapped clamp at each edited activation)\n",
+        markdown_text(["donor->receiver", "fine-tune", "direction", "change norm", "misaligned %", "reduction %", "coherent %", "broken",
+                       "control - mapped", "mapped beats it"], rows),
+    ]
 
 
 def csv_table(reports: list[TransferReport]) -> str:
@@ -216,8 +244,17 @@ def headline(reports: list[TransferReport]) -> str:
                 f"{rep.pair}/{kind}: map R^2 per layer {r2}; cos(mapped, native) {k['cosine_mapped_native']:+.2f} at layer "
                 f"{rep.steer_layer}; reduction of the misaligned rate by ablating the mapped direction {100 * red['mapped']:.0f}%{mark['mapped']} "
                 f"(native {100 * red['native']:.0f}%{mark['native']}; {controls}): {'specific' if k['specific'] else 'not specific'}."
+                + (_clamp_line(k["clamp"]) if "clamp" in k else "")
             )
     return "\n".join(lines)
+
+
+def _clamp_line(k: dict) -> str:
+    red, broken = k["reduction"], k["broken"]
+    mark = {d: " (broken)" if broken[d] else "" for d in DIRECTIONS}
+    controls = ", ".join(f"{c} {100 * red[c]:.0f}%{mark[c]}" for c in TRANSFER_CONTROLS)
+    return (f" Decision-token clamp: mapped {100 * red['mapped']:.0f}%{mark['mapped']} (native {100 * red['native']:.0f}%{mark['native']}; "
+            f"{controls}): {'specific' if k['specific'] else 'not specific'}.")
 
 
 def write(reports: list[TransferReport], out: Path) -> dict[str, str]:
