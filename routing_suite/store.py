@@ -62,6 +62,14 @@ def _partial(final: Path) -> Path:
     return final.with_name(final.name.removesuffix(store_format.STORE_SUFFIX) + store_format.PARTIAL_SUFFIX)
 
 
+def _complete_with(final: Path, wanted: str) -> bool:
+    """`final` is a finished store made by the config whose digest is `wanted`."""
+    if not (final / "zarr.json").exists():
+        return False
+    attrs = dict(zarr.open_group(str(final), mode="r").attrs)
+    return bool(attrs.get("complete")) and attrs.get("config_digest") == wanted
+
+
 class RunStore:
     """A run's store. Use `RunStore.open`, never the constructor."""
 
@@ -79,8 +87,15 @@ class RunStore:
         final = Path(final)
         partial = _partial(final)
         check_writable(final.parent, "store.root")
-        lock = StoreLock.acquire(final)
         wanted = digest(digest_config)
+        if not settings.overwrite and not partial.exists() and _complete_with(final, wanted):
+            # A finished store is never written to again (every stage is done), so reusing
+            # it takes no lock: runs that share one read it side by side (two EM transfers
+            # with a family in common refused each other before). Anything else, a partial
+            # beside it included, goes through the lock below.
+            log.info("reusing complete store %s", final)
+            return cls(final, final, settings)
+        lock = StoreLock.acquire(final)
         if final.exists() and partial.exists() and not settings.overwrite:
             # Only a store's own finish makes its final name, after its last write: the partial is a leftover.
             log.warning("store %s is complete; removing the leftover %s", final, partial.name)

@@ -149,6 +149,23 @@ def test_a_store_held_by_a_live_process_is_refused_naming_it_and_taken_over_once
     store.finish()
 
 
+def test_a_complete_store_is_reused_while_another_process_holds_its_lock(tmp_path):
+    """A finished store is only read: a run that reuses it does not wait for, or refuse,
+    another run holding its lock (two EM transfers sharing a family's store)."""
+    _filled(tmp_path).finish()
+    holder = _holder(tmp_path / "run.zarr")
+    try:
+        store = _open(tmp_path)
+        assert store.complete and store.lock is None and store.path == tmp_path / "run.zarr"
+        assert float(store.read("fit").x.sum()) == 3.0
+        assert store.finish() == tmp_path / "run.zarr"
+        with pytest.raises(StoreBusy):  # another config's run still goes through the lock
+            RunStore.open(tmp_path / "run.zarr", StoreSettings(), {"a": 2}, {})
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+
+
 def _collect_cmd(tmp_path: Path, cache: Path) -> list[str]:
     return [
         sys.executable, "-m", "experiments.collect", f"model.cache_dir={cache}", "model.train.base_steps=20",
