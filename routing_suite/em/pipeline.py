@@ -146,14 +146,14 @@ def match_residuals(fam: Family, model: str, n_texts: int, backend) -> np.ndarra
     return token_residuals(fam.models, model, [f"{fam.prompts[i].text} {fam.prompts[i].answer}" for i in fit], backend)
 
 
-def decision_residuals(fam: Family, settings: EmSettings, backend) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Per fine-tune: the base's and its own last-token residuals on its general fit prompts
-    (where the decision-token clamps take their targets)."""
+def decision_residuals(fam: Family, finetunes: list[str], backend) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per fine-tune of `finetunes`: the base's and its own last-token residuals on its
+    general fit prompts (where the decision-token clamps take their targets)."""
     fit = np.array(fam.split("fit"))
     texts = [fam.prompts[i].text for i in fit]
     base = last_token_residuals(fam.models, BASE, texts, backend)
     out = {}
-    for name in settings.organisms.finetunes:
+    for name in finetunes:
         rows = np.flatnonzero(fam.general(name)[fit])
         out[name] = (base[rows], last_token_residuals(fam.models, name, [texts[r] for r in rows], backend))
     return out
@@ -172,7 +172,7 @@ def plan_conditions(fam: Family, directions: xr.Dataset, settings: EmSettings, s
         if "planted" in directions:
             plans += C.planted_plans(directions, name, residuals, settings.random_seeds, rng)
     if settings.decision_clamp:
-        last = decision_residuals(fam, settings, backend)
+        last = decision_residuals(fam, settings.organisms.finetunes, backend)
         for name in sources:
             plans += C.decision_plans(directions, name, sources, *last[name], settings.random_seeds, rng)
         for name in settings.organisms.finetunes:

@@ -139,9 +139,10 @@ class EmReport:
                     "coherent_random": self.value("ablation", m, "ablate/own/random", "coherent_rate"),
                     "broken_own": self.value("ablation", m, "ablate/own", "broken") == 1,
                     "broken_random": self.value("ablation", m, "ablate/own/random", "broken") == 1,
-                    **{f"{key}_{which}": self.value("ablation", m, cond, stat)
-                       for which, cond in (("clamp", "clamp/own"), ("clamp_random", "clamp/own/random"))
-                       for key, stat in (("reduction", "reduction"), ("coherent", "coherent_rate"))},
+                    "reduction_clamp": self.value("ablation", m, "clamp/own", "reduction"),
+                    "reduction_clamp_random": self.value("ablation", m, "clamp/own/random", "reduction"),
+                    "coherent_clamp": self.value("ablation", m, "clamp/own", "coherent_rate"),
+                    "coherent_clamp_random": self.value("ablation", m, "clamp/own/random", "coherent_rate"),
                     "broken_clamp": self.value("ablation", m, "clamp/own", "broken") == 1,
                     "broken_clamp_random": self.value("ablation", m, "clamp/own/random", "broken") == 1,
                     "best_separation": max((x.value for x in self.rows if x.table == "separation" and x.model == m), default=float("nan")),

@@ -122,7 +122,7 @@ def stage_outcomes(receiver: Family, maps: xr.Dataset, settings: EmSettings, tra
     for kind in kinds:
         plans += X.ablation_plans(maps, kind, match_residuals(receiver, kind, settings.match_texts, backend))
     if settings.decision_clamp:
-        last = decision_residuals(receiver, settings, backend)
+        last = decision_residuals(receiver, kinds, backend)  # the fine-tunes clamped here only
         for kind in kinds:
             plans += X.decision_plans(maps, kind, *last[kind])
     for kind in kinds:
