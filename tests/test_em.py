@@ -261,6 +261,19 @@ def test_decision_clamps_set_the_coordinate_to_the_other_models_mean_and_their_c
     assert {"base/clamp-to/ft/own", "base/clamp-to/ft/planted/random"} <= set(induced)
 
 
+def test_a_zero_direction_is_refused_before_it_becomes_nan_edits():
+    """A zero vector (a layer a fine-tune leaves unchanged) has no unit vector: every edit
+    built from it stops with a ValueError instead of editing with NaN."""
+    from routing_suite.em import conditions as C
+
+    v = np.array([3.0, 4.0], np.float32)
+    np.testing.assert_allclose(C.unit(v), [0.6, 0.8])
+    for bad in (np.zeros(2, np.float32), np.array([np.nan, 1.0], np.float32)):
+        for build in (C.unit, lambda d: C.ablate_edit(0, d), lambda d: C.steer_edit(0, d, 1.0), lambda d: C.clamp_edit(0, d, 0.0)):
+            with pytest.raises(ValueError, match="no unit vector"):
+                build(bad)
+
+
 def test_an_ablation_that_breaks_coherence_is_marked_broken_in_tables_and_headline(em_run):
     from routing_suite.em import tables as em_tables
 

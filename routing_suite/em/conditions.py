@@ -41,7 +41,12 @@ Residuals = np.ndarray  # (tokens, layer, hidden)
 
 
 def unit(v: np.ndarray) -> np.ndarray:
-    return (v / np.linalg.norm(v)).astype(np.float32)
+    """v scaled to norm 1. A zero (or non-finite) vector has no direction: ValueError here,
+    not NaN edits that surface later as a sampling error ("probability tensor contains nan")."""
+    norm = float(np.linalg.norm(v))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise ValueError(f"a direction of norm {norm} has no unit vector (a layer the model leaves unchanged?)")
+    return (v / norm).astype(np.float32)
 
 
 def steer_edit(layer: int, direction: np.ndarray, norm: float) -> SubspaceEdit:
