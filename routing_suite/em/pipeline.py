@@ -52,7 +52,9 @@ BEHAVIOR = "em"
 # The version of what the EM stages compute from a config (the judge, the directions,
 # the planned conditions), digested into every EM and EM-transfer store's key: the
 # config alone does not change when that code does, and a store of older code would
-# be reused, its stale stages with it. Bump it with any change to what a stage writes.
+# be reused, its stale stages with it. Bump it with any change to what a stage writes
+# (tests/test_em_code_version.py fails on any change to the stages' code until the
+# version and a new digest are recorded there).
 # 2: decision-token clamps in em_outcomes and xfer_outcomes (2026-12-05).
 EM_CODE_VERSION = 2
 
