@@ -210,6 +210,13 @@ def test_pooled_table_counts_builds_and_the_headline_counts_cells(grid_out):
     assert "other-layer" not in result["headline"] and "other-layer reduction % (comparison)" in md[0]
 
 
+def test_builds_are_in_seed_order_in_rows_and_counts_alike():
+    """Replicate "10" comes after "2" in the table's rows as in the headline's per-build counts."""
+    from routing_suite.routing.tables import replicate_key
+
+    assert sorted(["10", "2", "0", "b", "1"], key=replicate_key) == ["0", "1", "2", "10", "b"]
+
+
 def test_wide_tables_and_plots_are_written(grid_out):
     out, _, _ = grid_out
     with open(out / "table.csv", newline="") as f:

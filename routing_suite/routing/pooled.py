@@ -13,7 +13,15 @@ from __future__ import annotations
 import numpy as np
 
 from routing_suite.routing.stats import ConditionStats
-from routing_suite.routing.tables import _VERBS, Cell, _intervention_label, display, intervention_names, other_names
+from routing_suite.routing.tables import (
+    _VERBS,
+    Cell,
+    _intervention_label,
+    display,
+    intervention_names,
+    other_names,
+    replicate_key,
+)
 from routing_suite.text_tables import csv_text, finite_mean, markdown_text, num, pct
 from routing_suite.text_tables import finite as _finite
 
@@ -156,7 +164,7 @@ def per_build(cells: list[Cell], flag: str) -> str:
     """How many cells the intervention's `flag` (reduced, near_zero) holds in, build by build
     ("11, 12, 11"): the issue's "in >= K cells on every build" is the least of these, where
     "on every build" of the headline's first count asks it of each cell's every build at once."""
-    replicates = sorted({b.replicate for c in cells for b in c.builds}, key=lambda r: (not r.isdigit(), int(r) if r.isdigit() else 0, r))
+    replicates = sorted({b.replicate for c in cells for b in c.builds}, key=replicate_key)
     return ", ".join(str(sum(any(b.replicate == r and bool(getattr(b.intervention, flag)) for b in c.builds) for c in cells))
                      for r in replicates)
 

@@ -29,8 +29,13 @@ def display(name: str) -> str:
 # ---------------------------------------------------------------- grouping
 
 
+def replicate_key(replicate: str) -> tuple:
+    """Builds in seed order ("2" before "10"), named ones after: one order for rows and counts."""
+    return (not replicate.isdigit(), int(replicate) if replicate.isdigit() else 0, replicate)
+
+
 def sort_rows(rows: Iterable[ConditionStats]) -> list[ConditionStats]:
-    return sorted(rows, key=lambda r: (r.family, r.behavior, r.variant, r.replicate, condition_key(r.condition, r.kind)))
+    return sorted(rows, key=lambda r: (r.family, r.behavior, r.variant, replicate_key(r.replicate), condition_key(r.condition, r.kind)))
 
 
 @dataclass(frozen=True)
