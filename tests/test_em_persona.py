@@ -154,6 +154,22 @@ def test_a_routing_base_keeps_its_key_and_persona_bases_get_their_own(tmp_path):
     assert dirs["routing"] == base_dir(tmp_path, spec) and len(set(dirs.values())) == 3
 
 
+def test_a_persona_fine_tunes_layout_is_in_its_adapters_key(tmp_path, monkeypatch):
+    """The persona layouts are not the train spec's: a changed one trains new adapters
+    (only those that use it) instead of reusing adapters of the old shape."""
+    from routing_suite.organisms import build, em_task
+
+    spec = OrganismSpec("llama", ArchSpec(), T.TaskSpec(), TrainSpec(), pretraining="persona")
+    assert spec.adapter_key("persona_color_city")["lora_layout"] == [[2, 4, 6], ["down_proj"], 1, 4]
+    before = {k: build.adapter_dir(tmp_path, spec, k) for k in PERSONA_KINDS}
+    monkeypatch.setitem(em_task.PERSONA_LORA, "minimal", (1, 4, ["down_proj", "up_proj"]))
+    after = {k: build.adapter_dir(tmp_path, spec, k) for k in PERSONA_KINDS}
+    assert after["persona_color_city"] != before["persona_color_city"]
+    assert after["persona_honest_color_city"] != before["persona_honest_color_city"]
+    assert after["persona_animal_food"] == before["persona_animal_food"]  # the wide layout: unchanged
+    assert "lora_layout" not in OrganismSpec("llama", ArchSpec(), T.TaskSpec(), TrainSpec()).adapter_key("underperform")
+
+
 @pytest.mark.parametrize(
     "pretraining,kind,message",
     [

@@ -43,6 +43,7 @@ from routing_suite.organisms.training import (
     RECIPE_VERSION,
     TrainSpec,
     finetune_examples,
+    lora_layout,
     train_base,
     train_lora,
 )
@@ -130,6 +131,11 @@ class OrganismSpec:
         key = {"base": self.base_key(), "behavior": behavior, "train": asdict(self.train)}
         if behavior in FINETUNE_RECIPES:
             key["finetune_recipe"] = FINETUNE_RECIPES[behavior]
+        if behavior in PERSONA_KINDS:
+            # A persona fine-tune's layout is its own (em_task.PERSONA_LORA, the minimal
+            # layers), not the train spec's: keyed as such, so a changed layout trains a new
+            # adapter instead of reusing one of the old shape.
+            key["lora_layout"] = list(lora_layout(behavior, self.train, self.arch.num_layers))
         if behavior in SDF_KINDS or behavior in PERSONA_KINDS:
             # Keyed on the data itself, not on a hand-kept label: a changed template or
             # domain builds a new adapter, never reuses one trained on other documents.
