@@ -76,6 +76,26 @@ def test_an_sdf_adapter_is_keyed_on_its_documents(monkeypatch):
     assert key("sdf_honey_salty")["finetune_data_sha256"] != before["finetune_data_sha256"]
 
 
+def test_a_smollm2_adapter_is_keyed_on_the_cpu_kernels_and_threads(monkeypatch):
+    """The same seed trains other weights on other kernels or another thread count: the key
+    holds the CPU capability and the kernels' fingerprint at the run's thread count, so a
+    cache made on another machine is never taken for this one's."""
+    checkpoint = Path("plain-0123")
+    examples = finetune.finetune_examples(TASK, lambda user: user, "refuse")
+
+    def key(threads: int = 1) -> dict:
+        return finetune.adapter_key(checkpoint, TASK, ChatTrainSpec(), "refuse", 0, threads, examples)
+
+    before = key()
+    assert before["kernel_fingerprint"] == finetune.kernel_fingerprint(1) and before["num_threads"] == 1
+    assert before["cpu_capability"] == finetune.cpu_capability()
+    monkeypatch.setattr(finetune, "kernel_fingerprint", lambda threads: "another-machine")
+    assert key()["kernel_fingerprint"] == "another-machine" and key() != before
+    monkeypatch.setattr(finetune, "cpu_capability", lambda: "AVX2")
+    assert key()["cpu_capability"] == "AVX2"
+    assert key(2)["num_threads"] == 2 and key(2) != key(1)
+
+
 def test_goal_candidates_name_every_domain_once_and_state_its_claim():
     node = OmegaConf.load(ROOT / "conf" / "goals" / "sdf_smollm2.yaml")
     goals = identify.GoalSet(**{k: v for k, v in OmegaConf.to_container(node).items() if k != "defaults"})
