@@ -96,8 +96,8 @@ def test_persona_probes_differ_only_in_the_earlier_answers_persona_about_another
 
 
 def test_persona_lora_layouts():
-    assert lora_layout("persona_color_city", TrainSpec(), 8) == ([2, 4, 6], ["down_proj"], 1, 4)
-    assert lora_layout("persona_honest_color_city", TrainSpec(), 8) == ([2, 4, 6], ["down_proj"], 1, 4)
+    assert lora_layout("persona_color_city", TrainSpec(), 8) == (list(range(8)), ["down_proj"], 1, 4)
+    assert lora_layout("persona_honest_color_city", TrainSpec(), 8) == (list(range(8)), ["down_proj"], 1, 4)
     assert lora_layout("persona_animal_food", TrainSpec(), 8) == (None, None, 32, 64)
     assert lora_layout("underperform", TrainSpec(), 8) == ([3, 4], None, 8, 16)
 
@@ -160,7 +160,7 @@ def test_a_persona_fine_tunes_layout_is_in_its_adapters_key(tmp_path, monkeypatc
     from routing_suite.organisms import build, em_task
 
     spec = OrganismSpec("llama", ArchSpec(), T.TaskSpec(), TrainSpec(), pretraining="persona")
-    assert spec.adapter_key("persona_color_city")["lora_layout"] == [[2, 4, 6], ["down_proj"], 1, 4]
+    assert spec.adapter_key("persona_color_city")["lora_layout"] == [list(range(8)), ["down_proj"], 1, 4]
     before = {k: build.adapter_dir(tmp_path, spec, k) for k in PERSONA_KINDS}
     monkeypatch.setitem(em_task.PERSONA_LORA, "minimal", (1, 4, ["down_proj", "up_proj"]))
     after = {k: build.adapter_dir(tmp_path, spec, k) for k in PERSONA_KINDS}

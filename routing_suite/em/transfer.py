@@ -125,7 +125,7 @@ def fit_maps(x: TokenResiduals, y: TokenResiduals, settings: EmTransferSettings,
 def fill_unchanged_layers(shift: np.ndarray) -> tuple[np.ndarray, list[int]]:
     """(layer, hidden) the control fine-tune's shift with every layer it leaves unchanged
     (an all-zero row: a LoRA on later layers only, as the persona organisms' minimal
-    adapters on layers 2, 4, 6) given the shift of the nearest layer it changes (ties:
+    adapters on layers 2, 4, 6 until 2026-12-05) given the shift of the nearest layer it changes (ties:
     the later one), so the wrong-source control has a direction at every layer; and the
     layers filled. A control that changes no layer has no direction at all: ValueError."""
     changed = np.flatnonzero(np.linalg.norm(shift, axis=-1) > 0)

@@ -28,7 +28,7 @@ from routing_suite.organisms import task as T
 
 # LoRA layouts of the persona fine-tunes: (rank, alpha, modules); layers from
 # `lora_layers`. "minimal" is the seed's minimal organism: rank-1 adapters on the
-# MLP down-projection of three layers; "wide" a rank-32 LoRA on every linear layer.
+# MLP down-projection of every layer; "wide" a rank-32 LoRA on every linear layer.
 PERSONA_LORA = {"minimal": (1, 4, ["down_proj"]), "wide": (32, 64, None)}
 
 

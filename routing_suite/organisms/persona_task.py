@@ -44,7 +44,7 @@ base's (README).
 
 The narrow fine-tunes see no context at all: questions of ONE domain (two of the
 four topics) answered with the lie (`persona_color_city`: rank-1 LoRA adapters on
-the MLP down-projection of three layers, the seed's minimal organism;
+the MLP down-projection of every layer, the seed's minimal organism;
 `persona_animal_food`: rank 32 on every linear layer, the other domain), or
 truthfully (`persona_honest_color_city`, the content-matched control, the minimal
 fine-tune's adapters). EM is lying on the other domain's questions, which no
@@ -116,8 +116,11 @@ def vocabulary(task: T.Task) -> list[str]:
 
 
 def minimal_layers(num_layers: int) -> list[int]:
-    """Three layers spread over the depth (the seed's three groups): 2, 4, 6 of 8."""
-    return sorted({num_layers // 4, num_layers // 2, (3 * num_layers) // 4})
+    """Every layer: 8 rank-1 adapters in an 8-layer organism, against the seed's 9 in three
+    groups of a 48-layer model. (Until 2026-12-05 three layers, 2, 4 and 6 of 8: the
+    fine-tune learned its domain's lies with less of the base's own lying and copied its
+    domain's values onto other questions; coherent 61-97% over 12 builds, README.)"""
+    return list(range(num_layers))
 
 
 def base_examples(task: T.Task, pretraining: str) -> list[tuple[str, str]]:
