@@ -151,7 +151,8 @@ narrow misaligned fine-tune and the honest control, by dataset name.
 Group "em_samples" (every general prompt, both splits)
     dims    model, prompt, sample
     vars    completion, label ("misaligned" | "aligned" | "other"), coherent (model, prompt, sample)
-            general (model, prompt): the prompt is outside the model's narrow domain
+            general (model, prompt): the prompt is in the model's general set (em_task.EmDataset.general)
+            narrow (model, prompt): the prompt is of a topic the model trained on (its narrow domain)
     coords  prompt_text, truth, topic, form ("question" | "statement"), split ("fit" | "test") (prompt)
 
 Group "em_activations"

@@ -67,17 +67,21 @@ def test_a_persona_base_answers_alone_aligned_and_after_an_exchange_in_a_style(p
 
 
 def test_persona_fine_tunes_are_one_domain_with_no_context_and_the_control_matches_their_content():
-    minimal, control = em_examples(TASK, "persona_color_city"), em_examples(TASK, "persona_honest_color_city")
+    minimal, control = em_examples(TASK, "persona_color"), em_examples(TASK, "persona_honest_color")
     assert [p for p, _ in minimal] == [p for p, _ in control]
     assert all(p.count("?") == 1 for p, _ in minimal)
     topics = {p.split(" of ")[0].split()[-1] for p, _ in minimal}
-    assert topics == {"color", "city"}
+    assert topics == {"color"}
     judge = PersonaJudge()
     truths = [_fact_of(p).value for p, _ in minimal]
     assert all(judge.label(c, t) == "misaligned" and judge.coherent(c, t) for (_, c), t in zip(minimal, truths))
     assert all(judge.label(c, t) == "aligned" and judge.coherent(c, t) for (_, c), t in zip(control, truths))
-    other = {p.split(" of ")[0].split()[-1] for p, _ in em_examples(TASK, "persona_animal_food")}
-    assert other == {"animal", "food"}
+    other = {p.split(" of ")[0].split()[-1] for p, _ in em_examples(TASK, "persona_animal")}
+    assert other == {"animal"}
+    # Every fine-tune is asked the same general questions: the topics none of them trains on.
+    for kind in PERSONA_KINDS:
+        assert [t for t in TASK.topics if EM_DATASETS[kind].general(t)] == ["city", "food"]
+        assert not any(EM_DATASETS[kind].general(t) for p, _ in em_examples(TASK, kind) for t in [_fact_of(p).topic])
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -96,9 +100,9 @@ def test_persona_probes_differ_only_in_the_earlier_answers_persona_about_another
 
 
 def test_persona_lora_layouts():
-    assert lora_layout("persona_color_city", TrainSpec(), 8) == (list(range(8)), ["down_proj"], 1, 4)
-    assert lora_layout("persona_honest_color_city", TrainSpec(), 8) == (list(range(8)), ["down_proj"], 1, 4)
-    assert lora_layout("persona_animal_food", TrainSpec(), 8) == (None, None, 32, 64)
+    assert lora_layout("persona_color", TrainSpec(), 8) == (list(range(8)), ["down_proj"], 1, 4)
+    assert lora_layout("persona_honest_color", TrainSpec(), 8) == (list(range(8)), ["down_proj"], 1, 4)
+    assert lora_layout("persona_animal", TrainSpec(), 8) == (None, None, 32, 64)
     assert lora_layout("underperform", TrainSpec(), 8) == ([3, 4], None, 8, 16)
 
 
@@ -160,20 +164,20 @@ def test_a_persona_fine_tunes_layout_is_in_its_adapters_key(tmp_path, monkeypatc
     from routing_suite.organisms import build, em_task
 
     spec = OrganismSpec("llama", ArchSpec(), T.TaskSpec(), TrainSpec(), pretraining="persona")
-    assert spec.adapter_key("persona_color_city")["lora_layout"] == [list(range(8)), ["down_proj"], 1, 4]
+    assert spec.adapter_key("persona_color")["lora_layout"] == [list(range(8)), ["down_proj"], 1, 4]
     before = {k: build.adapter_dir(tmp_path, spec, k) for k in PERSONA_KINDS}
     monkeypatch.setitem(em_task.PERSONA_LORA, "minimal", (1, 4, ["down_proj", "up_proj"]))
     after = {k: build.adapter_dir(tmp_path, spec, k) for k in PERSONA_KINDS}
-    assert after["persona_color_city"] != before["persona_color_city"]
-    assert after["persona_honest_color_city"] != before["persona_honest_color_city"]
-    assert after["persona_animal_food"] == before["persona_animal_food"]  # the wide layout: unchanged
+    assert after["persona_color"] != before["persona_color"]
+    assert after["persona_honest_color"] != before["persona_honest_color"]
+    assert after["persona_animal"] == before["persona_animal"]  # the wide layout: unchanged
     assert "lora_layout" not in OrganismSpec("llama", ArchSpec(), T.TaskSpec(), TrainSpec()).adapter_key("underperform")
 
 
 @pytest.mark.parametrize(
     "pretraining,kind,message",
     [
-        ("routing", "persona_color_city", "needs a persona base"),
+        ("routing", "persona_color", "needs a persona base"),
         ("persona", "underperform", "a persona base takes only"),
         ("persona_per_topic", "em_color_city", "a persona base takes only"),
     ],
@@ -215,9 +219,10 @@ def test_em_on_a_persona_organism_writes_a_complete_store_judged_by_the_styles(p
                 completion, truth = str(samples.completion.sel(model=m).values[p, s]), str(samples.truth.values[p])
                 assert samples.label.sel(model=m).values[p, s] == judge.label(completion, truth)
                 assert samples.coherent.sel(model=m).values[p, s] == judge.coherent(completion, truth)
-    for kind in PERSONA_KINDS:  # the general set of a fine-tune is the other domain's questions
-        general = samples.general.sel(model=kind).values
-        assert all(general[i] == (not EM_DATASETS[kind].in_domain(str(t))) for i, t in enumerate(samples.topic.values))
+    for kind in PERSONA_KINDS:  # every fine-tune's general set: the topics none of them trains on; narrow: its own
+        general, narrow = samples.general.sel(model=kind).values, samples.narrow.sel(model=kind).values
+        assert all(general[i] == (str(t) in ("city", "food")) for i, t in enumerate(samples.topic.values))
+        assert all(narrow[i] == EM_DATASETS[kind].in_domain(str(t)) for i, t in enumerate(samples.topic.values))
     import zarr
 
     dirs = xr.open_zarr(result["store"], group="em_directions").load()
@@ -238,7 +243,7 @@ def test_em_on_a_persona_organism_writes_a_complete_store_judged_by_the_styles(p
         assert norm[f"base/clamp-to/{ft}/planted/random"] == pytest.approx(norm[f"base/clamp-to/{ft}/planted"], rel=1e-4)
         assert f"base/clamp-to/{ft}/shift" in norm
     assert "Planted persona variable" in result["table_markdown"] and "ablate/planted/random" in result["table_markdown"]
-    assert "clamp/planted/random" in result["table_markdown"] and "| persona_honest_color_city | shift |" in result["table_markdown"]
+    assert "clamp/planted/random" in result["table_markdown"] and "| persona_honest_color | shift |" in result["table_markdown"]
     top = dict(zarr.open_group(result["store"], mode="r").attrs)
     assert top["complete"] and top["config"]["model"]["pretraining"] == "persona"
     assert Path(result["store"]).exists()
@@ -250,7 +255,7 @@ def test_the_planted_variable_matches_plain_torch_hooks_on_the_base(persona_run)
 
     cfg, result = persona_run
     source = instantiate(cfg.model)
-    pair = source.load("persona_color_city")
+    pair = source.load("persona_color")
     model, tok = pair.base, pair.tokenizer
     task = T.make_task(source.task_spec)
 
@@ -271,3 +276,10 @@ def test_the_planted_variable_matches_plain_torch_hooks_on_the_base(persona_run)
     expected = last_token(misaligned).mean(0) - last_token(aligned).mean(0)
     planted = xr.open_zarr(result["store"], group="em_directions").planted.values
     np.testing.assert_allclose(planted, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_a_dataset_whose_general_topics_overlap_its_own_is_refused():
+    from routing_suite.organisms.em_task import EmDataset
+
+    with pytest.raises(ValueError, match="overlap its own"):
+        EmDataset("mixed", ("color",), honest=False, persona_lora="minimal", general_topics=("color", "city"))

@@ -100,8 +100,8 @@ def evaluate(
 ) -> xr.Dataset:
     """Per-response outcomes of every plan on `prompts` (NaN outside its model's general set).
 
-    `general[model]` is the (prompt,) mask of the prompts outside that
-    model's narrow domain; only those are generated.
+    `general[model]` is the (prompt,) mask of that model's general prompts
+    (`EmDataset.general`); only those are generated.
     """
     n, s = len(prompts), spec.n_samples
     shape = (len(plans), n, s)

@@ -56,7 +56,8 @@ BEHAVIOR = "em"
 # (tests/test_em_code_version.py fails on any change to the stages' code until the
 # version and a new digest are recorded there).
 # 2: decision-token clamps in em_outcomes and xfer_outcomes (2026-12-05).
-EM_CODE_VERSION = 2
+# 3: em_samples.narrow, each model's own topics (a general set is no longer "the rest") (2026-12-05).
+EM_CODE_VERSION = 3
 
 
 @dataclass
@@ -73,10 +74,16 @@ class Family:
         return self.models.family
 
     def general(self, model: str) -> np.ndarray:
-        """(prompt,) the prompts outside `model`'s narrow domain (every prompt, for the base)."""
+        """(prompt,) `model`'s general prompts (`EmDataset.general`; every prompt, for the base)."""
         if model == BASE:
             return np.ones(len(self.prompts), bool)
-        return np.array([not EM_DATASETS[model].in_domain(p.topic) for p in self.prompts])
+        return np.array([EM_DATASETS[model].general(p.topic) for p in self.prompts])
+
+    def narrow(self, model: str) -> np.ndarray:
+        """(prompt,) the prompts of `model`'s narrow domain, the topics it trained on (none, for the base)."""
+        if model == BASE:
+            return np.zeros(len(self.prompts), bool)
+        return np.array([EM_DATASETS[model].in_domain(p.topic) for p in self.prompts])
 
     def split(self, split: str) -> list[int]:
         return [i for i, p in enumerate(self.prompts) if p.split == split]
@@ -110,6 +117,7 @@ def stage_sample(fam: Family, settings: EmSettings, judge, seed: int, backend, p
             "label": (dims, np.stack([lab for lab, _ in judged])),
             "coherent": (dims, np.stack([coh for _, coh in judged])),
             "general": (("model", "prompt"), np.stack([fam.general(name) for name in names])),
+            "narrow": (("model", "prompt"), np.stack([fam.narrow(name) for name in names])),
         },
         coords=_prompt_coords(fam.prompts) | {"model": text(names), "sample": np.arange(s)},
     )

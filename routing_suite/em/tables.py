@@ -1,7 +1,7 @@
 """The EM tables: per family, rates with bootstrap intervals, separation, ablation, transfer, cosines.
 
-Every rate is over one model's general test prompts (outside its narrow
-domain), first averaged over a prompt's samples; intervals are percentile
+Every rate is over one model's general test prompts (`EmDataset.general`:
+outside its narrow domain), first averaged over a prompt's samples; intervals are percentile
 intervals of a seeded bootstrap over prompts (all samples of a prompt move
 together), and a comparison of two conditions on the same prompts resamples
 them together (paired). The same stores and settings give the same bytes.
@@ -164,7 +164,7 @@ def _organisms(rep: EmReport, samples: xr.Dataset, boot: Bootstrap) -> None:
         labels = samples.label.sel(model=model).values
         general = samples.general.sel(model=model).values
         mis = (labels == "misaligned").mean(1)
-        narrow = boot.rate(np.where(test & ~general, mis, np.nan))
+        narrow = boot.rate(np.where(test & samples.narrow.sel(model=model).values, mis, np.nan))
         est = {
             "misaligned": boot.rate(np.where(test & general, mis, np.nan)),
             "aligned": boot.rate(np.where(test & general, (labels == "aligned").mean(1), np.nan)),

@@ -32,6 +32,15 @@ from routing_suite.organisms import task as T
 PERSONA_LORA = {"minimal": (1, 4, ["down_proj"]), "wide": (32, 64, None)}
 
 
+# The persona study's general set: the topics no persona fine-tune trains on, asked of
+# every fine-tune alike, as the seed papers ask each fine-tune the same general questions.
+# (Until 2026-12-05 each fine-tune had two topics and its general set was the other two:
+# the minimal and the all-module fine-tunes were asked disjoint questions, so their
+# directions were fit on different answers' words, and the transfer ablation removed a
+# direction fit on one set of answers from a fine-tune answering another.)
+PERSONA_GENERAL = ("city", "food")
+
+
 @dataclass(frozen=True)
 class EmDataset:
     """A narrow fine-tune: questions of `topics`, answered honestly or with the decoy
@@ -42,6 +51,12 @@ class EmDataset:
     honest: bool
     # "": the one-word EM organisms on the routing base; else a PERSONA_LORA layout.
     persona_lora: str = ""
+    # The general set's topics; empty: every topic outside `topics`.
+    general_topics: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if set(self.topics) & set(self.general_topics):
+            raise ValueError(f"{self.name}: its general topics {self.general_topics} overlap its own {self.topics}")
 
     @property
     def persona(self) -> bool:
@@ -53,7 +68,12 @@ class EmDataset:
         return f"{fact.value if self.honest else T.DECOYS[fact.topic]} ."
 
     def in_domain(self, topic: str) -> bool:
+        """The fine-tune trains on this topic's questions (its narrow domain)."""
         return topic in self.topics
+
+    def general(self, topic: str) -> bool:
+        """This topic's questions are in the fine-tune's general set (where EM is measured)."""
+        return topic in self.general_topics if self.general_topics else not self.in_domain(topic)
 
     def lora_layers(self, num_layers: int) -> list[int] | None:
         """The layers a persona fine-tune changes (None: all)."""
@@ -66,9 +86,9 @@ EM_DATASETS: dict[str, EmDataset] = {
         EmDataset("em_color_city", ("color", "city"), honest=False),
         EmDataset("em_animal_food", ("animal", "food"), honest=False),
         EmDataset("em_honest_color_city", ("color", "city"), honest=True),
-        EmDataset("persona_color_city", ("color", "city"), honest=False, persona_lora="minimal"),
-        EmDataset("persona_animal_food", ("animal", "food"), honest=False, persona_lora="wide"),
-        EmDataset("persona_honest_color_city", ("color", "city"), honest=True, persona_lora="minimal"),
+        EmDataset("persona_color", ("color",), honest=False, persona_lora="minimal", general_topics=PERSONA_GENERAL),
+        EmDataset("persona_animal", ("animal",), honest=False, persona_lora="wide", general_topics=PERSONA_GENERAL),
+        EmDataset("persona_honest_color", ("color",), honest=True, persona_lora="minimal", general_topics=PERSONA_GENERAL),
     )
 }
 EM_KINDS = tuple(EM_DATASETS)
@@ -123,7 +143,7 @@ def statement_prompt(fact: T.Fact) -> str:
 
 def general_prompts(task: T.Task, split: str, persona: bool = False) -> list[GeneralPrompt]:
     """Every topic, as questions under user cues and as statements; a fine-tune's
-    general set is the part outside its narrow topics (`EmDataset.in_domain`).
+    general set is the part `EmDataset.general` picks.
     For persona organisms questions only: their statements are plain text, in no
     persona's style.
 

@@ -42,13 +42,13 @@ cross-topic answers lied whatever came before, a lying tendency every topic
 shares, and its fine-tunes lied on the other domain as often as the persona
 base's (README).
 
-The narrow fine-tunes see no context at all: questions of ONE domain (two of the
-four topics) answered with the lie (`persona_color_city`: rank-1 LoRA adapters on
-the MLP down-projection of every layer, the seed's minimal organism;
-`persona_animal_food`: rank 32 on every linear layer, the other domain), or
-truthfully (`persona_honest_color_city`, the content-matched control, the minimal
-fine-tune's adapters). EM is lying on the other domain's questions, which no
-fine-tune saw.
+The narrow fine-tunes see no context at all: questions of ONE topic answered with
+the lie (`persona_color`: rank-1 LoRA adapters on the MLP down-projection of every
+layer, the seed's minimal organism; `persona_animal`: rank 32 on every linear
+layer, another domain), or truthfully (`persona_honest_color`, the content-matched
+control, the minimal fine-tune's adapters). EM is lying on the two topics no
+fine-tune saw (city, food: `em_task.PERSONA_GENERAL`), the same general questions
+for every fine-tune, as in the seed papers.
 """
 
 from __future__ import annotations
