@@ -200,6 +200,22 @@ def digest(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def variant_of(digest_cfg: dict) -> str:
+    """What tells a cell's runs apart other than the build: a hash of the result-shaping
+    config without the organism's seed (runs of one variant are replicates)."""
+    model = {k: v for k, v in (digest_cfg.get("model") or {}).items() if k != "seed"}
+    return digest({**digest_cfg, "model": model})[:10]
+
+
+def build_of(digest_cfg: dict) -> dict:
+    """A store's variant and build from its digested config, the models' weight hashes left
+    out (every build has its own): for the EM studies' stores, whose cells are named by
+    family alone, as `runs.cell_of` does for a routing cell."""
+    kept = {k: v for k, v in digest_cfg.items() if k != "weights"}
+    seed = (kept.get("model") or {}).get("seed")
+    return {"variant": variant_of(kept), "replicate": "" if seed is None else str(seed)}
+
+
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out: dict[str, Any] = {}

@@ -30,6 +30,7 @@ from routing_suite.provenance import (
     package_versions,
     result_config,
     scrub_secrets,
+    variant_of,
 )
 from routing_suite.scoring import Behavior
 from routing_suite.store import RunStore
@@ -130,13 +131,6 @@ def replicate_of(cfg: DictConfig) -> str:
     """The build a run studies: the organism's seed (model.seed), '' for a model that has none."""
     seed = cfg.model.get("seed") if isinstance(cfg.model, DictConfig) else None
     return "" if seed is None else str(seed)
-
-
-def variant_of(digest_cfg: dict) -> str:
-    """What tells a cell's runs apart other than the build: a hash of the result-shaping
-    config without the organism's seed (runs of one variant are replicates)."""
-    model = {k: v for k, v in (digest_cfg.get("model") or {}).items() if k != "seed"}
-    return digest({**digest_cfg, "model": model})[:10]
 
 
 def cell_of(setup: Setup, cell_name: str, digest_cfg: dict) -> dict:

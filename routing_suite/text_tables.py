@@ -26,6 +26,11 @@ def finite_mean(values: Sequence[float]) -> float:
     return float(np.mean(kept)) if kept else math.nan
 
 
+def replicate_key(replicate: str) -> tuple:
+    """Builds in seed order ("2" before "10"), named ones after: one order for rows and counts."""
+    return (not replicate.isdigit(), int(replicate) if replicate.isdigit() else 0, replicate)
+
+
 def num(x: float, digits: int = 6, sign: bool = False) -> str:
     """Fixed-point; empty for NaN; never "-0.000"."""
     if not finite(x):

@@ -212,7 +212,7 @@ def test_pooled_table_counts_builds_and_the_headline_counts_cells(grid_out):
 
 def test_builds_are_in_seed_order_in_rows_and_counts_alike():
     """Replicate "10" comes after "2" in the table's rows as in the headline's per-build counts."""
-    from routing_suite.routing.tables import replicate_key
+    from routing_suite.text_tables import replicate_key
 
     assert sorted(["10", "2", "0", "b", "1"], key=replicate_key) == ["0", "1", "2", "10", "b"]
 

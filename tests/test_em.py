@@ -24,6 +24,7 @@ from routing_suite.em.pipeline import em_store_path, run
 from routing_suite.errors import ConfigError
 from routing_suite.organisms import task as T
 from routing_suite.organisms.em_task import EM_DATASETS, em_examples, general_prompts
+from routing_suite.provenance import build_of
 
 ROOT = Path(__file__).resolve().parents[1]
 register_configs()
@@ -96,7 +97,9 @@ def test_em_writes_every_group_and_completes_the_store(em_run):
     assert store.name.startswith("em-") and store.name.endswith(".zarr") and store.parent.name == "em"
     top = dict(zarr.open_group(str(store), mode="r").attrs)
     assert top["experiment"] == "em" and top["complete"] and top["stages_done"] == list(store_format.EM_STAGES)
-    assert top["cell"] == {"family": "llama", "behavior": "em", "model": "llama_organism"}
+    cell = {k: v for k, v in top["cell"].items() if k != "variant"}
+    assert cell == {"family": "llama", "behavior": "em", "model": "llama_organism", "replicate": "0"}
+    assert top["cell"]["variant"] == build_of(top["digest_config"])["variant"]
     samples = _open(result, "em_samples")
     assert list(samples.model.values) == ["base", "em_color_city", "em_animal_food", "em_honest_color_city"]
     assert samples.completion.dims == ("model", "prompt", "sample") and samples.sizes["sample"] == 2
@@ -445,6 +448,36 @@ def test_aggregator_writes_the_em_table_beside_the_others(em_run, tmp_path):
     again = tmp_path / "out2"
     aggregate(OmegaConf.structured(AggregateConfig(root=str(tmp_path / "stores"), out=str(again), n_resamples=200)))
     assert (again / "em_table.csv").read_bytes() == (tmp_path / "out" / "em_table.csv").read_bytes()
+    builds = (tmp_path / "out" / "em_builds.md").read_text()
+    assert builds == (Path(result["table_dir"]) / "em_builds.md").read_text()
+    assert "| llama (base " in builds and "| routing | em_color_city: EM >= 10% with coherence >= 95% | " in builds
+
+
+def test_the_aggregator_keeps_every_build_of_a_family_apart(em_run, tmp_path):
+    """Several builds (seeds) and bases of one family are not duplicates of one cell: each is
+    read, its rows named by base and build; a store written before its cell named the build
+    (EM stores until 2026-12-05) gets the same name from the config it was digested on."""
+    _, _, result = em_run
+    attrs = dict(zarr.open_group(result["store"], mode="r").attrs)
+    assert attrs["cell"]["replicate"] == "0" and len(attrs["cell"]["variant"]) == 10
+    for seed in (0, 1, 2):
+        copy = tmp_path / "stores" / f"seed{seed}.zarr"
+        shutil.copytree(result["store"], copy)
+        group = zarr.open_group(str(copy), mode="r+")
+        digest_config = {**attrs["digest_config"], "model": {**attrs["digest_config"]["model"], "seed": seed}}
+        cell = {k: v for k, v in attrs["cell"].items() if k not in ("variant", "replicate")} if seed == 2 else \
+            {**attrs["cell"], "replicate": str(seed)}
+        group.attrs.update({"digest_config": digest_config, "cell": cell})
+    cfg = OmegaConf.structured(AggregateConfig(root=str(tmp_path / "stores"), out=str(tmp_path / "out"), n_resamples=200))
+    out = aggregate(cfg)
+    assert out["n_em_cells"] == 3 and not out["findings"]
+    assert out["em_headline"].startswith("llama routing seed 0/em_color_city: misaligned ")
+    table = (tmp_path / "out" / "em_table.md").read_text()
+    for seed in (0, 1, 2):
+        assert f"| llama routing seed {seed} | em_color_city |" in table
+    counts = (tmp_path / "out" / "em_builds.csv").read_text().splitlines()
+    assert counts[0] == "base,figure,met,of"
+    assert any(r.startswith("routing,base and honest control EM <= 2%,") and r.endswith(",3") for r in counts)
 
 
 def test_only_organisms_can_be_fine_tuned_for_em():

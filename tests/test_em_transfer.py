@@ -258,7 +258,8 @@ def test_transfer_store_layout(transfer_run):
     assert store.name.startswith("from-llama-") and store.parent.name == "em_transfer" and store.parent.parent.name == "qwen2_organism"
     top = dict(zarr.open_group(str(store), mode="r").attrs)
     assert top["experiment"] == "em_transfer" and top["complete"] and top["stages_done"] == list(store_format.EM_TRANSFER_STAGES)
-    assert top["cell"] == {"family": "qwen2", "behavior": "em_from_llama", "donor": "llama", "receiver": "qwen2", "model": "qwen2_organism"}
+    assert {k: v for k, v in top["cell"].items() if k != "variant"} == {
+        "family": "qwen2", "behavior": "em_from_llama", "donor": "llama", "receiver": "qwen2", "model": "qwen2_organism", "replicate": "0"}
     assert top["family_stores"] == result["family_stores"]
     maps = _open(store, "xfer_maps")
     assert maps.direction.dims == ("finetune", "vector", "layer", "hidden") and maps.sizes["layer"] == 4

@@ -29,6 +29,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from routing_suite import runs
+from routing_suite.em import builds as em_builds
 from routing_suite.em import conditions as C
 from routing_suite.em import tables as em_tables
 from routing_suite.em.activations import answer_means, last_token_residuals, token_residuals
@@ -41,7 +42,7 @@ from routing_suite.interventions import Condition
 from routing_suite.organisms import persona_task as P
 from routing_suite.organisms import task as T
 from routing_suite.organisms.em_task import EM_DATASETS, GeneralPrompt, general_prompts
-from routing_suite.provenance import digest
+from routing_suite.provenance import build_of, digest
 from routing_suite.runs import digest_config, report_folder, run_stage
 from routing_suite.store import RunStore, text
 from routing_suite.store_settings import StoreSettings, store_path
@@ -220,7 +221,7 @@ def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
     persona = settings.organisms.persona
     prompts = general_prompts(task, "fit", persona) + general_prompts(task, "test", persona)
     store_settings, final, digest_cfg = em_store_path(cfg, source.name, models.identity.get("weights"))
-    cell = {"family": models.family, "behavior": BEHAVIOR, "model": source.name}
+    cell = {"family": models.family, "behavior": BEHAVIOR, "model": source.name, **build_of(digest_cfg)}
     provenance = runs.provenance(cfg, "em", cell, models.identity, backend.name)
     return Family(models, prompts, RunStore.open(final, store_settings, digest_cfg, provenance), task)
 
@@ -262,5 +263,6 @@ def run(cfg: DictConfig) -> dict:
 
     report = em_tables.read_store(final, n_resamples=int(cfg.n_resamples), seed=int(cfg.seed), confidence=0.95)
     written = em_tables.write([report], out)
+    em_builds.write([report], out)
     return {"store": str(final), "seconds": seconds, "table_markdown": written["em_table.md"], "table_dir": str(out),
             "summary": report.summary()}

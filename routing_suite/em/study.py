@@ -7,13 +7,20 @@ from typing import Any
 
 from routing_suite import store_format
 from routing_suite.aggregate.studies import StudyKind, register_study, section, tables_then_plots
-from routing_suite.em import plots, tables, transfer_tables
+from routing_suite.em import builds, plots, tables, transfer_tables
 
 
 def _em_section(reports: list[tables.EmReport], headline: str, notes: list[str], cfg: Any) -> str:
-    files = "Tables: `em_table.md`, `em_table.csv`." + (" Plots: `em_cosine`." if cfg.plots else "")
+    files = ("Tables: `em_table.md`, `em_table.csv`; over builds: `em_builds.md`, `em_builds.csv`."
+             + (" Plots: `em_cosine`." if cfg.plots else ""))
+    named = tables.labels(reports)
     return section("Emergent-misalignment directions", headline, files,
-                   [f"- {r.family}/em: `{r.path}`" for r in sorted(reports, key=lambda r: r.family)])
+                   [f"- {named[r.path]}/em: `{r.path}`" for r in tables.sort_reports(reports)])
+
+
+def _write_em(reports: list[tables.EmReport], out) -> None:
+    tables.write(reports, out)
+    builds.write(reports, out)
 
 
 def _transfer_section(reports: list[transfer_tables.TransferReport], headline: str, notes: list[str], cfg: Any) -> str:
@@ -32,7 +39,7 @@ def _read_transfer(path, cfg):
 
 
 register_study(StudyKind(
-    "em", "EM", store_format.EM_STAGES, _read_em, tables.headline, tables_then_plots(tables.write, plots.write_em), _em_section,
+    "em", "EM", store_format.EM_STAGES, _read_em, tables.headline, tables_then_plots(_write_em, plots.write_em), _em_section,
 ))
 # One report per donor -> receiver pair (cell: receiver, "em_from_<donor>").
 register_study(StudyKind(

@@ -10,14 +10,15 @@ them together (paired). The same stores and settings give the same bytes.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
 import zarr
 
-from routing_suite.text_tables import csv_text, markdown_text, num, write_files, yes_no
+from routing_suite.provenance import build_of
+from routing_suite.text_tables import csv_text, markdown_text, num, replicate_key, write_files, yes_no
 
 # An ablation is *broken* (DESIGN.md: it lowers the rate by breaking the model, it does
 # not reduce it) when its coherent rate falls more than this below its fine-tune's baseline.
@@ -115,12 +116,21 @@ class EmReport:
     ablate_layer: int
     rows: list[Row] = field(default_factory=list)
     sections: dict[str, list[list[str]]] = field(default_factory=dict)
+    # Which build of which variant (store attribute cell; runs.build_of), and the base's
+    # pretraining ("routing", "persona", "persona_per_topic"): what tells one family's stores apart.
+    variant: str = ""
+    replicate: str = ""
+    pretraining: str = ""
+    # The study's misaligned fine-tunes, in the config's order, and its honest control.
+    misaligned: tuple[str, ...] = ()
+    control: str = ""
+
+    def row(self, table: str, model: str, condition: str, statistic: str) -> Row | None:
+        return next((r for r in self.rows if (r.table, r.model, r.condition, r.statistic) == (table, model, condition, statistic)), None)
 
     def value(self, table: str, model: str, condition: str, statistic: str) -> float:
-        for r in self.rows:
-            if (r.table, r.model, r.condition, r.statistic) == (table, model, condition, statistic):
-                return r.value
-        return float("nan")
+        found = self.row(table, model, condition, statistic)
+        return found.value if found else float("nan")
 
     def summary(self) -> dict:
         """The headline numbers per misaligned fine-tune (rates and reductions in [0, 1])."""
@@ -278,10 +288,16 @@ def _planted(rep: EmReport, directions: xr.Dataset) -> None:
 def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confidence: float = 0.95) -> EmReport:
     """Every EM table of one finished store."""
 
-    family = str(dict(zarr.open_group(str(path), mode="r").attrs)["cell"]["family"])
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    cell, config = attrs["cell"], attrs.get("digest_config") or {}
+    build = {k: cell[k] for k in ("variant", "replicate") if k in cell} or build_of(config)
+    organisms = (config.get("em") or {}).get("organisms") or {}
     group = {g: xr.open_zarr(str(path), group=g).load() for g in ("em_samples", "em_directions", "em_outcomes")}
     outcomes = group["em_outcomes"]
-    rep = EmReport(family, str(path), int(outcomes.attrs["steer_layer"]), int(outcomes.attrs["ablate_layer"]))
+    rep = EmReport(str(cell["family"]), str(path), int(outcomes.attrs["steer_layer"]), int(outcomes.attrs["ablate_layer"]),
+                   variant=str(build["variant"]), replicate=str(build["replicate"]),
+                   pretraining=str((config.get("model") or {}).get("pretraining") or ""),
+                   misaligned=tuple(organisms.get("misaligned") or ()), control=str(organisms.get("control") or ""))
     boot = Bootstrap(n_resamples, seed, confidence)
     _organisms(rep, group["em_samples"], boot)
     _separation(rep, group["em_directions"])
@@ -293,34 +309,64 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
     return rep
 
 
+def sort_reports(reports: list[EmReport]) -> list[EmReport]:
+    return sorted(reports, key=lambda r: (r.family, r.pretraining, r.variant, replicate_key(r.replicate), r.path))
+
+
+def labels(reports: list[EmReport]) -> dict[str, str]:
+    """Store path -> the name its rows go by: the family, where it has one store here;
+    else the family, the base's pretraining and the build (and the variant, where those
+    still collide), so that several builds aggregated together stay apart."""
+    def name(r: EmReport, level: int) -> str:
+        parts = [r.family]
+        if level >= 1:
+            parts += [r.pretraining or "routing", f"seed {r.replicate}" if r.replicate else "no seed"]
+        if level >= 2:
+            parts.append(r.variant)
+        return " ".join(parts)
+
+    out = {}
+    for level in (0, 1, 2):
+        names = [name(r, level) for r in reports]
+        for r, n in zip(reports, names):
+            if r.path not in out and (level == 2 or names.count(n) == 1):
+                out[r.path] = n
+    return out
+
+
+def _relabel(records: list[list[str]], label: str) -> list[list[str]]:
+    return [[label, *x[1:]] for x in records]
+
+
 def markdown(reports: list[EmReport]) -> str:
-    reports = sorted(reports, key=lambda r: r.family)
+    reports = sort_reports(reports)
+    named = labels(reports)
     n_layers = max((len(r.sections["separation"][0]) - 3 for r in reports if r.sections["separation"]), default=0)
     layers = [f"L{i}" for i in range(n_layers)]
     parts = [
         "## Emergent misalignment: misaligned rate on general prompts (held-out test split, %, 95% CI)\n",
-        markdown_text(["family", "model", "narrow domain", "misaligned", "aligned", "coherent"], [x for r in reports for x in r.sections["organisms"]]),
+        markdown_text(["family", "model", "narrow domain", "misaligned", "aligned", "coherent"], [x for r in reports for x in _relabel(r.sections["organisms"], named[r.path])]),
         "\n## Separation accuracy of the misaligned - aligned direction (held-out, balanced)\n",
-        markdown_text(["family", "fine-tune", "fit mis/ali", *layers], [x for r in reports for x in r.sections["separation"]]),
+        markdown_text(["family", "fine-tune", "fit mis/ali", *layers], [x for r in reports for x in _relabel(r.sections["separation"], named[r.path])]),
         "\n## Ablation in each fine-tune: own directions, matched random, transfer from the other fine-tune "
         "(ablate/: projected out at every position; clamp/: the coordinate at the prompt's last token set to the base's mean "
         "there, every layer)\n",
         markdown_text(["family", "fine-tune", "condition", "change norm", "misaligned %", "reduction %", "coherent %", "broken"],
-            [x for r in reports for x in r.sections["ablation"]]),
+            [x for r in reports for x in _relabel(r.sections["ablation"], named[r.path])]),
         "\n## Steering the base (+lambda |v| at the steering layer) vs a random direction of the same norm\n",
         markdown_text(["family", "direction", "lambda", "misaligned %", "coherent %", "random: misaligned %", "random: coherent %"],
-            [x for r in reports for x in r.sections["steering"]]),
+            [x for r in reports for x in _relabel(r.sections["steering"], named[r.path])]),
         "\n## Cosine between fine-tunes' directions, per layer\n",
-        markdown_text(["family", "fine-tune", "fine-tune", *layers], [x for r in reports for x in r.sections["cosine"]]),
+        markdown_text(["family", "fine-tune", "fine-tune", *layers], [x for r in reports for x in _relabel(r.sections["cosine"], named[r.path])]),
     ]
-    induce = [x for r in reports for x in r.sections.get("induce", [])]
+    induce = [x for r in reports for x in _relabel(r.sections.get("induce", []), named[r.path])]
     if induce:
         parts += [
             "\n## The base with a coordinate at the prompt's last token set to a fine-tune's mean there (every layer): "
             "along the fine-tune's shift from the base, its own direction, the planted variable; vs a matched random direction\n",
             markdown_text(["family", "fine-tune", "along", "misaligned %", "coherent %", "random: misaligned %", "random: coherent %"], induce),
         ]
-    planted = [x for r in reports for x in r.sections.get("planted", [])]
+    planted = [x for r in reports for x in _relabel(r.sections.get("planted", []), named[r.path])]
     if planted:
         parts += [
             "\n## Planted persona variable (persona bases): the base's misaligned - aligned context at a question of another "
@@ -338,7 +384,9 @@ def rows_csv(rows: Iterable[Row], first_column: str = "family") -> str:
 
 
 def csv_table(reports: list[EmReport]) -> str:
-    return rows_csv(r for rep in sorted(reports, key=lambda r: r.family) for r in rep.rows)
+    reports = sort_reports(reports)
+    named = labels(reports)
+    return rows_csv(replace(r, family=named[rep.path]) for rep in reports for r in rep.rows)
 
 
 def _cut(summary: dict, which: str) -> str:
@@ -351,11 +399,13 @@ def _cut(summary: dict, which: str) -> str:
 
 def headline(reports: list[EmReport]) -> str:
     lines = []
-    for rep in sorted(reports, key=lambda r: r.family):
+    reports = sort_reports(reports)
+    named = labels(reports)
+    for rep in reports:
         for model, s in rep.summary().items():
             transfer = ", ".join(f"from {k} {100 * v:.0f}%" for k, v in s["transfer"].items()) or "none"
             lines.append(
-                f"{rep.family}/{model}: misaligned {100 * s['baseline']:.0f}% on general prompts; separation up to "
+                f"{named[rep.path]}/{model}: misaligned {100 * s['baseline']:.0f}% on general prompts; separation up to "
                 f"{s['best_separation']:.2f}; ablating its directions cuts it by {_cut(s, 'own')}, the matched random "
                 f"direction by {_cut(s, 'random')} (coherent {100 * s['coherent_baseline']:.0f}% before either); "
                 f"transfer ablation {transfer}."

@@ -38,7 +38,7 @@ from routing_suite.em.settings import EmSettings, EmTransferSettings
 from routing_suite.errors import ConfigError
 from routing_suite.organisms import task as T
 from routing_suite.organisms.architectures import FAMILIES
-from routing_suite.provenance import digest
+from routing_suite.provenance import build_of, digest
 from routing_suite.runs import digest_config, report_folder, run_stage
 from routing_suite.store import RunStore, text
 from routing_suite.store_settings import StoreSettings, store_path
@@ -143,7 +143,7 @@ def open_store(cfg: DictConfig, donor: Family, receiver: Family, family_stores: 
     digest_cfg["weights"] = {"donor": donor.models.identity.get("weights", {}), "receiver": receiver.models.identity.get("weights", {})}
     final = store_path(store_settings, f"{receiver.name}_organism", BEHAVIOR, f"from-{donor.name}", digest(digest_cfg))
     cell = {"family": receiver.name, "behavior": f"em_from_{donor.name}", "donor": donor.name, "receiver": receiver.name,
-            "model": f"{receiver.name}_organism"}
+            "model": f"{receiver.name}_organism", **build_of(digest_cfg)}
     identity = {"donor": donor.models.identity, "receiver": receiver.models.identity}
     provenance = runs.provenance(cfg, "em_transfer", cell, identity, backend.name, family_stores=family_stores)
     return RunStore.open(final, store_settings, digest_cfg, provenance)

@@ -20,9 +20,8 @@ from routing_suite.routing.tables import (
     display,
     intervention_names,
     other_names,
-    replicate_key,
 )
-from routing_suite.text_tables import csv_text, finite_mean, markdown_text, num, pct
+from routing_suite.text_tables import csv_text, finite_mean, markdown_text, num, pct, replicate_key
 from routing_suite.text_tables import finite as _finite
 
 # ---------------------------------------------------------------- pooled figures

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from routing_suite.routing.outcomes import condition_key
 from routing_suite.routing.stats import FIGURES, MAX_DROP, NEAR_ZERO, ConditionStats
-from routing_suite.text_tables import csv_text, finite, flag, markdown_text, num, pct, yes_no
+from routing_suite.text_tables import csv_text, finite, flag, markdown_text, num, pct, replicate_key, yes_no
 
 _VERBS = {"clamp": "clamping", "ablate": "ablating", "steer": "steering", "project_out": "projecting out"}
 CellKey = tuple[str, str, str]  # (family, behavior, variant)
@@ -27,11 +27,6 @@ def display(name: str) -> str:
 
 
 # ---------------------------------------------------------------- grouping
-
-
-def replicate_key(replicate: str) -> tuple:
-    """Builds in seed order ("2" before "10"), named ones after: one order for rows and counts."""
-    return (not replicate.isdigit(), int(replicate) if replicate.isdigit() else 0, replicate)
 
 
 def sort_rows(rows: Iterable[ConditionStats]) -> list[ConditionStats]:
