@@ -154,6 +154,20 @@ def test_em_figures_draw_every_text_inside_and_apart(n_layers):
     assert [t.get_text() for t in transfer.get_axes()[0].get_xticklabels()] == [d.replace("_", " ") for d in DIRECTIONS]
 
 
+def test_em_cosine_keeps_a_familys_bases_apart():
+    """A persona base and its negative are different organisms: a panel each, never pooled."""
+    reports = []
+    for base in ("persona", "persona_per_topic"):
+        for seed in ("0", "1"):
+            rep = _em_report("llama", 8)
+            rep.path, rep.pretraining, rep.replicate = f"llama-{base}-{seed}.zarr", base, seed
+            reports.append(rep)
+    fig = em_plots.cosine_figure(reports)
+    titles = [ax.get_title() for ax in fig.get_axes() if ax.get_title()]
+    assert titles == ["llama, persona base (2 builds)", "llama, persona_per_topic base (2 builds)"]
+    assert layout_problems(fig) == []
+
+
 def test_adl_and_em_figures_are_byte_deterministic(adl_rows, tmp_path):
     """The routing figures' bytes: test_aggregate.py; these are not written there."""
     from routing_suite.figures import save

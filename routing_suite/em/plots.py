@@ -49,23 +49,27 @@ MAX_COLUMNS = 4
 
 
 def cosine_figure(reports: list[EmReport]):
-    """One panel per family: per pair of fine-tunes, the cosine of their misaligned - aligned
-    directions per layer (the mean over the family's builds, a band from lowest to highest)."""
-    families = sorted({r.family for r in reports})
+    """One panel per family (and base, where stores of several bases are here: a persona base
+    and its negative are different organisms, never pooled): per pair of fine-tunes, the
+    cosine of their misaligned - aligned directions per layer (the mean over the panel's
+    builds, a band from lowest to highest)."""
+    panels = sorted({(r.family, r.pretraining) for r in reports})
+    several_bases = len({base for _, base in panels}) > 1
     pairs = sorted({(r.model, r.condition) for rep in reports for r in rep.rows if r.table == "cosine"})
     colors = {p: PAIR_COLORS[i % len(PAIR_COLORS)] for i, p in enumerate(pairs)}
     n_layers = max([len({r.statistic for r in rep.rows if r.table == "cosine"}) for rep in reports] + [1])
-    rows, cols = wrapped_shape(len(families), MAX_COLUMNS)
+    rows, cols = wrapped_shape(len(panels), MAX_COLUMNS)
     fig, axes = panel_figure(rows, cols, (max(3.0, 0.1 * n_layers), 2.3), (0.9, 1.5))
     several = False
     for p in range(rows * cols):
         ax = axes[p // cols][p % cols]
-        if p >= len(families):
+        if p >= len(panels):
             ax.set_axis_off()  # the rest of the last row: no grid cell, nothing to say
             continue
-        mine = [rep for rep in reports if rep.family == families[p]]
+        family, base = panels[p]
+        mine = [rep for rep in reports if (rep.family, rep.pretraining) == panels[p]]
         several |= len(mine) > 1
-        ax.set_title(f"{families[p]}" + builds_note(len(mine)), fontsize=10)
+        ax.set_title(family + (f", {base or 'routing'} base" if several_bases else "") + builds_note(len(mine)), fontsize=10)
         drawn = False
         for pair in pairs:
             per_build = [{_layer(r.statistic): r.value for r in rep.rows if r.table == "cosine" and (r.model, r.condition) == pair}
