@@ -453,6 +453,23 @@ def test_aggregator_writes_the_em_table_beside_the_others(em_run, tmp_path):
     assert "| llama (base " in builds and "| routing | em_color_city: EM >= 10% with coherence >= 95% | " in builds
 
 
+@pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
+def test_a_store_from_before_the_narrow_mask_is_still_read(em_run, tmp_path):
+    """EM stores before em_code 3 have no em_samples.narrow: their narrow domain is every prompt outside the general set."""
+    from routing_suite.em import tables as em_tables
+
+    _, _, result = em_run
+    old = tmp_path / "old.zarr"
+    shutil.copytree(result["store"], old)
+    samples = xr.open_zarr(str(old), group="em_samples").load().drop_vars("narrow")
+    # consolidated: the group's metadata as the tables read it must lose the variable too
+    samples.to_zarr(str(old), group="em_samples", mode="w", zarr_format=3)
+    assert "narrow" not in xr.open_zarr(str(old), group="em_samples")
+    before, after = em_tables.read_store(result["store"], n_resamples=200), em_tables.read_store(old, n_resamples=200)
+    # repr: the base's narrow rate is NaN in both (it has no narrow domain)
+    assert repr([r for r in after.rows if r.table == "organisms"]) == repr([r for r in before.rows if r.table == "organisms"])
+
+
 def test_the_aggregator_keeps_every_build_of_a_family_apart(em_run, tmp_path):
     """Several builds (seeds) and bases of one family are not duplicates of one cell: each is
     read, its rows named by base and build; a store written before its cell named the build

@@ -174,7 +174,9 @@ def _organisms(rep: EmReport, samples: xr.Dataset, boot: Bootstrap) -> None:
         labels = samples.label.sel(model=model).values
         general = samples.general.sel(model=model).values
         mis = (labels == "misaligned").mean(1)
-        narrow = boot.rate(np.where(test & samples.narrow.sel(model=model).values, mis, np.nan))
+        # Stores before em_code 3 have no `narrow`: their general set was every topic outside the narrow domain.
+        own = samples.narrow.sel(model=model).values if "narrow" in samples else ~general
+        narrow = boot.rate(np.where(test & own, mis, np.nan))
         est = {
             "misaligned": boot.rate(np.where(test & general, mis, np.nan)),
             "aligned": boot.rate(np.where(test & general, (labels == "aligned").mean(1), np.nan)),
