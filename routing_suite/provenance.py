@@ -216,6 +216,16 @@ def build_of(digest_cfg: dict) -> dict:
     return {"variant": variant_of(kept), "replicate": "" if seed is None else str(seed)}
 
 
+def store_build(attrs: dict) -> dict:
+    """A store's variant and build: its cell's, or, for a store written before its cell named
+    them (EM stores until 2026-12-05), `build_of` its digested config."""
+    cell = attrs.get("cell") or {}
+    if "variant" in cell:
+        return {"variant": cell["variant"], "replicate": cell.get("replicate", "")}
+    config = attrs.get("digest_config")
+    return build_of(config) if isinstance(config, dict) else {"variant": "", "replicate": ""}
+
+
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     if isinstance(node, dict):
         out: dict[str, Any] = {}

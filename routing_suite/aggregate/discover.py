@@ -19,7 +19,7 @@ import zarr
 
 from routing_suite import store_format
 from routing_suite.errors import ConfigError
-from routing_suite.provenance import build_of
+from routing_suite.provenance import store_build
 
 log = logging.getLogger(__name__)
 
@@ -68,10 +68,9 @@ class StoreInfo:
         if self.cell is None:
             return None
         cell = self.attrs.get("cell") or {}
-        if "variant" not in cell and self.experiment in ("em", "em_transfer") and isinstance(self.attrs.get("digest_config"), dict):
-            # EM stores written before their cell named the build (2026-12-05): the same
-            # variant and build, from the config they were digested on.
-            cell = {**cell, **build_of(self.attrs["digest_config"])}
+        if self.experiment in ("em", "em_transfer"):
+            # EM stores written before their cell named the build (2026-12-05) get it from their digested config.
+            cell = store_build(self.attrs)
         return (*self.cell, str(cell.get("variant") or ""), str(cell.get("replicate") or ""))
 
     @property

@@ -17,7 +17,7 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from routing_suite.provenance import build_of
+from routing_suite.provenance import store_build
 from routing_suite.text_tables import csv_text, markdown_text, num, replicate_key, write_files, yes_no
 
 # An ablation is *broken* (DESIGN.md: it lowers the rate by breaking the model, it does
@@ -116,7 +116,7 @@ class EmReport:
     ablate_layer: int
     rows: list[Row] = field(default_factory=list)
     sections: dict[str, list[list[str]]] = field(default_factory=dict)
-    # Which build of which variant (store attribute cell; runs.build_of), and the base's
+    # Which build of which variant (provenance.store_build), and the base's
     # pretraining ("routing", "persona", "persona_per_topic"): what tells one family's stores apart.
     variant: str = ""
     replicate: str = ""
@@ -131,6 +131,11 @@ class EmReport:
     def value(self, table: str, model: str, condition: str, statistic: str) -> float:
         found = self.row(table, model, condition, statistic)
         return found.value if found else float("nan")
+
+    def best_separation(self, model: str) -> float:
+        """`model`'s direction's held-out separation at its best layer (NaN: no direction)."""
+        values = [r.value for r in self.rows if r.table == "separation" and r.model == model and np.isfinite(r.value)]
+        return max(values, default=float("nan"))
 
     def summary(self) -> dict:
         """The headline numbers per misaligned fine-tune (rates and reductions in [0, 1])."""
@@ -155,7 +160,7 @@ class EmReport:
                     "coherent_clamp_random": self.value("ablation", m, "clamp/own/random", "coherent_rate"),
                     "broken_clamp": self.value("ablation", m, "clamp/own", "broken") == 1,
                     "broken_clamp_random": self.value("ablation", m, "clamp/own/random", "broken") == 1,
-                    "best_separation": max((x.value for x in self.rows if x.table == "separation" and x.model == m), default=float("nan")),
+                    "best_separation": self.best_separation(m),
                     "transfer": {x.condition.removeprefix("ablate/from/"): x.value for x in self.rows
                                  if x.table == "ablation" and x.model == m and x.condition.startswith("ablate/from/") and x.statistic == "reduction"},
                 }
@@ -292,7 +297,7 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
 
     attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     cell, config = attrs["cell"], attrs.get("digest_config") or {}
-    build = {k: cell[k] for k in ("variant", "replicate") if k in cell} or build_of(config)
+    build = store_build(attrs)
     organisms = (config.get("em") or {}).get("organisms") or {}
     group = {g: xr.open_zarr(str(path), group=g).load() for g in ("em_samples", "em_directions", "em_outcomes")}
     outcomes = group["em_outcomes"]
@@ -336,39 +341,40 @@ def labels(reports: list[EmReport]) -> dict[str, str]:
     return out
 
 
-def _relabel(records: list[list[str]], label: str) -> list[list[str]]:
-    return [[label, *x[1:]] for x in records]
-
-
 def markdown(reports: list[EmReport]) -> str:
     reports = sort_reports(reports)
     named = labels(reports)
+
+    def section(key: str) -> list[list[str]]:
+        """Every report's rows of one section, each under its report's name."""
+        return [[named[r.path], *x[1:]] for r in reports for x in r.sections.get(key, [])]
+
     n_layers = max((len(r.sections["separation"][0]) - 3 for r in reports if r.sections["separation"]), default=0)
     layers = [f"L{i}" for i in range(n_layers)]
     parts = [
         "## Emergent misalignment: misaligned rate on general prompts (held-out test split, %, 95% CI)\n",
-        markdown_text(["family", "model", "narrow domain", "misaligned", "aligned", "coherent"], [x for r in reports for x in _relabel(r.sections["organisms"], named[r.path])]),
+        markdown_text(["family", "model", "narrow domain", "misaligned", "aligned", "coherent"], section("organisms")),
         "\n## Separation accuracy of the misaligned - aligned direction (held-out, balanced)\n",
-        markdown_text(["family", "fine-tune", "fit mis/ali", *layers], [x for r in reports for x in _relabel(r.sections["separation"], named[r.path])]),
+        markdown_text(["family", "fine-tune", "fit mis/ali", *layers], section("separation")),
         "\n## Ablation in each fine-tune: own directions, matched random, transfer from the other fine-tune "
         "(ablate/: projected out at every position; clamp/: the coordinate at the prompt's last token set to the base's mean "
         "there, every layer)\n",
         markdown_text(["family", "fine-tune", "condition", "change norm", "misaligned %", "reduction %", "coherent %", "broken"],
-            [x for r in reports for x in _relabel(r.sections["ablation"], named[r.path])]),
+            section("ablation")),
         "\n## Steering the base (+lambda |v| at the steering layer) vs a random direction of the same norm\n",
         markdown_text(["family", "direction", "lambda", "misaligned %", "coherent %", "random: misaligned %", "random: coherent %"],
-            [x for r in reports for x in _relabel(r.sections["steering"], named[r.path])]),
+            section("steering")),
         "\n## Cosine between fine-tunes' directions, per layer\n",
-        markdown_text(["family", "fine-tune", "fine-tune", *layers], [x for r in reports for x in _relabel(r.sections["cosine"], named[r.path])]),
+        markdown_text(["family", "fine-tune", "fine-tune", *layers], section("cosine")),
     ]
-    induce = [x for r in reports for x in _relabel(r.sections.get("induce", []), named[r.path])]
+    induce = section("induce")
     if induce:
         parts += [
             "\n## The base with a coordinate at the prompt's last token set to a fine-tune's mean there (every layer): "
             "along the fine-tune's shift from the base, its own direction, the planted variable; vs a matched random direction\n",
             markdown_text(["family", "fine-tune", "along", "misaligned %", "coherent %", "random: misaligned %", "random: coherent %"], induce),
         ]
-    planted = [x for r in reports for x in _relabel(r.sections.get("planted", []), named[r.path])]
+    planted = section("planted")
     if planted:
         parts += [
             "\n## Planted persona variable (persona bases): the base's misaligned - aligned context at a question of another "
