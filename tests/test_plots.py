@@ -164,7 +164,7 @@ def test_em_cosine_keeps_a_familys_bases_apart():
             reports.append(rep)
     fig = em_plots.cosine_figure(reports)
     titles = [ax.get_title() for ax in fig.get_axes() if ax.get_title()]
-    assert titles == ["llama, persona base (2 builds)", "llama, persona_per_topic base (2 builds)"]
+    assert titles == ["llama (2 builds)\npersona base", "llama (2 builds)\npersona_per_topic base"]
     assert layout_problems(fig) == []
 
 

@@ -69,7 +69,8 @@ def cosine_figure(reports: list[EmReport]):
         family, base = panels[p]
         mine = [rep for rep in reports if (rep.family, rep.pretraining) == panels[p]]
         several |= len(mine) > 1
-        ax.set_title(family + (f", {base or 'routing'} base" if several_bases else "") + builds_note(len(mine)), fontsize=10)
+        # the base on a line of its own: "qwen2, persona_per_topic base (2 builds)" outgrows a panel
+        ax.set_title(family + builds_note(len(mine)) + (f"\n{base or 'routing'} base" if several_bases else ""), fontsize=10)
         drawn = False
         for pair in pairs:
             per_build = [{_layer(r.statistic): r.value for r in rep.rows if r.table == "cosine" and (r.model, r.condition) == pair}
