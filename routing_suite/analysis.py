@@ -92,6 +92,19 @@ def mean_difference(negative: Array, positive: Array) -> Array:
     return positive.mean(axis=0) - negative.mean(axis=0)
 
 
+def paired_mean_difference(negative: Array, positive: Array, negative_groups: Array, positive_groups: Array) -> tuple[Array, int]:
+    """(d,) the mean over groups holding rows of both classes of mean(positive) - mean(negative)
+    within the group, and the number of such groups. Pairing within a group (a prompt) keeps
+    what differs between groups out of the difference: pooled means of sampled responses mix
+    in which prompts happened to be answered each way (e.g. a fine-tune that lies more on one
+    topic puts that topic's words into the direction)."""
+    both = np.intersect1d(np.unique(negative_groups), np.unique(positive_groups))
+    if len(both) == 0:
+        raise ValueError("no group holds rows of both classes")
+    diffs = [positive[positive_groups == g].mean(axis=0) - negative[negative_groups == g].mean(axis=0) for g in both]
+    return np.mean(diffs, axis=0), len(both)
+
+
 def separation_accuracy(direction: Array, fit_negative: Array, fit_positive: Array, test_negative: Array, test_positive: Array) -> float:
     """Balanced held-out accuracy of the two classes from the projection on one direction.
 

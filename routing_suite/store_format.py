@@ -161,14 +161,17 @@ Group "em_activations"
 
 Group "em_directions"
     vars    direction (finetune, layer, hidden): mean(misaligned) - mean(aligned), fit split
+                (attrs.balance "prompt": within each prompt answered both ways, averaged
+                over those prompts; "none": pooled classes)
             direction_norm, separation_accuracy (finetune, layer): balanced, test split
             has_direction (finetune); n_responses (finetune, split, label)
+            paired_prompts (finetune): fit-split prompts answered both ways
             cosine (finetune, finetune_b, layer)
             persona organisms only (`em.directions.add_planted`): planted (layer, hidden): the
                 base's misaligned - aligned context residual at a question of another topic
                 (last token, fit split); planted_separation (layer): held-out, balanced;
                 planted_cosine (finetune, layer): each direction's cosine with it
-    attrs   min_per_class, steer_layer
+    attrs   min_per_class, balance, steer_layer
 
 Group "em_outcomes" (test split, per response; NaN outside the model's general prompts)
     dims    condition, prompt, sample

@@ -88,6 +88,27 @@ def test_separation_accuracy_and_mean_difference():
         analysis.mean_difference(neg[:0], pos)
 
 
+def test_the_paired_mean_difference_keeps_which_prompts_lie_out_of_the_direction():
+    """Two prompts, each with its own offset (its words); the positive class differs by +1 on
+    axis 0 within either prompt, but falls mostly on prompt 1: the pooled difference mixes in
+    prompt 1's offset, the paired one is the within-prompt difference alone."""
+    offset = {0: np.array([0.0, 0.0, 0.0]), 1: np.array([0.0, 5.0, 0.0])}
+    neg_groups, pos_groups = np.array([0, 0, 0, 1]), np.array([0, 1, 1, 1])
+    neg = np.stack([offset[g] for g in neg_groups])
+    pos = np.stack([offset[g] + [1.0, 0.0, 0.0] for g in pos_groups])
+    pooled = analysis.mean_difference(neg, pos)
+    assert pooled[1] == pytest.approx(5 * (3 / 4 - 1 / 4))
+    paired, groups = analysis.paired_mean_difference(neg, pos, neg_groups, pos_groups)
+    np.testing.assert_allclose(paired, [1.0, 0.0, 0.0])
+    assert groups == 2
+    # A group with one class only adds nothing; none with both is an error.
+    paired3, groups3 = analysis.paired_mean_difference(neg, np.vstack([pos, [9.0, 9.0, 9.0]]), neg_groups, np.append(pos_groups, 7))
+    np.testing.assert_allclose(paired3, paired)
+    assert groups3 == 2
+    with pytest.raises(ValueError, match="no group holds rows of both classes"):
+        analysis.paired_mean_difference(neg, pos, neg_groups, pos_groups + 10)
+
+
 # ---------------------------------------------------------------- the run end to end
 
 
@@ -141,7 +162,12 @@ def test_directions_are_the_class_mean_difference_of_the_stored_activations(em_r
         values = acts.resid.sel(finetune=ft).values
         mis, ali = values[fit & general & (labels == "misaligned")], values[fit & general & (labels == "aligned")]
         assert int(dirs.n_responses.sel(finetune=ft, split="fit", label="misaligned")) == len(mis)
-        np.testing.assert_allclose(dirs.direction.sel(finetune=ft).values, mis.mean(0) - ali.mean(0), rtol=1e-5, atol=1e-6)
+        # em.balance "prompt" (the default): per prompt answered both ways, misaligned - aligned, averaged
+        per_prompt = [values[p][labels[p] == "misaligned"].mean(0) - values[p][labels[p] == "aligned"].mean(0)
+                      for p in np.flatnonzero(fit[:, 0] & general[:, 0])
+                      if (labels[p] == "misaligned").any() and (labels[p] == "aligned").any()]
+        assert dirs.attrs["balance"] == "prompt" and int(dirs.paired_prompts.sel(finetune=ft)) == len(per_prompt) >= 2
+        np.testing.assert_allclose(dirs.direction.sel(finetune=ft).values, np.mean(per_prompt, 0), rtol=1e-5, atol=1e-6)
         acc = dirs.separation_accuracy.sel(finetune=ft).values
         assert ((acc >= 0) & (acc <= 1)).all() and acc.max() > 0.6
     cos = dirs.cosine.values
@@ -424,6 +450,7 @@ def test_the_store_is_keyed_on_the_em_code_version(em_run, monkeypatch):
         (["em.organisms.control=em_color_city"], "must be an honest dataset"),
         (["em.sampling.n_samples=0"], r"em.sampling.n_samples=0 must be >= 1"),
         (["em.steer.layer=9"], r"em.steer.layer=9 is outside the model's layers \[0, 3\]"),
+        (["em.balance=topic"], r"em.balance='topic' must be 'prompt'"),
     ],
 )
 def test_bad_input_fails_before_any_store(extra, message, em_run, tiny_cache, tmp_path):

@@ -19,18 +19,20 @@ from routing_suite.em import pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 # What the EM stores hold is computed here: prompts and judge, sampling under edits, activations,
-# directions, conditions, transfer maps and their stages.
+# directions (and the means, separations and ridge maps of analysis.py), conditions, transfer maps
+# and their stages.
 STAGE_MODULES = (
     *(f"routing_suite/em/{name}.py" for name in (
         "activations", "conditions", "config", "directions", "generation", "judge", "models",
         "pipeline", "settings", "transfer", "transfer_pipeline")),
+    "routing_suite/analysis.py",
     "routing_suite/organisms/em_task.py",
     "routing_suite/organisms/persona_task.py",
     "routing_suite/interventions.py",
     "routing_suite/generation.py",
 )
 # ast.dump's text can differ between Python minor versions: the digest is compared on this one.
-RECORDED = {"python": "3.11", "em_code": 3, "digest": "febe362bc582cdb6"}
+RECORDED = {"python": "3.11", "em_code": 4, "digest": "161df86bc7cf5cf9"}
 
 
 def code_digest(paths: list[Path]) -> str:

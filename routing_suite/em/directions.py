@@ -5,6 +5,19 @@ fine-tune's narrow topics); each direction's separation accuracy is measured
 on the held-out test split's responses. A fine-tune with fewer than
 `min_per_class` fit responses of either class gets no direction (NaN,
 `has_direction` false), and the reason is logged.
+
+`balance` says how the two classes' means are taken:
+
+- "prompt" (the default): within each prompt answered both ways, the misaligned
+  responses' mean minus the aligned ones', averaged over those prompts; a
+  fine-tune needs `min_per_class` such prompts.
+- "none": the two classes pooled over prompts, as the seed paper writes it.
+
+Pooled means carry which prompts were answered each way. On the persona
+organisms a fine-tune lies more on one general topic than the other, and the
+pooled direction held that topic's words: the two fine-tunes' directions
+pointed apart (cosine -0.9 to 0.3) where the paired ones agree (0.6-0.9;
+llama, qwen2, gemma2 and mistral builds, 2026-12-06, README).
 """
 
 from __future__ import annotations
@@ -22,35 +35,58 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("fit", "test")
 CLASSES = (ALIGNED, MISALIGNED)
+BALANCES = ("prompt", "none")
 
 
-def class_rows(samples: xr.Dataset, finetune: str, values: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
-    """(split, class) -> (n, layer, hidden) answer means of that fine-tune's general responses."""
+def _class_masks(samples: xr.Dataset, finetune: str, values: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+    """(split, class) -> (prompt, sample) mask of that fine-tune's general responses with finite values."""
     labels = samples.label.sel(model=finetune).values  # (prompt, sample)
     general = samples.general.sel(model=finetune).values[:, None] & np.ones(labels.shape, bool)
     finite = np.isfinite(values).all(axis=(-1, -2))
     split = samples.split.values[:, None]
-    return {(part, c): values[general & finite & (split == part) & (labels == c)] for part in SPLITS for c in CLASSES}
+    return {(part, c): general & finite & (split == part) & (labels == c) for part in SPLITS for c in CLASSES}
 
 
-def fit_directions(samples: xr.Dataset, acts: xr.Dataset, min_per_class: int) -> xr.Dataset:
+def class_rows(samples: xr.Dataset, finetune: str, values: np.ndarray) -> dict[tuple[str, str], np.ndarray]:
+    """(split, class) -> (n, layer, hidden) answer means of that fine-tune's general responses."""
+    return {key: values[mask] for key, mask in _class_masks(samples, finetune, values).items()}
+
+
+def _paired_prompts(masks: dict[tuple[str, str], np.ndarray]) -> int:
+    """Fit-split prompts with responses of both classes."""
+    return int((masks["fit", ALIGNED].any(1) & masks["fit", MISALIGNED].any(1)).sum())
+
+
+def fit_directions(samples: xr.Dataset, acts: xr.Dataset, min_per_class: int, balance: str = "prompt") -> xr.Dataset:
     """The `em_directions` group (layout in routing_suite/store_format.py)."""
+    if balance not in BALANCES:
+        raise ValueError(f"balance {balance!r} is not one of {list(BALANCES)}")
     finetunes = [str(f) for f in acts.finetune.values]
     layers = [int(x) for x in acts.layer.values]
     d = acts.sizes["hidden"]
     direction = np.full((len(finetunes), len(layers), d), np.nan, np.float32)
     accuracy = np.full((len(finetunes), len(layers)), np.nan, np.float32)
     counts = np.zeros((len(finetunes), len(SPLITS), len(CLASSES)), np.int32)
+    paired = np.zeros(len(finetunes), np.int32)
+    prompt_of = np.arange(samples.sizes["prompt"])[:, None] * np.ones((1, samples.sizes["sample"]), np.int64)
     for f, name in enumerate(finetunes):
-        sets = class_rows(samples, name, acts.resid.sel(finetune=name).values)
+        values = acts.resid.sel(finetune=name).values
+        masks = _class_masks(samples, name, values)
+        sets = {key: values[mask] for key, mask in masks.items()}
         counts[f] = [[len(sets[part, c]) for c in CLASSES] for part in SPLITS]
-        if counts[f, 0].min() < min_per_class:
-            log.warning("%s: no direction (fit split: %d aligned and %d misaligned general responses; needs %d of each)",
-                        name, counts[f, 0, 0], counts[f, 0, 1], min_per_class)
+        paired[f] = _paired_prompts(masks)
+        if counts[f, 0].min() < min_per_class or (balance == "prompt" and paired[f] < min_per_class):
+            log.warning("%s: no direction (fit split: %d aligned and %d misaligned general responses, %d prompts answered "
+                        "both ways; needs %d of each%s)", name, counts[f, 0, 0], counts[f, 0, 1], paired[f], min_per_class,
+                        " and as many prompts" if balance == "prompt" else "")
             continue
+        groups = {c: prompt_of[masks["fit", c]] for c in CLASSES}
         for li in range(len(layers)):
             neg, pos = sets["fit", ALIGNED][:, li], sets["fit", MISALIGNED][:, li]
-            direction[f, li] = analysis.mean_difference(neg, pos)
+            if balance == "prompt":
+                direction[f, li] = analysis.paired_mean_difference(neg, pos, groups[ALIGNED], groups[MISALIGNED])[0]
+            else:
+                direction[f, li] = analysis.mean_difference(neg, pos)
             accuracy[f, li] = analysis.separation_accuracy(
                 direction[f, li], neg, pos, sets["test", ALIGNED][:, li], sets["test", MISALIGNED][:, li]
             )
@@ -65,11 +101,12 @@ def fit_directions(samples: xr.Dataset, acts: xr.Dataset, min_per_class: int) ->
             "separation_accuracy": (("finetune", "layer"), accuracy),
             "has_direction": (("finetune",), has),
             "n_responses": (("finetune", "split", "label"), counts),
+            "paired_prompts": (("finetune",), paired),
             "cosine": (("finetune", "finetune_b", "layer"), cosine),
         },
         coords={"finetune": text(finetunes), "finetune_b": text(finetunes), "layer": layers, "split": text(SPLITS),
                 "label": text(CLASSES)},
-        attrs={"min_per_class": int(min_per_class)},
+        attrs={"min_per_class": int(min_per_class), "balance": balance},
     )
 
 

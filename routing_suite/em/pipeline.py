@@ -58,7 +58,8 @@ BEHAVIOR = "em"
 # version and a new digest are recorded there).
 # 2: decision-token clamps in em_outcomes and xfer_outcomes (2026-12-05).
 # 3: em_samples.narrow, each model's own topics (a general set is no longer "the rest") (2026-12-05).
-EM_CODE_VERSION = 3
+# 4: directions paired within prompts (em.balance, default "prompt"); em_directions.paired_prompts (2026-12-06).
+EM_CODE_VERSION = 4
 
 
 @dataclass
@@ -235,7 +236,7 @@ def ensure_family(cfg: DictConfig, settings: EmSettings, judge, backend) -> tupl
     acts = run_stage(store, "em_activations", lambda: stage_activations(fam, samples, settings, backend))
 
     def directions() -> xr.Dataset:
-        ds = fit_directions(samples, acts, settings.min_per_class)
+        ds = fit_directions(samples, acts, settings.min_per_class, settings.balance)
         if settings.organisms.persona:
             ds = add_planted(ds, *planted_contexts(fam, backend))
         ds.attrs["steer_layer"] = pick_layer(ds, settings.steer.layer)
@@ -243,7 +244,8 @@ def ensure_family(cfg: DictConfig, settings: EmSettings, judge, backend) -> tupl
 
     dirs = run_stage(store, "em_directions", directions)
     if not dirs.has_direction.values.any():
-        raise ConfigError(f"{fam.name}: no fine-tune has {settings.min_per_class} misaligned and aligned fit responses; "
+        raise ConfigError(f"{fam.name}: no fine-tune has {settings.min_per_class} misaligned and aligned fit responses"
+                          f"{' (and prompts answered both ways)' if settings.balance == 'prompt' else ''}; "
                           "nothing to ablate (see em_samples in the store)")
     run_stage(store, "em_outcomes", lambda: stage_intervene(fam, dirs, settings, judge, seed, backend, progress))
     return fam, store.finish()

@@ -75,8 +75,13 @@ class EmSettings:
 
     organisms: EmOrganisms = field(default_factory=EmOrganisms)
     sampling: EmSampling = field(default_factory=EmSampling)
-    # A fine-tune needs at least this many responses of each class (fit split) for a direction.
+    # A fine-tune needs at least this many responses of each class (fit split) for a direction
+    # (and with balance "prompt", as many prompts answered both ways).
     min_per_class: int = 8
+    # How a direction's class means are taken (em.directions): "prompt", the misaligned -
+    # aligned difference within each prompt answered both ways, averaged over prompts;
+    # "none", the two classes pooled over prompts (the seed paper's wording).
+    balance: str = "prompt"
     steer: EmSteer = field(default_factory=EmSteer)
     # Whose direction is projected out at every layer in the one-layer ablation;
     # null: the steering layer.
@@ -92,6 +97,8 @@ class EmSettings:
     def __post_init__(self) -> None:
         if self.min_per_class < 1:
             raise ConfigError(f"em.min_per_class={self.min_per_class} must be >= 1")
+        if self.balance not in ("prompt", "none"):
+            raise ConfigError(f"em.balance={self.balance!r} must be 'prompt' (within-prompt differences) or 'none' (pooled classes)")
         if self.random_seeds < 1:
             raise ConfigError(f"em.random_seeds={self.random_seeds} must be >= 1")
         if self.match_texts < 1:
