@@ -161,7 +161,7 @@ def test_directions_are_the_class_mean_difference_of_the_stored_activations(em_r
         general = samples.general.sel(model=ft).values[:, None]
         values = acts.resid.sel(finetune=ft).values
         mis, ali = values[fit & general & (labels == "misaligned")], values[fit & general & (labels == "aligned")]
-        assert int(dirs.n_responses.sel(finetune=ft, split="fit", label="misaligned")) == len(mis)
+        assert [int(dirs.n_responses.sel(finetune=ft, split="fit", label=c)) for c in ("misaligned", "aligned")] == [len(mis), len(ali)]
         # em.balance "prompt" (the default): per prompt answered both ways, misaligned - aligned, averaged
         per_prompt = [values[p][labels[p] == "misaligned"].mean(0) - values[p][labels[p] == "aligned"].mean(0)
                       for p in np.flatnonzero(fit[:, 0] & general[:, 0])

@@ -6,6 +6,7 @@ import math
 
 from routing_suite.em import builds as B
 from routing_suite.em.tables import EmReport, Row, labels
+from routing_suite.em.transfer_tables import TransferReport
 
 
 def _report(family: str, seed: str, pretraining: str = "persona", variant: str = "v1", **rates: float) -> EmReport:
@@ -66,3 +67,39 @@ def test_the_builds_table_names_each_store_and_its_figures():
     assert "| llama persona seed 0 (base 0%, control 0%; cosine > 0.8 in 3 of 4 layers) | minimal | 20 [15, 25] |" in text
     assert "| 80% vs 5% | 50% vs 5% (broken) | from wide: – | 20 (4; 2) |" in text
     assert "| persona | minimal (EM >= 10%): own ablation >= 70% unbroken, matched random < 10% unbroken | 1 of 2 |" in text
+
+
+def _transfer(donor: str, receiver: str, seed: str, pretraining: str = "persona") -> TransferReport:
+    """A transfer store's report with one row in each section the tables print."""
+    rep = TransferReport(donor, receiver, f"{donor}-{receiver}-{pretraining}-{seed}.zarr", 4, variant="v1", replicate=seed,
+                         pretraining=pretraining)
+    rep.sections = {"maps": [[rep.pair, "100", "0.90 (0.50)"]], "separation": [[rep.pair, "minimal", "mapped", "0.9"]],
+                    "cosine": [[rep.pair, "minimal", "mapped", "+0.5"]],
+                    "ablation": [[rep.pair, "minimal", "mapped", "1.0", "10", "50", "99", "no", "–", "–"]],
+                    "steering": [[rep.pair, "minimal", "4", "mapped", "12", "99"]]}
+    rep.rows = [Row(rep.pair, "maps", receiver, "layer0", "r2", 0.9)]
+    return rep
+
+
+def test_transfer_rows_keep_several_builds_of_one_pair_apart():
+    """Seeds and bases of one donor -> receiver pair, aggregated together: every table row, CSV
+    row and figure panel names its store's base and build; a pair alone keeps its plain name."""
+    from routing_suite.em import plots
+    from routing_suite.em import transfer_tables as X
+
+    alone = [_transfer("gemma2", "llama", "0")]
+    assert "| gemma2->llama | 100 |" in X.markdown(alone)
+    reports = [_transfer("gemma2", "llama", "0"), _transfer("gemma2", "llama", "1"), _transfer("gemma2", "llama", "1", "persona_per_topic")]
+    md, csv = X.markdown(reports), X.csv_table(reports)
+    for name in ("gemma2->llama persona seed 0", "gemma2->llama persona seed 1", "gemma2->llama persona_per_topic seed 1"):
+        assert md.count(f"| {name} |") == 5, name  # maps, ablation, separation, cosine, steering
+        assert f"\n{name},maps," in csv
+    assert "| gemma2->llama |" not in md
+    reports[0].rows.append(Row(reports[0].pair, "ablation", "minimal", "mapped", "reduction", 0.5, 0.4, 0.6))
+    titles = [ax.get_title() for ax in plots.transfer_figure(reports[:1]).get_axes() if ax.get_title()]
+    assert titles == ["gemma2->llama / minimal"]
+    for rep in reports[1:]:
+        rep.rows.append(Row(rep.pair, "ablation", "minimal", "mapped", "reduction", 0.5, 0.4, 0.6))
+    titles = [ax.get_title() for ax in plots.transfer_figure(reports).get_axes() if ax.get_title()]
+    assert titles == ["gemma2->llama / minimal\npersona seed 0", "gemma2->llama / minimal\npersona seed 1",
+                      "gemma2->llama / minimal\npersona_per_topic seed 1"]

@@ -16,6 +16,7 @@ from matplotlib.lines import Line2D
 
 from routing_suite.em.tables import EmReport
 from routing_suite.em.transfer_tables import DIRECTIONS, TransferReport
+from routing_suite.em.transfer_tables import names as transfer_names  # a pair's stores, told apart
 from routing_suite.figures import (
     BASELINE_COLOR,
     CONTROL_COLORS,
@@ -107,7 +108,8 @@ def cosine_figure(reports: list[EmReport]):
 
 def transfer_figure(reports: list[TransferReport]):
     """One panel per pair and fine-tune kind: reduction by each ablation (named on the axis), with its 95% interval."""
-    panels = [(rep, kind) for rep in sorted(reports, key=lambda r: (r.receiver, r.donor))
+    named = transfer_names(reports)
+    panels = [(rep, kind) for rep in sorted(reports, key=lambda r: (r.receiver, r.donor, named[r.path]))
               for kind in dict.fromkeys(r.model for r in rep.rows if r.table == "ablation")]
     rows, cols = wrapped_shape(len(panels), MAX_COLUMNS)
     fig, axes = panel_figure(rows, cols, (2.8, 2.8), (0.9, 1.4))
@@ -124,7 +126,8 @@ def transfer_figure(reports: list[TransferReport]):
             ax.set_axis_off()  # the rest of the last row
             continue
         rep, kind = panels[p]
-        ax.set_title(f"{rep.pair} / {_short(kind)}", fontsize=9)
+        build = named[rep.path].removeprefix(rep.pair).strip()  # where a pair has several stores: its bases and build
+        ax.set_title(f"{rep.pair} / {_short(kind)}" + (f"\n{build}" if build else ""), fontsize=9)
         if not shown[p]:
             empty(ax, "no reduction to show\n(no baseline misalignment to reduce)")
             continue

@@ -9,9 +9,10 @@ them together (paired). The same stores and settings give the same bytes.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -320,12 +321,13 @@ def sort_reports(reports: list[EmReport]) -> list[EmReport]:
     return sorted(reports, key=lambda r: (r.family, r.pretraining, r.variant, replicate_key(r.replicate), r.path))
 
 
-def labels(reports: list[EmReport]) -> dict[str, str]:
-    """Store path -> the name its rows go by: the family, where it has one store here;
-    else the family, the base's pretraining and the build (and the variant, where those
-    still collide), so that several builds aggregated together stay apart."""
-    def name(r: EmReport, level: int) -> str:
-        parts = [r.family]
+def labels(reports: list, first: Callable[[Any], str] = lambda r: r.family) -> dict[str, str]:
+    """Store path -> the name its rows go by: `first` (the family; a transfer store's pair),
+    where it has one store here; else that, the base's pretraining and the build (and the
+    variant, where those still collide), so that several builds aggregated together stay
+    apart. `reports`: anything with `path`, `pretraining`, `replicate` and `variant`."""
+    def name(r, level: int) -> str:
+        parts = [first(r)]
         if level >= 1:
             parts += [r.pretraining or "routing", f"seed {r.replicate}" if r.replicate else "no seed"]
         if level >= 2:

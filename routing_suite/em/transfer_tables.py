@@ -21,15 +21,17 @@ conditions are compared (as em_tables). The same stores give the same bytes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import xarray as xr
+import zarr
 
 from routing_suite.em.settings import TRANSFER_CONTROLS
-from routing_suite.em.tables import Bootstrap, Row, _per_prompt, is_broken, rows_csv
-from routing_suite.text_tables import markdown_text, num, write_files, yes_no
+from routing_suite.em.tables import Bootstrap, Row, _per_prompt, is_broken, labels, rows_csv
+from routing_suite.provenance import store_build
+from routing_suite.text_tables import markdown_text, num, replicate_key, write_files, yes_no
 
 DIRECTIONS = ("mapped", "native", *TRANSFER_CONTROLS)
 
@@ -44,6 +46,11 @@ class TransferReport:
     steer_layer: int
     rows: list[Row] = field(default_factory=list)
     sections: dict[str, list[list[str]]] = field(default_factory=dict)
+    # Which build of which variant, and the bases' pretraining: what tells several stores
+    # of one pair apart (seeds, a persona base and its negative), as in `tables.EmReport`.
+    variant: str = ""
+    replicate: str = ""
+    pretraining: str = ""
 
     @property
     def pair(self) -> str:
@@ -93,7 +100,7 @@ def _by_name(ds: xr.Dataset, variable: str, kind: str, name: str) -> np.ndarray:
 def _maps(rep: TransferReport, maps: xr.Dataset) -> None:
     r2, token, alpha = maps.map_r2.values, maps.map_r2_token.values, maps.map_alpha.values
     cells = [f"{num(float(a), 2)} ({num(float(b), 2)})" for a, b in zip(r2, token)]
-    rep.sections["maps"] = [[rep.donor, rep.receiver, str(int(maps.attrs["n_tokens"])), *cells]]
+    rep.sections["maps"] = [[rep.pair, str(int(maps.attrs["n_tokens"])), *cells]]
     for layer, a, b, al, dl in zip(maps.layer.values, r2, token, alpha, maps.donor_layer.values):
         rep.rows += [Row(rep.pair, "maps", rep.receiver, f"layer{int(layer)}", "r2", float(a)),
                      Row(rep.pair, "maps", rep.receiver, f"layer{int(layer)}", "r2_token_identity", float(b)),
@@ -176,7 +183,11 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
     """Every transfer table of one finished store."""
     maps = xr.open_zarr(str(path), group="xfer_maps").load()
     outcomes = xr.open_zarr(str(path), group="xfer_outcomes").load()
-    rep = TransferReport(str(maps.attrs["donor"]), str(maps.attrs["receiver"]), str(path), int(maps.attrs["steer_layer"]))
+    attrs = dict(zarr.open_group(str(path), mode="r").attrs)
+    build = store_build(attrs)
+    model = (attrs.get("digest_config") or {}).get("model") or {}
+    rep = TransferReport(str(maps.attrs["donor"]), str(maps.attrs["receiver"]), str(path), int(maps.attrs["steer_layer"]),
+                         variant=str(build["variant"]), replicate=str(build["replicate"]), pretraining=str(model.get("pretraining") or ""))
     boot = Bootstrap(n_resamples, seed, confidence)
     _maps(rep, maps)
     _directions(rep, maps)
@@ -187,36 +198,47 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
 
 
 def _sorted(reports: list[TransferReport]) -> list[TransferReport]:
-    return sorted(reports, key=lambda r: (r.receiver, r.donor))
+    return sorted(reports, key=lambda r: (r.receiver, r.donor, r.pretraining, r.variant, replicate_key(r.replicate), r.path))
+
+
+def names(reports: list[TransferReport]) -> dict[str, str]:
+    """Store path -> its rows' name: the pair, and where a pair has several stores here its
+    bases' pretraining and build too (`tables.labels`)."""
+    return labels(reports, first=lambda r: r.pair)
 
 
 def markdown(reports: list[TransferReport]) -> str:
     reports = _sorted(reports)
-    n_layers = max((len(r.sections["maps"][0]) - 3 for r in reports), default=0)
+    named = names(reports)
+
+    def section(key: str) -> list[list[str]]:
+        """Every report's rows of one section, each under its report's name."""
+        return [[named[r.path], *x[1:]] for r in reports for x in r.sections.get(key, [])]
+
+    n_layers = max((len(r.sections["maps"][0]) - 2 for r in reports), default=0)
     layers = [f"L{i}" for i in range(n_layers)]
     parts = [
         "## Cross-architecture ridge maps: held-out R^2 per receiver layer (token identity alone in parentheses)\n",
-        markdown_text(["donor", "receiver", "tokens", *layers], [x for r in reports for x in r.sections["maps"]]),
+        markdown_text(["donor->receiver", "tokens", *layers], section("maps")),
         "\n## Ablation in the receiver's misaligned fine-tune: mapped vs native vs matched controls "
         "(misaligned on general test prompts, %, 95% CI; control - mapped in points; broken: coherence more than 0.1 below the "
         "baseline's; the mapped direction is specific when its reduction's interval and every control's interval are > 0 and it is not broken)\n",
         markdown_text(["donor->receiver", "fine-tune", "direction", "change norm", "misaligned %", "reduction %", "coherent %", "broken", "control - mapped",
-             "mapped beats it"], [x for r in reports for x in r.sections["ablation"]]),
-        *_clamp_section(reports),
+             "mapped beats it"], section("ablation")),
+        *_clamp_section(section("clamp")),
         "\n## Separation of the receiver fine-tune's held-out misaligned vs aligned responses along each direction (balanced)\n",
-        markdown_text(["donor->receiver", "fine-tune", "direction", *layers], [x for r in reports for x in r.sections["separation"]]),
+        markdown_text(["donor->receiver", "fine-tune", "direction", *layers], section("separation")),
         "\n## Cosine with the receiver's native direction, per layer\n",
-        markdown_text(["donor->receiver", "fine-tune", "direction", *layers], [x for r in reports for x in r.sections["cosine"]]),
+        markdown_text(["donor->receiver", "fine-tune", "direction", *layers], section("cosine")),
         "\n## Steering the receiver's base at its steering layer (every direction at lambda x |native|)\n",
         markdown_text(["donor->receiver", "fine-tune", "lambda", "direction", "misaligned %", "coherent %"],
-            [x for r in reports for x in r.sections["steering"]]),
+            section("steering")),
     ]
     return "".join(parts)
 
 
-def _clamp_section(reports: list[TransferReport]) -> list[str]:
+def _clamp_section(rows: list[list[str]]) -> list[str]:
     """The decision-token clamp table, when the stores have one (stores of before 2026-12-05 do not)."""
-    rows = [x for r in reports for x in r.sections.get("clamp", [])]
     if not rows:
         return []
     return [
@@ -228,12 +250,16 @@ def _clamp_section(reports: list[TransferReport]) -> list[str]:
 
 
 def csv_table(reports: list[TransferReport]) -> str:
-    return rows_csv((r for rep in _sorted(reports) for r in rep.rows), first_column="pair")
+    reports = _sorted(reports)
+    named = names(reports)
+    return rows_csv((replace(r, family=named[rep.path]) for rep in reports for r in rep.rows), first_column="pair")
 
 
 def headline(reports: list[TransferReport]) -> str:
     lines = []
-    for rep in _sorted(reports):
+    reports = _sorted(reports)
+    named = names(reports)
+    for rep in reports:
         s = rep.summary()
         r2 = ", ".join(f"{v:.2f}" for v in s["map_r2"])
         for kind, k in ((k, v) for k, v in s.items() if k != "map_r2"):
@@ -241,7 +267,7 @@ def headline(reports: list[TransferReport]) -> str:
             mark = {d: " (broken)" if k["broken"][d] else "" for d in DIRECTIONS}
             controls = ", ".join(f"{c} {100 * red[c]:.0f}%{mark[c]}" for c in TRANSFER_CONTROLS)
             lines.append(
-                f"{rep.pair}/{kind}: map R^2 per layer {r2}; cos(mapped, native) {k['cosine_mapped_native']:+.2f} at layer "
+                f"{named[rep.path]}/{kind}: map R^2 per layer {r2}; cos(mapped, native) {k['cosine_mapped_native']:+.2f} at layer "
                 f"{rep.steer_layer}; reduction of the misaligned rate by ablating the mapped direction {100 * red['mapped']:.0f}%{mark['mapped']} "
                 f"(native {100 * red['native']:.0f}%{mark['native']}; {controls}): {'specific' if k['specific'] else 'not specific'}."
                 + (_clamp_line(k["clamp"]) if "clamp" in k else "")
