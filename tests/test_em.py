@@ -304,6 +304,7 @@ def test_a_zero_direction_is_refused_before_it_becomes_nan_edits():
 
 
 def test_an_ablation_that_breaks_coherence_is_marked_broken_in_tables_and_headline(em_run):
+    from routing_suite.em import stats as em_stats
     from routing_suite.em import tables as em_tables
 
     _, _, result = em_run
@@ -313,7 +314,7 @@ def test_an_ablation_that_breaks_coherence_is_marked_broken_in_tables_and_headli
     assert conditions and not any((m, "baseline", "broken") in rows for m, _ in conditions)
     for model, condition in conditions:
         drop = rows[model, "baseline", "coherent_rate"] - rows[model, condition, "coherent_rate"]
-        assert rows[model, condition, "broken"] == float(drop > em_tables.MAX_COHERENCE_DROP + 1e-9)
+        assert rows[model, condition, "broken"] == float(drop > em_stats.MAX_COHERENCE_DROP + 1e-9)
     table = {(r[1], r[2]): r[-1] for r in rep.sections["ablation"]}
     assert all(table[m, c] == ("yes" if rows[m, c, "broken"] else "no") for m, c in conditions)
     for model, s in rep.summary().items():

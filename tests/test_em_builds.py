@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 
 from routing_suite.em import builds as B
-from routing_suite.em.tables import EmReport, Row, labels
+from routing_suite.em.stats import Row, labels
+from routing_suite.em.tables import EmReport
 from routing_suite.em.transfer_tables import TransferReport
 
 

@@ -22,7 +22,7 @@ from routing_suite.config import compose_config, register_configs
 from routing_suite.em import transfer as X
 from routing_suite.em.pipeline import em_store_path
 from routing_suite.em.settings import TRANSFER_CONTROLS, EmTransferSettings
-from routing_suite.em.tables import Bootstrap
+from routing_suite.em.stats import Bootstrap
 from routing_suite.em.transfer_pipeline import family_cfg, run
 from routing_suite.errors import ConfigError
 

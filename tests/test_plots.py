@@ -22,7 +22,8 @@ from routing_suite.aggregate import discover, pipeline
 from routing_suite.aggregate.config import AggregateConfig
 from routing_suite.aggregate.studies import load_studies
 from routing_suite.em import plots as em_plots
-from routing_suite.em.tables import EmReport, Row
+from routing_suite.em.stats import Row
+from routing_suite.em.tables import EmReport
 from routing_suite.em.transfer_tables import DIRECTIONS, TransferReport
 from routing_suite.organisms import sdf_task as S
 from routing_suite.routing import summary

@@ -21,7 +21,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from routing_suite.em.tables import EmReport, labels, sort_reports
+from routing_suite.em.stats import labels
+from routing_suite.em.tables import EmReport, sort_reports
 from routing_suite.text_tables import csv_text, markdown_text, num, write_files
 
 EM_MIN = 0.10  # a fine-tune's EM on general prompts

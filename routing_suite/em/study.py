@@ -7,13 +7,13 @@ from typing import Any
 
 from routing_suite import store_format
 from routing_suite.aggregate.studies import StudyKind, register_study, section, tables_then_plots
-from routing_suite.em import builds, plots, tables, transfer_tables
+from routing_suite.em import builds, plots, stats, tables, transfer_tables
 
 
 def _em_section(reports: list[tables.EmReport], headline: str, notes: list[str], cfg: Any) -> str:
     files = ("Tables: `em_table.md`, `em_table.csv`; over builds: `em_builds.md`, `em_builds.csv`."
              + (" Plots: `em_cosine`." if cfg.plots else ""))
-    named = tables.labels(reports)
+    named = stats.labels(reports)
     return section("Emergent-misalignment directions", headline, files,
                    [f"- {named[r.path]}/em: `{r.path}`" for r in tables.sort_reports(reports)])
 

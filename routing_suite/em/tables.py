@@ -1,110 +1,22 @@
 """The EM tables: per family, rates with bootstrap intervals, separation, ablation, transfer, cosines.
 
 Every rate is over one model's general test prompts (`EmDataset.general`:
-outside its narrow domain), first averaged over a prompt's samples; intervals are percentile
-intervals of a seeded bootstrap over prompts (all samples of a prompt move
-together), and a comparison of two conditions on the same prompts resamples
-them together (paired). The same stores and settings give the same bytes.
+outside its narrow domain), first averaged over a prompt's samples; intervals
+and breakage as in `em.stats`. The same stores and settings give the same bytes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import xarray as xr
 import zarr
 
+from routing_suite.em.stats import Bootstrap, Row, is_broken, labels, per_prompt, rows_csv
 from routing_suite.provenance import store_build
-from routing_suite.text_tables import csv_text, markdown_text, num, replicate_key, write_files, yes_no
-
-# An ablation is *broken* (DESIGN.md: it lowers the rate by breaking the model, it does
-# not reduce it) when its coherent rate falls more than this below its fine-tune's baseline.
-MAX_COHERENCE_DROP = 0.1
-
-
-def is_broken(coherent_baseline: float, coherent: float) -> bool:
-    return bool(coherent_baseline - coherent > MAX_COHERENCE_DROP + 1e-9)
-
-
-@dataclass(frozen=True)
-class Estimate:
-    value: float
-    lo: float
-    hi: float
-
-    def text(self, percent: bool = True, sign: bool = False) -> str:
-        if not np.isfinite(self.value):
-            return "n/a"
-        k, digits = (100, 0) if percent else (1, 2)
-        return f"{num(k * self.value, digits, sign)} [{num(k * self.lo, digits, sign)}, {num(k * self.hi, digits, sign)}]"
-
-
-NAN = Estimate(float("nan"), float("nan"), float("nan"))
-
-
-class Bootstrap:
-    """Seeded resampling of prompts; one index set per number of prompts, shared by every statistic."""
-
-    def __init__(self, n_resamples: int, seed: int, confidence: float) -> None:
-        self.n_resamples, self.seed, self.confidence = n_resamples, seed, confidence
-        self._indices: dict[int, np.ndarray] = {}
-
-    def indices(self, n: int) -> np.ndarray:
-        if n not in self._indices:
-            self._indices[n] = np.random.default_rng(self.seed).integers(0, n, (self.n_resamples, n))
-        return self._indices[n]
-
-    def _interval(self, point: float, resampled: np.ndarray) -> Estimate:
-        tail = 100 * (1 - self.confidence) / 2
-        finite = resampled[np.isfinite(resampled)]
-        if not np.isfinite(point) or finite.size == 0:
-            return Estimate(float(point), float("nan"), float("nan"))
-        lo, hi = np.percentile(finite, [tail, 100 - tail])
-        return Estimate(float(point), float(lo), float(hi))
-
-    def rate(self, x: np.ndarray) -> Estimate:
-        x = x[np.isfinite(x)]
-        if x.size == 0:
-            return NAN
-        return self._interval(float(x.mean()), x[self.indices(x.size)].mean(axis=1))
-
-    def reduction(self, condition: np.ndarray, baseline: np.ndarray) -> Estimate:
-        """(mean(baseline) - mean(condition)) / mean(baseline), paired on the prompts both have."""
-        keep = np.isfinite(condition) & np.isfinite(baseline)
-        a, b = condition[keep], baseline[keep]
-        if a.size == 0 or b.mean() == 0:
-            return NAN
-        idx = self.indices(a.size)
-        ra, rb = a[idx].mean(1), b[idx].mean(1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return self._interval(float((b.mean() - a.mean()) / b.mean()), np.where(rb > 0, (rb - ra) / rb, np.nan))
-
-    def difference(self, a: np.ndarray, b: np.ndarray) -> Estimate:
-        """mean(a) - mean(b) on the prompts both have, resampled together."""
-        keep = np.isfinite(a) & np.isfinite(b)
-        a, b = a[keep], b[keep]
-        if a.size == 0:
-            return NAN
-        idx = self.indices(a.size)
-        return self._interval(float(a.mean() - b.mean()), a[idx].mean(1) - b[idx].mean(1))
-
-
-@dataclass(frozen=True)
-class Row:
-    """One line of em_table.csv."""
-
-    family: str
-    table: str
-    model: str
-    condition: str
-    statistic: str
-    value: float
-    lo: float = float("nan")
-    hi: float = float("nan")
+from routing_suite.text_tables import markdown_text, num, replicate_key, write_files, yes_no
 
 
 @dataclass
@@ -168,11 +80,6 @@ class EmReport:
         return out
 
 
-def _per_prompt(outcomes: xr.Dataset, variable: str) -> dict[str, np.ndarray]:
-    values = outcomes[variable].mean("sample").values
-    return {str(c): values[i] for i, c in enumerate(outcomes.condition.values)}
-
-
 def _organisms(rep: EmReport, samples: xr.Dataset, boot: Bootstrap) -> None:
     test = samples.split.values == "test"
     records = []
@@ -207,7 +114,7 @@ def _separation(rep: EmReport, directions: xr.Dataset) -> None:
 
 
 def _ablation(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
-    mis, coh = _per_prompt(outcomes, "misaligned"), _per_prompt(outcomes, "coherent")
+    mis, coh = per_prompt(outcomes, "misaligned"), per_prompt(outcomes, "coherent")
     norms = dict(zip((str(c) for c in outcomes.condition.values), outcomes.perturbation_norm.values))
     records = []
     models = dict.fromkeys(str(m) for m, k in zip(outcomes.model.values, outcomes.kind.values) if k == "ablate")
@@ -235,7 +142,7 @@ def _ablation(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
 
 
 def _steering(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
-    mis, coh = _per_prompt(outcomes, "misaligned"), _per_prompt(outcomes, "coherent")
+    mis, coh = per_prompt(outcomes, "misaligned"), per_prompt(outcomes, "coherent")
     base = boot.rate(mis["base/baseline"])
     records = [[rep.family, "–", "0", base.text(), boot.rate(coh["base/baseline"]).text(), "–", "–"]]
     rep.rows.append(Row(rep.family, "steering", "base", "baseline", "misaligned_rate", base.value, base.lo, base.hi))
@@ -253,7 +160,7 @@ def _steering(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
 
 def _induce(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
     """The base with a coordinate at the decision token set to a fine-tune's (`conditions.induce_plans`)."""
-    mis, coh = _per_prompt(outcomes, "misaligned"), _per_prompt(outcomes, "coherent")
+    mis, coh = per_prompt(outcomes, "misaligned"), per_prompt(outcomes, "coherent")
     records = []
     for i, name in enumerate(str(c) for c in outcomes.condition.values):
         if str(outcomes.kind.values[i]) != "steer" or str(outcomes.mode.values[i]) != "clamp":
@@ -321,28 +228,6 @@ def sort_reports(reports: list[EmReport]) -> list[EmReport]:
     return sorted(reports, key=lambda r: (r.family, r.pretraining, r.variant, replicate_key(r.replicate), r.path))
 
 
-def labels(reports: list, first: Callable[[Any], str] = lambda r: r.family) -> dict[str, str]:
-    """Store path -> the name its rows go by: `first` (the family; a transfer store's pair),
-    where it has one store here; else that, the base's pretraining and the build (and the
-    variant, where those still collide), so that several builds aggregated together stay
-    apart. `reports`: anything with `path`, `pretraining`, `replicate` and `variant`."""
-    def name(r, level: int) -> str:
-        parts = [first(r)]
-        if level >= 1:
-            parts += [r.pretraining or "routing", f"seed {r.replicate}" if r.replicate else "no seed"]
-        if level >= 2:
-            parts.append(r.variant)
-        return " ".join(parts)
-
-    out = {}
-    for level in (0, 1, 2):
-        names = [name(r, level) for r in reports]
-        for r, n in zip(reports, names):
-            if r.path not in out and (level == 2 or names.count(n) == 1):
-                out[r.path] = n
-    return out
-
-
 def markdown(reports: list[EmReport]) -> str:
     reports = sort_reports(reports)
     named = labels(reports)
@@ -384,13 +269,6 @@ def markdown(reports: list[EmReport]) -> str:
             markdown_text(["family", "direction", "statistic", *layers], planted),
         ]
     return "".join(parts)
-
-
-def rows_csv(rows: Iterable[Row], first_column: str = "family") -> str:
-    """`rows` as CSV, one column per `Row` field (the first named `first_column`)."""
-    names = [f.name for f in fields(Row)]
-    records = [[num(v) if isinstance(v, float) else v for v in (getattr(r, n) for n in names)] for r in rows]
-    return csv_text([first_column, *names[1:]], records)
 
 
 def csv_table(reports: list[EmReport]) -> str:

@@ -29,7 +29,7 @@ import xarray as xr
 import zarr
 
 from routing_suite.em.settings import TRANSFER_CONTROLS
-from routing_suite.em.tables import Bootstrap, Row, _per_prompt, is_broken, labels, rows_csv
+from routing_suite.em.stats import Bootstrap, Row, is_broken, labels, per_prompt, rows_csv
 from routing_suite.provenance import store_build
 from routing_suite.text_tables import markdown_text, num, replicate_key, write_files, yes_no
 
@@ -127,7 +127,7 @@ def _directions(rep: TransferReport, maps: xr.Dataset) -> None:
 def _ablation(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap, mode: str = "ablate") -> None:
     """The ablations (`mode` "ablate": table and section "ablation") or the decision-token
     clamps ("clamp": table and section "clamp") in each receiver fine-tune."""
-    mis, coh = _per_prompt(outcomes, "misaligned"), _per_prompt(outcomes, "coherent")
+    mis, coh = per_prompt(outcomes, "misaligned"), per_prompt(outcomes, "coherent")
     norms = dict(zip((str(c) for c in outcomes.condition.values), outcomes.perturbation_norm.values))
     table = "ablation" if mode == "ablate" else mode
     records = []
@@ -162,7 +162,7 @@ def _ablation(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap, mode: 
 
 
 def _steering(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
-    mis, coh = _per_prompt(outcomes, "misaligned"), _per_prompt(outcomes, "coherent")
+    mis, coh = per_prompt(outcomes, "misaligned"), per_prompt(outcomes, "coherent")
     records = []
     if "base/baseline" in mis:
         base = boot.rate(mis["base/baseline"])

@@ -1,0 +1,138 @@
+"""What the EM tables share: bootstrap intervals over prompts, the rows of a table's CSV,
+breakage, and the names several stores' rows go by (`tables` for one family's EM stores,
+`transfer_tables` for the donor -> receiver ones).
+
+Intervals are percentile intervals of a seeded bootstrap over prompts (all samples of a
+prompt move together); a comparison of two conditions on the same prompts resamples them
+together (paired).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, fields
+from typing import Any
+
+import numpy as np
+import xarray as xr
+
+from routing_suite.text_tables import csv_text, num
+
+# An ablation is *broken* (DESIGN.md: it lowers the rate by breaking the model, it does
+# not reduce it) when its coherent rate falls more than this below its fine-tune's baseline.
+MAX_COHERENCE_DROP = 0.1
+
+
+def is_broken(coherent_baseline: float, coherent: float) -> bool:
+    return bool(coherent_baseline - coherent > MAX_COHERENCE_DROP + 1e-9)
+
+
+@dataclass(frozen=True)
+class Estimate:
+    value: float
+    lo: float
+    hi: float
+
+    def text(self, percent: bool = True, sign: bool = False) -> str:
+        if not np.isfinite(self.value):
+            return "n/a"
+        k, digits = (100, 0) if percent else (1, 2)
+        return f"{num(k * self.value, digits, sign)} [{num(k * self.lo, digits, sign)}, {num(k * self.hi, digits, sign)}]"
+
+
+NAN = Estimate(float("nan"), float("nan"), float("nan"))
+
+
+class Bootstrap:
+    """Seeded resampling of prompts; one index set per number of prompts, shared by every statistic."""
+
+    def __init__(self, n_resamples: int, seed: int, confidence: float) -> None:
+        self.n_resamples, self.seed, self.confidence = n_resamples, seed, confidence
+        self._indices: dict[int, np.ndarray] = {}
+
+    def indices(self, n: int) -> np.ndarray:
+        if n not in self._indices:
+            self._indices[n] = np.random.default_rng(self.seed).integers(0, n, (self.n_resamples, n))
+        return self._indices[n]
+
+    def _interval(self, point: float, resampled: np.ndarray) -> Estimate:
+        tail = 100 * (1 - self.confidence) / 2
+        finite = resampled[np.isfinite(resampled)]
+        if not np.isfinite(point) or finite.size == 0:
+            return Estimate(float(point), float("nan"), float("nan"))
+        lo, hi = np.percentile(finite, [tail, 100 - tail])
+        return Estimate(float(point), float(lo), float(hi))
+
+    def rate(self, x: np.ndarray) -> Estimate:
+        x = x[np.isfinite(x)]
+        if x.size == 0:
+            return NAN
+        return self._interval(float(x.mean()), x[self.indices(x.size)].mean(axis=1))
+
+    def reduction(self, condition: np.ndarray, baseline: np.ndarray) -> Estimate:
+        """(mean(baseline) - mean(condition)) / mean(baseline), paired on the prompts both have."""
+        keep = np.isfinite(condition) & np.isfinite(baseline)
+        a, b = condition[keep], baseline[keep]
+        if a.size == 0 or b.mean() == 0:
+            return NAN
+        idx = self.indices(a.size)
+        ra, rb = a[idx].mean(1), b[idx].mean(1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return self._interval(float((b.mean() - a.mean()) / b.mean()), np.where(rb > 0, (rb - ra) / rb, np.nan))
+
+    def difference(self, a: np.ndarray, b: np.ndarray) -> Estimate:
+        """mean(a) - mean(b) on the prompts both have, resampled together."""
+        keep = np.isfinite(a) & np.isfinite(b)
+        a, b = a[keep], b[keep]
+        if a.size == 0:
+            return NAN
+        idx = self.indices(a.size)
+        return self._interval(float(a.mean() - b.mean()), a[idx].mean(1) - b[idx].mean(1))
+
+
+@dataclass(frozen=True)
+class Row:
+    """One line of em_table.csv."""
+
+    family: str
+    table: str
+    model: str
+    condition: str
+    statistic: str
+    value: float
+    lo: float = float("nan")
+    hi: float = float("nan")
+
+
+def per_prompt(outcomes: xr.Dataset, variable: str) -> dict[str, np.ndarray]:
+    values = outcomes[variable].mean("sample").values
+    return {str(c): values[i] for i, c in enumerate(outcomes.condition.values)}
+
+
+def rows_csv(rows: Iterable[Row], first_column: str = "family") -> str:
+    """`rows` as CSV, one column per `Row` field (the first named `first_column`)."""
+    names = [f.name for f in fields(Row)]
+    records = [[num(v) if isinstance(v, float) else v for v in (getattr(r, n) for n in names)] for r in rows]
+    return csv_text([first_column, *names[1:]], records)
+
+
+def labels(reports: list, first: Callable[[Any], str] = lambda r: r.family) -> dict[str, str]:
+    """Store path -> the name its rows go by: `first` (the family; a transfer store's pair),
+    where it has one store here; else that, the base's pretraining and the build (and the
+    variant, where those still collide), so that several builds aggregated together stay
+    apart. `reports`: anything with `path`, `pretraining`, `replicate` and `variant`."""
+    def name(r, level: int) -> str:
+        parts = [first(r)]
+        if level >= 1:
+            parts += [r.pretraining or "routing", f"seed {r.replicate}" if r.replicate else "no seed"]
+        if level >= 2:
+            parts.append(r.variant)
+        return " ".join(parts)
+
+    out = {}
+    for level in (0, 1, 2):
+        names = [name(r, level) for r in reports]
+        for r, n in zip(reports, names):
+            if r.path not in out and (level == 2 or names.count(n) == 1):
+                out[r.path] = n
+    return out
