@@ -18,7 +18,8 @@ def main(cfg) -> float:
     result = run(cfg)
     print(result["table_markdown"])
     print(f"store: {result['store']}\ntable: {result['table_dir']}")
-    return float(np.nanmean([v["reduction_own"] for v in result["summary"].values()] or [float("nan")]))
+    reductions = [v["reduction_own"] for v in result["summary"].values() if np.isfinite(v["reduction_own"])]
+    return float(np.mean(reductions)) if reductions else float("nan")  # NaN: no fine-tune had a direction to ablate
 
 
 if __name__ == "__main__":

@@ -444,6 +444,26 @@ def test_the_store_is_keyed_on_the_em_code_version(em_run, monkeypatch):
     assert str(em_store_path(cfg, "llama_organism", weights)[1]) != result["store"]
 
 
+def test_fine_tunes_without_a_direction_finish_the_store_with_their_rates(tiny_cache, tmp_path):
+    """A negative organism's fine-tunes may barely misbehave: no direction to fit is a finding,
+    not an error. The store completes with every model's rates, and the tables say so."""
+    result = run(_cfg(tiny_cache, tmp_path, ["em.min_per_class=100000"]))
+    dirs, outcomes = _open(result, "em_directions"), _open(result, "em_outcomes")
+    assert not dirs.has_direction.values.any() and np.isnan(dirs.direction.values).all()
+    assert dict(zarr.open_group(result["store"], mode="r").attrs)["complete"]
+    kinds = dict(zip((str(c) for c in outcomes.condition.values), (str(k) for k in outcomes.kind.values)))
+    assert {c for c, k in kinds.items() if k == "baseline"} == {"base/baseline", "em_color_city/baseline", "em_animal_food/baseline",
+                                                                  "em_honest_color_city/baseline"}
+    assert not any(k in ("ablate", "transfer") for k in kinds.values())
+    assert all(c.startswith("base/clamp-to/") for c, k in kinds.items() if k not in ("baseline",))
+    table = Path(result["table_dir"], "em_table.md").read_text()
+    assert "em_color_city" in table and result["summary"] == {} and "(none: no fine-tune has a direction" in table
+    headline = Path(result["table_dir"], "em_headline.txt").read_text()
+    for ft in ("em_color_city", "em_animal_food"):
+        line = next(x for x in headline.splitlines() if x.startswith(f"llama/{ft}:"))
+        assert "no direction (" in line and "needs 100000 of each" in line
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [

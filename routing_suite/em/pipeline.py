@@ -37,7 +37,6 @@ from routing_suite.em.directions import add_planted, fit_directions, pick_layer
 from routing_suite.em.generation import Planned, evaluate, judge_array, sample_completions
 from routing_suite.em.models import BASE, EmModels, load_family
 from routing_suite.em.settings import EmSettings
-from routing_suite.errors import ConfigError
 from routing_suite.interventions import Condition
 from routing_suite.organisms import persona_task as P
 from routing_suite.organisms import task as T
@@ -244,9 +243,11 @@ def ensure_family(cfg: DictConfig, settings: EmSettings, judge, backend) -> tupl
 
     dirs = run_stage(store, "em_directions", directions)
     if not dirs.has_direction.values.any():
-        raise ConfigError(f"{fam.name}: no fine-tune has {settings.min_per_class} misaligned and aligned fit responses"
-                          f"{' (and prompts answered both ways)' if settings.balance == 'prompt' else ''}; "
-                          "nothing to ablate (see em_samples in the store)")
+        # A finding, not an error: fine-tunes that barely misbehave off their domain (a negative
+        # organism's) have nothing to fit. The store still gets every model's rates and the
+        # base's decision-token edits; its tables say "no direction".
+        log.warning("%s: no fine-tune has %d misaligned and aligned fit responses%s: nothing to ablate or steer with",
+                    fam.name, settings.min_per_class, " (and prompts answered both ways)" if settings.balance == "prompt" else "")
     run_stage(store, "em_outcomes", lambda: stage_intervene(fam, dirs, settings, judge, seed, backend, progress))
     return fam, store.finish()
 

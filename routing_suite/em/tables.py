@@ -37,6 +37,8 @@ class EmReport:
     # The study's misaligned fine-tunes, in the config's order, and its honest control.
     misaligned: tuple[str, ...] = ()
     control: str = ""
+    # Misaligned fine-tunes with no direction, and why (their fit responses of each class).
+    no_direction: dict[str, str] = field(default_factory=dict)
 
     def row(self, table: str, model: str, condition: str, statistic: str) -> Row | None:
         return next((r for r in self.rows if (r.table, r.model, r.condition, r.statistic) == (table, model, condition, statistic)), None)
@@ -107,6 +109,11 @@ def _separation(rep: EmReport, directions: xr.Dataset) -> None:
         counts = directions.n_responses.sel(finetune=ft)
         n = f"{int(counts.sel(split='fit', label='misaligned'))}/{int(counts.sel(split='fit', label='aligned'))}"
         acc = directions.separation_accuracy.sel(finetune=ft).values
+        if not bool(directions.has_direction.sel(finetune=ft)):
+            paired = f", {int(directions.paired_prompts.sel(finetune=ft))} prompts answered both ways" if "paired_prompts" in directions else ""
+            least = directions.attrs.get("min_per_class", "?")
+            rep.no_direction[ft] = (f"{n.replace('/', ' misaligned and ')} aligned fit responses{paired}; needs {least} of each"
+                                    + (f" and {least} such prompts" if directions.attrs.get("balance") == "prompt" else ""))
         records.append([rep.family, ft, n, *(num(float(a), 2) if np.isfinite(a) else "n/a" for a in acc)])
         rep.rows += [Row(rep.family, "separation", ft, f"layer{int(layer)}", "balanced_accuracy", float(a))
                      for layer, a in zip(directions.layer.values, acc)]
@@ -248,6 +255,7 @@ def markdown(reports: list[EmReport]) -> str:
         "there, every layer)\n",
         markdown_text(["family", "fine-tune", "condition", "change norm", "misaligned %", "reduction %", "coherent %", "broken"],
             section("ablation")),
+        *([] if section("ablation") else ["(none: no fine-tune has a direction; the fit responses of each class are above)\n"]),
         "\n## Steering the base (+lambda |v| at the steering layer) vs a random direction of the same norm\n",
         markdown_text(["family", "direction", "lambda", "misaligned %", "coherent %", "random: misaligned %", "random: coherent %"],
             section("steering")),
@@ -300,6 +308,9 @@ def headline(reports: list[EmReport]) -> str:
                 + (f" Clamped at the decision token to the base's: {_cut(s, 'clamp')}, matched random {_cut(s, 'clamp_random')}."
                    if np.isfinite(s["reduction_clamp"]) else "")
             )
+        for model, why in rep.no_direction.items():
+            rate = rep.value("organisms", model, "general", "misaligned_rate")
+            lines.append(f"{named[rep.path]}/{model}: misaligned {100 * rate:.0f}% on general prompts; no direction ({why}).")
     return "\n".join(lines)
 
 
