@@ -6,6 +6,7 @@ the chosen window); per-head figures only with per-head data. Inputs: tests/fake
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -166,6 +167,12 @@ def test_em_cosine_keeps_a_familys_bases_apart():
     fig = em_plots.cosine_figure(reports)
     titles = [ax.get_title() for ax in fig.get_axes() if ax.get_title()]
     assert titles == ["llama (2 builds)\npersona base", "llama (2 builds)\npersona_per_topic base"]
+    assert layout_problems(fig) == []
+    # A build whose fine-tunes have no directions (NaN cosines) draws nothing: the title says how many drew.
+    reports[3].rows = [dataclasses.replace(r, value=float("nan")) if r.table == "cosine" else r for r in reports[3].rows]
+    fig = em_plots.cosine_figure(reports)
+    titles = [ax.get_title() for ax in fig.get_axes() if ax.get_title()]
+    assert titles == ["llama (2 builds)\npersona base", "llama (2 builds)\npersona_per_topic base, 1 with directions"]
     assert layout_problems(fig) == []
 
 

@@ -70,8 +70,13 @@ def cosine_figure(reports: list[EmReport]):
         family, base = panels[p]
         mine = [rep for rep in reports if (rep.family, rep.pretraining) == panels[p]]
         several |= len(mine) > 1
+        # Builds whose fine-tunes have no two directions (a negative organism's that barely lie)
+        # draw nothing: say how many drew, or "3 builds" would stand over one build's line.
+        fitted = sum(any(np.isfinite(r.value) for r in rep.rows if r.table == "cosine") for rep in mine)
+        drew = f"{fitted} with directions" if 0 < fitted < len(mine) else ""
         # the base on a line of its own: "qwen2, persona_per_topic base (2 builds)" outgrows a panel
-        ax.set_title(family + builds_note(len(mine)) + (f"\n{base or 'routing'} base" if several_bases else ""), fontsize=10)
+        second = ", ".join(x for x in (f"{base or 'routing'} base" if several_bases else "", drew) if x)
+        ax.set_title(family + builds_note(len(mine)) + (f"\n{second}" if second else ""), fontsize=10)
         drawn = False
         for pair in pairs:
             per_build = [{_layer(r.statistic): r.value for r in rep.rows if r.table == "cosine" and (r.model, r.condition) == pair}
