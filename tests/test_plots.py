@@ -156,6 +156,21 @@ def test_em_figures_draw_every_text_inside_and_apart(n_layers):
     assert [t.get_text() for t in transfer.get_axes()[0].get_xticklabels()] == [d.replace("_", " ") for d in DIRECTIONS]
 
 
+def test_em_transfer_axis_stops_at_minus_100_percent_and_marks_what_goes_below():
+    """A fine-tune that barely misbehaves has "reductions" of -8000% (a ratio of rates near 0):
+    on the shared axis it flattened every other panel. The axis stops at -100%; a mark says a bar goes on."""
+    pairs = [_transfer_report("llama", "qwen2", 8), _transfer_report("qwen2", "llama", 8)]
+    fig = em_plots.transfer_figure(pairs)
+    assert fig.get_axes()[0].get_ylim()[0] > -0.2 and "axis cut" not in fig.texts[0].get_text()
+    pairs[1].rows = [dataclasses.replace(r, value=-80.0, lo=-120.0, hi=-40.0) if r.condition == "random" else r for r in pairs[1].rows]
+    fig = em_plots.transfer_figure(pairs)
+    low = fig.get_axes()[0].get_ylim()[0]
+    assert em_plots.REDUCTION_FLOOR - 0.3 < low < em_plots.REDUCTION_FLOOR and "axis cut at -100%" in fig.texts[0].get_text()
+    marks = [line for ax in fig.get_axes() for line in ax.get_lines() if line.get_marker() == "v"]
+    assert len(marks) == 2 and all(len(m.get_xdata()) == 1 for m in marks)  # the random bar of each of qwen2->llama's panels
+    assert layout_problems(fig) == []
+
+
 def test_em_cosine_keeps_a_familys_bases_apart():
     """A persona base and its negative are different organisms: a panel each, never pooled."""
     reports = []

@@ -47,6 +47,10 @@ def _short(finetune: str) -> str:
 
 # Panels per row of a figure with a panel per family: at most 4 across.
 MAX_COLUMNS = 4
+# The transfer figure's axis stops at a reduction of -100% (the rate doubled): a fine-tune that
+# barely misbehaves has "reductions" of -1000% and more (a ratio of rates near 0), and one
+# such panel on a shared axis flattened every other panel's bars to nothing.
+REDUCTION_FLOOR = -1.0
 
 
 def cosine_figure(reports: list[EmReport]):
@@ -120,8 +124,9 @@ def transfer_figure(reports: list[TransferReport]):
     fig, axes = panel_figure(rows, cols, (2.8, 2.8), (0.9, 1.4))
     values = [r for rep, kind in panels for r in rep.rows if r.table == "ablation" and r.model == kind and r.statistic == "reduction"]
     finite = [v for r in values for v in (r.lo, r.hi, r.value) if np.isfinite(v)]
-    low, high = min(finite + [-0.1]), max(finite + [0.1])
+    low, high = max(min(finite + [-0.1]), REDUCTION_FLOOR), max(finite + [0.1])
     pad = 0.08 * (high - low)
+    cut = False
     estimates = [[next((r for r in rep.rows if r.table == "ablation" and r.model == kind and r.condition == d
                         and r.statistic == "reduction"), None) for d in DIRECTIONS] for rep, kind in panels]
     shown = [any(e is not None and np.isfinite(e.value) for e in est) for est in estimates]
@@ -144,13 +149,18 @@ def transfer_figure(reports: list[TransferReport]):
         ax.axhline(0, color="black", linewidth=0.8, zorder=1)
         ax.bar(x, mid, color=[DIRECTION_COLORS[d] for d in DIRECTIONS], zorder=2)
         ax.errorbar(x, mid, yerr=np.clip(np.nan_to_num(err), 0, None), fmt="none", ecolor="black", capsize=2.5, linewidth=0.9, zorder=3)
+        below = np.nan_to_num(mid, nan=0.0) < low
+        if below.any():  # bars that go on below the axis' floor: a mark at the floor says so
+            ax.plot(x[below], np.full(int(below.sum()), low - 0.5 * pad), marker="v", color="black", linestyle="none", markersize=4, zorder=4)
+            cut = True
         ax.set_xticks(x, [d.replace("_", " ") for d in DIRECTIONS], rotation=40, ha="right", rotation_mode="anchor", fontsize=8)
         ax.set_ylim(low - pad, high + pad)
         ax.tick_params(axis="y", labelsize=8, labelleft=p % cols == first)
         if p % cols == first:
             ax.set_ylabel("reduction of misaligned rate", fontsize=9)
     title(fig, "Ablation in the receiver's fine-tune: mapped donor direction vs native vs matched controls "
-               "(reduction of the misaligned rate, 95% paired bootstrap interval)", fontsize=10)
+               "(reduction of the misaligned rate, 95% paired bootstrap interval"
+               + (f"; axis cut at {100 * REDUCTION_FLOOR:.0f}%, ▼: below it)" if cut else ")"), fontsize=10)
     return fig
 
 
