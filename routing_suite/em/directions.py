@@ -29,13 +29,13 @@ import xarray as xr
 
 from routing_suite import analysis
 from routing_suite.em.judge import ALIGNED, MISALIGNED
+from routing_suite.em.settings import BALANCES
 from routing_suite.store import text
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("fit", "test")
 CLASSES = (ALIGNED, MISALIGNED)
-BALANCES = ("prompt", "none")
 
 
 def _class_masks(samples: xr.Dataset, finetune: str, values: np.ndarray) -> dict[tuple[str, str], np.ndarray]:

@@ -69,6 +69,10 @@ class EmSteer:
             raise ConfigError(f"em.steer.lambdas={list(self.lambdas)} must be positive strengths (empty: no steering)")
 
 
+# How a direction's class means are taken (`em.directions.fit_directions`).
+BALANCES = ("prompt", "none")
+
+
 @dataclass
 class EmSettings:
     """The `em` config: fine-tunes, sampling, directions, steering, ablation and its controls."""
@@ -97,7 +101,7 @@ class EmSettings:
     def __post_init__(self) -> None:
         if self.min_per_class < 1:
             raise ConfigError(f"em.min_per_class={self.min_per_class} must be >= 1")
-        if self.balance not in ("prompt", "none"):
+        if self.balance not in BALANCES:
             raise ConfigError(f"em.balance={self.balance!r} must be 'prompt' (within-prompt differences) or 'none' (pooled classes)")
         if self.random_seeds < 1:
             raise ConfigError(f"em.random_seeds={self.random_seeds} must be >= 1")

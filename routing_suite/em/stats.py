@@ -136,3 +136,8 @@ def labels(reports: list, first: Callable[[Any], str] = lambda r: r.family) -> d
             if r.path not in out and (level == 2 or names.count(n) == 1):
                 out[r.path] = n
     return out
+
+
+def named_section(reports: list, named: dict[str, str], key: str) -> list[list[str]]:
+    """Every report's rows of one table section, each under its store's name (`labels`)."""
+    return [[named[r.path], *x[1:]] for r in reports for x in r.sections.get(key, [])]

@@ -29,7 +29,7 @@ import xarray as xr
 import zarr
 
 from routing_suite.em.settings import TRANSFER_CONTROLS
-from routing_suite.em.stats import Bootstrap, Row, is_broken, labels, per_prompt, rows_csv
+from routing_suite.em.stats import Bootstrap, Row, is_broken, labels, named_section, per_prompt, rows_csv
 from routing_suite.provenance import store_build
 from routing_suite.text_tables import markdown_text, num, replicate_key, write_files, yes_no
 
@@ -212,8 +212,7 @@ def markdown(reports: list[TransferReport]) -> str:
     named = names(reports)
 
     def section(key: str) -> list[list[str]]:
-        """Every report's rows of one section, each under its report's name."""
-        return [[named[r.path], *x[1:]] for r in reports for x in r.sections.get(key, [])]
+        return named_section(reports, named, key)
 
     n_layers = max((len(r.sections["maps"][0]) - 2 for r in reports), default=0)
     layers = [f"L{i}" for i in range(n_layers)]
