@@ -7,7 +7,7 @@ from typing import Any
 
 from routing_suite import store_format
 from routing_suite.aggregate.studies import StudyKind, register_study, section, tables_then_plots
-from routing_suite.em import builds, plots, stats, tables, transfer_tables
+from routing_suite.em import builds, plots, stats, tables, transfer_builds, transfer_tables
 
 
 def _em_section(reports: list[tables.EmReport], headline: str, notes: list[str], cfg: Any) -> str:
@@ -24,10 +24,16 @@ def _write_em(reports: list[tables.EmReport], out) -> None:
 
 
 def _transfer_section(reports: list[transfer_tables.TransferReport], headline: str, notes: list[str], cfg: Any) -> str:
-    files = "Tables: `em_transfer_table.md`, `em_transfer_table.csv`." + (
+    files = ("Tables: `em_transfer_table.md`, `em_transfer_table.csv`; over builds: `em_transfer_builds.md`, "
+             "`em_transfer_builds.csv`.") + (
         " Plots: `em_transfer`, `em_transfer_maps`." if cfg.plots else "")
     return section("Emergent-misalignment directions across architectures", headline, files,
                    [f"- {r.pair}: `{r.path}`" for r in sorted(reports, key=lambda r: (r.receiver, r.donor))])
+
+
+def _write_transfer(reports: list[transfer_tables.TransferReport], out) -> None:
+    transfer_tables.write(reports, out)
+    transfer_builds.write(reports, out)
 
 
 def _read_em(path, cfg):
@@ -44,5 +50,5 @@ register_study(StudyKind(
 # One report per donor -> receiver pair (cell: receiver, "em_from_<donor>").
 register_study(StudyKind(
     "em_transfer", "EM transfer", store_format.EM_TRANSFER_STAGES, _read_transfer, transfer_tables.headline,
-    tables_then_plots(transfer_tables.write, plots.write_transfer), _transfer_section,
+    tables_then_plots(_write_transfer, plots.write_transfer), _transfer_section,
 ))

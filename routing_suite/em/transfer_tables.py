@@ -56,11 +56,12 @@ class TransferReport:
     def pair(self) -> str:
         return f"{self.donor}->{self.receiver}"
 
+    def row(self, table: str, model: str, condition: str, statistic: str) -> Row | None:
+        return next((r for r in self.rows if (r.table, r.model, r.condition, r.statistic) == (table, model, condition, statistic)), None)
+
     def value(self, table: str, model: str, condition: str, statistic: str) -> float:
-        for r in self.rows:
-            if (r.table, r.model, r.condition, r.statistic) == (table, model, condition, statistic):
-                return r.value
-        return float("nan")
+        found = self.row(table, model, condition, statistic)
+        return found.value if found else float("nan")
 
     def summary(self) -> dict:
         """Per kind: reductions of the mapped, native and control ablations, whether the mapped
@@ -82,11 +83,11 @@ class TransferReport:
             "beats": {c: self.value(table, kind, c, "beaten_by_mapped") == 1.0 for c in TRANSFER_CONTROLS},
             "broken": {d: self.value(table, kind, d, "broken") == 1.0 for d in DIRECTIONS},
         }
-        lo = next((r.lo for r in self.rows if (r.table, r.model, r.condition, r.statistic) == (table, kind, "mapped", "reduction")),
-                  float("nan"))
-        # Specific: the mapped edit lowers the rate (interval above 0) without breaking
-        # the model, and more than every control does.
-        out["specific"] = bool(lo > 0) and not out["broken"]["mapped"] and all(out["beats"].values())
+        reduction = self.row(table, kind, "mapped", "reduction")
+        # Lowers: the mapped edit lowers the rate (interval above 0) without breaking the
+        # model; specific: it does, and more than every control does.
+        out["lowers"] = bool(reduction and reduction.lo > 0) and not out["broken"]["mapped"]
+        out["specific"] = out["lowers"] and all(out["beats"].values())
         return out
 
 
