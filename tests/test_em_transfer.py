@@ -373,6 +373,17 @@ def test_rerun_reuses_every_store_and_gives_the_same_table(transfer_run):
 
 
 @pytest.mark.slow
+def test_a_pair_with_nothing_to_carry_fails_before_the_maps(tiny_cache, tmp_path):
+    """No fine-tune of either family has a direction (min_per_class out of reach): both EM
+    stores finish, and the transfer says so before it fits a map or opens its store."""
+    cfg = _cfg(tiny_cache, tmp_path, ["donor=llama", "receiver=qwen2", "em.min_per_class=100000"])
+    with pytest.raises(ConfigError, match="no misaligned fine-tune kind has a direction in both llama and qwen2"):
+        run(cfg)
+    assert not list((tmp_path / "stores").glob("*/em_transfer/*"))
+    assert len(list((tmp_path / "stores").glob("*/em/em-*.zarr"))) == 2
+
+
+@pytest.mark.slow
 def test_aggregator_writes_the_transfer_table_and_the_plots(transfer_run, tmp_path):
     _, _, result = transfer_run
     root = tmp_path / "stores"

@@ -151,7 +151,8 @@ def direction_names(seeds: int) -> list[tuple[str, str, int]]:
     return names
 
 
-def _has(directions: xr.Dataset, kind: str) -> bool:
+def has_direction(directions: xr.Dataset, kind: str) -> bool:
+    """`kind` has a direction in this family's `em_directions`."""
     return kind in directions.finetune.values and bool(directions.has_direction.sel(finetune=kind))
 
 
@@ -164,7 +165,7 @@ def receiver_directions(
     names = direction_names(settings.random_seeds)
     n_layers, d = receiver_dirs.sizes["layer"], receiver_dirs.sizes["hidden"]
     out = np.full((len(kinds), len(names), n_layers, d), np.nan, np.float32)
-    has = np.array([_has(donor_dirs, k) and _has(receiver_dirs, k) for k in kinds])
+    has = np.array([has_direction(donor_dirs, k) and has_direction(receiver_dirs, k) for k in kinds])
     index = {name: i for i, (name, _, _) in enumerate(names)}
     shift = settings.wrong_layer_shift
     for k, kind in enumerate(kinds):

@@ -166,12 +166,15 @@ def run(cfg: DictConfig) -> dict:
     (donor, donor_path), (receiver, receiver_path) = sides[donor_name], sides[receiver_name]
     if donor.models.tokenizer.get_vocab() != receiver.models.tokenizer.get_vocab():
         raise ConfigError(f"{donor_name} and {receiver_name} organisms have different vocabularies: no token-by-token map")
+    # Before the maps are fit: a pair where no misaligned kind has a direction on both sides
+    # (a fine-tune with too few misaligned answers has none) has nothing to carry.
+    directions = {name: fam.store.read("em_directions") for name, fam in ((donor_name, donor), (receiver_name, receiver))}
+    if not any(all(X.has_direction(d, kind) for d in directions.values()) for kind in settings.organisms.misaligned):
+        raise ConfigError(f"no misaligned fine-tune kind has a direction in both {donor_name} and {receiver_name}; "
+                          f"nothing to carry (see em_directions in their stores: {donor_path}, {receiver_path})")
     store = open_store(cfg, donor, receiver, {donor_name: str(donor_path), receiver_name: str(receiver_path)}, backend)
     task = T.make_task(instantiate(family_cfg(cfg, receiver_name).model).task_spec)
     maps = run_stage(store, "xfer_maps", lambda: stage_maps(donor, receiver, task, settings, transfer, seed, backend))
-    if not maps.has_direction.values.any():
-        raise ConfigError(f"no misaligned fine-tune kind has a direction in both {donor_name} and {receiver_name}; "
-                          "nothing to carry (see em_directions in their stores)")
     run_stage(store, "xfer_outcomes", lambda: stage_outcomes(receiver, maps, settings, transfer, judge, seed, backend, progress))
     final = store.finish()
     seconds = time.perf_counter() - started
