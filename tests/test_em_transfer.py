@@ -400,6 +400,6 @@ def test_aggregator_writes_the_transfer_table_and_the_plots(transfer_run, tmp_pa
     by_build = {tuple(r.split(",")[1:3]): r.split(",")[3:] for r in counts[1:]}
     assert by_build["0", "receiver fine-tunes with EM >= 10%"] == by_build["all", "receiver fine-tunes with EM >= 10%"]
     assert (tmp_path / "out" / "em_transfer_builds.md").read_text().startswith("## EM transfer over builds")
-    for stem in ("em_cosine", "em_transfer", "em_transfer_maps"):
+    for stem in ("em_cosine", "em_transfer", "em_transfer_maps", "em_transfer_builds"):
         assert (tmp_path / "out" / f"{stem}.png").stat().st_size > 1000, stem
     assert "## Emergent-misalignment directions across architectures" in (tmp_path / "out" / "report.md").read_text()

@@ -89,3 +89,24 @@ def test_no_specific_transfer_says_so():
     md = XB.markdown([a])
     assert md.endswith("## Specific transfers (reduction of the misaligned rate)\nNone.\n")
     assert "| persona | 0 | 2 of 2 | 0 of 2 | 0 of 2 | 0 of 2 | 0 of 2 | 0 of 2 | 0 of 2 |" in md
+
+
+def test_the_builds_figure_has_a_panel_per_base_and_edit():
+    from routing_suite.em import plots
+
+    a, quiet = _store("gemma2", "llama", "0"), _store("qwen2", "llama", "0", em=0.05)
+    negative = _store("gemma2", "llama", "1", "persona_per_topic")
+    for rep in (a, quiet, negative):
+        for kind in ("minimal", "wide"):
+            _edit(rep, kind, "clamp", (0.7, 0.5))
+            _edit(rep, kind, "ablation", (-30.0, -40.0), broken=True)  # far below the axis' floor
+    fig = plots.builds_figure([a, quiet, negative])
+    titles = [ax.get_title() for ax in fig.get_axes() if ax.get_title()]
+    assert titles == ["persona base: ablation\n2 fine-tunes, 1 build; mapped specific in 0",
+                      "persona base: decision clamp\n2 fine-tunes, 1 build; mapped specific in 2",
+                      "persona_per_topic base: ablation\n2 fine-tunes, 1 build; mapped specific in 0",
+                      "persona_per_topic base: decision clamp\n2 fine-tunes, 1 build; mapped specific in 2"]
+    assert "axis cut at -100%" in fig.get_suptitle()
+    one = plots.builds_figure([quiet])  # no fine-tune with EM: the panels say so
+    assert [ax.get_title().split("\n")[1] for ax in one.get_axes() if ax.get_title()] == \
+        ["0 fine-tunes, 1 build; mapped specific in 0"] * 2

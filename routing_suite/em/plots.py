@@ -5,6 +5,8 @@
     em_transfer       per donor -> receiver pair and fine-tune kind, the reduction of the misaligned
                       rate by ablating the mapped direction, the native one and each matched control
     em_transfer_maps  per receiver, the ridge maps' held-out R^2 per layer beside token identity alone
+    em_transfer_builds  per base and edit, every receiver fine-tune's reduction by each direction
+                      (a dot each, over all pairs and builds): the per-pair figure, summed up
 """
 
 from __future__ import annotations
@@ -14,7 +16,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.lines import Line2D
 
+from routing_suite.em.builds import EM_MIN, TRANSFER_MIN
 from routing_suite.em.tables import EmReport
+from routing_suite.em.transfer_builds import EDITS, fine_tunes
 from routing_suite.em.transfer_tables import DIRECTIONS, TransferReport
 from routing_suite.em.transfer_tables import names as transfer_names  # a pair's stores, told apart
 from routing_suite.figures import (
@@ -202,9 +206,70 @@ def maps_figure(reports: list[TransferReport]):
     return fig
 
 
+def builds_figure(reports: list[TransferReport]):
+    """One panel per base and edit (ablation, decision clamp): every receiver fine-tune with EM
+    >= EM_MIN of every pair and build, its reduction by each direction, a dot each (hollow:
+    the edit broke the answers; ringed in black: the mapped edit is specific), the median of
+    each direction's dots as a bar. The axis stops at REDUCTION_FLOOR, as the per-pair figure's."""
+    bases = sorted({r.pretraining or "routing" for r in reports})
+    panels = [(base, edit) for base in bases for edit in EDITS]
+    rows, cols = len(bases), len(EDITS)
+    fig, axes = panel_figure(rows, cols, (4.2, 2.9), (0.9, 1.6))
+    x = np.arange(len(DIRECTIONS))
+    cut = False
+    for p, (base, edit) in enumerate(panels):
+        ax = axes[p // cols][p % cols]
+        points = [(s if edit == "ablation" else s.get("clamp")) for rep in reports if (rep.pretraining or "routing") == base
+                  for _, em, s in fine_tunes(rep) if em >= EM_MIN]
+        points = [s for s in points if s is not None]
+        builds = len({rep.replicate for rep in reports if (rep.pretraining or "routing") == base})
+        specific = sum(s["specific"] for s in points)
+        ax.set_title(f"{base} base: {EDITS[edit]}\n{len(points)} fine-tune{'s' * (len(points) != 1)}, {builds} build{'s' * (builds != 1)}; "
+                     f"mapped specific in {specific}", fontsize=9)
+        if not points:
+            empty(ax, f"no receiver fine-tune with EM >= {100 * EM_MIN:.0f}%")
+            continue
+        jitter = np.random.default_rng(0).uniform(-0.25, 0.25, len(points))  # fixed: the same stores give the same bytes
+        for i, d in enumerate(DIRECTIONS):
+            values = np.array([s["reduction"][d] for s in points], float)
+            broken = np.array([s["broken"][d] for s in points])
+            shown = np.maximum(values, REDUCTION_FLOOR)
+            below = values < REDUCTION_FLOOR
+            cut |= bool(below.any())
+            color = DIRECTION_COLORS[d]
+            ax.scatter(i + jitter[~broken], shown[~broken], s=11, color=color, zorder=3, linewidths=0)
+            ax.scatter(i + jitter[broken], shown[broken], s=11, facecolors="none", edgecolors=color, linewidths=0.8, zorder=3)
+            if d == "mapped":
+                ring = np.array([s["specific"] for s in points])
+                ax.scatter(i + jitter[ring], shown[ring], s=30, facecolors="none", edgecolors="black", linewidths=0.8, zorder=4)
+            if below.any():
+                ax.plot([i], [REDUCTION_FLOOR - 0.07], marker="v", color="black", markersize=4, zorder=4)
+            finite = values[np.isfinite(values)]
+            if finite.size:
+                ax.plot([i - 0.32, i + 0.32], [max(np.median(finite), REDUCTION_FLOOR)] * 2, color="black", linewidth=1.6, zorder=2)
+        ax.axhline(0, color="black", linewidth=0.7, zorder=1)
+        ax.axhline(TRANSFER_MIN, color="black", linewidth=0.7, linestyle=":", zorder=1)
+        ax.set_ylim(REDUCTION_FLOOR - 0.12, 1.05)
+        ax.set_xticks(x, [d.replace("_", " ") for d in DIRECTIONS], rotation=35, ha="right", rotation_mode="anchor", fontsize=8)
+        ax.tick_params(axis="y", labelsize=8)
+        if p % cols == 0:
+            ax.set_ylabel("reduction of misaligned rate", fontsize=9)
+    handles = [Line2D([], [], color="black", marker="o", linestyle="none", markersize=4, label="intact"),
+               Line2D([], [], color="black", marker="o", markerfacecolor="none", linestyle="none", markersize=4, label="broken answers"),
+               Line2D([], [], color="black", marker="o", markerfacecolor="none", linestyle="none", markersize=7,
+                      label="mapped: specific"),
+               Line2D([], [], color="black", linewidth=1.6, label="median"),
+               Line2D([], [], color="black", linewidth=0.7, linestyle=":", label=f"{100 * TRANSFER_MIN:.0f}% (the seed's transfer bar)")]
+    legend(fig, handles)
+    title(fig, "Cross-architecture transfer over pairs and builds: each receiver fine-tune's reduction of its misaligned rate, "
+               "by direction" + (f" (axis cut at {100 * REDUCTION_FLOOR:.0f}%, ▼: some below it)" if cut else ""), fontsize=10)
+    return fig
+
+
 def write_em(reports: list[EmReport], out: Path, dpi: int) -> list[Path]:
     return save(cosine_figure(reports), out, "em_cosine", dpi)
 
 
 def write_transfer(reports: list[TransferReport], out: Path, dpi: int) -> list[Path]:
-    return save(transfer_figure(reports), out, "em_transfer", dpi) + save(maps_figure(reports), out, "em_transfer_maps", dpi)
+    return (save(transfer_figure(reports), out, "em_transfer", dpi) + save(maps_figure(reports), out, "em_transfer_maps", dpi)
+            + save(builds_figure(reports), out, "em_transfer_builds", dpi))

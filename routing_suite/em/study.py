@@ -26,7 +26,7 @@ def _write_em(reports: list[tables.EmReport], out) -> None:
 def _transfer_section(reports: list[transfer_tables.TransferReport], headline: str, notes: list[str], cfg: Any) -> str:
     files = ("Tables: `em_transfer_table.md`, `em_transfer_table.csv`; over builds: `em_transfer_builds.md`, "
              "`em_transfer_builds.csv`.") + (
-        " Plots: `em_transfer`, `em_transfer_maps`." if cfg.plots else "")
+        " Plots: `em_transfer`, `em_transfer_maps`, `em_transfer_builds`." if cfg.plots else "")
     return section("Emergent-misalignment directions across architectures", headline, files,
                    [f"- {r.pair}: `{r.path}`" for r in sorted(reports, key=lambda r: (r.receiver, r.donor))])
 

@@ -32,7 +32,7 @@ EDITS = {"ablation": "ablation", "clamp": "decision clamp"}
 ALL_BUILDS = "all"
 
 
-def _fine_tunes(rep: TransferReport):
+def fine_tunes(rep: TransferReport):
     """(kind, baseline EM, the kind's summary) of each receiver fine-tune of one store."""
     for kind, summary in ((k, v) for k, v in rep.summary().items() if k != "map_r2"):
         yield kind, rep.value("ablation", kind, "baseline", "misaligned_rate"), summary
@@ -41,7 +41,7 @@ def _fine_tunes(rep: TransferReport):
 def _figures(rep: TransferReport) -> list[tuple[str, bool, bool]]:
     """(figure, applies, met) for each receiver fine-tune of one store, in the order the counts list them."""
     out = []
-    for _, em, summary in _fine_tunes(rep):
+    for _, em, summary in fine_tunes(rep):
         has = math.isfinite(em) and em >= EM_MIN
         out.append(("receiver fine-tunes with EM >= 10%", True, has))
         for edit, label in EDITS.items():
@@ -75,7 +75,7 @@ def specific_rows(reports: list[TransferReport]) -> list[list[str]]:
     named = names(reports)
     rows = []
     for rep in sorted(reports, key=lambda r: (r.pretraining, replicate_key(r.replicate), r.receiver, r.donor, r.path)):
-        for kind, em, summary in _fine_tunes(rep):
+        for kind, em, summary in fine_tunes(rep):
             for edit, label in EDITS.items():
                 s = summary if edit == "ablation" else summary.get("clamp")
                 if s is None or not s["specific"] or not em >= EM_MIN:
