@@ -150,7 +150,8 @@ def test_em_figures_draw_every_text_inside_and_apart(n_layers):
     families = [_em_report(f, n_layers) for f in fake.FAMILIES]
     pairs = [_transfer_report("llama", "qwen2", n_layers), _transfer_report("qwen2", "llama", n_layers)]
     for fig in (em_plots.cosine_figure(families), em_plots.cosine_figure(families[:1]),
-                em_plots.transfer_figure(pairs), em_plots.transfer_figure(pairs[:1]), em_plots.maps_figure(pairs)):
+                em_plots.transfer_figure(pairs), em_plots.transfer_figure(pairs[:1]), em_plots.maps_figure(pairs),
+                em_plots.builds_figure(pairs)):
         assert layout_problems(fig) == []
     transfer = em_plots.transfer_figure(pairs[:1])
     assert [t.get_text() for t in transfer.get_axes()[0].get_xticklabels()] == [d.replace("_", " ") for d in DIRECTIONS]
@@ -168,6 +169,24 @@ def test_em_transfer_axis_stops_at_minus_100_percent_and_marks_what_goes_below()
     assert em_plots.REDUCTION_FLOOR - 0.3 < low < em_plots.REDUCTION_FLOOR and "axis cut at -100%" in fig.texts[0].get_text()
     marks = [line for ax in fig.get_axes() for line in ax.get_lines() if line.get_marker() == "v"]
     assert len(marks) == 2 and all(len(m.get_xdata()) == 1 for m in marks)  # the random bar of each of qwen2->llama's panels
+    assert layout_problems(fig) == []
+
+
+def test_em_transfer_maps_pool_builds_of_a_receiver_and_keep_its_bases_apart():
+    """Three builds of a receiver: one curve per donor (their mean) with a band, not three lines of
+    one colour; a negative base's stores get a panel of their own."""
+    reports = []
+    for seed, base in (("0", "persona"), ("1", "persona"), ("2", "persona"), ("0", "persona_per_topic")):
+        rep = _transfer_report("llama", "qwen2", 8)
+        rep.path, rep.replicate, rep.pretraining = f"{seed}-{base}.zarr", seed, base
+        rep.rows = [dataclasses.replace(r, value=r.value + 0.01 * int(seed)) for r in rep.rows]
+        reports.append(rep)
+    fig = em_plots.maps_figure(reports)
+    axes = [ax for ax in fig.get_axes() if ax.get_title()]
+    assert [ax.get_title() for ax in axes] == ["receiver qwen2 (3 builds)\npersona base", "receiver qwen2\npersona_per_topic base"]
+    assert [len(ax.get_lines()) for ax in axes] == [2, 2]  # the donor's mean and token identity's
+    assert [len(ax.collections) for ax in axes] == [2, 0]  # bands where there are several builds
+    assert np.allclose(axes[0].get_lines()[0].get_ydata(), 0.61) and "band: lowest to highest" in fig.get_suptitle()
     assert layout_problems(fig) == []
 
 

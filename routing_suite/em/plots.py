@@ -168,33 +168,54 @@ def transfer_figure(reports: list[TransferReport]):
     return fig
 
 
+def _per_layer(reps: list[TransferReport], statistic: str) -> tuple[list[int], np.ndarray]:
+    """(layers, (store, layer) values) of one maps statistic over several stores."""
+    per_store = [{_layer(r.condition): r.value for r in rep.rows if r.table == "maps" and r.statistic == statistic} for rep in reps]
+    layers = sorted({layer for values in per_store for layer in values})
+    return layers, np.array([[values.get(layer, np.nan) for layer in layers] for values in per_store], dtype=float)
+
+
+def _mean_and_band(ax, layers: list[int], values: np.ndarray, **style) -> None:
+    """The mean over stores, and a band from lowest to highest where there are several."""
+    with np.errstate(all="ignore"):
+        ax.plot(layers, np.nanmean(values, axis=0), **style)
+    if len(values) > 1:
+        ax.fill_between(layers, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=style["color"], alpha=0.15, linewidth=0)
+
+
 def maps_figure(reports: list[TransferReport]):
-    """One panel per receiver: the held-out R^2 of each donor's maps per layer (solid) and of the
-    token's identity alone (dashed; a property of the receiver and the held-out texts)."""
-    receivers = sorted({r.receiver for r in reports})
+    """One panel per receiver (and base, where stores of several bases are here, as `em_cosine`):
+    the held-out R^2 of each donor's maps per layer (solid) and of the token's identity alone
+    (dashed; a property of the receiver build and the held-out texts), each the mean over the
+    panel's builds with a band from lowest to highest."""
+    panels = sorted({(r.receiver, r.pretraining) for r in reports})
+    several_bases = len({base for _, base in panels}) > 1
     n_layers = max([len([r for r in rep.rows if r.table == "maps" and r.statistic == "r2"]) for rep in reports] + [1])
-    rows, cols = wrapped_shape(len(receivers), MAX_COLUMNS)
+    rows, cols = wrapped_shape(len(panels), MAX_COLUMNS)
     fig, axes = panel_figure(rows, cols, (max(2.8, 0.1 * n_layers), 2.3), (0.9, 1.4))
     donors: dict[str, str] = {}
+    several = False
     for p in range(rows * cols):
         ax = axes[p // cols][p % cols]
-        if p >= len(receivers):
+        if p >= len(panels):
             ax.set_axis_off()  # the rest of the last row
             continue
-        receiver = receivers[p]
-        mine = sorted((r for r in reports if r.receiver == receiver), key=lambda r: r.donor)
-        for rep in mine:
-            rows_r2 = [r for r in rep.rows if r.table == "maps" and r.statistic == "r2"]
-            color = FAMILY_COLORS.get(rep.donor, BASELINE_COLOR)
-            donors[rep.donor] = color
-            ax.plot([_layer(r.condition) for r in rows_r2], [r.value for r in rows_r2], color=color, marker="o", markersize=3,
-                    linewidth=1.1)
-        token = [r for r in mine[0].rows if r.table == "maps" and r.statistic == "r2_token_identity"]
-        layers = [_layer(r.condition) for r in token]
-        ax.plot(layers, [r.value for r in token], color="black", linestyle="--", marker="x", markersize=3, linewidth=1.0)
+        receiver, base = panels[p]
+        mine = [r for r in reports if (r.receiver, r.pretraining) == panels[p]]
+        for donor in sorted({r.donor for r in mine}):
+            color = FAMILY_COLORS.get(donor, BASELINE_COLOR)
+            donors[donor] = color
+            layers, values = _per_layer([r for r in mine if r.donor == donor], "r2")
+            _mean_and_band(ax, layers, values, color=color, marker="o", markersize=3, linewidth=1.1)
+        # the token's identity is the receiver build's: one curve per build, whatever the donor
+        builds = {r.replicate: r for r in mine}
+        several |= len(builds) > 1
+        layers, values = _per_layer(list(builds.values()), "r2_token_identity")
+        _mean_and_band(ax, layers, values, color="black", linestyle="--", marker="x", markersize=3, linewidth=1.0)
         if layers:
             layer_ticks(ax, layers)
-        ax.set_title(f"receiver {receiver}", fontsize=9)
+        ax.set_title(f"receiver {receiver}" + builds_note(len(builds)) + (f"\n{base or 'routing'} base" if several_bases else ""),
+                     fontsize=9)
         ax.set_xlabel("receiver layer", fontsize=9)
         ax.tick_params(labelsize=8)
         if p % cols == 0:
@@ -202,7 +223,7 @@ def maps_figure(reports: list[TransferReport]):
     handles = [Line2D([], [], color=color, marker="o", markersize=3, label=f"map from {donor}") for donor, color in sorted(donors.items())]
     handles.append(Line2D([], [], color="black", linestyle="--", marker="x", markersize=3, label="token identity alone"))
     legend(fig, handles)
-    title(fig, "Ridge maps donor base → receiver base: R² on held-out texts")
+    title(fig, "Ridge maps donor base → receiver base: R² on held-out texts" + (" (mean over builds; band: lowest to highest)" if several else ""))
     return fig
 
 
