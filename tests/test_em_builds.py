@@ -104,3 +104,45 @@ def test_transfer_rows_keep_several_builds_of_one_pair_apart():
     titles = [ax.get_title() for ax in plots.transfer_figure(reports).get_axes() if ax.get_title()]
     assert titles == ["gemma2->llama / minimal\npersona seed 0", "gemma2->llama / minimal\npersona seed 1",
                       "gemma2->llama / minimal\npersona_per_topic seed 1"]
+
+
+def _reduction(rep: EmReport, model: str, condition: str, value: float, lo: float, hi: float, broken: bool = False) -> None:
+    rep.rows += [Row(rep.family, "ablation", model, condition, "reduction", value, lo, hi),
+                 Row(rep.family, "ablation", model, condition, "broken", float(broken))]
+
+
+def test_a_clamp_counts_beyond_random_only_where_the_intervals_part():
+    """The own and the planted clamps against their matched random (the whole of its interval
+    below the clamp's), and the transfer clamp against the seed's 60%."""
+    reps = [_report("llama", "0"), _report("qwen2", "0"), _report("gemma2", "0"), _report("mistral", "0")]
+    for rep, (lo, random_hi, broken) in zip(reps, ((0.3, 0.2, False), (0.3, 0.35, False), (0.3, 0.2, True), (-0.1, -0.2, False))):
+        rep.rows = [r for r in rep.rows if not r.condition.startswith("clamp/own")]
+        for model in ("minimal", "wide"):
+            _reduction(rep, model, "clamp/own", 0.5, lo, 0.7, broken)
+            _reduction(rep, model, "clamp/own/random", 0.1, 0.0, random_hi)
+    _reduction(reps[0], "wide", "clamp/from/minimal", 0.65, 0.4, 0.8)
+    _reduction(reps[1], "wide", "clamp/from/minimal", 0.55, 0.4, 0.8)
+    _reduction(reps[0], "minimal", "clamp/planted", 0.9, 0.8, 1.0)
+    _reduction(reps[0], "minimal", "clamp/planted/random", 0.1, 0.0, 0.2)
+    counts = B.counts(reps)["persona"]
+    # qwen2: its random's interval reaches into the clamp's; gemma2: broken; mistral: reaches 0
+    assert counts["minimal (EM >= 10%): own decision-token clamp beyond its matched random's interval, unbroken"].text == "1 of 4"
+    assert counts["wide (EM >= 10%): transfer decision-token clamp of minimal's directions >= 60% unbroken"].text == "1 of 4"
+    # the planted variable exists on persona bases only: counted where a store has it
+    assert counts["minimal (EM >= 10%): planted variable's decision-token clamp beyond its matched random's interval, unbroken"].text == "1 of 1"
+
+
+def test_one_build_on_two_bases_says_which_fine_tune_misbehaves_more():
+    reports = [_report("llama", "0"), _report("llama", "0", "persona_per_topic", variant="v2", minimal=0.5, wide=0.45),
+               _report("llama", "1"), _report("llama", "1", "persona_per_topic", variant="v2", minimal=0.0, wide=0.8),
+               _report("qwen2", "0")]  # no negative of its build: not compared
+    rows = B.contrast_rows(reports)
+    assert rows == [["llama", "0", "minimal", "persona 20 [15, 25]", "persona_per_topic 50 [45, 55]", "persona_per_topic"],
+                    ["llama", "0", "wide", "persona 50 [45, 55]", "persona_per_topic 45 [40, 50]", "neither"],
+                    ["llama", "1", "minimal", "persona 20 [15, 25]", "persona_per_topic 0 [-5, 5]", "persona"],
+                    ["llama", "1", "wide", "persona 50 [45, 55]", "persona_per_topic 80 [75, 85]", "persona_per_topic"]]
+    counts = B.contrast_counts(reports)["persona vs persona_per_topic"]
+    assert counts["minimal: EM interval on persona wholly above the other's"].text == "1 of 2"
+    assert counts["wide: EM interval on persona_per_topic wholly above the other's"].text == "1 of 2"
+    assert "persona vs persona_per_topic,wide: EM interval on persona wholly above the other's,0,2" in B.csv_counts(reports).splitlines()
+    assert "## One build on two bases" in B.markdown(reports) and "## One build on two bases" not in B.markdown(reports[:1])

@@ -12,7 +12,12 @@ most layers, steering the chat model into EM; the cross-architecture study:
 meet each. The thresholds are the issue's bar, named below; "unbroken" is the
 tables' own rule (coherence within MAX_COHERENCE_DROP of the baseline's).
 Ablation, clamp and steering figures count only fine-tunes with EM to remove
-(>= EM_MIN), over the builds where they have it.
+(>= EM_MIN), over the builds where they have it. Beside the seed's bars, the
+clamps at the decision token (own, transferred, and on a persona base the
+planted variable's) are counted where their interval lies beyond their matched
+random's. Where one family's build is there on two bases (a persona base and its
+negative), each misaligned fine-tune's EM on the two is set side by side, with
+the base whose interval lies wholly above the other's, and counted.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from routing_suite.em.stats import labels
+from routing_suite.em.stats import Row, labels
 from routing_suite.em.tables import EmReport, sort_reports
 from routing_suite.text_tables import csv_text, markdown_text, num, write_files
 
@@ -59,6 +64,16 @@ def seed_bar(own: Effect, random: Effect, least: float = ABLATION_MIN) -> bool:
     intact, and the matched random direction moves it less than RANDOM_MAX, intact too."""
     return (own.reduction >= least and not own.broken and math.isfinite(random.reduction)
             and abs(random.reduction) < RANDOM_MAX and not random.broken)
+
+
+def beyond_random(rep: EmReport, model: str, condition: str) -> bool:
+    """`condition` lowers `model`'s EM with the answers intact, its reduction's interval above 0
+    and above the whole interval of its matched random direction (`condition`/random): a
+    causal edit that a push of its size in no particular direction does not explain."""
+    own, random = rep.row("ablation", model, condition, "reduction"), rep.row("ablation", model, f"{condition}/random", "reduction")
+    if own is None or random is None:
+        return False
+    return own.lo > 0 and own.lo > random.hi and not effect(rep, model, condition).broken
 
 
 def best_steering(rep: EmReport, model: str) -> tuple[float, float, str]:
@@ -116,10 +131,16 @@ def _figures(rep: EmReport) -> list[tuple[str, bool, bool]]:
                     seed_bar(effect(rep, ft, "ablate/own"), effect(rep, ft, "ablate/own/random"))))
         out.append((f"{ft} (EM >= 10%): own decision-token clamp >= 70% unbroken, matched random < 10% unbroken", has,
                     seed_bar(effect(rep, ft, "clamp/own"), effect(rep, ft, "clamp/own/random"))))
+        out.append((f"{ft} (EM >= 10%): own decision-token clamp beyond its matched random's interval, unbroken", has,
+                    beyond_random(rep, ft, "clamp/own")))
         for other in (m for m in rep.misaligned if m != ft):
-            transfer = effect(rep, ft, f"ablate/from/{other}")
-            out.append((f"{ft} (EM >= 10%): transfer ablation of {other}'s directions >= 60% unbroken", has,
-                        transfer.reduction >= TRANSFER_MIN and not transfer.broken))
+            for edit, name in (("ablate", "ablation"), ("clamp", "decision-token clamp")):
+                transfer = effect(rep, ft, f"{edit}/from/{other}")
+                out.append((f"{ft} (EM >= 10%): transfer {name} of {other}'s directions >= 60% unbroken", has,
+                            transfer.reduction >= TRANSFER_MIN and not transfer.broken))
+        if rep.row("ablation", ft, "clamp/planted", "reduction") is not None:  # persona bases: the ground truth
+            out.append((f"{ft} (EM >= 10%): planted variable's decision-token clamp beyond its matched random's interval, unbroken",
+                        has, beyond_random(rep, ft, "clamp/planted")))
         steered, random, _ = best_steering(rep, ft)
         out.append((f"steering the base with {ft}'s direction > 10%, random <= 10%", True,
                     steered > STEER_MIN and random <= STEER_MIN))
@@ -136,6 +157,60 @@ def counts(reports: list[EmReport]) -> dict[str, dict[str, Count]]:
         group = out.setdefault(rep.pretraining or "routing", {})
         for figure, applies, met in _figures(rep):
             group.setdefault(figure, Count()).add(applies, met)
+    return out
+
+
+def _interval(rep: EmReport, model: str) -> Row | None:
+    return rep.row("organisms", model, "general", "misaligned_rate")
+
+
+def base_pairs(reports: list[EmReport]) -> list[tuple[EmReport, EmReport]]:
+    """Stores of one family and build on two bases (a persona base and its negative; their
+    variants differ by the pretraining alone), (first base, second base) in the bases' sorted
+    order, every store of one against every store of the other: where the fine-tunes can tell
+    the bases apart."""
+    by_build: dict[tuple[str, str], dict[str, list[EmReport]]] = {}
+    for rep in sort_reports(reports):
+        by_build.setdefault((rep.family, rep.replicate), {}).setdefault(rep.pretraining or "routing", []).append(rep)
+    pairs = []
+    for bases in by_build.values():
+        names = sorted(bases)
+        pairs += [(x, y) for i, a in enumerate(names) for b in names[i + 1:] for x in bases[a] for y in bases[b]]
+    return pairs
+
+
+def contrast(first: EmReport, second: EmReport, model: str) -> str:
+    """Which base's fine-tune `model` misbehaves more: the base whose EM interval lies wholly
+    above the other's, or "neither" where they overlap (or either is missing)."""
+    a, b = _interval(first, model), _interval(second, model)
+    if a is None or b is None:
+        return "neither"
+    if a.lo > b.hi:
+        return first.pretraining or "routing"
+    if b.lo > a.hi:
+        return second.pretraining or "routing"
+    return "neither"
+
+
+def contrast_rows(reports: list[EmReport]) -> list[list[str]]:
+    rows = []
+    for first, second in base_pairs(reports):
+        for ft in (m for m in first.misaligned if m in second.misaligned):
+            cells = [f"{_pct(r.value)} [{_pct(r.lo)}, {_pct(r.hi)}]" if r else "–" for r in (_interval(first, ft), _interval(second, ft))]
+            rows.append([first.family, first.replicate or "no seed", ft, f"{first.pretraining} {cells[0]}",
+                         f"{second.pretraining} {cells[1]}", contrast(first, second, ft)])
+    return rows
+
+
+def contrast_counts(reports: list[EmReport]) -> dict[str, dict[str, Count]]:
+    """"base vs base" -> "fine-tune: which base's EM is higher" -> Count over the builds with both bases."""
+    out: dict[str, dict[str, Count]] = {}
+    for first, second in base_pairs(reports):
+        group = out.setdefault(f"{first.pretraining} vs {second.pretraining}", {})
+        for ft in (m for m in first.misaligned if m in second.misaligned):
+            higher = contrast(first, second, ft)
+            for base in (first.pretraining, second.pretraining):
+                group.setdefault(f"{ft}: EM interval on {base} wholly above the other's", Count()).add(True, higher == base)
     return out
 
 
@@ -176,11 +251,21 @@ def markdown(reports: list[EmReport]) -> str:
              "\n## Builds that meet each figure, per base (ablation, clamp and transfer: over the builds where the fine-tune's EM is >= 10%)\n"]
     records = [[base, figure, c.text] for base, figures in counts(reports).items() for figure, c in figures.items()]
     parts.append(markdown_text(["base", "figure", "builds"], records))
+    rows = contrast_rows(reports)
+    if rows:
+        parts += ["\n## One build on two bases: each misaligned fine-tune's EM (general test prompts, %, 95% CI) and the base whose "
+                  "interval lies wholly above the other's\n",
+                  markdown_text(["family", "build", "fine-tune", "first base", "second base", "higher"], rows),
+                  "\n## Builds where one base's fine-tune misbehaves more\n",
+                  markdown_text(["bases", "figure", "builds"],
+                                [[bases, figure, c.text] for bases, figures in contrast_counts(reports).items()
+                                 for figure, c in figures.items()])]
     return "".join(parts)
 
 
 def csv_counts(reports: list[EmReport]) -> str:
-    records = [[base, figure, str(c.met), str(c.of)] for base, figures in counts(reports).items() for figure, c in figures.items()]
+    groups = {**counts(reports), **contrast_counts(reports)}
+    records = [[base, figure, str(c.met), str(c.of)] for base, figures in groups.items() for figure, c in figures.items()]
     return csv_text(["base", "figure", "met", "of"], records)
 
 
