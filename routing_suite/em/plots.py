@@ -57,6 +57,21 @@ MAX_COLUMNS = 4
 REDUCTION_FLOOR = -1.0
 
 
+def _per_layer(reps: list[TransferReport], statistic: str) -> tuple[list[int], np.ndarray]:
+    """(layers, (store, layer) values) of one maps statistic over several stores."""
+    per_store = [{_layer(r.condition): r.value for r in rep.rows if r.table == "maps" and r.statistic == statistic} for rep in reps]
+    layers = sorted({layer for values in per_store for layer in values})
+    return layers, np.array([[values.get(layer, np.nan) for layer in layers] for values in per_store], dtype=float)
+
+
+def _mean_and_band(ax, layers: list[int], values: np.ndarray, **style) -> None:
+    """The mean over stores, and a band from lowest to highest where there are several."""
+    with np.errstate(all="ignore"):
+        ax.plot(layers, np.nanmean(values, axis=0), **style)
+    if len(values) > 1:
+        ax.fill_between(layers, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=style["color"], alpha=0.15, linewidth=0)
+
+
 def cosine_figure(reports: list[EmReport]):
     """One panel per family (and base, where stores of several bases are here: a persona base
     and its negative are different organisms, never pooled): per pair of fine-tunes, the
@@ -95,12 +110,7 @@ def cosine_figure(reports: list[EmReport]):
             values = np.array([[b.get(layer, np.nan) for layer in layers] for b in per_build], dtype=float)
             if not np.isfinite(values).any():
                 continue
-            with np.errstate(all="ignore"):
-                mean = np.nanmean(values, axis=0)
-            ax.plot(layers, mean, color=colors[pair], marker="o", markersize=2.5, linewidth=1.2)
-            if len(mine) > 1:
-                ax.fill_between(layers, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=colors[pair], alpha=0.15,
-                                linewidth=0)
+            _mean_and_band(ax, layers, values, color=colors[pair], marker="o", markersize=2.5, linewidth=1.2)
             layer_ticks(ax, layers)
             drawn = True
         if not drawn:
@@ -166,21 +176,6 @@ def transfer_figure(reports: list[TransferReport]):
                "(reduction of the misaligned rate, 95% paired bootstrap interval"
                + (f"; axis cut at {100 * REDUCTION_FLOOR:.0f}%, ▼: below it)" if cut else ")"), fontsize=10)
     return fig
-
-
-def _per_layer(reps: list[TransferReport], statistic: str) -> tuple[list[int], np.ndarray]:
-    """(layers, (store, layer) values) of one maps statistic over several stores."""
-    per_store = [{_layer(r.condition): r.value for r in rep.rows if r.table == "maps" and r.statistic == statistic} for rep in reps]
-    layers = sorted({layer for values in per_store for layer in values})
-    return layers, np.array([[values.get(layer, np.nan) for layer in layers] for values in per_store], dtype=float)
-
-
-def _mean_and_band(ax, layers: list[int], values: np.ndarray, **style) -> None:
-    """The mean over stores, and a band from lowest to highest where there are several."""
-    with np.errstate(all="ignore"):
-        ax.plot(layers, np.nanmean(values, axis=0), **style)
-    if len(values) > 1:
-        ax.fill_between(layers, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=style["color"], alpha=0.15, linewidth=0)
 
 
 def maps_figure(reports: list[TransferReport]):
