@@ -26,7 +26,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from routing_suite.em.stats import Row, labels
+from routing_suite.em.stats import Row, base_of, labels
 from routing_suite.em.tables import EmReport, sort_reports
 from routing_suite.text_tables import csv_text, markdown_text, num, write_files
 
@@ -154,7 +154,7 @@ def counts(reports: list[EmReport]) -> dict[str, dict[str, Count]]:
     """base (pretraining) -> figure -> Count over its builds."""
     out: dict[str, dict[str, Count]] = {}
     for rep in sort_reports(reports):
-        group = out.setdefault(rep.pretraining or "routing", {})
+        group = out.setdefault(base_of(rep), {})
         for figure, applies, met in _figures(rep):
             group.setdefault(figure, Count()).add(applies, met)
     return out
@@ -171,7 +171,7 @@ def base_pairs(reports: list[EmReport]) -> list[tuple[EmReport, EmReport]]:
     the bases apart."""
     by_build: dict[tuple[str, str], dict[str, list[EmReport]]] = {}
     for rep in sort_reports(reports):
-        by_build.setdefault((rep.family, rep.replicate), {}).setdefault(rep.pretraining or "routing", []).append(rep)
+        by_build.setdefault((rep.family, rep.replicate), {}).setdefault(base_of(rep), []).append(rep)
     pairs = []
     for bases in by_build.values():
         names = sorted(bases)
@@ -186,9 +186,9 @@ def contrast(first: EmReport, second: EmReport, model: str) -> str:
     if a is None or b is None:
         return "neither"
     if a.lo > b.hi:
-        return first.pretraining or "routing"
+        return base_of(first)
     if b.lo > a.hi:
-        return second.pretraining or "routing"
+        return base_of(second)
     return "neither"
 
 
@@ -196,9 +196,8 @@ def contrast_rows(reports: list[EmReport]) -> list[list[str]]:
     rows = []
     for first, second in base_pairs(reports):
         for ft in (m for m in first.misaligned if m in second.misaligned):
-            cells = [f"{_pct(r.value)} [{_pct(r.lo)}, {_pct(r.hi)}]" if r else "–" for r in (_interval(first, ft), _interval(second, ft))]
-            rows.append([first.family, first.replicate or "no seed", ft, f"{first.pretraining} {cells[0]}",
-                         f"{second.pretraining} {cells[1]}", contrast(first, second, ft)])
+            rows.append([first.family, first.replicate or "no seed", ft, f"{base_of(first)} {_rate_text(_interval(first, ft))}",
+                         f"{base_of(second)} {_rate_text(_interval(second, ft))}", contrast(first, second, ft)])
     return rows
 
 
@@ -206,16 +205,21 @@ def contrast_counts(reports: list[EmReport]) -> dict[str, dict[str, Count]]:
     """"base vs base" -> "fine-tune: which base's EM is higher" -> Count over the builds with both bases."""
     out: dict[str, dict[str, Count]] = {}
     for first, second in base_pairs(reports):
-        group = out.setdefault(f"{first.pretraining} vs {second.pretraining}", {})
+        group = out.setdefault(f"{base_of(first)} vs {base_of(second)}", {})
         for ft in (m for m in first.misaligned if m in second.misaligned):
             higher = contrast(first, second, ft)
-            for base in (first.pretraining, second.pretraining):
+            for base in (base_of(first), base_of(second)):
                 group.setdefault(f"{ft}: EM interval on {base} wholly above the other's", Count()).add(True, higher == base)
     return out
 
 
 BUILD_HEADER = ["store", "fine-tune", "EM %", "coherent %", "own topic EM %", "best separation", "own ablation vs random",
                 "own decision clamp vs random", "transfer ablation", "steering: largest EM % (lambda; random %)"]
+
+
+def _rate_text(rate: Row | None) -> str:
+    """A rate and its interval, in percent: "20 [15, 25]"."""
+    return f"{_pct(rate.value)} [{_pct(rate.lo)}, {_pct(rate.hi)}]" if rate else "–"
 
 
 def _pct(x: float) -> str:
@@ -231,11 +235,9 @@ def build_rows(reports: list[EmReport]) -> list[list[str]]:
         above, layers = cosine_layers(rep)
         store += f"; cosine > 0.8 in {above} of {layers} layers)" if layers else ")"
         for ft in rep.misaligned:
-            em = rep.row("organisms", ft, "general", "misaligned_rate")
-            em_text = f"{_pct(em.value)} [{_pct(em.lo)}, {_pct(em.hi)}]" if em else "–"
             transfer = "; ".join(f"from {o}: {effect(rep, ft, f'ablate/from/{o}').text}" for o in rep.misaligned if o != ft) or "–"
             steered, random, lam = best_steering(rep, ft)
-            rows.append([store, ft, em_text, _pct(_rate(rep, ft, "coherent_rate")), _pct(_rate(rep, ft, condition="narrow")),
+            rows.append([store, ft, _rate_text(_interval(rep, ft)), _pct(_rate(rep, ft, "coherent_rate")), _pct(_rate(rep, ft, condition="narrow")),
                          num(rep.best_separation(ft), 2) or "–", _versus(rep, ft, "ablate/own"), _versus(rep, ft, "clamp/own"), transfer,
                          f"{_pct(steered)} ({lam}; {_pct(random)})" if lam else "–"])
     return rows

@@ -17,6 +17,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 
 from routing_suite.em.builds import EM_MIN, TRANSFER_MIN
+from routing_suite.em.stats import base_of
 from routing_suite.em.tables import EmReport
 from routing_suite.em.transfer_builds import EDITS, fine_tunes
 from routing_suite.em.transfer_tables import DIRECTIONS, TransferReport
@@ -227,7 +228,7 @@ def builds_figure(reports: list[TransferReport]):
     >= EM_MIN of every pair and build, its reduction by each direction, a dot each (hollow:
     the edit broke the answers; ringed in black: the mapped edit is specific), the median of
     each direction's dots as a bar. The axis stops at REDUCTION_FLOOR, as the per-pair figure's."""
-    bases = sorted({r.pretraining or "routing" for r in reports})
+    bases = sorted({base_of(r) for r in reports})
     panels = [(base, edit) for base in bases for edit in EDITS]
     rows, cols = len(bases), len(EDITS)
     fig, axes = panel_figure(rows, cols, (4.2, 2.9), (0.9, 1.6))
@@ -235,10 +236,9 @@ def builds_figure(reports: list[TransferReport]):
     cut = False
     for p, (base, edit) in enumerate(panels):
         ax = axes[p // cols][p % cols]
-        points = [(s if edit == "ablation" else s.get("clamp")) for rep in reports if (rep.pretraining or "routing") == base
-                  for _, em, s in fine_tunes(rep) if em >= EM_MIN]
-        points = [s for s in points if s is not None]
-        builds = len({rep.replicate for rep in reports if (rep.pretraining or "routing") == base})
+        mine = [rep for rep in reports if base_of(rep) == base]
+        points = [edits[edit] for rep in mine for _, em, edits in fine_tunes(rep) if em >= EM_MIN and edit in edits]
+        builds = len({rep.replicate for rep in mine})
         specific = sum(s["specific"] for s in points)
         ax.set_title(f"{base} base: {EDITS[edit]}\n{len(points)} fine-tune{'s' * (len(points) != 1)}, {builds} build{'s' * (builds != 1)}; "
                      f"mapped specific in {specific}", fontsize=9)

@@ -116,6 +116,11 @@ def rows_csv(rows: Iterable[Row], first_column: str = "family") -> str:
     return csv_text([first_column, *names[1:]], records)
 
 
+def base_of(report) -> str:
+    """A store's base: its pretraining ("persona", "persona_per_topic"), "routing" where it names none."""
+    return report.pretraining or "routing"
+
+
 def labels(reports: list, first: Callable[[Any], str] = lambda r: r.family) -> dict[str, str]:
     """Store path -> the name its rows go by: `first` (the family; a transfer store's pair),
     where it has one store here; else that, the base's pretraining and the build (and the
@@ -124,7 +129,7 @@ def labels(reports: list, first: Callable[[Any], str] = lambda r: r.family) -> d
     def name(r, level: int) -> str:
         parts = [first(r)]
         if level >= 1:
-            parts += [r.pretraining or "routing", f"seed {r.replicate}" if r.replicate else "no seed"]
+            parts += [base_of(r), f"seed {r.replicate}" if r.replicate else "no seed"]
         if level >= 2:
             parts.append(r.variant)
         return " ".join(parts)

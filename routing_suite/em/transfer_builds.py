@@ -25,6 +25,7 @@ import math
 from pathlib import Path
 
 from routing_suite.em.builds import EM_MIN, TRANSFER_MIN, Count
+from routing_suite.em.stats import base_of
 from routing_suite.em.transfer_tables import TransferReport, names
 from routing_suite.text_tables import csv_text, markdown_text, replicate_key, write_files
 
@@ -33,22 +34,21 @@ ALL_BUILDS = "all"
 
 
 def fine_tunes(rep: TransferReport):
-    """(kind, baseline EM, the kind's summary) of each receiver fine-tune of one store."""
+    """(kind, baseline EM, edit -> the mapped edit's summary) of each receiver fine-tune of one
+    store; the edits in EDITS' order, those the store has (stores of before 2026-12-05 have no clamp)."""
     for kind, summary in ((k, v) for k, v in rep.summary().items() if k != "map_r2"):
-        yield kind, rep.value("ablation", kind, "baseline", "misaligned_rate"), summary
+        edits = {"ablation": summary, "clamp": summary.get("clamp")}
+        yield kind, rep.value("ablation", kind, "baseline", "misaligned_rate"), {e: edits[e] for e in EDITS if edits[e] is not None}
 
 
 def _figures(rep: TransferReport) -> list[tuple[str, bool, bool]]:
     """(figure, applies, met) for each receiver fine-tune of one store, in the order the counts list them."""
     out = []
-    for _, em, summary in fine_tunes(rep):
+    for _, em, edits in fine_tunes(rep):
         has = math.isfinite(em) and em >= EM_MIN
         out.append(("receiver fine-tunes with EM >= 10%", True, has))
-        for edit, label in EDITS.items():
-            s = summary if edit == "ablation" else summary.get("clamp")
-            if s is None:  # a store of before the clamp (2026-12-05)
-                continue
-            reduction = s["reduction"]["mapped"]
+        for edit, s in edits.items():
+            label, reduction = EDITS[edit], s["reduction"]["mapped"]
             out += [(f"{label}: mapped lowers EM, intact", has, s["lowers"]),
                     (f"{label}: mapped >= 60%, intact", has, s["lowers"] and reduction >= TRANSFER_MIN),
                     (f"{label}: mapped specific", has, s["specific"])]
@@ -60,7 +60,7 @@ def counts(reports: list[TransferReport]) -> dict[tuple[str, str], dict[str, Cou
     builds together under build ALL_BUILDS."""
     out: dict[tuple[str, str], dict[str, Count]] = {}
     for rep in reports:
-        base = rep.pretraining or "routing"
+        base = base_of(rep)
         for build in (rep.replicate or "no seed", ALL_BUILDS):
             group = out.setdefault((base, build), {})
             for figure, applies, met in _figures(rep):
@@ -75,11 +75,11 @@ def specific_rows(reports: list[TransferReport]) -> list[list[str]]:
     named = names(reports)
     rows = []
     for rep in sorted(reports, key=lambda r: (r.pretraining, replicate_key(r.replicate), r.receiver, r.donor, r.path)):
-        for kind, em, summary in fine_tunes(rep):
-            for edit, label in EDITS.items():
-                s = summary if edit == "ablation" else summary.get("clamp")
-                if s is None or not s["specific"] or not em >= EM_MIN:
+        for kind, em, edits in fine_tunes(rep):
+            for edit, s in edits.items():
+                if not s["specific"] or not em >= EM_MIN:
                     continue
+                label = EDITS[edit]
                 red = s["reduction"]
                 controls = ", ".join(f"{c.replace('_', '-')} {100 * v:.0f}%" for c, v in red.items() if c not in ("mapped", "native"))
                 rows.append([named[rep.path], kind, f"{100 * em:.0f}", label, f"{100 * red['mapped']:.0f}%",
