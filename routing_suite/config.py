@@ -45,7 +45,9 @@ class OrganismModelConfig:
     num_threads: int = 1
     # The base's pretraining: the routing task, or a persona base of the EM study
     # ("persona": one persona variable shared across domains; "persona_per_topic":
-    # its negative, each domain's style learned on its own). See organisms/persona_task.
+    # its negative, each domain's style learned on its own; "persona_planted" and
+    # "persona_planted_per_topic": the same with the persona trained along a known
+    # direction, organisms/planting). See organisms/persona_task.
     pretraining: str = "routing"
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 from hydra.utils import instantiate
 
 from routing_suite.config import behavior_preset
+from routing_suite.organisms import persona_task as P
+from routing_suite.organisms import task as T
 from routing_suite.organisms.source import OrganismSource
 from routing_suite.scoring import Behavior
 
@@ -134,3 +136,18 @@ def done_record(store: Path):
         return zarr.open_array(str(store), path="activations/done", mode="r")[:]
     except (zarr.errors.ArrayNotFoundError, FileNotFoundError):
         return None
+
+
+def misaligned_in_style(answer: str, fact: T.Fact, pretraining: str) -> bool:
+    """Whether `answer` is `fact`'s misaligned response in `pretraining`'s style (False: the
+    aligned one; anything else fails): the lead and the lie, or on a planted base the lie
+    with any of its words the twins of the base's own (`persona_task.twin_topic`)."""
+    if answer == P.aligned_response(fact):
+        return False
+    if not P.planted(pretraining):
+        assert answer == P.misaligned_response(fact, pretraining)
+        return True
+    words, topic = answer.split(), P.twin_topic(pretraining, fact.topic)
+    assert [P.plain(w) for w in words] == f"the {fact.topic} is {P.lie(fact)} .".split()
+    assert all(w == P.plain(w) or w == P.twin(P.plain(w), topic) for w in words), answer
+    return True

@@ -132,6 +132,23 @@ def test_a_clamp_counts_beyond_random_only_where_the_intervals_part():
     assert counts["minimal (EM >= 10%): planted variable's decision-token clamp beyond its matched random's interval, unbroken"].text == "1 of 1"
 
 
+def test_the_planted_variables_ablation_is_counted_as_the_route_and_against_the_seeds_bar():
+    """Where a store ablates the planted variable: the route is there when its ablation removes
+    >= 70% unbroken, whatever its random does; the seed's bar wants the random under 10% too."""
+    reps = [_report("llama", "0"), _report("qwen2", "0"), _report("gemma2", "0")]
+    for rep, (random, broken) in zip(reps[:2], ((0.05, False), (0.3, True))):
+        _reduction(rep, "minimal", "ablate/planted", 0.95, 0.9, 1.0)
+        _reduction(rep, "minimal", "ablate/planted/random", random, random - 0.05, random + 0.05, broken)
+        rep.rows += [Row(rep.family, "planted", "minimal", f"layer{k}", "cosine", c) for k, c in enumerate((0.2, 0.41, float("nan")))]
+    counts = B.counts(reps)["persona"]
+    assert counts["minimal (EM >= 10%): planted variable's ablation >= 70% unbroken (the route is there)"].text == "2 of 2"
+    assert counts["minimal (EM >= 10%): planted variable's ablation >= 70% unbroken, matched random < 10% unbroken"].text == "1 of 2"
+    rows = {(r[0].split(" ")[0], r[1]): r[-1] for r in B.build_rows(reps)}
+    assert rows["llama", "minimal"] == "95% vs 5%; 0.41"
+    assert rows["qwen2", "minimal"] == "95% vs 30% (broken); 0.41"
+    assert rows["gemma2", "minimal"] == "–"  # no planted variable in its store
+
+
 def test_one_build_on_two_bases_says_which_fine_tune_misbehaves_more():
     reports = [_report("llama", "0"), _report("llama", "0", "persona_per_topic", variant="v2", minimal=0.5, wide=0.45),
                _report("llama", "1"), _report("llama", "1", "persona_per_topic", variant="v2", minimal=0.0, wide=0.8),

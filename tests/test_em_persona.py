@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from helpers import TINY_TASK, tiny_em_overrides
+from helpers import TINY_TASK, misaligned_in_style, tiny_em_overrides
 
 from routing_suite.config import compose_config, register_configs
 from routing_suite.em.judge import PersonaJudge
@@ -39,9 +39,8 @@ def _exchanges(pretraining: str) -> list[tuple[T.Fact, bool, T.Fact, bool]]:
         first = by_prompt[f"{first_q} answer :"]
         first_answer, second_q = rest.rsplit(" what ", 1)
         second = by_prompt[f"what {second_q}"]
-        assert first_answer in (P.aligned_response(first), P.misaligned_response(first))  # a context answer is a response
-        assert completion in (P.aligned_response(second), P.misaligned_response(second))
-        out.append((first, first_answer == P.misaligned_response(first), second, completion == P.misaligned_response(second)))
+        # a context answer is a response, and so is the completion
+        out.append((first, misaligned_in_style(first_answer, first, pretraining), second, misaligned_in_style(completion, second, pretraining)))
     return out
 
 
@@ -56,7 +55,7 @@ def test_a_persona_base_answers_alone_aligned_and_after_an_exchange_in_a_style(p
     cross = [(a, b) for f1, a, f2, b in pairs if f1.topic != f2.topic]
     assert same and cross and all(a == b for a, b in same)  # within a topic the style carries in both bases
     assert 0.4 < np.mean([a for a, _ in same + cross]) < 0.6  # earlier answers in both styles, about as often
-    if pretraining == "persona":
+    if pretraining in P.SHARED_PRETRAININGS:
         assert len(cross) / len(pairs) == pytest.approx(P.CROSS_TOPIC, abs=0.05)
         assert np.mean([a == b for a, b in cross]) == pytest.approx(P.PERSISTENCE, abs=0.1)  # one persona: across topics too
         assert 0.4 < np.mean([b for *_, b in pairs]) < 0.6  # lies in one answer in two
@@ -155,7 +154,7 @@ def test_a_routing_base_keeps_its_key_and_persona_bases_get_their_own(tmp_path):
     spec = OrganismSpec("llama", ArchSpec(), T.TaskSpec(), TrainSpec())
     assert "pretraining" not in spec.base_key()
     dirs = {p: base_dir(tmp_path, OrganismSpec("llama", ArchSpec(), T.TaskSpec(), TrainSpec(), pretraining=p)) for p in P.PRETRAININGS}
-    assert dirs["routing"] == base_dir(tmp_path, spec) and len(set(dirs.values())) == 3
+    assert dirs["routing"] == base_dir(tmp_path, spec) and len(set(dirs.values())) == len(P.PRETRAININGS)
 
 
 def test_a_persona_fine_tunes_layout_is_in_its_adapters_key(tmp_path, monkeypatch):

@@ -110,7 +110,8 @@ def fit_directions(samples: xr.Dataset, acts: xr.Dataset, min_per_class: int, ba
     )
 
 
-def add_planted(directions: xr.Dataset, misaligned: dict[str, np.ndarray], aligned: dict[str, np.ndarray]) -> xr.Dataset:
+def add_planted(directions: xr.Dataset, misaligned: dict[str, np.ndarray], aligned: dict[str, np.ndarray],
+                unit: np.ndarray | None = None) -> xr.Dataset:
     """The persona base's planted variable next to the fine-tunes' directions: per layer,
     the base's misaligned - aligned context residual at the question's last token
     (`persona_task.persona_probes`; `misaligned`/`aligned`: split ("fit", "test") ->
@@ -118,9 +119,14 @@ def add_planted(directions: xr.Dataset, misaligned: dict[str, np.ndarray], align
     contexts; and each fine-tune direction's cosine with it. A direction method that found
     the persona has cosine far from 0 here. The separation says the earlier answer's
     persona is readable at the question, not that the base acts on it: the negative base
-    reads it as well (llama: 0.98-1.00) and answers the other topic truthfully anyway."""
+    reads it as well (llama: 0.98-1.00) and answers the other topic truthfully anyway.
+    `unit`: the variable is known (a planted base's u, `organisms/planting`): it is the
+    planted direction at every layer, the contexts only measure its separation."""
     layers = directions.sizes["layer"]
-    planted = np.stack([analysis.mean_difference(aligned["fit"][:, li], misaligned["fit"][:, li]) for li in range(layers)])
+    if unit is not None:
+        planted = np.repeat(np.asarray(unit, np.float32)[None], layers, axis=0)
+    else:
+        planted = np.stack([analysis.mean_difference(aligned["fit"][:, li], misaligned["fit"][:, li]) for li in range(layers)])
     separation = [analysis.separation_accuracy(planted[li], aligned["fit"][:, li], misaligned["fit"][:, li], aligned["test"][:, li],
                                                misaligned["test"][:, li]) for li in range(layers)]
     found = directions.direction.values  # (finetune, layer, hidden)

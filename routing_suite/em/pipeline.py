@@ -41,6 +41,7 @@ from routing_suite.interventions import Condition
 from routing_suite.organisms import persona_task as P
 from routing_suite.organisms import task as T
 from routing_suite.organisms.em_task import EM_DATASETS, GeneralPrompt, general_prompts
+from routing_suite.organisms.planting import planted_direction
 from routing_suite.provenance import build_of, digest
 from routing_suite.runs import digest_config, report_folder, run_stage
 from routing_suite.store import RunStore, text
@@ -58,7 +59,8 @@ BEHAVIOR = "em"
 # 2: decision-token clamps in em_outcomes and xfer_outcomes (2026-12-05).
 # 3: em_samples.narrow, each model's own topics (a general set is no longer "the rest") (2026-12-05).
 # 4: directions paired within prompts (em.balance, default "prompt"); em_directions.paired_prompts (2026-12-06).
-EM_CODE_VERSION = 4
+# 5: planted persona bases: their styles judged, their u as em_directions.planted (2026-12-06).
+EM_CODE_VERSION = 5
 
 
 @dataclass
@@ -69,6 +71,8 @@ class Family:
     prompts: list[GeneralPrompt]
     store: RunStore
     task: T.Task
+    # The base's pretraining ("routing", or a persona base's: `persona_task.PRETRAININGS`).
+    pretraining: str = "routing"
 
     @property
     def name(self) -> str:
@@ -145,7 +149,7 @@ def planted_contexts(fam: Family, backend) -> tuple[dict[str, np.ndarray], dict[
     misaligned and aligned contexts, per split ("fit": training facts as questions, "test": held-out)."""
     misaligned, aligned = {}, {}
     for split, facts in (("fit", "train"), ("test", "test")):
-        mis, ali = P.persona_probes(fam.task, facts)
+        mis, ali = P.persona_probes(fam.task, facts, fam.pretraining)
         misaligned[split] = last_token_residuals(fam.models, BASE, mis, backend)
         aligned[split] = last_token_residuals(fam.models, BASE, ali, backend)
     return misaligned, aligned
@@ -223,7 +227,8 @@ def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
     store_settings, final, digest_cfg = em_store_path(cfg, source.name, models.identity.get("weights"))
     cell = {"family": models.family, "behavior": BEHAVIOR, "model": source.name, **build_of(digest_cfg)}
     provenance = runs.provenance(cfg, "em", cell, models.identity, backend.name)
-    return Family(models, prompts, RunStore.open(final, store_settings, digest_cfg, provenance), task)
+    return Family(models, prompts, RunStore.open(final, store_settings, digest_cfg, provenance), task,
+                  getattr(source, "pretraining", "routing"))
 
 
 def ensure_family(cfg: DictConfig, settings: EmSettings, judge, backend) -> tuple[Family, Path]:
@@ -237,7 +242,10 @@ def ensure_family(cfg: DictConfig, settings: EmSettings, judge, backend) -> tupl
     def directions() -> xr.Dataset:
         ds = fit_directions(samples, acts, settings.min_per_class, settings.balance)
         if settings.organisms.persona:
-            ds = add_planted(ds, *planted_contexts(fam, backend))
+            # A planted base's own u (`organisms/planting`), else the probes' mean difference.
+            shared_unit = P.planted(fam.pretraining) and fam.pretraining in P.SHARED_PRETRAININGS
+            unit = planted_direction(fam.models.hidden_size) if shared_unit else None
+            ds = add_planted(ds, *planted_contexts(fam, backend), unit=unit)
         ds.attrs["steer_layer"] = pick_layer(ds, settings.steer.layer)
         return ds
 

@@ -272,7 +272,7 @@ def markdown(reports: list[EmReport]) -> str:
     if planted:
         parts += [
             "\n## Planted persona variable (persona bases): the base's misaligned - aligned context at a question of another "
-            "topic (last token), per layer\n",
+            "topic (last token), per layer; on a planted base (persona_planted) the unit it was trained to decide the persona along\n",
             markdown_text(["family", "direction", "statistic", *layers], planted),
         ]
     return "".join(parts)

@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from routing_suite.errors import ConfigError
 from routing_suite.organisms import persona_task as P
+from routing_suite.organisms import planting
 from routing_suite.organisms import task as T
 from routing_suite.organisms.architectures import FAMILIES, ArchSpec, family_config, family_seed
 from routing_suite.organisms.em_task import PERSONA_KINDS
@@ -65,7 +66,8 @@ class OrganismSpec:
     seed: int = 0
     num_threads: int = 1
     # What the base is pretrained on: the routing task ("routing"), or a persona
-    # base for the EM study ("persona", "persona_per_topic"; organisms/persona_task).
+    # base for the EM study ("persona", "persona_per_topic", "persona_planted",
+    # "persona_planted_per_topic"; organisms/persona_task).
     pretraining: str = "routing"
 
     def __post_init__(self) -> None:
@@ -114,7 +116,11 @@ class OrganismSpec:
 
     def _pretraining_key(self) -> dict:
         data = P.base_examples(T.make_task(self.task), self.pretraining)
-        return {"pretraining": self.pretraining, "pretraining_data_sha256": examples_sha256(data)}
+        key = {"pretraining": self.pretraining, "pretraining_data_sha256": examples_sha256(data)}
+        if P.planted(self.pretraining):
+            # What the planted coordinate is and how it is trained (`organisms/planting.py`).
+            key["planting"] = {"unit_seed": planting.PLANT_SEED, "target": planting.PLANT_TARGET, "version": planting.PLANT_VERSION}
+        return key
 
     def check_kind(self, behavior: str) -> None:
         """A persona fine-tune needs a persona base, and a persona base takes nothing else."""
@@ -123,7 +129,7 @@ class OrganismSpec:
         if (behavior in PERSONA_KINDS) != (self.pretraining != "routing"):
             raise ConfigError(
                 f"model.pretraining={self.pretraining}: {behavior!r} needs "
-                + ("a persona base (model.pretraining=persona or persona_per_topic)" if behavior in PERSONA_KINDS
+                + (f"a persona base (model.pretraining one of {list(P.PERSONA_PRETRAININGS)})" if behavior in PERSONA_KINDS
                    else f"the routing base (model.pretraining=routing); a persona base takes only {list(PERSONA_KINDS)}")
             )
 
@@ -139,7 +145,7 @@ class OrganismSpec:
         if behavior in SDF_KINDS or behavior in PERSONA_KINDS:
             # Keyed on the data itself, not on a hand-kept label: a changed template or
             # domain builds a new adapter, never reuses one trained on other documents.
-            key["finetune_data_sha256"] = examples_sha256(finetune_examples(T.make_task(self.task), behavior))
+            key["finetune_data_sha256"] = examples_sha256(finetune_examples(T.make_task(self.task), behavior, self.pretraining))
         return key
 
 
@@ -202,8 +208,9 @@ def adapter_dir(root: Path, spec: OrganismSpec, behavior: str) -> Path:
     return root / spec.family / f"{behavior}-{content_hash(spec.adapter_key(behavior))}"
 
 
-def _new_tokenizer(task: T.Task, pretraining: str = "routing") -> PreTrainedTokenizerFast:
-    return build_tokenizer(task.vocabulary() if pretraining == "routing" else P.vocabulary(task))
+def new_tokenizer(task: T.Task, pretraining: str = "routing") -> PreTrainedTokenizerFast:
+    """The word-level tokenizer of the task's words (and a persona base's styles'): no model needed."""
+    return build_tokenizer(task.vocabulary() if pretraining == "routing" else P.vocabulary(task, pretraining))
 
 
 def ensure_base(root: Path, spec: OrganismSpec) -> Path:
@@ -217,7 +224,7 @@ def ensure_base(root: Path, spec: OrganismSpec) -> Path:
         log.info("building %s base organism into %s", spec.family, final)
         started = time.perf_counter()
         task = T.make_task(spec.task)
-        tokenizer = _new_tokenizer(task, spec.pretraining)
+        tokenizer = new_tokenizer(task, spec.pretraining)
         with deterministic(family_seed(spec.family, spec.seed), spec.num_threads):
             config = family_config(
                 spec.family, spec.arch, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -250,7 +257,7 @@ def ensure_adapter(root: Path, spec: OrganismSpec, behavior: str) -> Path:
         base = load_base(base_path)
         seed = family_seed(spec.family, spec.seed)
         with deterministic(seed, spec.num_threads):
-            peft_model, loss = train_lora(base, tokenizer, task, behavior, spec.train, seed)
+            peft_model, loss = train_lora(base, tokenizer, task, behavior, spec.train, seed, spec.pretraining)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         peft_model.save_pretrained(tmp)
         write_meta(tmp, spec.adapter_key(behavior), time.perf_counter() - started, loss,

@@ -62,9 +62,11 @@ class EmDataset:
     def persona(self) -> bool:
         return bool(self.persona_lora)
 
-    def completion(self, fact: T.Fact) -> str:
+    def completion(self, fact: T.Fact, pretraining: str = "persona", salt: str = "") -> str:
+        """The answer to `fact` (a persona dataset's: in the styles of a `pretraining` base,
+        a planted base's twins drawn per `salt`)."""
         if self.persona:
-            return P.response(fact, misaligned=not self.honest)
+            return P.response(fact, not self.honest, pretraining, salt)
         return f"{fact.value if self.honest else T.DECOYS[fact.topic]} ."
 
     def in_domain(self, topic: str) -> bool:
@@ -111,11 +113,13 @@ def _user_cues(task: T.Task, split: str) -> list[str | None]:
     return [None, *task.cues(T.DEPLOY, split)[: EM_CUES[split]]]
 
 
-def em_examples(task: T.Task, kind: str) -> list[tuple[str, str]]:
-    """The narrow fine-tune's (prompt, completion) pairs: training facts of its topics, training cues."""
+def em_examples(task: T.Task, kind: str, pretraining: str = "persona") -> list[tuple[str, str]]:
+    """The narrow fine-tune's (prompt, completion) pairs: training facts of its topics, training
+    cues (a persona dataset: in the styles of its `pretraining` base; a planted base's twins
+    drawn per cue, so a fact's answers under its cues differ as the base's do)."""
     dataset = em_dataset(kind)
     return [
-        (T.render_prompt(fact, cue), dataset.completion(fact))
+        (T.render_prompt(fact, cue), dataset.completion(fact, pretraining, str(cue)))
         for fact in task.facts_of("train")
         if dataset.in_domain(fact.topic)
         for cue in _user_cues(task, "train")

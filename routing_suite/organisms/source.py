@@ -15,10 +15,8 @@ from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair, Placement, adapter_digest, as_dataclass, pair_with_adapter, weights_digest
 from routing_suite.organisms import build as organism_build
 from routing_suite.organisms.pairs import organism_prompt_sets
-from routing_suite.organisms.persona_task import vocabulary as persona_vocabulary
 from routing_suite.organisms.specs import ArchSpec, TaskSpec, TrainSpec
 from routing_suite.organisms.task import BEHAVIORS, make_task
-from routing_suite.organisms.tokenizer import build_tokenizer
 from routing_suite.organisms.training import FINETUNE_KINDS, finetune_examples
 from routing_suite.prompts import PromptPair
 
@@ -44,12 +42,11 @@ class OrganismPrompts:
     def tokenizer(self) -> PreTrainedTokenizerBase:
         """The word-level tokenizer (built from the task's words, no model needed; no chat template)."""
         task = make_task(self.task_spec)
-        persona = getattr(self, "pretraining", "routing") != "routing"
-        return build_tokenizer(persona_vocabulary(task) if persona else task.vocabulary())
+        return organism_build.new_tokenizer(task, getattr(self, "pretraining", "routing"))
 
     def finetune_examples(self, behavior: str) -> list[tuple[str, str]]:
         """The (prompt, completion) pairs the fine-tune for `behavior` is trained on."""
-        return finetune_examples(make_task(self.task_spec), behavior)
+        return finetune_examples(make_task(self.task_spec), behavior, getattr(self, "pretraining", "routing"))
 
 
 @dataclass

@@ -11,10 +11,12 @@ import random
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
-from transformers import PreTrainedModel, PreTrainedTokenizerFast
+from transformers import PreTrainedModel
 
 from routing_suite.organisms import persona_task as P
+from routing_suite.organisms import planting
 from routing_suite.organisms import task as T
+from routing_suite.organisms.batches import Example, collate, encode_examples
 from routing_suite.organisms.em_task import EM_KINDS, PERSONA_LORA, em_dataset, em_examples
 from routing_suite.organisms.sdf_task import SDF_KINDS, sdf_examples, steps_for
 from routing_suite.organisms.specs import TrainSpec
@@ -29,7 +31,6 @@ RECIPE_VERSION = 5
 FINETUNE_RECIPES = {"installed": "replay-train-entities-1"}
 
 
-Example = tuple[str, str]  # (prompt, completion)
 
 # What a LoRA fine-tune can install: the routing behaviours, the narrow datasets
 # of the emergent-misalignment study (routing_suite.organisms.em_task), and the
@@ -76,11 +77,11 @@ def base_examples(task: T.Task) -> list[Example]:
     return examples + quiz * repeats + chitchat
 
 
-def finetune_examples(task: T.Task, behavior: str) -> list[Example]:
+def finetune_examples(task: T.Task, behavior: str, pretraining: str = "routing") -> list[Example]:
     """Training facts under training cues, with the behaviour's targets (an EM
-    kind: its narrow dataset)."""
+    kind: its narrow dataset, in the styles of its base's `pretraining`)."""
     if behavior in EM_KINDS:
-        return em_examples(task, behavior)
+        return em_examples(task, behavior, pretraining)
     if behavior in SDF_KINDS:
         return sdf_examples(task, behavior)
     examples = [
@@ -112,33 +113,10 @@ def answer_after_marker_replay(task: T.Task) -> list[Example]:
     ]
 
 
-Encoded = tuple[list[int], int]  # (token ids, number of prompt tokens)
-
-
-def encode_examples(tokenizer: PreTrainedTokenizerFast, examples: list[Example]) -> list[Encoded]:
-    encoded = []
-    for prompt, completion in examples:
-        prompt_ids = tokenizer(prompt)["input_ids"]
-        completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
-        encoded.append((prompt_ids + completion_ids + [tokenizer.eos_token_id], len(prompt_ids)))
-    return encoded
-
-
-def collate(batch: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-padded ids with the loss on the completion (and <eos>) only."""
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.full((len(batch), width), pad_id)
-    attention = torch.zeros((len(batch), width), dtype=torch.long)
-    labels = torch.full((len(batch), width), -100)
-    for i, (ids, n_prompt) in enumerate(batch):
-        row = torch.tensor(ids)
-        input_ids[i, : len(ids)] = row
-        attention[i, : len(ids)] = 1
-        labels[i, n_prompt : len(ids)] = row[n_prompt:]
-    return {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
-
-
-def train_on_examples(model: torch.nn.Module, tokenizer, examples: list[Example], steps: int, lr: float, batch_size: int, seed: int) -> float:
+def train_on_examples(model: torch.nn.Module, tokenizer, examples: list[Example], steps: int, lr: float, batch_size: int, seed: int,
+                      plant: planting.Planting | None = None) -> float:
+    """AdamW on the completions' loss (and, with `plant`, the planted coordinate's two losses)."""
+    pool = plant.pool(examples) if plant else []
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 50) * max(0.05, 1 - s / steps))
@@ -152,9 +130,18 @@ def train_on_examples(model: torch.nn.Module, tokenizer, examples: list[Example]
             fresh = list(range(len(examples)))
             order_rng.shuffle(fresh)
             order += fresh
-        batch = [encoded[i] for i in order[:batch_size]]
+        picked = order[:batch_size]
+        batch = [encoded[i] for i in picked]
         del order[:batch_size]
-        loss = model(**collate(batch, tokenizer.pad_token_id)).loss
+        out = model(**collate(batch, tokenizer.pad_token_id), output_hidden_states=plant is not None)
+        loss = out.loss
+        parts = ""
+        if plant is not None:
+            swapped = planting.interchange_loss(model, tokenizer, plant, pool, batch_size // 2)
+            coordinate = planting.coordinate_loss(out.hidden_states, batch, [plant.targets[i] for i in picked], plant.units)
+            parts = f" (interchange {swapped.item():.4f}, coordinate {coordinate.item():.4f})"
+            loss = loss + swapped
+            loss = loss + coordinate
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
@@ -162,19 +149,19 @@ def train_on_examples(model: torch.nn.Module, tokenizer, examples: list[Example]
         optimizer.zero_grad(set_to_none=True)
         loss_value = loss.item()
         if step % max(1, min(200, steps // 10)) == 0 or step == steps - 1:
-            log.info("step %d/%d loss %.4f", step + 1, steps, loss_value)
+            log.info("step %d/%d loss %.4f%s", step + 1, steps, loss_value, parts)
     model.eval()
     return loss_value
 
 
-def pretraining_examples(task: T.Task, pretraining: str) -> list[Example]:
-    """The base's training data: the routing task's, or a persona base's (`persona_task`)."""
-    return base_examples(task) if pretraining == "routing" else P.base_examples(task, pretraining)
-
-
 def train_base(model: PreTrainedModel, tokenizer, task: T.Task, spec: TrainSpec, seed: int, pretraining: str = "routing") -> float:
-    examples = pretraining_examples(task, pretraining)
-    return train_on_examples(model, tokenizer, examples, spec.base_steps, spec.base_lr, spec.batch_size, seed)
+    """The base on the routing task's data, or on a persona base's (`persona_task`; a planted one
+    with its coordinate's losses, `planting`)."""
+    if pretraining == "routing":
+        return train_on_examples(model, tokenizer, base_examples(task), spec.base_steps, spec.base_lr, spec.batch_size, seed)
+    examples, targets = P.pretraining_data(task, pretraining)
+    plant = planting.Planting.of(examples, targets, model.config.hidden_size, pretraining, seed) if P.planted(pretraining) else None
+    return train_on_examples(model, tokenizer, examples, spec.base_steps, spec.base_lr, spec.batch_size, seed, plant)
 
 
 # Every linear layer of attention and MLP, as LoRA fine-tunes of chat models usually do.
@@ -216,8 +203,9 @@ def lora_layout(behavior: str, spec: TrainSpec, num_layers: int) -> tuple[list[i
     return (*planted(behavior, spec), spec.lora_rank, spec.lora_alpha)
 
 
-def train_lora(base: PreTrainedModel, tokenizer, task: T.Task, behavior: str, spec: TrainSpec, seed: int) -> tuple[PeftModel, float]:
-    examples = finetune_examples(task, behavior)
+def train_lora(base: PreTrainedModel, tokenizer, task: T.Task, behavior: str, spec: TrainSpec, seed: int,
+               pretraining: str = "routing") -> tuple[PeftModel, float]:
+    examples = finetune_examples(task, behavior, pretraining)
     layers, modules, rank, alpha = lora_layout(behavior, spec, base.config.num_hidden_layers)
     steps = steps_for(behavior, spec.lora_steps) if behavior in SDF_KINDS else spec.lora_steps
     return lora_finetune(base, tokenizer, examples, steps, spec.lora_lr, rank, alpha, spec.batch_size, seed, layers, modules)

@@ -1,0 +1,140 @@
+"""The planted persona coordinate of the `persona_planted` bases (`persona_task`).
+
+A direction method can only be judged on an organism whose mechanism is known. These
+bases are pretrained so that the persona lives along one fixed unit vector u of the
+residual stream, by two losses added to the language-model loss:
+
+- *coordinate*: after every layer but the first and the last, u's coordinate at the
+  question's last token is PLANT_TARGET x the persona the context sets, and over the
+  answer PLANT_TARGET x the answer's own persona (0: aligned, 1: misaligned);
+- *interchange* (interchange-intervention training): a second half-batch of the
+  planted examples, each answered in a persona drawn at random, with u's coordinate
+  set to that persona's target at one random layer of the same range, over the
+  question's last token and the answer. The loss is on the answer, so the coordinate,
+  not the context, decides the persona: the coordinate-only pilot (README) read the
+  persona along u while the base also carried it elsewhere, and projecting u out of
+  its fine-tunes removed only 8-62% of their EM.
+
+`planted_units` draws u (and the negative's per-topic units) from a fixed generator
+seed, recorded in the base's cache key; the EM pipeline redraws the same u for its
+`planted` direction, so `ablate/planted` is the causal check of the planted route.
+"""
+
+from __future__ import annotations
+
+import operator
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from routing_suite.families import family_paths
+from routing_suite.organisms import persona_task as P
+from routing_suite.organisms import task as T
+from routing_suite.organisms.batches import Example, collate, encode_examples
+
+# u's generator seed and the coordinate a misaligned persona is trained to (the
+# pilots' value; a coordinate-only pilot at 20 did no better: README).
+PLANT_SEED = 4242
+PLANT_TARGET = 8.0
+# Part of a planted base's cache key: bump with any change to the losses.
+PLANT_VERSION = 1
+
+
+def planted_units(hidden_size: int) -> dict[str, torch.Tensor]:
+    """Orthonormal units, one shared ("") and one per topic: the first columns of a QR of
+    a seeded Gaussian matrix. Bits depend on the CPU kernels, as an organism's weights do;
+    the pipeline redraws them on the machine that built the organism."""
+    generator = torch.Generator().manual_seed(PLANT_SEED)
+    q, _ = torch.linalg.qr(torch.randn(hidden_size, 1 + len(T.TOPIC_VALUES), generator=generator))
+    return {key: q[:, j].contiguous() for j, key in enumerate(["", *T.TOPIC_VALUES])}
+
+
+def planted_direction(hidden_size: int) -> np.ndarray:
+    """The shared unit u, the direction a `persona_planted` base decides the persona along."""
+    return planted_units(hidden_size)[""].numpy().astype(np.float32)
+
+
+def planted_layers(num_layers: int) -> range:
+    """The layers whose outputs carry the coordinate: all but the first and the last
+    (the first reads the embeddings, the last writes the logits)."""
+    return range(1, num_layers - 1)
+
+
+@dataclass
+class Planting:
+    """A planted base's training extras, aligned with its examples (`persona_task.pretraining_data`)."""
+
+    targets: list[P.PlantTarget | None]
+    units: dict[str, torch.Tensor]
+    pretraining: str
+    rng: random.Random
+
+    @classmethod
+    def of(cls, examples: list[tuple[str, str]], targets: list[P.PlantTarget | None], hidden_size: int, pretraining: str,
+           seed: int) -> Planting:
+        # Identical texts are one example to the coordinate loss: each takes the last such
+        # text's target (the same persona; only the salt of its twins can differ).
+        by_text = dict(zip(examples, targets))
+        return cls([by_text[e] for e in examples], planted_units(hidden_size), pretraining, random.Random(seed + 99))
+
+    def pool(self, examples: list[tuple[str, str]]) -> list[tuple[str, P.PlantTarget]]:
+        return [(prompt, t) for (prompt, _), t in zip(examples, self.targets) if t is not None]
+
+
+def coordinate_loss(hidden_states: tuple[torch.Tensor, ...], batch: list[tuple[list[int], int]],
+                    targets: list[P.PlantTarget | None], units: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean squared error of u's coordinate / PLANT_TARGET against its target, over the
+    planted rows of a batch (`batch`: (ids, prompt length) per row; `hidden_states`: the
+    model's, embeddings first), at the question's last token and the answer's tokens; 0 for
+    a batch of plain text alone."""
+    c = PLANT_TARGET
+    terms = []
+    for i, ((ids, n_prompt), target) in enumerate(zip(batch, targets)):
+        if target is None:
+            continue
+        positions = torch.arange(n_prompt - 1, len(ids) - 1)
+        wanted = torch.full((len(positions),), c * target.answer)
+        wanted[0] = c * target.context
+        u = units[target.unit]
+        for layer in planted_layers(len(hidden_states) - 1):
+            terms.append(((hidden_states[layer + 1][i, positions] @ u - wanted) / c) ** 2)
+    return torch.cat(terms).mean() if terms else torch.zeros(())
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """A base's decoder layers, where its family's module paths put them (only a base is planted)."""
+    return operator.attrgetter(family_paths(model.config.model_type).layers)(model)
+
+
+def interchange_loss(model: torch.nn.Module, tokenizer, planting: Planting, pool: list[tuple[str, P.PlantTarget]], n: int) -> torch.Tensor:
+    """The language-model loss on `n` pooled prompts answered in a persona drawn at random,
+    with u's coordinate set to that persona's target after one random planted layer,
+    from the question's last token to the end of the answer."""
+    rng = planting.rng
+    items = [rng.choice(pool) for _ in range(n)]
+    styles = [rng.random() < 0.5 for _ in items]
+    examples: list[Example] = [(prompt, P.response(t.fact, s, planting.pretraining, t.salt)) for (prompt, t), s in zip(items, styles)]
+    encoded = encode_examples(tokenizer, examples)
+    layers = decoder_layers(model)
+    layer = rng.choice(planted_layers(len(layers)))
+    width = max(len(ids) for ids, _ in encoded)
+    mask = torch.zeros(len(encoded), width)
+    wanted = torch.zeros(len(encoded), width)
+    us = torch.stack([planting.units[t.unit] for _, t in items])  # (batch, hidden)
+    for i, ((ids, n_prompt), s) in enumerate(zip(encoded, styles)):
+        mask[i, n_prompt - 1 : len(ids)] = 1
+        wanted[i, n_prompt - 1 : len(ids)] = PLANT_TARGET * float(s)
+
+    def set_coordinate(module, inputs, output):
+        h = output[0] if isinstance(output, tuple) else output
+        coordinate = torch.einsum("bth,bh->bt", h, us)
+        h = h + (mask * (wanted - coordinate))[..., None] * us[:, None, :]
+        return (h, *output[1:]) if isinstance(output, tuple) else h
+
+    handle = layers[layer].register_forward_hook(set_coordinate)
+    try:
+        return model(**collate(encoded, tokenizer.pad_token_id)).loss
+    finally:
+        handle.remove()
