@@ -227,6 +227,7 @@ def test_em_on_a_persona_organism_writes_a_complete_store_judged_by_the_styles(p
     dirs = xr.open_zarr(result["store"], group="em_directions").load()
     planted, found = dirs.planted.values, dirs.direction.values
     assert planted.shape == (dirs.sizes["layer"], dirs.sizes["hidden"]) and np.isfinite(planted).all()
+    assert dirs.planted_layer.values.all()  # a fit at every layer, acted on at every layer
     sep = dirs.planted_separation.values
     assert ((sep >= 0) & (sep <= 1)).all()
     expected = np.einsum("fld,ld->fl", found, planted) / (np.linalg.norm(found, axis=-1) * np.linalg.norm(planted, axis=-1))

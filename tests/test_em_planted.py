@@ -173,7 +173,7 @@ def test_the_interchange_half_batch_sets_the_coordinate_at_one_planted_layer_and
 def test_em_on_a_planted_organism_ablates_the_planted_unit_itself(tiny_cache, tmp_path):
     """`experiment=em_planted` end to end on a tiny planted base: the store's planted direction
     is u at every layer (not a fit), the answers are judged in the twin style, and u's
-    ablation has its matched random control."""
+    ablation, at the planted layers only, has its matched random control there."""
     result = run(compose_config("em", [*tiny_em_overrides(tiny_cache, tmp_path), "experiment=em_planted"]))
     samples = xr.open_zarr(result["store"], group="em_samples").load()
     judge = PersonaJudge()
@@ -188,6 +188,12 @@ def test_em_on_a_planted_organism_ablates_the_planted_unit_itself(tiny_cache, tm
     np.testing.assert_allclose(dirs.planted_cosine.values, expected, rtol=1e-4, atol=1e-5)
     outcomes = xr.open_zarr(result["store"], group="em_outcomes").load()
     norm = dict(zip(outcomes.condition.values, outcomes.perturbation_norm.values))
+    planted_at = list(planting.planted_layers(dirs.sizes["layer"]))
+    assert dirs.layer.values[dirs.planted_layer.values].tolist() == planted_at
+    edited = dict(zip(outcomes.condition.values, outcomes.layers.values))
     for ft in [str(f) for f in dirs.finetune.values if bool(dirs.has_direction.sel(finetune=f))]:
         assert norm[f"{ft}/ablate/planted/random"] == pytest.approx(norm[f"{ft}/ablate/planted"], rel=1e-4)
+        for name in (f"{ft}/ablate/planted", f"{ft}/ablate/planted/random", f"{ft}/clamp/planted", f"base/clamp-to/{ft}/planted"):
+            assert edited[name] == ",".join(map(str, planted_at)), name
+        assert edited[f"{ft}/ablate/own"] == ",".join(map(str, dirs.layer.values))  # the method's own: every layer
     assert dict(zarr.open_group(result["store"], mode="r").attrs)["config"]["model"]["pretraining"] == SHARED

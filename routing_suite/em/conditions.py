@@ -172,10 +172,10 @@ def ablation_plans(
 
 def planted_plans(directions: xr.Dataset, finetune: str, residuals: Residuals, seeds: int, rng: np.random.Generator) -> list[Planned]:
     """In `finetune` (a persona organism's): the base's planted persona variable projected
-    out at every layer (`directions.add_planted`), and a random control matched to it.
+    out at every layer where it is planted (`planted_per_layer`), and a random control matched to it.
     It asks the organism, not the method: does the fine-tune's EM run through the
     variable the base was built to hold?"""
-    edits = [ablate_edit(int(layer), directions.planted.sel(layer=layer).values) for layer in directions.layer.values]
+    edits = [ablate_edit(layer, v) for layer, v in planted_per_layer(directions).items()]
     name = f"{finetune}/ablate/planted"
     return [
         Planned(finetune, name, "ablate", [condition(name, edits)], "planted", mode="ablate", perturbation_norm=mean_norm(edits, residuals)),
@@ -191,6 +191,18 @@ def _per_layer(directions: xr.Dataset, variable: str, **sel) -> dict[int, np.nda
     return {int(layer): directions[variable].sel(layer=layer, **sel).values for layer in directions.layer.values}
 
 
+def planted_per_layer(directions: xr.Dataset) -> dict[int, np.ndarray]:
+    """The planted variable at the layers where the base holds it (`planted_layer`): a planted
+    base's u at the layers it was trained at. At the first and the last layer u is no persona
+    variable (at the last, truthful answers already sit near 8 along it), so projecting it out
+    there is some other edit, and the matched random of an every-layer edit moves more too.
+    Stores of before em_code 6 have no `planted_layer`: every layer."""
+    vectors = _per_layer(directions, "planted")
+    if "planted_layer" not in directions:
+        return vectors
+    return {layer: v for layer, v in vectors.items() if bool(directions.planted_layer.sel(layer=layer))}
+
+
 def decision_plans(directions: xr.Dataset, finetune: str, sources: list[str], base_last: Residuals, ft_last: Residuals,
                    seeds: int, rng: np.random.Generator) -> list[Planned]:
     """In `finetune`, at the decision token of every layer: its own v's coordinate set to
@@ -201,7 +213,7 @@ def decision_plans(directions: xr.Dataset, finetune: str, sources: list[str], ba
     plans = []
     wanted = {"own": _per_layer(directions, "direction", finetune=finetune)}
     if "planted" in directions:
-        wanted["planted"] = _per_layer(directions, "planted")
+        wanted["planted"] = planted_per_layer(directions)
     for what, vectors in wanted.items():
         name = f"{finetune}/clamp/{what}"
         edits = decision_clamps(vectors, base_last)
@@ -230,7 +242,7 @@ def induce_plans(directions: xr.Dataset, finetune: str, base_last: Residuals, ft
     if finetune in directions.finetune.values and bool(directions.has_direction.sel(finetune=finetune)):
         wanted["own"] = _per_layer(directions, "direction", finetune=finetune)
     if "planted" in directions:
-        wanted["planted"] = _per_layer(directions, "planted")
+        wanted["planted"] = planted_per_layer(directions)
     plans = []
     for what, vectors in wanted.items():
         name = f"{BASE}/clamp-to/{finetune}/{what}"

@@ -111,7 +111,7 @@ def fit_directions(samples: xr.Dataset, acts: xr.Dataset, min_per_class: int, ba
 
 
 def add_planted(directions: xr.Dataset, misaligned: dict[str, np.ndarray], aligned: dict[str, np.ndarray],
-                unit: np.ndarray | None = None) -> xr.Dataset:
+                unit: np.ndarray | None = None, layers: list[int] | None = None) -> xr.Dataset:
     """The persona base's planted variable next to the fine-tunes' directions: per layer,
     the base's misaligned - aligned context residual at the question's last token
     (`persona_task.persona_probes`; `misaligned`/`aligned`: split ("fit", "test") ->
@@ -121,20 +121,23 @@ def add_planted(directions: xr.Dataset, misaligned: dict[str, np.ndarray], align
     persona is readable at the question, not that the base acts on it: the negative base
     reads it as well (llama: 0.98-1.00) and answers the other topic truthfully anyway.
     `unit`: the variable is known (a planted base's u, `organisms/planting`): it is the
-    planted direction at every layer, the contexts only measure its separation."""
-    layers = directions.sizes["layer"]
+    planted direction at every layer, the contexts only measure its separation.
+    `layers`: where the base was trained to hold it (`planting.planted_layers`; None: every
+    layer), as `planted_layer`: the planted edits act there only (`conditions.planted_per_layer`)."""
+    n_layers = directions.sizes["layer"]
     if unit is not None:
-        planted = np.repeat(np.asarray(unit, np.float32)[None], layers, axis=0)
+        planted = np.repeat(np.asarray(unit, np.float32)[None], n_layers, axis=0)
     else:
-        planted = np.stack([analysis.mean_difference(aligned["fit"][:, li], misaligned["fit"][:, li]) for li in range(layers)])
+        planted = np.stack([analysis.mean_difference(aligned["fit"][:, li], misaligned["fit"][:, li]) for li in range(n_layers)])
     separation = [analysis.separation_accuracy(planted[li], aligned["fit"][:, li], misaligned["fit"][:, li], aligned["test"][:, li],
-                                               misaligned["test"][:, li]) for li in range(layers)]
+                                               misaligned["test"][:, li]) for li in range(n_layers)]
     found = directions.direction.values  # (finetune, layer, hidden)
     cosine = np.einsum("fld,ld->fl", found, planted) / (np.linalg.norm(found, axis=-1) * np.linalg.norm(planted, axis=-1)[None])
     return directions.assign(
         planted=(("layer", "hidden"), planted.astype(np.float32)),
         planted_separation=(("layer",), np.asarray(separation, np.float32)),
         planted_cosine=(("finetune", "layer"), cosine.astype(np.float32)),
+        planted_layer=(("layer",), np.ones(n_layers, bool) if layers is None else np.isin(directions.layer.values, list(layers))),
     )
 
 

@@ -41,7 +41,7 @@ from routing_suite.interventions import Condition
 from routing_suite.organisms import persona_task as P
 from routing_suite.organisms import task as T
 from routing_suite.organisms.em_task import EM_DATASETS, GeneralPrompt, general_prompts
-from routing_suite.organisms.planting import planted_direction
+from routing_suite.organisms.planting import planted_direction, planted_layers
 from routing_suite.provenance import build_of, digest
 from routing_suite.runs import digest_config, report_folder, run_stage
 from routing_suite.store import RunStore, text
@@ -60,7 +60,8 @@ BEHAVIOR = "em"
 # 3: em_samples.narrow, each model's own topics (a general set is no longer "the rest") (2026-12-05).
 # 4: directions paired within prompts (em.balance, default "prompt"); em_directions.paired_prompts (2026-12-06).
 # 5: planted persona bases: their styles judged, their u as em_directions.planted (2026-12-06).
-EM_CODE_VERSION = 5
+# 6: the planted edits at the layers u was planted at only (em_directions.planted_layer) (2026-12-06).
+EM_CODE_VERSION = 6
 
 
 @dataclass
@@ -245,7 +246,8 @@ def ensure_family(cfg: DictConfig, settings: EmSettings, judge, backend) -> tupl
             # A planted base's own u (`organisms/planting`), else the probes' mean difference.
             shared_unit = P.planted(fam.pretraining) and fam.pretraining in P.SHARED_PRETRAININGS
             unit = planted_direction(fam.models.hidden_size) if shared_unit else None
-            ds = add_planted(ds, *planted_contexts(fam, backend), unit=unit)
+            layers = list(planted_layers(fam.models.num_layers)) if shared_unit else None
+            ds = add_planted(ds, *planted_contexts(fam, backend), unit=unit, layers=layers)
         ds.attrs["steer_layer"] = pick_layer(ds, settings.steer.layer)
         return ds
 
