@@ -24,6 +24,8 @@ def _report(family: str, seed: str, pretraining: str = "persona", variant: str =
             rep.rows += [Row(family, "ablation", model, condition, "reduction", reduction), Row(family, "ablation", model, condition, "broken", broken)]
         rep.rows += [Row(family, "separation", model, f"layer{i}", "balanced_accuracy", a) for i, a in enumerate((0.7, 0.96, math.nan))]
         rep.rows += [Row(family, "steering", "base", f"steer/{model}/x{lam}", "misaligned_rate", lam / 20) for lam in (1, 4)]
+        rep.rows += [Row(family, "steering", "base", f"steer/{model}/x{lam}", "coherent_rate", c)
+                     for lam, c in ((1, 0.97), (4, rates.get("steered_coherent", 0.95)))]
         rep.rows += [Row(family, "steering", "base", f"steer/{model}/x{lam}/random", "misaligned_rate", 0.02) for lam in (1, 4)]
     rep.rows += [Row(family, "cosine", "minimal", "wide", f"layer{i}", c) for i, c in enumerate((0.9, 0.85, 0.5, 0.81))]
     return rep
@@ -52,6 +54,15 @@ def test_counts_apply_the_seed_papers_figures_to_each_build():
     assert counts["minimal: separation >= 0.95 at its best layer"].text == "4 of 4"  # NaN layers are skipped
     assert counts["steering the base with wide's direction > 10%, random <= 10%"].text == "4 of 4"  # lambda 4: 20%
     assert counts["cosine minimal vs wide > 0.8 in most layers"].text == "4 of 4"  # 3 of 4 layers
+
+
+def test_steering_counts_only_a_strength_that_keeps_the_answers_intact():
+    """lambda 4 reaches 20% EM but garbles the answers (coherence 50% vs the base's 97%): the
+    best intact strength is lambda 1, at 5%, short of the figure."""
+    garbled = _report("llama", "0", steered_coherent=0.5)
+    assert B.best_steering(garbled, "wide") == (0.05, 0.02, "1")
+    assert B.best_steering(_report("llama", "0"), "wide") == (0.2, 0.02, "4")
+    assert B.counts([garbled])["persona"]["steering the base with wide's direction > 10%, random <= 10%"].text == "0 of 1"
 
 
 def test_the_seed_bar_needs_both_sides_intact():

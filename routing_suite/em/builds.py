@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from routing_suite.em.stats import Row, base_of, labels
+from routing_suite.em.stats import Row, base_of, is_broken, labels
 from routing_suite.em.tables import EmReport, sort_reports
 from routing_suite.text_tables import csv_text, markdown_text, num, write_files
 
@@ -79,12 +79,16 @@ def beyond_random(rep: EmReport, model: str, condition: str) -> bool:
 
 
 def best_steering(rep: EmReport, model: str) -> tuple[float, float, str]:
-    """The largest EM steering the base with `model`'s direction reached: (rate, the random
-    direction's rate at that lambda, lambda)."""
+    """The largest EM steering the base with `model`'s direction reached with the answers
+    intact (coherence within MAX_COHERENCE_DROP of the unsteered base's: a push that garbles
+    the answers can score as a style it never chose): (rate, the random direction's rate at
+    that lambda, lambda)."""
     best = (math.nan, math.nan, "")
-    prefix = f"steer/{model}/x"
+    prefix, coherent = f"steer/{model}/x", _rate(rep, "base", "coherent_rate")
     for r in rep.rows:
         if r.table == "steering" and r.condition.startswith(prefix) and "/random" not in r.condition and r.statistic == "misaligned_rate":
+            if is_broken(coherent, rep.value("steering", "base", r.condition, "coherent_rate")):
+                continue
             if not math.isfinite(best[0]) or r.value > best[0]:
                 best = (r.value, rep.value("steering", "base", f"{r.condition}/random", "misaligned_rate"), r.condition.removeprefix(prefix))
     return best
@@ -222,7 +226,7 @@ def contrast_counts(reports: list[EmReport]) -> dict[str, dict[str, Count]]:
 
 
 BUILD_HEADER = ["store", "fine-tune", "EM %", "coherent %", "own topic EM %", "best separation", "own ablation vs random",
-                "own decision clamp vs random", "transfer ablation", "steering: largest EM % (lambda; random %)",
+                "own decision clamp vs random", "transfer ablation", "steering: largest intact EM % (lambda; random %)",
                 "planted variable: ablation vs random; own direction's cosine (max)"]
 
 
