@@ -235,7 +235,7 @@ def test_a_random_ablation_control_changes_every_activation_as_much_as_the_ablat
         coords={"finetune": ["ft"], "layer": np.arange(layers)},
     )
     residuals = rng.standard_normal((50, layers, d)).astype(np.float32) * np.linspace(0.1, 10, 50)[:, None, None].astype(np.float32)
-    plans = {p.name: p for p in C.ablation_plans(directions, "ft", ["ft"], 1, residuals, 3, rng)}
+    plans = {p.name: p for p in C.ablation_plans(directions, "ft", ["ft"], 1, residuals, 3, 0)}
     own = plans["ft/ablate/own"].conditions[0].edits
     for run_ in plans["ft/ablate/own/random"].conditions:
         for edit, reference in zip(run_.edits, own):
@@ -264,7 +264,7 @@ def test_decision_clamps_set_the_coordinate_to_the_other_models_mean_and_their_c
     )
     base_last = rng.standard_normal((n, layers, d)).astype(np.float32)
     ft_last = base_last + 3 * rng.standard_normal((1, layers, d)).astype(np.float32) * np.array([0, 1, 1], np.float32)[None, :, None]
-    plans = {p.name: p for p in C.decision_plans(directions, "ft", ["ft", "other"], base_last, ft_last, 2, rng)}
+    plans = {p.name: p for p in C.decision_plans(directions, "ft", ["ft", "other"], base_last, ft_last, 2, 0)}
     assert set(plans) == {"ft/clamp/own", "ft/clamp/own/random", "ft/clamp/planted", "ft/clamp/planted/random", "ft/clamp/from/other"}
     for what in ("own", "planted"):
         plan = plans[f"ft/clamp/{what}"]
@@ -280,7 +280,7 @@ def test_decision_clamps_set_the_coordinate_to_the_other_models_mean_and_their_c
             for edit, reference in zip(run_.edits, cond.edits):
                 h = torch.from_numpy(ft_last[:, edit.layer])
                 torch.testing.assert_close(edit.change(h).norm(dim=-1), reference.change(h).norm(dim=-1), rtol=1e-5, atol=1e-5)
-    induced = {p.name: p for p in C.induce_plans(directions, "ft", base_last, ft_last, 2, rng)}
+    induced = {p.name: p for p in C.induce_plans(directions, "ft", base_last, ft_last, 2, 0)}
     shift = induced["base/clamp-to/ft/shift"].conditions[0].edits
     assert [e.layer for e in shift] == [1, 2]  # layer 0: the fine-tune changed nothing there
     for edit in shift:
@@ -288,6 +288,37 @@ def test_decision_clamps_set_the_coordinate_to_the_other_models_mean_and_their_c
         wanted = float(torch.from_numpy(ft_last[:, edit.layer]).mean(0) @ edit.basis[0])
         torch.testing.assert_close(edit.apply(h) @ edit.basis[0], torch.full((n,), wanted), rtol=1e-4, atol=1e-4)
     assert {"base/clamp-to/ft/own", "base/clamp-to/ft/planted/random"} <= set(induced)
+
+
+def test_each_random_control_draws_from_its_own_stream():
+    """A control's random directions depend on the run's seed and its own name only: planning
+    other conditions first, or with other edits, re-draws none of them (a shared generator
+    did); another seed draws others."""
+    from routing_suite.em import conditions as C
+
+    rng = np.random.default_rng(2)
+    layers, d = 3, 16
+    directions = xr.Dataset(
+        {"direction": (("finetune", "layer", "hidden"), rng.standard_normal((2, layers, d)).astype(np.float32)),
+         "planted": (("layer", "hidden"), rng.standard_normal((layers, d)).astype(np.float32))},
+        coords={"finetune": ["ft", "other"], "layer": np.arange(layers)},
+    )
+    residuals = rng.standard_normal((30, layers, d)).astype(np.float32)
+
+    def bases(plans):
+        return {p.name: [e.basis for c in p.conditions for e in c.edits] for p in plans if p.control == "random"}
+
+    planted = bases(C.planted_plans(directions, "ft", residuals, 2, 7))
+    ablated_first = bases(C.ablation_plans(directions, "ft", ["ft", "other"], 1, residuals, 2, 7) + C.planted_plans(directions, "ft", residuals, 2, 7))
+    changed = directions.copy(deep=True)
+    changed["direction"][:] = rng.standard_normal((2, layers, d))
+    ablated_other = bases(C.ablation_plans(changed, "ft", ["ft", "other"], 1, residuals, 2, 7))
+    for a, b in zip(planted["ft/ablate/planted/random"], ablated_first["ft/ablate/planted/random"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(ablated_first["ft/ablate/own/random"], ablated_other["ft/ablate/own/random"]):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)  # the own ablation's edits changed, its control's draws did not
+    reseeded = bases(C.planted_plans(directions, "ft", residuals, 2, 8))["ft/ablate/planted/random"]
+    assert not any(torch.equal(a, b) for a, b in zip(planted["ft/ablate/planted/random"], reseeded))
 
 
 def test_a_zero_direction_is_refused_before_it_becomes_nan_edits():

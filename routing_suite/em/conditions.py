@@ -19,7 +19,8 @@ position the model computes (the prompt's and each generated token's):
 - random controls at matched magnitude (DESIGN.md): for steering a random
   direction of the same norm; for ablation a random direction per layer that
   changes every activation by exactly the L2 amount the ablation does there
-  (`matched`: the ablation's own change, carried onto the control's direction).
+  (`matched`: the ablation's own change, carried onto the control's direction),
+  each control drawn from its own generator (`control_rng`).
   (Until 2026-12-04 the control was the random direction projected out and
   scaled to the ablation's mean change norm over token residuals: a pooled mean
   rescaled by large factors, which pushed some tokens far and broke the persona
@@ -27,6 +28,8 @@ position the model computes (the prompt's and each generated token's):
 """
 
 from __future__ import annotations
+
+import zlib
 
 import numpy as np
 import torch
@@ -47,6 +50,15 @@ def unit(v: np.ndarray) -> np.ndarray:
     if not np.isfinite(norm) or norm == 0.0:
         raise ValueError(f"a direction of norm {norm} has no unit vector (a layer the model leaves unchanged?)")
     return (v / norm).astype(np.float32)
+
+
+def control_rng(rng_seed: int, name: str) -> np.random.Generator:
+    """The generator of the random control named `name` (names are unique in a run): each
+    control draws from its own stream, so changing one plan's edits re-draws no other
+    plan's controls. (Until em_code 7 one generator was shared by every plan in order:
+    em_code 6, which changed only the planted edits, moved the own ablation's matched
+    random in 11 of 24 planted fine-tunes by up to 32 points.)"""
+    return np.random.default_rng([rng_seed, zlib.crc32(name.encode())])
 
 
 def steer_edit(layer: int, direction: np.ndarray, norm: float) -> SubspaceEdit:
@@ -116,7 +128,7 @@ def _v(directions: xr.Dataset, source: str, layer: int) -> np.ndarray:
     return directions.direction.sel(finetune=source, layer=layer).values
 
 
-def steer_plans(directions: xr.Dataset, sources: list[str], layer: int, lambdas: list[float], seeds: int, rng: np.random.Generator) -> list[Planned]:
+def steer_plans(directions: xr.Dataset, sources: list[str], layer: int, lambdas: list[float], seeds: int, rng_seed: int) -> list[Planned]:
     """The base steered with each source's v at `layer`, and a random direction of the same norm."""
     plans = []
     d = directions.sizes["hidden"]
@@ -127,23 +139,24 @@ def steer_plans(directions: xr.Dataset, sources: list[str], layer: int, lambdas:
             name = f"base/steer/{source}/x{lam:g}"
             plans.append(Planned(BASE, name, "steer", [condition(name, [steer_edit(layer, v, norm)])], source, lam, mode="steer",
                                  perturbation_norm=norm))
+            rng = control_rng(rng_seed, f"{name}/random")
             randoms = [condition(f"{name}/random", [steer_edit(layer, rng.standard_normal(d), norm)], s) for s in range(seeds)]
             plans.append(Planned(BASE, f"{name}/random", "control", randoms, source, lam, "random", name, "steer", norm))
     return plans
 
 
 def random_matched(name: str, target: str, model: str, reference: list[SubspaceEdit], residuals: Residuals, seeds: int,
-                   rng: np.random.Generator, mode: str = "ablate", where: dict | None = None) -> Planned:
+                   rng_seed: int, mode: str = "ablate", where: dict | None = None) -> Planned:
     """`seeds` random directions per layer, each matched at every activation to `reference`
     (edited where the reference's condition edits: `where`, default everywhere)."""
-    d = int(reference[0].basis.shape[1])
+    d, rng = int(reference[0].basis.shape[1]), control_rng(rng_seed, name)
     randoms = [condition(name, [matched(edit, rng.standard_normal(d)) for edit in reference], s, **(where or {})) for s in range(seeds)]
     return Planned(model, name, "control", randoms, model, control="random", target=target, mode=mode,
                    perturbation_norm=float(np.mean([mean_norm(c.edits, residuals) for c in randoms])))
 
 
 def ablation_plans(
-    directions: xr.Dataset, finetune: str, sources: list[str], one_layer: int, residuals: Residuals, seeds: int, rng: np.random.Generator
+    directions: xr.Dataset, finetune: str, sources: list[str], one_layer: int, residuals: Residuals, seeds: int, rng_seed: int
 ) -> list[Planned]:
     """In `finetune`: the baseline; its own v ablated layer-wise and one layer's v at
     every layer; a random control matched to the layer-wise ablation; and every other
@@ -159,7 +172,7 @@ def ablation_plans(
         Planned(finetune, single, "ablate", [condition(single, everywhere)], finetune, mode="ablate",
                 perturbation_norm=mean_norm(everywhere, residuals)),
     ]
-    plans.append(random_matched(f"{name}/random", name, finetune, own, residuals, seeds, rng))
+    plans.append(random_matched(f"{name}/random", name, finetune, own, residuals, seeds, rng_seed))
     for source in sources:
         if source == finetune:
             continue
@@ -170,7 +183,7 @@ def ablation_plans(
     return plans
 
 
-def planted_plans(directions: xr.Dataset, finetune: str, residuals: Residuals, seeds: int, rng: np.random.Generator) -> list[Planned]:
+def planted_plans(directions: xr.Dataset, finetune: str, residuals: Residuals, seeds: int, rng_seed: int) -> list[Planned]:
     """In `finetune` (a persona organism's): the base's planted persona variable projected
     out at every layer where it is planted (`planted_per_layer`), and a random control matched to it.
     It asks the organism, not the method: does the fine-tune's EM run through the
@@ -179,7 +192,7 @@ def planted_plans(directions: xr.Dataset, finetune: str, residuals: Residuals, s
     name = f"{finetune}/ablate/planted"
     return [
         Planned(finetune, name, "ablate", [condition(name, edits)], "planted", mode="ablate", perturbation_norm=mean_norm(edits, residuals)),
-        random_matched(f"{name}/random", name, finetune, edits, residuals, seeds, rng),
+        random_matched(f"{name}/random", name, finetune, edits, residuals, seeds, rng_seed),
     ]
 
 
@@ -204,7 +217,7 @@ def planted_per_layer(directions: xr.Dataset) -> dict[int, np.ndarray]:
 
 
 def decision_plans(directions: xr.Dataset, finetune: str, sources: list[str], base_last: Residuals, ft_last: Residuals,
-                   seeds: int, rng: np.random.Generator) -> list[Planned]:
+                   seeds: int, rng_seed: int) -> list[Planned]:
     """In `finetune`, at the decision token of every layer: its own v's coordinate set to
     the base's mean there (`base_last`: the base's last-token residuals on the fine-tune's
     general fit prompts), the planted variable's (persona organisms) and every other
@@ -218,7 +231,7 @@ def decision_plans(directions: xr.Dataset, finetune: str, sources: list[str], ba
         name = f"{finetune}/clamp/{what}"
         edits = decision_clamps(vectors, base_last)
         plans.append(_clamped(finetune, name, "ablate", finetune if what == "own" else what, edits, ft_last))
-        plans.append(random_matched(f"{name}/random", name, finetune, edits, ft_last, seeds, rng, "clamp", DECISION))
+        plans.append(random_matched(f"{name}/random", name, finetune, edits, ft_last, seeds, rng_seed, "clamp", DECISION))
     for source in sources:
         if source != finetune:
             edits = decision_clamps(_per_layer(directions, "direction", finetune=source), base_last)
@@ -233,7 +246,7 @@ def decision_shift(base_last: Residuals, ft_last: Residuals) -> dict[int, np.nda
 
 
 def induce_plans(directions: xr.Dataset, finetune: str, base_last: Residuals, ft_last: Residuals, seeds: int,
-                 rng: np.random.Generator) -> list[Planned]:
+                 rng_seed: int) -> list[Planned]:
     """In the base, at the decision token of every layer, a coordinate set to `finetune`'s
     mean there (steering at the decision, by the fine-tune's own amount): along the
     fine-tune's shift from the base (any fine-tune, the honest control too), its own v and
@@ -249,5 +262,5 @@ def induce_plans(directions: xr.Dataset, finetune: str, base_last: Residuals, ft
         edits = decision_clamps(vectors, ft_last)
         if edits:
             plans.append(_clamped(BASE, name, "steer", finetune, edits, base_last))
-            plans.append(random_matched(f"{name}/random", name, BASE, edits, base_last, seeds, rng, "clamp", DECISION))
+            plans.append(random_matched(f"{name}/random", name, BASE, edits, base_last, seeds, rng_seed, "clamp", DECISION))
     return plans

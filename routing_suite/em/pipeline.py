@@ -61,7 +61,8 @@ BEHAVIOR = "em"
 # 4: directions paired within prompts (em.balance, default "prompt"); em_directions.paired_prompts (2026-12-06).
 # 5: planted persona bases: their styles judged, their u as em_directions.planted (2026-12-06).
 # 6: the planted edits at the layers u was planted at only (em_directions.planted_layer) (2026-12-06).
-EM_CODE_VERSION = 6
+# 7: each random control drawn from its own generator (conditions.control_rng) (2026-12-06).
+EM_CODE_VERSION = 7
 
 
 @dataclass
@@ -176,23 +177,22 @@ def decision_residuals(fam: Family, finetunes: list[str], backend) -> dict[str, 
 
 
 def plan_conditions(fam: Family, directions: xr.Dataset, settings: EmSettings, seed: int, backend) -> list[Planned]:
-    rng = np.random.default_rng(seed)
     sources = [str(f) for f in directions.finetune.values if bool(directions.has_direction.sel(finetune=f))]
     layer = int(directions.attrs["steer_layer"])
     one_layer = settings.ablate_layer if settings.ablate_layer is not None else layer
     plans = [C.baseline(BASE), *(C.baseline(k) for k in settings.organisms.finetunes if k not in sources)]
-    plans += C.steer_plans(directions, sources, layer, list(settings.steer.lambdas), settings.random_seeds, rng)
+    plans += C.steer_plans(directions, sources, layer, list(settings.steer.lambdas), settings.random_seeds, seed)
     for name in sources:
         residuals = match_residuals(fam, name, settings.match_texts, backend)
-        plans += C.ablation_plans(directions, name, sources, one_layer, residuals, settings.random_seeds, rng)
+        plans += C.ablation_plans(directions, name, sources, one_layer, residuals, settings.random_seeds, seed)
         if "planted" in directions:
-            plans += C.planted_plans(directions, name, residuals, settings.random_seeds, rng)
+            plans += C.planted_plans(directions, name, residuals, settings.random_seeds, seed)
     if settings.decision_clamp:
         last = decision_residuals(fam, settings.organisms.finetunes, backend)
         for name in sources:
-            plans += C.decision_plans(directions, name, sources, *last[name], settings.random_seeds, rng)
+            plans += C.decision_plans(directions, name, sources, *last[name], settings.random_seeds, seed)
         for name in settings.organisms.finetunes:
-            plans += C.induce_plans(directions, name, *last[name], settings.random_seeds, rng)
+            plans += C.induce_plans(directions, name, *last[name], settings.random_seeds, seed)
     return plans
 
 
