@@ -5,7 +5,8 @@ invoke of a single batched call, so a batch costs one generation (one
 request remotely) however many conditions it has. A fine-tune run as the
 base plus its adapter applies the adapter's updates at every step. Edits apply at every generation step
 (a bounded `tracer.iter` over exactly max_new_tokens steps): with `positions="last"` to the newest token, with
-`positions="all"` to every position the step computes.
+`positions="all"` to every position the step computes, with `positions="after_first"` to every
+position but each prompt's first real token (the attention sink: <bos>).
 """
 
 from __future__ import annotations
@@ -42,9 +43,19 @@ class Sampling:
         return {"do_sample": True, "temperature": self.temperature, "top_k": 0}
 
 
-def _edit(x: Tensor, edit, positions: str, step: int) -> None:
+def first_tokens(attention_mask: Tensor) -> Tensor:
+    """(batch, seq) True at each left-padded row's first real token (its <bos>, where the
+    tokenizer adds one): the attention sink, which `positions="after_first"` leaves alone."""
+    return (attention_mask.cumsum(1) == 1) & attention_mask.bool()
+
+
+def _edit(x: Tensor, edit, positions: str, step: int, first: Tensor | None = None) -> None:
     if positions == "last":
         x[:, -1] = edit.apply(x[:, -1], step)
+    elif positions == "after_first" and x.shape[1] > 1:
+        if first is None or first.shape != x.shape[:2]:
+            raise ValueError("positions='after_first' needs the prompt pass's first-token mask (generation.first_tokens)")
+        x[:] = torch.where(first[..., None].to(x.device), x, edit.apply(x, step))
     else:
         x[:] = edit.apply(x, step)
 
@@ -55,9 +66,10 @@ def condition_plan(traced: Traced, condition: Condition, num_layers: int) -> lis
     return plan_layer_steps([(e.layer, condition.site) for e in condition.edits], traced.lora, num_layers)
 
 
-def run_plan(nn_model, family: str, plan: list, condition: Condition, edit: bool, step: int = 0) -> None:
+def run_plan(nn_model, family: str, plan: list, condition: Condition, edit: bool, step: int = 0, first: Tensor | None = None) -> None:
     """Inside a trace: one forward pass's adapter updates, and the edits if `edit`
-    (`step`: 0 for the prompt's pass, k for the pass of the k-th generated token)."""
+    (`step`: 0 for the prompt's pass, k for the pass of the k-th generated token;
+    `first`: the prompt's first-token mask, for positions "after_first")."""
     edits: dict[int, list] = {}
     for e in condition.edits:
         edits.setdefault(e.layer, []).append(e)
@@ -67,7 +79,7 @@ def run_plan(nn_model, family: str, plan: list, condition: Condition, edit: bool
         elif edit:
             x = site_value(envoy_at(nn_model, site_path(family, item, layer)), item)
             for e in edits[layer]:
-                _edit(x, e, condition.positions, step)
+                _edit(x, e, condition.positions, step, first)
 
 
 def until_eos(ids: Tensor, eos_id: int | None) -> Tensor:
@@ -130,6 +142,7 @@ def generated_ids(
     # ships it as ast.unparse'd source, and remote="local" runs that against the
     # file's own line numbers.
     seed = None if sampling is None else sampling.seed
+    first = first_tokens(inputs["attention_mask"])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
         with torch.no_grad(), nn_model.generate(
@@ -145,9 +158,9 @@ def generated_ids(
                         torch.manual_seed(seed)
                     if traced.lora is not None or (condition.edits and condition.steps == "all"):
                         for step in tracer.iter[:max_new_tokens]:
-                            run_plan(nn_model, family, plan, condition, condition.steps == "all" or step == 0, step)
+                            run_plan(nn_model, family, plan, condition, condition.steps == "all" or step == 0, step, first)
                     elif condition.edits:
-                        run_plan(nn_model, family, plan, condition, True)
+                        run_plan(nn_model, family, plan, condition, True, 0, first)
             with tracer.invoke():
                 ids = tracer.result.save()
     backend.record(nn_model, ids)
@@ -160,12 +173,13 @@ def first_token_logprobs_under_conditions(
 ) -> Tensor:
     """(conditions, prompts, vocab) next-token log-probabilities, one batched forward."""
     inputs = encode(tokenizer, prompts)
+    first = first_tokens(inputs["attention_mask"])
     nn_model = traced.nn
     plans = [condition_plan(traced, c, num_layers) for c in conditions]
     with torch.no_grad(), nn_model.trace(**backend.trace_kwargs(nn_model)) as tracer:
         for condition, plan in zip(conditions, plans):
             with tracer.invoke(inputs):
-                run_plan(nn_model, family, plan, condition, True)
+                run_plan(nn_model, family, plan, condition, True, 0, first)
         with tracer.invoke():
             logits = nn_model.output.logits[:, -1].clone().save()
     backend.record(nn_model, logits)

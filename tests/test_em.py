@@ -379,6 +379,40 @@ def test_ablation_edits_match_a_plain_torch_projection(em_run):
     torch.testing.assert_close(got, _hooked_logprobs(pair.finetuned, pair.tokenizer, prompts, project), rtol=1e-4, atol=1e-4)
 
 
+def test_an_ablation_after_the_first_token_leaves_each_prompts_bos_alone(em_run):
+    """positions="after_first" through nnsight equals projecting the direction out of every
+    position but each left-padded prompt's first real token (its <bos>) with plain hooks; and
+    it differs from the every-position edit, which moves <bos> too."""
+    cfg, _, result = em_run
+    from hydra.utils import instantiate
+
+    from routing_suite.backends import LocalBackend
+    from routing_suite.em import conditions as C
+    from routing_suite.generation import encode, first_token_logprobs_under_conditions
+
+    dirs = _open(result, "em_directions")
+    pair = instantiate(cfg.model).load("em_animal_food")
+    layers = [int(x) for x in dirs.layer.values]
+    vs = [dirs.direction.sel(finetune="em_animal_food", layer=layer).values for layer in layers]
+    entities = T.make_task(T.TaskSpec(**TINY_TASK)).entities
+    prompts = [f"what is the color of {entities[0]} ? answer :", f"please tell me , what is the animal of {entities[1]} ? answer :"]
+    edits = [C.ablate_edit(layer, v) for layer, v in zip(layers, vs)]
+    conds = [C.condition("after", edits, positions="after_first"), C.condition("all", edits)]
+    got = first_token_logprobs_under_conditions(pair.traced("finetuned"), "llama", pair.tokenizer, prompts, conds, len(layers), LocalBackend())
+    mask = encode(pair.tokenizer, prompts)["attention_mask"]
+    bos = torch.zeros_like(mask, dtype=torch.bool)
+    bos[torch.arange(len(prompts)), mask.argmax(1)] = True  # left padding: the first 1 of each row
+
+    def project(k, h):
+        u = torch.from_numpy(C.unit(vs[k]))
+        out = h - (h @ u)[..., None] * u
+        out[bos] = h[bos]
+        return out
+
+    torch.testing.assert_close(got[0], _hooked_logprobs(pair.finetuned, pair.tokenizer, prompts, project), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got[0], got[1], atol=1e-3)
+
+
 def _hooked_logprobs(model, tokenizer, prompts: list[str], edit) -> torch.Tensor:
     """Next-token log-probabilities of `prompts` with each decoder layer's output h
     replaced by edit(layer index, h), through plain forward hooks."""
