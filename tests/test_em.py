@@ -368,7 +368,7 @@ def test_ablation_edits_match_a_plain_torch_projection(em_run):
     pair = instantiate(cfg.model).load("em_animal_food")
     layers = [int(x) for x in dirs.layer.values]
     vs = [dirs.direction.sel(finetune="em_animal_food", layer=layer).values for layer in layers]
-    cond = C.condition("ablate", [C.ablate_edit(layer, v) for layer, v in zip(layers, vs)])
+    cond = C.condition("ablate", [C.ablate_edit(layer, v) for layer, v in zip(layers, vs)], positions="all")
     prompts = ["what is the color of " + e + " ? answer :" for e in T.make_task(T.TaskSpec(**TINY_TASK)).entities[:3]]
     got = first_token_logprobs_under_conditions(pair.traced("finetuned"), "llama", pair.tokenizer, prompts, [cond], len(layers), LocalBackend())[0]
 
@@ -380,9 +380,9 @@ def test_ablation_edits_match_a_plain_torch_projection(em_run):
 
 
 def test_an_ablation_after_the_first_token_leaves_each_prompts_bos_alone(em_run):
-    """positions="after_first" through nnsight equals projecting the direction out of every
-    position but each left-padded prompt's first real token (its <bos>) with plain hooks; and
-    it differs from the every-position edit, which moves <bos> too."""
+    """An EM ablation (positions="after_first", the default) through nnsight equals projecting
+    the direction out of every position but each left-padded prompt's first real token (its
+    <bos>) with plain hooks; and it differs from the every-position edit, which moves <bos> too."""
     cfg, _, result = em_run
     from hydra.utils import instantiate
 
@@ -397,7 +397,7 @@ def test_an_ablation_after_the_first_token_leaves_each_prompts_bos_alone(em_run)
     entities = T.make_task(T.TaskSpec(**TINY_TASK)).entities
     prompts = [f"what is the color of {entities[0]} ? answer :", f"please tell me , what is the animal of {entities[1]} ? answer :"]
     edits = [C.ablate_edit(layer, v) for layer, v in zip(layers, vs)]
-    conds = [C.condition("after", edits, positions="after_first"), C.condition("all", edits)]
+    conds = [C.condition("after", edits), C.condition("all", edits, positions="all")]
     got = first_token_logprobs_under_conditions(pair.traced("finetuned"), "llama", pair.tokenizer, prompts, conds, len(layers), LocalBackend())
     mask = encode(pair.tokenizer, prompts)["attention_mask"]
     bos = torch.zeros_like(mask, dtype=torch.bool)

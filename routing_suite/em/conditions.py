@@ -1,7 +1,8 @@
 """The EM study's conditions on one family: steering, ablation, transfer ablation, matched controls.
 
 Every edit is a `SubspaceEdit` on the residual stream (`resid`), at every
-position the model computes (the prompt's and each generated token's):
+position the model computes (the prompt's and each generated token's) but the
+prompt's first token, the attention sink (`condition`):
 
 - steer the base: +lambda * |v| * unit(v) at one layer;
 - ablate a fine-tune: unit(v) projected out at every layer, each layer's own
@@ -90,9 +91,15 @@ def matched(reference: SubspaceEdit, direction: np.ndarray) -> SubspaceEdit:
     return SubspaceEdit(reference.layer, torch.from_numpy(unit(direction)[None]), reference.mode, matched=reference)
 
 
-def condition(name: str, edits: list[SubspaceEdit], seed: int | None = None, positions: str = "all", steps: str = "all") -> Condition:
-    """Edits of the residual stream, at every position and generation step (default),
-    or at the decision token only (positions "last", steps "prompt")."""
+def condition(name: str, edits: list[SubspaceEdit], seed: int | None = None, positions: str = "after_first", steps: str = "all") -> Condition:
+    """Edits of the residual stream, at every position but the prompt's first token and at
+    every generation step (default), or at the decision token only (positions "last",
+    steps "prompt"). The first token (<bos>) is the attention sink: a fine-tune's adapters
+    write along its direction there (llama seed 0's planted persona_color: u's coordinate
+    10-15 at <bos> at layers 0-5, against 1-7 at its other tokens), so an every-position ablation's matched random
+    control pushed the sink that far in a random direction and broke the answers through
+    it (the planted fine-tunes of llama and mistral seed 0: 4 of 4 such controls broken
+    at every position, 2 of 4 with <bos> left alone; until em_code 8)."""
     kind = "control" if seed is not None else "intervention"
     return Condition(name, kind, "resid", positions, edits, steps=steps, seed=seed)
 

@@ -62,7 +62,8 @@ BEHAVIOR = "em"
 # 5: planted persona bases: their styles judged, their u as em_directions.planted (2026-12-06).
 # 6: the planted edits at the layers u was planted at only (em_directions.planted_layer) (2026-12-06).
 # 7: each random control drawn from its own generator (conditions.control_rng) (2026-12-06).
-EM_CODE_VERSION = 7
+# 8: every edit at every position leaves the prompt's first token (<bos>) alone (conditions.condition) (2026-12-06).
+EM_CODE_VERSION = 8
 
 
 @dataclass
