@@ -172,6 +172,18 @@ def test_em_transfer_axis_stops_at_minus_100_percent_and_marks_what_goes_below()
     assert layout_problems(fig) == []
 
 
+def test_em_transfer_bars_that_broke_the_answers_are_hatched():
+    """The table's `broken` column shows in the figure: those bars hatched, the title saying so."""
+    pairs = [_transfer_report("llama", "qwen2", 8)]
+    fig = em_plots.transfer_figure(pairs)
+    assert all(not bar.get_hatch() for bar in fig.get_axes()[0].patches) and "hatched" not in fig.texts[0].get_text()
+    pairs[0].rows.append(Row(pairs[0].pair, "ablation", "em_color_city", "random", "broken", 1.0))  # the first panel's
+    fig = em_plots.transfer_figure(pairs)
+    assert [bool(bar.get_hatch()) for bar in fig.get_axes()[0].patches] == [d == "random" for d in DIRECTIONS]
+    assert not any(bar.get_hatch() for bar in fig.get_axes()[1].patches)
+    assert "hatched: answers broken" in fig.texts[0].get_text() and layout_problems(fig) == []
+
+
 def test_em_transfer_maps_pool_builds_of_a_receiver_and_keep_its_bases_apart():
     """Three builds of a receiver: one curve per donor (their mean) with a band, not three lines of
     one colour; a negative base's stores get a panel of their own."""

@@ -145,6 +145,7 @@ def transfer_figure(reports: list[TransferReport]):
     estimates = [[next((r for r in rep.rows if r.table == "ablation" and r.model == kind and r.condition == d
                         and r.statistic == "reduction"), None) for d in DIRECTIONS] for rep, kind in panels]
     shown = [any(e is not None and np.isfinite(e.value) for e in est) for est in estimates]
+    hatched = False
     for p in range(rows * cols):
         ax = axes[p // cols][p % cols]
         if p >= len(panels):
@@ -162,7 +163,11 @@ def transfer_figure(reports: list[TransferReport]):
         err = np.array([[e.value - e.lo if e else 0 for e in est], [e.hi - e.value if e else 0 for e in est]])
         x = np.arange(len(DIRECTIONS))
         ax.axhline(0, color="black", linewidth=0.8, zorder=1)
-        ax.bar(x, mid, color=[DIRECTION_COLORS[d] for d in DIRECTIONS], zorder=2)
+        broken = [rep.value("ablation", kind, d, "broken") == 1.0 for d in DIRECTIONS]
+        # A hatched bar lowered the rate by breaking the answers (the tables' `broken`).
+        ax.bar(x, mid, color=[DIRECTION_COLORS[d] for d in DIRECTIONS], hatch=["////" if b else "" for b in broken],
+               edgecolor="white", linewidth=0, zorder=2)
+        hatched |= any(broken)
         ax.errorbar(x, mid, yerr=np.clip(np.nan_to_num(err), 0, None), fmt="none", ecolor="black", capsize=2.5, linewidth=0.9, zorder=3)
         below = np.nan_to_num(mid, nan=0.0) < low
         if below.any():  # bars that go on below the axis' floor: a mark at the floor says so
@@ -175,6 +180,7 @@ def transfer_figure(reports: list[TransferReport]):
             ax.set_ylabel("reduction of misaligned rate", fontsize=9)
     title(fig, "Ablation in the receiver's fine-tune: mapped donor direction vs native vs matched controls "
                "(reduction of the misaligned rate, 95% paired bootstrap interval"
+               + ("; hatched: answers broken" if hatched else "")
                + (f"; axis cut at {100 * REDUCTION_FLOOR:.0f}%, ▼: below it)" if cut else ")"), fontsize=10)
     return fig
 
