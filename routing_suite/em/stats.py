@@ -104,6 +104,18 @@ class Row:
     hi: float = float("nan")
 
 
+class RowLookup:
+    """A report's lookups in its `rows` (`tables.EmReport`, `transfer_tables.TransferReport`)."""
+
+    def row(self, table: str, model: str, condition: str, statistic: str) -> Row | None:
+        return next((r for r in self.rows if (r.table, r.model, r.condition, r.statistic) == (table, model, condition, statistic)), None)
+
+    def value(self, table: str, model: str, condition: str, statistic: str) -> float:
+        """The row's value; NaN where the report has no such row."""
+        found = self.row(table, model, condition, statistic)
+        return found.value if found else float("nan")
+
+
 def per_prompt(outcomes: xr.Dataset, variable: str) -> dict[str, np.ndarray]:
     values = outcomes[variable].mean("sample").values
     return {str(c): values[i] for i, c in enumerate(outcomes.condition.values)}

@@ -14,13 +14,13 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from routing_suite.em.stats import Bootstrap, Row, is_broken, labels, named_section, per_prompt, rows_csv
+from routing_suite.em.stats import Bootstrap, Row, RowLookup, is_broken, labels, named_section, per_prompt, rows_csv
 from routing_suite.provenance import store_build
 from routing_suite.text_tables import markdown_text, num, replicate_key, write_files, yes_no
 
 
 @dataclass
-class EmReport:
+class EmReport(RowLookup):
     """One family's EM store, read and summarised."""
 
     family: str
@@ -39,13 +39,6 @@ class EmReport:
     control: str = ""
     # Misaligned fine-tunes with no direction, and why (their fit responses of each class).
     no_direction: dict[str, str] = field(default_factory=dict)
-
-    def row(self, table: str, model: str, condition: str, statistic: str) -> Row | None:
-        return next((r for r in self.rows if (r.table, r.model, r.condition, r.statistic) == (table, model, condition, statistic)), None)
-
-    def value(self, table: str, model: str, condition: str, statistic: str) -> float:
-        found = self.row(table, model, condition, statistic)
-        return found.value if found else float("nan")
 
     def best_separation(self, model: str) -> float:
         """`model`'s direction's held-out separation at its best layer (NaN: no direction)."""

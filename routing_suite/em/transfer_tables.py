@@ -29,7 +29,7 @@ import xarray as xr
 import zarr
 
 from routing_suite.em.settings import TRANSFER_CONTROLS
-from routing_suite.em.stats import Bootstrap, Row, is_broken, labels, named_section, per_prompt, rows_csv
+from routing_suite.em.stats import Bootstrap, Row, RowLookup, is_broken, labels, named_section, per_prompt, rows_csv
 from routing_suite.provenance import store_build
 from routing_suite.text_tables import markdown_text, num, replicate_key, write_files, yes_no
 
@@ -37,7 +37,7 @@ DIRECTIONS = ("mapped", "native", *TRANSFER_CONTROLS)
 
 
 @dataclass
-class TransferReport:
+class TransferReport(RowLookup):
     """One donor -> receiver store, read and summarised."""
 
     donor: str
@@ -55,13 +55,6 @@ class TransferReport:
     @property
     def pair(self) -> str:
         return f"{self.donor}->{self.receiver}"
-
-    def row(self, table: str, model: str, condition: str, statistic: str) -> Row | None:
-        return next((r for r in self.rows if (r.table, r.model, r.condition, r.statistic) == (table, model, condition, statistic)), None)
-
-    def value(self, table: str, model: str, condition: str, statistic: str) -> float:
-        found = self.row(table, model, condition, statistic)
-        return found.value if found else float("nan")
 
     def summary(self) -> dict:
         """Per kind: reductions of the mapped, native and control ablations, whether the mapped
