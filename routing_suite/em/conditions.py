@@ -96,10 +96,10 @@ def condition(name: str, edits: list[SubspaceEdit], seed: int | None = None, pos
     every generation step (default), or at the decision token only (positions "last",
     steps "prompt"). The first token (<bos>) is the attention sink: a fine-tune's adapters
     write along its direction there (llama seed 0's planted persona_color: u's coordinate
-    10-15 at <bos> at layers 0-5, against 1-7 at its other tokens), so an every-position ablation's matched random
-    control pushed the sink that far in a random direction and broke the answers through
-    it (the planted fine-tunes of llama and mistral seed 0: 4 of 4 such controls broken
-    at every position, 2 of 4 with <bos> left alone; until em_code 8)."""
+    10-15 at <bos> at layers 0-5, against 1-7 at its other tokens), so an every-position
+    ablation's matched random control pushed the sink that far in a random direction and
+    broke the answers through it (the planted fine-tunes of llama and mistral seed 0: 4 of
+    4 such controls broken at every position, 2 of 4 with <bos> left alone; until em_code 8)."""
     kind = "control" if seed is not None else "intervention"
     return Condition(name, kind, "resid", positions, edits, steps=steps, seed=seed)
 
@@ -155,7 +155,8 @@ def steer_plans(directions: xr.Dataset, sources: list[str], layer: int, lambdas:
 def random_matched(name: str, target: str, model: str, reference: list[SubspaceEdit], residuals: Residuals, seeds: int,
                    rng_seed: int, mode: str = "ablate", where: dict | None = None) -> Planned:
     """`seeds` random directions per layer, each matched at every activation to `reference`
-    (edited where the reference's condition edits: `where`, default everywhere)."""
+    (edited where the reference's condition edits: `where`, default `condition`'s: every
+    position but the prompt's first)."""
     d, rng = int(reference[0].basis.shape[1]), control_rng(rng_seed, name)
     randoms = [condition(name, [matched(edit, rng.standard_normal(d)) for edit in reference], s, **(where or {})) for s in range(seeds)]
     return Planned(model, name, "control", randoms, model, control="random", target=target, mode=mode,
