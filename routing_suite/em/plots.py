@@ -142,8 +142,7 @@ def transfer_figure(reports: list[TransferReport]):
     low, high = max(min(finite + [-0.1]), REDUCTION_FLOOR), max(finite + [0.1])
     pad = 0.08 * (high - low)
     cut = False
-    estimates = [[next((r for r in rep.rows if r.table == "ablation" and r.model == kind and r.condition == d
-                        and r.statistic == "reduction"), None) for d in DIRECTIONS] for rep, kind in panels]
+    estimates = [[rep.row("ablation", kind, d, "reduction") for d in DIRECTIONS] for rep, kind in panels]
     shown = [any(e is not None and np.isfinite(e.value) for e in est) for est in estimates]
     hatched = False
     for p in range(rows * cols):
