@@ -52,7 +52,7 @@ def first_tokens(attention_mask: Tensor) -> Tensor:
 def _edit(x: Tensor, edit, positions: str, step: int, first: Tensor | None = None) -> None:
     if positions == "last":
         x[:, -1] = edit.apply(x[:, -1], step)
-    elif positions == "after_first" and x.shape[1] > 1:
+    elif positions == "after_first" and step == 0:  # the prompt's pass (a generated token is never a first)
         if first is None or first.shape != x.shape[:2]:
             raise ValueError("positions='after_first' needs the prompt pass's first-token mask (generation.first_tokens)")
         x[:] = torch.where(first[..., None].to(x.device), x, edit.apply(x, step))

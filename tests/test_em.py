@@ -413,6 +413,27 @@ def test_an_ablation_after_the_first_token_leaves_each_prompts_bos_alone(em_run)
     assert not torch.allclose(got[0], got[1], atol=1e-3)
 
 
+def test_an_ablation_after_the_first_token_leaves_a_one_token_prompt_alone(em_run):
+    """A prompt that is its <bos> alone has nothing after its first token: the prompt's pass
+    is told from a generated token's by its step, not by its length."""
+    cfg, _, result = em_run
+    from hydra.utils import instantiate
+
+    from routing_suite.backends import LocalBackend
+    from routing_suite.em import conditions as C
+    from routing_suite.generation import encode, first_token_logprobs_under_conditions
+
+    dirs = _open(result, "em_directions")
+    pair = instantiate(cfg.model).load("em_animal_food")
+    layers = [int(x) for x in dirs.layer.values]
+    edits = [C.ablate_edit(layer, dirs.direction.sel(finetune="em_animal_food", layer=layer).values) for layer in layers]
+    assert encode(pair.tokenizer, [""])["input_ids"].shape == (1, 1)
+    conds = [C.condition("none", []), C.condition("after", edits), C.condition("all", edits, positions="all")]
+    got = first_token_logprobs_under_conditions(pair.traced("finetuned"), "llama", pair.tokenizer, [""], conds, len(layers), LocalBackend())
+    torch.testing.assert_close(got[1], got[0], rtol=0, atol=0)
+    assert not torch.allclose(got[2], got[0], atol=1e-3)
+
+
 def _hooked_logprobs(model, tokenizer, prompts: list[str], edit) -> torch.Tensor:
     """Next-token log-probabilities of `prompts` with each decoder layer's output h
     replaced by edit(layer index, h), through plain forward hooks."""
