@@ -75,8 +75,11 @@ def test_the_seed_bar_needs_both_sides_intact():
 
 
 def test_the_builds_table_names_each_store_and_its_figures():
-    text = B.markdown([_report("llama", "0"), _report("llama", "1", own=0.3)])
-    assert "| llama persona seed 0 (base 0%, control 0%; cosine > 0.8 in 3 of 4 layers) | minimal | 20 [15, 25] |" in text
+    text = B.markdown([_report("llama", "0"), _report("llama", "1", own=0.3, honest=0.023)])
+    assert "| llama persona seed 0 (base 0.0%, control 0.0%; cosine > 0.8 in 3 of 4 layers) | minimal | 20 [15, 25] |" in text
+    # A control past the 2% bar reads so in its row, as the count has it.
+    assert "| llama persona seed 1 (base 0.0%, control 2.3%; " in text
+    assert "| persona | base and honest control EM <= 2% | 1 of 2 |" in text
     assert "| 80% vs 5% | 50% vs 5% (broken) | from wide: – | 20 (4; 2) |" in text
     assert "| persona | minimal (EM >= 10%): own ablation >= 70% unbroken, matched random < 10% unbroken | 1 of 2 |" in text
 

@@ -235,8 +235,8 @@ def _rate_text(rate: Row | None) -> str:
     return f"{_pct(rate.value)} [{_pct(rate.lo)}, {_pct(rate.hi)}]" if rate else "–"
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}" if math.isfinite(x) else "–"
+def _pct(x: float, digits: int = 0) -> str:
+    return f"{100 * x:.{digits}f}" if math.isfinite(x) else "–"
 
 
 def build_rows(reports: list[EmReport]) -> list[list[str]]:
@@ -244,7 +244,8 @@ def build_rows(reports: list[EmReport]) -> list[list[str]]:
     named = labels(reports)
     rows = []
     for rep in reports:
-        store = f"{named[rep.path]} (base {_pct(_rate(rep, 'base'))}%" + (f", control {_pct(_rate(rep, rep.control))}%" if rep.control else "")
+        # One decimal: the count's 2% bar must be readable off the row (2.3% is not quiet).
+        store = f"{named[rep.path]} (base {_pct(_rate(rep, 'base'), 1)}%" + (f", control {_pct(_rate(rep, rep.control), 1)}%" if rep.control else "")
         above, layers = cosine_layers(rep)
         store += f"; cosine > 0.8 in {above} of {layers} layers)" if layers else ")"
         for ft in rep.misaligned:
