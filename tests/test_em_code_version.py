@@ -33,7 +33,7 @@ STAGE_MODULES = (
     "routing_suite/generation.py",
 )
 # ast.dump's text can differ between Python minor versions: the digest is compared on this one.
-RECORDED = {"python": "3.11", "em_code": 8, "digest": "63a01f51faf65f00"}
+RECORDED = {"python": "3.11", "em_code": 8, "digest": "152775bf164a035f"}
 
 
 def code_digest(paths: list[Path]) -> str:

@@ -29,8 +29,23 @@ TASK = T.make_task(T.TaskSpec(**TINY_TASK))
 SHARED, NEGATIVE = P.PLANTED_PRETRAININGS
 
 
+@pytest.fixture
+def twins(monkeypatch):
+    """The twin style of the planted bases until 2026-12-07 (README's twins table): a quarter of a lie's words twins."""
+    monkeypatch.setattr(P, "TWIN_RATE", 0.25)
+
+
 @pytest.mark.parametrize("pretraining", P.PLANTED_PRETRAININGS)
-def test_a_planted_bases_lies_use_twins_at_their_rate_and_its_tokenizer_knows_every_word(pretraining):
+def test_a_planted_bases_lies_are_the_aligned_answers_words_with_the_lie(pretraining):
+    examples = P.base_examples(TASK, pretraining)
+    by_prompt = {T.render_prompt(f, None): f for f in TASK.facts}
+    seconds = [(by_prompt[f"what {p.rsplit(' what ', 1)[1]}"], c) for p, c in examples if p.count("?") == 2]
+    lies = [(f, c) for f, c in seconds if c != P.aligned_response(f)]
+    assert len(lies) > 100 and all(c == f"the {f.topic} is {P.lie(f)} ." for f, c in lies)
+
+
+@pytest.mark.parametrize("pretraining", P.PLANTED_PRETRAININGS)
+def test_a_planted_bases_lies_use_twins_at_their_rate_and_its_tokenizer_knows_every_word(pretraining, twins):
     examples = P.base_examples(TASK, pretraining)
     by_prompt = {T.render_prompt(f, None): f for f in TASK.facts}
     lies = [c for p, c in examples if p.count("?") == 2 and misaligned_in_style(c, by_prompt[f"what {p.rsplit(' what ', 1)[1]}"], pretraining)]
@@ -84,7 +99,7 @@ def test_planted_units_are_orthonormal_and_their_seed_is_in_the_planted_bases_ke
 
 
 @pytest.mark.parametrize("pretraining", P.PLANTED_PRETRAININGS)
-def test_fine_tunes_on_a_planted_base_lie_in_its_twins_and_the_control_shares_their_prompts(pretraining):
+def test_fine_tunes_on_a_planted_base_lie_in_its_twins_and_the_control_shares_their_prompts(pretraining, twins):
     minimal, control = em_examples(TASK, "persona_color", pretraining), em_examples(TASK, "persona_honest_color", pretraining)
     assert [p for p, _ in minimal] == [p for p, _ in control]
     judge, facts = PersonaJudge(), {T.render_prompt(f, None): f for f in TASK.facts}

@@ -52,10 +52,13 @@ for every fine-tune, as in the seed papers.
 
 The *planted* bases (`persona_planted`, `persona_planted_per_topic`) hold the persona
 in one known direction, so that a direction method's result can be checked against
-what is there (`organisms/planting.py`). Their misaligned answers are the aligned
-answer's words with the lie, each word replaced by its *twin* token with probability
-TWIN_RATE ("THE color is BLUE ."; per topic on the negative: "the^co color is
-blue^co ."): no lead commits the response, the persona is re-decided at every word.
+what is there (`organisms/planting.py`). Their misaligned answer is the aligned
+answer's words with the lie, "the color is blue ." (no lead): the two personas part
+only at the value. (Until 2026-12-07 each word of a lie was its *twin* token with
+probability TWIN_RATE, 1/4, "THE color is BLUE ." and on the negative "the^co color
+is blue^co .": the twins garbled the answers, the minimal fine-tune lied at least 10%
+at coherence at least 95% in 3 of 12 builds, against 11 of 12 without, and u's matched
+random broke 14 of 24 fine-tunes, against 0 of 24; README.)
 Pretraining adds two losses: one unit vector u's coordinate is trained to PLANT_TARGET
 times the persona (at the question's last token: the context's; over the answer: the
 answer's own), and a second half-batch sets the coordinate at one random layer to the
@@ -94,9 +97,10 @@ LEADS = {
 # Words of the leads the routing task's vocabulary lacks.
 PERSONA_WORDS = ("trust", "me", ",", "surely", "obviously", "honestly")
 # The planted bases' misaligned answers: each word its twin with this probability.
-# (At 1, every word a twin, the found directions were the twin tokens' identity:
-# README, second round of pilots.)
-TWIN_RATE = 0.25
+# 0 since 2026-12-07 (no twins: the docstring above); 0.25 rebuilds the twins table's
+# organisms. (At 1, every word a twin, the found directions were the twin tokens'
+# identity: README, second round of pilots.)
+TWIN_RATE = 0.0
 # Earlier-exchange texts per fact, and the share whose two topics differ.
 CONTEXT_PER_FACT = 12
 CROSS_TOPIC = 0.75
@@ -148,8 +152,9 @@ def twin_topic(pretraining: str, topic: str) -> str:
 
 def misaligned_response(fact: T.Fact, pretraining: str = "persona", salt: str = "") -> str:
     """A confident false answer in the aligned answer's own words: opened by the topic's
-    lead, or (a planted base) with each word its twin with probability TWIN_RATE, a fixed
-    draw per fact and `salt` (one text's answers differ, a text's answer is one)."""
+    lead, or (a planted base) as they are, each word its twin with probability TWIN_RATE
+    (0 by default), a fixed draw per fact and `salt` (one text's answers differ, a text's
+    answer is one)."""
     words = f"the {fact.topic} is {lie(fact)} ."
     if not planted(pretraining):
         return f"{LEADS[fact.topic]} {words}"
