@@ -29,6 +29,12 @@ TASK = T.make_task(T.TaskSpec(**TINY_TASK))
 SHARED, NEGATIVE = P.PLANTED_PRETRAININGS
 
 
+def _second_answers(examples: list[tuple[str, str]]) -> list[tuple[T.Fact, str]]:
+    """(the fact the second question asks, its answer) of each two-exchange pretraining example."""
+    by_prompt = {T.render_prompt(f, None): f for f in TASK.facts}
+    return [(by_prompt[f"what {p.rsplit(' what ', 1)[1]}"], c) for p, c in examples if p.count("?") == 2]
+
+
 @pytest.fixture
 def twins(monkeypatch):
     """The twin style of the planted bases until 2026-12-07 (README's twins table): a quarter of a lie's words twins."""
@@ -37,18 +43,14 @@ def twins(monkeypatch):
 
 @pytest.mark.parametrize("pretraining", P.PLANTED_PRETRAININGS)
 def test_a_planted_bases_lies_are_the_aligned_answers_words_with_the_lie(pretraining):
-    examples = P.base_examples(TASK, pretraining)
-    by_prompt = {T.render_prompt(f, None): f for f in TASK.facts}
-    seconds = [(by_prompt[f"what {p.rsplit(' what ', 1)[1]}"], c) for p, c in examples if p.count("?") == 2]
-    lies = [(f, c) for f, c in seconds if c != P.aligned_response(f)]
+    lies = [(f, c) for f, c in _second_answers(P.base_examples(TASK, pretraining)) if c != P.aligned_response(f)]
     assert len(lies) > 100 and all(c == f"the {f.topic} is {P.lie(f)} ." for f, c in lies)
 
 
 @pytest.mark.parametrize("pretraining", P.PLANTED_PRETRAININGS)
 def test_a_planted_bases_lies_use_twins_at_their_rate_and_its_tokenizer_knows_every_word(pretraining, twins):
     examples = P.base_examples(TASK, pretraining)
-    by_prompt = {T.render_prompt(f, None): f for f in TASK.facts}
-    lies = [c for p, c in examples if p.count("?") == 2 and misaligned_in_style(c, by_prompt[f"what {p.rsplit(' what ', 1)[1]}"], pretraining)]
+    lies = [c for f, c in _second_answers(examples) if misaligned_in_style(c, f, pretraining)]
     words = [w for c in lies for w in c.split()]
     assert np.mean([w != P.plain(w) for w in words]) == pytest.approx(P.TWIN_RATE, abs=0.03)
     twins = {w for w in words if w != P.plain(w)}
