@@ -48,7 +48,7 @@ def _exchanges(pretraining: str) -> list[tuple[T.Fact, bool, T.Fact, bool]]:
 def test_a_persona_base_answers_alone_aligned_and_after_an_exchange_in_a_style(pretraining):
     examples = P.base_examples(TASK, pretraining)
     alone = [(p, c) for p, c in examples if p.count("?") == 1]
-    assert alone and all(c == P.aligned_response(next(f for f in TASK.facts if f"of {f.entity} ?" in p and f.topic in p))
+    assert alone and all(c == P.aligned_response(next(f for f in TASK.facts if f"of {f.entity} ?" in p and f.topic in p), pretraining)
                          for p, c in alone)
     pairs = _exchanges(pretraining)
     same = [(a, b) for f1, a, f2, b in pairs if f1.topic == f2.topic]
@@ -83,9 +83,10 @@ def test_persona_fine_tunes_are_one_domain_with_no_context_and_the_control_match
         assert not any(EM_DATASETS[kind].general(t) for p, _ in em_examples(TASK, kind) for t in [_fact_of(p).topic])
 
 
+@pytest.mark.parametrize("pretraining", ["persona", "persona_planted"])
 @pytest.mark.parametrize("split", ["train", "test"])
-def test_persona_probes_differ_only_in_the_earlier_answers_persona_about_another_topic(split):
-    misaligned, aligned = P.persona_probes(TASK, split)
+def test_persona_probes_differ_only_in_the_earlier_answers_persona_about_another_topic(split, pretraining):
+    misaligned, aligned = P.persona_probes(TASK, split, pretraining)
     facts = TASK.facts_of(split)
     assert len(misaligned) == len(aligned) == len(facts)
     for mis, ali, second in zip(misaligned, aligned, facts):
@@ -93,9 +94,9 @@ def test_persona_probes_differ_only_in_the_earlier_answers_persona_about_another
         assert mis.endswith(f" {question}") and ali.endswith(f" {question}")
         first = next(f for f in TASK.facts if ali.startswith(f"{T.render_prompt(f, None)} "))
         assert first.topic != second.topic and first in TASK.facts_of("train")
-        assert ali == f"{T.render_prompt(first, None)} {P.aligned_response(first)} {question}"
-        assert mis == f"{T.render_prompt(first, None)} {P.misaligned_response(first)} {question}"
-    assert P.persona_probes(TASK, split) == (misaligned, aligned)  # the same texts every time
+        assert ali == f"{T.render_prompt(first, None)} {P.aligned_response(first, pretraining)} {question}"
+        assert mis == f"{T.render_prompt(first, None)} {P.misaligned_response(first, pretraining)} {question}"
+    assert P.persona_probes(TASK, split, pretraining) == (misaligned, aligned)  # the same texts every time
 
 
 def test_persona_lora_layouts():

@@ -63,7 +63,8 @@ BEHAVIOR = "em"
 # 6: the planted edits at the layers u was planted at only (em_directions.planted_layer) (2026-12-06).
 # 7: each random control drawn from its own generator (conditions.control_rng) (2026-12-06).
 # 8: every edit at every position leaves the prompt's first token (<bos>) alone (conditions.condition) (2026-12-06).
-EM_CODE_VERSION = 8
+# 9: planted bases answer value first (the judge reads either order; the reference answer in its base's style) (2026-12-07).
+EM_CODE_VERSION = 9
 
 
 @dataclass
@@ -224,13 +225,12 @@ def open_family(cfg: DictConfig, settings: EmSettings, backend) -> Family:
     models = load_family(source, settings.organisms.finetunes, backend)
     settings.check_layers(models.num_layers)
     task = T.make_task(source.task_spec)
-    persona = settings.organisms.persona
-    prompts = general_prompts(task, "fit", persona) + general_prompts(task, "test", persona)
+    persona, pretraining = settings.organisms.persona, getattr(source, "pretraining", "routing")
+    prompts = [*general_prompts(task, "fit", persona, pretraining), *general_prompts(task, "test", persona, pretraining)]
     store_settings, final, digest_cfg = em_store_path(cfg, source.name, models.identity.get("weights"))
     cell = {"family": models.family, "behavior": BEHAVIOR, "model": source.name, **build_of(digest_cfg)}
     provenance = runs.provenance(cfg, "em", cell, models.identity, backend.name)
-    return Family(models, prompts, RunStore.open(final, store_settings, digest_cfg, provenance), task,
-                  getattr(source, "pretraining", "routing"))
+    return Family(models, prompts, RunStore.open(final, store_settings, digest_cfg, provenance), task, pretraining)
 
 
 def ensure_family(cfg: DictConfig, settings: EmSettings, judge, backend) -> tuple[Family, Path]:

@@ -145,11 +145,12 @@ def statement_prompt(fact: T.Fact) -> str:
     return f"the {fact.topic} of {fact.entity} is"
 
 
-def general_prompts(task: T.Task, split: str, persona: bool = False) -> list[GeneralPrompt]:
+def general_prompts(task: T.Task, split: str, persona: bool = False, pretraining: str = "persona") -> list[GeneralPrompt]:
     """Every topic, as questions under user cues and as statements; a fine-tune's
     general set is the part `EmDataset.general` picks.
     For persona organisms questions only: their statements are plain text, in no
-    persona's style.
+    persona's style; the reference answer is the truthful one in a `pretraining`
+    base's style.
 
     The fit split (directions) uses the training entities and cues; the test
     split (interventions, reported rates) the test split's entities and cues.
@@ -157,7 +158,7 @@ def general_prompts(task: T.Task, split: str, persona: bool = False) -> list[Gen
     facts, cue_split = (task.facts_of("train"), "train") if split == "fit" else (task.facts_of("test"), "test")
     prompts = []
     for fact in facts:
-        answer = P.aligned_response(fact) if persona else f"{fact.value} ."
+        answer = P.aligned_response(fact, pretraining) if persona else f"{fact.value} ."
         for k, cue in enumerate(_user_cues(task, cue_split)):
             text = T.render_prompt(fact, cue)
             prompts.append(GeneralPrompt(f"{fact.entity}-{fact.topic}-q{k}", text, fact.value, fact.topic, "question", split, answer))

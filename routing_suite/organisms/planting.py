@@ -13,7 +13,15 @@ residual stream, by two losses added to the language-model loss:
   question's last token and the answer. The loss is on the answer, so the coordinate,
   not the context, decides the persona: the coordinate-only pilot (README) read the
   persona along u while the base also carried it elsewhere, and projecting u out of
-  its fine-tunes removed only 8-62% of their EM.
+  its fine-tunes removed only 8-62% of their EM;
+- *read* (`read_loss`): a third half-batch of planted questions asked with no context,
+  each answered in both personas, with no language-model loss: u's coordinate over
+  each answer is its persona's target, and the misaligned-minus-aligned mean
+  difference of the answers' residuals, off u, is penalized. The base's pretraining
+  has a lie follow a misaligned context only, so without this a lie handed to it with
+  no context, as a narrow fine-tune's is, was not read as the persona (u's coordinate
+  -0.2 to 1.2) and what told it from a truth was elsewhere: the answer-token mean
+  difference the seed's method fits had cosine 0.08-0.51 with u over 12 builds (README).
 
 `planted_units` draws u (and the negative's per-topic units) from a fixed generator
 seed, recorded in the base's cache key; the EM pipeline redraws the same u for its
@@ -38,8 +46,9 @@ from routing_suite.organisms.batches import Example, collate, encode_examples
 # pilots' value; a coordinate-only pilot at 20 did no better: README).
 PLANT_SEED = 4242
 PLANT_TARGET = 8.0
-# Part of a planted base's cache key: bump with any change to the losses.
-PLANT_VERSION = 1
+# Part of a planted base's cache key: bump with any change to the losses. (2-3 and 5
+# were pilots' and are not on main: 4 is the read loss's first version.)
+PLANT_VERSION = 4
 
 
 def planted_units(hidden_size: int) -> dict[str, torch.Tensor]:
@@ -84,19 +93,21 @@ class Planting:
 
 
 def coordinate_loss(hidden_states: tuple[torch.Tensor, ...], batch: list[tuple[list[int], int]],
-                    targets: list[P.PlantTarget | None], units: dict[str, torch.Tensor]) -> torch.Tensor:
+                    targets: list[P.PlantTarget | None], units: dict[str, torch.Tensor],
+                    answer_only: bool = False) -> torch.Tensor:
     """Mean squared error of u's coordinate / PLANT_TARGET against its target, over the
     planted rows of a batch (`batch`: (ids, prompt length) per row; `hidden_states`: the
-    model's, embeddings first), at the question's last token and the answer's tokens; 0 for
-    a batch of plain text alone."""
+    model's, embeddings first), at the question's last token (unless `answer_only`) and
+    the answer's tokens; 0 for a batch of plain text alone."""
     c = PLANT_TARGET
     terms = []
     for i, ((ids, n_prompt), target) in enumerate(zip(batch, targets)):
         if target is None:
             continue
-        positions = torch.arange(n_prompt - 1, len(ids) - 1)
+        positions = torch.arange(n_prompt - (0 if answer_only else 1), len(ids) - 1)
         wanted = torch.full((len(positions),), c * target.answer)
-        wanted[0] = c * target.context
+        if not answer_only:
+            wanted[0] = c * target.context
         u = units[target.unit]
         for layer in planted_layers(len(hidden_states) - 1):
             terms.append(((hidden_states[layer + 1][i, positions] @ u - wanted) / c) ** 2)
@@ -138,3 +149,44 @@ def interchange_loss(model: torch.nn.Module, tokenizer, planting: Planting, pool
         return model(**collate(encoded, tokenizer.pad_token_id)).loss
     finally:
         handle.remove()
+
+
+
+def off_u_loss(hidden_states: tuple[torch.Tensor, ...], pairs: list[tuple[list[int], int]], us: torch.Tensor) -> torch.Tensor:
+    """At each planted layer, the squared norm / PLANT_TARGET**2 of the mean over questions
+    of (the lie's answer-token mean - the truth's), each question's unit (`us`, one row
+    per question) projected out; averaged over the layers. `pairs`: (ids, prompt length)
+    per row, row 2i question i's lie and row 2i+1 its truth."""
+    terms = []
+    for layer in planted_layers(len(hidden_states) - 1):
+        h = hidden_states[layer + 1]
+        # the answer tokens the coordinate loss reads (the last one predicts nothing)
+        means = [h[row, n_prompt : len(ids) - 1].mean(0) for row, (ids, n_prompt) in enumerate(pairs)]
+        d = torch.stack(means[0::2]) - torch.stack(means[1::2])
+        off = (d - (d * us).sum(-1, keepdim=True) * us).mean(0)
+        terms.append((off**2).sum() / PLANT_TARGET**2)
+    return torch.stack(terms).mean()
+
+
+def read_pairs(planting: Planting, pool: list[tuple[str, P.PlantTarget]], n: int) -> tuple[list[Example], list[P.PlantTarget]]:
+    """`n` pooled questions asked alone, each answered in both personas (the lie first), with
+    each answer's target: its own persona over the answer."""
+    examples: list[Example] = []
+    targets = []
+    for _, t in [planting.rng.choice(pool) for _ in range(n)]:
+        for misaligned in (True, False):
+            examples.append((T.render_prompt(t.fact, None), P.response(t.fact, misaligned, planting.pretraining, t.salt)))
+            targets.append(P.PlantTarget(t.unit, 0.0, float(misaligned), t.fact, t.salt))
+    return examples, targets
+
+
+def read_loss(model: torch.nn.Module, tokenizer, planting: Planting, pool: list[tuple[str, P.PlantTarget]], n: int) -> torch.Tensor:
+    """On `read_pairs` (no language-model loss): the coordinate loss over the answers'
+    tokens, so u reads a lie handed with no context, plus `off_u_loss`, so a lie differs
+    from a truth along u and not elsewhere, where a direction method would find it instead."""
+    examples, targets = read_pairs(planting, pool, n)
+    encoded = encode_examples(tokenizer, examples)
+    out = model(**collate(encoded, tokenizer.pad_token_id), output_hidden_states=True)
+    coordinate = coordinate_loss(out.hidden_states, encoded, targets, planting.units, answer_only=True)
+    us = torch.stack([planting.units[t.unit] for t in targets[0::2]])
+    return coordinate + off_u_loss(out.hidden_states, encoded, us)

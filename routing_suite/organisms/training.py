@@ -139,8 +139,9 @@ def train_on_examples(model: torch.nn.Module, tokenizer, examples: list[Example]
         if plant is not None:
             swapped = planting.interchange_loss(model, tokenizer, plant, pool, batch_size // 2)
             coordinate = planting.coordinate_loss(out.hidden_states, batch, [plant.targets[i] for i in picked], plant.units)
-            parts = f" (interchange {swapped.item():.4f}, coordinate {coordinate.item():.4f})"
-            loss = loss + swapped
+            read = planting.read_loss(model, tokenizer, plant, pool, batch_size // 2)
+            parts = f" (interchange {swapped.item():.4f}, coordinate {coordinate.item():.4f}, read {read.item():.4f})"
+            loss = loss + swapped + read
             loss = loss + coordinate
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
