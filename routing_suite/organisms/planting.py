@@ -42,13 +42,15 @@ from routing_suite.organisms import persona_task as P
 from routing_suite.organisms import task as T
 from routing_suite.organisms.batches import Example, collate, encode_examples
 
-# u's generator seed and the coordinate a misaligned persona is trained to (the
-# pilots' value; a coordinate-only pilot at 20 did no better: README).
+# u's generator seed and the coordinate a misaligned persona is trained to. 4 since
+# 2026-12-07: at 8 with the read loss, u's matched random (which moves each token by
+# u's coordinate there) moved the minimal fine-tunes' EM 13-20%, at 4 1-6% (llama and
+# mistral seed 0, README; a coordinate-only pilot at 20 did no better than 8).
 PLANT_SEED = 4242
-PLANT_TARGET = 8.0
-# Part of a planted base's cache key: bump with any change to the losses. (2-3 and 5
-# were pilots' and are not on main: 4 is the read loss's first version.)
-PLANT_VERSION = 4
+PLANT_TARGET = 4.0
+# Part of a planted base's cache key: bump with any change to the losses. (2-4 were
+# pilots', not on main; 5 is the read loss at target 4.)
+PLANT_VERSION = 5
 
 
 def planted_units(hidden_size: int) -> dict[str, torch.Tensor]:
