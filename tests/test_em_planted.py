@@ -295,3 +295,18 @@ def test_em_on_a_planted_organism_ablates_the_planted_unit_itself(tiny_cache, tm
             assert edited[name] == ",".join(map(str, planted_at)), name
         assert edited[f"{ft}/ablate/own"] == ",".join(map(str, dirs.layer.values))  # the method's own: every layer
     assert dict(zarr.open_group(result["store"], mode="r").attrs)["config"]["model"]["pretraining"] == SHARED
+
+
+def test_the_planted_check_runs_on_a_fine_tune_with_no_direction_found(tiny_cache, tmp_path):
+    """A fine-tune that lies on nearly every general question has too few aligned answers for
+    a direction; the organism's own check, u projected out and clamped, needs none."""
+    overrides = [*tiny_em_overrides(tiny_cache, tmp_path), "experiment=em_planted", "em.min_per_class=100000"]
+    result = run(compose_config("em", overrides))
+    dirs = xr.open_zarr(result["store"], group="em_directions").load()
+    assert not dirs.has_direction.values.any()
+    names = set(map(str, xr.open_zarr(result["store"], group="em_outcomes").condition.values))
+    for ft in compose_config("em", overrides).em.organisms.misaligned:
+        assert {f"{ft}/ablate/planted", f"{ft}/ablate/planted/random", f"{ft}/clamp/planted", f"{ft}/clamp/planted/random"} <= names
+        assert not any(n.startswith((f"{ft}/ablate/own", f"{ft}/clamp/own")) for n in names)
+    control = compose_config("em", overrides).em.organisms.control
+    assert not any(n.startswith(f"{control}/ablate/") for n in names)

@@ -225,14 +225,15 @@ def planted_per_layer(directions: xr.Dataset) -> dict[int, np.ndarray]:
 
 
 def decision_plans(directions: xr.Dataset, finetune: str, sources: list[str], base_last: Residuals, ft_last: Residuals,
-                   seeds: int, rng_seed: int) -> list[Planned]:
+                   seeds: int, rng_seed: int, own: bool = True) -> list[Planned]:
     """In `finetune`, at the decision token of every layer: its own v's coordinate set to
     the base's mean there (`base_last`: the base's last-token residuals on the fine-tune's
-    general fit prompts), the planted variable's (persona organisms) and every other
-    source's v (transfer); own and planted with a random control matched to them
-    (`ft_last`: the fine-tune's residuals there, for the change norms)."""
+    general fit prompts; not with `own` false: it has no v), the planted variable's
+    (persona organisms) and every other source's v (transfer); own and planted with a
+    random control matched to them (`ft_last`: the fine-tune's residuals there, for the
+    change norms)."""
     plans = []
-    wanted = {"own": _per_layer(directions, "direction", finetune=finetune)}
+    wanted = {"own": _per_layer(directions, "direction", finetune=finetune)} if own else {}
     if "planted" in directions:
         wanted["planted"] = planted_per_layer(directions)
     for what, vectors in wanted.items():

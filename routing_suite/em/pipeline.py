@@ -64,7 +64,8 @@ BEHAVIOR = "em"
 # 7: each random control drawn from its own generator (conditions.control_rng) (2026-12-06).
 # 8: every edit at every position leaves the prompt's first token (<bos>) alone (conditions.condition) (2026-12-06).
 # 9: planted bases answer value first (the judge reads either order; the reference answer in its base's style) (2026-12-07).
-EM_CODE_VERSION = 9
+# 10: the planted checks for every misaligned fine-tune, a direction found or not (pipeline.plan_conditions) (2026-12-07).
+EM_CODE_VERSION = 10
 
 
 @dataclass
@@ -189,10 +190,18 @@ def plan_conditions(fam: Family, directions: xr.Dataset, settings: EmSettings, s
         plans += C.ablation_plans(directions, name, sources, one_layer, residuals, settings.random_seeds, seed)
         if "planted" in directions:
             plans += C.planted_plans(directions, name, residuals, settings.random_seeds, seed)
+    # The planted check asks the organism, not the method: it needs no found direction (a
+    # fine-tune that lies on nearly every general question has too few aligned answers to fit one).
+    unfit = [name for name in settings.organisms.misaligned if name not in sources] if "planted" in directions else []
+    for name in unfit:
+        residuals = match_residuals(fam, name, settings.match_texts, backend)
+        plans += C.planted_plans(directions, name, residuals, settings.random_seeds, seed)
     if settings.decision_clamp:
         last = decision_residuals(fam, settings.organisms.finetunes, backend)
         for name in sources:
             plans += C.decision_plans(directions, name, sources, *last[name], settings.random_seeds, seed)
+        for name in unfit:
+            plans += C.decision_plans(directions, name, [], *last[name], settings.random_seeds, seed, own=False)
         for name in settings.organisms.finetunes:
             plans += C.induce_plans(directions, name, *last[name], settings.random_seeds, seed)
     return plans
