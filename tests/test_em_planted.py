@@ -4,6 +4,7 @@ units and cache keys, and that the two losses do what they say on a real tiny mo
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -310,3 +311,6 @@ def test_the_planted_check_runs_on_a_fine_tune_with_no_direction_found(tiny_cach
         assert not any(n.startswith((f"{ft}/ablate/own", f"{ft}/clamp/own")) for n in names)
     control = compose_config("em", overrides).em.organisms.control
     assert not any(n.startswith(f"{control}/ablate/") for n in names)
+    # the headline says "no direction" of each, and gives no ablation figures for it
+    headline = (Path(result["table_dir"]) / "em_headline.txt").read_text()
+    assert not result["summary"] and "nan" not in headline and headline.count("no direction") == len(dirs.finetune)

@@ -46,10 +46,11 @@ class EmReport(RowLookup):
         return max(values, default=float("nan"))
 
     def summary(self) -> dict:
-        """The headline numbers per misaligned fine-tune (rates and reductions in [0, 1])."""
+        """The headline numbers per misaligned fine-tune with a direction (rates and reductions
+        in [0, 1]; one without has only the planted check's rows, and its `no_direction` line)."""
         out = {}
         for r in self.rows:
-            if r.table == "ablation" and r.condition == "baseline" and r.statistic == "misaligned_rate":
+            if r.table == "ablation" and r.condition == "baseline" and r.statistic == "misaligned_rate" and r.model not in self.no_direction:
                 m = r.model
                 out[m] = {
                     "baseline": r.value,
