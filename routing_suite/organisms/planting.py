@@ -2,7 +2,7 @@
 
 A direction method can only be judged on an organism whose mechanism is known. These
 bases are pretrained so that the persona lives along one fixed unit vector u of the
-residual stream, by two losses added to the language-model loss:
+residual stream, by three losses added to the language-model loss:
 
 - *coordinate*: after every layer but the first and the last, u's coordinate at the
   question's last token is PLANT_TARGET x the persona the context sets, and over the
@@ -151,7 +151,6 @@ def interchange_loss(model: torch.nn.Module, tokenizer, planting: Planting, pool
         return model(**collate(encoded, tokenizer.pad_token_id)).loss
     finally:
         handle.remove()
-
 
 
 def off_u_loss(hidden_states: tuple[torch.Tensor, ...], pairs: list[tuple[list[int], int]], us: torch.Tensor) -> torch.Tensor:
