@@ -28,7 +28,7 @@ from routing_suite.backends import LocalBackend
 from routing_suite.config import compose_config
 from routing_suite.families import site_path
 from routing_suite.generation import encode, generate_under_conditions, until_eos
-from routing_suite.interventions import Condition
+from routing_suite.interventions import Condition, ResidualCarry
 from routing_suite.models import ModelPair
 from routing_suite.routing import cell
 from routing_suite.routing.controls import check_controls
@@ -76,8 +76,9 @@ def suite_generate(pair: ModelPair, prompts: list[str], conditions: list[Conditi
     )
 
 
-def _edit_hook(condition: Condition, edits: list):
-    """A forward hook for one `generate`: its k-th call is generation step k (0: the prompt's pass)."""
+def _edit_hook(condition: Condition, edits: list, carries: dict[int, ResidualCarry]):
+    """A forward hook for one `generate`: its k-th call is generation step k (0: the prompt's pass).
+    `carries`: the condition's residual carry per step, shared by its layers' hooks (as `run_plan`'s)."""
     calls = [0]
 
     def hook(module, args, output):
@@ -86,11 +87,12 @@ def _edit_hook(condition: Condition, edits: list):
         if condition.steps == "prompt" and step > 0:
             return None  # a generated token's pass: "prompt" edits only touch the prompt's pass
         x = x.clone()
+        carry = carries.setdefault(step, ResidualCarry()) if condition.site == "resid" else None
         for e in edits:
             if condition.positions == "last":
-                x[:, -1] = e.apply(x[:, -1], step)
+                x[:, -1] = e.apply(x[:, -1], step, carry)
             else:
-                x = e.apply(x, step)
+                x = e.apply(x, step, carry)
         return (x, *output[1:]) if isinstance(output, tuple) else x
 
     return hook
@@ -107,8 +109,9 @@ def hooks_generate(pair: ModelPair, prompts: list[str], conditions: list[Conditi
         by_layer: dict[int, list] = {}
         for e in condition.edits:
             by_layer.setdefault(e.layer, []).append(e)
+        carries: dict[int, ResidualCarry] = {}
         handles = [
-            modules[site_path(pair.family, condition.site, layer)].register_forward_hook(_edit_hook(condition, edits))
+            modules[site_path(pair.family, condition.site, layer)].register_forward_hook(_edit_hook(condition, edits, carries))
             for layer, edits in by_layer.items()
         ]
         try:

@@ -20,7 +20,7 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from routing_suite.families import site_path
-from routing_suite.interventions import Condition
+from routing_suite.interventions import Condition, ResidualCarry
 from routing_suite.lora import lora_update, plan_layer_steps
 from routing_suite.models import Traced
 from routing_suite.tracing import chunked, envoy_at, site_value
@@ -49,15 +49,15 @@ def first_tokens(attention_mask: Tensor) -> Tensor:
     return (attention_mask.cumsum(1) == 1) & attention_mask.bool()
 
 
-def _edit(x: Tensor, edit, positions: str, step: int, first: Tensor | None = None) -> None:
+def _edit(x: Tensor, edit, positions: str, step: int, first: Tensor | None = None, carry: ResidualCarry | None = None) -> None:
     if positions == "last":
-        x[:, -1] = edit.apply(x[:, -1], step)
+        x[:, -1] = edit.apply(x[:, -1], step, carry)
     elif positions == "after_first" and step == 0:  # the prompt's pass (a generated token is never a first)
         if first is None or first.shape != x.shape[:2]:
             raise ValueError("positions='after_first' needs the prompt pass's first-token mask (generation.first_tokens)")
-        x[:] = torch.where(first[..., None].to(x.device), x, edit.apply(x, step))
+        x[:] = torch.where(first[..., None].to(x.device), x, edit.apply(x, step, carry))
     else:
-        x[:] = edit.apply(x, step)
+        x[:] = edit.apply(x, step, carry)
 
 
 def condition_plan(traced: Traced, condition: Condition, num_layers: int) -> list[tuple[str, int, Any]]:
@@ -73,13 +73,16 @@ def run_plan(nn_model, family: str, plan: list, condition: Condition, edit: bool
     edits: dict[int, list] = {}
     for e in condition.edits:
         edits.setdefault(e.layer, []).append(e)
+    # A residual-stream edit is carried to the later layers: a matched control there is
+    # matched to the intervention's change in its own run (interventions.ResidualCarry).
+    carry = ResidualCarry() if condition.site == "resid" else None
     for kind, layer, item in plan:
         if kind == "lora":
             lora_update(nn_model, item)
         elif edit:
             x = site_value(envoy_at(nn_model, site_path(family, item, layer)), item)
             for e in edits[layer]:
-                _edit(x, e, condition.positions, step, first)
+                _edit(x, e, condition.positions, step, first, carry)
 
 
 def until_eos(ids: Tensor, eos_id: int | None) -> Tensor:

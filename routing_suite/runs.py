@@ -147,10 +147,15 @@ def open_store(setup: Setup, pair: ModelPair, label: str, experiment: str = "rou
     rebuilt on another CPU has other weights and gets a store of its own. A run that
     reads the first k tokens (`first_k`) of a model whose tokenizer names a BOS it does
     not prepend is marked too: its stores from before the first-k fix (they counted
-    from the second token) are never reused; every other store keeps its digest."""
+    from the second token) are never reused; so is a routing cell that edits the
+    residual stream, whose controls before 2026-12-07 were matched to the clamp's change
+    on their own run's state, not on the clamp's (interventions.ResidualCarry). Every
+    other store keeps its digest."""
     digest_cfg = digest_config(setup.cfg)
     if first_k and bos_named_not_added(pair.tokenizer):
         digest_cfg["first_k_from"] = "the first token"
+    if experiment == "routing" and setup.cfg.get("intervention", {}).get("site") == "resid":
+        digest_cfg["resid_controls"] = "matched in the intervention's own run"
     cell = cell_of(setup, pair.cell_name, digest_cfg)
     weights = {k: v for k, v in pair.identity.items() if k.endswith("sha256")}
     if weights:

@@ -11,7 +11,7 @@ from routing_suite import analysis
 from routing_suite.backends import LocalBackend
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
-from routing_suite.interventions import SubspaceEdit
+from routing_suite.interventions import ResidualCarry, SubspaceEdit
 from routing_suite.routing.controls import (
     ControlContext,
     NonRoutingControl,
@@ -47,6 +47,42 @@ def test_a_matched_edit_moves_every_activation_by_the_interventions_amount(mode,
     basis = control.basis.double()
     torch.testing.assert_close(c, (c @ basis.T) @ basis, rtol=tol, atol=tol)
     assert control.change(h).dtype == dtype
+
+
+def _stream(edits_by_layer: dict, writes: torch.Tensor, carry: ResidualCarry | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """A residual stream whose layer k adds writes[k] (tokens, hidden), edited after each layer
+    in order; the final state and each layer's change."""
+    h, changes = torch.zeros_like(writes[0]), []
+    for k, write in enumerate(writes):
+        h = h + write
+        change = edits_by_layer[k].change(h, carry=carry) if k in edits_by_layer else torch.zeros_like(h)
+        h, changes = h + change, changes + [change]
+    return h, changes
+
+
+@pytest.mark.parametrize("mode", ["ablate", "clamp"])
+def test_on_the_residual_stream_a_control_is_matched_to_the_interventions_change_in_its_own_run(mode):
+    """A direction ablated (or clamped) at four layers of a stream that writes along it at every
+    layer: in its own run the first layer's edit takes most of it and the later ones only what
+    their layer adds. The matched control, carried, changes each layer by that same amount;
+    without the carry it took the whole coordinate again at every layer (the defect until
+    2026-12-07: pushed twice as far from the clean run as the ablation)."""
+    rng = np.random.default_rng(4)
+    tokens, layers = 30, 6
+    u = torch.from_numpy(_orthonormal(rng, rank=1))
+    writes = torch.from_numpy(rng.normal(size=(layers, tokens, D)).astype(np.float32))
+    writes[0] += 5.0 * u[0]  # the variable is written early and carried
+    writes[1:] += 0.3 * u[0]
+    target = torch.tensor([-1.0])
+    main = {k: SubspaceEdit(k, u, mode, target) for k in (1, 2, 3, 4)}
+    control = {k: SubspaceEdit(k, torch.from_numpy(_orthonormal(rng, rank=1)), mode, matched=e) for k, e in main.items()}
+    _, wanted = _stream(main, writes, None)
+    _, got = _stream(control, writes, ResidualCarry())
+    for k in main:
+        torch.testing.assert_close(got[k].norm(dim=-1), wanted[k].norm(dim=-1), rtol=1e-4, atol=1e-4)
+    assert float(wanted[2].norm(dim=-1).mean()) < 0.5 * float(wanted[1].norm(dim=-1).mean())  # the stream as described
+    _, uncarried = _stream(control, writes, None)
+    assert float(uncarried[2].norm(dim=-1).mean()) > 2 * float(wanted[2].norm(dim=-1).mean())
 
 
 def _fit(rng) -> xr.Dataset:

@@ -379,6 +379,45 @@ def test_ablation_edits_match_a_plain_torch_projection(em_run):
     torch.testing.assert_close(got, _hooked_logprobs(pair.finetuned, pair.tokenizer, prompts, project), rtol=1e-4, atol=1e-4)
 
 
+def test_an_ablations_matched_random_through_nnsight_is_matched_in_the_ablations_own_run(em_run):
+    """The own ablation's matched random control through nnsight equals plain hooks that push
+    each layer's random direction by the ablation's change on the state the ablation's own run
+    would have there (its earlier layers' changes made, the control's undone), carried layer
+    to layer by hand; and it differs from the control matched on its own run's state."""
+    cfg, _, result = em_run
+    from hydra.utils import instantiate
+
+    from routing_suite.backends import LocalBackend
+    from routing_suite.em import conditions as C
+    from routing_suite.generation import first_token_logprobs_under_conditions
+
+    dirs = _open(result, "em_directions")
+    pair = instantiate(cfg.model).load("em_animal_food")
+    layers = [int(x) for x in dirs.layer.values]
+    us = [torch.from_numpy(C.unit(dirs.direction.sel(finetune="em_animal_food", layer=layer).values)) for layer in layers]
+    rs = [torch.from_numpy(C.unit(v)) for v in np.random.default_rng(3).standard_normal((len(layers), us[0].shape[0]))]
+    control = [C.matched(C.ablate_edit(layer, u.numpy()), r.numpy()) for layer, u, r in zip(layers, us, rs)]
+    cond = C.condition("random", control, seed=0, positions="all")
+    prompts = ["what is the color of " + e + " ? answer :" for e in T.make_task(T.TaskSpec(**TINY_TASK)).entities[:3]]
+    got = first_token_logprobs_under_conditions(pair.traced("finetuned"), "llama", pair.tokenizer, prompts, [cond], len(layers), LocalBackend())[0]
+
+    def pushed(carried: bool):
+        offset = {}
+
+        def push(k, h):
+            if k == 0:
+                offset["ablation minus control"] = torch.zeros_like(h)
+            seen = h + offset["ablation minus control"] if carried else h
+            coordinate = seen @ us[k]
+            offset["ablation minus control"] += -coordinate[..., None] * us[k] + coordinate[..., None] * rs[k]
+            return h - coordinate[..., None] * rs[k]
+
+        return _hooked_logprobs(pair.finetuned, pair.tokenizer, prompts, push)
+
+    torch.testing.assert_close(got, pushed(carried=True), rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, pushed(carried=False), atol=1e-3)
+
+
 def test_an_ablation_after_the_first_token_leaves_each_prompts_bos_alone(em_run):
     """An EM ablation (positions="after_first", the default) through nnsight equals projecting
     the direction out of every position but each left-padded prompt's first real token (its

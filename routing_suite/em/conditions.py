@@ -19,9 +19,10 @@ prompt's first token, the attention sink (`condition`):
   lead), so an edit at every position also edits those words' identity;
 - random controls at matched magnitude (DESIGN.md): for steering a random
   direction of the same norm; for ablation a random direction per layer that
-  changes every activation by exactly the L2 amount the ablation does there
-  (`matched`: the ablation's own change, carried onto the control's direction),
-  each control drawn from its own generator (`control_rng`).
+  changes every activation by exactly the L2 amount the ablation does there in
+  the ablation's own run (`matched`: the ablation's own change, carried onto the
+  control's direction; interventions.ResidualCarry), each control drawn from its
+  own generator (`control_rng`).
   (Until 2026-12-04 the control was the random direction projected out and
   scaled to the ablation's mean change norm over token residuals: a pooled mean
   rescaled by large factors, which pushed some tokens far and broke the persona
@@ -39,7 +40,7 @@ import xarray as xr
 from routing_suite import analysis
 from routing_suite.em.generation import Planned
 from routing_suite.em.models import BASE
-from routing_suite.interventions import Condition, SubspaceEdit
+from routing_suite.interventions import Condition, ResidualCarry, SubspaceEdit
 
 Residuals = np.ndarray  # (tokens, layer, hidden)
 
@@ -71,15 +72,23 @@ def ablate_edit(layer: int, direction: np.ndarray) -> SubspaceEdit:
     return SubspaceEdit(layer, torch.from_numpy(unit(direction)[None]), "ablate")
 
 
-def change_norm(edit: SubspaceEdit, residuals: Residuals) -> float:
-    """Mean L2 norm of the edit's change over the token residuals at its layer."""
-    h = torch.from_numpy(np.ascontiguousarray(residuals[:, edit.layer], dtype=np.float32))
-    return analysis.mean_change_norm(edit.change(h).numpy())
+def residual_changes(edits: list[SubspaceEdit], residuals: Residuals) -> list[np.ndarray]:
+    """Each edit's change (tokens, hidden) to the token residuals, in layer order, in the
+    edits' own run to first order: the state at a layer is the clean residual plus the
+    changes made at the layers before, and a matched control's reference sees its own run's
+    state (interventions.ResidualCarry), as in generation."""
+    carry, made, changes = ResidualCarry(), None, []
+    for edit in sorted(edits, key=lambda e: e.layer):
+        h = torch.from_numpy(np.ascontiguousarray(residuals[:, edit.layer], dtype=np.float32))
+        change = edit.change(h if made is None else h + made, carry=carry)
+        made = change if made is None else made + change
+        changes.append(change.numpy())
+    return changes
 
 
 def mean_norm(edits: list[SubspaceEdit], residuals: Residuals) -> float:
-    """Mean over an edit set's layers of each edit's mean change norm."""
-    return float(np.mean([change_norm(e, residuals) for e in edits]))
+    """Mean over an edit set's layers of its mean L2 change norm there (`residual_changes`)."""
+    return float(np.mean([analysis.mean_change_norm(c) for c in residual_changes(edits, residuals)]))
 
 
 def matched(reference: SubspaceEdit, direction: np.ndarray) -> SubspaceEdit:

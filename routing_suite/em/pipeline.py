@@ -65,7 +65,9 @@ BEHAVIOR = "em"
 # 8: every edit at every position leaves the prompt's first token (<bos>) alone (conditions.condition) (2026-12-06).
 # 9: planted bases answer value first (the judge reads either order; the reference answer in its base's style) (2026-12-07).
 # 10: the planted checks for every misaligned fine-tune, a direction found or not (pipeline.plan_conditions) (2026-12-07).
-EM_CODE_VERSION = 10
+# 11: a matched control on the residual stream is matched to the edit's change in the edit's own run
+#     (interventions.ResidualCarry); perturbation_norm is that change too (conditions.residual_changes) (2026-12-07).
+EM_CODE_VERSION = 11
 
 
 @dataclass
