@@ -140,22 +140,29 @@ def cell_of(setup: Setup, cell_name: str, digest_cfg: dict) -> dict:
             "variant": variant_of(digest_cfg), "replicate": replicate_of(setup.cfg)}
 
 
+def store_digest_config(cfg: DictConfig, experiment: str = "routing", first_k_after_unadded_bos: bool = False) -> dict:
+    """`digest_config`, and a mark on the stores a fix changed, so that none made before it
+    is reused: a run reading the first k tokens of a model whose tokenizer names a BOS it
+    does not prepend (those stores counted from the second token), and a routing cell that
+    edits the residual stream (before 2026-12-07 its controls were matched to the clamp's
+    change on the control's own run's state, not the clamp's: interventions.ResidualCarry).
+    Every other store keeps its digest."""
+    digest_cfg = digest_config(cfg)
+    if first_k_after_unadded_bos:
+        digest_cfg["first_k_from"] = "the first token"
+    if experiment == "routing" and cfg.get("intervention", {}).get("site") == "resid":
+        digest_cfg["resid_controls"] = "matched in the intervention's own run"
+    return digest_cfg
+
+
 def open_store(setup: Setup, pair: ModelPair, label: str, experiment: str = "routing", first_k: bool = False) -> RunStore:
     """The run's store, named by content; `experiment` tells the aggregator how to read it.
 
     The digest also holds the weights' hashes (when they are here): an organism
     rebuilt on another CPU has other weights and gets a store of its own. A run that
     reads the first k tokens (`first_k`) of a model whose tokenizer names a BOS it does
-    not prepend is marked too: its stores from before the first-k fix (they counted
-    from the second token) are never reused; so is a routing cell that edits the
-    residual stream, whose controls before 2026-12-07 were matched to the clamp's change
-    on their own run's state, not on the clamp's (interventions.ResidualCarry). Every
-    other store keeps its digest."""
-    digest_cfg = digest_config(setup.cfg)
-    if first_k and bos_named_not_added(pair.tokenizer):
-        digest_cfg["first_k_from"] = "the first token"
-    if experiment == "routing" and setup.cfg.get("intervention", {}).get("site") == "resid":
-        digest_cfg["resid_controls"] = "matched in the intervention's own run"
+    not prepend is marked too (`store_digest_config`)."""
+    digest_cfg = store_digest_config(setup.cfg, experiment, first_k and bos_named_not_added(pair.tokenizer))
     cell = cell_of(setup, pair.cell_name, digest_cfg)
     weights = {k: v for k, v in pair.identity.items() if k.endswith("sha256")}
     if weights:

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 from routing_suite.config import compose_config, register_configs
 from routing_suite.provenance import digest, is_secret_key, result_config, scrub_secrets
-from routing_suite.runs import digest_config
+from routing_suite.runs import digest_config, store_digest_config
 
 register_configs()
 
@@ -48,6 +48,18 @@ def test_a_key_added_later_keeps_the_older_stores_digest_at_the_value_they_had()
     # The window check came later still, on by default: a store from before it is the check off.
     assert reference["localize"]["check_windows"] == 8
     assert "check_windows" not in digest_config(compose_config("routing", ["localize.check_windows=0"]))["localize"]
+
+
+def test_only_a_residual_stream_routing_cell_gets_a_store_of_its_own_after_the_carry_fix():
+    """Its controls changed (interventions.ResidualCarry): its older stores must not be reused.
+    The default (attention output) and the other studies keep their digests."""
+    default = compose_config("routing", [])
+    assert store_digest_config(default) == digest_config(default)
+    assert store_digest_config(compose_config("collect", [])) == digest_config(compose_config("collect", []))
+    resid = compose_config("routing", ["intervention.site=resid", "collect.sites=[resid,attn]"])
+    assert store_digest_config(resid)["resid_controls"] == "matched in the intervention's own run"
+    assert digest(store_digest_config(resid)) != digest(digest_config(resid))
+    assert "resid_controls" not in store_digest_config(resid, experiment="adl")
 
 
 def test_the_suites_own_import_paths_are_not_in_the_digest():
