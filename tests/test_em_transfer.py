@@ -196,12 +196,37 @@ def test_paired_difference_resamples_both_conditions_together():
     assert np.isfinite(boot.difference(a, b).value)
 
 
+def test_map_texts_add_the_persona_bases_own_exchanges_in_both_personas_and_no_fine_tune_response():
+    from routing_suite.organisms import persona_task as P
+    from routing_suite.organisms import task as T
+
+    task = T.make_task(T.TaskSpec())
+    neutral = X.neutral_texts(task)
+    assert X.map_texts(task, "persona_planted", 0, seed=0) == neutral
+    texts = X.map_texts(task, "persona_planted", 60, seed=0)
+    added = texts[len(neutral):]
+    assert texts[: len(neutral)] == neutral and len(added) == 60
+    assert X.map_texts(task, "persona_planted", 60, seed=0) == texts and X.map_texts(task, "persona_planted", 60, seed=1) != texts
+    examples, targets = P.pretraining_data(task, "persona_planted")
+    persona = {f"{prompt} {answer}": t.answer for (prompt, answer), t in zip(examples, targets) if t is not None}
+    assert set(added) <= set(persona)  # the base's own pretraining texts
+    # Each is an earlier exchange and then a question: two questions in one text, where a
+    # fine-tune's response answers one question alone.
+    assert all(text.count("? answer :") == 2 for text in added)
+    assert 10 < sum(persona[text] for text in added) < 50  # answered in both personas
+    with pytest.raises(ConfigError, match="needs a persona base"):
+        X.map_texts(task, "routing", 1, seed=0)
+    with pytest.raises(ConfigError, match="the base has"):
+        X.map_texts(task, "persona_planted", 10**6, seed=0)
+
+
 @pytest.mark.parametrize(
     "extra,message",
     [
         (["transfer.alphas=[]"], r"transfer.alphas=\[\] must be positive"),
         (["transfer.heldout_fraction=1.0"], "transfer.heldout_fraction=1.0 must lie strictly between 0 and 1"),
         (["transfer.steer_lambdas=[-1]"], "transfer.steer_lambdas"),
+        (["transfer.persona_exchanges=-1"], "transfer.persona_exchanges=-1 must be >= 0"),
     ],
 )
 def test_bad_transfer_settings_fail_when_read(extra, message, tmp_path):
@@ -215,6 +240,7 @@ def test_bad_transfer_settings_fail_when_read(extra, message, tmp_path):
     [
         (["donor=qwen2", "receiver=qwen2"], "donor and receiver are both 'qwen2'"),
         (["donor=falcon"], r"donor='falcon' is not one of"),
+        (["transfer.persona_exchanges=10"], "transfer.persona_exchanges=10 needs a persona base"),
     ],
 )
 def test_bad_pairs_fail_before_any_store_or_build(extra, message, tmp_path):

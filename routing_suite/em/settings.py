@@ -137,8 +137,16 @@ class EmTransferSettings:
     # Steering of the receiver's base at its steering layer, at lambda times the norm of
     # the receiver's own direction (mapped, native and every control at that norm); empty: none.
     steer_lambdas: list[float] = field(default_factory=lambda: [4.0])
+    # On a persona base: this many of the base's own pretraining exchanges (an earlier
+    # exchange in one persona, then a question answered in the persona it carries) added
+    # to the map texts, so that the persona varies in what the maps are fit on (on the
+    # neutral texts alone it never does: all truthful). Never a fine-tune's response.
+    # 0: the neutral texts only.
+    persona_exchanges: int = 0
 
     def __post_init__(self) -> None:
+        if self.persona_exchanges < 0:
+            raise ConfigError(f"transfer.persona_exchanges={self.persona_exchanges} must be >= 0")
         if not self.alphas or any(a <= 0 for a in self.alphas):
             raise ConfigError(f"transfer.alphas={list(self.alphas)} must be positive (at least one)")
         if self.cv_folds < 2:

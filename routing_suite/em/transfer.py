@@ -40,6 +40,8 @@ from routing_suite.em.generation import Planned
 from routing_suite.em.judge import ALIGNED, MISALIGNED
 from routing_suite.em.models import BASE, EmModels
 from routing_suite.em.settings import TRANSFER_CONTROLS, EmTransferSettings
+from routing_suite.errors import ConfigError
+from routing_suite.organisms import persona_task as P
 from routing_suite.organisms import task as T
 from routing_suite.organisms.em_task import general_prompts
 from routing_suite.store import text
@@ -54,6 +56,31 @@ def neutral_texts(task: T.Task) -> list[str]:
     texts += list(T.CHITCHAT)
     texts += [f"{p.text} {p.truth} ." for p in general_prompts(task, "fit")]
     return list(dict.fromkeys(texts))
+
+
+def check_persona_exchanges(persona_exchanges: int, pretraining: str) -> None:
+    """ConfigError unless the base has persona exchanges to add (or none are asked for)."""
+    if persona_exchanges and pretraining not in P.PERSONA_PRETRAININGS:
+        raise ConfigError(f"transfer.persona_exchanges={persona_exchanges} needs a persona base (model.pretraining is {pretraining!r})")
+
+
+def map_texts(task: T.Task, pretraining: str, persona_exchanges: int, seed: int) -> list[str]:
+    """`neutral_texts`, and with `persona_exchanges` > 0 (a persona base) that many of the
+    base's own pretraining exchanges, drawn with `seed`: an earlier exchange in one persona,
+    then a question answered in the persona it carries (half of them misaligned). The base
+    learnt these texts; a fine-tune's response (a lie with no earlier exchange) is none of them."""
+    texts = neutral_texts(task)
+    check_persona_exchanges(persona_exchanges, pretraining)
+    if persona_exchanges == 0:
+        return texts
+    examples, targets = P.pretraining_data(task, pretraining)
+    # The exchanges are the examples salted with their own index (their answers in either
+    # persona); the questions answered alone and the plain texts have no salt.
+    exchanges = [f"{prompt} {answer}" for (prompt, answer), t in zip(examples, targets) if t is not None and t.salt]
+    if persona_exchanges > len(exchanges):
+        raise ConfigError(f"transfer.persona_exchanges={persona_exchanges}: the base has {len(exchanges)} exchanges")
+    picked = np.random.default_rng(seed).choice(len(exchanges), persona_exchanges, replace=False)
+    return list(dict.fromkeys(texts + [exchanges[i] for i in sorted(picked)]))
 
 
 @dataclass

@@ -84,7 +84,7 @@ def control_shift(fam: Family, control: str, backend) -> np.ndarray:
 
 def stage_maps(donor: Family, receiver: Family, task: T.Task, settings: EmSettings, transfer: EmTransferSettings, seed: int,
                backend) -> xr.Dataset:
-    texts = X.neutral_texts(task)
+    texts = X.map_texts(task, receiver.pretraining, transfer.persona_exchanges, seed)
     x = X.text_residuals(donor.models, BASE, texts, backend)
     y = X.text_residuals(receiver.models, BASE, texts, backend)
     # The held-out texts depend on the seed only (the same for every donor of a receiver);
@@ -155,6 +155,7 @@ def run(cfg: DictConfig) -> dict:
     donor_name, receiver_name = check_pair(cfg)
     settings: EmSettings = OmegaConf.to_object(cfg.em)
     transfer: EmTransferSettings = OmegaConf.to_object(cfg.transfer)
+    X.check_persona_exchanges(transfer.persona_exchanges, cfg.model.get("pretraining", "routing"))  # before any model is built
     judge = instantiate(cfg.judge)
     backend = instantiate(cfg.backend)
     backend.preflight()
