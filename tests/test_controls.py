@@ -49,15 +49,15 @@ def test_a_matched_edit_moves_every_activation_by_the_interventions_amount(mode,
     assert control.change(h).dtype == dtype
 
 
-def _stream(edits_by_layer: dict, writes: torch.Tensor, carry: ResidualCarry | None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _stream(edits_by_layer: dict, writes: torch.Tensor, carry: ResidualCarry | None) -> list[torch.Tensor]:
     """A residual stream whose layer k adds writes[k] (tokens, hidden), edited after each layer
-    in order; the final state and each layer's change."""
+    in order: each layer's change."""
     h, changes = torch.zeros_like(writes[0]), []
     for k, write in enumerate(writes):
         h = h + write
         change = edits_by_layer[k].change(h, carry=carry) if k in edits_by_layer else torch.zeros_like(h)
         h, changes = h + change, changes + [change]
-    return h, changes
+    return changes
 
 
 @pytest.mark.parametrize("mode", ["ablate", "clamp"])
@@ -76,12 +76,12 @@ def test_on_the_residual_stream_a_control_is_matched_to_the_interventions_change
     target = torch.tensor([-1.0])
     main = {k: SubspaceEdit(k, u, mode, target) for k in (1, 2, 3, 4)}
     control = {k: SubspaceEdit(k, torch.from_numpy(_orthonormal(rng, rank=1)), mode, matched=e) for k, e in main.items()}
-    _, wanted = _stream(main, writes, None)
-    _, got = _stream(control, writes, ResidualCarry())
+    wanted = _stream(main, writes, None)
+    got = _stream(control, writes, ResidualCarry())
     for k in main:
         torch.testing.assert_close(got[k].norm(dim=-1), wanted[k].norm(dim=-1), rtol=1e-4, atol=1e-4)
     assert float(wanted[2].norm(dim=-1).mean()) < 0.5 * float(wanted[1].norm(dim=-1).mean())  # the stream as described
-    _, uncarried = _stream(control, writes, None)
+    uncarried = _stream(control, writes, None)
     assert float(uncarried[2].norm(dim=-1).mean()) > 2 * float(wanted[2].norm(dim=-1).mean())
 
 
