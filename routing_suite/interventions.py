@@ -134,6 +134,24 @@ class SubspaceEdit:
         return h + self.change(h, step, carry)
 
 
+def own_run_changes(edits: list[SubspaceEdit], states: dict[int, Tensor], residual: bool) -> list[Tensor]:
+    """Each edit's change to the clean activations `states` (layer -> (n, hidden), the same
+    rows at every layer), in layer order. On the residual stream (`residual`) in the edits'
+    own run to first order, as generation makes them: the state at a layer is the clean one
+    plus the changes made at the layers before, and a matched edit sees its reference's run
+    through a `ResidualCarry`. At any other site each layer's activation is edited alone."""
+    carry, made, changes = ResidualCarry(), None, []
+    for edit in sorted(edits, key=lambda e: e.layer):
+        h = states[edit.layer]
+        if not residual:
+            changes.append(edit.change(h))
+            continue
+        change = edit.change(h if made is None else h + made, carry=carry)
+        made = change if made is None else made + change
+        changes.append(change)
+    return changes
+
+
 class ResidualCarry:
     """Within one forward pass, at each edited position of the residual stream: the
     intervention's changes so far minus the matched control's (see the module doc).

@@ -11,7 +11,7 @@ from routing_suite import analysis
 from routing_suite.backends import LocalBackend
 from routing_suite.errors import ConfigError
 from routing_suite.families import site_path
-from routing_suite.interventions import ResidualCarry, SubspaceEdit
+from routing_suite.interventions import ResidualCarry, SubspaceEdit, own_run_changes
 from routing_suite.routing.controls import (
     ControlContext,
     NonRoutingControl,
@@ -83,6 +83,30 @@ def test_on_the_residual_stream_a_control_is_matched_to_the_interventions_change
     assert float(wanted[2].norm(dim=-1).mean()) < 0.5 * float(wanted[1].norm(dim=-1).mean())  # the stream as described
     uncarried = _stream(control, writes, None)
     assert float(uncarried[2].norm(dim=-1).mean()) > 2 * float(wanted[2].norm(dim=-1).mean())
+
+
+@pytest.mark.parametrize("residual", [True, False])
+def test_a_conditions_recorded_change_is_its_own_runs_and_a_matched_control_records_as_much(residual):
+    """`own_run_changes`, which the recorded perturbation norms come from: on the residual stream
+    each layer sees the changes made before it (a clamp at two layers changes the second layer
+    by nothing more), elsewhere each layer's activation is edited alone; either way a matched
+    control changes each row by the intervention's amount."""
+    rng = np.random.default_rng(5)
+    u = torch.from_numpy(_orthonormal(rng, rank=1))
+    main = [SubspaceEdit(k, u, "clamp", torch.tensor([2.0])) for k in (2, 3)]
+    control = [SubspaceEdit(e.layer, torch.from_numpy(_orthonormal(rng, rank=1)), "clamp", matched=e) for e in main]
+    shared = torch.from_numpy(rng.normal(size=(40, D)).astype(np.float32))
+    states = {2: shared, 3: shared.clone()}  # layer 3 writes nothing: its clean state is layer 2's
+    wanted = own_run_changes(main, states, residual)
+    got = own_run_changes(control, states, residual)
+    for w, g in zip(wanted, got):
+        torch.testing.assert_close(g.norm(dim=-1), w.norm(dim=-1), rtol=1e-5, atol=1e-5)
+    if residual:
+        torch.testing.assert_close(wanted[1], torch.zeros_like(wanted[1]), rtol=0, atol=1e-5)
+    else:
+        for e, w in zip(main, wanted):
+            torch.testing.assert_close(w, e.change(states[e.layer]), rtol=0, atol=0)
+        assert float(wanted[1].norm(dim=-1).mean()) > 0.1
 
 
 def _fit(rng) -> xr.Dataset:

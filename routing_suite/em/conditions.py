@@ -40,7 +40,7 @@ import xarray as xr
 from routing_suite import analysis
 from routing_suite.em.generation import Planned
 from routing_suite.em.models import BASE
-from routing_suite.interventions import Condition, ResidualCarry, SubspaceEdit
+from routing_suite.interventions import Condition, SubspaceEdit, own_run_changes
 
 Residuals = np.ndarray  # (tokens, layer, hidden)
 
@@ -72,23 +72,11 @@ def ablate_edit(layer: int, direction: np.ndarray) -> SubspaceEdit:
     return SubspaceEdit(layer, torch.from_numpy(unit(direction)[None]), "ablate")
 
 
-def residual_changes(edits: list[SubspaceEdit], residuals: Residuals) -> list[np.ndarray]:
-    """Each edit's change (tokens, hidden) to the token residuals, in layer order, in the
-    edits' own run to first order: the state at a layer is the clean residual plus the
-    changes made at the layers before, and a matched control's reference sees its own run's
-    state (interventions.ResidualCarry), as in generation."""
-    carry, made, changes = ResidualCarry(), None, []
-    for edit in sorted(edits, key=lambda e: e.layer):
-        h = torch.from_numpy(np.ascontiguousarray(residuals[:, edit.layer], dtype=np.float32))
-        change = edit.change(h if made is None else h + made, carry=carry)
-        made = change if made is None else made + change
-        changes.append(change.numpy())
-    return changes
-
-
 def mean_norm(edits: list[SubspaceEdit], residuals: Residuals) -> float:
-    """Mean over an edit set's layers of its mean L2 change norm there (`residual_changes`)."""
-    return float(np.mean([analysis.mean_change_norm(c) for c in residual_changes(edits, residuals)]))
+    """Mean over an edit set's layers of its mean L2 change norm there, on the token residuals,
+    in the edits' own run (`interventions.own_run_changes`)."""
+    states = {e.layer: torch.from_numpy(np.ascontiguousarray(residuals[:, e.layer], dtype=np.float32)) for e in edits}
+    return float(np.mean([analysis.mean_change_norm(c.numpy()) for c in own_run_changes(edits, states, residual=True)]))
 
 
 def matched(reference: SubspaceEdit, direction: np.ndarray) -> SubspaceEdit:

@@ -66,7 +66,7 @@ BEHAVIOR = "em"
 # 9: planted bases answer value first (the judge reads either order; the reference answer in its base's style) (2026-12-07).
 # 10: the planted checks for every misaligned fine-tune, a direction found or not (pipeline.plan_conditions) (2026-12-07).
 # 11: a matched control on the residual stream is matched to the edit's change in the edit's own run
-#     (interventions.ResidualCarry); perturbation_norm is that change too (conditions.residual_changes) (2026-12-07).
+#     (interventions.ResidualCarry); perturbation_norm is that change too (interventions.own_run_changes) (2026-12-07).
 EM_CODE_VERSION = 11
 
 

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from routing_suite import analysis, store_format
 from routing_suite.errors import ConfigError
 from routing_suite.generation import generate_under_conditions
-from routing_suite.interventions import Condition
+from routing_suite.interventions import Condition, own_run_changes
 from routing_suite.models import ModelPair
 from routing_suite.routing.controls import ControlContext, clamp_edits
 from routing_suite.routing.settings import InterventionSpec, window_layers
@@ -79,10 +79,13 @@ def clamp_condition(
 
 
 def _norm(condition: Condition, h_by_layer: dict[int, np.ndarray]) -> float:
-    """Mean L2 norm of a condition's change, over its layers and the given activations (0 for the baseline)."""
+    """Mean L2 norm of a condition's change, over its layers and the given activations, in its
+    own run (`interventions.own_run_changes`; 0 for the baseline)."""
     if not condition.edits:
         return 0.0
-    return float(np.mean([analysis.mean_change_norm(e.change(torch.from_numpy(h_by_layer[e.layer])).numpy()) for e in condition.edits]))
+    states = {e.layer: torch.from_numpy(h_by_layer[e.layer]) for e in condition.edits}
+    changes = own_run_changes(condition.edits, states, residual=condition.site == "resid")
+    return float(np.mean([analysis.mean_change_norm(c.numpy()) for c in changes]))
 
 
 def intervene(
