@@ -248,6 +248,33 @@ def test_a_random_ablation_control_changes_every_activation_as_much_as_the_ablat
     assert plans["ft/ablate/own/random"].perturbation_norm == pytest.approx(plans["ft/ablate/own"].perturbation_norm, rel=1e-5)
 
 
+def test_ablations_at_chosen_layers_edit_those_layers_only_and_their_control_matches_them():
+    """em.ablate_layers: the own ablation, one layer's v, the transfer ablation and the own
+    one's matched random edit the chosen layers and no other; unset, every layer."""
+    from routing_suite.em import conditions as C
+    from routing_suite.em.settings import EmSettings
+
+    rng = np.random.default_rng(3)
+    layers, d = 5, 16
+    directions = xr.Dataset(
+        {"direction": (("finetune", "layer", "hidden"), rng.standard_normal((2, layers, d)).astype(np.float32))},
+        coords={"finetune": ["ft", "other"], "layer": np.arange(layers)},
+    )
+    residuals = rng.standard_normal((30, layers, d)).astype(np.float32)
+    chosen = EmSettings(ablate_layers=[3, 1, 2]).ablated_layers(layers)
+    assert chosen == [1, 2, 3] and EmSettings().ablated_layers(layers) == list(range(layers))
+    plans = {p.name: p for p in C.ablation_plans(directions, "ft", ["ft", "other"], 4, residuals, 2, 0, chosen)}
+    edited = {name: {e.layer for c in p.conditions for e in c.edits} for name, p in plans.items() if p.conditions}
+    assert edited == {name: {1, 2, 3} for name in ("ft/ablate/own", "ft/ablate/layer4", "ft/ablate/own/random", "ft/ablate/from/other")}
+    for run_ in plans["ft/ablate/own/random"].conditions:
+        for edit, reference in zip(run_.edits, plans["ft/ablate/own"].conditions[0].edits):
+            assert edit.matched is reference
+    own = plans["ft/ablate/own"].conditions[0].edits
+    np.testing.assert_allclose(own[0].basis[0].numpy(), C.unit(directions.direction.sel(finetune="ft", layer=1).values))
+    every = {p.name: p for p in C.ablation_plans(directions, "ft", ["ft"], 4, residuals, 2, 0)}
+    assert [e.layer for e in every["ft/ablate/own"].conditions[0].edits] == list(range(layers))
+
+
 def test_decision_clamps_set_the_coordinate_to_the_other_models_mean_and_their_controls_match_them():
     """A decision-token clamp sets each layer's coordinate, at the prompt's last token only,
     to the reference model's mean there; its random control changes each of those
@@ -597,6 +624,9 @@ def test_fine_tunes_without_a_direction_finish_the_store_with_their_rates(tiny_c
         (["em.sampling.n_samples=0"], r"em.sampling.n_samples=0 must be >= 1"),
         (["em.steer.layer=9"], r"em.steer.layer=9 is outside the model's layers \[0, 3\]"),
         (["em.balance=topic"], r"em.balance='topic' must be 'prompt'"),
+        (["em.ablate_layers=[1,1]"], r"em.ablate_layers=\[1, 1\] must name distinct layers"),
+        (["em.ablate_layers=[]"], r"em.ablate_layers=\[\] must name distinct layers"),
+        (["em.ablate_layers=[1,4]"], r"em.ablate_layers=\[1, 4\]: \[4\] outside the model's layers \[0, 3\]"),
     ],
 )
 def test_bad_input_fails_before_any_store(extra, message, em_run, tiny_cache, tmp_path):
@@ -641,6 +671,28 @@ def test_a_store_from_before_the_narrow_mask_is_still_read(em_run, tmp_path):
     before, after = em_tables.read_store(result["store"], n_resamples=200), em_tables.read_store(old, n_resamples=200)
     # repr: the base's narrow rate is NaN in both (it has no narrow domain)
     assert repr([r for r in after.rows if r.table == "organisms"]) == repr([r for r in before.rows if r.table == "organisms"])
+
+
+@pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
+def test_the_ablations_layers_are_read_from_the_store_and_older_stores_are_every_layer(em_run, tmp_path):
+    """The outcomes name the layer-wise ablations' layers (em.ablate_layers); a store from
+    before the key, without them, ablated at every layer, and reads so."""
+    from routing_suite.em import tables as em_tables
+
+    _, _, result = em_run
+    assert xr.open_zarr(result["store"], group="em_outcomes").attrs["ablate_layers"] == [0, 1, 2, 3]
+    assert em_tables.read_store(result["store"], n_resamples=50).ablate_layers == ()
+    for name, layers, wanted in (("old", None, ()), ("chosen", [1, 2], (1, 2))):
+        copy = tmp_path / f"{name}.zarr"
+        shutil.copytree(result["store"], copy)
+        outcomes = xr.open_zarr(str(copy), group="em_outcomes").load()
+        if layers is None:
+            del outcomes.attrs["ablate_layers"]
+        else:
+            outcomes.attrs["ablate_layers"] = layers
+        outcomes.to_zarr(str(copy), group="em_outcomes", mode="w", zarr_format=3)
+        assert em_tables.read_store(copy, n_resamples=50).ablate_layers == wanted
+    assert em_tables._at((1, 2)) == " (at layers 1, 2)" and em_tables._at(()) == ""
 
 
 def test_the_aggregator_keeps_every_build_of_a_family_apart(em_run, tmp_path):

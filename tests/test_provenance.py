@@ -48,6 +48,10 @@ def test_a_key_added_later_keeps_the_older_stores_digest_at_the_value_they_had()
     # The window check came later still, on by default: a store from before it is the check off.
     assert reference["localize"]["check_windows"] == 8
     assert "check_windows" not in digest_config(compose_config("routing", ["localize.check_windows=0"]))["localize"]
+    # The EM ablation's layers came later too: unset (every layer) is what older EM stores did.
+    em = digest_config(compose_config("em", []))
+    assert "ablate_layers" not in em["em"]
+    assert digest_config(compose_config("em", ["em.ablate_layers=[1,2]"]))["em"]["ablate_layers"] == [1, 2]
 
 
 def test_only_a_residual_stream_routing_cell_gets_a_store_of_its_own_after_the_carry_fix():

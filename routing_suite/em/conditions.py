@@ -5,8 +5,8 @@ position the model computes (the prompt's and each generated token's) but the
 prompt's first token, the attention sink (`condition`):
 
 - steer the base: +lambda * |v| * unit(v) at one layer;
-- ablate a fine-tune: unit(v) projected out at every layer, each layer's own
-  v (`own`), or one layer's v at every layer (`one_layer`);
+- ablate a fine-tune: unit(v) projected out at every layer (or `em.ablate_layers`),
+  each layer's own v (`own`), or one layer's v at each of them (`one_layer`);
 - transfer ablation: another fine-tune's directions projected out, layer-wise;
 - planted ablation (persona organisms): the base's persona variable projected out
   at every layer, each layer's own;
@@ -161,12 +161,14 @@ def random_matched(name: str, target: str, model: str, reference: list[SubspaceE
 
 
 def ablation_plans(
-    directions: xr.Dataset, finetune: str, sources: list[str], one_layer: int, residuals: Residuals, seeds: int, rng_seed: int
+    directions: xr.Dataset, finetune: str, sources: list[str], one_layer: int, residuals: Residuals, seeds: int, rng_seed: int,
+    layers: list[int] | None = None,
 ) -> list[Planned]:
     """In `finetune`: the baseline; its own v ablated layer-wise and one layer's v at
-    every layer; a random control matched to the layer-wise ablation; and every other
-    source's v ablated layer-wise (transfer ablation)."""
-    layers = [int(x) for x in directions.layer.values]
+    each layer; a random control matched to the layer-wise ablation; and every other
+    source's v ablated layer-wise (transfer ablation). At `layers` (`EmSettings.ablate_layers`;
+    None: every layer)."""
+    layers = [int(x) for x in directions.layer.values] if layers is None else list(layers)
     own = [ablate_edit(layer, _v(directions, finetune, layer)) for layer in layers]
     everywhere = [ablate_edit(layer, _v(directions, finetune, one_layer)) for layer in layers]
     name = f"{finetune}/ablate/own"

@@ -189,7 +189,8 @@ def plan_conditions(fam: Family, directions: xr.Dataset, settings: EmSettings, s
     plans += C.steer_plans(directions, sources, layer, list(settings.steer.lambdas), settings.random_seeds, seed)
     for name in sources:
         residuals = match_residuals(fam, name, settings.match_texts, backend)
-        plans += C.ablation_plans(directions, name, sources, one_layer, residuals, settings.random_seeds, seed)
+        plans += C.ablation_plans(directions, name, sources, one_layer, residuals, settings.random_seeds, seed,
+                                  settings.ablated_layers(directions.sizes["layer"]))
         if "planted" in directions:
             plans += C.planted_plans(directions, name, residuals, settings.random_seeds, seed)
     # The planted check asks the organism, not the method: it needs no found direction (a
@@ -216,7 +217,8 @@ def stage_intervene(fam: Family, directions: xr.Dataset, settings: EmSettings, j
     general = {m: fam.general(m)[test] for m in fam.models.names}
     outcomes = evaluate(fam.models, plans, prompts, general, judge, settings.sampling, seed + 1, backend, progress)
     one_layer = settings.ablate_layer if settings.ablate_layer is not None else int(directions.attrs["steer_layer"])
-    outcomes.attrs.update({"steer_layer": int(directions.attrs["steer_layer"]), "ablate_layer": one_layer})
+    outcomes.attrs.update({"steer_layer": int(directions.attrs["steer_layer"]), "ablate_layer": one_layer,
+                           "ablate_layers": settings.ablated_layers(directions.sizes["layer"])})
     return outcomes
 
 

@@ -39,6 +39,9 @@ class EmReport(RowLookup):
     control: str = ""
     # Misaligned fine-tunes with no direction, and why (their fit responses of each class).
     no_direction: dict[str, str] = field(default_factory=dict)
+    # The layers the layer-wise ablations edit (`em.ablate_layers`); empty: every layer
+    # (stores from before the key never had another).
+    ablate_layers: tuple[int, ...] = ()
 
     def best_separation(self, model: str) -> float:
         """`model`'s direction's held-out separation at its best layer (NaN: no direction)."""
@@ -214,6 +217,8 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
                    variant=str(build["variant"]), replicate=str(build["replicate"]),
                    pretraining=str((config.get("model") or {}).get("pretraining") or ""),
                    misaligned=tuple(organisms.get("misaligned") or ()), control=str(organisms.get("control") or ""))
+    every = list(range(group["em_directions"].sizes["layer"]))
+    rep.ablate_layers = () if list(outcomes.attrs.get("ablate_layers", every)) == every else tuple(outcomes.attrs["ablate_layers"])
     boot = Bootstrap(n_resamples, seed, confidence)
     _organisms(rep, group["em_samples"], boot)
     _separation(rep, group["em_directions"])
@@ -286,6 +291,10 @@ def _cut(summary: dict, which: str) -> str:
     return text
 
 
+def _at(layers: tuple[int, ...]) -> str:
+    return f" (at layers {', '.join(map(str, layers))})" if layers else ""
+
+
 def headline(reports: list[EmReport]) -> str:
     lines = []
     reports = sort_reports(reports)
@@ -295,7 +304,7 @@ def headline(reports: list[EmReport]) -> str:
             transfer = ", ".join(f"from {k} {100 * v:.0f}%" for k, v in s["transfer"].items()) or "none"
             lines.append(
                 f"{named[rep.path]}/{model}: misaligned {100 * s['baseline']:.0f}% on general prompts; separation up to "
-                f"{s['best_separation']:.2f}; ablating its directions cuts it by {_cut(s, 'own')}, the matched random "
+                f"{s['best_separation']:.2f}; ablating its directions{_at(rep.ablate_layers)} cuts it by {_cut(s, 'own')}, the matched random "
                 f"direction by {_cut(s, 'random')} (coherent {100 * s['coherent_baseline']:.0f}% before either); "
                 f"transfer ablation {transfer}."
                 + (f" Clamped at the decision token to the base's: {_cut(s, 'clamp')}, matched random {_cut(s, 'clamp_random')}."

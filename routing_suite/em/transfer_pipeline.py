@@ -120,7 +120,8 @@ def stage_outcomes(receiver: Family, maps: xr.Dataset, settings: EmSettings, tra
     layer = int(maps.attrs["steer_layer"])
     plans = [C.baseline(BASE)] if transfer.steer_lambdas else []
     for kind in kinds:
-        plans += X.ablation_plans(maps, kind, match_residuals(receiver, kind, settings.match_texts, backend))
+        plans += X.ablation_plans(maps, kind, match_residuals(receiver, kind, settings.match_texts, backend),
+                                  settings.ablated_layers(maps.sizes["layer"]))
     if settings.decision_clamp:
         last = decision_residuals(receiver, kinds, backend)  # the fine-tunes clamped here only
         for kind in kinds:
