@@ -248,6 +248,24 @@ def test_a_random_ablation_control_changes_every_activation_as_much_as_the_ablat
     assert plans["ft/ablate/own/random"].perturbation_norm == pytest.approx(plans["ft/ablate/own"].perturbation_norm, rel=1e-5)
 
 
+def test_the_steering_layer_is_never_the_last_one():
+    """Its output is read only by the unembedding: where separation is flat (or best there)
+    the pick is the deepest of the others; asked for, any layer is taken."""
+    from routing_suite.em.directions import pick_layer
+
+    def picked(acc, requested=None):
+        acc = np.array(acc, dtype=float)
+        ds = xr.Dataset({"separation_accuracy": (("finetune", "layer"), acc), "has_direction": (("finetune",), np.ones(len(acc), bool))},
+                        coords={"finetune": [f"ft{i}" for i in range(len(acc))], "layer": np.arange(acc.shape[1])})
+        return pick_layer(ds, requested)
+
+    assert picked([[1.0, 1.0, 1.0, 1.0]]) == 2
+    assert picked([[0.6, 0.9, 0.8, 1.0], [0.7, 0.95, 0.9, 1.0]]) == 1  # the worst fine-tune's best, the last aside
+    assert picked([[0.6, 0.8, 0.9, 0.7], [0.9, 0.9, 0.7, 0.7]]) == 1
+    assert picked([[1.0, 1.0, 1.0, 1.0]], requested=3) == 3
+    assert picked([[0.9]]) == 0
+
+
 def test_ablations_at_chosen_layers_edit_those_layers_only_and_their_control_matches_them():
     """em.ablate_layers: the own ablation, one layer's v, the transfer ablation and the own
     one's matched random edit the chosen layers and no other; unset, every layer."""

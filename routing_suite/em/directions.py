@@ -143,7 +143,12 @@ def add_planted(directions: xr.Dataset, misaligned: dict[str, np.ndarray], align
 
 def pick_layer(directions: xr.Dataset, requested: int | None) -> int:
     """The steering layer: `requested`, or the layer whose worst separation accuracy
-    over the fine-tunes with a direction is highest (ties: the deeper one)."""
+    over the fine-tunes with a direction is highest (ties: the deeper one), never the
+    last layer of a deeper stack than one: its output is read by no layer, only by the
+    unembedding, so a vector added there biases each token's logits and sets no state
+    that a later token reads. (Until em_code 12 it could be picked: where separation is
+    flat, the tie went to it, and steering the base induced nothing in the two planted
+    builds where it did, llama and gemma2 seed 2, at 0% with either direction.)"""
     layers = [int(x) for x in directions.layer.values]
     if requested is not None:
         return requested
@@ -151,5 +156,6 @@ def pick_layer(directions: xr.Dataset, requested: int | None) -> int:
     if acc.size == 0 or not np.isfinite(acc).any():
         return layers[len(layers) // 2]
     worst = np.nanmin(np.where(np.isfinite(acc), acc, -np.inf), axis=0)
-    best = worst.max()
-    return max(layer for layer, w in zip(layers, worst) if w >= best - 1e-6)
+    candidates = list(zip(layers, worst))[:-1] if len(layers) > 1 else list(zip(layers, worst))
+    best = max(w for _, w in candidates)
+    return max(layer for layer, w in candidates if w >= best - 1e-6)

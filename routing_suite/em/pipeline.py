@@ -67,7 +67,8 @@ BEHAVIOR = "em"
 # 10: the planted checks for every misaligned fine-tune, a direction found or not (pipeline.plan_conditions) (2026-12-07).
 # 11: a matched control on the residual stream is matched to the edit's change in the edit's own run
 #     (interventions.ResidualCarry); perturbation_norm is that change too (interventions.own_run_changes) (2026-12-07).
-EM_CODE_VERSION = 11
+# 12: the steering layer is never the last one (directions.pick_layer) (2026-12-07).
+EM_CODE_VERSION = 12
 
 
 @dataclass

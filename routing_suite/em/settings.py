@@ -61,7 +61,7 @@ class EmSampling:
 class EmSteer:
     """Steering the base with +lambda * v at one layer (lambda in units of |v|)."""
 
-    layer: int | None = None  # null: the layer where the worst direction separates best
+    layer: int | None = None  # null: the layer where the worst direction separates best, the last aside (directions.pick_layer)
     lambdas: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
 
     def __post_init__(self) -> None:
