@@ -177,3 +177,21 @@ def test_one_build_on_two_bases_says_which_fine_tune_misbehaves_more():
     assert counts["wide: EM interval on persona_per_topic wholly above the other's"].text == "1 of 2"
     assert "persona vs persona_per_topic,wide: EM interval on persona wholly above the other's,0,2" in B.csv_counts(reports).splitlines()
     assert "## One build on two bases" in B.markdown(reports) and "## One build on two bases" not in B.markdown(reports[:1])
+
+
+def test_a_random_that_moves_em_is_counted_and_whether_toward_half():
+    """The own ablation's matched random moves EM where its reduction's interval is wholly on
+    one side of 0; toward 50% where it lowers a rate above half or raises one below."""
+    reps = [_report("llama", "0"), _report("qwen2", "0"), _report("gemma2", "0"), _report("mistral", "0")]
+    cases = ((0.6, 0.2), (0.6, -0.2), (0.3, -0.3), (0.3, 0.1))  # (baseline rate, random's reduction)
+    for rep, (rate, random) in zip(reps, cases):
+        rep.rows = [r for r in rep.rows if r.condition != "ablate/own/random"]
+        rep.rows.append(Row(rep.family, "ablation", "minimal", "baseline", "misaligned_rate", rate))
+        lo, hi = (random - 0.05, random + 0.05) if rep.family != "mistral" else (-0.05, 0.25)
+        _reduction(rep, "minimal", "ablate/own/random", random, lo, hi)
+    counts = B.counts(reps)["persona"]
+    # mistral's interval reaches 0: it does not move EM
+    assert counts["minimal (EM >= 10%): own ablation's matched random moves EM (interval beyond 0)"].text == "3 of 4"
+    # llama (60% lowered) and gemma2 (30% raised) toward half; qwen2 (60% raised) away from it
+    assert counts["minimal (EM >= 10%, own ablation's random moves it): toward 50%"].text == "2 of 3"
+    assert "wide (EM >= 10%, own ablation's random moves it): toward 50%" in counts
