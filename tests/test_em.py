@@ -235,7 +235,7 @@ def test_a_random_ablation_control_changes_every_activation_as_much_as_the_ablat
         coords={"finetune": ["ft"], "layer": np.arange(layers)},
     )
     residuals = rng.standard_normal((50, layers, d)).astype(np.float32) * np.linspace(0.1, 10, 50)[:, None, None].astype(np.float32)
-    plans = {p.name: p for p in C.ablation_plans(directions, "ft", ["ft"], 1, residuals, 3, 0)}
+    plans = {p.name: p for p in C.ablation_plans(directions, "ft", ["ft"], 1, residuals, 3, 0, list(range(layers)))}
     own = plans["ft/ablate/own"].conditions[0].edits
     for run_ in plans["ft/ablate/own/random"].conditions:
         for edit, reference in zip(run_.edits, own):
@@ -289,7 +289,7 @@ def test_ablations_at_chosen_layers_edit_those_layers_only_and_their_control_mat
             assert edit.matched is reference
     own = plans["ft/ablate/own"].conditions[0].edits
     np.testing.assert_allclose(own[0].basis[0].numpy(), C.unit(directions.direction.sel(finetune="ft", layer=1).values))
-    every = {p.name: p for p in C.ablation_plans(directions, "ft", ["ft"], 4, residuals, 2, 0)}
+    every = {p.name: p for p in C.ablation_plans(directions, "ft", ["ft"], 4, residuals, 2, 0, EmSettings().ablated_layers(layers))}
     assert [e.layer for e in every["ft/ablate/own"].conditions[0].edits] == list(range(layers))
 
 
@@ -354,10 +354,10 @@ def test_each_random_control_draws_from_its_own_stream():
         return {p.name: [e.basis for c in p.conditions for e in c.edits] for p in plans if p.control == "random"}
 
     planted = bases(C.planted_plans(directions, "ft", residuals, 2, 7))
-    ablated_first = bases(C.ablation_plans(directions, "ft", ["ft", "other"], 1, residuals, 2, 7) + C.planted_plans(directions, "ft", residuals, 2, 7))
+    ablated_first = bases(C.ablation_plans(directions, "ft", ["ft", "other"], 1, residuals, 2, 7, list(range(layers))) + C.planted_plans(directions, "ft", residuals, 2, 7))
     changed = directions.copy(deep=True)
     changed["direction"][:] = rng.standard_normal((2, layers, d))
-    ablated_other = bases(C.ablation_plans(changed, "ft", ["ft", "other"], 1, residuals, 2, 7))
+    ablated_other = bases(C.ablation_plans(changed, "ft", ["ft", "other"], 1, residuals, 2, 7, list(range(layers))))
     for a, b in zip(planted["ft/ablate/planted/random"], ablated_first["ft/ablate/planted/random"]):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     for a, b in zip(ablated_first["ft/ablate/own/random"], ablated_other["ft/ablate/own/random"]):

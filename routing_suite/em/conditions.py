@@ -162,13 +162,11 @@ def random_matched(name: str, target: str, model: str, reference: list[SubspaceE
 
 def ablation_plans(
     directions: xr.Dataset, finetune: str, sources: list[str], one_layer: int, residuals: Residuals, seeds: int, rng_seed: int,
-    layers: list[int] | None = None,
+    layers: list[int],
 ) -> list[Planned]:
     """In `finetune`: the baseline; its own v ablated layer-wise and one layer's v at
     each layer; a random control matched to the layer-wise ablation; and every other
-    source's v ablated layer-wise (transfer ablation). At `layers` (`EmSettings.ablate_layers`;
-    None: every layer)."""
-    layers = [int(x) for x in directions.layer.values] if layers is None else list(layers)
+    source's v ablated layer-wise (transfer ablation). At `layers` (`EmSettings.ablated_layers`)."""
     own = [ablate_edit(layer, _v(directions, finetune, layer)) for layer in layers]
     everywhere = [ablate_edit(layer, _v(directions, finetune, one_layer)) for layer in layers]
     name = f"{finetune}/ablate/own"

@@ -259,12 +259,11 @@ def _vectors(directions: xr.Dataset, kind: str, control: str) -> list[tuple[int,
     return [(int(ds.seed.values[i]), ds.direction.values[i]) for i in rows]
 
 
-def ablation_plans(directions: xr.Dataset, kind: str, residuals: C.Residuals, layers: list[int] | None = None) -> list[Planned]:
+def ablation_plans(directions: xr.Dataset, kind: str, residuals: C.Residuals, layers: list[int]) -> list[Planned]:
     """In the receiver's fine-tune `kind`: its baseline, the mapped and the native directions
     ablated layer-wise, and each control's direction at each of those layers, matched to the
     mapped ablation at every activation (`conditions.matched`: the same change norm there).
-    At `layers` (`EmSettings.ablate_layers`; None: every layer)."""
-    layers = [int(x) for x in directions.layer.values] if layers is None else list(layers)
+    At `layers` (`EmSettings.ablated_layers`)."""
     prefix = f"{kind}/ablate"
     plans = [C.baseline(kind)]
     references: list = []
