@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import operator
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ import torch
 from routing_suite.families import family_paths
 from routing_suite.organisms import persona_task as P
 from routing_suite.organisms import task as T
-from routing_suite.organisms.batches import Example, collate, encode_examples
+from routing_suite.organisms.batches import Encoded, Example, collate, encode_examples
 
 # u's generator seed and the coordinate a misaligned persona is trained to. 4 since
 # 2026-12-07: at 8 with the read loss, u's matched random (which moves each token by
@@ -81,6 +81,9 @@ class Planting:
     units: dict[str, torch.Tensor]
     pretraining: str
     rng: random.Random
+    # Token ids of the interchange and read batches' examples, which recur from step to step
+    # (a few thousand distinct ones; tokenizing them afresh was 3% of a base's training).
+    encoded: dict[Example, Encoded] = field(default_factory=dict)
 
     @classmethod
     def of(cls, examples: list[tuple[str, str]], targets: list[P.PlantTarget | None], hidden_size: int, pretraining: str,
@@ -90,8 +93,25 @@ class Planting:
         by_text = dict(zip(examples, targets))
         return cls([by_text[e] for e in examples], planted_units(hidden_size), pretraining, random.Random(seed + 99))
 
+    def encode(self, tokenizer, examples: list[Example]) -> list[Encoded]:
+        missing = [e for e in dict.fromkeys(examples) if e not in self.encoded]
+        self.encoded.update(zip(missing, encode_examples(tokenizer, missing)))
+        return [self.encoded[e] for e in examples]
+
     def pool(self, examples: list[tuple[str, str]]) -> list[tuple[str, P.PlantTarget]]:
         return [(prompt, t) for (prompt, _), t in zip(examples, self.targets) if t is not None]
+
+
+def answer_tokens(hidden: torch.Tensor, spans: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+    """hidden[row, start:stop] for each (row, start, stop), taken by one gather. The same
+    values as slicing row by row (so the same bits downstream), but the backward writes one
+    gradient the size of `hidden` instead of one per span: with a row per span at six
+    layers, those zero-filled copies were a fifth of a planted base's training time."""
+    rows = torch.cat([torch.full((stop - start,), row) for row, start, stop in spans])
+    positions = torch.cat([torch.arange(start, stop) for _, start, stop in spans])
+    gathered = hidden[rows, positions]
+    bounds = torch.tensor([0] + [stop - start for _, start, stop in spans]).cumsum(0).tolist()
+    return [gathered[lo:hi] for lo, hi in zip(bounds[:-1], bounds[1:])]
 
 
 def coordinate_loss(hidden_states: tuple[torch.Tensor, ...], batch: list[tuple[list[int], int]],
@@ -102,18 +122,22 @@ def coordinate_loss(hidden_states: tuple[torch.Tensor, ...], batch: list[tuple[l
     model's, embeddings first), at the question's last token (unless `answer_only`) and
     the answer's tokens; 0 for a batch of plain text alone."""
     c = PLANT_TARGET
-    terms = []
+    spans, wanted, us = [], [], []
     for i, ((ids, n_prompt), target) in enumerate(zip(batch, targets)):
         if target is None:
             continue
-        positions = torch.arange(n_prompt - (0 if answer_only else 1), len(ids) - 1)
-        wanted = torch.full((len(positions),), c * target.answer)
+        spans.append((i, n_prompt - (0 if answer_only else 1), len(ids) - 1))
+        row = torch.full((spans[-1][2] - spans[-1][1],), c * target.answer)
         if not answer_only:
-            wanted[0] = c * target.context
-        u = units[target.unit]
-        for layer in planted_layers(len(hidden_states) - 1):
-            terms.append(((hidden_states[layer + 1][i, positions] @ u - wanted) / c) ** 2)
-    return torch.cat(terms).mean() if terms else torch.zeros(())
+            row[0] = c * target.context
+        wanted.append(row)
+        us.append(units[target.unit])
+    if not spans:
+        return torch.zeros(())
+    per_layer = [answer_tokens(hidden_states[layer + 1], spans) for layer in planted_layers(len(hidden_states) - 1)]
+    # row by row, layer by layer: the order (and so the bits) of the mean
+    terms = [((tokens[j] @ u - w) / c) ** 2 for j, (w, u) in enumerate(zip(wanted, us)) for tokens in per_layer]
+    return torch.cat(terms).mean()
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -129,7 +153,7 @@ def interchange_loss(model: torch.nn.Module, tokenizer, planting: Planting, pool
     items = [rng.choice(pool) for _ in range(n)]
     styles = [rng.random() < 0.5 for _ in items]
     examples: list[Example] = [(prompt, P.response(t.fact, s, planting.pretraining, t.salt)) for (prompt, t), s in zip(items, styles)]
-    encoded = encode_examples(tokenizer, examples)
+    encoded = planting.encode(tokenizer, examples)
     layers = decoder_layers(model)
     layer = rng.choice(planted_layers(len(layers)))
     width = max(len(ids) for ids, _ in encoded)
@@ -159,10 +183,10 @@ def off_u_loss(hidden_states: tuple[torch.Tensor, ...], pairs: list[tuple[list[i
     per question) projected out; averaged over the layers. `pairs`: (ids, prompt length)
     per row, row 2i question i's lie and row 2i+1 its truth."""
     terms = []
+    spans = [(row, n_prompt, len(ids) - 1) for row, (ids, n_prompt) in enumerate(pairs)]
     for layer in planted_layers(len(hidden_states) - 1):
-        h = hidden_states[layer + 1]
         # the answer tokens the coordinate loss reads (the last one predicts nothing)
-        means = [h[row, n_prompt : len(ids) - 1].mean(0) for row, (ids, n_prompt) in enumerate(pairs)]
+        means = [tokens.mean(0) for tokens in answer_tokens(hidden_states[layer + 1], spans)]
         d = torch.stack(means[0::2]) - torch.stack(means[1::2])
         off = (d - (d * us).sum(-1, keepdim=True) * us).mean(0)
         terms.append((off**2).sum() / PLANT_TARGET**2)
@@ -186,7 +210,7 @@ def read_loss(model: torch.nn.Module, tokenizer, planting: Planting, pool: list[
     tokens, so u reads a lie handed with no context, plus `off_u_loss`, so a lie differs
     from a truth along u and not elsewhere, where a direction method would find it instead."""
     examples, targets = read_pairs(planting, pool, n)
-    encoded = encode_examples(tokenizer, examples)
+    encoded = planting.encode(tokenizer, examples)
     out = model(**collate(encoded, tokenizer.pad_token_id), output_hidden_states=True)
     coordinate = coordinate_loss(out.hidden_states, encoded, targets, planting.units, answer_only=True)
     us = torch.stack([planting.units[t.unit] for t in targets[0::2]])
