@@ -185,7 +185,7 @@ def decision_residuals(fam: Family, finetunes: list[str], backend) -> dict[str, 
 def plan_conditions(fam: Family, directions: xr.Dataset, settings: EmSettings, seed: int, backend) -> list[Planned]:
     sources = [str(f) for f in directions.finetune.values if bool(directions.has_direction.sel(finetune=f))]
     layer = int(directions.attrs["steer_layer"])
-    one_layer = settings.ablate_layer if settings.ablate_layer is not None else layer
+    one_layer = settings.single_layer(layer)
     plans = [C.baseline(BASE), *(C.baseline(k) for k in settings.organisms.finetunes if k not in sources)]
     plans += C.steer_plans(directions, sources, layer, list(settings.steer.lambdas), settings.random_seeds, seed)
     for name in sources:
@@ -217,8 +217,8 @@ def stage_intervene(fam: Family, directions: xr.Dataset, settings: EmSettings, j
     prompts = [fam.prompts[i] for i in test]
     general = {m: fam.general(m)[test] for m in fam.models.names}
     outcomes = evaluate(fam.models, plans, prompts, general, judge, settings.sampling, seed + 1, backend, progress)
-    one_layer = settings.ablate_layer if settings.ablate_layer is not None else int(directions.attrs["steer_layer"])
-    outcomes.attrs.update({"steer_layer": int(directions.attrs["steer_layer"]), "ablate_layer": one_layer,
+    steer_layer = int(directions.attrs["steer_layer"])
+    outcomes.attrs.update({"steer_layer": steer_layer, "ablate_layer": settings.single_layer(steer_layer),
                            "ablate_layers": settings.ablated_layers(directions.sizes["layer"])})
     return outcomes
 

@@ -126,6 +126,10 @@ class EmSettings:
         if outside:
             raise ConfigError(f"em.ablate_layers={list(self.ablate_layers)}: {outside} outside the model's layers [0, {num_layers - 1}]")
 
+    def single_layer(self, steer_layer: int) -> int:
+        """The layer whose v the one-layer ablation takes (`em.ablate_layer`, default the steering layer)."""
+        return self.ablate_layer if self.ablate_layer is not None else steer_layer
+
     def ablated_layers(self, num_layers: int) -> list[int]:
         """The layers the layer-wise ablations edit, ascending."""
         return sorted(self.ablate_layers) if self.ablate_layers is not None else list(range(num_layers))
