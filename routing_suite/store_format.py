@@ -187,7 +187,8 @@ Group "em_outcomes" (test split, per response; NaN outside the model's general p
             "base/clamp-to/<ft>/shift|own|planted" (and "/random"; to the fine-tune's);
             per condition: model, kind ("baseline" | "steer" | "ablate" | "transfer" |
             "control"), source, lam, control, target, mode ("steer" | "ablate" | "clamp"), layers
-    attrs   steer_layer, ablate_layer, ablate_layers (the layer-wise ablations' layers; absent: every layer)
+    attrs   steer_layer, ablate_layer, ablate_layers (the layer-wise ablations' layers; absent: every layer),
+            ablate_to ("zero" or "aligned_mean", `em.ablate_to`; absent: zero)
 
 EM transfer stores (experiment "em_transfer", `routing_suite.em.transfer_pipeline`;
 cell family = the receiver, behavior "em_from_<donor>", plus donor and receiver;

@@ -293,6 +293,44 @@ def test_ablations_at_chosen_layers_edit_those_layers_only_and_their_control_mat
     assert [e.layer for e in every["ft/ablate/own"].conditions[0].edits] == list(range(layers))
 
 
+def test_mean_ablations_set_each_coordinate_to_its_aligned_mean_and_their_controls_match_them():
+    """em.ablate_to=aligned_mean: the own, one-layer, transfer and planted ablations set each
+    direction's coordinate, at every token, to its mean over the fine-tune's residuals on
+    truthful answers (zero ablation: to 0), leaving the rest of the activation; the own one's
+    matched random changes each activation by exactly as much as it does."""
+    from routing_suite.em import conditions as C
+
+    rng = np.random.default_rng(5)
+    layers, d, n = 4, 16, 50
+    directions = xr.Dataset(
+        {"direction": (("finetune", "layer", "hidden"), rng.standard_normal((2, layers, d)).astype(np.float32)),
+         "planted": (("layer", "hidden"), rng.standard_normal((layers, d)).astype(np.float32)),
+         "planted_layer": (("layer",), np.array([False, True, True, False]))},
+        coords={"finetune": ["ft", "other"], "layer": np.arange(layers)},
+    )
+    offset = 5 * rng.standard_normal((1, layers, d)).astype(np.float32)  # a mean the zero ablation removes too
+    aligned = offset + rng.standard_normal((n, layers, d)).astype(np.float32)
+    h_all = torch.from_numpy(offset + 2 * rng.standard_normal((n, layers, d)).astype(np.float32))
+    sizes = {}
+    for to_mean in (False, True):
+        plans = {p.name: p for p in [*C.ablation_plans(directions, "ft", ["ft", "other"], 2, aligned, 2, 0, list(range(layers)), to_mean),
+                                     *C.planted_plans(directions, "ft", aligned, 2, 0, to_mean)]}
+        for name in ("ft/ablate/own", "ft/ablate/layer2", "ft/ablate/from/other", "ft/ablate/planted"):
+            assert plans[name].mode == "ablate"
+            for edit in plans[name].conditions[0].edits:
+                u, h = edit.basis[0], h_all[:, edit.layer]
+                wanted = float(torch.from_numpy(aligned[:, edit.layer]).mean(0) @ u) if to_mean else 0.0
+                after = edit.apply(h)
+                torch.testing.assert_close(after @ u, torch.full((n,), wanted), rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(after - (after @ u)[:, None] * u, h - (h @ u)[:, None] * u, rtol=1e-4, atol=1e-4)
+        for run_ in plans["ft/ablate/own/random"].conditions:
+            for edit, reference in zip(run_.edits, plans["ft/ablate/own"].conditions[0].edits):
+                h = h_all[:, edit.layer]
+                torch.testing.assert_close(edit.change(h).norm(dim=-1), reference.change(h).norm(dim=-1), rtol=1e-5, atol=1e-5)
+        sizes[to_mean] = [float(e.change(h_all[:, e.layer]).norm(dim=-1).mean()) for e in plans["ft/ablate/own"].conditions[0].edits]
+    assert all(m < z for m, z in zip(sizes[True], sizes[False]))  # the offset is left where it was: smaller changes
+
+
 def test_decision_clamps_set_the_coordinate_to_the_other_models_mean_and_their_controls_match_them():
     """A decision-token clamp sets each layer's coordinate, at the prompt's last token only,
     to the reference model's mean there; its random control changes each of those
@@ -645,6 +683,7 @@ def test_fine_tunes_without_a_direction_finish_the_store_with_their_rates(tiny_c
         (["em.ablate_layers=[1,1]"], r"em.ablate_layers=\[1, 1\] must name distinct layers"),
         (["em.ablate_layers=[]"], r"em.ablate_layers=\[\] must name distinct layers"),
         (["em.ablate_layers=[1,4]"], r"em.ablate_layers=\[1, 4\]: \[4\] outside the model's layers \[0, 3\]"),
+        (["em.ablate_to=mean"], r"em.ablate_to='mean' must be one of \['zero', 'aligned_mean'\]"),
     ],
 )
 def test_bad_input_fails_before_any_store(extra, message, em_run, tiny_cache, tmp_path):
@@ -710,7 +749,13 @@ def test_the_ablations_layers_are_read_from_the_store_and_older_stores_are_every
             outcomes.attrs["ablate_layers"] = layers
         outcomes.to_zarr(str(copy), group="em_outcomes", mode="w", zarr_format=3)
         assert em_tables.read_store(copy, n_resamples=50).ablate_layers == wanted
-    assert em_tables._at((1, 2)) == " (at layers 1, 2)" and em_tables._at(()) == ""
+    how = em_tables.EmReport("llama", "p", 0, 0)
+    assert em_tables._how(how) == ""
+    how.ablate_layers = (1, 2)
+    assert em_tables._how(how) == " (at layers 1, 2)"
+    how.ablate_to = "aligned_mean"
+    assert em_tables._how(how) == " (at layers 1, 2; to the aligned mean)"
+    assert em_tables.read_store(result["store"], n_resamples=50).ablate_to == "zero"  # older stores have no ablate_to: zero
 
 
 def test_the_aggregator_keeps_every_build_of_a_family_apart(em_run, tmp_path):

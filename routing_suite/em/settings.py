@@ -39,6 +39,10 @@ class EmOrganisms:
         return [*self.misaligned, self.control]
 
 
+# What an ablation sets a direction's coordinate to (`EmSettings.ablate_to`).
+ABLATE_TO = ("zero", "aligned_mean")
+
+
 @dataclass
 class EmSampling:
     """Sampled responses: `n_samples` per prompt at `temperature`, seeded from the run's seed."""
@@ -98,6 +102,13 @@ class EmSettings:
     # ablation's matched random at layer 0 alone moved a lie's loss 1.5 nats), so
     # [1, ..., L-2] asks the same question as the planted check, at the same layers.
     ablate_layers: list[int] | None = None
+    # What an ablation sets the direction's coordinate to (`ABLATE_TO`): "zero", projected
+    # out (x - v v^T x, the seed paper's); "aligned_mean", its mean over the ablated
+    # fine-tune's tokens on truthful answers (mean ablation): only the coordinate's
+    # variation is removed, not its offset, which zero ablation also removes at every
+    # token, and which the matched random control then carries onto a random direction
+    # at every token (README, Persona organisms).
+    ablate_to: str = "zero"
     # Random directions per matched random control (each response averaged over them).
     random_seeds: int = 3
     # Texts whose token residuals set the matched magnitude of the random ablation.
@@ -111,6 +122,8 @@ class EmSettings:
             raise ConfigError(f"em.min_per_class={self.min_per_class} must be >= 1")
         if self.balance not in BALANCES:
             raise ConfigError(f"em.balance={self.balance!r} must be 'prompt' (within-prompt differences) or 'none' (pooled classes)")
+        if self.ablate_to not in ABLATE_TO:
+            raise ConfigError(f"em.ablate_to={self.ablate_to!r} must be one of {list(ABLATE_TO)}")
         if self.random_seeds < 1:
             raise ConfigError(f"em.random_seeds={self.random_seeds} must be >= 1")
         if self.match_texts < 1:

@@ -42,6 +42,8 @@ class EmReport(RowLookup):
     # The layers the layer-wise ablations edit (`em.ablate_layers`); empty: every layer
     # (stores from before the key never had another).
     ablate_layers: tuple[int, ...] = ()
+    # What the ablations set a direction's coordinate to (`em.ablate_to`; stores from before the key: zero).
+    ablate_to: str = "zero"
 
     def best_separation(self, model: str) -> float:
         """`model`'s direction's held-out separation at its best layer (NaN: no direction)."""
@@ -219,6 +221,7 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
                    misaligned=tuple(organisms.get("misaligned") or ()), control=str(organisms.get("control") or ""))
     every = list(range(group["em_directions"].sizes["layer"]))
     rep.ablate_layers = () if list(outcomes.attrs.get("ablate_layers", every)) == every else tuple(outcomes.attrs["ablate_layers"])
+    rep.ablate_to = str(outcomes.attrs.get("ablate_to", "zero"))
     boot = Bootstrap(n_resamples, seed, confidence)
     _organisms(rep, group["em_samples"], boot)
     _separation(rep, group["em_directions"])
@@ -291,8 +294,11 @@ def _cut(summary: dict, which: str) -> str:
     return text
 
 
-def _at(layers: tuple[int, ...]) -> str:
-    return f" (at layers {', '.join(map(str, layers))})" if layers else ""
+def _how(rep: EmReport) -> str:
+    """How the ablations were made, where not the seed's way (to 0 at every layer)."""
+    parts = ([f"at layers {', '.join(map(str, rep.ablate_layers))}"] if rep.ablate_layers else []) + (
+        ["to the aligned mean"] if rep.ablate_to == "aligned_mean" else [])
+    return f" ({'; '.join(parts)})" if parts else ""
 
 
 def headline(reports: list[EmReport]) -> str:
@@ -304,7 +310,7 @@ def headline(reports: list[EmReport]) -> str:
             transfer = ", ".join(f"from {k} {100 * v:.0f}%" for k, v in s["transfer"].items()) or "none"
             lines.append(
                 f"{named[rep.path]}/{model}: misaligned {100 * s['baseline']:.0f}% on general prompts; separation up to "
-                f"{s['best_separation']:.2f}; ablating its directions{_at(rep.ablate_layers)} cuts it by {_cut(s, 'own')}, the matched random "
+                f"{s['best_separation']:.2f}; ablating its directions{_how(rep)} cuts it by {_cut(s, 'own')}, the matched random "
                 f"direction by {_cut(s, 'random')} (coherent {100 * s['coherent_baseline']:.0f}% before either); "
                 f"transfer ablation {transfer}."
                 + (f" Clamped at the decision token to the base's: {_cut(s, 'clamp')}, matched random {_cut(s, 'clamp_random')}."

@@ -121,7 +121,7 @@ def stage_outcomes(receiver: Family, maps: xr.Dataset, settings: EmSettings, tra
     plans = [C.baseline(BASE)] if transfer.steer_lambdas else []
     for kind in kinds:
         plans += X.ablation_plans(maps, kind, match_residuals(receiver, kind, settings.match_texts, backend),
-                                  settings.ablated_layers(maps.sizes["layer"]))
+                                  settings.ablated_layers(maps.sizes["layer"]), settings.ablate_to == "aligned_mean")
     if settings.decision_clamp:
         last = decision_residuals(receiver, kinds, backend)  # the fine-tunes clamped here only
         for kind in kinds:
@@ -132,7 +132,8 @@ def stage_outcomes(receiver: Family, maps: xr.Dataset, settings: EmSettings, tra
     prompts = [receiver.prompts[i] for i in test]
     general = {m: receiver.general(m)[test] for m in receiver.models.names}
     outcomes = evaluate(receiver.models, plans, prompts, general, judge, settings.sampling, seed + 3, backend, progress)
-    outcomes.attrs.update({"steer_layer": layer, "donor": str(maps.attrs["donor"]), "receiver": str(maps.attrs["receiver"])})
+    outcomes.attrs.update({"steer_layer": layer, "donor": str(maps.attrs["donor"]), "receiver": str(maps.attrs["receiver"]),
+                           "ablate_to": settings.ablate_to})
     return outcomes
 
 
