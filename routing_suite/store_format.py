@@ -188,7 +188,7 @@ Group "em_outcomes" (test split, per response; NaN outside the model's general p
             per condition: model, kind ("baseline" | "steer" | "ablate" | "transfer" |
             "control"), source, lam, control, target, mode ("steer" | "ablate" | "clamp"), layers
     attrs   steer_layer, ablate_layer, ablate_layers (the layer-wise ablations' layers; absent: every layer),
-            ablate_to ("zero" or "aligned_mean", `em.ablate_to`; absent: zero)
+            ablate_to ("zero" or "base_mean", `em.ablate_to`; absent: zero)
 
 EM transfer stores (experiment "em_transfer", `routing_suite.em.transfer_pipeline`;
 cell family = the receiver, behavior "em_from_<donor>", plus donor and receiver;

@@ -293,11 +293,11 @@ def test_ablations_at_chosen_layers_edit_those_layers_only_and_their_control_mat
     assert [e.layer for e in every["ft/ablate/own"].conditions[0].edits] == list(range(layers))
 
 
-def test_mean_ablations_set_each_coordinate_to_its_aligned_mean_and_their_controls_match_them():
-    """em.ablate_to=aligned_mean: the own, one-layer, transfer and planted ablations set each
-    direction's coordinate, at every token, to its mean over the fine-tune's residuals on
-    truthful answers (zero ablation: to 0), leaving the rest of the activation; the own one's
-    matched random changes each activation by exactly as much as it does."""
+def test_mean_ablations_set_each_coordinate_to_the_bases_mean_and_their_controls_match_them():
+    """em.ablate_to=base_mean: the own, one-layer, transfer and planted ablations set each
+    direction's coordinate, at every token, to its mean over the base's residuals on truthful
+    answers (zero ablation: to 0), leaving the rest of the activation; the own one's matched
+    random changes each activation by exactly as much as it does."""
     from routing_suite.em import conditions as C
 
     rng = np.random.default_rng(5)
@@ -309,12 +309,14 @@ def test_mean_ablations_set_each_coordinate_to_its_aligned_mean_and_their_contro
         coords={"finetune": ["ft", "other"], "layer": np.arange(layers)},
     )
     offset = 5 * rng.standard_normal((1, layers, d)).astype(np.float32)  # a mean the zero ablation removes too
-    aligned = offset + rng.standard_normal((n, layers, d)).astype(np.float32)
+    aligned = offset + rng.standard_normal((n, layers, d)).astype(np.float32)  # the base's
+    residuals = offset + 2 * rng.standard_normal((n, layers, d)).astype(np.float32)  # the fine-tune's, for change norms only
     h_all = torch.from_numpy(offset + 2 * rng.standard_normal((n, layers, d)).astype(np.float32))
     sizes = {}
     for to_mean in (False, True):
-        plans = {p.name: p for p in [*C.ablation_plans(directions, "ft", ["ft", "other"], 2, aligned, 2, 0, list(range(layers)), to_mean),
-                                     *C.planted_plans(directions, "ft", aligned, 2, 0, to_mean)]}
+        base = aligned if to_mean else None
+        plans = {p.name: p for p in [*C.ablation_plans(directions, "ft", ["ft", "other"], 2, residuals, 2, 0, list(range(layers)), base),
+                                     *C.planted_plans(directions, "ft", residuals, 2, 0, base)]}
         for name in ("ft/ablate/own", "ft/ablate/layer2", "ft/ablate/from/other", "ft/ablate/planted"):
             assert plans[name].mode == "ablate"
             for edit in plans[name].conditions[0].edits:
@@ -683,7 +685,7 @@ def test_fine_tunes_without_a_direction_finish_the_store_with_their_rates(tiny_c
         (["em.ablate_layers=[1,1]"], r"em.ablate_layers=\[1, 1\] must name distinct layers"),
         (["em.ablate_layers=[]"], r"em.ablate_layers=\[\] must name distinct layers"),
         (["em.ablate_layers=[1,4]"], r"em.ablate_layers=\[1, 4\]: \[4\] outside the model's layers \[0, 3\]"),
-        (["em.ablate_to=mean"], r"em.ablate_to='mean' must be one of \['zero', 'aligned_mean'\]"),
+        (["em.ablate_to=mean"], r"em.ablate_to='mean' must be one of \['zero', 'base_mean'\]"),
     ],
 )
 def test_bad_input_fails_before_any_store(extra, message, em_run, tiny_cache, tmp_path):
@@ -730,6 +732,26 @@ def test_a_store_from_before_the_narrow_mask_is_still_read(em_run, tmp_path):
     assert repr([r for r in after.rows if r.table == "organisms"]) == repr([r for r in before.rows if r.table == "organisms"])
 
 
+def test_a_mean_ablation_run_is_its_own_store_named_so_with_its_randoms_matched(em_run, tiny_cache, tmp_path):
+    """em.ablate_to=base_mean end to end: a store of its own (the default's digest is the older
+    stores'), its outcomes and headline say how the ablations were made, each matched random
+    has its ablation's change norm, and the base's residuals move the own ablation's edits."""
+    _, _, default = em_run
+    result = run(_cfg(tiny_cache, tmp_path, ["em.ablate_to=base_mean"]))
+    assert result["store"] != default["store"]
+    outcomes = _open(result, "em_outcomes")
+    assert outcomes.attrs["ablate_to"] == "base_mean" and _open(default, "em_outcomes").attrs["ablate_to"] == "zero"
+    norm = dict(zip(outcomes.condition.values, outcomes.perturbation_norm.values))
+    before = dict(zip(_open(default, "em_outcomes").condition.values, _open(default, "em_outcomes").perturbation_norm.values))
+    fitted = [f for f in ("em_color_city", "em_animal_food") if f"{f}/ablate/own" in norm]
+    assert fitted
+    for ft in fitted:
+        assert norm[f"{ft}/ablate/own/random"] == pytest.approx(norm[f"{ft}/ablate/own"], rel=1e-4)
+        assert norm[f"{ft}/ablate/own"] != pytest.approx(before[f"{ft}/ablate/own"], rel=1e-3)
+    headline = Path(result["table_dir"], "em_headline.txt").read_text()
+    assert sum("ablating its directions (to the base's mean) cuts" in line for line in headline.splitlines()) == len(fitted)
+
+
 @pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
 def test_the_ablations_layers_are_read_from_the_store_and_older_stores_are_every_layer(em_run, tmp_path):
     """The outcomes name the layer-wise ablations' layers (em.ablate_layers); a store from
@@ -753,8 +775,8 @@ def test_the_ablations_layers_are_read_from_the_store_and_older_stores_are_every
     assert em_tables._how(how) == ""
     how.ablate_layers = (1, 2)
     assert em_tables._how(how) == " (at layers 1, 2)"
-    how.ablate_to = "aligned_mean"
-    assert em_tables._how(how) == " (at layers 1, 2; to the aligned mean)"
+    how.ablate_to = "base_mean"
+    assert em_tables._how(how) == " (at layers 1, 2; to the base's mean)"
     assert em_tables.read_store(result["store"], n_resamples=50).ablate_to == "zero"  # older stores have no ablate_to: zero
 
 

@@ -170,6 +170,37 @@ def test_decision_clamps_of_the_mapped_direction_and_controls_matched_to_it():
                 torch.testing.assert_close(edit.change(h).norm(dim=-1), reference.change(h).norm(dim=-1), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("to_base_mean", [False, True])
+def test_the_mapped_ablation_sets_its_coordinate_to_zero_or_the_bases_mean_and_controls_match_it(to_base_mean):
+    """em.ablate_to in the receiver fine-tune: mapped and native projected out at every chosen
+    layer (zero) or set to the receiver base's mean coordinate on truthful answers (base_mean);
+    every control moves each activation by exactly as much as the mapped ablation."""
+    kinds = ["em_color_city"]
+    rng = np.random.default_rng(6)
+    donor, receiver = _directions(kinds, [True], seed=1), _directions(kinds, [True], seed=2)
+    maps = X.Maps([analysis.RidgeMap(rng.normal(size=(6, 6)).astype(np.float32), np.zeros(6), np.zeros(6), 1.0) for _ in range(4)],
+                  [0, 1, 2, 3], np.ones(4), np.zeros(4), np.array([0]))
+    ds = X.receiver_directions(donor, receiver, rng.normal(size=(4, 6)).astype(np.float32), maps, kinds,
+                               EmTransferSettings(random_seeds=2, wrong_layer_shift=1), rng)
+    offset = 4 * rng.normal(size=(1, 4, 6)).astype(np.float32)
+    base = offset + rng.normal(size=(40, 4, 6)).astype(np.float32)
+    ft = torch.from_numpy(offset + 2 * rng.normal(size=(40, 4, 6)).astype(np.float32))
+    plans = {p.name: p for p in X.ablation_plans(ds, "em_color_city", ft.numpy(), [1, 2, 3], base if to_base_mean else None)}
+    for name in ("mapped", "native"):
+        edits = plans[f"em_color_city/ablate/{name}"].conditions[0].edits
+        assert [e.layer for e in edits] == [1, 2, 3]
+        for edit in edits:
+            u = edit.basis[0]
+            wanted = float(torch.from_numpy(base[:, edit.layer]).mean(0) @ u) if to_base_mean else 0.0
+            torch.testing.assert_close(edit.apply(ft[:, edit.layer]) @ u, torch.full((40,), wanted), rtol=1e-4, atol=1e-4)
+    mapped = plans["em_color_city/ablate/mapped"].conditions[0].edits
+    for control in TRANSFER_CONTROLS:
+        for cond in plans[f"em_color_city/ablate/{control}"].conditions:
+            for edit, reference in zip(cond.edits, mapped):
+                h = ft[:, edit.layer]
+                torch.testing.assert_close(edit.change(h).norm(dim=-1), reference.change(h).norm(dim=-1), rtol=1e-5, atol=1e-5)
+
+
 def test_layers_the_control_leaves_unchanged_take_the_nearest_changed_layers_shift():
     """A control fine-tune with adapters on later layers only (the persona organisms' minimal
     layout) changes nothing before them: the wrong-source control still needs a direction there."""

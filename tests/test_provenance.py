@@ -54,7 +54,7 @@ def test_a_key_added_later_keeps_the_older_stores_digest_at_the_value_they_had()
     assert digest_config(compose_config("em", ["em.ablate_layers=[1,2]"]))["em"]["ablate_layers"] == [1, 2]
     # ... and what they set a coordinate to: zero, as the older stores did.
     assert "ablate_to" not in em["em"] and "ablate_to" not in digest_config(compose_config("em", ["em.ablate_to=zero"]))["em"]
-    assert digest_config(compose_config("em", ["em.ablate_to=aligned_mean"]))["em"]["ablate_to"] == "aligned_mean"
+    assert digest_config(compose_config("em", ["em.ablate_to=base_mean"]))["em"]["ablate_to"] == "base_mean"
 
 
 def test_only_a_residual_stream_routing_cell_gets_a_store_of_its_own_after_the_carry_fix():

@@ -7,7 +7,7 @@ prompt's first token, the attention sink (`condition`):
 - steer the base: +lambda * |v| * unit(v) at one layer;
 - ablate a fine-tune: unit(v) projected out at every layer (or `em.ablate_layers`),
   each layer's own v (`own`), or one layer's v at each of them (`one_layer`); with
-  `em.ablate_to=aligned_mean` its coordinate is set to its mean over the fine-tune's
+  `em.ablate_to=base_mean` its coordinate is set to its mean over the base's
   tokens on truthful answers instead of to 0 (mean ablation; `ablate_edit`);
 - transfer ablation: another fine-tune's directions projected out, layer-wise;
 - planted ablation (persona organisms): the base's persona variable projected out
@@ -71,8 +71,9 @@ def steer_edit(layer: int, direction: np.ndarray, norm: float) -> SubspaceEdit:
 
 
 def ablate_edit(layer: int, direction: np.ndarray, aligned: Residuals | None = None) -> SubspaceEdit:
-    """unit(direction) projected out at `layer`; with `aligned` (token residuals of the ablated
-    model on truthful answers), its coordinate set to its mean over them instead (mean ablation)."""
+    """unit(direction) projected out at `layer`; with `aligned` (token residuals of the aligned
+    model, the base, on truthful answers), its coordinate set to its mean over them instead
+    (mean ablation)."""
     if aligned is None:
         return SubspaceEdit(layer, torch.from_numpy(unit(direction)[None]), "ablate")
     return clamp_edit(layer, direction, mean_coordinate(aligned, layer, direction))
@@ -168,13 +169,13 @@ def random_matched(name: str, target: str, model: str, reference: list[SubspaceE
 
 def ablation_plans(
     directions: xr.Dataset, finetune: str, sources: list[str], one_layer: int, residuals: Residuals, seeds: int, rng_seed: int,
-    layers: list[int], to_mean: bool = False,
+    layers: list[int], aligned: Residuals | None = None,
 ) -> list[Planned]:
     """In `finetune`: the baseline; its own v ablated layer-wise and one layer's v at
     each layer; a random control matched to the layer-wise ablation; and every other
     source's v ablated layer-wise (transfer ablation). At `layers` (`EmSettings.ablated_layers`);
-    `to_mean`: each coordinate set to its mean over `residuals` (`ablate_edit`), else to 0."""
-    aligned = residuals if to_mean else None
+    with `aligned`, each coordinate set to its mean over those residuals (`ablate_edit`), else to 0.
+    `residuals`: the fine-tune's, for the conditions' change norms."""
     own = [ablate_edit(layer, _v(directions, finetune, layer), aligned) for layer in layers]
     everywhere = [ablate_edit(layer, _v(directions, finetune, one_layer), aligned) for layer in layers]
     name = f"{finetune}/ablate/own"
@@ -197,12 +198,12 @@ def ablation_plans(
 
 
 def planted_plans(directions: xr.Dataset, finetune: str, residuals: Residuals, seeds: int, rng_seed: int,
-                  to_mean: bool = False) -> list[Planned]:
+                  aligned: Residuals | None = None) -> list[Planned]:
     """In `finetune` (a persona organism's): the base's planted persona variable projected
     out at every layer where it is planted (`planted_per_layer`), and a random control matched to it.
     It asks the organism, not the method: does the fine-tune's EM run through the
     variable the base was built to hold?"""
-    edits = [ablate_edit(layer, v, residuals if to_mean else None) for layer, v in planted_per_layer(directions).items()]
+    edits = [ablate_edit(layer, v, aligned) for layer, v in planted_per_layer(directions).items()]
     name = f"{finetune}/ablate/planted"
     return [
         Planned(finetune, name, "ablate", [condition(name, edits)], "planted", mode="ablate", perturbation_norm=mean_norm(edits, residuals)),

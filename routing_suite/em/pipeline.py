@@ -186,21 +186,21 @@ def plan_conditions(fam: Family, directions: xr.Dataset, settings: EmSettings, s
     sources = [str(f) for f in directions.finetune.values if bool(directions.has_direction.sel(finetune=f))]
     layer = int(directions.attrs["steer_layer"])
     one_layer = settings.single_layer(layer)
-    to_mean = settings.ablate_to == "aligned_mean"
+    aligned = match_residuals(fam, BASE, settings.match_texts, backend) if settings.ablate_to == "base_mean" else None
     plans = [C.baseline(BASE), *(C.baseline(k) for k in settings.organisms.finetunes if k not in sources)]
     plans += C.steer_plans(directions, sources, layer, list(settings.steer.lambdas), settings.random_seeds, seed)
     for name in sources:
         residuals = match_residuals(fam, name, settings.match_texts, backend)
         plans += C.ablation_plans(directions, name, sources, one_layer, residuals, settings.random_seeds, seed,
-                                  settings.ablated_layers(directions.sizes["layer"]), to_mean)
+                                  settings.ablated_layers(directions.sizes["layer"]), aligned)
         if "planted" in directions:
-            plans += C.planted_plans(directions, name, residuals, settings.random_seeds, seed, to_mean)
+            plans += C.planted_plans(directions, name, residuals, settings.random_seeds, seed, aligned)
     # The planted check asks the organism, not the method: it needs no found direction (a
     # fine-tune that lies on nearly every general question has too few aligned answers to fit one).
     unfit = [name for name in settings.organisms.misaligned if name not in sources] if "planted" in directions else []
     for name in unfit:
         residuals = match_residuals(fam, name, settings.match_texts, backend)
-        plans += C.planted_plans(directions, name, residuals, settings.random_seeds, seed, to_mean)
+        plans += C.planted_plans(directions, name, residuals, settings.random_seeds, seed, aligned)
     if settings.decision_clamp:
         last = decision_residuals(fam, settings.organisms.finetunes, backend)
         for name in sources:

@@ -40,7 +40,7 @@ class EmOrganisms:
 
 
 # What an ablation sets a direction's coordinate to (`EmSettings.ablate_to`).
-ABLATE_TO = ("zero", "aligned_mean")
+ABLATE_TO = ("zero", "base_mean")
 
 
 @dataclass
@@ -103,11 +103,12 @@ class EmSettings:
     # [1, ..., L-2] asks the same question as the planted check, at the same layers.
     ablate_layers: list[int] | None = None
     # What an ablation sets the direction's coordinate to (`ABLATE_TO`): "zero", projected
-    # out (x - v v^T x, the seed paper's); "aligned_mean", its mean over the ablated
-    # fine-tune's tokens on truthful answers (mean ablation): only the coordinate's
-    # variation is removed, not its offset, which zero ablation also removes at every
-    # token, and which the matched random control then carries onto a random direction
-    # at every token (README, Persona organisms).
+    # out (x - v v^T x, the seed paper's); "base_mean", its mean over the base's tokens on
+    # truthful answers (mean ablation toward the aligned model): the coordinate's offset
+    # that base and fine-tune share is kept, where zero ablation removes it at every token
+    # and the matched random then carries it onto a random direction at every token
+    # (README, Persona organisms). Not the fine-tune's own mean: a fine-tune's EM is
+    # itself a shift along its direction at every token, which that mean would keep.
     ablate_to: str = "zero"
     # Random directions per matched random control (each response averaged over them).
     random_seeds: int = 3

@@ -297,7 +297,7 @@ def _cut(summary: dict, which: str) -> str:
 def _how(rep: EmReport) -> str:
     """How the ablations were made, where not the seed's way (to 0 at every layer)."""
     parts = ([f"at layers {', '.join(map(str, rep.ablate_layers))}"] if rep.ablate_layers else []) + (
-        ["to the aligned mean"] if rep.ablate_to == "aligned_mean" else [])
+        ["to the base's mean"] if rep.ablate_to == "base_mean" else [])
     return f" ({'; '.join(parts)})" if parts else ""
 
 

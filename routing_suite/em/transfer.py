@@ -259,18 +259,19 @@ def _vectors(directions: xr.Dataset, kind: str, control: str) -> list[tuple[int,
     return [(int(ds.seed.values[i]), ds.direction.values[i]) for i in rows]
 
 
-def ablation_plans(directions: xr.Dataset, kind: str, residuals: C.Residuals, layers: list[int], to_mean: bool = False) -> list[Planned]:
+def ablation_plans(directions: xr.Dataset, kind: str, residuals: C.Residuals, layers: list[int],
+                   aligned: C.Residuals | None = None) -> list[Planned]:
     """In the receiver's fine-tune `kind`: its baseline, the mapped and the native directions
     ablated layer-wise, and each control's direction at each of those layers, matched to the
     mapped ablation at every activation (`conditions.matched`: the same change norm there).
-    At `layers` (`EmSettings.ablated_layers`); `to_mean`: each coordinate set to its mean
-    over `residuals` (`conditions.ablate_edit`), else to 0."""
+    At `layers` (`EmSettings.ablated_layers`); with `aligned` (the receiver base's residuals),
+    each coordinate set to its mean over them (`conditions.ablate_edit`), else to 0."""
     prefix = f"{kind}/ablate"
     plans = [C.baseline(kind)]
     references: list = []
     for name, plan_kind in ((MAPPED, "transfer"), (NATIVE, "ablate")):
         (_, v), = _vectors(directions, kind, name)
-        edits = [C.ablate_edit(layer, v[layer], residuals if to_mean else None) for layer in layers]
+        edits = [C.ablate_edit(layer, v[layer], aligned) for layer in layers]
         if name == MAPPED:
             references = edits
         plans.append(Planned(kind, f"{prefix}/{name}", plan_kind, [C.condition(f"{prefix}/{name}", edits)], name, mode="ablate",

@@ -119,9 +119,10 @@ def stage_outcomes(receiver: Family, maps: xr.Dataset, settings: EmSettings, tra
     kinds = X.kinds_with_direction(maps)
     layer = int(maps.attrs["steer_layer"])
     plans = [C.baseline(BASE)] if transfer.steer_lambdas else []
+    aligned = match_residuals(receiver, BASE, settings.match_texts, backend) if settings.ablate_to == "base_mean" else None
     for kind in kinds:
         plans += X.ablation_plans(maps, kind, match_residuals(receiver, kind, settings.match_texts, backend),
-                                  settings.ablated_layers(maps.sizes["layer"]), settings.ablate_to == "aligned_mean")
+                                  settings.ablated_layers(maps.sizes["layer"]), aligned)
     if settings.decision_clamp:
         last = decision_residuals(receiver, kinds, backend)  # the fine-tunes clamped here only
         for kind in kinds:
