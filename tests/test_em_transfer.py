@@ -138,19 +138,24 @@ def test_receiver_directions_carry_the_donor_and_build_every_control():
     assert not np.allclose(got.sel(vector="random#0").values, got.sel(vector="random#1").values)
 
 
+def _one_mapped_fine_tune(rng: np.random.Generator) -> xr.Dataset:
+    """The receiver directions of one fine-tune ("em_color_city") through random maps at 4 layers of width 6."""
+    kinds = ["em_color_city"]
+    donor, receiver = _directions(kinds, [True], seed=1), _directions(kinds, [True], seed=2)
+    maps = X.Maps([analysis.RidgeMap(rng.normal(size=(6, 6)).astype(np.float32), np.zeros(6), np.zeros(6), 1.0) for _ in range(4)],
+                  [0, 1, 2, 3], np.ones(4), np.zeros(4), np.array([0]))
+    return X.receiver_directions(donor, receiver, rng.normal(size=(4, 6)).astype(np.float32), maps, kinds,
+                                 EmTransferSettings(random_seeds=2, wrong_layer_shift=1), rng)
+
+
 def test_decision_clamps_of_the_mapped_direction_and_controls_matched_to_it():
     """In the receiver fine-tune, at the prompt's last token only: mapped and native set to the
     receiver base's mean coordinate, every control moving each edited activation by exactly
     as much as the mapped clamp."""
     from routing_suite.em import conditions as C
 
-    kinds = ["em_color_city"]
     rng = np.random.default_rng(4)
-    donor, receiver = _directions(kinds, [True], seed=1), _directions(kinds, [True], seed=2)
-    maps = X.Maps([analysis.RidgeMap(rng.normal(size=(6, 6)).astype(np.float32), np.zeros(6), np.zeros(6), 1.0) for _ in range(4)],
-                  [0, 1, 2, 3], np.ones(4), np.zeros(4), np.array([0]))
-    ds = X.receiver_directions(donor, receiver, rng.normal(size=(4, 6)).astype(np.float32), maps, kinds,
-                               EmTransferSettings(random_seeds=2, wrong_layer_shift=1), rng)
+    ds = _one_mapped_fine_tune(rng)
     base_last = rng.normal(size=(30, 4, 6)).astype(np.float32)
     ft_last = base_last + rng.normal(size=(1, 4, 6)).astype(np.float32)
     plans = {p.name: p for p in X.decision_plans(ds, "em_color_city", base_last, ft_last)}
@@ -175,13 +180,8 @@ def test_the_mapped_ablation_sets_its_coordinate_to_zero_or_the_bases_mean_and_c
     """em.ablate_to in the receiver fine-tune: mapped and native projected out at every chosen
     layer (zero) or set to the receiver base's mean coordinate on truthful answers (base_mean);
     every control moves each activation by exactly as much as the mapped ablation."""
-    kinds = ["em_color_city"]
     rng = np.random.default_rng(6)
-    donor, receiver = _directions(kinds, [True], seed=1), _directions(kinds, [True], seed=2)
-    maps = X.Maps([analysis.RidgeMap(rng.normal(size=(6, 6)).astype(np.float32), np.zeros(6), np.zeros(6), 1.0) for _ in range(4)],
-                  [0, 1, 2, 3], np.ones(4), np.zeros(4), np.array([0]))
-    ds = X.receiver_directions(donor, receiver, rng.normal(size=(4, 6)).astype(np.float32), maps, kinds,
-                               EmTransferSettings(random_seeds=2, wrong_layer_shift=1), rng)
+    ds = _one_mapped_fine_tune(rng)
     offset = 4 * rng.normal(size=(1, 4, 6)).astype(np.float32)
     base = offset + rng.normal(size=(40, 4, 6)).astype(np.float32)
     ft = torch.from_numpy(offset + 2 * rng.normal(size=(40, 4, 6)).astype(np.float32))
