@@ -218,7 +218,7 @@ Group "xfer_outcomes" (the receiver's test split; layout of "em_outcomes")
             at the prompt's last token set to the receiver base's mean there; controls
             matched to the mapped clamp), "base/baseline", "base/steer/<ft>/x<lambda>/<direction>" (all at lambda x
             the native direction's norm)
-    attrs   steer_layer, donor, receiver
+    attrs   steer_layer, donor, receiver, ablate_to ("zero" or "base_mean", `em.ablate_to`; absent: zero)
 """
 
 SCHEMA_VERSION = 1

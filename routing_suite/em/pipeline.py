@@ -169,6 +169,12 @@ def match_residuals(fam: Family, model: str, n_texts: int, backend) -> np.ndarra
     return token_residuals(fam.models, model, [f"{fam.prompts[i].text} {fam.prompts[i].answer}" for i in fit], backend)
 
 
+def mean_ablation_reference(fam: Family, settings: EmSettings, backend) -> np.ndarray | None:
+    """The base's token residuals on truthful answers, which `em.ablate_to=base_mean` sets each
+    ablated coordinate to the mean of (`conditions.ablate_edit`); None for zero ablation."""
+    return match_residuals(fam, BASE, settings.match_texts, backend) if settings.ablate_to == "base_mean" else None
+
+
 def decision_residuals(fam: Family, finetunes: list[str], backend) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per fine-tune of `finetunes`: the base's and its own last-token residuals on its
     general fit prompts (where the decision-token clamps take their targets)."""
@@ -186,7 +192,7 @@ def plan_conditions(fam: Family, directions: xr.Dataset, settings: EmSettings, s
     sources = [str(f) for f in directions.finetune.values if bool(directions.has_direction.sel(finetune=f))]
     layer = int(directions.attrs["steer_layer"])
     one_layer = settings.single_layer(layer)
-    aligned = match_residuals(fam, BASE, settings.match_texts, backend) if settings.ablate_to == "base_mean" else None
+    aligned = mean_ablation_reference(fam, settings, backend)
     plans = [C.baseline(BASE), *(C.baseline(k) for k in settings.organisms.finetunes if k not in sources)]
     plans += C.steer_plans(directions, sources, layer, list(settings.steer.lambdas), settings.random_seeds, seed)
     for name in sources:

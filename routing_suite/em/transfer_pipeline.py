@@ -33,7 +33,14 @@ from routing_suite.em import transfer_tables as em_transfer_tables
 from routing_suite.em.activations import answer_means
 from routing_suite.em.generation import evaluate
 from routing_suite.em.models import BASE
-from routing_suite.em.pipeline import EM_CODE_VERSION, Family, decision_residuals, ensure_family, match_residuals
+from routing_suite.em.pipeline import (
+    EM_CODE_VERSION,
+    Family,
+    decision_residuals,
+    ensure_family,
+    match_residuals,
+    mean_ablation_reference,
+)
 from routing_suite.em.settings import EmSettings, EmTransferSettings
 from routing_suite.errors import ConfigError
 from routing_suite.organisms import task as T
@@ -119,7 +126,7 @@ def stage_outcomes(receiver: Family, maps: xr.Dataset, settings: EmSettings, tra
     kinds = X.kinds_with_direction(maps)
     layer = int(maps.attrs["steer_layer"])
     plans = [C.baseline(BASE)] if transfer.steer_lambdas else []
-    aligned = match_residuals(receiver, BASE, settings.match_texts, backend) if settings.ablate_to == "base_mean" else None
+    aligned = mean_ablation_reference(receiver, settings, backend)
     for kind in kinds:
         plans += X.ablation_plans(maps, kind, match_residuals(receiver, kind, settings.match_texts, backend),
                                   settings.ablated_layers(maps.sizes["layer"]), aligned)
