@@ -25,6 +25,7 @@ ADDED_AT_DEFAULT = {
     ("localize", "method"): "exact", ("localize", "confirm"): 2, ("intervention", "bound"): "two_sided",
     ("model", "pretraining"): "routing", ("localize", "check_windows"): 0, ("transfer", "persona_exchanges"): 0,
     ("em", "ablate_layers"): None, ("em", "ablate_to"): "zero",
+    ("em", "ablate_at"): "every",
 }
 # The suite's own classes are named in a digest by class name only, so that moving
 # a module does not rename every cached store; a user's `_target_` stays whole.

@@ -188,7 +188,9 @@ Group "em_outcomes" (test split, per response; NaN outside the model's general p
             per condition: model, kind ("baseline" | "steer" | "ablate" | "transfer" |
             "control"), source, lam, control, target, mode ("steer" | "ablate" | "clamp"), layers
     attrs   steer_layer, ablate_layer, ablate_layers (the layer-wise ablations' layers; absent: every layer),
-            ablate_to ("zero" or "base_mean", `em.ablate_to`; absent: zero)
+            ablate_to ("zero" or "base_mean", `em.ablate_to`; absent: zero),
+            ablate_at ("every" or "decision", where the ablations and their controls edit,
+            `em.ablate_at`; absent: every)
 
 EM transfer stores (experiment "em_transfer", `routing_suite.em.transfer_pipeline`;
 cell family = the receiver, behavior "em_from_<donor>", plus donor and receiver;
@@ -218,7 +220,8 @@ Group "xfer_outcomes" (the receiver's test split; layout of "em_outcomes")
             at the prompt's last token set to the receiver base's mean there; controls
             matched to the mapped clamp), "base/baseline", "base/steer/<ft>/x<lambda>/<direction>" (all at lambda x
             the native direction's norm)
-    attrs   steer_layer, donor, receiver, ablate_to ("zero" or "base_mean", `em.ablate_to`; absent: zero)
+    attrs   steer_layer, donor, receiver, ablate_layers (absent: every layer), ablate_to ("zero" or "base_mean",
+            `em.ablate_to`; absent: zero), ablate_at ("every" or "decision", `em.ablate_at`; absent: every)
 """
 
 SCHEMA_VERSION = 1

@@ -333,6 +333,42 @@ def test_mean_ablations_set_each_coordinate_to_the_bases_mean_and_their_controls
     assert all(m < z for m, z in zip(sizes[True], sizes[False]))  # the offset is left where it was: smaller changes
 
 
+def test_ablations_at_the_decision_token_edit_there_only_and_their_controls_match_them():
+    """em.ablate_at=decision: the own, one-layer, transfer and planted ablations and both
+    matched randoms edit the prompt's last token in the prompt's pass, at the same layers and
+    with the same edits as at every token; each random is matched to its ablation's edits."""
+    from routing_suite.em import conditions as C
+
+    rng = np.random.default_rng(7)
+    layers, d = 4, 16
+    directions = xr.Dataset(
+        {"direction": (("finetune", "layer", "hidden"), rng.standard_normal((2, layers, d)).astype(np.float32)),
+         "planted": (("layer", "hidden"), rng.standard_normal((layers, d)).astype(np.float32)),
+         "planted_layer": (("layer",), np.array([False, True, True, False]))},
+        coords={"finetune": ["ft", "other"], "layer": np.arange(layers)},
+    )
+    residuals = rng.standard_normal((30, layers, d)).astype(np.float32)
+
+    def planned(at: str) -> dict:
+        where = C.ABLATE_WHERE[at]
+        return {p.name: p for p in [*C.ablation_plans(directions, "ft", ["ft", "other"], 2, residuals, 2, 0, list(range(layers)), None, where),
+                                    *C.planted_plans(directions, "ft", residuals, 2, 0, None, where)]}
+
+    every, decision = planned("every"), planned("decision")
+    assert set(every) == set(decision)
+    names = ["ft/ablate/own", "ft/ablate/layer2", "ft/ablate/from/other", "ft/ablate/planted", "ft/ablate/own/random",
+             "ft/ablate/planted/random"]
+    for name in names:
+        for at, plan in (("every", every[name]), ("decision", decision[name])):
+            wanted = ("last", "prompt") if at == "decision" else ("after_first", "all")
+            assert {(c.positions, c.steps) for c in plan.conditions} == {wanted}, (name, at)
+        pairs = zip(every[name].conditions[0].edits, decision[name].conditions[0].edits)
+        assert all(a.layer == b.layer and torch.equal(a.basis, b.basis) for a, b in pairs)
+    for target in ("own", "planted"):
+        for run_ in decision[f"ft/ablate/{target}/random"].conditions:
+            assert [e.matched for e in run_.edits] == decision[f"ft/ablate/{target}"].conditions[0].edits
+
+
 def test_decision_clamps_set_the_coordinate_to_the_other_models_mean_and_their_controls_match_them():
     """A decision-token clamp sets each layer's coordinate, at the prompt's last token only,
     to the reference model's mean there; its random control changes each of those
@@ -686,6 +722,8 @@ def test_fine_tunes_without_a_direction_finish_the_store_with_their_rates(tiny_c
         (["em.ablate_layers=[]"], r"em.ablate_layers=\[\] must name distinct layers"),
         (["em.ablate_layers=[1,4]"], r"em.ablate_layers=\[1, 4\]: \[4\] outside the model's layers \[0, 3\]"),
         (["em.ablate_to=mean"], r"em.ablate_to='mean' must be one of \['zero', 'base_mean'\]"),
+        (["em.ablate_at=last"], r"em.ablate_at='last' must be one of \['every', 'decision'\]"),
+        (["em.ablate_at=decision", "em.ablate_to=base_mean"], r"is the decision-token clamp \(<fine-tune>/clamp/own"),
     ],
 )
 def test_bad_input_fails_before_any_store(extra, message, em_run, tiny_cache, tmp_path):
@@ -752,6 +790,26 @@ def test_a_mean_ablation_run_is_its_own_store_named_so_with_its_randoms_matched(
     assert sum("ablating its directions (to the base's mean) cuts" in line for line in headline.splitlines()) == len(fitted)
 
 
+def test_a_decision_token_ablation_run_is_its_own_store_named_so_with_its_randoms_matched(em_run, tiny_cache, tmp_path):
+    """em.ablate_at=decision end to end: a store of its own, its outcomes and headline say
+    where the ablations edited, each matched random has its ablation's change norm (taken on
+    the fine-tune's last-token residuals), and the baselines and steering are the default's."""
+    _, _, default = em_run
+    result = run(_cfg(tiny_cache, tmp_path, ["em.ablate_at=decision"]))
+    assert result["store"] != default["store"]
+    outcomes, before = _open(result, "em_outcomes"), _open(default, "em_outcomes")
+    assert outcomes.attrs["ablate_at"] == "decision" and before.attrs["ablate_at"] == "every"
+    norm = dict(zip(outcomes.condition.values, outcomes.perturbation_norm.values))
+    fitted = [f for f in ("em_color_city", "em_animal_food") if f"{f}/ablate/own" in norm]
+    assert fitted
+    for ft in fitted:
+        assert norm[f"{ft}/ablate/own/random"] == pytest.approx(norm[f"{ft}/ablate/own"], rel=1e-4)
+        for cond in (f"{ft}/baseline", "base/baseline"):
+            np.testing.assert_array_equal(outcomes.misaligned.sel(condition=cond).values, before.misaligned.sel(condition=cond).values)
+    headline = Path(result["table_dir"], "em_headline.txt").read_text()
+    assert sum("ablating its directions (at the decision token only) cuts" in line for line in headline.splitlines()) == len(fitted)
+
+
 @pytest.mark.filterwarnings("ignore:Consolidated metadata:UserWarning")
 def test_the_ablations_layers_are_read_from_the_store_and_older_stores_are_every_layer(em_run, tmp_path):
     """The outcomes name the layer-wise ablations' layers (em.ablate_layers); a store from
@@ -777,7 +835,16 @@ def test_the_ablations_layers_are_read_from_the_store_and_older_stores_are_every
     assert em_tables._how(how) == " (at layers 1, 2)"
     how.ablate_to = "base_mean"
     assert em_tables._how(how) == " (at layers 1, 2; to the base's mean)"
-    assert em_tables.read_store(result["store"], n_resamples=50).ablate_to == "zero"  # older stores have no ablate_to: zero
+    how.ablate_layers, how.ablate_to, how.ablate_at = (), "zero", "decision"
+    assert em_tables._how(how) == " (at the decision token only)"
+    older = tmp_path / "older.zarr"  # stores from before ablate_to and ablate_at: zero, every token
+    shutil.copytree(result["store"], older)
+    outcomes = xr.open_zarr(str(older), group="em_outcomes").load()
+    for key in ("ablate_to", "ablate_at"):
+        del outcomes.attrs[key]
+    outcomes.to_zarr(str(older), group="em_outcomes", mode="w", zarr_format=3)
+    read = em_tables.read_store(older, n_resamples=50)
+    assert (read.ablate_to, read.ablate_at) == ("zero", "every")
 
 
 def test_the_aggregator_keeps_every_build_of_a_family_apart(em_run, tmp_path):

@@ -201,6 +201,23 @@ def test_the_mapped_ablation_sets_its_coordinate_to_zero_or_the_bases_mean_and_c
                 torch.testing.assert_close(edit.change(h).norm(dim=-1), reference.change(h).norm(dim=-1), rtol=1e-5, atol=1e-5)
 
 
+def test_the_mapped_ablation_at_the_decision_token_edits_there_with_every_control():
+    """em.ablate_at=decision in the receiver fine-tune: mapped, native and every control edit
+    the prompt's last token in the prompt's pass only, the controls matched to the mapped edits."""
+    from routing_suite.em import conditions as C
+
+    rng = np.random.default_rng(8)
+    ds = _one_mapped_fine_tune(rng)
+    last = rng.normal(size=(30, 4, 6)).astype(np.float32)
+    plans = X.ablation_plans(ds, "em_color_city", last, [0, 1, 2, 3], None, C.ABLATE_WHERE["decision"])
+    edited = [p for p in plans if p.conditions]
+    assert len(edited) == 2 + len(TRANSFER_CONTROLS)
+    assert {(c.positions, c.steps) for p in edited for c in p.conditions} == {(C.DECISION["positions"], C.DECISION["steps"])}
+    mapped = next(p for p in edited if p.name == "em_color_city/ablate/mapped").conditions[0].edits
+    for plan in (p for p in edited if p.kind == "control"):
+        assert all([e.matched for e in c.edits] == mapped for c in plan.conditions)
+
+
 def test_layers_the_control_leaves_unchanged_take_the_nearest_changed_layers_shift():
     """A control fine-tune with adapters on later layers only (the persona organisms' minimal
     layout) changes nothing before them: the wrong-source control still needs a direction there."""
@@ -322,6 +339,10 @@ def test_transfer_store_layout(transfer_run):
     maps = _open(store, "xfer_maps")
     assert maps.direction.dims == ("finetune", "vector", "layer", "hidden") and maps.sizes["layer"] == 4
     assert bool(maps.has_direction.any()) and maps.attrs["n_tokens"] > maps.attrs["n_texts"]
+    outcomes = _open(store, "xfer_outcomes")  # how the ablations were made, read by the tables
+    assert {k: outcomes.attrs[k] for k in ("ablate_layers", "ablate_to", "ablate_at")} == {
+        "ablate_layers": [0, 1, 2, 3], "ablate_to": "zero", "ablate_at": "every"}
+    assert "ablating the mapped direction (" not in Path(result["table_dir"], "em_transfer_headline.txt").read_text()
 
 
 def _hook_residuals(model, tok, texts: list[str], layer: int) -> np.ndarray:

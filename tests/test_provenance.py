@@ -55,6 +55,9 @@ def test_a_key_added_later_keeps_the_older_stores_digest_at_the_value_they_had()
     # ... and what they set a coordinate to: zero, as the older stores did.
     assert "ablate_to" not in em["em"] and "ablate_to" not in digest_config(compose_config("em", ["em.ablate_to=zero"]))["em"]
     assert digest_config(compose_config("em", ["em.ablate_to=base_mean"]))["em"]["ablate_to"] == "base_mean"
+    # ... and where they edit: every token, as the older stores did.
+    assert "ablate_at" not in em["em"] and "ablate_at" not in digest_config(compose_config("em", ["em.ablate_at=every"]))["em"]
+    assert digest_config(compose_config("em", ["em.ablate_at=decision"]))["em"]["ablate_at"] == "decision"
 
 
 def test_only_a_residual_stream_routing_cell_gets_a_store_of_its_own_after_the_carry_fix():

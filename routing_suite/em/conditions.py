@@ -8,7 +8,9 @@ prompt's first token, the attention sink (`condition`):
 - ablate a fine-tune: unit(v) projected out at every layer (or `em.ablate_layers`),
   each layer's own v (`own`), or one layer's v at each of them (`one_layer`); with
   `em.ablate_to=base_mean` its coordinate is set to its mean over the base's
-  tokens on truthful answers instead of to 0 (mean ablation; `ablate_edit`);
+  tokens on truthful answers instead of to 0 (mean ablation; `ablate_edit`); with
+  `em.ablate_at=decision` (every ablation and its control) at the decision token
+  only (`ABLATE_WHERE`);
 - transfer ablation: another fine-tune's directions projected out, layer-wise;
 - planted ablation (persona organisms): the base's persona variable projected out
   at every layer, each layer's own;
@@ -110,6 +112,9 @@ def condition(name: str, edits: list[SubspaceEdit], seed: int | None = None, pos
 
 # Where a decision-token clamp edits: the prompt's last token, in the prompt's pass.
 DECISION = {"positions": "last", "steps": "prompt"}
+# Where a layer-wise ablation edits, per `em.ablate_at` (settings.ABLATE_AT): `condition`'s
+# default (every position but the first, every step) or the decision token.
+ABLATE_WHERE = {"every": {}, "decision": DECISION}
 
 
 def clamp_edit(layer: int, direction: np.ndarray, target: float) -> SubspaceEdit:
@@ -169,45 +174,49 @@ def random_matched(name: str, target: str, model: str, reference: list[SubspaceE
 
 def ablation_plans(
     directions: xr.Dataset, finetune: str, sources: list[str], one_layer: int, residuals: Residuals, seeds: int, rng_seed: int,
-    layers: list[int], aligned: Residuals | None = None,
+    layers: list[int], aligned: Residuals | None = None, where: dict | None = None,
 ) -> list[Planned]:
     """In `finetune`: the baseline; its own v ablated layer-wise and one layer's v at
     each layer; a random control matched to the layer-wise ablation; and every other
     source's v ablated layer-wise (transfer ablation). At `layers` (`EmSettings.ablated_layers`);
-    with `aligned`, each coordinate set to its mean over those residuals (`ablate_edit`), else to 0.
-    `residuals`: the fine-tune's, for the conditions' change norms."""
+    with `aligned`, each coordinate set to its mean over those residuals (`ablate_edit`), else to 0;
+    at the positions `where` says (`ABLATE_WHERE`; default every position but the first).
+    `residuals`: the fine-tune's where the edits are made, for the conditions' change norms."""
+    where = where or {}
     own = [ablate_edit(layer, _v(directions, finetune, layer), aligned) for layer in layers]
     everywhere = [ablate_edit(layer, _v(directions, finetune, one_layer), aligned) for layer in layers]
     name = f"{finetune}/ablate/own"
     single = f"{finetune}/ablate/layer{one_layer}"
     plans = [
         baseline(finetune),
-        Planned(finetune, name, "ablate", [condition(name, own)], finetune, mode="ablate", perturbation_norm=mean_norm(own, residuals)),
-        Planned(finetune, single, "ablate", [condition(single, everywhere)], finetune, mode="ablate",
+        Planned(finetune, name, "ablate", [condition(name, own, **where)], finetune, mode="ablate",
+                perturbation_norm=mean_norm(own, residuals)),
+        Planned(finetune, single, "ablate", [condition(single, everywhere, **where)], finetune, mode="ablate",
                 perturbation_norm=mean_norm(everywhere, residuals)),
     ]
-    plans.append(random_matched(f"{name}/random", name, finetune, own, residuals, seeds, rng_seed))
+    plans.append(random_matched(f"{name}/random", name, finetune, own, residuals, seeds, rng_seed, where=where))
     for source in sources:
         if source == finetune:
             continue
         edits = [ablate_edit(layer, _v(directions, source, layer), aligned) for layer in layers]
         other = f"{finetune}/ablate/from/{source}"
-        plans.append(Planned(finetune, other, "transfer", [condition(other, edits)], source, mode="ablate",
+        plans.append(Planned(finetune, other, "transfer", [condition(other, edits, **where)], source, mode="ablate",
                              perturbation_norm=mean_norm(edits, residuals)))
     return plans
 
 
 def planted_plans(directions: xr.Dataset, finetune: str, residuals: Residuals, seeds: int, rng_seed: int,
-                  aligned: Residuals | None = None) -> list[Planned]:
+                  aligned: Residuals | None = None, where: dict | None = None) -> list[Planned]:
     """In `finetune` (a persona organism's): the base's planted persona variable projected
     out at every layer where it is planted (`planted_per_layer`), and a random control matched to it.
     It asks the organism, not the method: does the fine-tune's EM run through the
-    variable the base was built to hold?"""
+    variable the base was built to hold? (`where`: as in `ablation_plans`.)"""
     edits = [ablate_edit(layer, v, aligned) for layer, v in planted_per_layer(directions).items()]
     name = f"{finetune}/ablate/planted"
     return [
-        Planned(finetune, name, "ablate", [condition(name, edits)], "planted", mode="ablate", perturbation_norm=mean_norm(edits, residuals)),
-        random_matched(f"{name}/random", name, finetune, edits, residuals, seeds, rng_seed),
+        Planned(finetune, name, "ablate", [condition(name, edits, **(where or {}))], "planted", mode="ablate",
+                perturbation_norm=mean_norm(edits, residuals)),
+        random_matched(f"{name}/random", name, finetune, edits, residuals, seeds, rng_seed, where=where),
     ]
 
 

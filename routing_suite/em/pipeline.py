@@ -175,6 +175,19 @@ def mean_ablation_reference(fam: Family, settings: EmSettings, backend) -> np.nd
     return match_residuals(fam, BASE, settings.match_texts, backend) if settings.ablate_to == "base_mean" else None
 
 
+def needs_decision_residuals(settings: EmSettings) -> bool:
+    """Whether a run reads last-token residuals (`decision_residuals`): for its decision-token
+    clamps, or for change norms where its ablations edit the decision token."""
+    return settings.decision_clamp or settings.ablate_at == "decision"
+
+
+def ablation_residuals(fam: Family, name: str, settings: EmSettings, backend, last: dict) -> np.ndarray:
+    """The residuals `name`'s ablations' change norms are taken on, where they edit
+    (`em.ablate_at`): its token residuals on truthful answers (every token), or its
+    last-token ones on its general fit prompts (`last`: `decision_residuals`)."""
+    return last[name][1] if settings.ablate_at == "decision" else match_residuals(fam, name, settings.match_texts, backend)
+
+
 def decision_residuals(fam: Family, finetunes: list[str], backend) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Per fine-tune of `finetunes`: the base's and its own last-token residuals on its
     general fit prompts (where the decision-token clamps take their targets)."""
@@ -193,22 +206,23 @@ def plan_conditions(fam: Family, directions: xr.Dataset, settings: EmSettings, s
     layer = int(directions.attrs["steer_layer"])
     one_layer = settings.single_layer(layer)
     aligned = mean_ablation_reference(fam, settings, backend)
+    where = C.ABLATE_WHERE[settings.ablate_at]
+    last = decision_residuals(fam, settings.organisms.finetunes, backend) if needs_decision_residuals(settings) else {}
     plans = [C.baseline(BASE), *(C.baseline(k) for k in settings.organisms.finetunes if k not in sources)]
     plans += C.steer_plans(directions, sources, layer, list(settings.steer.lambdas), settings.random_seeds, seed)
     for name in sources:
-        residuals = match_residuals(fam, name, settings.match_texts, backend)
+        residuals = ablation_residuals(fam, name, settings, backend, last)
         plans += C.ablation_plans(directions, name, sources, one_layer, residuals, settings.random_seeds, seed,
-                                  settings.ablated_layers(directions.sizes["layer"]), aligned)
+                                  settings.ablated_layers(directions.sizes["layer"]), aligned, where)
         if "planted" in directions:
-            plans += C.planted_plans(directions, name, residuals, settings.random_seeds, seed, aligned)
+            plans += C.planted_plans(directions, name, residuals, settings.random_seeds, seed, aligned, where)
     # The planted check asks the organism, not the method: it needs no found direction (a
     # fine-tune that lies on nearly every general question has too few aligned answers to fit one).
     unfit = [name for name in settings.organisms.misaligned if name not in sources] if "planted" in directions else []
     for name in unfit:
-        residuals = match_residuals(fam, name, settings.match_texts, backend)
-        plans += C.planted_plans(directions, name, residuals, settings.random_seeds, seed, aligned)
+        residuals = ablation_residuals(fam, name, settings, backend, last)
+        plans += C.planted_plans(directions, name, residuals, settings.random_seeds, seed, aligned, where)
     if settings.decision_clamp:
-        last = decision_residuals(fam, settings.organisms.finetunes, backend)
         for name in sources:
             plans += C.decision_plans(directions, name, sources, *last[name], settings.random_seeds, seed)
         for name in unfit:
@@ -226,7 +240,8 @@ def stage_intervene(fam: Family, directions: xr.Dataset, settings: EmSettings, j
     outcomes = evaluate(fam.models, plans, prompts, general, judge, settings.sampling, seed + 1, backend, progress)
     steer_layer = int(directions.attrs["steer_layer"])
     outcomes.attrs.update({"steer_layer": steer_layer, "ablate_layer": settings.single_layer(steer_layer),
-                           "ablate_layers": settings.ablated_layers(directions.sizes["layer"]), "ablate_to": settings.ablate_to})
+                           "ablate_layers": settings.ablated_layers(directions.sizes["layer"]), "ablate_to": settings.ablate_to,
+                           "ablate_at": settings.ablate_at})
     return outcomes
 
 

@@ -41,6 +41,8 @@ class EmOrganisms:
 
 # What an ablation sets a direction's coordinate to (`EmSettings.ablate_to`).
 ABLATE_TO = ("zero", "base_mean")
+# Where the layer-wise ablations edit (`EmSettings.ablate_at`; conditions.ABLATE_WHERE).
+ABLATE_AT = ("every", "decision")
 
 
 @dataclass
@@ -110,6 +112,14 @@ class EmSettings:
     # (README, Persona organisms). Not the fine-tune's own mean: a fine-tune's EM is
     # itself a shift along its direction at every token, which that mean would keep.
     ablate_to: str = "zero"
+    # Where the layer-wise ablations (own, one-layer, transfer, planted, and their matched
+    # randoms; the cross-architecture ones too) edit (`ABLATE_AT`): "every", every position
+    # but the prompt's first, at every generation step (the seed paper's); "decision", the
+    # prompt's last token in the prompt's pass only, where the answer's persona is picked
+    # (its words then carry it). At every token zero ablation also moves the offset along
+    # the direction that aligned tokens share, and the matched random carries that move
+    # onto a random direction at every token (README, Persona organisms).
+    ablate_at: str = "every"
     # Random directions per matched random control (each response averaged over them).
     random_seeds: int = 3
     # Texts whose token residuals set the matched magnitude of the random ablation.
@@ -125,6 +135,12 @@ class EmSettings:
             raise ConfigError(f"em.balance={self.balance!r} must be 'prompt' (within-prompt differences) or 'none' (pooled classes)")
         if self.ablate_to not in ABLATE_TO:
             raise ConfigError(f"em.ablate_to={self.ablate_to!r} must be one of {list(ABLATE_TO)}")
+        if self.ablate_at not in ABLATE_AT:
+            raise ConfigError(f"em.ablate_at={self.ablate_at!r} must be one of {list(ABLATE_AT)}")
+        if self.ablate_at == "decision" and self.ablate_to == "base_mean":
+            raise ConfigError("em.ablate_at=decision with em.ablate_to=base_mean: a coordinate set to the base's mean at the "
+                              "decision token is the decision-token clamp (<fine-tune>/clamp/own, em.decision_clamp), "
+                              "which every run makes; use em.ablate_to=zero")
         if self.random_seeds < 1:
             raise ConfigError(f"em.random_seeds={self.random_seeds} must be >= 1")
         if self.match_texts < 1:

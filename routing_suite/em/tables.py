@@ -44,6 +44,8 @@ class EmReport(RowLookup):
     ablate_layers: tuple[int, ...] = ()
     # What the ablations set a direction's coordinate to (`em.ablate_to`; stores from before the key: zero).
     ablate_to: str = "zero"
+    # Where the ablations edit (`em.ablate_at`; stores from before the key: every token).
+    ablate_at: str = "every"
 
     def best_separation(self, model: str) -> float:
         """`model`'s direction's held-out separation at its best layer (NaN: no direction)."""
@@ -219,9 +221,9 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
                    variant=str(build["variant"]), replicate=str(build["replicate"]),
                    pretraining=str((config.get("model") or {}).get("pretraining") or ""),
                    misaligned=tuple(organisms.get("misaligned") or ()), control=str(organisms.get("control") or ""))
-    every = list(range(group["em_directions"].sizes["layer"]))
-    rep.ablate_layers = () if list(outcomes.attrs.get("ablate_layers", every)) == every else tuple(outcomes.attrs["ablate_layers"])
+    rep.ablate_layers = ablated_layers_read(outcomes.attrs, group["em_directions"].sizes["layer"])
     rep.ablate_to = str(outcomes.attrs.get("ablate_to", "zero"))
+    rep.ablate_at = str(outcomes.attrs.get("ablate_at", "every"))
     boot = Bootstrap(n_resamples, seed, confidence)
     _organisms(rep, group["em_samples"], boot)
     _separation(rep, group["em_directions"])
@@ -294,11 +296,23 @@ def _cut(summary: dict, which: str) -> str:
     return text
 
 
-def _how(rep: EmReport) -> str:
-    """How the ablations were made, where not the seed's way (to 0 at every layer)."""
-    parts = ([f"at layers {', '.join(map(str, rep.ablate_layers))}"] if rep.ablate_layers else []) + (
-        ["to the base's mean"] if rep.ablate_to == "base_mean" else [])
+def how_ablated(layers: tuple[int, ...], to: str, at: str) -> str:
+    """How ablations were made, where not the seed's way (to 0 at every layer and token):
+    `layers` (empty: every layer), `to` (`em.ablate_to`) and `at` (`em.ablate_at`)."""
+    parts = ([f"at layers {', '.join(map(str, layers))}"] if layers else []) + (
+        ["to the base's mean"] if to == "base_mean" else []) + (["at the decision token only"] if at == "decision" else [])
     return f" ({'; '.join(parts)})" if parts else ""
+
+
+def _how(rep: EmReport) -> str:
+    return how_ablated(rep.ablate_layers, rep.ablate_to, rep.ablate_at)
+
+
+def ablated_layers_read(attrs: dict, n_layers: int) -> tuple[int, ...]:
+    """The layers an outcomes group's ablations edited (its `ablate_layers` attr), empty where
+    every layer (and in stores from before the attr, which never ablated at others)."""
+    every = list(range(n_layers))
+    return () if list(attrs.get("ablate_layers", every)) == every else tuple(attrs["ablate_layers"])
 
 
 def headline(reports: list[EmReport]) -> str:

@@ -260,12 +260,14 @@ def _vectors(directions: xr.Dataset, kind: str, control: str) -> list[tuple[int,
 
 
 def ablation_plans(directions: xr.Dataset, kind: str, residuals: C.Residuals, layers: list[int],
-                   aligned: C.Residuals | None = None) -> list[Planned]:
+                   aligned: C.Residuals | None = None, where: dict | None = None) -> list[Planned]:
     """In the receiver's fine-tune `kind`: its baseline, the mapped and the native directions
     ablated layer-wise, and each control's direction at each of those layers, matched to the
     mapped ablation at every activation (`conditions.matched`: the same change norm there).
     At `layers` (`EmSettings.ablated_layers`); with `aligned` (the receiver base's residuals),
-    each coordinate set to its mean over them (`conditions.ablate_edit`), else to 0."""
+    each coordinate set to its mean over them (`conditions.ablate_edit`), else to 0; at the
+    positions `where` says (`conditions.ABLATE_WHERE`; default every position but the first)."""
+    where = where or {}
     prefix = f"{kind}/ablate"
     plans = [C.baseline(kind)]
     references: list = []
@@ -274,11 +276,11 @@ def ablation_plans(directions: xr.Dataset, kind: str, residuals: C.Residuals, la
         edits = [C.ablate_edit(layer, v[layer], aligned) for layer in layers]
         if name == MAPPED:
             references = edits
-        plans.append(Planned(kind, f"{prefix}/{name}", plan_kind, [C.condition(f"{prefix}/{name}", edits)], name, mode="ablate",
-                             perturbation_norm=C.mean_norm(edits, residuals)))
+        plans.append(Planned(kind, f"{prefix}/{name}", plan_kind, [C.condition(f"{prefix}/{name}", edits, **where)], name,
+                             mode="ablate", perturbation_norm=C.mean_norm(edits, residuals)))
     for control in TRANSFER_CONTROLS:
         conds = [
-            C.condition(f"{prefix}/{control}", [C.matched(edit, v[edit.layer]) for edit in references], max(seed, 0))
+            C.condition(f"{prefix}/{control}", [C.matched(edit, v[edit.layer]) for edit in references], max(seed, 0), **where)
             for seed, v in _vectors(directions, kind, control)
         ]
         plans.append(Planned(kind, f"{prefix}/{control}", "control", conds, control, control=control, target=f"{prefix}/{MAPPED}",

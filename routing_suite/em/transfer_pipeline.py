@@ -36,10 +36,11 @@ from routing_suite.em.models import BASE
 from routing_suite.em.pipeline import (
     EM_CODE_VERSION,
     Family,
+    ablation_residuals,
     decision_residuals,
     ensure_family,
-    match_residuals,
     mean_ablation_reference,
+    needs_decision_residuals,
 )
 from routing_suite.em.settings import EmSettings, EmTransferSettings
 from routing_suite.errors import ConfigError
@@ -127,11 +128,12 @@ def stage_outcomes(receiver: Family, maps: xr.Dataset, settings: EmSettings, tra
     layer = int(maps.attrs["steer_layer"])
     plans = [C.baseline(BASE)] if transfer.steer_lambdas else []
     aligned = mean_ablation_reference(receiver, settings, backend)
+    # the fine-tunes edited here only
+    last = decision_residuals(receiver, kinds, backend) if needs_decision_residuals(settings) else {}
     for kind in kinds:
-        plans += X.ablation_plans(maps, kind, match_residuals(receiver, kind, settings.match_texts, backend),
-                                  settings.ablated_layers(maps.sizes["layer"]), aligned)
+        plans += X.ablation_plans(maps, kind, ablation_residuals(receiver, kind, settings, backend, last),
+                                  settings.ablated_layers(maps.sizes["layer"]), aligned, C.ABLATE_WHERE[settings.ablate_at])
     if settings.decision_clamp:
-        last = decision_residuals(receiver, kinds, backend)  # the fine-tunes clamped here only
         for kind in kinds:
             plans += X.decision_plans(maps, kind, *last[kind])
     for kind in kinds:
@@ -141,7 +143,8 @@ def stage_outcomes(receiver: Family, maps: xr.Dataset, settings: EmSettings, tra
     general = {m: receiver.general(m)[test] for m in receiver.models.names}
     outcomes = evaluate(receiver.models, plans, prompts, general, judge, settings.sampling, seed + 3, backend, progress)
     outcomes.attrs.update({"steer_layer": layer, "donor": str(maps.attrs["donor"]), "receiver": str(maps.attrs["receiver"]),
-                           "ablate_to": settings.ablate_to})
+                           "ablate_layers": settings.ablated_layers(maps.sizes["layer"]), "ablate_to": settings.ablate_to,
+                           "ablate_at": settings.ablate_at})
     return outcomes
 
 

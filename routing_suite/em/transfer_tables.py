@@ -30,6 +30,7 @@ import zarr
 
 from routing_suite.em.settings import TRANSFER_CONTROLS
 from routing_suite.em.stats import Bootstrap, Row, RowLookup, is_broken, labels, named_section, per_prompt, rows_csv
+from routing_suite.em.tables import ablated_layers_read, how_ablated
 from routing_suite.provenance import store_build
 from routing_suite.text_tables import markdown_text, num, replicate_key, write_files, yes_no
 
@@ -51,6 +52,10 @@ class TransferReport(RowLookup):
     variant: str = ""
     replicate: str = ""
     pretraining: str = ""
+    # How the ablations were made (`tables.how_ablated`; stores from before each attr: the default).
+    ablate_layers: tuple[int, ...] = ()
+    ablate_to: str = "zero"
+    ablate_at: str = "every"
 
     @property
     def pair(self) -> str:
@@ -181,7 +186,9 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
     build = store_build(attrs)
     model = (attrs.get("digest_config") or {}).get("model") or {}
     rep = TransferReport(str(maps.attrs["donor"]), str(maps.attrs["receiver"]), str(path), int(maps.attrs["steer_layer"]),
-                         variant=str(build["variant"]), replicate=str(build["replicate"]), pretraining=str(model.get("pretraining") or ""))
+                         variant=str(build["variant"]), replicate=str(build["replicate"]), pretraining=str(model.get("pretraining") or ""),
+                         ablate_layers=ablated_layers_read(outcomes.attrs, maps.sizes["layer"]),
+                         ablate_to=str(outcomes.attrs.get("ablate_to", "zero")), ablate_at=str(outcomes.attrs.get("ablate_at", "every")))
     boot = Bootstrap(n_resamples, seed, confidence)
     _maps(rep, maps)
     _directions(rep, maps)
@@ -261,7 +268,8 @@ def headline(reports: list[TransferReport]) -> str:
             controls = ", ".join(f"{c} {100 * red[c]:.0f}%{mark[c]}" for c in TRANSFER_CONTROLS)
             lines.append(
                 f"{named[rep.path]}/{kind}: map R^2 per layer {r2}; cos(mapped, native) {k['cosine_mapped_native']:+.2f} at layer "
-                f"{rep.steer_layer}; reduction of the misaligned rate by ablating the mapped direction {100 * red['mapped']:.0f}%{mark['mapped']} "
+                f"{rep.steer_layer}; reduction of the misaligned rate by ablating the mapped direction"
+                f"{how_ablated(rep.ablate_layers, rep.ablate_to, rep.ablate_at)} {100 * red['mapped']:.0f}%{mark['mapped']} "
                 f"(native {100 * red['native']:.0f}%{mark['native']}; {controls}): {'specific' if k['specific'] else 'not specific'}."
                 + (_clamp_line(k["clamp"]) if "clamp" in k else "")
             )
