@@ -815,6 +815,7 @@ def test_the_ablations_layers_are_read_from_the_store_and_older_stores_are_every
     """The outcomes name the layer-wise ablations' layers (em.ablate_layers); a store from
     before the key, without them, ablated at every layer, and reads so."""
     from routing_suite.em import tables as em_tables
+    from routing_suite.em.stats import how_ablated
 
     _, _, result = em_run
     assert xr.open_zarr(result["store"], group="em_outcomes").attrs["ablate_layers"] == [0, 1, 2, 3]
@@ -830,13 +831,13 @@ def test_the_ablations_layers_are_read_from_the_store_and_older_stores_are_every
         outcomes.to_zarr(str(copy), group="em_outcomes", mode="w", zarr_format=3)
         assert em_tables.read_store(copy, n_resamples=50).ablate_layers == wanted
     how = em_tables.EmReport("llama", "p", 0, 0)
-    assert em_tables._how(how) == ""
+    assert how_ablated(how) == ""
     how.ablate_layers = (1, 2)
-    assert em_tables._how(how) == " (at layers 1, 2)"
+    assert how_ablated(how) == " (at layers 1, 2)"
     how.ablate_to = "base_mean"
-    assert em_tables._how(how) == " (at layers 1, 2; to the base's mean)"
+    assert how_ablated(how) == " (at layers 1, 2; to the base's mean)"
     how.ablate_layers, how.ablate_to, how.ablate_at = (), "zero", "decision"
-    assert em_tables._how(how) == " (at the decision token only)"
+    assert how_ablated(how) == " (at the decision token only)"
     older = tmp_path / "older.zarr"  # stores from before ablate_to and ablate_at: zero, every token
     shutil.copytree(result["store"], older)
     outcomes = xr.open_zarr(str(older), group="em_outcomes").load()

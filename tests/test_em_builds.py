@@ -195,3 +195,25 @@ def test_a_random_that_moves_em_is_counted_and_whether_toward_half():
     # llama (60% lowered) and gemma2 (30% raised) toward half; qwen2 (60% raised) away from it
     assert counts["minimal (EM >= 10%, own ablation's random moves it): toward 50%"].text == "2 of 3"
     assert "wide (EM >= 10%, own ablation's random moves it): toward 50%" in counts
+
+
+def test_stores_of_one_build_made_another_way_are_counted_apart_not_as_more_builds():
+    """Two stores of one build and base that differ in how the ablations were made
+    (em.ablate_at, ablate_to, ablate_layers) are two methods: each is counted in a group of
+    its own, named by the method, and a base contrast pairs stores of one method only."""
+    every = [_report("llama", "0"), _report("llama", "0", "persona_per_topic", variant="v2")]
+    decision = [_report("llama", "0", variant="v3", own=0.2), _report("llama", "0", "persona_per_topic", variant="v4", own=0.2)]
+    for rep in decision:
+        rep.ablate_at = "decision"
+    groups = B.counts([*every, *decision])
+    assert set(groups) == {"persona", "persona_per_topic", "persona (at the decision token only)",
+                           "persona_per_topic (at the decision token only)"}
+    figure = "minimal (EM >= 10%): own ablation >= 70% unbroken, matched random < 10% unbroken"
+    assert groups["persona"][figure].text == "1 of 1" and groups["persona (at the decision token only)"][figure].text == "0 of 1"
+    assert len(B.contrast_rows([*every, *decision])) == 2 * len(B.contrast_rows(every))  # each method's pair once
+    named = labels([*every, *decision])
+    assert [named[r.path] for r in decision] == ["llama persona seed 0 (at the decision token only)",
+                                                 "llama persona_per_topic seed 0 (at the decision token only)"]
+    contrasts = B.contrast_counts([*every, *decision])
+    assert set(contrasts) == {"persona vs persona_per_topic", "persona vs persona_per_topic (at the decision token only)"}
+    assert contrasts["persona vs persona_per_topic"]["minimal: EM interval on persona wholly above the other's"].of == 1

@@ -110,3 +110,18 @@ def test_the_builds_figure_has_a_panel_per_base_and_edit():
     one = plots.builds_figure([quiet])  # no fine-tune with EM: the panels say so
     assert [ax.get_title().split("\n")[1] for ax in one.get_axes() if ax.get_title()] == \
         ["0 fine-tunes, 1 build; mapped specific in 0"] * 2
+
+
+def test_one_builds_stores_made_another_way_are_counted_apart():
+    """A pair's store with its ablations at the decision token (em.ablate_at) is another
+    method on the same build: counted under a base named so, not as a second store of it."""
+    every, decision = _store("gemma2", "llama", "0"), _store("gemma2", "llama", "0")
+    decision.path, decision.ablate_at = "decision.zarr", "decision"
+    for rep, reduction in ((every, (0.3, 0.1)), (decision, (0.7, 0.5))):
+        for kind in ("minimal", "wide"):
+            _edit(rep, kind, "ablation", reduction)
+    counts = XB.counts([every, decision])
+    assert set(counts) == {("persona", "0"), ("persona", XB.ALL_BUILDS), ("persona (at the decision token only)", "0"),
+                           ("persona (at the decision token only)", XB.ALL_BUILDS)}
+    assert counts["persona", "0"]["ablation: mapped >= 60%, intact"].text == "0 of 2"
+    assert counts["persona (at the decision token only)", "0"]["ablation: mapped >= 60%, intact"].text == "2 of 2"

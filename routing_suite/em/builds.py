@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from routing_suite.em.stats import Row, base_of, is_broken, labels
+from routing_suite.em.stats import Row, base_of, how_ablated, is_broken, labels
 from routing_suite.em.tables import EmReport, sort_reports
 from routing_suite.text_tables import csv_text, markdown_text, num, write_files
 
@@ -181,11 +181,18 @@ def _figures(rep: EmReport) -> list[tuple[str, bool, bool]]:
     return out
 
 
+def group_of(rep: EmReport) -> str:
+    """What a build is counted with: its base (pretraining) and how its ablations were made
+    (`stats.how_ablated`: empty for the seed's way). Two stores of one build that differ in
+    `em.ablate_at`, `ablate_to` or `ablate_layers` are two methods, not two builds."""
+    return base_of(rep) + how_ablated(rep)
+
+
 def counts(reports: list[EmReport]) -> dict[str, dict[str, Count]]:
-    """base (pretraining) -> figure -> Count over its builds."""
+    """base (pretraining; and how the ablations were made, `group_of`) -> figure -> Count over its builds."""
     out: dict[str, dict[str, Count]] = {}
     for rep in sort_reports(reports):
-        group = out.setdefault(base_of(rep), {})
+        group = out.setdefault(group_of(rep), {})
         for figure, applies, met in _figures(rep):
             group.setdefault(figure, Count()).add(applies, met)
     return out
@@ -200,9 +207,9 @@ def base_pairs(reports: list[EmReport]) -> list[tuple[EmReport, EmReport]]:
     variants differ by the pretraining alone), (first base, second base) in the bases' sorted
     order, every store of one against every store of the other: where the fine-tunes can tell
     the bases apart."""
-    by_build: dict[tuple[str, str], dict[str, list[EmReport]]] = {}
-    for rep in sort_reports(reports):
-        by_build.setdefault((rep.family, rep.replicate), {}).setdefault(base_of(rep), []).append(rep)
+    by_build: dict[tuple[str, str, str], dict[str, list[EmReport]]] = {}
+    for rep in sort_reports(reports):  # one ablation method's stores with each other only (`group_of`)
+        by_build.setdefault((rep.family, rep.replicate, how_ablated(rep)), {}).setdefault(base_of(rep), []).append(rep)
     pairs = []
     for bases in by_build.values():
         names = sorted(bases)
@@ -236,7 +243,7 @@ def contrast_counts(reports: list[EmReport]) -> dict[str, dict[str, Count]]:
     """"base vs base" -> "fine-tune: which base's EM is higher" -> Count over the builds with both bases."""
     out: dict[str, dict[str, Count]] = {}
     for first, second in base_pairs(reports):
-        group = out.setdefault(f"{base_of(first)} vs {base_of(second)}", {})
+        group = out.setdefault(f"{base_of(first)} vs {base_of(second)}{how_ablated(first)}", {})
         for ft in (m for m in first.misaligned if m in second.misaligned):
             higher = contrast(first, second, ft)
             for base in (base_of(first), base_of(second)):

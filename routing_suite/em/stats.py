@@ -133,15 +133,29 @@ def base_of(report) -> str:
     return report.pretraining or "routing"
 
 
+def how_ablated(report) -> str:
+    """How a store's ablations were made, where not the seed's way (to 0 at every layer and
+    token): its `ablate_layers` (empty: every layer), `ablate_to` (`em.ablate_to`) and
+    `ablate_at` (`em.ablate_at`); "" for the seed's way."""
+    layers = report.ablate_layers
+    parts = ([f"at layers {', '.join(map(str, layers))}"] if layers else []) + (
+        ["to the base's mean"] if report.ablate_to == "base_mean" else []) + (
+        ["at the decision token only"] if report.ablate_at == "decision" else [])
+    return f" ({'; '.join(parts)})" if parts else ""
+
+
 def labels(reports: list, first: Callable[[Any], str] = lambda r: r.family) -> dict[str, str]:
     """Store path -> the name its rows go by: `first` (the family; a transfer store's pair),
-    where it has one store here; else that, the base's pretraining and the build (and the
-    variant, where those still collide), so that several builds aggregated together stay
-    apart. `reports`: anything with `path`, `pretraining`, `replicate` and `variant`."""
+    where it has one store here; else that, the base's pretraining and the build, and how its
+    ablations were made where not the seed's way (and the variant, where those still
+    collide), so that several builds aggregated together stay apart. `reports`: anything
+    with `path`, `pretraining`, `replicate`, `variant`, `ablate_layers`, `ablate_to`, `ablate_at`."""
     def name(r, level: int) -> str:
         parts = [first(r)]
         if level >= 1:
             parts += [base_of(r), f"seed {r.replicate}" if r.replicate else "no seed"]
+            how = how_ablated(r)
+            parts += [how.strip()] if how else []
         if level >= 2:
             parts.append(r.variant)
         return " ".join(parts)

@@ -14,7 +14,17 @@ import numpy as np
 import xarray as xr
 import zarr
 
-from routing_suite.em.stats import Bootstrap, Row, RowLookup, is_broken, labels, named_section, per_prompt, rows_csv
+from routing_suite.em.stats import (
+    Bootstrap,
+    Row,
+    RowLookup,
+    how_ablated,
+    is_broken,
+    labels,
+    named_section,
+    per_prompt,
+    rows_csv,
+)
 from routing_suite.provenance import store_build
 from routing_suite.text_tables import markdown_text, num, replicate_key, write_files, yes_no
 
@@ -296,18 +306,6 @@ def _cut(summary: dict, which: str) -> str:
     return text
 
 
-def how_ablated(layers: tuple[int, ...], to: str, at: str) -> str:
-    """How ablations were made, where not the seed's way (to 0 at every layer and token):
-    `layers` (empty: every layer), `to` (`em.ablate_to`) and `at` (`em.ablate_at`)."""
-    parts = ([f"at layers {', '.join(map(str, layers))}"] if layers else []) + (
-        ["to the base's mean"] if to == "base_mean" else []) + (["at the decision token only"] if at == "decision" else [])
-    return f" ({'; '.join(parts)})" if parts else ""
-
-
-def _how(rep: EmReport) -> str:
-    return how_ablated(rep.ablate_layers, rep.ablate_to, rep.ablate_at)
-
-
 def ablated_layers_read(attrs: dict, n_layers: int) -> tuple[int, ...]:
     """The layers an outcomes group's ablations edited (its `ablate_layers` attr), empty where
     every layer (and in stores from before the attr, which never ablated at others)."""
@@ -324,7 +322,7 @@ def headline(reports: list[EmReport]) -> str:
             transfer = ", ".join(f"from {k} {100 * v:.0f}%" for k, v in s["transfer"].items()) or "none"
             lines.append(
                 f"{named[rep.path]}/{model}: misaligned {100 * s['baseline']:.0f}% on general prompts; separation up to "
-                f"{s['best_separation']:.2f}; ablating its directions{_how(rep)} cuts it by {_cut(s, 'own')}, the matched random "
+                f"{s['best_separation']:.2f}; ablating its directions{how_ablated(rep)} cuts it by {_cut(s, 'own')}, the matched random "
                 f"direction by {_cut(s, 'random')} (coherent {100 * s['coherent_baseline']:.0f}% before either); "
                 f"transfer ablation {transfer}."
                 + (f" Clamped at the decision token to the base's: {_cut(s, 'clamp')}, matched random {_cut(s, 'clamp_random')}."

@@ -25,7 +25,7 @@ import math
 from pathlib import Path
 
 from routing_suite.em.builds import EM_MIN, TRANSFER_MIN, Count
-from routing_suite.em.stats import base_of
+from routing_suite.em.stats import base_of, how_ablated
 from routing_suite.em.transfer_tables import TransferReport, names
 from routing_suite.text_tables import csv_text, markdown_text, replicate_key, write_files
 
@@ -57,10 +57,12 @@ def _figures(rep: TransferReport) -> list[tuple[str, bool, bool]]:
 
 def counts(reports: list[TransferReport]) -> dict[tuple[str, str], dict[str, Count]]:
     """(base, build) -> figure -> Count over its stores' receiver fine-tunes; each base's
-    builds together under build ALL_BUILDS."""
+    builds together under build ALL_BUILDS. The base is named with how the ablations were
+    made where not the seed's way (`stats.how_ablated`)."""
     out: dict[tuple[str, str], dict[str, Count]] = {}
     for rep in reports:
-        base = base_of(rep)
+        # and how the ablations were made: one build's stores made two ways are two methods, not two builds
+        base = base_of(rep) + how_ablated(rep)
         for build in (rep.replicate or "no seed", ALL_BUILDS):
             group = out.setdefault((base, build), {})
             for figure, applies, met in _figures(rep):

@@ -29,8 +29,18 @@ import xarray as xr
 import zarr
 
 from routing_suite.em.settings import TRANSFER_CONTROLS
-from routing_suite.em.stats import Bootstrap, Row, RowLookup, is_broken, labels, named_section, per_prompt, rows_csv
-from routing_suite.em.tables import ablated_layers_read, how_ablated
+from routing_suite.em.stats import (
+    Bootstrap,
+    Row,
+    RowLookup,
+    how_ablated,
+    is_broken,
+    labels,
+    named_section,
+    per_prompt,
+    rows_csv,
+)
+from routing_suite.em.tables import ablated_layers_read
 from routing_suite.provenance import store_build
 from routing_suite.text_tables import markdown_text, num, replicate_key, write_files, yes_no
 
@@ -52,7 +62,7 @@ class TransferReport(RowLookup):
     variant: str = ""
     replicate: str = ""
     pretraining: str = ""
-    # How the ablations were made (`tables.how_ablated`; stores from before each attr: the default).
+    # How the ablations were made (`stats.how_ablated`; stores from before each attr: the default).
     ablate_layers: tuple[int, ...] = ()
     ablate_to: str = "zero"
     ablate_at: str = "every"
@@ -269,7 +279,7 @@ def headline(reports: list[TransferReport]) -> str:
             lines.append(
                 f"{named[rep.path]}/{kind}: map R^2 per layer {r2}; cos(mapped, native) {k['cosine_mapped_native']:+.2f} at layer "
                 f"{rep.steer_layer}; reduction of the misaligned rate by ablating the mapped direction"
-                f"{how_ablated(rep.ablate_layers, rep.ablate_to, rep.ablate_at)} {100 * red['mapped']:.0f}%{mark['mapped']} "
+                f"{how_ablated(rep)} {100 * red['mapped']:.0f}%{mark['mapped']} "
                 f"(native {100 * red['native']:.0f}%{mark['native']}; {controls}): {'specific' if k['specific'] else 'not specific'}."
                 + (_clamp_line(k["clamp"]) if "clamp" in k else "")
             )
