@@ -202,7 +202,7 @@ def test_stores_of_one_build_made_another_way_are_counted_apart_not_as_more_buil
     (em.ablate_at, ablate_to, ablate_layers) are two methods: each is counted in a group of
     its own, named by the method, and a base contrast pairs stores of one method only."""
     every = [_report("llama", "0"), _report("llama", "0", "persona_per_topic", variant="v2")]
-    decision = [_report("llama", "0", variant="v3", own=0.2), _report("llama", "0", "persona_per_topic", variant="v4", own=0.2)]
+    decision = [_report("llama", "0", variant="v0", own=0.2), _report("llama", "0", "persona_per_topic", variant="v4", own=0.2)]
     for rep in decision:
         rep.ablate_at = "decision"
     groups = B.counts([*every, *decision])
@@ -211,6 +211,7 @@ def test_stores_of_one_build_made_another_way_are_counted_apart_not_as_more_buil
     figure = "minimal (EM >= 10%): own ablation >= 70% unbroken, matched random < 10% unbroken"
     assert groups["persona"][figure].text == "1 of 1" and groups["persona (at the decision token only)"][figure].text == "0 of 1"
     assert len(B.contrast_rows([*every, *decision])) == 2 * len(B.contrast_rows(every))  # each method's pair once
+    assert [r.path for r in B.sort_reports([*decision, *every])][:2] == [every[0].path, decision[0].path]  # the seed's way first
     named = labels([*every, *decision])
     assert [named[r.path] for r in decision] == ["llama persona seed 0 (at the decision token only)",
                                                  "llama persona_per_topic seed 0 (at the decision token only)"]

@@ -246,7 +246,8 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
 
 
 def sort_reports(reports: list[EmReport]) -> list[EmReport]:
-    return sorted(reports, key=lambda r: (r.family, r.pretraining, r.variant, replicate_key(r.replicate), r.path))
+    """By family, base, how the ablations were made (the seed's way first), variant and build."""
+    return sorted(reports, key=lambda r: (r.family, r.pretraining, how_ablated(r), r.variant, replicate_key(r.replicate), r.path))
 
 
 def markdown(reports: list[EmReport]) -> str:
