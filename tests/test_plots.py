@@ -157,6 +157,23 @@ def test_em_figures_draw_every_text_inside_and_apart(n_layers):
     assert [t.get_text() for t in transfer.get_axes()[0].get_xticklabels()] == [d.replace("_", " ") for d in DIRECTIONS]
 
 
+def test_one_builds_stores_made_two_ways_are_one_build_in_the_cosine_panel_and_two_methods_in_the_transfer_one():
+    """A store of one build whose ablations were made another way (em.ablate_at) holds the same
+    directions: the cosine panel still says one build; the transfer-over-builds figure gives
+    the other method panels of their own, named so, every text inside and apart."""
+    llama = _em_report("llama", 8)
+    again = dataclasses.replace(llama, path="llama-decision.zarr", ablate_at="decision")
+    fig = em_plots.cosine_figure([llama, again])
+    assert [ax.get_title() for ax in fig.get_axes() if ax.get_title()] == ["llama"]
+    pairs = [_transfer_report("llama", "qwen2", 8), _transfer_report("llama", "qwen2", 8)]
+    pairs[1] = dataclasses.replace(pairs[1], path="decision.zarr", ablate_at="decision")
+    fig = em_plots.builds_figure(pairs)
+    titles = [ax.get_title() for ax in fig.get_axes() if ax.get_title()]
+    assert len(titles) == 4 and [t.split("\n")[1] for t in titles[2:]] == ["ablations (at the decision token only)"] * 2
+    assert all(t.endswith("1 build; mapped specific in 0") for t in titles)
+    assert layout_problems(fig) == []
+
+
 def test_em_transfer_axis_stops_at_minus_100_percent_and_marks_what_goes_below():
     """A fine-tune that barely misbehaves has "reductions" of -8000% (a ratio of rates near 0):
     on the shared axis it flattened every other panel. The axis stops at -100%; a mark says a bar goes on."""

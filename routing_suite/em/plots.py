@@ -17,7 +17,7 @@ import numpy as np
 from matplotlib.lines import Line2D
 
 from routing_suite.em.builds import EM_MIN, TRANSFER_MIN
-from routing_suite.em.stats import base_of
+from routing_suite.em.stats import base_of, how_ablated
 from routing_suite.em.tables import EmReport
 from routing_suite.em.transfer_builds import EDITS, fine_tunes
 from routing_suite.em.transfer_tables import DIRECTIONS, TransferReport
@@ -73,6 +73,18 @@ def _mean_and_band(ax, layers: list[int], values: np.ndarray, **style) -> None:
         ax.fill_between(layers, np.nanmin(values, axis=0), np.nanmax(values, axis=0), color=style["color"], alpha=0.15, linewidth=0)
 
 
+def _one_per_build(reports: list[EmReport]) -> list[EmReport]:
+    """One store per build and set of directions: stores of one build that differ only in how
+    their ablations were made (`em.ablate_at`, ...) hold the same directions, one build's line."""
+    seen, out = set(), []
+    for rep in reports:
+        key = (rep.replicate, tuple(sorted((r.model, r.condition, r.statistic, repr(r.value)) for r in rep.rows if r.table == "cosine")))
+        if key not in seen:
+            seen.add(key)
+            out.append(rep)
+    return out
+
+
 def cosine_figure(reports: list[EmReport]):
     """One panel per family (and base, where stores of several bases are here: a persona base
     and its negative are different organisms, never pooled): per pair of fine-tunes, the
@@ -92,7 +104,7 @@ def cosine_figure(reports: list[EmReport]):
             ax.set_axis_off()  # the rest of the last row: no grid cell, nothing to say
             continue
         family, base = panels[p]
-        mine = [rep for rep in reports if (rep.family, rep.pretraining) == panels[p]]
+        mine = _one_per_build([rep for rep in reports if (rep.family, rep.pretraining) == panels[p]])
         several |= len(mine) > 1
         # Builds whose fine-tunes have no two directions (a negative organism's that barely lie)
         # draw nothing: say how many drew, or "3 builds" would stand over one build's line.
@@ -233,19 +245,24 @@ def builds_figure(reports: list[TransferReport]):
     >= EM_MIN of every pair and build, its reduction by each direction, a dot each (hollow:
     the edit broke the answers; ringed in black: the mapped edit is specific), the median of
     each direction's dots as a bar. The axis stops at REDUCTION_FLOOR, as the per-pair figure's."""
-    bases = sorted({base_of(r) for r in reports})
+    # per base and how its ablations were made (stats.how_ablated): one build's stores made two ways are two methods
+    def method(rep: TransferReport) -> tuple[str, str]:
+        return base_of(rep), how_ablated(rep)
+
+    bases = sorted({method(r) for r in reports})
     panels = [(base, edit) for base in bases for edit in EDITS]
     rows, cols = len(bases), len(EDITS)
     fig, axes = panel_figure(rows, cols, (4.2, 2.9), (0.9, 1.6))
     x = np.arange(len(DIRECTIONS))
     cut = False
-    for p, (base, edit) in enumerate(panels):
+    for p, ((base, how), edit) in enumerate(panels):
         ax = axes[p // cols][p % cols]
-        mine = [rep for rep in reports if base_of(rep) == base]
+        mine = [rep for rep in reports if method(rep) == (base, how)]
         points = [edits[edit] for rep in mine for _, em, edits in fine_tunes(rep) if em >= EM_MIN and edit in edits]
         builds = len({rep.replicate for rep in mine})
         specific = sum(s["specific"] for s in points)
-        ax.set_title(f"{base} base: {EDITS[edit]}\n{len(points)} fine-tune{'s' * (len(points) != 1)}, {builds} build{'s' * (builds != 1)}; "
+        ax.set_title(f"{base} base: {EDITS[edit]}" + (f"\nablations {how.strip()}" if how else "")
+                     + f"\n{len(points)} fine-tune{'s' * (len(points) != 1)}, {builds} build{'s' * (builds != 1)}; "
                      f"mapped specific in {specific}", fontsize=9)
         if not points:
             empty(ax, f"no receiver fine-tune with EM >= {100 * EM_MIN:.0f}%")
