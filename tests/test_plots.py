@@ -165,6 +165,9 @@ def test_one_builds_stores_made_two_ways_are_one_build_in_the_cosine_panel_and_t
     again = dataclasses.replace(llama, path="llama-decision.zarr", ablate_at="decision")
     fig = em_plots.cosine_figure([llama, again])
     assert [ax.get_title() for ax in fig.get_axes() if ax.get_title()] == ["llama"]
+    # stores with no direction to compare are never taken for one build: nothing says they are
+    blank = [dataclasses.replace(llama, path=f"{i}.zarr", rows=[dataclasses.replace(r, value=math.nan) for r in llama.rows]) for i in (1, 2)]
+    assert em_plots._one_per_build(blank) == blank
     pairs = [_transfer_report("llama", "qwen2", 8), _transfer_report("llama", "qwen2", 8)]
     pairs[1] = dataclasses.replace(pairs[1], path="decision.zarr", ablate_at="decision")
     fig = em_plots.builds_figure(pairs)

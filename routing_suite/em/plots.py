@@ -78,7 +78,10 @@ def _one_per_build(reports: list[EmReport]) -> list[EmReport]:
     their ablations were made (`em.ablate_at`, ...) hold the same directions, one build's line."""
     seen, out = set(), []
     for rep in reports:
-        key = (rep.replicate, tuple(sorted((r.model, r.condition, r.statistic, repr(r.value)) for r in rep.rows if r.table == "cosine")))
+        cosines = [r for r in rep.rows if r.table == "cosine"]
+        # stores with no cosine to draw are never taken for one another (nothing says they are one build)
+        key = ((rep.replicate, tuple(sorted((r.model, r.condition, r.statistic, repr(r.value)) for r in cosines)))
+               if any(np.isfinite(r.value) for r in cosines) else rep.path)
         if key not in seen:
             seen.add(key)
             out.append(rep)
