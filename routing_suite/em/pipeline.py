@@ -240,8 +240,7 @@ def stage_intervene(fam: Family, directions: xr.Dataset, settings: EmSettings, j
     outcomes = evaluate(fam.models, plans, prompts, general, judge, settings.sampling, seed + 1, backend, progress)
     steer_layer = int(directions.attrs["steer_layer"])
     outcomes.attrs.update({"steer_layer": steer_layer, "ablate_layer": settings.single_layer(steer_layer),
-                           "ablate_layers": settings.ablated_layers(directions.sizes["layer"]), "ablate_to": settings.ablate_to,
-                           "ablate_at": settings.ablate_at})
+                           **settings.ablation_attrs(directions.sizes["layer"])})
     return outcomes
 
 

@@ -164,6 +164,10 @@ class EmSettings:
         """The layers the layer-wise ablations edit, ascending."""
         return sorted(self.ablate_layers) if self.ablate_layers is not None else list(range(num_layers))
 
+    def ablation_attrs(self, num_layers: int) -> dict:
+        """How the ablations are made, as an outcomes group's attrs (read back by `stats.read_how_ablated`)."""
+        return {"ablate_layers": self.ablated_layers(num_layers), "ablate_to": self.ablate_to, "ablate_at": self.ablate_at}
+
 
 TRANSFER_CONTROLS = ("random", "orthogonal", "wrong_layer", "wrong_source")
 

@@ -144,6 +144,15 @@ def how_ablated(report) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
+def read_how_ablated(attrs: dict, n_layers: int) -> dict:
+    """How an outcomes group's ablations were made, from its attrs (`EmSettings.ablation_attrs`):
+    the fields `how_ablated` reads; stores from before each attr made them the seed's way
+    (every layer, which reads as no layers named; to 0; at every token)."""
+    every = list(range(n_layers))
+    layers = () if list(attrs.get("ablate_layers", every)) == every else tuple(attrs["ablate_layers"])
+    return {"ablate_layers": layers, "ablate_to": str(attrs.get("ablate_to", "zero")), "ablate_at": str(attrs.get("ablate_at", "every"))}
+
+
 def labels(reports: list, first: Callable[[Any], str] = lambda r: r.family) -> dict[str, str]:
     """Store path -> the name its rows go by: `first` (the family; a transfer store's pair),
     where it has one store here; else that, the base's pretraining and the build, and how its

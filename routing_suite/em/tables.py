@@ -23,6 +23,7 @@ from routing_suite.em.stats import (
     labels,
     named_section,
     per_prompt,
+    read_how_ablated,
     rows_csv,
 )
 from routing_suite.provenance import store_build
@@ -231,9 +232,8 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
                    variant=str(build["variant"]), replicate=str(build["replicate"]),
                    pretraining=str((config.get("model") or {}).get("pretraining") or ""),
                    misaligned=tuple(organisms.get("misaligned") or ()), control=str(organisms.get("control") or ""))
-    rep.ablate_layers = ablated_layers_read(outcomes.attrs, group["em_directions"].sizes["layer"])
-    rep.ablate_to = str(outcomes.attrs.get("ablate_to", "zero"))
-    rep.ablate_at = str(outcomes.attrs.get("ablate_at", "every"))
+    for key, value in read_how_ablated(outcomes.attrs, group["em_directions"].sizes["layer"]).items():
+        setattr(rep, key, value)
     boot = Bootstrap(n_resamples, seed, confidence)
     _organisms(rep, group["em_samples"], boot)
     _separation(rep, group["em_directions"])
@@ -305,13 +305,6 @@ def _cut(summary: dict, which: str) -> str:
     if summary[f"broken_{which}"]:
         text += f" (broken: coherent {100 * summary[f'coherent_{which}']:.0f}%)"
     return text
-
-
-def ablated_layers_read(attrs: dict, n_layers: int) -> tuple[int, ...]:
-    """The layers an outcomes group's ablations edited (its `ablate_layers` attr), empty where
-    every layer (and in stores from before the attr, which never ablated at others)."""
-    every = list(range(n_layers))
-    return () if list(attrs.get("ablate_layers", every)) == every else tuple(attrs["ablate_layers"])
 
 
 def headline(reports: list[EmReport]) -> str:

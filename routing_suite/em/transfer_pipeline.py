@@ -143,8 +143,7 @@ def stage_outcomes(receiver: Family, maps: xr.Dataset, settings: EmSettings, tra
     general = {m: receiver.general(m)[test] for m in receiver.models.names}
     outcomes = evaluate(receiver.models, plans, prompts, general, judge, settings.sampling, seed + 3, backend, progress)
     outcomes.attrs.update({"steer_layer": layer, "donor": str(maps.attrs["donor"]), "receiver": str(maps.attrs["receiver"]),
-                           "ablate_layers": settings.ablated_layers(maps.sizes["layer"]), "ablate_to": settings.ablate_to,
-                           "ablate_at": settings.ablate_at})
+                           **settings.ablation_attrs(maps.sizes["layer"])})
     return outcomes
 
 

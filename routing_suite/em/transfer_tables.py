@@ -38,9 +38,9 @@ from routing_suite.em.stats import (
     labels,
     named_section,
     per_prompt,
+    read_how_ablated,
     rows_csv,
 )
-from routing_suite.em.tables import ablated_layers_read
 from routing_suite.provenance import store_build
 from routing_suite.text_tables import markdown_text, num, replicate_key, write_files, yes_no
 
@@ -197,8 +197,7 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
     model = (attrs.get("digest_config") or {}).get("model") or {}
     rep = TransferReport(str(maps.attrs["donor"]), str(maps.attrs["receiver"]), str(path), int(maps.attrs["steer_layer"]),
                          variant=str(build["variant"]), replicate=str(build["replicate"]), pretraining=str(model.get("pretraining") or ""),
-                         ablate_layers=ablated_layers_read(outcomes.attrs, maps.sizes["layer"]),
-                         ablate_to=str(outcomes.attrs.get("ablate_to", "zero")), ablate_at=str(outcomes.attrs.get("ablate_at", "every")))
+                         **read_how_ablated(outcomes.attrs, maps.sizes["layer"]))
     boot = Bootstrap(n_resamples, seed, confidence)
     _maps(rep, maps)
     _directions(rep, maps)
