@@ -3,6 +3,7 @@ reference, matched controls, the rerun, bad input, and the aggregator's EM table
 
 from __future__ import annotations
 
+import csv
 import shutil
 from pathlib import Path
 
@@ -870,9 +871,9 @@ def test_the_aggregator_keeps_every_build_of_a_family_apart(em_run, tmp_path):
     table = (tmp_path / "out" / "em_table.md").read_text()
     for seed in (0, 1, 2):
         assert f"| llama routing seed {seed} | em_color_city |" in table
-    counts = (tmp_path / "out" / "em_builds.csv").read_text().splitlines()
-    assert counts[0] == "base,figure,met,of"
-    assert any(r.startswith("routing,base and honest control EM <= 2%,") and r.endswith(",3") for r in counts)
+    counts = list(csv.reader((tmp_path / "out" / "em_builds.csv").read_text().splitlines()))
+    assert counts[0] == ["base", "figure", "met", "of", "paper"]
+    assert any(r[:2] == ["routing", "base and honest control EM <= 2%"] and r[3] == "3" for r in counts)
 
 
 def test_only_organisms_can_be_fine_tuned_for_em():

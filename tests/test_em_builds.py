@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import math
 
 from routing_suite.em import builds as B
@@ -56,6 +57,25 @@ def test_counts_apply_the_seed_papers_figures_to_each_build():
     assert counts["cosine minimal vs wide > 0.8 in most layers"].text == "4 of 4"  # 3 of 4 layers
 
 
+def test_each_count_sets_the_seed_papers_figure_of_its_kind_beside_it():
+    """The side-by-side the issue asks for: the seed's figures where the papers have one, and
+    "–" where the count is the issue's bar or the suite's own diagnostic, in the table and the CSV."""
+    reports = [_report("llama", "0"), _report("qwen2", "0")]
+    counts = B.counts(reports)["persona"]
+    assert counts["minimal (EM >= 10%): own ablation >= 70% unbroken, matched random < 10% unbroken"].paper == B.PAPER["ablation"]
+    assert counts["wide (EM >= 10%): transfer ablation of minimal's directions >= 60% unbroken"].paper == B.PAPER["transfer"]
+    assert counts["wide (EM >= 10%): transfer decision-token clamp of minimal's directions >= 60% unbroken"].paper == B.PAPER["suite"]
+    assert counts["cosine minimal vs wide > 0.8 in most layers"].paper == B.PAPER["cosine"]
+    assert counts["base and honest control EM <= 2%"].paper.startswith("–")
+    assert all(c.paper for c in counts.values())  # every figure says which it is
+    table = B.markdown(reports)
+    assert "| base | figure | the seed papers' figure | builds |" in table
+    assert f"| persona | minimal: EM >= 10% with coherence >= 95% | {B.PAPER['em']} | 2 of 2 |" in table
+    rows = list(csv.reader(B.csv_counts(reports).splitlines()))
+    assert rows[0] == ["base", "figure", "met", "of", "paper"]
+    assert ["persona", "minimal: separation >= 0.95 at its best layer", "2", "2", B.PAPER["separation"]] in rows
+
+
 def test_steering_counts_only_a_strength_that_keeps_the_answers_intact():
     """lambda 4 reaches 20% EM but garbles the answers (coherence 50% vs the base's 97%): the
     best intact strength is lambda 1, at 5%, short of the figure."""
@@ -79,9 +99,9 @@ def test_the_builds_table_names_each_store_and_its_figures():
     assert "| llama persona seed 0 (base 0.0%, control 0.0%; cosine > 0.8 in 3 of 4 layers) | minimal | 20 [15, 25] |" in text
     # A control past the 2% bar reads so in its row, as the count has it.
     assert "| llama persona seed 1 (base 0.0%, control 2.3%; " in text
-    assert "| persona | base and honest control EM <= 2% | 1 of 2 |" in text
+    assert f"| persona | base and honest control EM <= 2% | {B.PAPER['issue']} | 1 of 2 |" in text
     assert "| 80% vs 5% | 50% vs 5% (broken) | from wide: – | 20 (4; 2) |" in text
-    assert "| persona | minimal (EM >= 10%): own ablation >= 70% unbroken, matched random < 10% unbroken | 1 of 2 |" in text
+    assert f"| persona | minimal (EM >= 10%): own ablation >= 70% unbroken, matched random < 10% unbroken | {B.PAPER['ablation']} | 1 of 2 |" in text
 
 
 def _transfer(donor: str, receiver: str, seed: str, pretraining: str = "persona") -> TransferReport:
@@ -175,7 +195,8 @@ def test_one_build_on_two_bases_says_which_fine_tune_misbehaves_more():
     counts = B.contrast_counts(reports)["persona vs persona_per_topic"]
     assert counts["minimal: EM interval on persona wholly above the other's"].text == "1 of 2"
     assert counts["wide: EM interval on persona_per_topic wholly above the other's"].text == "1 of 2"
-    assert "persona vs persona_per_topic,wide: EM interval on persona wholly above the other's,0,2" in B.csv_counts(reports).splitlines()
+    assert "persona vs persona_per_topic,wide: EM interval on persona wholly above the other's,0,2,– (the issue's bar)" \
+        in B.csv_counts(reports).splitlines()
     assert "## One build on two bases" in B.markdown(reports) and "## One build on two bases" not in B.markdown(reports[:1])
 
 
