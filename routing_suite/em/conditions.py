@@ -36,6 +36,8 @@ prompt's first token, the attention sink (`condition`):
 from __future__ import annotations
 
 import zlib
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -111,10 +113,11 @@ def condition(name: str, edits: list[SubspaceEdit], seed: int | None = None, pos
 
 
 # Where a decision-token clamp edits: the prompt's last token, in the prompt's pass.
-DECISION = {"positions": "last", "steps": "prompt"}
-# Where a layer-wise ablation edits, per `em.ablate_at` (settings.ABLATE_AT): `condition`'s
-# default (every position but the first, every step) or the decision token.
-ABLATE_WHERE = {"every": {}, "decision": DECISION}
+DECISION: Mapping[str, str] = MappingProxyType({"positions": "last", "steps": "prompt"})
+# `condition`'s own default: every position but the prompt's first, at every step.
+EVERYWHERE: Mapping[str, str] = MappingProxyType({})
+# Where a layer-wise ablation edits, per `em.ablate_at` (settings.ABLATE_AT).
+ABLATE_WHERE = {"every": EVERYWHERE, "decision": DECISION}
 
 
 def clamp_edit(layer: int, direction: np.ndarray, target: float) -> SubspaceEdit:
@@ -162,19 +165,19 @@ def steer_plans(directions: xr.Dataset, sources: list[str], layer: int, lambdas:
 
 
 def random_matched(name: str, target: str, model: str, reference: list[SubspaceEdit], residuals: Residuals, seeds: int,
-                   rng_seed: int, mode: str = "ablate", where: dict | None = None) -> Planned:
+                   rng_seed: int, mode: str = "ablate", where: Mapping[str, str] = EVERYWHERE) -> Planned:
     """`seeds` random directions per layer, each matched at every activation to `reference`
     (edited where the reference's condition edits: `where`, default `condition`'s: every
     position but the prompt's first)."""
     d, rng = int(reference[0].basis.shape[1]), control_rng(rng_seed, name)
-    randoms = [condition(name, [matched(edit, rng.standard_normal(d)) for edit in reference], s, **(where or {})) for s in range(seeds)]
+    randoms = [condition(name, [matched(edit, rng.standard_normal(d)) for edit in reference], s, **where) for s in range(seeds)]
     return Planned(model, name, "control", randoms, model, control="random", target=target, mode=mode,
                    perturbation_norm=float(np.mean([mean_norm(c.edits, residuals) for c in randoms])))
 
 
 def ablation_plans(
     directions: xr.Dataset, finetune: str, sources: list[str], one_layer: int, residuals: Residuals, seeds: int, rng_seed: int,
-    layers: list[int], aligned: Residuals | None = None, where: dict | None = None,
+    layers: list[int], aligned: Residuals | None = None, where: Mapping[str, str] = EVERYWHERE,
 ) -> list[Planned]:
     """In `finetune`: the baseline; its own v ablated layer-wise and one layer's v at
     each layer; a random control matched to the layer-wise ablation; and every other
@@ -182,7 +185,6 @@ def ablation_plans(
     with `aligned`, each coordinate set to its mean over those residuals (`ablate_edit`), else to 0;
     at the positions `where` says (`ABLATE_WHERE`; default every position but the first).
     `residuals`: the fine-tune's where the edits are made, for the conditions' change norms."""
-    where = where or {}
     own = [ablate_edit(layer, _v(directions, finetune, layer), aligned) for layer in layers]
     everywhere = [ablate_edit(layer, _v(directions, finetune, one_layer), aligned) for layer in layers]
     name = f"{finetune}/ablate/own"
@@ -206,7 +208,7 @@ def ablation_plans(
 
 
 def planted_plans(directions: xr.Dataset, finetune: str, residuals: Residuals, seeds: int, rng_seed: int,
-                  aligned: Residuals | None = None, where: dict | None = None) -> list[Planned]:
+                  aligned: Residuals | None = None, where: Mapping[str, str] = EVERYWHERE) -> list[Planned]:
     """In `finetune` (a persona organism's): the base's planted persona variable projected
     out at every layer where it is planted (`planted_per_layer`), and a random control matched to it.
     It asks the organism, not the method: does the fine-tune's EM run through the
@@ -214,7 +216,7 @@ def planted_plans(directions: xr.Dataset, finetune: str, residuals: Residuals, s
     edits = [ablate_edit(layer, v, aligned) for layer, v in planted_per_layer(directions).items()]
     name = f"{finetune}/ablate/planted"
     return [
-        Planned(finetune, name, "ablate", [condition(name, edits, **(where or {}))], "planted", mode="ablate",
+        Planned(finetune, name, "ablate", [condition(name, edits, **where)], "planted", mode="ablate",
                 perturbation_norm=mean_norm(edits, residuals)),
         random_matched(f"{name}/random", name, finetune, edits, residuals, seeds, rng_seed, where=where),
     ]

@@ -36,7 +36,7 @@ from routing_suite.em.activations import answer_means, last_token_residuals, tok
 from routing_suite.em.directions import add_planted, fit_directions, pick_layer
 from routing_suite.em.generation import Planned, evaluate, judge_array, sample_completions
 from routing_suite.em.models import BASE, EmModels, load_family
-from routing_suite.em.settings import EmSettings
+from routing_suite.em.settings import TO_BASE_MEAN, EmSettings
 from routing_suite.interventions import Condition
 from routing_suite.organisms import persona_task as P
 from routing_suite.organisms import task as T
@@ -172,7 +172,7 @@ def match_residuals(fam: Family, model: str, n_texts: int, backend) -> np.ndarra
 def mean_ablation_reference(fam: Family, settings: EmSettings, backend) -> np.ndarray | None:
     """The base's token residuals on truthful answers, which `em.ablate_to=base_mean` sets each
     ablated coordinate to the mean of (`conditions.ablate_edit`); None for zero ablation."""
-    return match_residuals(fam, BASE, settings.match_texts, backend) if settings.ablate_to == "base_mean" else None
+    return match_residuals(fam, BASE, settings.match_texts, backend) if settings.ablate_to == TO_BASE_MEAN else None
 
 
 def needs_decision_residuals(settings: EmSettings) -> bool:

@@ -39,8 +39,10 @@ class EmOrganisms:
         return [*self.misaligned, self.control]
 
 
-# What an ablation sets a direction's coordinate to (`EmSettings.ablate_to`).
-ABLATE_TO = ("zero", "base_mean")
+# What an ablation sets a direction's coordinate to (`EmSettings.ablate_to`): 0, or its mean
+# over the base's tokens (mean ablation; the value stores record, store_format).
+TO_BASE_MEAN = "base_mean"
+ABLATE_TO = ("zero", TO_BASE_MEAN)
 # Where the layer-wise ablations edit (`EmSettings.ablate_at`; conditions.ABLATE_WHERE).
 ABLATE_AT = ("every", "decision")
 
@@ -137,7 +139,7 @@ class EmSettings:
             raise ConfigError(f"em.ablate_to={self.ablate_to!r} must be one of {list(ABLATE_TO)}")
         if self.ablate_at not in ABLATE_AT:
             raise ConfigError(f"em.ablate_at={self.ablate_at!r} must be one of {list(ABLATE_AT)}")
-        if self.ablate_at == "decision" and self.ablate_to == "base_mean":
+        if self.ablate_at == "decision" and self.ablate_to == TO_BASE_MEAN:
             raise ConfigError("em.ablate_at=decision with em.ablate_to=base_mean: a coordinate set to the base's mean at the "
                               "decision token is the decision-token clamp (<fine-tune>/clamp/own, em.decision_clamp), "
                               "which every run makes; use em.ablate_to=zero")

@@ -27,6 +27,7 @@ split, as for the native directions) and, in `plans`, its causal effect.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -260,14 +261,13 @@ def _vectors(directions: xr.Dataset, kind: str, control: str) -> list[tuple[int,
 
 
 def ablation_plans(directions: xr.Dataset, kind: str, residuals: C.Residuals, layers: list[int],
-                   aligned: C.Residuals | None = None, where: dict | None = None) -> list[Planned]:
+                   aligned: C.Residuals | None = None, where: Mapping[str, str] = C.EVERYWHERE) -> list[Planned]:
     """In the receiver's fine-tune `kind`: its baseline, the mapped and the native directions
     ablated layer-wise, and each control's direction at each of those layers, matched to the
     mapped ablation at every activation (`conditions.matched`: the same change norm there).
     At `layers` (`EmSettings.ablated_layers`); with `aligned` (the receiver base's residuals),
     each coordinate set to its mean over them (`conditions.ablate_edit`), else to 0; at the
     positions `where` says (`conditions.ABLATE_WHERE`; default every position but the first)."""
-    where = where or {}
     prefix = f"{kind}/ablate"
     plans = [C.baseline(kind)]
     references: list = []
