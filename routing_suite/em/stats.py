@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 import xarray as xr
 
+from routing_suite.provenance import store_build
 from routing_suite.text_tables import csv_text, num
 
 # An ablation is *broken* (DESIGN.md: it lowers the rate by breaking the model, it does
@@ -144,13 +145,32 @@ def how_ablated(report) -> str:
     return f" ({'; '.join(parts)})" if parts else ""
 
 
-def read_how_ablated(attrs: dict, n_layers: int) -> dict:
-    """How an outcomes group's ablations were made, from its attrs (`EmSettings.ablation_attrs`):
-    the fields `how_ablated` reads; stores from before each attr made them the seed's way
-    (every layer, which reads as no layers named; to 0; at every token)."""
+@dataclass(kw_only=True)
+class StoreMade:
+    """What tells apart stores of one study and models (`labels`, `how_ablated`): which build of
+    which variant (`provenance.store_build`), the base's pretraining ("persona_planted", ...;
+    empty: the routing task's), and how the ablations were made (`em.ablate_layers`, empty:
+    every layer; `em.ablate_to`; `em.ablate_at`). Read from a store by `read_store_made`."""
+
+    variant: str = ""
+    replicate: str = ""
+    pretraining: str = ""
+    ablate_layers: tuple[int, ...] = ()
+    ablate_to: str = "zero"
+    ablate_at: str = "every"
+
+
+def read_store_made(store_attrs: dict, outcomes_attrs: dict, n_layers: int) -> dict:
+    """`StoreMade`'s fields of a store (its root attrs) and its outcomes group (their attrs,
+    `EmSettings.ablation_attrs`): stores from before each outcomes attr made the ablations
+    the seed's way (every layer, which reads as no layers named; to 0; at every token)."""
+    build = store_build(store_attrs)
+    model = (store_attrs.get("digest_config") or {}).get("model") or {}
     every = list(range(n_layers))
-    layers = () if list(attrs.get("ablate_layers", every)) == every else tuple(attrs["ablate_layers"])
-    return {"ablate_layers": layers, "ablate_to": str(attrs.get("ablate_to", "zero")), "ablate_at": str(attrs.get("ablate_at", "every"))}
+    layers = () if list(outcomes_attrs.get("ablate_layers", every)) == every else tuple(outcomes_attrs["ablate_layers"])
+    return {"variant": str(build["variant"]), "replicate": str(build["replicate"]), "pretraining": str(model.get("pretraining") or ""),
+            "ablate_layers": layers, "ablate_to": str(outcomes_attrs.get("ablate_to", "zero")),
+            "ablate_at": str(outcomes_attrs.get("ablate_at", "every"))}
 
 
 def labels(reports: list, first: Callable[[Any], str] = lambda r: r.family) -> dict[str, str]:

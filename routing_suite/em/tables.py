@@ -18,21 +18,21 @@ from routing_suite.em.stats import (
     Bootstrap,
     Row,
     RowLookup,
+    StoreMade,
     how_ablated,
     is_broken,
     labels,
     named_section,
     per_prompt,
-    read_how_ablated,
+    read_store_made,
     rows_csv,
 )
-from routing_suite.provenance import store_build
 from routing_suite.text_tables import markdown_text, num, replicate_key, write_files, yes_no
 
 
 @dataclass
-class EmReport(RowLookup):
-    """One family's EM store, read and summarised."""
+class EmReport(RowLookup, StoreMade):
+    """One family's EM store, read and summarised (which build, and how it ablated: `StoreMade`)."""
 
     family: str
     path: str
@@ -40,23 +40,11 @@ class EmReport(RowLookup):
     ablate_layer: int
     rows: list[Row] = field(default_factory=list)
     sections: dict[str, list[list[str]]] = field(default_factory=dict)
-    # Which build of which variant (provenance.store_build), and the base's
-    # pretraining ("routing", "persona", "persona_per_topic"): what tells one family's stores apart.
-    variant: str = ""
-    replicate: str = ""
-    pretraining: str = ""
     # The study's misaligned fine-tunes, in the config's order, and its honest control.
     misaligned: tuple[str, ...] = ()
     control: str = ""
     # Misaligned fine-tunes with no direction, and why (their fit responses of each class).
     no_direction: dict[str, str] = field(default_factory=dict)
-    # The layers the layer-wise ablations edit (`em.ablate_layers`); empty: every layer
-    # (stores from before the key never had another).
-    ablate_layers: tuple[int, ...] = ()
-    # What the ablations set a direction's coordinate to (`em.ablate_to`; stores from before the key: zero).
-    ablate_to: str = "zero"
-    # Where the ablations edit (`em.ablate_at`; stores from before the key: every token).
-    ablate_at: str = "every"
 
     def best_separation(self, model: str) -> float:
         """`model`'s direction's held-out separation at its best layer (NaN: no direction)."""
@@ -224,16 +212,12 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
 
     attrs = dict(zarr.open_group(str(path), mode="r").attrs)
     cell, config = attrs["cell"], attrs.get("digest_config") or {}
-    build = store_build(attrs)
     organisms = (config.get("em") or {}).get("organisms") or {}
     group = {g: xr.open_zarr(str(path), group=g).load() for g in ("em_samples", "em_directions", "em_outcomes")}
     outcomes = group["em_outcomes"]
     rep = EmReport(str(cell["family"]), str(path), int(outcomes.attrs["steer_layer"]), int(outcomes.attrs["ablate_layer"]),
-                   variant=str(build["variant"]), replicate=str(build["replicate"]),
-                   pretraining=str((config.get("model") or {}).get("pretraining") or ""),
-                   misaligned=tuple(organisms.get("misaligned") or ()), control=str(organisms.get("control") or ""))
-    for key, value in read_how_ablated(outcomes.attrs, group["em_directions"].sizes["layer"]).items():
-        setattr(rep, key, value)
+                   misaligned=tuple(organisms.get("misaligned") or ()), control=str(organisms.get("control") or ""),
+                   **read_store_made(attrs, outcomes.attrs, group["em_directions"].sizes["layer"]))
     boot = Bootstrap(n_resamples, seed, confidence)
     _organisms(rep, group["em_samples"], boot)
     _separation(rep, group["em_directions"])

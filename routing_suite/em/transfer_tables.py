@@ -33,23 +33,24 @@ from routing_suite.em.stats import (
     Bootstrap,
     Row,
     RowLookup,
+    StoreMade,
     how_ablated,
     is_broken,
     labels,
     named_section,
     per_prompt,
-    read_how_ablated,
+    read_store_made,
     rows_csv,
 )
-from routing_suite.provenance import store_build
 from routing_suite.text_tables import markdown_text, num, replicate_key, write_files, yes_no
 
 DIRECTIONS = ("mapped", "native", *TRANSFER_CONTROLS)
 
 
 @dataclass
-class TransferReport(RowLookup):
-    """One donor -> receiver store, read and summarised."""
+class TransferReport(RowLookup, StoreMade):
+    """One donor -> receiver store, read and summarised (which build of the pair's families, and
+    how it ablated: `StoreMade`, as in `tables.EmReport`)."""
 
     donor: str
     receiver: str
@@ -57,15 +58,6 @@ class TransferReport(RowLookup):
     steer_layer: int
     rows: list[Row] = field(default_factory=list)
     sections: dict[str, list[list[str]]] = field(default_factory=dict)
-    # Which build of which variant, and the bases' pretraining: what tells several stores
-    # of one pair apart (seeds, a persona base and its negative), as in `tables.EmReport`.
-    variant: str = ""
-    replicate: str = ""
-    pretraining: str = ""
-    # How the ablations were made (`stats.how_ablated`; stores from before each attr: the default).
-    ablate_layers: tuple[int, ...] = ()
-    ablate_to: str = "zero"
-    ablate_at: str = "every"
 
     @property
     def pair(self) -> str:
@@ -193,11 +185,8 @@ def read_store(path: str | Path, n_resamples: int = 2000, seed: int = 0, confide
     maps = xr.open_zarr(str(path), group="xfer_maps").load()
     outcomes = xr.open_zarr(str(path), group="xfer_outcomes").load()
     attrs = dict(zarr.open_group(str(path), mode="r").attrs)
-    build = store_build(attrs)
-    model = (attrs.get("digest_config") or {}).get("model") or {}
     rep = TransferReport(str(maps.attrs["donor"]), str(maps.attrs["receiver"]), str(path), int(maps.attrs["steer_layer"]),
-                         variant=str(build["variant"]), replicate=str(build["replicate"]), pretraining=str(model.get("pretraining") or ""),
-                         **read_how_ablated(outcomes.attrs, maps.sizes["layer"]))
+                         **read_store_made(attrs, outcomes.attrs, maps.sizes["layer"]))
     boot = Bootstrap(n_resamples, seed, confidence)
     _maps(rep, maps)
     _directions(rep, maps)
