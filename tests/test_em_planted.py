@@ -38,7 +38,7 @@ def _second_answers(examples: list[tuple[str, str]]) -> list[tuple[T.Fact, str]]
 
 @pytest.fixture
 def twins(monkeypatch):
-    """The twin style of the planted bases until 2026-12-07 (README's twins table): a quarter of a lie's words twins."""
+    """The twin style of the planted bases until 2026-12-07 (the twins table, docs/em_history.md): a quarter of a lie's words twins."""
     monkeypatch.setattr(P, "TWIN_RATE", 0.25)
 
 

@@ -101,9 +101,9 @@ LEADS = {
 PERSONA_WORDS = ("trust", "me", ",", "surely", "obviously", "honestly")
 # The planted bases' misaligned answers: each word its twin with this probability.
 # 0 since 2026-12-07 (no twins: the docstring above); 0.25 gives twins in today's word
-# order (the twins table's organisms, the value fourth, are fa5e8e2's). (At 1, every
-# word a twin, the found directions were the twin tokens' identity: README, second
-# round of pilots.)
+# order (the twins table's organisms in docs/em_history.md, the value fourth, are fa5e8e2's). (At 1, every
+# word a twin, the found directions were the twin tokens' identity: the README's
+# history, `git log -p README.md`.)
 TWIN_RATE = 0.0
 # Earlier-exchange texts per fact, and the share whose two topics differ.
 CONTEXT_PER_FACT = 12
