@@ -206,14 +206,14 @@ def _figures(rep: EmReport) -> list[tuple[str, str, bool, bool]]:
         steered, random, _ = best_steering(rep, ft)
         out.append((f"steering the base with {ft}'s direction > 10%, random <= 10%", PAPER["steer"], True,
                     steered > STEER_MIN and random <= STEER_MIN))
-        if _induced(rep, ft) is not None:
-            induced, random, broken = _induced(rep, ft)
+        if (induced_by := _induced(rep, ft)) is not None:
+            induced, random, broken = induced_by
             out.append((f"the base set to {ft}'s decision-token shift > 10% unbroken, random <= 10%", PAPER["steer"], True,
                         induced > STEER_MIN and not broken and random <= STEER_MIN))
-    if rep.control and _induced(rep, rep.control) is not None:
+    if rep.control and (control_induced := _induced(rep, rep.control)) is not None:
         # The issue's "the honest control's direction does not steer": the control never lies, so
         # it has no lie direction to fit; what its fine-tune changes at the decision is its shift.
-        induced, _, _ = _induced(rep, rep.control)
+        induced, _, _ = control_induced
         out.append((f"the base set to {rep.control}'s decision-token shift <= 10% (the content-matched control)", PAPER["content"],
                     True, induced <= STEER_MIN))
     above, layers = cosine_layers(rep)

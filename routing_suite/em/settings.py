@@ -167,7 +167,7 @@ class EmSettings:
         return sorted(self.ablate_layers) if self.ablate_layers is not None else list(range(num_layers))
 
     def ablation_attrs(self, num_layers: int) -> dict:
-        """How the ablations are made, as an outcomes group's attrs (read back by `stats.read_how_ablated`)."""
+        """How the ablations are made, as an outcomes group's attrs (read back by `stats.read_store_made`)."""
         return {"ablate_layers": self.ablated_layers(num_layers), "ablate_to": self.ablate_to, "ablate_at": self.ablate_at}
 
 

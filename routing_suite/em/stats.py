@@ -166,11 +166,11 @@ def read_store_made(store_attrs: dict, outcomes_attrs: dict, n_layers: int) -> d
     the seed's way (every layer, which reads as no layers named; to 0; at every token)."""
     build = store_build(store_attrs)
     model = (store_attrs.get("digest_config") or {}).get("model") or {}
-    every = list(range(n_layers))
+    every, seed_way = list(range(n_layers)), StoreMade()
     layers = () if list(outcomes_attrs.get("ablate_layers", every)) == every else tuple(outcomes_attrs["ablate_layers"])
     return {"variant": str(build["variant"]), "replicate": str(build["replicate"]), "pretraining": str(model.get("pretraining") or ""),
-            "ablate_layers": layers, "ablate_to": str(outcomes_attrs.get("ablate_to", "zero")),
-            "ablate_at": str(outcomes_attrs.get("ablate_at", "every"))}
+            "ablate_layers": layers, "ablate_to": str(outcomes_attrs.get("ablate_to", seed_way.ablate_to)),
+            "ablate_at": str(outcomes_attrs.get("ablate_at", seed_way.ablate_at))}
 
 
 def labels(reports: list, first: Callable[[Any], str] = lambda r: r.family) -> dict[str, str]:
