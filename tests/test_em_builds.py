@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import math
 
+from routing_suite.em import build_figures as F
 from routing_suite.em import builds as B
 from routing_suite.em.stats import Row, labels
 from routing_suite.em.tables import EmReport
@@ -50,7 +51,7 @@ def test_rows_go_by_family_alone_unless_builds_of_one_family_meet():
 def test_counts_apply_the_seed_papers_figures_to_each_build():
     reports = [_report("llama", "0"), _report("qwen2", "0", minimal=0.05, honest=0.03), _report("gemma2", "0", own=0.9, random=0.2),
                _report("mistral", "0", coherent=0.9)]
-    counts = B.counts(reports)["persona"]
+    counts = F.counts(reports)["persona"]
     assert counts["base and honest control EM <= 2%"].text == "3 of 4"
     assert counts["minimal: EM >= 10% with coherence >= 95%"].text == "2 of 4"  # qwen2: 5% EM; mistral: 90% coherent
     assert counts["wide: EM >= 10% with coherence >= 95%"].text == "3 of 4"
@@ -67,19 +68,19 @@ def test_each_count_sets_the_seed_papers_figure_of_its_kind_beside_it():
     """The side-by-side the issue asks for: the seed's figures where the papers have one, and
     "–" where the count is the issue's bar or the suite's own diagnostic, in the table and the CSV."""
     reports = [_report("llama", "0"), _report("qwen2", "0")]
-    counts = B.counts(reports)["persona"]
-    assert counts["minimal (EM >= 10%): own ablation >= 70% unbroken, matched random < 10% unbroken"].paper == B.PAPER["ablation"]
-    assert counts["wide (EM >= 10%): transfer ablation of minimal's directions >= 60% unbroken"].paper == B.PAPER["transfer"]
-    assert counts["wide (EM >= 10%): transfer decision-token clamp of minimal's directions >= 60% unbroken"].paper == B.PAPER["suite"]
-    assert counts["cosine minimal vs wide > 0.8 in most layers"].paper == B.PAPER["cosine"]
+    counts = F.counts(reports)["persona"]
+    assert counts["minimal (EM >= 10%): own ablation >= 70% unbroken, matched random < 10% unbroken"].paper == F.PAPER["ablation"]
+    assert counts["wide (EM >= 10%): transfer ablation of minimal's directions >= 60% unbroken"].paper == F.PAPER["transfer"]
+    assert counts["wide (EM >= 10%): transfer decision-token clamp of minimal's directions >= 60% unbroken"].paper == F.PAPER["suite"]
+    assert counts["cosine minimal vs wide > 0.8 in most layers"].paper == F.PAPER["cosine"]
     assert counts["base and honest control EM <= 2%"].paper.startswith("–")
     assert all(c.paper for c in counts.values())  # every figure says which it is
     table = B.markdown(reports)
     assert "| base | figure | the seed papers' figure | builds |" in table
-    assert f"| persona | minimal: EM >= 10% with coherence >= 95% | {B.PAPER['em']} | 2 of 2 |" in table
+    assert f"| persona | minimal: EM >= 10% with coherence >= 95% | {F.PAPER['em']} | 2 of 2 |" in table
     rows = list(csv.reader(B.csv_counts(reports).splitlines()))
     assert rows[0] == ["base", "figure", "met", "of", "paper"]
-    assert ["persona", "minimal: separation >= 0.95 at its best layer", "2", "2", B.PAPER["separation"]] in rows
+    assert ["persona", "minimal: separation >= 0.95 at its best layer", "2", "2", F.PAPER["separation"]] in rows
 
 
 def test_the_base_set_to_each_fine_tunes_decision_state_is_counted_against_the_honest_controls():
@@ -88,29 +89,29 @@ def test_the_base_set_to_each_fine_tunes_decision_state_is_counted_against_the_h
     control's it does not. Stores without the condition count nothing (no row, no figure)."""
     reports = [_report("llama", "0", induced=0.4), _report("qwen2", "0", induced=0.4, induced_control=0.15),
                _report("gemma2", "0", induced=0.05), _report("mistral", "0", induced=0.4, induced_coherent=0.5)]
-    counts = B.counts(reports)["persona"]
+    counts = F.counts(reports)["persona"]
     assert counts["the base set to minimal's decision-token shift > 10% unbroken, random <= 10%"].text == "2 of 4"  # gemma2: 5%; mistral: broken
     assert counts["the base set to honest's decision-token shift <= 10% (the content-matched control)"].text == "3 of 4"  # qwen2: 15%
-    assert counts["the base set to honest's decision-token shift <= 10% (the content-matched control)"].paper == B.PAPER["content"]
-    assert not any("decision-token shift" in figure for figure in B.counts([_report("llama", "0")])["persona"])
+    assert counts["the base set to honest's decision-token shift <= 10% (the content-matched control)"].paper == F.PAPER["content"]
+    assert not any("decision-token shift" in figure for figure in F.counts([_report("llama", "0")])["persona"])
 
 
 def test_steering_counts_only_a_strength_that_keeps_the_answers_intact():
     """lambda 4 reaches 20% EM but garbles the answers (coherence 50% vs the base's 97%): the
     best intact strength is lambda 1, at 5%, short of the figure."""
     garbled = _report("llama", "0", steered_coherent=0.5)
-    assert B.best_steering(garbled, "wide") == (0.05, 0.02, "1")
-    assert B.best_steering(_report("llama", "0"), "wide") == (0.2, 0.02, "4")
-    assert B.counts([garbled])["persona"]["steering the base with wide's direction > 10%, random <= 10%"].text == "0 of 1"
+    assert F.best_steering(garbled, "wide") == (0.05, 0.02, "1")
+    assert F.best_steering(_report("llama", "0"), "wide") == (0.2, 0.02, "4")
+    assert F.counts([garbled])["persona"]["steering the base with wide's direction > 10%, random <= 10%"].text == "0 of 1"
 
 
 def test_the_seed_bar_needs_both_sides_intact():
-    assert B.seed_bar(B.Effect(0.8, False), B.Effect(-0.05, False))
-    assert not B.seed_bar(B.Effect(0.8, True), B.Effect(0.0, False))
-    assert not B.seed_bar(B.Effect(0.8, False), B.Effect(0.0, True))
-    assert not B.seed_bar(B.Effect(0.8, False), B.Effect(math.nan, False))
-    assert not B.seed_bar(B.Effect(0.6, False), B.Effect(0.0, False))
-    assert B.seed_bar(B.Effect(0.6, False), B.Effect(0.0, False), least=B.TRANSFER_MIN)
+    assert F.seed_bar(F.Effect(0.8, False), F.Effect(-0.05, False))
+    assert not F.seed_bar(F.Effect(0.8, True), F.Effect(0.0, False))
+    assert not F.seed_bar(F.Effect(0.8, False), F.Effect(0.0, True))
+    assert not F.seed_bar(F.Effect(0.8, False), F.Effect(math.nan, False))
+    assert not F.seed_bar(F.Effect(0.6, False), F.Effect(0.0, False))
+    assert F.seed_bar(F.Effect(0.6, False), F.Effect(0.0, False), least=F.TRANSFER_MIN)
 
 
 def test_the_builds_table_names_each_store_and_its_figures():
@@ -118,9 +119,9 @@ def test_the_builds_table_names_each_store_and_its_figures():
     assert "| llama persona seed 0 (base 0.0%, control 0.0%; cosine > 0.8 in 3 of 4 layers) | minimal | 20 [15, 25] |" in text
     # A control past the 2% bar reads so in its row, as the count has it.
     assert "| llama persona seed 1 (base 0.0%, control 2.3%; " in text
-    assert f"| persona | base and honest control EM <= 2% | {B.PAPER['issue']} | 1 of 2 |" in text
+    assert f"| persona | base and honest control EM <= 2% | {F.PAPER['issue']} | 1 of 2 |" in text
     assert "| 80% vs 5% | 50% vs 5% (broken) | from wide: – | 20 (4; 2) |" in text
-    assert f"| persona | minimal (EM >= 10%): own ablation >= 70% unbroken, matched random < 10% unbroken | {B.PAPER['ablation']} | 1 of 2 |" in text
+    assert f"| persona | minimal (EM >= 10%): own ablation >= 70% unbroken, matched random < 10% unbroken | {F.PAPER['ablation']} | 1 of 2 |" in text
 
 
 def _transfer(donor: str, receiver: str, seed: str, pretraining: str = "persona") -> TransferReport:
@@ -177,7 +178,7 @@ def test_a_clamp_counts_beyond_random_only_where_the_intervals_part():
     _reduction(reps[1], "wide", "clamp/from/minimal", 0.55, 0.4, 0.8)
     _reduction(reps[0], "minimal", "clamp/planted", 0.9, 0.8, 1.0)
     _reduction(reps[0], "minimal", "clamp/planted/random", 0.1, 0.0, 0.2)
-    counts = B.counts(reps)["persona"]
+    counts = F.counts(reps)["persona"]
     # qwen2: its random's interval reaches into the clamp's; gemma2: broken; mistral: reaches 0
     assert counts["minimal (EM >= 10%): own decision-token clamp beyond its matched random's interval, unbroken"].text == "1 of 4"
     assert counts["wide (EM >= 10%): transfer decision-token clamp of minimal's directions >= 60% unbroken"].text == "1 of 4"
@@ -193,7 +194,7 @@ def test_the_planted_variables_ablation_is_counted_as_the_route_and_against_the_
         _reduction(rep, "minimal", "ablate/planted", 0.95, 0.9, 1.0)
         _reduction(rep, "minimal", "ablate/planted/random", random, random - 0.05, random + 0.05, broken)
         rep.rows += [Row(rep.family, "planted", "minimal", f"layer{k}", "cosine", c) for k, c in enumerate((0.2, 0.41, float("nan")))]
-    counts = B.counts(reps)["persona"]
+    counts = F.counts(reps)["persona"]
     assert counts["minimal (EM >= 10%): planted variable's ablation >= 70% unbroken (the route is there)"].text == "2 of 2"
     assert counts["minimal (EM >= 10%): planted variable's ablation >= 70% unbroken, matched random < 10% unbroken"].text == "1 of 2"
     rows = {(r[0].split(" ")[0], r[1]): r[-1] for r in B.build_rows(reps)}
@@ -229,7 +230,7 @@ def test_a_random_that_moves_em_is_counted_and_whether_toward_half():
         rep.rows.append(Row(rep.family, "ablation", "minimal", "baseline", "misaligned_rate", rate))
         lo, hi = (random - 0.05, random + 0.05) if rep.family != "mistral" else (-0.05, 0.25)
         _reduction(rep, "minimal", "ablate/own/random", random, lo, hi)
-    counts = B.counts(reps)["persona"]
+    counts = F.counts(reps)["persona"]
     # mistral's interval reaches 0: it does not move EM
     assert counts["minimal (EM >= 10%): own ablation's matched random moves EM (interval beyond 0)"].text == "3 of 4"
     # llama (60% lowered) and gemma2 (30% raised) toward half; qwen2 (60% raised) away from it
@@ -245,7 +246,7 @@ def test_stores_of_one_build_made_another_way_are_counted_apart_not_as_more_buil
     decision = [_report("llama", "0", variant="v0", own=0.2), _report("llama", "0", "persona_per_topic", variant="v4", own=0.2)]
     for rep in decision:
         rep.ablate_at = "decision"
-    groups = B.counts([*every, *decision])
+    groups = F.counts([*every, *decision])
     assert set(groups) == {"persona", "persona_per_topic", "persona (at the decision token only)",
                            "persona_per_topic (at the decision token only)"}
     figure = "minimal (EM >= 10%): own ablation >= 70% unbroken, matched random < 10% unbroken"

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from matplotlib.lines import Line2D
 
-from routing_suite.em.builds import EM_MIN, TRANSFER_MIN
+from routing_suite.em.build_figures import EM_MIN, TRANSFER_MIN
 from routing_suite.em.stats import base_of, how_ablated
 from routing_suite.em.tables import EmReport
 from routing_suite.em.transfer_builds import EDITS, fine_tunes

@@ -4,13 +4,13 @@ One transfer store is one donor -> receiver pair of one build, and a finding is 
 count over them (organism weights differ between seeds and CPUs). Beside the
 per-pair tables the aggregator writes `em_transfer_builds.md` and `.csv`: per
 base (its pretraining) and build, over the receiver fine-tunes whose EM on general
-prompts is >= `builds.EM_MIN` (the same floor as the EM study's counts), and for
+prompts is >= `build_figures.EM_MIN` (the same floor as the EM study's counts), and for
 each edit (projection ablation at every position; the decision-token clamp), how
 many the mapped direction
 
 - lowers: the reduction's interval lies above 0 and the answers are intact
   (`stats.is_broken`),
-- lowers by at least `builds.TRANSFER_MIN` (the seed's transfer bar), intact,
+- lowers by at least `build_figures.TRANSFER_MIN` (the seed's transfer bar), intact,
 - lowers specifically: and more than every matched control (random, orthogonal,
   wrong-layer, wrong-source) does, each paired interval above 0
   (`TransferReport.summary`),
@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from routing_suite.em.builds import EM_MIN, TRANSFER_MIN, Count
+from routing_suite.em.build_figures import EM_MIN, TRANSFER_MIN, Count
 from routing_suite.em.stats import base_of, how_ablated
 from routing_suite.em.transfer_tables import TransferReport, names
 from routing_suite.text_tables import csv_text, markdown_text, replicate_key, write_files
