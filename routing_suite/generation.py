@@ -12,7 +12,7 @@ position but each prompt's first real token (the attention sink: <bos>).
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,6 +21,7 @@ from transformers import PreTrainedTokenizerBase
 
 from routing_suite.families import site_path
 from routing_suite.interventions import Condition, ResidualCarry
+from routing_suite.keyed_sampling import row_keys, sample_in_place
 from routing_suite.lora import lora_update, plan_layer_steps
 from routing_suite.models import Traced
 from routing_suite.tracing import chunked, envoy_at, site_value
@@ -28,19 +29,40 @@ from routing_suite.tracing import chunked, envoy_at, site_value
 
 @dataclass(frozen=True)
 class Sampling:
-    """Multinomial sampling from the whole distribution at `temperature`, seeded:
-    the same call gives the same texts."""
+    """Sampling from the whole distribution at `temperature`, keyed (keyed_sampling): a
+    response's random numbers are a function of `seed`, its condition's key and its row's
+    name only, so they do not depend on the batch around it. `rows` names the prompt
+    rows (default: each prompt's text and its occurrence among the call's prompts)."""
 
     temperature: float = 1.0
     seed: int = 0
+    rows: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.temperature <= 0:
             raise ValueError(f"sampling temperature {self.temperature} must be > 0")
 
-    def kwargs(self) -> dict[str, Any]:
-        # top_k=0: transformers would otherwise sample from the top 50 only.
-        return {"do_sample": True, "temperature": self.temperature, "top_k": 0}
+    def keys(self, condition: Condition, prompts: list[str]) -> Tensor:
+        """(len(prompts), 2) the keys of one condition's rows."""
+        rows = self.rows if self.rows is not None else occurrences(prompts)
+        if len(rows) != len(prompts):
+            raise ValueError(f"Sampling.rows names {len(rows)} rows for {len(prompts)} prompts")
+        return row_keys([f"{self.seed}|{condition_key(condition)}|{r}" for r in rows])
+
+
+def occurrences(prompts: list[str]) -> tuple[str, ...]:
+    """Each prompt named by its text and how many times it came before ("text#k")."""
+    seen: dict[str, int] = {}
+    names = []
+    for p in prompts:
+        names.append(f"{p}#{seen.get(p, 0)}")
+        seen[p] = seen.get(p, 0) + 1
+    return tuple(names)
+
+
+def condition_key(condition: Condition) -> str:
+    """How a condition's completions are named: its name, and its draw's seed if it has one."""
+    return condition.name if condition.seed is None else f"{condition.name}#{condition.seed}"
 
 
 def first_tokens(attention_mask: Tensor) -> Tensor:
@@ -105,12 +127,11 @@ def generate_under_conditions(
 ) -> dict[str, list[str]]:
     """Completions of `prompts` under each condition (one batched generation, one
     request; more if `backend.max_invokes` caps the conditions per request):
-    greedy, or sampled with `sampling` (torch seeded with sampling.seed + k in
-    the k-th request, where it runs)."""
+    greedy, or sampled with `sampling` (keyed: the same texts however the
+    conditions are split into requests)."""
     completions: dict[str, list[str]] = {}
-    for k, chunk in enumerate(chunked(conditions, backend.max_invokes)):
-        seeded = None if sampling is None else replace(sampling, seed=sampling.seed + k)
-        completions.update(_generate(traced, family, tokenizer, prompts, chunk, max_new_tokens, num_layers, backend, seeded))
+    for chunk in chunked(conditions, backend.max_invokes):
+        completions.update(_generate(traced, family, tokenizer, prompts, chunk, max_new_tokens, num_layers, backend, sampling))
     return completions
 
 
@@ -122,7 +143,7 @@ def _generate(
     width = inputs["input_ids"].shape[1]
     texts = [tokenizer.decode(until_eos(row, tokenizer.eos_token_id), skip_special_tokens=True) for row in ids[:, width:]]
     n = len(prompts)
-    return {c.name if c.seed is None else f"{c.name}#{c.seed}": texts[i * n : (i + 1) * n] for i, c in enumerate(conditions)}
+    return {condition_key(c): texts[i * n : (i + 1) * n] for i, c in enumerate(conditions)}
 
 
 def generated_ids(
@@ -132,36 +153,36 @@ def generated_ids(
     """The encoded prompts and the token ids (conditions x prompts rows: the left-padded
     prompt, then the generated tokens) of one batched generation, every condition an invoke."""
     inputs = encode(tokenizer, prompts)
-    decoding = {"do_sample": False} if sampling is None else sampling.kwargs()
     nn_model = traced.nn
     plans = [condition_plan(traced, c, num_layers) for c in conditions]
+    keyed = [None if sampling is None else sampling.keys(c, prompts) for c in conditions]
+    temperature = None if sampling is None else sampling.temperature
     # Completions are cut at their first <eos>. When every row has ended early,
     # the edit loop asks for steps the run never makes; nnsight then warns by
     # design, which says nothing here. Adapter updates apply at every step,
     # "prompt" edits only to the prompt's pass (the first occurrence). A sampled
-    # generation seeds torch's generator inside the trace, first thing of the
-    # first invoke (before the model runs), so it is seeded where it runs: in
-    # this process or on the server. No comment lines inside the block: nnsight
-    # ships it as ast.unparse'd source, and remote="local" runs that against the
-    # file's own line numbers.
-    seed = None if sampling is None else sampling.seed
+    # generation decodes greedily after each step's logits are replaced, inside
+    # the trace (where the model runs: here or on the server), by a one-hot of
+    # the keyed sample, after that step's edits. No comment lines inside the
+    # block: nnsight ships it as ast.unparse'd source, and remote="local" runs
+    # that against the file's own line numbers.
     first = first_tokens(inputs["attention_mask"])
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was never reached: the loop asked for a step")
         with torch.no_grad(), nn_model.generate(
             max_new_tokens=max_new_tokens,
-            **decoding,
+            do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
             **backend.trace_kwargs(nn_model),
         ) as tracer:
-            for condition, plan in zip(conditions, plans):
+            for condition, plan, keys in zip(conditions, plans, keyed):
                 with tracer.invoke(inputs):
-                    if seed is not None and condition is conditions[0]:
-                        torch.manual_seed(seed)
-                    if traced.lora is not None or (condition.edits and condition.steps == "all"):
+                    if keys is not None or traced.lora is not None or (condition.edits and condition.steps == "all"):
                         for step in tracer.iter[:max_new_tokens]:
                             run_plan(nn_model, family, plan, condition, condition.steps == "all" or step == 0, step, first)
+                            if keys is not None:
+                                sample_in_place(nn_model.output.logits[:, -1], keys, step, temperature)
                     elif condition.edits:
                         run_plan(nn_model, family, plan, condition, True, 0, first)
             with tracer.invoke():

@@ -68,7 +68,9 @@ BEHAVIOR = "em"
 # 11: a matched control on the residual stream is matched to the edit's change in the edit's own run
 #     (interventions.ResidualCarry); perturbation_norm is that change too (interventions.own_run_changes) (2026-12-07).
 # 12: the steering layer is never the last one (directions.pick_layer) (2026-12-07).
-EM_CODE_VERSION = 12
+# 13: keyed sampling (generation.Sampling: a response's random numbers from its seed, condition
+#     and prompt only, not its batch); em_outcomes keep each random draw (misaligned_by_draw) (2026-12-07).
+EM_CODE_VERSION = 13
 
 
 @dataclass
@@ -118,7 +120,7 @@ def stage_sample(fam: Family, settings: EmSettings, judge, seed: int, backend, p
     n, s = len(fam.prompts), settings.sampling.n_samples
     completions = np.empty((len(names), n, s), dtype=object)
     for m, name in enumerate(names):
-        out = sample_completions(fam.models, name, [p.text for p in fam.prompts], [Condition("sample", "baseline")],
+        out = sample_completions(fam.models, name, fam.prompts, [Condition("sample", "baseline")],
                                  settings.sampling, seed, backend, progress)
         completions[m] = out["sample"]
     truths = [p.truth for p in fam.prompts]
