@@ -224,6 +224,26 @@ def test_controls_are_matched_in_magnitude(em_run):
     assert np.isnan(mis[narrow]).all() and np.isfinite(mis[~narrow]).all()
 
 
+def test_each_random_draw_is_kept_and_the_table_counts_the_draws(em_run):
+    """em_outcomes keep every draw of a random control; their mean is the control's rate
+    (one run for everything else), and the ablation table says how many draws it has."""
+    _, _, result = em_run
+    outcomes = _open(result, "em_outcomes")
+    drawn = outcomes.misaligned_by_draw
+    assert drawn.sizes["draw"] == int(outcomes.n_seeds.max()) == 2
+    for c in outcomes.condition.values:
+        k = int(outcomes.n_seeds.sel(condition=c))
+        per = drawn.sel(condition=c).values
+        assert np.isnan(per[k:]).all()
+        np.testing.assert_allclose(per[:k].mean(0), outcomes.misaligned.sel(condition=c).values, rtol=1e-6)
+    from routing_suite.em import tables as em_tables
+
+    rep = em_tables.read_store(result["store"], n_resamples=50)
+    assert rep.value("ablation", "em_color_city", "ablate/own/random", "draws") == 2
+    assert 0 <= rep.value("ablation", "em_color_city", "ablate/own/random", "draws_moving") <= 2
+    assert rep.row("ablation", "em_color_city", "ablate/own", "draws") is None
+
+
 def test_a_random_ablation_control_changes_every_activation_as_much_as_the_ablation():
     """DESIGN's matched control, by construction: per token (not a pooled mean), the same L2
     change as the own ablation, along the control's own random direction."""

@@ -45,16 +45,35 @@ NAN = Estimate(float("nan"), float("nan"), float("nan"))
 
 
 class Bootstrap:
-    """Seeded resampling of prompts; one index set per number of prompts, shared by every statistic."""
+    """Seeded resampling of prompts; one index set per number of prompts, shared by every statistic.
+
+    A statistic's input is (prompt,) per-prompt values, or (draw, prompt) for a control
+    drawn at random several times (`per_prompt`): its draws are resampled too, so its
+    interval holds how far another draw of the same control could move it as well as
+    other prompts."""
 
     def __init__(self, n_resamples: int, seed: int, confidence: float) -> None:
         self.n_resamples, self.seed, self.confidence = n_resamples, seed, confidence
         self._indices: dict[int, np.ndarray] = {}
+        self._draws: dict[int, np.ndarray] = {}
 
     def indices(self, n: int) -> np.ndarray:
         if n not in self._indices:
             self._indices[n] = np.random.default_rng(self.seed).integers(0, n, (self.n_resamples, n))
         return self._indices[n]
+
+    def draw_indices(self, k: int) -> np.ndarray:
+        """(n_resamples, k) resampled draws of a k-draw control, from a generator of their own."""
+        if k not in self._draws:
+            self._draws[k] = np.random.default_rng([self.seed, k]).integers(0, k, (self.n_resamples, k))
+        return self._draws[k]
+
+    def _resampled(self, x: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """(n_resamples,) means of x over the resampled prompts `idx` (and its resampled draws)."""
+        if x.ndim == 1:
+            return x[idx].mean(1)
+        per_draw = x[:, idx].mean(2)  # (draw, resample)
+        return per_draw[self.draw_indices(len(x)), np.arange(self.n_resamples)[:, None]].mean(1)
 
     def _interval(self, point: float, resampled: np.ndarray) -> Estimate:
         tail = 100 * (1 - self.confidence) / 2
@@ -65,30 +84,45 @@ class Bootstrap:
         return Estimate(float(point), float(lo), float(hi))
 
     def rate(self, x: np.ndarray) -> Estimate:
-        x = x[np.isfinite(x)]
+        x = x[..., answered(x)]
         if x.size == 0:
             return NAN
-        return self._interval(float(x.mean()), x[self.indices(x.size)].mean(axis=1))
+        return self._interval(float(x.mean()), self._resampled(x, self.indices(x.shape[-1])))
 
     def reduction(self, condition: np.ndarray, baseline: np.ndarray) -> Estimate:
         """(mean(baseline) - mean(condition)) / mean(baseline), paired on the prompts both have."""
-        keep = np.isfinite(condition) & np.isfinite(baseline)
-        a, b = condition[keep], baseline[keep]
+        keep = answered(condition) & answered(baseline)
+        a, b = condition[..., keep], baseline[..., keep]
         if a.size == 0 or b.mean() == 0:
             return NAN
-        idx = self.indices(a.size)
-        ra, rb = a[idx].mean(1), b[idx].mean(1)
+        idx = self.indices(keep.sum())
+        ra, rb = self._resampled(a, idx), self._resampled(b, idx)
         with np.errstate(divide="ignore", invalid="ignore"):
             return self._interval(float((b.mean() - a.mean()) / b.mean()), np.where(rb > 0, (rb - ra) / rb, np.nan))
 
     def difference(self, a: np.ndarray, b: np.ndarray) -> Estimate:
         """mean(a) - mean(b) on the prompts both have, resampled together."""
-        keep = np.isfinite(a) & np.isfinite(b)
-        a, b = a[keep], b[keep]
+        keep = answered(a) & answered(b)
+        a, b = a[..., keep], b[..., keep]
         if a.size == 0:
             return NAN
-        idx = self.indices(a.size)
-        return self._interval(float(a.mean() - b.mean()), a[idx].mean(1) - b[idx].mean(1))
+        idx = self.indices(keep.sum())
+        return self._interval(float(a.mean() - b.mean()), self._resampled(a, idx) - self._resampled(b, idx))
+
+
+def answered(x: np.ndarray) -> np.ndarray:
+    """(prompt,) the prompts with a value (in every draw, for a (draw, prompt) control)."""
+    finite = np.isfinite(x)
+    return finite if x.ndim == 1 else finite.all(0)
+
+
+def draws_moving(boot: Bootstrap, condition: np.ndarray, baseline: np.ndarray) -> tuple[int, int]:
+    """(how many of a control's draws move the rate on their own, each draw's reduction
+    interval wholly on one side of 0; how many draws it has): (0, 0) for a single one."""
+    if condition.ndim == 1:
+        return 0, 0
+    moving = [e.lo > 0 or e.hi < 0 for e in (boot.reduction(d, baseline) for d in condition)]
+    return sum(moving), len(moving)
 
 
 @dataclass(frozen=True)
@@ -117,9 +151,25 @@ class RowLookup:
         return found.value if found else float("nan")
 
 
+def reduction_text(red: Estimate | None, moving: int, draws: int) -> str:
+    """A table cell: the reduction with its interval, and for a control of several draws how
+    many of them move the rate on their own ("–" for a baseline)."""
+    if red is None:
+        return "–"
+    return red.text() + (f"; {moving} of {draws} draws move it" if draws else "")
+
+
 def per_prompt(outcomes: xr.Dataset, variable: str) -> dict[str, np.ndarray]:
+    """Condition -> (prompt,) its mean over samples; for a control drawn at random several
+    times in a store that keeps its draws (em_code 13 on), (draw, prompt)."""
     values = outcomes[variable].mean("sample").values
-    return {str(c): values[i] for i, c in enumerate(outcomes.condition.values)}
+    out = {str(c): values[i] for i, c in enumerate(outcomes.condition.values)}
+    if f"{variable}_by_draw" in outcomes:
+        drawn = outcomes[f"{variable}_by_draw"].mean("sample").values
+        for i, (c, k) in enumerate(zip(outcomes.condition.values, outcomes.n_seeds.values)):
+            if k > 1:
+                out[str(c)] = drawn[i, :k]
+    return out
 
 
 def rows_csv(rows: Iterable[Row], first_column: str = "family") -> str:

@@ -19,12 +19,14 @@ from routing_suite.em.stats import (
     Row,
     RowLookup,
     StoreMade,
+    draws_moving,
     how_ablated,
     is_broken,
     labels,
     named_section,
     per_prompt,
     read_store_made,
+    reduction_text,
     rows_csv,
 )
 from routing_suite.text_tables import markdown_text, num, replicate_key, write_files, yes_no
@@ -133,16 +135,20 @@ def _ablation(rep: EmReport, outcomes: xr.Dataset, boot: Bootstrap) -> None:
             label = name.removeprefix(f"{model}/")
             rate, coherence = boot.rate(mis[name]), boot.rate(coh[name])
             red = boot.reduction(mis[name], mis[base]) if name != base else None
+            moving, draws = draws_moving(boot, mis[name], mis[base])
             if name == base:
                 coherent_base = coherence.value
             broken = None if name == base else is_broken(coherent_base, coherence.value)
-            records.append([rep.family, model, label, num(float(norms[name]), 2), rate.text(), red.text() if red else "–", coherence.text(),
-                            yes_no(broken)])
+            records.append([rep.family, model, label, num(float(norms[name]), 2), rate.text(), reduction_text(red, moving, draws),
+                            coherence.text(), yes_no(broken)])
             rep.rows += [Row(rep.family, "ablation", model, label, "misaligned_rate", rate.value, rate.lo, rate.hi),
                          Row(rep.family, "ablation", model, label, "coherent_rate", coherence.value, coherence.lo, coherence.hi),
                          Row(rep.family, "ablation", model, label, "perturbation_norm", float(norms[name]))]
             if red:
                 rep.rows.append(Row(rep.family, "ablation", model, label, "reduction", red.value, red.lo, red.hi))
+            if draws:
+                rep.rows += [Row(rep.family, "ablation", model, label, "draws", draws),
+                             Row(rep.family, "ablation", model, label, "draws_moving", moving)]
             if broken is not None:
                 rep.rows.append(Row(rep.family, "ablation", model, label, "broken", float(broken)))
     rep.sections["ablation"] = records

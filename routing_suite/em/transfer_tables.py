@@ -34,12 +34,14 @@ from routing_suite.em.stats import (
     Row,
     RowLookup,
     StoreMade,
+    draws_moving,
     how_ablated,
     is_broken,
     labels,
     named_section,
     per_prompt,
     read_store_made,
+    reduction_text,
     rows_csv,
 )
 from routing_suite.text_tables import markdown_text, num, replicate_key, write_files, yes_no
@@ -142,10 +144,11 @@ def _ablation(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap, mode: 
             if name == "baseline":
                 coherent_base = coherence.value
             red = boot.reduction(mis[cond], mis[base]) if name != "baseline" else None
+            moving, draws = draws_moving(boot, mis[cond], mis[base])
             diff = boot.difference(mis[cond], mis[mapped]) if name not in ("baseline", "mapped") else None
             beaten = bool(diff is not None and np.isfinite(diff.lo) and diff.lo > 0)
             broken = None if name == "baseline" else is_broken(coherent_base, coherence.value)
-            records.append([rep.pair, kind, name, num(float(norms[cond]), 2), rate.text(), red.text() if red else "–",
+            records.append([rep.pair, kind, name, num(float(norms[cond]), 2), rate.text(), reduction_text(red, moving, draws),
                             coherence.text(), yes_no(broken), diff.text(sign=True) if diff else "–",
                             yes_no(beaten if name in TRANSFER_CONTROLS else None)])
             rep.rows += [Row(rep.pair, table, kind, name, "misaligned_rate", rate.value, rate.lo, rate.hi),
@@ -153,6 +156,8 @@ def _ablation(rep: TransferReport, outcomes: xr.Dataset, boot: Bootstrap, mode: 
                          Row(rep.pair, table, kind, name, "perturbation_norm", float(norms[cond]))]
             if red:
                 rep.rows.append(Row(rep.pair, table, kind, name, "reduction", red.value, red.lo, red.hi))
+            if draws:
+                rep.rows += [Row(rep.pair, table, kind, name, "draws", draws), Row(rep.pair, table, kind, name, "draws_moving", moving)]
             if diff:
                 rep.rows.append(Row(rep.pair, table, kind, name, "minus_mapped", diff.value, diff.lo, diff.hi))
             if broken is not None:
