@@ -238,6 +238,20 @@ def test_a_random_that_moves_em_is_counted_and_whether_toward_half():
     assert "wide (EM >= 10%, own ablation's random moves it): toward 50%" in counts
 
 
+def test_a_randoms_draws_that_move_em_are_counted_over_draws():
+    """Stores that keep each draw (em_code 13) count the own ablation's random draws that move
+    EM alone, over every draw of every build with EM; stores that average them count none."""
+    reps = [_report("llama", "0"), _report("qwen2", "0"), _report("gemma2", "0", minimal=0.05)]
+    for rep, (draws, moving) in zip(reps, ((3, 1), (8, 2), (3, 3))):
+        rep.rows += [Row(rep.family, "ablation", "minimal", "ablate/own/random", "draws", draws),
+                     Row(rep.family, "ablation", "minimal", "ablate/own/random", "draws_moving", moving)]
+    counts = F.counts(reps)["persona"]
+    # gemma2's minimal has no EM to remove: its draws do not count
+    assert counts["minimal (EM >= 10%): own ablation's random draws that move EM alone (of draws)"].text == "3 of 11"
+    assert counts["minimal (EM >= 10%): own ablation's random draws that move EM alone (of draws)"].paper == F.PAPER["random"]
+    assert not any("draws" in figure for figure in F.counts([_report("llama", "0")])["persona"])
+
+
 def test_stores_of_one_build_made_another_way_are_counted_apart_not_as_more_builds():
     """Two stores of one build and base that differ in how the ablations were made
     (em.ablate_at, ablate_to, ablate_layers) are two methods: each is counted in a group of

@@ -163,6 +163,17 @@ class Count:
         return f"{self.met} of {self.of}"
 
 
+def _draws(rep: EmReport, model: str, condition: str, figure: str, applies: bool) -> list[tuple[str, str, bool, bool]]:
+    """One entry per draw of `condition`'s matched random, met where that draw moves EM on its
+    own (`stats.draws_moving`): counted over draws, not builds. None for stores that average
+    their draws (before em_code 13)."""
+    draws = rep.value("ablation", model, f"{condition}/random", "draws")
+    if not math.isfinite(draws):
+        return []
+    moving = rep.value("ablation", model, f"{condition}/random", "draws_moving")
+    return [(figure, PAPER["random"], applies, d < moving) for d in range(int(draws))]
+
+
 def _figures(rep: EmReport) -> list[tuple[str, str, bool, bool]]:
     """(figure, the seed papers' figure of its kind (`PAPER`), applies, met) of one build, in the
     order the counts list them."""
@@ -179,6 +190,7 @@ def _figures(rep: EmReport) -> list[tuple[str, str, bool, bool]]:
         moves, toward = random_moves(rep, ft, "ablate/own")
         out.append((f"{ft} (EM >= 10%): own ablation's matched random moves EM (interval beyond 0)", PAPER["random"], has, moves))
         out.append((f"{ft} (EM >= 10%, own ablation's random moves it): toward 50%", PAPER["suite"], has and moves, toward))
+        out += _draws(rep, ft, "ablate/own", f"{ft} (EM >= 10%): own ablation's random draws that move EM alone (of draws)", has)
         out.append((f"{ft} (EM >= 10%): own decision-token clamp >= 70% unbroken, matched random < 10% unbroken", PAPER["suite"], has,
                     seed_bar(effect(rep, ft, "clamp/own"), effect(rep, ft, "clamp/own/random"))))
         out.append((f"{ft} (EM >= 10%): own decision-token clamp beyond its matched random's interval, unbroken", PAPER["suite"], has,
@@ -197,6 +209,7 @@ def _figures(rep: EmReport) -> list[tuple[str, str, bool, bool]]:
             moves, toward = random_moves(rep, ft, "ablate/planted")
             out.append((f"{ft} (EM >= 10%): planted variable's matched random moves EM (interval beyond 0)", PAPER["suite"], has, moves))
             out.append((f"{ft} (EM >= 10%, planted variable's random moves it): toward 50%", PAPER["suite"], has and moves, toward))
+            out += _draws(rep, ft, "ablate/planted", f"{ft} (EM >= 10%): planted variable's random draws that move EM alone (of draws)", has)
         if rep.row("ablation", ft, "clamp/planted", "reduction") is not None:
             out.append((f"{ft} (EM >= 10%): planted variable's decision-token clamp beyond its matched random's interval, unbroken",
                         PAPER["suite"], has, beyond_random(rep, ft, "clamp/planted")))
