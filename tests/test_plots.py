@@ -165,7 +165,15 @@ def test_one_builds_stores_made_two_ways_are_one_build_in_the_cosine_panel_and_t
     again = dataclasses.replace(llama, path="llama-decision.zarr", ablate_at="decision")
     fig = em_plots.cosine_figure([llama, again])
     assert [ax.get_title() for ax in fig.get_axes() if ax.get_title()] == ["llama"]
-    # stores with no direction to compare are never taken for one build: nothing says they are
+    # stores of one build with no direction to compare: told apart by their sampled rates
+    samples = [Row("gemma2", "organisms", m, "general", "misaligned_rate", v, v - 0.02, v + 0.02) for m, v in (("base", 0.0), ("ft", 0.97))]
+    nothing = [Row("gemma2", "cosine", "ft", "ft2", "layer0", math.nan)]
+    gemma = [dataclasses.replace(llama, family="gemma2", path=f"g{i}.zarr", replicate=r, rows=samples + nothing)
+             for i, r in enumerate(("0", "0", "1"))]
+    assert em_plots._one_per_build(gemma) == [gemma[0], gemma[2]]  # seed 0 made two ways is one build; seed 1 another
+    other = dataclasses.replace(gemma[1], rows=[dataclasses.replace(samples[1], value=0.5)] + nothing)
+    assert em_plots._one_per_build([gemma[0], other]) == [gemma[0], other]  # other responses: not the same build
+    # stores with neither directions nor rates are never taken for one build: nothing says they are
     blank = [dataclasses.replace(llama, path=f"{i}.zarr", rows=[dataclasses.replace(r, value=math.nan) for r in llama.rows]) for i in (1, 2)]
     assert em_plots._one_per_build(blank) == blank
     pairs = [_transfer_report("llama", "qwen2", 8), _transfer_report("llama", "qwen2", 8)]

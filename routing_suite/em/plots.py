@@ -75,13 +75,18 @@ def _mean_and_band(ax, layers: list[int], values: np.ndarray, **style) -> None:
 
 def _one_per_build(reports: list[EmReport]) -> list[EmReport]:
     """One store per build and set of directions: stores of one build that differ only in how
-    their ablations were made (`em.ablate_at`, ...) hold the same directions, one build's line."""
+    their ablations were made (`em.ablate_at`, ...) hold the same directions, one build's line.
+    Where a build has no cosine to draw (no two fine-tunes with a direction), the same build is
+    told by its sampled responses' rates (`organisms` rows: em_samples, which no ablation
+    setting changes); a store with neither is never taken for another."""
     seen, out = set(), []
     for rep in reports:
-        cosines = [r for r in rep.rows if r.table == "cosine"]
-        # stores with no cosine to draw are never taken for one another (nothing says they are one build)
-        key = ((rep.replicate, tuple(sorted((r.model, r.condition, r.statistic, repr(r.value)) for r in cosines)))
-               if any(np.isfinite(r.value) for r in cosines) else rep.path)
+        key: tuple | str = rep.path
+        for table in ("cosine", "organisms"):
+            rows = [r for r in rep.rows if r.table == table]
+            if any(np.isfinite(r.value) for r in rows):
+                key = (table, rep.replicate, tuple(sorted((r.model, r.condition, r.statistic, repr(r.value), repr(r.lo)) for r in rows)))
+                break
         if key not in seen:
             seen.add(key)
             out.append(rep)
