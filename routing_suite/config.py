@@ -43,6 +43,9 @@ class OrganismModelConfig:
     # this size a second one makes each training step slower, not faster, and
     # two builds can run side by side on a 2-core machine.
     num_threads: int = 1
+    # 2: a planted persona base's training steps split over two processes (about twice as
+    # fast on two idle cores; other bits, so other organisms: keyed apart). 1: one process.
+    processes: int = 1
     # The base's pretraining: the routing task, or a persona base of the EM study
     # ("persona": one persona variable shared across domains; "persona_per_topic":
     # its negative, each domain's style learned on its own; "persona_planted" and

@@ -65,6 +65,11 @@ class OrganismSpec:
     train: TrainSpec
     seed: int = 0
     num_threads: int = 1
+    # Processes a base's training steps are split over (organisms/split_training): 2 for a
+    # planted persona base, whose steps have two halves of nearly equal work; 1 otherwise.
+    # Not in the cache key: the split sums each gradient in the one-process order, so its
+    # weights are the same bits (tests/test_split_training.py holds it to that).
+    processes: int = 1
     # What the base is pretrained on: the routing task ("routing"), or a persona
     # base for the EM study ("persona", "persona_per_topic", "persona_planted",
     # "persona_planted_per_topic"; organisms/persona_task).
@@ -79,6 +84,9 @@ class OrganismSpec:
             raise ConfigError(f"model.seed={self.seed} must be >= 0 (it is the organism's replicate index)")
         if self.num_threads < 1:
             raise ConfigError(f"model.num_threads={self.num_threads} must be >= 1")
+        if self.processes not in (1, 2) or (self.processes == 2 and not P.planted(self.pretraining)):
+            raise ConfigError(f"model.processes={self.processes}: 1, or 2 for a planted persona base (model.pretraining one of "
+                              f"{[p for p in P.PRETRAININGS if P.planted(p)]}), whose training step splits in two halves")
         layers = self.train.lora_layers
         if layers is not None:
             outside = [layer for layer in layers if not 0 <= layer < self.arch.num_layers]
@@ -230,11 +238,12 @@ def ensure_base(root: Path, spec: OrganismSpec) -> Path:
                 spec.family, spec.arch, len(tokenizer), tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id
             )
             model = AutoModelForCausalLM.from_config(config)
-            loss = train_base(model, tokenizer, task, spec.train, family_seed(spec.family, spec.seed), spec.pretraining)
+            loss = train_base(model, tokenizer, task, spec.train, family_seed(spec.family, spec.seed), spec.pretraining, spec.processes)
         tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        write_meta(tmp, spec.base_key(), time.perf_counter() - started, loss, weights_sha256=file_digest(tmp / "model.safetensors"))
+        write_meta(tmp, spec.base_key(), time.perf_counter() - started, loss, weights_sha256=file_digest(tmp / "model.safetensors"),
+                   processes=spec.processes)
         publish(tmp, final)
         log.info("built %s base in %.1f s", spec.family, time.perf_counter() - started)
     return final

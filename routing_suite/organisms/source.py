@@ -60,6 +60,7 @@ class OrganismSource(OrganismPrompts):
     train: Any = None
     cache_dir: str = "outputs/organisms"
     num_threads: int = 1
+    processes: int = 1
     pretraining: str = "routing"
 
     def __post_init__(self) -> None:
@@ -71,6 +72,7 @@ class OrganismSource(OrganismPrompts):
                 train=as_dataclass(TrainSpec, self.train),
                 seed=self.seed,
                 num_threads=self.num_threads,
+                processes=self.processes,
                 pretraining=self.pretraining,
             )
         except ValueError as err:

@@ -113,9 +113,21 @@ def answer_after_marker_replay(task: T.Task) -> list[Example]:
     ]
 
 
+# Which of a planted base's step's losses a process computes: all of them (one process), or,
+# with the step split over two processes (`split_training`), the main batch's language-model
+# and coordinate losses, or the interchange and read losses on their own batches.
+PARTS = ("all", "main", "aux")
+
+
 def train_on_examples(model: torch.nn.Module, tokenizer, examples: list[Example], steps: int, lr: float, batch_size: int, seed: int,
-                      plant: planting.Planting | None = None) -> float:
-    """AdamW on the completions' loss (and, with `plant`, the planted coordinate's two losses)."""
+                      plant: planting.Planting | None = None, part: str = "all", reduce=None) -> float:
+    """AdamW on the completions' loss (and, with `plant`, the planted coordinate's two losses).
+
+    `part` and `reduce` split a planted base's step over two processes (`split_training`):
+    each computes its `part`'s losses and `reduce(params, loss)` sums the gradients and the
+    loss over the processes before the identical clip and update in each."""
+    if part not in PARTS or (part != "all" and (plant is None or reduce is None)):
+        raise ValueError(f"part={part!r}: one of {PARTS}; 'main' and 'aux' split a planted base's step and need a reducer")
     pool = plant.pool(examples) if plant else []
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -133,17 +145,13 @@ def train_on_examples(model: torch.nn.Module, tokenizer, examples: list[Example]
         picked = order[:batch_size]
         batch = [encoded[i] for i in picked]
         del order[:batch_size]
-        out = model(**collate(batch, tokenizer.pad_token_id), output_hidden_states=plant is not None)
-        loss = out.loss
-        parts = ""
-        if plant is not None:
-            swapped = planting.interchange_loss(model, tokenizer, plant, pool, batch_size // 2)
-            coordinate = planting.coordinate_loss(out.hidden_states, batch, [plant.targets[i] for i in picked], plant.units)
-            read = planting.read_loss(model, tokenizer, plant, pool, batch_size // 2)
-            parts = f" (interchange {swapped.item():.4f}, coordinate {coordinate.item():.4f}, read {read.item():.4f})"
-            loss = loss + swapped + read
-            loss = loss + coordinate
+        if part == "all":
+            loss, parts = _whole_step(model, tokenizer, batch, picked, plant, pool, batch_size)
+        else:
+            loss, parts = _part_step(part, model, tokenizer, batch, picked, plant, pool, batch_size)
         loss.backward()
+        if reduce is not None:
+            loss = reduce(params, loss.detach())
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
         schedule.step()
@@ -155,13 +163,47 @@ def train_on_examples(model: torch.nn.Module, tokenizer, examples: list[Example]
     return loss_value
 
 
-def train_base(model: PreTrainedModel, tokenizer, task: T.Task, spec: TrainSpec, seed: int, pretraining: str = "routing") -> float:
+def _whole_step(model, tokenizer, batch, picked, plant, pool, batch_size) -> tuple[torch.Tensor, str]:
+    """One process's step loss (every organism built with one process: keep its order of
+    operations, and so its bits)."""
+    out = model(**collate(batch, tokenizer.pad_token_id), output_hidden_states=plant is not None)
+    loss = out.loss
+    parts = ""
+    if plant is not None:
+        swapped = planting.interchange_loss(model, tokenizer, plant, pool, batch_size // 2)
+        coordinate = planting.coordinate_loss(out.hidden_states, batch, [plant.targets[i] for i in picked], plant.units)
+        read = planting.read_loss(model, tokenizer, plant, pool, batch_size // 2)
+        parts = f" (interchange {swapped.item():.4f}, coordinate {coordinate.item():.4f}, read {read.item():.4f})"
+        loss = loss + swapped + read
+        loss = loss + coordinate
+    return loss, parts
+
+
+def _part_step(part, model, tokenizer, batch, picked, plant, pool, batch_size) -> tuple[torch.Tensor, str]:
+    """One process's share of a split step: the main batch (its language-model and coordinate
+    losses) or the planted batches (interchange and read), nearly equal in tokens."""
+    if part == "main":
+        out = model(**collate(batch, tokenizer.pad_token_id), output_hidden_states=True)
+        coordinate = planting.coordinate_loss(out.hidden_states, batch, [plant.targets[i] for i in picked], plant.units)
+        return out.loss + coordinate, f" (main batch {out.loss.item():.4f}, coordinate {coordinate.item():.4f})"
+    swapped = planting.interchange_loss(model, tokenizer, plant, pool, batch_size // 2)
+    read = planting.read_loss(model, tokenizer, plant, pool, batch_size // 2)
+    return swapped + read, f" (interchange {swapped.item():.4f}, read {read.item():.4f})"
+
+
+def train_base(model: PreTrainedModel, tokenizer, task: T.Task, spec: TrainSpec, seed: int, pretraining: str = "routing",
+               processes: int = 1) -> float:
     """The base on the routing task's data, or on a persona base's (`persona_task`; a planted one
-    with its coordinate's losses, `planting`)."""
+    with its coordinate's losses, `planting`; with `processes=2`, each step split over two
+    processes, `split_training`)."""
     if pretraining == "routing":
         return train_on_examples(model, tokenizer, base_examples(task), spec.base_steps, spec.base_lr, spec.batch_size, seed)
     examples, targets = P.pretraining_data(task, pretraining)
     plant = planting.Planting.of(examples, targets, model.config.hidden_size, pretraining, seed) if P.planted(pretraining) else None
+    if processes == 2:
+        from routing_suite.organisms.split_training import train_split
+
+        return train_split(model, tokenizer, examples, spec.base_steps, spec.base_lr, spec.batch_size, seed, plant, torch.get_num_threads())
     return train_on_examples(model, tokenizer, examples, spec.base_steps, spec.base_lr, spec.batch_size, seed, plant)
 
 
