@@ -186,6 +186,21 @@ def test_a_clamp_counts_beyond_random_only_where_the_intervals_part():
     assert counts["minimal (EM >= 10%): planted variable's decision-token clamp beyond its matched random's interval, unbroken"].text == "1 of 1"
 
 
+def test_the_own_ablation_counts_against_its_randoms_interval_as_well_as_the_seeds_bar():
+    """Beside the seed's bar (the random's point estimate under 10%): >= 70% with the whole
+    interval above the random's (its draws resampled, where the store keeps them)."""
+    reps = [_report("llama", "0"), _report("qwen2", "0"), _report("gemma2", "0")]
+    for rep, (own, lo, random, random_hi) in zip(reps, ((0.8, 0.6, 0.15, 0.4), (0.8, 0.6, 0.05, 0.7), (0.6, 0.5, 0.0, 0.1))):
+        rep.rows = [r for r in rep.rows if not r.condition.startswith("ablate/own")]
+        _reduction(rep, "minimal", "ablate/own", own, lo, 0.9)
+        _reduction(rep, "minimal", "ablate/own/random", random, -random_hi, random_hi)
+    counts = F.counts(reps)["persona"]
+    # llama: random 15% fails the seed's bar but its interval ends below the ablation's;
+    # qwen2: the reverse; gemma2: 60% is under 70%
+    assert counts["minimal (EM >= 10%): own ablation >= 70% unbroken, matched random < 10% unbroken"].text == "1 of 3"
+    assert counts["minimal (EM >= 10%): own ablation >= 70% unbroken and beyond its matched random's interval"].text == "1 of 3"
+
+
 def test_the_planted_variables_ablation_is_counted_as_the_route_and_against_the_seeds_bar():
     """Where a store ablates the planted variable: the route is there when its ablation removes
     >= 70% unbroken, whatever its random does; the seed's bar wants the random under 10% too."""

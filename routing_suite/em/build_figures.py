@@ -191,6 +191,8 @@ def _figures(rep: EmReport) -> list[tuple[str, str, bool, bool]]:
         out.append((f"{ft} (EM >= 10%): own ablation's matched random moves EM (interval beyond 0)", PAPER["random"], has, moves))
         out.append((f"{ft} (EM >= 10%, own ablation's random moves it): toward 50%", PAPER["suite"], has and moves, toward))
         out += _draws(rep, ft, "ablate/own", f"{ft} (EM >= 10%): own ablation's random draws that move EM alone (of draws)", has)
+        out.append((f"{ft} (EM >= 10%): own ablation >= 70% unbroken and beyond its matched random's interval", PAPER["suite"], has,
+                    effect(rep, ft, "ablate/own").reduction >= ABLATION_MIN and beyond_random(rep, ft, "ablate/own")))
         out.append((f"{ft} (EM >= 10%): own decision-token clamp >= 70% unbroken, matched random < 10% unbroken", PAPER["suite"], has,
                     seed_bar(effect(rep, ft, "clamp/own"), effect(rep, ft, "clamp/own/random"))))
         out.append((f"{ft} (EM >= 10%): own decision-token clamp beyond its matched random's interval, unbroken", PAPER["suite"], has,
