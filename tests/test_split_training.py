@@ -7,6 +7,7 @@ additions in the same order. That is why the organism cache does not key on the 
 from __future__ import annotations
 
 import hashlib
+import json
 
 import pytest
 import torch
@@ -51,3 +52,20 @@ def test_the_split_is_for_planted_bases_only():
     assert spec.base_key() == B.OrganismSpec("llama", ArchSpec(), TaskSpec(), TrainSpec(), pretraining="persona_planted").base_key()
     with pytest.raises(ValueError, match="'main' and 'aux' split a planted base's step"):
         train_on_examples(torch.nn.Linear(2, 2), None, [], 1, 1e-3, 2, 0, part="main")
+
+
+def test_a_family_built_with_two_processes_is_the_family_built_with_one(tmp_path):
+    """Through the cache (`build.ensure_adapters`, as experiments.em builds a family): the split
+    base, then the fine-tunes two at a time, land in the same cache entries with the same bits."""
+    kinds = ["persona_color", "persona_animal"]
+    digests = []
+    for processes in (1, 2):
+        spec = B.OrganismSpec("llama", ArchSpec(**TINY_ARCH), TaskSpec(**TINY_TASK),
+                              TrainSpec(base_steps=6, lora_steps=3, batch_size=16, lora_layers=[1, 2]),
+                              pretraining="persona_planted", processes=processes)
+        root = tmp_path / str(processes)
+        B.ensure_adapters(root, spec, kinds)
+        built = [B.base_dir(root, spec), *(B.adapter_dir(root, spec, k) for k in kinds)]
+        digests.append({p.name: json.loads((p / "organism.json").read_text())["weights_sha256"] for p in built})
+        assert json.loads((built[0] / "organism.json").read_text())["processes"] == processes
+    assert digests[0] == digests[1]

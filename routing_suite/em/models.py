@@ -14,6 +14,7 @@ from transformers import PreTrainedTokenizerBase
 
 from routing_suite.errors import ConfigError
 from routing_suite.models import ModelPair, Traced
+from routing_suite.organisms import build as organism_build
 from routing_suite.organisms.source import OrganismSource
 
 BASE = "base"
@@ -53,6 +54,7 @@ def load_family(source, kinds: list[str], backend) -> EmModels:
     placed as the backend wants them and checked against its service."""
     if not isinstance(source, OrganismSource):
         raise ConfigError(f"experiments.em builds its fine-tunes: model= must be a built-in organism (got {type(source).__name__})")
+    organism_build.ensure_adapters(source.cache_root, source.spec, kinds)  # with model.processes=2, two at a time
     pairs = {kind: source.load(kind, backend.placement) for kind in kinds}
     for pair in pairs.values():
         backend.check_pair(pair)

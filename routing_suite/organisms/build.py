@@ -304,6 +304,23 @@ def _build_one_base(root: str, builds: tuple[tuple[OrganismSpec, str], ...], wor
         log.info("%s/%s (seed %d) ready after %.0f s", spec.family, behavior, spec.seed, time.perf_counter() - started)
 
 
+def ensure_adapters(root: Path, spec: OrganismSpec, behaviors: list[str]) -> None:
+    """The base, then every missing adapter of `behaviors` on it, `spec.processes` at a time in
+    separate processes (the same bits as one at a time: each pins its own threads)."""
+    ensure_base(root, spec)
+    missing = [b for b in dict.fromkeys(behaviors) if not adapter_dir(root, spec, b).exists()]
+    if spec.processes <= 1 or len(missing) <= 1:
+        for behavior in missing:
+            ensure_adapter(root, spec, behavior)
+        return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=spec.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(_build_one_base, str(root), ((spec, behavior),), True) for behavior in missing]:
+            future.result()
+
+
 def build_all(wanted: list[tuple[Path, OrganismSpec, str]], workers: int) -> int:
     """Build every missing organism of `wanted` ((cache root, spec, behaviour) triples),
     `workers` bases at a time in separate processes, each base's adapters after it.
