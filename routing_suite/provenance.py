@@ -17,7 +17,9 @@ from typing import Any
 # written to it: the ADL's goal identification): left out of a store's digest and
 # out of a sweep folder's name.
 NOT_RESULT_SHAPING = ("backend", "store", "hydra", "progress", "report_dir", "n_resamples", "goals", "goal_grader")
-NOT_RESULT_SHAPING_MODEL = ("cache_dir",)
+# model.processes: how many processes train a planted base, the same bits either way
+# (organisms/split_training; tests/test_split_training.py holds it to that).
+NOT_RESULT_SHAPING_MODEL = ("cache_dir", "processes")
 # Keys added after stores were written, each with the value that does what those
 # stores did: at that value the key is left out of the digest, so a store written
 # before the key existed keeps its digest and is reused.

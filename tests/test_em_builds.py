@@ -288,3 +288,14 @@ def test_stores_of_one_build_made_another_way_are_counted_apart_not_as_more_buil
     contrasts = B.contrast_counts([*every, *decision])
     assert set(contrasts) == {"persona vs persona_per_topic", "persona vs persona_per_topic (at the decision token only)"}
     assert contrasts["persona vs persona_per_topic"]["minimal: EM interval on persona wholly above the other's"].of == 1
+
+
+def test_a_figure_the_first_build_lacks_keeps_its_place_in_the_counts():
+    first, second = _report("gemma2", "0"), _report("llama", "0")
+    for model in ("minimal", "wide"):
+        second.rows += [Row("llama", "ablation", model, "ablate/own/random", "draws", 3),
+                        Row("llama", "ablation", model, "ablate/own/random", "draws_moving", 1)]
+    figures = list(F.counts([first, second])["persona"])
+    draws = figures.index("wide (EM >= 10%): own ablation's random draws that move EM alone (of draws)")
+    assert figures[draws - 1] == "wide (EM >= 10%, own ablation's random moves it): toward 50%"
+    assert figures.index("minimal (EM >= 10%): own ablation's random draws that move EM alone (of draws)") < figures.index("wide: EM >= 10% with coherence >= 95%")

@@ -69,3 +69,12 @@ def test_a_family_built_with_two_processes_is_the_family_built_with_one(tmp_path
         digests.append({p.name: json.loads((p / "organism.json").read_text())["weights_sha256"] for p in built})
         assert json.loads((built[0] / "organism.json").read_text())["processes"] == processes
     assert digests[0] == digests[1]
+
+
+def test_the_split_leaves_a_stores_digest_alone():
+    """A store made on a base built with two processes is the store made with one (the same bits)."""
+    from routing_suite.provenance import result_config
+
+    one = {"model": {"family": "llama", "pretraining": "persona_planted", "processes": 1}, "seed": 0}
+    two = {"model": {"family": "llama", "pretraining": "persona_planted", "processes": 2}, "seed": 0}
+    assert result_config(one) == result_config(two)

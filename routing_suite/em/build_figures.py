@@ -244,8 +244,23 @@ def group_of(rep: EmReport) -> str:
 def counts(reports: list[EmReport]) -> dict[str, dict[str, Count]]:
     """base (pretraining; and how the ablations were made, `group_of`) -> figure -> Count over its builds."""
     out: dict[str, dict[str, Count]] = {}
+    orders: dict[str, list[str]] = {}
     for rep in sort_reports(reports):
         group = out.setdefault(group_of(rep), {})
-        for figure, paper, applies, met in _figures(rep):
+        figures = _figures(rep)
+        _merge_order(orders.setdefault(group_of(rep), []), [f for f, _, _, _ in figures])
+        for figure, paper, applies, met in figures:
             group.setdefault(figure, Count(paper=paper)).add(applies, met)
-    return out
+    return {g: {f: group[f] for f in orders[g]} for g, group in out.items()}
+
+
+def _merge_order(order: list[str], figures: list[str]) -> None:
+    """Insert `figures` a build has that `order` lacks right after the figure they follow in
+    that build: a figure a first build lacks (a fine-tune with no direction) keeps its place."""
+    at = -1
+    for figure in dict.fromkeys(figures):
+        if figure in order:
+            at = order.index(figure)
+        else:
+            at += 1
+            order.insert(at, figure)
