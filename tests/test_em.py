@@ -669,7 +669,7 @@ def test_a_decision_clamp_matches_a_plain_torch_hook_on_the_last_prompt_token(em
 
 def test_simulated_ndif_run_gives_the_local_store(em_run, tiny_cache, tmp_path):
     """Through nnsight's in-process serialization (remote="local"), with each fine-tune
-    as the base plus its adapter's updates and sampling seeded inside each trace: the
+    as the base plus its adapter's updates and sampling keyed inside each trace: the
     local run's samples, activations and outcomes."""
     _, _, local = em_run
     remote = run(_cfg(tiny_cache, tmp_path, ["backend=ndif", "backend.simulate=true"]))

@@ -150,7 +150,7 @@ def test_adl_through_the_server_equals_local(server, llama_underperform, organis
 
 
 def test_em_through_the_server_equals_local(server, tiny_cache, tmp_path):
-    """Sampled generation seeded inside each trace draws the local texts on the server."""
+    """Sampled generation, keyed inside each trace, draws the local texts on the server."""
     runs = {}
     for name, backend in (("local", []), ("remote", ["backend=ndif"])):
         root = tmp_path / name
