@@ -7,8 +7,12 @@ its own copy of the model; their gradients (and losses) are summed by a gloo
 all-reduce over loopback before the clip and the AdamW update, which both
 processes then make identically, so the copies stay equal. Where one build
 would keep one core busy, this keeps two. The sum is the one-process step's
-gradient with another order of floating-point additions: other bits, so an
-organism built this way is keyed apart (`OrganismSpec.processes`).
+gradient added in the same order: autograd accumulates a parameter's gradients
+from the three passes latest first (read, then interchange, then the main
+batch), and here the partner's read + interchange is added to the main batch's
+(a sum of two is the same bits on either process). So the weights are the
+one-process build's bit for bit (tests/test_split_training.py), and neither
+the organism's cache key nor a store's digest names `OrganismSpec.processes`.
 """
 
 from __future__ import annotations
@@ -23,8 +27,6 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from transformers import AutoModelForCausalLM
-
-from routing_suite.organisms import training
 
 # A step takes about a second; a partner silent for this long has died.
 TIMEOUT = datetime.timedelta(minutes=5)
@@ -50,7 +52,7 @@ def _join(store: Path, rank: int) -> None:
     dist.init_process_group("gloo", store=dist.FileStore(str(store), 2), rank=rank, world_size=2, timeout=TIMEOUT)
 
 
-def _aux_process(store: str, config, weights: bytes, tokenizer, examples, steps: int, lr: float, batch_size: int, seed: int, plant,
+def _aux_process(train, store: str, config, weights: bytes, tokenizer, examples, steps: int, lr: float, batch_size: int, seed: int, plant,
                  num_threads: int) -> None:
     torch.set_num_threads(num_threads)
     torch.use_deterministic_algorithms(True)
@@ -60,29 +62,29 @@ def _aux_process(store: str, config, weights: bytes, tokenizer, examples, steps:
     model.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True))
     _join(Path(store), 1)
     try:
-        training.train_on_examples(model, tokenizer, examples, steps, lr, batch_size, seed, plant, part="aux", reduce=sum_over_processes)
+        train(model, tokenizer, examples, steps, lr, batch_size, seed, plant, part="aux", reduce=sum_over_processes)
     finally:
         dist.destroy_process_group()
 
 
-def train_split(model: torch.nn.Module, tokenizer, examples, steps: int, lr: float, batch_size: int, seed: int, plant,
+def train_split(train, model: torch.nn.Module, tokenizer, examples, steps: int, lr: float, batch_size: int, seed: int, plant,
                 num_threads: int) -> float:
-    """`training.train_on_examples` of a planted base with each step split over this process (the
-    main batch) and a second one (the interchange and read batches); the final summed loss."""
+    """`train` (`training.train_on_examples`, passed in: it calls this module) of a planted base
+    with each step split over this process (the main batch) and a second one (the interchange
+    and read batches); the final summed loss."""
     buffer = io.BytesIO()
     torch.save(model.state_dict(), buffer)
     with tempfile.TemporaryDirectory(prefix="split-training-") as tmp:
         store = Path(tmp) / "store"
         partner = mp.get_context("spawn").Process(
             target=_aux_process, daemon=True,
-            args=(str(store), model.config, buffer.getvalue(), tokenizer, examples, steps, lr, batch_size, seed, plant, num_threads),
+            args=(train, str(store), model.config, buffer.getvalue(), tokenizer, examples, steps, lr, batch_size, seed, plant, num_threads),
         )
         partner.start()
         try:
             _join(store, 0)
             try:
-                loss = training.train_on_examples(model, tokenizer, examples, steps, lr, batch_size, seed, plant, part="main",
-                                                  reduce=sum_over_processes)
+                loss = train(model, tokenizer, examples, steps, lr, batch_size, seed, plant, part="main", reduce=sum_over_processes)
             finally:
                 dist.destroy_process_group()
         finally:

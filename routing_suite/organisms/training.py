@@ -20,6 +20,7 @@ from routing_suite.organisms.batches import Example, collate, encode_examples
 from routing_suite.organisms.em_task import EM_KINDS, PERSONA_LORA, em_dataset, em_examples
 from routing_suite.organisms.sdf_task import SDF_KINDS, sdf_examples, steps_for
 from routing_suite.organisms.specs import TrainSpec
+from routing_suite.organisms.split_training import train_split
 
 log = logging.getLogger(__name__)
 
@@ -201,9 +202,7 @@ def train_base(model: PreTrainedModel, tokenizer, task: T.Task, spec: TrainSpec,
     examples, targets = P.pretraining_data(task, pretraining)
     plant = planting.Planting.of(examples, targets, model.config.hidden_size, pretraining, seed) if P.planted(pretraining) else None
     if processes == 2:
-        from routing_suite.organisms.split_training import train_split
-
-        return train_split(model, tokenizer, examples, spec.base_steps, spec.base_lr, spec.batch_size, seed, plant, torch.get_num_threads())
+        return train_split(train_on_examples, model, tokenizer, examples, spec.base_steps, spec.base_lr, spec.batch_size, seed, plant, torch.get_num_threads())
     return train_on_examples(model, tokenizer, examples, spec.base_steps, spec.base_lr, spec.batch_size, seed, plant)
 
 
