@@ -43,8 +43,8 @@ class OrganismModelConfig:
     # this size a second one makes each training step slower, not faster, and
     # two builds can run side by side on a 2-core machine.
     num_threads: int = 1
-    # 2: a planted persona base's training steps split over two processes (about twice as
-    # fast on two idle cores; other bits, so other organisms: keyed apart). 1: one process.
+    # 2: a planted persona base's training steps split over two processes (about 1.5x as
+    # fast on two idle cores; the same bits, so not in the cache key). 1: one process.
     processes: int = 1
     # The base's pretraining: the routing task, or a persona base of the EM study
     # ("persona": one persona variable shared across domains; "persona_per_topic":

@@ -165,8 +165,8 @@ class Count:
 
 def _draws(rep: EmReport, model: str, condition: str, figure: str, applies: bool) -> list[tuple[str, str, bool, bool]]:
     """One entry per draw of `condition`'s matched random, met where that draw moves EM on its
-    own (`stats.draws_moving`): counted over draws, not builds. None for stores that average
-    their draws (before em_code 13)."""
+    own (`stats.draws_moving`): counted over draws, not builds. None (an empty list) for
+    stores that average their draws (before em_code 13)."""
     draws = rep.value("ablation", model, f"{condition}/random", "draws")
     if not math.isfinite(draws):
         return []
@@ -246,9 +246,9 @@ def counts(reports: list[EmReport]) -> dict[str, dict[str, Count]]:
     out: dict[str, dict[str, Count]] = {}
     orders: dict[str, list[str]] = {}
     for rep in sort_reports(reports):
-        group = out.setdefault(group_of(rep), {})
-        figures = _figures(rep)
-        _merge_order(orders.setdefault(group_of(rep), []), [f for f, _, _, _ in figures])
+        name, figures = group_of(rep), _figures(rep)
+        group = out.setdefault(name, {})
+        _merge_order(orders.setdefault(name, []), [f for f, _, _, _ in figures])
         for figure, paper, applies, met in figures:
             group.setdefault(figure, Count(paper=paper)).add(applies, met)
     return {g: {f: group[f] for f in orders[g]} for g, group in out.items()}

@@ -290,9 +290,9 @@ def load_base(path: Path) -> PreTrainedModel:
 # ---------------------------------------------------------------- many at once
 
 
-def _build_one_base(root: str, builds: tuple[tuple[OrganismSpec, str], ...], worker: bool = False) -> None:
-    """One base and the adapters on it, one after another, saying what it builds (`worker`: in a
-    pool's process, which may be handed several bases; its progress goes to the console)."""
+def _build_in_turn(root: str, builds: tuple[tuple[OrganismSpec, str], ...], worker: bool = False) -> None:
+    """Adapters (and the base under each, if missing) one after another, saying what it builds
+    (`worker`: in a pool's process, which may be handed several; its progress goes to the console)."""
     if worker and not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO)
     for spec, behavior in builds:
@@ -313,11 +313,17 @@ def ensure_adapters(root: Path, spec: OrganismSpec, behaviors: list[str]) -> Non
         for behavior in missing:
             ensure_adapter(root, spec, behavior)
         return
+    _in_processes([(str(root), ((spec, behavior),)) for behavior in missing], spec.processes)
+
+
+def _in_processes(jobs: list[tuple[str, tuple[tuple[OrganismSpec, str], ...]]], workers: int) -> None:
+    """Each job ((cache root, builds for `_build_in_turn`)) in a pool of `workers` processes."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    with ProcessPoolExecutor(max_workers=spec.processes, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for future in [pool.submit(_build_one_base, str(root), ((spec, behavior),), True) for behavior in missing]:
+    # spawn: a fresh interpreter per worker, no inherited torch thread pool.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for future in [pool.submit(_build_in_turn, root, builds, True) for root, builds in jobs]:
             future.result()
 
 
@@ -343,14 +349,7 @@ def build_all(wanted: list[tuple[Path, OrganismSpec, str]], workers: int) -> int
     log.info("building %d organisms (%d bases) with %d worker(s)", n, len(missing), workers)
     if workers <= 1 or len(missing) == 1:
         for (root, _), builds in missing.items():
-            _build_one_base(root, tuple(builds))
+            _build_in_turn(root, tuple(builds))
         return n
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    # spawn: a fresh interpreter per worker, no inherited torch thread pool.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(_build_one_base, root, tuple(builds), True) for (root, _), builds in missing.items()]
-        for future in futures:
-            future.result()
+    _in_processes([(root, tuple(builds)) for (root, _), builds in missing.items()], workers)
     return n
